@@ -1,0 +1,1 @@
+"""vlmprune: adaptive visual-token pruning and merging for vision-language models."""
