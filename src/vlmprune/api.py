@@ -1,0 +1,40 @@
+"""Public API: ``apply()``, ``pruned()``, ``list_methods()``."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from . import registry
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """Every registered method with its stage, summary and options (name -> default)."""
+    out = []
+    for name in registry.method_names():
+        info = registry.get_method(name)
+        out.append({"name": name, "stage": info.stage, "summary": info.summary, "options": info.options()})
+    return out
+
+
+def apply(model: Any, method: str, **options: Any):
+    """Prune ``model`` in place with ``method``; returns a handle (``.stats``, ``.remove()``).
+
+    ``model`` is a transformers vision-language model (LLaVA family). Pruning stays active until
+    ``handle.remove()``, which restores the model exactly. Applying twice raises.
+    """
+    from .integrations import attach
+
+    info = registry.get_method(method)
+    method_obj = info.build(**options)
+    return attach(model, info, method_obj)
+
+
+@contextmanager
+def pruned(model: Any, method: str, **options: Any) -> Iterator[Any]:
+    """``with pruned(model, "prumerge"): ...`` applies ``method`` and removes it on exit."""
+    handle = apply(model, method, **options)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,142 @@
+"""ShapesVQA questions: six families with short exact-match answers, and the prompt template."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .scenes import COLOR_NAMES, IMAGE_SIZE, PLURALS, SHAPES, Scene, make_scene, split_seed
+
+FAMILIES = ("exist", "color", "shape", "count", "position", "read")
+EXIST_NEGATIVES = ("random", "popular", "adversarial")
+PROMPT_TEMPLATE = "USER: <image>\n{question} Answer with one word. ASSISTANT:"
+CORNERS = ("topleft", "topright", "bottomleft", "bottomright")
+
+
+@dataclass(frozen=True)
+class Question:
+    family: str
+    question: str
+    answer: str
+    seed: int  # scene seed
+    subtype: str = ""  # e.g. the negative sampling kind for `exist`
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.question)
+
+
+def format_prompt(question: str) -> str:
+    """LLaVA-1.5 single-turn prompt for ``question``."""
+    return PROMPT_TEMPLATE.format(question=question)
+
+
+def normalize_answer(text: str) -> str:
+    """Exact-match normalisation: lower-case, drop punctuation and whitespace."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown question family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return family
+
+
+def ask(scene: Scene, family: str, rnd: random.Random) -> Question | None:
+    """One question of ``family`` about ``scene``, or None when the scene does not support it."""
+    check_family(family)
+    objs = scene.objects
+    pairs = {(o.color, o.shape) for o in objs}
+    shape_count = Counter(o.shape for o in objs)
+    color_count = Counter(o.color for o in objs)
+    if family == "exist":
+        if rnd.random() < 0.5:
+            o = rnd.choice(objs)
+            return Question("exist", f"Is there {_article(o.color)} {o.color} {o.shape}?", "yes", scene.seed, "positive")
+        kind = rnd.choice(EXIST_NEGATIVES)
+        cands: list[tuple[str, str]] = []
+        if kind == "adversarial":  # a present shape in a colour it does not have here
+            cands = [(c, s) for s in shape_count for c in COLOR_NAMES if (c, s) not in pairs]
+        elif kind == "popular":  # a present colour on a shape that is absent
+            cands = [(c, s) for c in color_count for s in SHAPES if s not in shape_count]
+        if not cands:
+            kind = "random"
+            cands = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in pairs]
+        c, s = rnd.choice(sorted(cands))
+        return Question("exist", f"Is there {_article(c)} {c} {s}?", "no", scene.seed, kind)
+    if family == "color":
+        unique = [o for o in objs if shape_count[o.shape] == 1]
+        if not unique:
+            return None
+        o = rnd.choice(unique)
+        return Question("color", f"What color is the {o.shape}?", o.color, scene.seed)
+    if family == "shape":
+        unique = [o for o in objs if color_count[o.color] == 1]
+        if not unique:
+            return None
+        o = rnd.choice(unique)
+        return Question("shape", f"What shape is the {o.color} object?", o.shape, scene.seed)
+    if family == "count":
+        # Mostly shapes that are present; sometimes an absent one (answer 0).
+        s = rnd.choice(sorted(shape_count)) if rnd.random() < 0.85 else rnd.choice(SHAPES)
+        return Question("count", f"How many {PLURALS[s]} are there?", str(shape_count.get(s, 0)), scene.seed)
+    if family == "position":
+        unique = [o for o in objs if shape_count[o.shape] == 1]
+        if rnd.random() < 0.5:
+            # Relation between two uniquely-shaped objects, clearly separated along the axis asked.
+            axis = rnd.choice(("left", "above"))
+            rel = [(a, b) for a in unique for b in unique if a is not b and
+                   abs((a.cx - b.cx) if axis == "left" else (a.cy - b.cy)) > 24]
+            if rel:
+                a, b = rnd.choice(rel)
+                truth = (a.cx < b.cx) if axis == "left" else (a.cy < b.cy)
+                # balance yes/no by swapping the pair
+                if (rnd.random() < 0.5) != truth:
+                    a, b, truth = b, a, not truth
+                word = "left of" if axis == "left" else "above"
+                return Question("position", f"Is the {a.shape} {word} the {b.shape}?", "yes" if truth else "no",
+                                scene.seed, axis)
+        half = IMAGE_SIZE / 2
+        clear = [o for o in unique if abs(o.cx - half) > 20 and abs(o.cy - half) > 20]
+        if not clear:
+            return None
+        o = rnd.choice(clear)
+        corner = ("top" if o.cy < half else "bottom") + ("left" if o.cx < half else "right")
+        return Question("position", f"Which corner is the {o.shape} in?", corner, scene.seed, "corner")
+    # read
+    if scene.text is None:
+        return None
+    return Question("read", "What is written in the image?", scene.text.code.lower(), scene.seed)
+
+
+def _question_rng(seed: int, family: str) -> random.Random:
+    return random.Random(f"{seed}:{family}")
+
+
+def build_questions(split: str, family: str, n: int, *, start: int = 0) -> list[Question]:
+    """The first ``n`` questions of ``family`` in ``split`` (one per supporting scene), deterministic."""
+    check_family(family)
+    if n < 0:
+        raise ValueError(f"number of questions must be >= 0, got {n}")
+    out: list[Question] = []
+    # read questions need a scene with text; force it on every other scene to keep generation fast
+    index = start
+    while len(out) < n:
+        seed = split_seed(split, index)
+        index += 1
+        scene = make_scene(seed, text=True if family == "read" else None)
+        q = ask(scene, family, _question_rng(seed, family))
+        if q is not None:
+            out.append(q)
+    return out
+
+
+def scene_for(question: Question) -> Scene:
+    """Re-create the scene a question was asked about."""
+    return make_scene(question.seed, text=True if question.family == "read" else None)

@@ -1,0 +1,269 @@
+"""Training recipe of the testbed LLaVA (two stages, as LLaVA itself is built).
+
+Stage 1 trains the CLIP vision tower from scratch on dense, synthetic supervision:
+  * the [CLS] output (``pooler_output``) predicts which colour-shape pairs are present
+    (multi-label) -- the LLM never reads [CLS], so this objective is what makes its attention
+    meaningful for PruMerge-style methods;
+  * the penultimate-layer patch features (the ones LLaVA feeds to the LLM) predict the colour,
+    shape, "object centre here" and text character of each patch, and its normalised position.
+Stage 2 freezes the vision tower and trains the projector and the Llama decoder on multi-turn
+ShapesVQA conversations (several question-answer turns per image amortise the 576 visual tokens;
+loss on answer tokens only).
+
+All data are generated on the fly from step-indexed seeds, so a run is reproducible from its seed
+and resumes exactly from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .questions import FAMILIES, ask, format_prompt
+from .scenes import CODE_ALPHABET, COLOR_NAMES, SHAPES, make_scene, patch_labels, split_seed
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/testbed"
+    seed: int = 0
+    vision_steps: int = 400
+    vision_batch: int = 16
+    vision_lr: float = 1e-3
+    llm_steps: int = 1300
+    llm_batch: int = 8
+    llm_lr: float = 1e-3
+    warmup: int = 60
+    turns: int = 8
+    text_prob: float = 0.5
+    checkpoint_every: int = 100
+    threads: int = 0  # 0 = torch default
+
+
+class VisionHeads(nn.Module):
+    """Auxiliary heads used only in stage 1 (not part of the saved LLaVA model)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.cls = nn.Linear(width, len(SHAPES) * len(COLOR_NAMES))
+        self.color = nn.Linear(width, 1 + len(COLOR_NAMES))
+        self.shape = nn.Linear(width, 1 + len(SHAPES))
+        self.center = nn.Linear(width, 1)
+        self.char = nn.Linear(width, 1 + len(CODE_ALPHABET))
+        self.pos = nn.Linear(width, 2)
+
+
+def _pixel_values(processor, images) -> torch.Tensor:
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _vision_batch(cfg: TrainConfig, step: int, processor):
+    scenes = []
+    for i in range(cfg.vision_batch):
+        seed = split_seed("train", (cfg.seed * 7919 + step * cfg.vision_batch + i) % 400_000_000)
+        rnd = random.Random(seed)
+        scenes.append(make_scene(seed, text=rnd.random() < cfg.text_prob))
+    labels = [patch_labels(s) for s in scenes]
+    stack = lambda name: torch.as_tensor(np.stack([getattr(lab, name) for lab in labels]))  # noqa: E731
+    return _pixel_values(processor, [s.image for s in scenes]), {k: stack(k) for k in ("color", "shape", "center", "char", "present")}
+
+
+def vision_loss(vision_tower, heads: VisionHeads, pixel_values, targets) -> tuple[torch.Tensor, dict]:
+    out = vision_tower(pixel_values, output_hidden_states=True)
+    patches = out.hidden_states[-2][:, 1:]  # [B, 576, C]: what LLaVA feeds the projector
+    n = patches.shape[1]
+    grid = int(math.isqrt(n))
+    rows = torch.arange(n) // grid
+    cols = torch.arange(n) % grid
+    pos_t = torch.stack([rows, cols], -1).float().div(grid - 1).expand(patches.shape[0], -1, -1)
+    losses = {
+        "cls": F.binary_cross_entropy_with_logits(heads.cls(out.pooler_output), targets["present"]),
+        "color": F.cross_entropy(heads.color(patches).flatten(0, 1), targets["color"].flatten()),
+        "shape": F.cross_entropy(heads.shape(patches).flatten(0, 1), targets["shape"].flatten()),
+        "center": F.binary_cross_entropy_with_logits(heads.center(patches).squeeze(-1), targets["center"].float(),
+                                                     pos_weight=torch.tensor(20.0)),
+        "char": F.cross_entropy(heads.char(patches).flatten(0, 1), targets["char"].flatten()),
+        "pos": F.mse_loss(heads.pos(patches), pos_t),
+    }
+    total = 4 * losses["cls"] + losses["color"] + losses["shape"] + losses["center"] + losses["char"] + losses["pos"]
+    return total, {k: float(v) for k, v in losses.items()}
+
+
+def conversation(scene, rnd: random.Random, turns: int) -> list[tuple[str, str]]:
+    """Question-answer turns about one scene, every supported family at least once when possible."""
+    qa = []
+    fams = list(FAMILIES) + [rnd.choice(("exist", "count", "position", "color", "shape")) for _ in range(turns)]
+    for fam in fams:
+        q = ask(scene, fam, rnd)
+        if q is not None and all(q.question != prev for prev, _ in qa):
+            qa.append((q.question, q.answer))
+        if len(qa) >= turns:
+            break
+    rnd.shuffle(qa)
+    return qa
+
+
+def encode_conversation(processor, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 except answer tokens and their </s>) of a multi-turn conversation."""
+    tok = processor.tokenizer
+    first_q = qa[0][0]
+    # The first turn is exactly the evaluation prompt, tokenised as the processor does it.
+    prompt = format_prompt(first_q).replace("<image>", "<image>" * 576)
+    ids = tok(prompt)["input_ids"]
+    labels = [-100] * len(ids)
+    for k, (q, a) in enumerate(qa):
+        if k > 0:
+            turn = tok(f"USER: {q} Answer with one word. ASSISTANT:", add_special_tokens=False)["input_ids"]
+            ids += turn
+            labels += [-100] * len(turn)
+        ans = tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids += ans
+        labels += ans
+    return ids, labels
+
+
+def _llm_batch(cfg: TrainConfig, step: int, processor):
+    tok = processor.tokenizer
+    images, seqs = [], []
+    for i in range(cfg.llm_batch):
+        seed = split_seed("train", (400_000_000 + cfg.seed * 7919 + step * cfg.llm_batch + i) % 800_000_000)
+        rnd = random.Random(seed)
+        scene = make_scene(seed, text=rnd.random() < cfg.text_prob)
+        images.append(scene.image)
+        seqs.append(encode_conversation(processor, conversation(scene, rnd, cfg.turns)))
+    width = max(len(s[0]) for s in seqs)
+    input_ids = torch.full((len(seqs), width), tok.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, (ids, lab) in enumerate(seqs):  # right padding for training
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        labels[b, : len(lab)] = torch.tensor(lab)
+        mask[b, : len(ids)] = 1
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=_pixel_values(processor, images))
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, log=print):
+    """Run (or resume) both stages; returns the output directory holding the final model."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .model import build_model, build_processor, build_tokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "train_state.pt"
+    if (out / "tokenizer").exists():
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    else:
+        tokenizer = build_tokenizer()
+        tokenizer.save_pretrained(out / "tokenizer")
+    processor = build_processor(tokenizer)
+    model = build_model(tokenizer, seed=cfg.seed)
+    heads = VisionHeads(model.config.vision_config.hidden_size)
+    vision = model.model.vision_tower
+    state = {"stage": 1, "step": 0}
+    opt = torch.optim.AdamW(list(vision.parameters()) + list(heads.parameters()), lr=cfg.vision_lr, weight_decay=0.01)
+    if ckpt_path.exists():
+        saved = torch.load(ckpt_path, weights_only=False)
+        if saved["config"] != asdict(cfg):
+            log(f"note: resuming {ckpt_path} written with a different config; keeping the saved one")
+            cfg = TrainConfig(**saved["config"])
+        model.load_state_dict(saved["model"])
+        heads.load_state_dict(saved["heads"])
+        state = saved["state"]
+        if state["stage"] == 2:
+            opt = _stage2_optimizer(model, cfg)
+        opt.load_state_dict(saved["opt"])
+        log(f"resumed from {ckpt_path} at stage {state['stage']} step {state['step']}")
+
+    def save():
+        torch.save({"config": asdict(cfg), "model": model.state_dict(), "heads": heads.state_dict(),
+                    "opt": opt.state_dict(), "state": state}, str(ckpt_path) + ".tmp")
+        Path(str(ckpt_path) + ".tmp").replace(ckpt_path)
+
+    history = []
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn()]
+    with Progress(*cols, disable=not progress) as bar:
+        if state["stage"] == 1:
+            task = bar.add_task("stage 1 vision", total=cfg.vision_steps, completed=state["step"], info="")
+            model.train()
+            while state["step"] < cfg.vision_steps:
+                step = state["step"]
+                for g in opt.param_groups:
+                    g["lr"] = _lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup)
+                torch.manual_seed(cfg.seed * 100003 + step)
+                pv, targets = _vision_batch(cfg, step, processor)
+                loss, parts = vision_loss(vision, heads, pv, targets)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(vision.parameters(), 1.0)
+                opt.step()
+                state["step"] += 1
+                history.append({"stage": 1, "step": step, "loss": float(loss), **parts})
+                bar.update(task, advance=1, info=" ".join(f"{k}={v:.3f}" for k, v in parts.items()))
+                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.vision_steps:
+                    save()
+            state = {"stage": 2, "step": 0}
+            opt = _stage2_optimizer(model, cfg)
+            save()
+        task = bar.add_task("stage 2 llm", total=cfg.llm_steps, completed=state["step"], info="")
+        for p in vision.parameters():
+            p.requires_grad_(False)
+        model.train()
+        vision.eval()
+        while state["step"] < cfg.llm_steps:
+            step = state["step"]
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, cfg.llm_steps, cfg.llm_lr, cfg.warmup)
+            torch.manual_seed(cfg.seed * 100003 + 50_000 + step)
+            batch = _llm_batch(cfg, step, processor)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            state["step"] += 1
+            history.append({"stage": 2, "step": step, "loss": float(loss)})
+            bar.update(task, advance=1, info=f"loss={float(loss):.3f}")
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.llm_steps:
+                save()
+    model.eval()
+    final = out / "final"
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    with open(out / "history.jsonl", "a") as f:
+        for h in history:
+            f.write(json.dumps(h) + "\n")
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return final
+
+
+def _stage2_optimizer(model, cfg: TrainConfig):
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    return torch.optim.AdamW(params, lr=cfg.llm_lr, weight_decay=0.01)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    t = time.time()
+    train(TrainConfig())
+    print(f"done in {time.time() - t:.0f}s")
