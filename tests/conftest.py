@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random LLaVA models built in code (no downloads), and prompt batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+IMAGE_TOKEN_ID = 3
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+VOCAB = 64
+
+
+def make_tiny_llava(*, image_size: int = 56, patch: int = 14, vision_layers: int = 3, text_layers: int = 4,
+                    hidden: int = 32, heads: int = 4, kv_heads: int | None = None, seed: int = 0,
+                    attn: str = "sdpa", dtype=torch.float32):
+    """A randomly initialised LlavaForConditionalGeneration (CLIP tower with [CLS], Llama decoder)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch, projection_dim=hidden)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=text_layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads or heads, max_position_embeddings=512,
+                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    n_patches = (image_size // patch) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=n_patches)
+    config.pad_token_id = PAD_ID
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    model.config._attn_implementation = attn
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = EOS_ID
+    model.eval()
+    return model
+
+
+def make_inputs(model, prefix_lens=(3,), suffix_lens=(5,), seed: int = 1):
+    """A left-padded batch: [pad...] BOS prefix <image>*N suffix, with random pixel values."""
+    cfg = model.config
+    n_img = cfg.image_seq_length
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for p, s in zip(prefix_lens, suffix_lens):
+        prefix = torch.randint(4, VOCAB, (p,), generator=g).tolist()
+        suffix = torch.randint(4, VOCAB, (s,), generator=g).tolist()
+        rows.append([BOS_ID] + prefix + [IMAGE_TOKEN_ID] * n_img + suffix)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    size = cfg.vision_config.image_size
+    pixels = torch.randn(len(rows), 3, size, size, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype)}
+
+
+@pytest.fixture
+def tiny_llava():
+    return make_tiny_llava()
