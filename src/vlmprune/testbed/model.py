@@ -66,15 +66,18 @@ def build_processor(tokenizer):
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def build_model(tokenizer, seed: int = 0):
-    """A randomly initialised testbed model (deterministic from ``seed``)."""
+def build_model(tokenizer, seed: int = 0, *, vision: dict | None = None, text: dict | None = None):
+    """A randomly initialised testbed model (deterministic from ``seed``).
+
+    ``vision`` / ``text`` override entries of the default architecture (tests use tiny widths).
+    """
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(**VISION)
+    vision = CLIPVisionConfig(**{**VISION, **(vision or {})})
     text = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       tie_word_embeddings=False, **TEXT)
+                       tie_word_embeddings=False, **{**TEXT, **(text or {})})
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -103,3 +106,16 @@ def load(path: str | Path | None = None, *, dtype=None, attn_implementation: str
     processor = AutoProcessor.from_pretrained(src)
     model.eval()
     return model, processor
+
+
+def install_checkpoint(src: str | Path) -> Path:
+    """Copy a trained model folder (``save_pretrained`` output) into the package as the testbed."""
+    import shutil
+
+    src = Path(src)
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src} holds no saved model (config.json missing)")
+    if CHECKPOINT_DIR.exists():
+        shutil.rmtree(CHECKPOINT_DIR)
+    shutil.copytree(src, CHECKPOINT_DIR)
+    return CHECKPOINT_DIR

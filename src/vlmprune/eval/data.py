@@ -1,0 +1,88 @@
+"""Evaluation items: ShapesVQA families, or a JSONL file of {"image", "question", "answer"} records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from PIL import Image
+
+from ..testbed.questions import FAMILIES, build_questions, check_family, scene_for
+from ..testbed.scenes import blank_image
+
+
+@dataclass
+class EvalItem:
+    id: str
+    family: str
+    question: str
+    answer: str
+    image_path: str | None = None  # JSONL items
+    seed: int | None = None        # ShapesVQA items (the scene is re-generated on demand)
+    blank: bool = False            # replace the image with a blank (background-only) one
+
+    def image(self) -> Image.Image:
+        if self.blank:
+            return blank_image(self.seed or 0)
+        if self.image_path is not None:
+            return Image.open(self.image_path).convert("RGB")
+        from ..testbed.questions import Question
+        return scene_for(Question(self.family, self.question, self.answer, self.seed)).image
+
+
+def parse_families(spec: str | Iterable[str] | None) -> list[str]:
+    """"all" / None -> every family; "count,read" or a list -> those (validated)."""
+    if spec is None or spec == "all":
+        return list(FAMILIES)
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if not names or any(not n for n in names):
+        raise ValueError(f"empty family name in {spec!r}; pass e.g. 'exist,count' or 'all'")
+    return [check_family(n) for n in names]
+
+
+def shapesvqa_items(split: str = "test", families: str | Iterable[str] | None = None, n: int = 300, *,
+                    blank: bool = False) -> list[EvalItem]:
+    """The first ``n`` questions of each family of ``split``."""
+    items = []
+    for fam in parse_families(families):
+        for k, q in enumerate(build_questions(split, fam, n)):
+            items.append(EvalItem(f"{split}-{fam}-{k}", fam, q.question, q.answer, seed=q.seed, blank=blank))
+    return items
+
+
+def jsonl_items(path: str | Path) -> list[EvalItem]:
+    """Read ``{"image": path, "question": ..., "answer": ..., ["family": ...], ["id": ...]}`` per line.
+
+    Relative image paths are resolved against the JSONL file's folder. Every problem is reported
+    with its line number; nothing is skipped silently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    items = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object "
+                             'like {"image": "img.png", "question": "...", "answer": "..."}') from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str) or not rec.get(k)]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing or non-string field(s) {', '.join(missing)}; "
+                             "required: image, question, answer")
+        img = Path(rec["image"])
+        if not img.is_absolute():
+            img = path.parent / img
+        if not img.is_file():
+            raise FileNotFoundError(f"{path}:{lineno}: image file not found: {img}")
+        items.append(EvalItem(str(rec.get("id", f"{path.stem}-{lineno}")), str(rec.get("family", "jsonl")),
+                              rec["question"], rec["answer"], image_path=str(img)))
+    if not items:
+        raise ValueError(f"{path}: no records found")
+    return items

@@ -1,0 +1,45 @@
+"""Data-parallel evaluation under ``accelerate launch``: shard the items, gather the results.
+
+On a single process (no launcher) both functions are identities.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This process's contiguous slice of ``items`` (all of them on a single process)."""
+    state = _state()
+    if state.num_processes == 1:
+        return list(items)
+    with state.split_between_processes(list(items)) as part:
+        return list(part)
+
+
+def gather_results(local: list, seconds: float, order: list[str]) -> tuple[list, float]:
+    """Gather every process's results (in the original item order) and the wall time (max over processes)."""
+    state = _state()
+    if state.num_processes == 1:
+        return local, seconds
+    from accelerate.utils import gather_object
+
+    everything = gather_object(local)
+    times = gather_object([seconds])
+    by_id = {r.id: r for r in everything}
+    missing = [i for i in order if i not in by_id]
+    if missing:
+        raise RuntimeError(f"distributed evaluation lost {len(missing)} item(s), e.g. {missing[:3]}")
+    return [by_id[i] for i in order], max(times)
+
+
+def is_main_process() -> bool:
+    return _state().is_main_process

@@ -1,0 +1,159 @@
+"""Accuracy harness: batched greedy generation (left padding), exact-match scoring, per-family tables.
+
+Works on one process or sharded under ``accelerate launch`` (data parallel: each process takes a
+slice of the items, results are gathered on the main process).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..testbed.questions import PROMPT_TEMPLATE, normalize_answer
+from .data import EvalItem
+
+
+@dataclass
+class ItemResult:
+    id: str
+    family: str
+    answer: str
+    prediction: str
+    correct: bool
+    visual_tokens: float
+
+
+@dataclass
+class FamilyScore:
+    family: str
+    n: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    visual_tokens: float
+
+
+@dataclass
+class EvalResult:
+    label: str
+    method: str | None
+    options: dict[str, Any]
+    families: list[FamilyScore]
+    mean_accuracy: float
+    mean_visual_tokens: float
+    questions_per_s: float
+    n: int
+    retention: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    items: list[ItemResult] = field(default_factory=list)
+
+    def to_json(self, with_items: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_items:
+            d.pop("items")
+        return d
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(label: str, method: str | None, options: dict, results: Sequence[ItemResult], seconds: float,
+              baseline: EvalResult | None = None) -> EvalResult:
+    fams: dict[str, list[ItemResult]] = {}
+    for r in results:
+        fams.setdefault(r.family, []).append(r)
+    scores = []
+    for fam, rs in fams.items():
+        k = sum(r.correct for r in rs)
+        lo, hi = wilson_interval(k, len(rs))
+        scores.append(FamilyScore(fam, len(rs), k / len(rs), lo, hi, sum(r.visual_tokens for r in rs) / len(rs)))
+    mean_acc = sum(s.accuracy for s in scores) / max(1, len(scores))
+    res = EvalResult(label, method, dict(options), scores, mean_acc,
+                     sum(r.visual_tokens for r in results) / max(1, len(results)),
+                     len(results) / seconds if seconds > 0 else float("nan"), len(results), items=list(results))
+    if baseline is not None and baseline.mean_accuracy > 0:
+        res.retention = mean_acc / baseline.mean_accuracy
+    return res
+
+
+def _visual_tokens_per_sample(handle, input_ids: torch.Tensor, image_token_id: int) -> list[float]:
+    """Visual tokens each sample fed to the LLM in the last prefill (all-layer average for decoder methods)."""
+    if handle is not None:
+        return [float(v) for v in handle.stats.visual_tokens_per_sample()]
+    return (input_ids == image_token_id).sum(1).float().tolist()
+
+
+def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch_size: int = 8,
+              max_new_tokens: int = 8, prompt_template: str = PROMPT_TEMPLATE, progress: bool = True,
+              description: str = "eval") -> tuple[list[ItemResult], float]:
+    """Answer ``items`` with greedy decoding; returns per-item results and the seconds spent."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if "{question}" not in prompt_template or "<image>" not in prompt_template:
+        raise ValueError("prompt_template must contain '{question}' and '<image>', e.g. " + repr(PROMPT_TEMPLATE))
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    image_token_id = model.config.image_token_id
+    results: list[ItemResult] = []
+    seconds = 0.0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress) as bar:
+        task = bar.add_task(description, total=len(items))
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            images = [it.image() for it in batch]
+            prompts = [prompt_template.format(question=it.question) for it in batch]
+            t0 = time.perf_counter()
+            inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            seconds += time.perf_counter() - t0
+            vis = _visual_tokens_per_sample(handle, inputs["input_ids"], image_token_id)
+            texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for it, text, v in zip(batch, texts, vis):
+                pred = text.strip()
+                results.append(ItemResult(it.id, it.family, it.answer, pred,
+                                          normalize_answer(pred) == normalize_answer(it.answer), v))
+            bar.update(task, advance=len(batch))
+    return results, seconds
+
+
+def evaluate(model, processor, items: Sequence[EvalItem], *, method: str | None = None,
+             method_options: dict | None = None, label: str | None = None, baseline: EvalResult | None = None,
+             batch_size: int = 8, max_new_tokens: int = 8, prompt_template: str = PROMPT_TEMPLATE,
+             progress: bool = True) -> EvalResult:
+    """Evaluate ``model`` (optionally pruned with ``method``) on ``items``; shards under accelerate."""
+    import vlmprune
+
+    from .distributed import gather_results, shard
+
+    options = dict(method_options or {})
+    label = label or (method or "unpruned") + (" " + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+    handle = vlmprune.apply(model, method, **options) if method else None
+    try:
+        local_items = shard(items)
+        local, seconds = run_items(model, processor, local_items, handle=handle, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, prompt_template=prompt_template,
+                                   progress=progress, description=label)
+    finally:
+        if handle is not None:
+            handle.remove()
+    all_results, seconds = gather_results(local, seconds, order=[it.id for it in items])
+    return summarize(label, method, options, all_results, seconds, baseline)

@@ -1,0 +1,69 @@
+"""The testbed's acceptance checks (see ``shared/specs/testbed.md``):
+
+* unpruned accuracy per family on the test split;
+* accuracy with blank images (should fall to about chance);
+* accuracy when only 32 random visual tokens are kept (should lose >= 15 points);
+* share of the [CLS] attention (the signal PruMerge uses) that lands on object patches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .scenes import make_scene, patch_labels, split_seed
+
+
+def cls_attention_share(model, processor, n_scenes: int = 200, split: str = "test") -> dict:
+    """Mean share of the [CLS] row's patch attention mass on object (or text) patches.
+
+    The attention is the one PruMerge reads: last vision layer, q/k from the penultimate hidden
+    state, softmax over all keys of the concatenated-head logits (``prumerge.md`` section 1).
+    """
+    vt = model.model.vision_tower
+    layer = vt.vision_model.encoder.layers[-1]
+    shares, fractions = [], []
+    for i in range(n_scenes):
+        scene = make_scene(split_seed(split, i))
+        labels = patch_labels(scene)
+        obj = torch.as_tensor((labels.color > 0) | (labels.char > 0))
+        pv = processor.image_processor([scene.image], return_tensors="pt")["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            hs = vt(pv, output_hidden_states=True).hidden_states[-2]
+            x = layer.layer_norm1(hs)
+            q, k = layer.self_attn.q_proj(x), layer.self_attn.k_proj(x)
+            a = torch.softmax((q[:, :1] @ k.transpose(1, 2)) / q.shape[-1] ** 0.5, -1)[0, 0, 1:]
+        shares.append(float(a[obj].sum() / a.sum()))
+        fractions.append(float(obj.float().mean()))
+    return {"scenes": n_scenes, "cls_attention_share_on_objects": float(np.mean(shares)),
+            "object_patch_fraction": float(np.mean(fractions))}
+
+
+def run_check(n: int = 300, out: Path = Path("out/testbed-check"), batch_size: int = 16) -> dict:
+    from ..eval import report
+    from ..eval.data import shapesvqa_items
+    from ..eval.harness import evaluate
+    from .model import load
+
+    model, processor = load()
+    items = shapesvqa_items("test", None, n)
+    base = evaluate(model, processor, items, batch_size=batch_size)
+    base.retention = 1.0
+    blank = evaluate(model, processor, shapesvqa_items("test", None, n, blank=True), batch_size=batch_size,
+                     label="blank images", baseline=base)
+    rnd = evaluate(model, processor, items, method="random", method_options={"keep": 32}, batch_size=batch_size,
+                   baseline=base)
+    results = [base, blank, rnd]
+    report.print_table(results, title="testbed check (ShapesVQA test)")
+    att = cls_attention_share(model, processor)
+    print(json.dumps(att, indent=1))
+    report.write(results, out, "check")
+    summary = {"unpruned_mean": base.mean_accuracy, "min_family": min(f.accuracy for f in base.families),
+               "blank_mean": blank.mean_accuracy, "random32_mean": rnd.mean_accuracy,
+               "random32_drop_points": 100 * (base.mean_accuracy - rnd.mean_accuracy), **att}
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return summary
