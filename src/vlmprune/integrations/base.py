@@ -1,0 +1,360 @@
+"""What every integration shares: the per-family adapter, the handle, and its stats.
+
+An **adapter** is per-family knowledge written as data: where the vision tower, its encoder
+layers (and the last layer's ``q_proj`` / ``k_proj``), the projector, the language model and its
+decoder layers live, and which config fields hold the image token id, the vision feature layer and
+the feature-select strategy. ``ModelAdapter`` resolves those paths and implements the steps that
+are the same across LLaVA-like families (encode images, project, embed); a family whose steps
+differ (LLaVA-NeXT's any-res tiling, Qwen2-VL's merged patches and M-RoPE) subclasses it in its
+own file (``llava_next.py``, ``qwen2_vl.py``) and registers an instance with ``register_adapter``.
+
+A **handle** (``PruneHandle``) is what ``vlmprune.apply`` returns. It is attached to the model
+under ``HANDLE_ATTR`` (so applying twice is detected), owns every hook and patch the stage
+installed (``remove()`` undoes them in reverse order, idempotently, restoring the model exactly),
+and carries typed statistics (``PruneStats``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "HANDLE_ATTR",
+    "UnsupportedModelError",
+    "ModelAdapter",
+    "register_adapter",
+    "get_adapter",
+    "adapters",
+    "PruneStats",
+    "PruneHandle",
+]
+
+#: Attribute set on a pruned model; holds its ``PruneHandle`` (absent when the model is not pruned).
+HANDLE_ATTR = "_vlmprune_handle"
+
+#: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
+_ADAPTER_MODULES = ("vlmprune.integrations.llava",)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no adapter (the message names the supported families)."""
+
+
+def _resolve(root: Any, path: str) -> Any:
+    """Follow a dotted attribute path (``"model.vision_tower"``) from ``root``; ``""`` is ``root``."""
+    obj = root
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_path(root: Any, path: str) -> bool:
+    try:
+        _resolve(root, path)
+    except AttributeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Where one model family keeps its parts, as attribute paths; plus the shared steps.
+
+    Paths are relative to the *base* multimodal model (``LlavaModel``), which is found from the
+    model the user passes (e.g. ``LlavaForConditionalGeneration``) by trying ``base_paths`` in order.
+    """
+
+    family: str
+    #: Class names of the models this adapter accepts (the user's model, or its base model).
+    model_classes: tuple[str, ...]
+    #: Paths from the user's model to the base multimodal model, tried in order ("" = itself).
+    base_paths: tuple[str, ...] = ("model", "")
+    vision_tower: str = "vision_tower"
+    #: From the vision tower to its ModuleList of encoder layers (candidates, first found wins:
+    #: transformers 5 flattened CLIPVisionModel, 4.x nested it under ``vision_model``).
+    vision_layers: tuple[str, ...] = ("encoder.layers", "vision_model.encoder.layers")
+    #: From one encoder layer to its query / key projections (nn.Linear, heads concatenated).
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    projector: str = "multi_modal_projector"
+    language_model: str = "language_model"
+    #: From the language model to its ModuleList of decoder layers.
+    decoder_layers: str = "layers"
+    # config field names (on the multimodal config)
+    image_token_id_field: str = "image_token_id"
+    feature_layer_field: str = "vision_feature_layer"
+    select_strategy_field: str = "vision_feature_select_strategy"
+    #: Vision-config ``model_type``s whose sequence starts with a [CLS] token.
+    cls_vision_types: tuple[str, ...] = ("clip_vision_model",)
+    #: Select strategies that drop the [CLS] token before the projector (the rest keep it).
+    cls_dropping_strategies: tuple[str, ...] = ("default",)
+
+    # ---------------------------------------------------------------- finding the parts
+    def matches(self, model: Any) -> bool:
+        """Whether this adapter handles ``model`` (its class, or its base model's class)."""
+        if type(model).__name__ in self.model_classes:
+            return True
+        return any(_has_path(model, p) and type(_resolve(model, p)).__name__ in self.model_classes
+                   for p in self.base_paths if p)
+
+    def base_model(self, model: Any) -> nn.Module:
+        """The base multimodal module (LlavaModel) holding vision tower, projector and LM."""
+        for path in self.base_paths:
+            if _has_path(model, path):
+                base = _resolve(model, path)
+                if _has_path(base, self.vision_tower) and _has_path(base, self.language_model):
+                    return base
+        raise UnsupportedModelError(f"cannot find the {self.family} base model (tried {self.base_paths}) "
+                                    f"in {type(model).__name__}")
+
+    def config(self, model: Any) -> Any:
+        return self.base_model(model).config
+
+    def get_vision_tower(self, model: Any) -> nn.Module:
+        return _resolve(self.base_model(model), self.vision_tower)
+
+    def get_vision_layers(self, model: Any) -> nn.ModuleList:
+        """The vision tower's encoder layers (a ModuleList; [-1] is the last layer)."""
+        tower = self.get_vision_tower(model)
+        for path in self.vision_layers:
+            if _has_path(tower, path):
+                return _resolve(tower, path)
+        raise AttributeError(f"{type(tower).__name__} has none of {self.vision_layers}")
+
+    def get_last_qk(self, model: Any) -> tuple[nn.Module, nn.Module]:
+        """The last vision encoder layer's (q_proj, k_proj) linears (spec §1: the signals' source)."""
+        last = self.get_vision_layers(model)[-1]
+        return _resolve(last, self.q_proj), _resolve(last, self.k_proj)
+
+    def get_projector(self, model: Any) -> nn.Module:
+        return _resolve(self.base_model(model), self.projector)
+
+    def get_language_model(self, model: Any) -> nn.Module:
+        return _resolve(self.base_model(model), self.language_model)
+
+    def get_decoder_layers(self, model: Any) -> nn.ModuleList:
+        return _resolve(self.get_language_model(model), self.decoder_layers)
+
+    def get_input_embeddings(self, model: Any) -> nn.Module:
+        return self.base_model(model).get_input_embeddings()
+
+    # ---------------------------------------------------------------- config knowledge
+    def image_token_id(self, model: Any) -> int:
+        return int(getattr(self.config(model), self.image_token_id_field))
+
+    def vision_feature_layer(self, model: Any) -> int | list[int]:
+        return getattr(self.config(model), self.feature_layer_field)
+
+    def select_strategy(self, model: Any) -> str:
+        return getattr(self.config(model), self.select_strategy_field)
+
+    def vision_config(self, model: Any) -> Any:
+        return self.config(model).vision_config
+
+    def text_config(self, model: Any) -> Any:
+        return self.config(model).text_config
+
+    def tower_has_cls(self, model: Any) -> bool:
+        """Whether the vision tower's sequence starts with a [CLS] token (CLIP yes, SigLIP no)."""
+        return getattr(self.vision_config(model), "model_type", None) in self.cls_vision_types
+
+    def patch_grid(self, model: Any) -> tuple[int, int]:
+        """(H, W) of the patch grid of one image."""
+        vc = self.vision_config(model)
+        side = int(vc.image_size) // int(vc.patch_size)
+        return side, side
+
+    def tokens_per_image(self, model: Any, strategy: str | None = None) -> int:
+        """Image tokens the LLM receives per image when not pruned (N patches, +1 if CLS is kept)."""
+        h, w = self.patch_grid(model)
+        strategy = self.select_strategy(model) if strategy is None else strategy
+        keeps_cls = self.tower_has_cls(model) and strategy not in self.cls_dropping_strategies
+        return h * w + int(keeps_cls)
+
+    def signal_problem(self, model: Any, strategy: str | None = None) -> str | None:
+        """Why [CLS]-attention signals cannot be computed for this model, or None if they can."""
+        strategy = self.select_strategy(model) if strategy is None else strategy
+        vtype = getattr(self.vision_config(model), "model_type", type(self.get_vision_tower(model)).__name__)
+        if not self.tower_has_cls(model):
+            return (f"the vision tower ({vtype}) has no [CLS] token; methods driven by [CLS] attention need a "
+                    f"tower of type {', '.join(self.cls_vision_types)}")
+        if strategy not in self.cls_dropping_strategies:
+            return (f"vision_feature_select_strategy={strategy!r} feeds the [CLS] token to the LLM as an image "
+                    f"token; [CLS]-attention methods need {' or '.join(map(repr, self.cls_dropping_strategies))} "
+                    "(the patch tokens only)")
+        try:
+            self.get_last_qk(model)
+        except (AttributeError, IndexError, TypeError):
+            return (f"cannot find q_proj/k_proj of the last vision layer ({' or '.join(self.vision_layers)})"
+                    f"[-1].{self.q_proj}")
+        return None
+
+    # ---------------------------------------------------------------- shared steps
+    def select_features(self, hidden_states: tuple[Tensor, ...], layer: int | list[int], strategy: str) -> Tensor:
+        """Vision hidden states -> pre-projector features [B, N(+1), D * n_layers] (LLaVA's rule)."""
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        pool = [hidden_states[i] for i in layers]  # each [B, 1 + N, D]
+        if strategy in self.cls_dropping_strategies:
+            pool = [h[:, 1:] for h in pool]  # drop [CLS]: [B, N, D]
+        return pool[0] if len(pool) == 1 else torch.cat(pool, dim=-1)
+
+    def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str) -> Tensor:
+        """pixel_values [B, 3, H, W] -> pre-projector features [B, N, D] (runs the whole tower).
+
+        Any forward hooks on the tower's modules (e.g. signal capture) fire during this call.
+        """
+        tower = self.get_vision_tower(model)
+        out = tower(pixel_values.to(tower.dtype if hasattr(tower, "dtype") else pixel_values.dtype),
+                    output_hidden_states=True, return_dict=True)
+        return self.select_features(out.hidden_states, layer, strategy)
+
+    def project(self, model: Any, features: Tensor) -> Tensor:
+        """Pre-projector features [B, M, D] -> LLM-space tokens [B, M, D_text]."""
+        return self.get_projector(model)(features)
+
+
+_ADAPTERS: list[ModelAdapter] = []
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Make ``adapter`` known to ``get_adapter`` (one call per family module)."""
+    if any(a.family == adapter.family for a in _ADAPTERS):
+        raise ValueError(f"an adapter for family {adapter.family!r} is already registered")
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def adapters() -> list[ModelAdapter]:
+    """Every registered adapter (imports the built-in family modules first)."""
+    for mod in _ADAPTER_MODULES:
+        importlib.import_module(mod)
+    return list(_ADAPTERS)
+
+
+def get_adapter(model: Any) -> ModelAdapter:
+    """The adapter for ``model``'s family; ``UnsupportedModelError`` names the supported ones."""
+    known = adapters()
+    for adapter in known:
+        if adapter.matches(model):
+            return adapter
+    supported = "; ".join(f"{a.family} ({', '.join(a.model_classes)})" for a in known)
+    raise UnsupportedModelError(f"vlmprune does not support {type(model).__name__}; supported model families: "
+                                f"{supported}")
+
+
+# ------------------------------------------------------------------------------ stats and handle
+
+
+@dataclass
+class PruneStats:
+    """Counts of visual tokens fed to the LLM, accumulated over every image-bearing forward.
+
+    ``kept_per_image`` lists, in order, the visual tokens each image contributed to the LLM's
+    input since ``apply`` (or the last ``reset()``); ``last_kept`` those of the most recent
+    prefill only. ``tokens_per_image`` is the unpruned count N. The decoder stage extends this
+    class with per-layer counts.
+    """
+
+    method: str
+    tokens_per_image: int | None = None
+    prefills: int = 0
+    kept_per_image: list[int] = field(default_factory=list)
+    last_kept: list[int] = field(default_factory=list)
+
+    def record(self, kept: list[int]) -> None:
+        """Add one prefill's per-image kept counts."""
+        self.prefills += 1
+        self.last_kept = list(kept)
+        self.kept_per_image.extend(kept)
+
+    @property
+    def images(self) -> int:
+        return len(self.kept_per_image)
+
+    @property
+    def mean_visual_tokens(self) -> float:
+        """Mean visual tokens per image fed to the LLM (nan before the first image)."""
+        return sum(self.kept_per_image) / len(self.kept_per_image) if self.kept_per_image else math.nan
+
+    @property
+    def mean_kept_ratio(self) -> float:
+        """``mean_visual_tokens / tokens_per_image`` (nan when unknown)."""
+        if not self.tokens_per_image:
+            return math.nan
+        return self.mean_visual_tokens / self.tokens_per_image
+
+    def reset(self) -> None:
+        self.prefills = 0
+        self.kept_per_image = []
+        self.last_kept = []
+
+
+class PruneHandle:
+    """A pruning applied to one model: ``.method``, ``.stats``, ``.remove()``, context manager.
+
+    Stages subclass it and register their undo actions with ``add_undo`` / ``add_hook``
+    (torch hook handles); ``remove()`` runs them in reverse order exactly once.
+    """
+
+    stats_class: type[PruneStats] = PruneStats
+
+    def __init__(self, model: Any, adapter: ModelAdapter, method: str, method_obj: Any, stage: str) -> None:
+        existing = getattr(model, HANDLE_ATTR, None)
+        if existing is not None:
+            raise RuntimeError(f"this model is already pruned with {existing.method!r}; call handle.remove() "
+                               "(or vlmprune.remove(model)) before applying another method")
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.method_obj = method_obj
+        self.stage = stage
+        self.stats = self.stats_class(method=method)
+        self._undo: list[Callable[[], None]] = []
+        self._active = True
+        setattr(model, HANDLE_ATTR, self)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def add_undo(self, fn: Callable[[], None]) -> None:
+        """Register an action that ``remove()`` runs (in reverse registration order)."""
+        self._undo.append(fn)
+
+    def add_hook(self, hook_handle: Any) -> Any:
+        """Register a torch ``RemovableHandle`` to be removed by ``remove()``; returns it."""
+        self._undo.append(hook_handle.remove)
+        return hook_handle
+
+    def remove(self) -> None:
+        """Undo every change to the model; idempotent. The model is then exactly the stock model."""
+        if not self._active:
+            return
+        self._active = False
+        errors = []
+        while self._undo:
+            fn = self._undo.pop()
+            try:
+                fn()
+            except Exception as exc:  # keep undoing the rest; report at the end
+                errors.append(exc)
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            delattr(self.model, HANDLE_ATTR)
+        if errors:
+            raise RuntimeError(f"errors while removing the pruning: {errors!r}")
+
+    def __enter__(self) -> "PruneHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return f"<{type(self).__name__} method={self.method!r} stage={self.stage!r} {state}>"
