@@ -1,0 +1,187 @@
+"""Evaluation harness on a tiny model saved locally with the real testbed tokenizer and processor.
+
+The tiny model is random, so its answers are nonsense, but they are deterministic: single vs
+batched runs and save/load round trips must agree exactly.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vlmprune.eval.data import EvalItem, jsonl_items, parse_families, shapesvqa_items
+from vlmprune.eval.harness import evaluate, run_items, summarize, wilson_interval
+from vlmprune.testbed.model import build_model, build_processor, build_tokenizer, load
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny LLaVA + the testbed processor, saved with save_pretrained (the local-path load route)."""
+    d = tmp_path_factory.mktemp("tiny_testbed")
+    tok = build_tokenizer()
+    proc = build_processor(tok)
+    model = build_model(tok, seed=3, vision=TINY_VISION, text=TINY_TEXT)
+    model.save_pretrained(d)
+    proc.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    return load(tiny_dir)
+
+
+def test_tokenizer_and_processor_round_trip(tiny):
+    _, proc = tiny
+    tok = proc.tokenizer
+    text = "USER: What is written in the image? Answer with one word. ASSISTANT: k7qz"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    items = shapesvqa_items("test", "count", 1)
+    batch = proc(images=[items[0].image()], text=["USER: <image>\nHi"], return_tensors="pt")
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == 576
+    assert batch["pixel_values"].shape == (1, 3, 336, 336)
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path):
+    model, proc = tiny
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    again, proc2 = load(tmp_path)
+    item = shapesvqa_items("test", "color", 1)[0]
+    inputs = proc(images=[item.image()], text=[f"USER: <image>\n{item.question} ASSISTANT:"], return_tensors="pt")
+    inputs2 = proc2(images=[item.image()], text=[f"USER: <image>\n{item.question} ASSISTANT:"], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], inputs2["input_ids"])
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).logits, again(**inputs2).logits)
+
+
+def test_single_and_batched_answers_agree(tiny):
+    model, proc = tiny
+    items = shapesvqa_items("test", "exist,read", 3)
+    singles, _ = run_items(model, proc, items, batch_size=1, max_new_tokens=4, progress=False)
+    batched, _ = run_items(model, proc, items, batch_size=6, max_new_tokens=4, progress=False)
+    assert [r.prediction for r in singles] == [r.prediction for r in batched]
+    assert all(r.visual_tokens == 576 for r in batched)
+
+
+def test_evaluate_summary(tiny):
+    model, proc = tiny
+    items = shapesvqa_items("test", "count", 4)
+    res = evaluate(model, proc, items, batch_size=4, max_new_tokens=3, progress=False)
+    assert res.n == 4 and [f.family for f in res.families] == ["count"]
+    assert 0 <= res.families[0].ci_low <= res.families[0].accuracy <= res.families[0].ci_high <= 1
+    assert res.mean_visual_tokens == 576
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(50, 100)  # textbook: 0.4038 .. 0.5962
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    assert wilson_interval(0, 0) == (0.0, 0.0)
+
+
+def test_summarize_retention_and_means():
+    from vlmprune.eval.harness import ItemResult
+    rs = [ItemResult("a", "x", "1", "1", True, 10), ItemResult("b", "x", "1", "2", False, 20),
+          ItemResult("c", "y", "1", "1", True, 30)]
+    base = summarize("base", None, {}, rs, 1.0)
+    assert base.mean_accuracy == pytest.approx((0.5 + 1.0) / 2)
+    assert base.mean_visual_tokens == pytest.approx(20)
+    half = summarize("m", "random", {}, rs[:2] + [ItemResult("c", "y", "1", "0", False, 5)], 2.0, baseline=base)
+    assert half.retention == pytest.approx(0.25 / 0.75)
+    assert half.questions_per_s == pytest.approx(1.5)
+
+
+def _write_jsonl(tmp_path, lines):
+    p = tmp_path / "data.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_jsonl_path(tiny, tmp_path):
+    model, proc = tiny
+    items = shapesvqa_items("test", "color", 2)
+    lines = []
+    for k, it in enumerate(items):
+        it.image().save(tmp_path / f"img{k}.png")
+        lines.append(json.dumps({"image": f"img{k}.png", "question": it.question, "answer": it.answer}))
+    loaded = jsonl_items(_write_jsonl(tmp_path, lines))
+    assert [i.question for i in loaded] == [i.question for i in items]
+    a, _ = run_items(model, proc, loaded, batch_size=2, max_new_tokens=3, progress=False)
+    b, _ = run_items(model, proc, items, batch_size=2, max_new_tokens=3, progress=False)
+    assert [r.prediction for r in a] == [r.prediction for r in b]  # PNG round trip is lossless
+
+
+def test_jsonl_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="JSONL file not found"):
+        jsonl_items(tmp_path / "nope.jsonl")
+    p = _write_jsonl(tmp_path, ['{"image": "missing.png", "question": "q", "answer": "a"}'])
+    with pytest.raises(FileNotFoundError, match=r"data.jsonl:1: image file not found"):
+        jsonl_items(p)
+    p = _write_jsonl(tmp_path, ["{not json"])
+    with pytest.raises(ValueError, match=r"data.jsonl:1: not valid JSON"):
+        jsonl_items(p)
+    p = _write_jsonl(tmp_path, ['{"image": "x.png", "question": "q"}'])
+    with pytest.raises(ValueError, match="missing or non-string field.*answer"):
+        jsonl_items(p)
+
+
+def test_bad_family_and_template(tiny):
+    with pytest.raises(ValueError, match="unknown question family"):
+        parse_families("exist,colour")
+    model, proc = tiny
+    with pytest.raises(ValueError, match="prompt_template"):
+        run_items(model, proc, [EvalItem("i", "x", "q", "a", seed=1)], prompt_template="no placeholders")
+
+
+def test_unknown_method_is_a_clear_error(tiny):
+    model, proc = tiny
+    with pytest.raises(ValueError, match=r"unknown pruning method 'prumerge\+\+'"):
+        evaluate(model, proc, shapesvqa_items("test", "count", 1), method="prumerge++", progress=False)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vlmprune.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_eval_writes_tables(tiny_dir, tmp_path):
+    r = _cli("eval", "--model", str(tiny_dir), "--families", "count,exist", "--n", "2", "--max-new-tokens", "2",
+             "--out", str(tmp_path / "o"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res[0]["n"] == 4 and {f["family"] for f in res[0]["families"]} == {"count", "exist"}
+    assert "| method |" in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_cli_bad_inputs(tiny_dir, tmp_path):
+    r = _cli("eval", "--model", str(tiny_dir), "--method", "nosuch")
+    assert r.returncode == 2 and "unknown pruning method 'nosuch'" in r.stderr
+    r = _cli("eval", "--model", str(tiny_dir), "--families", "colour")
+    assert r.returncode == 2 and "unknown question family" in r.stderr
+    r = _cli("eval", "--model", str(tmp_path / "no-model"), "--n", "1")
+    assert r.returncode == 2 and "could not load model" in r.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_match_single(tiny_dir, tmp_path):
+    """Data-parallel evaluation with 2 CPU processes gives the same per-item answers as 1 process."""
+    common = ["eval", "--model", str(tiny_dir), "--families", "count,color", "--n", "3", "--max-new-tokens", "2",
+              "--no-progress", "--batch-size", "2"]
+    r1 = _cli(*common, "--out", str(tmp_path / "one"))
+    assert r1.returncode == 0, r1.stderr
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlmprune.cli", *common,
+           "--out", str(tmp_path / "two")]
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())[0]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())[0]
+    assert [i["id"] for i in two["items"]] == [i["id"] for i in one["items"]]
+    assert [i["prediction"] for i in two["items"]] == [i["prediction"] for i in one["items"]]
