@@ -6,8 +6,8 @@
     handle.stats; handle.remove()
 """
 
-from .api import apply, list_methods, pruned
+from .api import apply, list_methods, pruned, remove
 from .registry import register_method
 
-__all__ = ["apply", "pruned", "list_methods", "register_method"]
+__all__ = ["apply", "pruned", "remove", "list_methods", "register_method"]
 __version__ = "0.1.0"

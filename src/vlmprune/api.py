@@ -1,4 +1,4 @@
-"""Public API: ``apply()``, ``pruned()``, ``list_methods()``."""
+"""Public API: ``apply()``, ``pruned()``, ``remove()``, ``list_methods()``."""
 
 from __future__ import annotations
 
@@ -38,3 +38,14 @@ def pruned(model: Any, method: str, **options: Any) -> Iterator[Any]:
         yield handle
     finally:
         handle.remove()
+
+
+def remove(model: Any) -> bool:
+    """Undo the pruning applied to ``model``, if any; returns whether there was one to remove."""
+    from .integrations.base import HANDLE_ATTR
+
+    handle = getattr(model, HANDLE_ATTR, None)
+    if handle is None:
+        return False
+    handle.remove()
+    return True

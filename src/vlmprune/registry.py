@@ -78,6 +78,16 @@ def method_names() -> list[str]:
 # pure-tensor code in vlmprune.methods stays free of integration concerns.
 _BUILTINS = [
     ("random", "vision", "keep N random patch tokens before the LLM", "vlmprune.integrations.builders:build_random"),
+    ("sequential", "vision", "keep the first N patch tokens in raster order",
+     "vlmprune.integrations.builders:build_sequential"),
+    ("spatial", "vision", "keep a uniform 2-D lattice of about N patch tokens",
+     "vlmprune.integrations.builders:build_spatial"),
+    ("cls-topk", "vision", "keep the patches with the highest [CLS] attention, unmerged (default: PruMerge's "
+     "adaptive IQR count, the paper's 'AITS only')", "vlmprune.integrations.builders:build_cls_topk"),
+    ("prumerge", "vision", "PruMerge: adaptive [CLS]-attention outliers + key-similarity merge (~6% of tokens)",
+     "vlmprune.integrations.builders:build_prumerge"),
+    ("prumerge+", "vision", "PruMerge+: PruMerge plus a spatially uniform supplement (~25% of tokens)",
+     "vlmprune.integrations.builders:build_prumerge_plus"),
 ]
 for _row in _BUILTINS:
     register_method(*_row)

@@ -1,0 +1,402 @@
+"""Vision-stage plumbing: reduce each image's visual tokens before the LLM, keep the model's API.
+
+How a pruned model runs (one forward pre-hook on the user's model, nothing else is patched):
+
+**Prefill** (a call with ``pixel_values``):
+
+1. The vision tower runs once on ``pixel_values`` (sdpa untouched). If the method needs [CLS]
+   signals, forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are registered
+   for the duration of this call only: they store ``q[:, :1]`` (the [CLS] query) and ``k`` (all
+   keys), raw linear outputs [I, 1+N, C]. Spec §1: that layer's input is the penultimate hidden
+   state, i.e. the very features LLaVA feeds the projector, and its keys are what the official
+   PruMerge code uses. Only the [CLS] row of the attention is computed (``cls_attention``).
+2. The method reduces the pre-projector features [I, N, D] to a padded ``Reduction``
+   (tokens [I, M, D], counts [I]); the projector runs on the reduced tokens only.
+3. The input is rewritten. Image i's placeholder run (N copies of ``image_token_id`` in
+   ``input_ids``) keeps its first ``counts[i]`` slots; the other slots are deleted. Every sample
+   is compacted and re-padded **on the left** to the new batch width L' = max_b(kept length), so
+   every image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids``
+   (original position minus the number of slots deleted before it, so the survivors are
+   consecutive, as LLaVA-PruMerge feeds them) and ``labels`` (-100 on new pads) are rewritten
+   the same way. The reduced image tokens are scattered into the kept placeholder slots of the
+   embedded ``input_ids``, and the stock forward runs with ``inputs_embeds`` (no ``pixel_values``).
+   Logits therefore have the rewritten length L'.
+4. The rewrite (which slots were kept, how many were deleted per sample) is remembered as a
+   ``Plan`` on the handle until the next prefill.
+
+**Later calls** (no ``pixel_values``, a non-empty KV cache): the caller keeps speaking in its
+*original* coordinates, as ``generate()`` does — it extends the original ``attention_mask`` by one
+column per token and derives ``position_ids`` from it. The hook translates: the mask's first L
+columns are compacted with the plan (the appended columns are kept), and ``position_ids`` are
+shifted down by the sample's deleted count. A mask that already has the cache's length (the
+caller used the rewritten mask) passes unchanged. If ``generate`` dropped an all-ones mask, the
+hook rebuilds the rewritten one so the new left pads stay masked. So ``generate()`` works
+unchanged — greedy, sampling, beams, with or without cache (without cache every step is a
+prefill, which recomputes the same reduction) — and returns sequences in the original
+coordinates (the original prompt followed by the new tokens).
+
+A call without ``pixel_values`` on an empty cache is a text-only prefill: the plan is dropped.
+Static / compiled caches (4-D masks built by ``generate``) are not supported with an active plan
+and raise.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from ..methods.common import Reduction
+from ..methods.prumerge import cls_attention
+from .base import ModelAdapter, PruneHandle
+
+__all__ = ["VisionSignals", "VisionMethod", "VisionHandle", "Plan", "attach", "capture_signals"]
+
+
+# ------------------------------------------------------------------------------ method protocol
+
+
+@dataclass
+class VisionSignals:
+    """[CLS] signals of the last vision layer for I images.
+
+    Attributes:
+        cls_attn: [I, N] float32, softmax(q_cls K^T / sqrt(C)) over all 1+N keys, [CLS] column
+            dropped (spec §1; rows sum to < 1).
+        keys: [I, N, C] raw ``k_proj`` outputs of the patches ([CLS] row dropped), tower dtype.
+    """
+
+    cls_attn: Tensor
+    keys: Tensor
+
+
+@dataclass(frozen=True)
+class VisionMethod:
+    """A configured vision-stage method, as built by ``integrations.builders``.
+
+    ``fn(features [I, N, D], signals | None, grid (H, W)) -> Reduction`` does the work;
+    ``needs_signals`` asks the plumbing for [CLS] attention and keys (hooks are only installed
+    then); ``needs_grid`` says that the N tokens must form the H x W patch grid.
+    """
+
+    name: str
+    fn: Callable[[Tensor, VisionSignals | None, tuple[int, int]], Reduction]
+    needs_signals: bool = False
+    needs_grid: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def reduce(self, features: Tensor, signals: VisionSignals | None, grid: tuple[int, int]) -> Reduction:
+        """features [I, N, D] -> Reduction (tokens [I, M, D], counts [I])."""
+        if self.needs_signals and signals is None:
+            raise RuntimeError(f"method {self.name!r} needs [CLS] signals but none were captured")
+        return self.fn(features, signals, grid)
+
+    def validate(self, num_tokens: int, grid: tuple[int, int]) -> None:
+        """Dry-run on tiny dummy inputs of the model's N, so bad budgets fail at ``apply()``."""
+        g = torch.Generator().manual_seed(0)
+        features = torch.randn(1, num_tokens, 4, generator=g)
+        signals = None
+        if self.needs_signals:
+            signals = VisionSignals(cls_attn=torch.softmax(torch.randn(1, num_tokens + 1, generator=g), -1)[:, 1:],
+                                    keys=torch.randn(1, num_tokens, 4, generator=g))
+        self.reduce(features, signals, grid)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"VisionMethod({self.name}: {opts})"
+
+
+# ------------------------------------------------------------------------------ signal capture
+
+
+@contextmanager
+def capture_signals(adapter: ModelAdapter, model: Any) -> Iterator[dict[str, Tensor]]:
+    """Forward hooks on the last vision layer's q_proj / k_proj, active inside the ``with``.
+
+    Yields a dict that receives ``"q_cls"`` [I, 1, C] (the [CLS] query row only) and ``"k"``
+    [I, 1+N, C] (all keys): raw linear outputs, bias included, before the 1/sqrt(d) scaling.
+    """
+    q_proj, k_proj = adapter.get_last_qk(model)
+    store: dict[str, Tensor] = {}
+
+    def on_q(_module: Any, _inp: Any, out: Tensor) -> None:
+        store["q_cls"] = out[:, :1].detach()  # [I, 1, C]
+
+    def on_k(_module: Any, _inp: Any, out: Tensor) -> None:
+        store["k"] = out.detach()  # [I, 1+N, C]
+
+    hooks = [q_proj.register_forward_hook(on_q), k_proj.register_forward_hook(on_k)]
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def signals_from_qk(q_cls: Tensor, k: Tensor) -> VisionSignals:
+    """q_cls [I, 1, C], k [I, 1+N, C] -> VisionSignals (cls_attn [I, N] float32, keys [I, N, C])."""
+    q = q_cls.expand_as(k)  # a view: cls_attention reads row 0 only
+    return VisionSignals(cls_attn=cls_attention(q, k), keys=k[:, 1:])
+
+
+# ------------------------------------------------------------------------------ the rewrite
+
+
+@dataclass
+class Plan:
+    """How the last prefill rewrote its batch (used to translate later calls).
+
+    Attributes:
+        keep: [B, L] bool, which original slots survive (L = original prompt length).
+        dest: [B, L] long, each surviving slot's index in the rewritten sequence [0, L').
+        new_len: L', the rewritten width.
+        dropped: [B] long, slots deleted per sample.
+        new_mask: [B, L'] long, the rewritten attention mask of the prompt (0 on pads).
+        orig_mask: [B, L] long or None, the caller's prompt mask (None: it passed none).
+        offset: cached tokens before the prompt (a prefill continuing a cache); mask columns
+            before ``offset`` are left as they are.
+    """
+
+    keep: Tensor
+    dest: Tensor
+    new_len: int
+    dropped: Tensor
+    new_mask: Tensor
+    orig_mask: Tensor | None
+    offset: int = 0
+
+    @property
+    def orig_len(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def shrink(self) -> int:
+        """L - L': how much shorter the rewritten sequences are."""
+        return self.orig_len - self.new_len
+
+    def compact(self, x: Tensor, fill: Any) -> Tensor:
+        """x [B, L, ...] in original coordinates -> [B, L', ...]; new left pads get ``fill``."""
+        out = x.new_full((x.shape[0], self.new_len, *x.shape[2:]), fill)
+        b, s = self.keep.nonzero(as_tuple=True)
+        out[b, self.dest[b, s]] = x[b, s]
+        return out
+
+
+def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0) -> Plan:
+    """keep [B, L] bool -> the left-re-padded compaction (see ``Plan``)."""
+    kept_len = keep.sum(dim=1)  # [B]
+    new_len = int(kept_len.max())
+    dest = (new_len - kept_len)[:, None] + keep.long().cumsum(dim=1) - 1  # [B, L]; valid where keep
+    plan = Plan(keep=keep, dest=dest, new_len=new_len, dropped=keep.shape[1] - kept_len,
+                new_mask=torch.empty(0), orig_mask=attention_mask, offset=offset)
+    ones = torch.ones(keep.shape, dtype=torch.long, device=keep.device)
+    plan.new_mask = plan.compact(ones if attention_mask is None else attention_mask, 0)
+    return plan
+
+
+# ------------------------------------------------------------------------------ the handle
+
+
+class VisionHandle(PruneHandle):
+    """Handle of a vision-stage pruning. Besides the base API it exposes, for inspection:
+
+    ``last_reduction`` (the method's ``Reduction`` of the last prefill: per-image counts, kept
+    patch ``indices``), ``plan`` (the last rewrite, see ``Plan``).
+    """
+
+    def __init__(self, model: Any, adapter: ModelAdapter, method: str, method_obj: VisionMethod) -> None:
+        super().__init__(model, adapter, method, method_obj, stage="vision")
+        self.plan: Plan | None = None
+        self.last_reduction: Reduction | None = None
+        self.grid = adapter.patch_grid(model)
+        self.stats.tokens_per_image = adapter.tokens_per_image(model)
+        self._signature = inspect.signature(model.forward)
+
+    # ---------------------------------------------------------------- hook entry
+    def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kw = self._as_kwargs(args, kwargs)
+        if kw.get("pixel_values") is not None:
+            return (), self._prefill(kw)
+        return (), self._continue(kw)
+
+    def _as_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Positional arguments of the model's forward -> keyword arguments."""
+        if not args:
+            return dict(kwargs)
+        bound = self._signature.bind_partial(*args, **kwargs)
+        kw: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                kw.update(value)
+            else:
+                kw[name] = value
+        return kw
+
+    # ---------------------------------------------------------------- prefill
+    def _prefill(self, kw: dict[str, Any]) -> dict[str, Any]:
+        model, adapter, method = self.model, self.adapter, self.method_obj
+        input_ids = kw.get("input_ids")
+        if input_ids is None:
+            raise ValueError(f"vlmprune ({self.method}): a pruned model needs input_ids with the image placeholder "
+                             "tokens when pixel_values are given (inputs_embeds alone are not supported)")
+        if kw.get("image_sizes") is not None:
+            raise ValueError(f"vlmprune ({self.method}): image_sizes (variable-resolution towers) is not supported")
+        if kw.get("mm_encoder_outputs") is not None:
+            raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+        layer = kw.get("vision_feature_layer")
+        layer = adapter.vision_feature_layer(model) if layer is None else layer
+        strategy = kw.get("vision_feature_select_strategy")
+        strategy = adapter.select_strategy(model) if strategy is None else strategy
+        if method.needs_signals and (problem := adapter.signal_problem(model, strategy)):
+            raise ValueError(f"method {self.method!r} cannot run on this model: {problem}")
+
+        # 1. vision tower (+ signal hooks only if needed) -> pre-projector features [I, N, D]
+        pixel_values = kw["pixel_values"]
+        if method.needs_signals:
+            with capture_signals(adapter, model) as store:
+                features = adapter.encode(model, pixel_values, layer, strategy)
+            signals = signals_from_qk(store["q_cls"], store["k"])
+        else:
+            features = adapter.encode(model, pixel_values, layer, strategy)
+            signals = None
+        if method.needs_grid and features.shape[1] != self.grid[0] * self.grid[1]:
+            raise ValueError(f"method {self.method!r} needs the {self.grid[0]}x{self.grid[1]} patch grid, but the "
+                             f"tower gives {features.shape[1]} tokens per image (select strategy {strategy!r})")
+
+        # 2. reduce, then project only the kept tokens
+        red = method.reduce(features, signals, self.grid)  # tokens [I, M, D], counts [I]
+        image_tokens = adapter.project(model, red.tokens)  # [I, M, D_text]
+        flat = image_tokens[red.mask]  # [sum(counts), D_text], image by image in order
+
+        # 3. rewrite the placeholders, mask, positions, labels
+        ph = input_ids == adapter.image_token_id(model)  # [B, L] placeholder slots
+        per_image = features.shape[1]
+        n_ph, n_img = int(ph.sum()), features.shape[0]
+        if n_ph != n_img * per_image:
+            raise ValueError(f"Image features and image tokens do not match: {n_ph} placeholder tokens in "
+                             f"input_ids for {n_img} image(s) of {per_image} tokens each")
+        rank = ph.flatten().long().cumsum(0).view_as(ph) - 1  # [B, L] placeholder rank in (batch, seq) order
+        img = (rank // per_image).clamp(min=0, max=n_img - 1)  # [B, L] image owning each slot
+        keep = ~ph | (rank % per_image < red.counts.to(ph.device)[img])  # [B, L]
+
+        kw = dict(kw)
+        cache = kw.get("past_key_values")
+        past = _cache_len(cache)
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError("vision-stage pruning needs a 2-D attention_mask [B, L] (or none)")
+        prefix = None
+        if mask is not None and past and mask.shape[1] == past + input_ids.shape[1]:
+            prefix, mask = mask[:, :past], mask[:, past:]  # continuing a cache: rewrite only the new part
+        plan = make_plan(keep, mask, offset=past if prefix is not None else 0)
+        new_ids = plan.compact(input_ids, _pad_id(model, adapter))
+        if mask is not None or plan.new_mask.eq(0).any():
+            new_mask = plan.new_mask if prefix is None else torch.cat([prefix, plan.new_mask], dim=1)
+            kw["attention_mask"] = new_mask
+        pos = kw.get("position_ids")
+        if pos is not None:
+            if pos.ndim != 2:
+                raise ValueError("vision-stage pruning supports 2-D position_ids [B, L] only")
+            dropped_before = (~keep).long().cumsum(dim=1)  # [B, L] deleted slots up to each slot
+            kw["position_ids"] = plan.compact((pos - dropped_before).clamp(min=0), 0)
+        if kw.get("labels") is not None:
+            kw["labels"] = plan.compact(kw["labels"], -100)
+
+        embeds = adapter.get_input_embeddings(model)(new_ids)  # [B, L', D_text]
+        slots = (new_ids == adapter.image_token_id(model))[..., None]  # [B, L', 1]
+        kw["inputs_embeds"] = embeds.masked_scatter(slots, flat.to(embeds.device, embeds.dtype))
+        kw["input_ids"] = None
+        kw["pixel_values"] = None
+
+        self.plan = plan
+        self.last_reduction = red
+        self.stats.record([int(c) for c in red.counts.tolist()])
+        return kw
+
+    # ---------------------------------------------------------------- decode steps
+    def _continue(self, kw: dict[str, Any]) -> dict[str, Any]:
+        past = _cache_len(kw.get("past_key_values"))
+        plan = self.plan
+        if past == 0:
+            self.plan = None  # a new, text-only prefill
+            return kw
+        if plan is None:
+            return kw
+        ids = kw.get("input_ids")
+        ref = ids if ids is not None else kw.get("inputs_embeds")
+        if ref is None or ref.shape[0] != plan.keep.shape[0]:
+            return kw  # not a continuation of the planned batch
+        q = ref.shape[1]
+        mask = kw.get("attention_mask")
+        kw = dict(kw)
+        off, L = plan.offset, plan.orig_len
+        if mask is None:
+            if bool(plan.new_mask.eq(0).any()):  # e.g. generate() dropped an all-ones mask
+                ones = plan.new_mask.new_ones
+                kw["attention_mask"] = torch.cat([ones(plan.new_mask.shape[0], off), plan.new_mask,
+                                                  ones(plan.new_mask.shape[0], past + q - off - plan.new_len)], dim=1)
+        elif mask.ndim != 2:
+            raise ValueError("vision-stage pruning keeps a rewritten prompt; static/compiled caches (4-D masks) are "
+                             "not supported: use the default dynamic cache")
+        elif mask.shape[1] == past + q + plan.shrink and not self._already_rewritten(mask):
+            kw["attention_mask"] = torch.cat([mask[:, :off], plan.compact(mask[:, off:off + L], 0), mask[:, off + L:]],
+                                             dim=1)
+        elif mask.shape[1] == past + q:
+            return kw  # the caller already speaks rewritten coordinates
+        else:
+            raise ValueError(f"attention_mask has {mask.shape[1]} columns; with {past} cached and {q} new tokens it "
+                             f"should have {past + q + plan.shrink} (original coordinates) or {past + q} "
+                             "(rewritten coordinates)")
+        pos = kw.get("position_ids")
+        if pos is not None and pos.ndim == 2:
+            kw["position_ids"] = (pos - plan.dropped.to(pos.device)[:, None]).clamp(min=0)
+        return kw
+
+    def _already_rewritten(self, mask: Tensor) -> bool:
+        """With L == L' lengths cannot tell the coordinates apart: compare with the stored masks."""
+        plan = self.plan
+        if plan.shrink or plan.orig_mask is None:
+            return False
+        head = mask[:, plan.offset:plan.offset + plan.orig_len]
+        return not torch.equal(head, plan.orig_mask.to(head)) and torch.equal(head, plan.new_mask.to(head))
+
+
+def _cache_len(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])  # legacy tuple cache
+
+
+def _pad_id(model: Any, adapter: ModelAdapter) -> int:
+    for cfg in (getattr(model, "generation_config", None), adapter.config(model), adapter.text_config(model)):
+        pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+# ------------------------------------------------------------------------------ attach
+
+
+def attach(model: Any, adapter: ModelAdapter, info: Any, method_obj: VisionMethod) -> VisionHandle:
+    """Install ``method_obj`` on ``model`` (validated first); returns the handle."""
+    if not isinstance(method_obj, VisionMethod):
+        raise TypeError(f"the vision stage drives VisionMethod objects, got {type(method_obj).__name__}")
+    if method_obj.needs_signals and (problem := adapter.signal_problem(model)):
+        raise ValueError(f"method {info.name!r} cannot run on this model: {problem}")
+    grid = adapter.patch_grid(model)
+    per_image = adapter.tokens_per_image(model)
+    if method_obj.needs_grid and per_image != grid[0] * grid[1]:
+        raise ValueError(f"method {info.name!r} needs the {grid[0]}x{grid[1]} patch grid, but the LLM gets {per_image} "
+                         f"tokens per image (vision_feature_select_strategy={adapter.select_strategy(model)!r} keeps "
+                         "[CLS]); use 'default'")
+    method_obj.validate(per_image, grid)  # bad budgets (e.g. keep > N) fail here, not at the first forward
+    handle = VisionHandle(model, adapter, info.name, method_obj)
+    handle.add_hook(model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True))
+    return handle
