@@ -39,11 +39,11 @@ class TrainConfig:
     vision_steps: int = 400
     vision_batch: int = 16
     vision_lr: float = 1e-3
-    llm_steps: int = 1300
+    llm_steps: int = 900
     llm_batch: int = 8
     llm_lr: float = 1e-3
     warmup: int = 60
-    turns: int = 8
+    turns: int = 10
     text_prob: float = 0.5
     checkpoint_every: int = 100
     threads: int = 0  # 0 = torch default
