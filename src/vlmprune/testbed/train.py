@@ -95,7 +95,7 @@ def vision_loss(vision_tower, heads: VisionHeads, pixel_values, targets) -> tupl
         "pos": F.mse_loss(heads.pos(patches), pos_t),
     }
     total = 4 * losses["cls"] + losses["color"] + losses["shape"] + losses["center"] + losses["char"] + losses["pos"]
-    return total, {k: float(v) for k, v in losses.items()}
+    return total, {k: float(v.detach()) for k, v in losses.items()}
 
 
 def conversation(scene, rnd: random.Random, turns: int) -> list[tuple[str, str]]:
@@ -194,6 +194,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print):
         log(f"resumed from {ckpt_path} at stage {state['stage']} step {state['step']}")
 
     def save():
+        with open(out / "history.jsonl", "a") as f:  # losses since the previous save
+            for h in history:
+                f.write(json.dumps(h) + "\n")
+        if history:
+            recent = history[-20:]
+            log(f"stage {state['stage']} step {state['step']}: loss {sum(h['loss'] for h in recent) / len(recent):.4f}")
+        history.clear()
         torch.save({"config": asdict(cfg), "model": model.state_dict(), "heads": heads.state_dict(),
                     "opt": opt.state_dict(), "state": state}, str(ckpt_path) + ".tmp")
         Path(str(ckpt_path) + ".tmp").replace(ckpt_path)
@@ -217,7 +224,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print):
                 torch.nn.utils.clip_grad_norm_(vision.parameters(), 1.0)
                 opt.step()
                 state["step"] += 1
-                history.append({"stage": 1, "step": step, "loss": float(loss), **parts})
+                history.append({"stage": 1, "step": step, "loss": float(loss.detach()), **parts})
                 bar.update(task, advance=1, info=" ".join(f"{k}={v:.3f}" for k, v in parts.items()))
                 if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.vision_steps:
                     save()
@@ -249,9 +256,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print):
     final = out / "final"
     model.save_pretrained(final)
     processor.save_pretrained(final)
-    with open(out / "history.jsonl", "a") as f:
-        for h in history:
-            f.write(json.dumps(h) + "\n")
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return final
 
