@@ -1,0 +1,279 @@
+"""Shared result type and tensor helpers for the vision-stage token-reduction methods.
+
+Everything here is pure torch, vectorised over batch and tokens. Ragged per-sample results
+(every image keeps its own number of tokens) are represented by padding to the batch maximum:
+a method builds a boolean "chosen" mask and a sort key per patch, one ``argsort`` puts the chosen
+patches of every sample first and in output order, and ``counts`` says where each sample stops.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Reduction",
+    "resolve_budget",
+    "grid_shape",
+    "lattice_mask",
+    "spread_priority",
+    "order_chosen",
+    "gather_rows",
+    "pack_selection",
+]
+
+@dataclass
+class Reduction:
+    """The output of a vision-stage token reduction, padded to the batch maximum.
+
+    Attributes:
+        tokens: [B, M, D], dtype of the input features. Sample b's output is
+            ``tokens[b, :counts[b]]``; everything after ``counts[b]`` is zero.
+        counts: [B] long, number of valid output tokens per sample (extra token included).
+        indices: [B, M'] long, the patch index (0..N-1, [CLS] excluded) each centre token comes
+            from, in output order, padded with -1. The extra token, if any, is a summary of many
+            patches and has **no** patch index, so it is not in ``indices``: ``M' <= M`` and the
+            number of indexed tokens of sample b is ``counts[b] - extra[b]``.
+        extra: [B] bool or None. None when the method never appends an extra token; otherwise
+            whether the last valid token of each sample (``tokens[b, counts[b] - 1]``) is the
+            appended extra token.
+        num_attention: [B] long or None. For PruMerge(+): how many of the centres were chosen by
+            [CLS] attention (they come first in the default order); the other centres come from
+            the spatial grid.
+    """
+
+    tokens: Tensor
+    counts: Tensor
+    indices: Tensor
+    extra: Tensor | None = None
+    num_attention: Tensor | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        """[B, M] bool: True where ``tokens`` holds a valid token."""
+        positions = torch.arange(self.tokens.shape[1], device=self.counts.device)
+        return positions[None, :] < self.counts[:, None]
+
+    @property
+    def num_indexed(self) -> Tensor:
+        """[B] long: number of tokens with a patch index (``counts`` minus the extra token)."""
+        if self.extra is None:
+            return self.counts
+        return self.counts - self.extra.long()
+
+    def unpad(self) -> list[Tensor]:
+        """Per-sample list of [counts[b], D] tensors (convenience for callers; loops over B)."""
+        return [self.tokens[b, : int(c)] for b, c in enumerate(self.counts.tolist())]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_floating(x: object, name: str, ndim: int, what: str) -> Tensor:
+    """Raise ValueError unless ``x`` is a floating tensor with ``ndim`` dims (``what`` names them)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {what}, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {what}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; "
+            f"convert it with {name}.float()"
+        )
+    return x
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """Raise ValueError if ``x`` holds NaN or infinity."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} contains NaN or infinite values; pass finite scores "
+            f"(check the upstream computation, e.g. an fp16 overflow)"
+        )
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def resolve_budget(
+    n: object, num_tokens: int, batch: int, device: torch.device, name: str = "n"
+) -> Tensor:
+    """Turn a budget into a [B] long tensor of counts in [1, N].
+
+    ``n`` may be an int count in [1, N], a float ratio in (0, 1] (count = floor(ratio * N) as the
+    official ``int(N * reduction_ratio)``, but tolerant to round-off so that a ratio of k / N
+    gives k; it must give at least 1 token), or a [B] integer tensor of per-sample counts in
+    [1, N].
+    """
+    hint = (
+        f"pass an int count in [1, {num_tokens}], a float ratio in (0, 1], "
+        f"or a [{batch}] integer tensor of per-sample counts"
+    )
+    if isinstance(n, Tensor):
+        if n.is_floating_point() or n.dtype == torch.bool or n.is_complex():
+            raise ValueError(f"{name} as a tensor must hold integer counts, got dtype {n.dtype}; {hint}")
+        if n.ndim == 0:
+            n = int(n)
+        else:
+            if tuple(n.shape) != (batch,):
+                raise ValueError(f"{name} as a tensor must have shape [{batch}], got {tuple(n.shape)}; {hint}")
+            lo, hi = int(n.min()), int(n.max())
+            if lo < 1 or hi > num_tokens:
+                raise ValueError(
+                    f"{name} holds counts in [{lo}, {hi}], outside [1, {num_tokens}] "
+                    f"(N = {num_tokens} patches); {hint}"
+                )
+            return n.to(device=device, dtype=torch.long)
+    if _is_int(n):
+        count = int(n)
+        if count < 1:
+            raise ValueError(f"{name} = {count} keeps no token; {hint}")
+        if count > num_tokens:
+            raise ValueError(f"{name} = {count} is more than the N = {num_tokens} patches; {hint}")
+    elif isinstance(n, numbers.Real) and not isinstance(n, bool):
+        ratio = float(n)
+        if math.isnan(ratio):
+            raise ValueError(f"{name} is NaN; {hint}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"{name} = {ratio} is not a ratio in (0, 1]; {hint}")
+        count = int(math.floor(ratio * num_tokens + 1e-9))  # tolerant: (k / N) * N gives k
+        if count < 1:
+            raise ValueError(
+                f"{name} = {ratio} keeps floor({ratio} * {num_tokens}) = 0 tokens; "
+                f"pass a ratio of at least 1/{num_tokens} or an int count"
+            )
+    else:
+        raise ValueError(f"{name} must be an int, a float or a tensor, got {type(n).__name__}; {hint}")
+    return torch.full((batch,), count, dtype=torch.long, device=device)
+
+
+def grid_shape(num_tokens: int, grid_size: object = None) -> tuple[int, int]:
+    """(H, W) of the patch grid: ``grid_size`` (int side or (H, W)) or sqrt(N) when square."""
+    if grid_size is None:
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(
+                f"N = {num_tokens} patches is not a square grid; pass grid_size=(H, W) with "
+                f"H * W == {num_tokens}"
+            )
+        return side, side
+    if _is_int(grid_size):
+        h = w = int(grid_size)
+    elif (
+        isinstance(grid_size, (tuple, list))
+        and len(grid_size) == 2
+        and all(_is_int(s) for s in grid_size)
+    ):
+        h, w = int(grid_size[0]), int(grid_size[1])
+    else:
+        raise ValueError(f"grid_size must be an int or a pair of ints (H, W), got {grid_size!r}")
+    if h < 1 or w < 1 or h * w != num_tokens:
+        raise ValueError(
+            f"grid_size {(h, w)} does not match N = {num_tokens} patches; "
+            f"pass (H, W) with H * W == {num_tokens}"
+        )
+    return h, w
+
+
+# --------------------------------------------------------------------------- spatial layouts
+
+
+def lattice_mask(target: Tensor, height: int, width: int) -> Tensor:
+    """[B] target counts -> [B, H*W] bool mask of a centred r x c lattice with r*c ~ target.
+
+    Per sample, r (rows) and c (columns) are chosen to make |r*c - target| smallest, then the
+    aspect r/c closest to H/W, then the fewest rows. Row i of r sits at floor((i + 1/2) H / r),
+    column j of c at floor((j + 1/2) W / c): evenly spaced, centred, all distinct. A target of 0
+    gives an empty mask. Flattened in raster order (index = row * W + col).
+    """
+    device = target.device
+    batch = target.shape[0]
+    t = target.clamp(0, height * width).to(torch.float64)[:, None]  # [B, 1]
+    rows = torch.arange(1, height + 1, dtype=torch.float64, device=device)[None, :]  # [1, H]
+    cols = torch.clamp(torch.floor(t / rows + 0.5), 1, width)  # [B, H]: best c for each r
+    miss = (rows * cols - t).abs()  # [B, H], integer-valued
+    # aspect mismatch >= 1, symmetric in (r/c) vs (H/W) and exact on ties: max/min of r W, c H
+    rw, ch = rows * width, cols * height
+    aspect = torch.maximum(rw, ch) / torch.minimum(rw, ch)  # in [1, max(H, W)^2]
+    score = miss * (2.0 * max(height, width) ** 2) + aspect
+    pick = score.argmin(dim=1)  # [B], first minimum = fewest rows on exact ties
+    r = pick + 1  # [B]
+    c = cols.gather(1, pick[:, None])[:, 0].long()  # [B]
+
+    def axis_mask(n_sel: Tensor, size: int) -> Tensor:
+        i = torch.arange(size, device=device)[None, :]  # [1, size]
+        pos = ((2 * i + 1) * size) // (2 * n_sel[:, None])  # [B, size]
+        pos = torch.where(i < n_sel[:, None], pos, size)  # invalid slots -> dump column
+        out = torch.zeros(batch, size + 1, dtype=torch.bool, device=device)
+        out.scatter_(1, pos, True)
+        return out[:, :size]  # [B, size]
+
+    mask = axis_mask(r, height)[:, :, None] & axis_mask(c, width)[:, None, :]  # [B, H, W]
+    mask = mask.reshape(batch, height * width)
+    return mask & (target > 0)[:, None]
+
+
+def spread_priority(height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """[H*W] long rank of every patch in a coarse-to-fine 2-D order (bit-reversed Morton code).
+
+    Taking patches in increasing rank gives a well spread 2-D set at every prefix (the first 4^j
+    ranks of a 2^b x 2^b grid form a regular lattice); used to fill a fixed budget exactly.
+    """
+    bits = max(1, math.ceil(math.log2(max(height, width))))
+    hh = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
+    ww = torch.arange(width, device=device)[None, :].expand(height, width).reshape(-1)
+    code = torch.zeros_like(hh)
+    for b in range(bits):  # interleave bits, h above w: Morton code of 2*bits bits
+        code |= ((hh >> b) & 1) << (2 * b + 1)
+        code |= ((ww >> b) & 1) << (2 * b)
+    rev = torch.zeros_like(code)
+    for b in range(2 * bits):  # reverse the 2*bits bits
+        rev |= ((code >> b) & 1) << (2 * bits - 1 - b)
+    order = torch.argsort(rev)  # rev values are distinct
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device)
+    return rank
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def order_chosen(key: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chosen patches of every sample, sorted by ``key``, padded to the batch maximum.
+
+    ``key`` [B, N] integer (lower comes first), ``chosen`` [B, N] bool. Returns
+    ``(idx, valid, counts)``: idx [B, M] long patch indices in output order (padding slots hold
+    arbitrary but in-range indices), valid [B, M] bool, counts [B] long, M = max(counts).
+    """
+    counts = chosen.sum(dim=1)  # [B]
+    m = int(counts.max())
+    span = int(key.max() - key.min()) + 1
+    shifted = torch.where(chosen, key, key + span)  # every unchosen key sorts after every chosen
+    idx = torch.argsort(shifted, dim=1, stable=True)[:, :m]  # [B, M]
+    valid = torch.arange(m, device=key.device)[None, :] < counts[:, None]  # [B, M]
+    return idx, valid, counts
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, N, D], idx [B, M] (values in [0, N)) -> [B, M, D], rows of x picked per sample."""
+    batch, num_tokens, dim = x.shape
+    flat = idx + torch.arange(batch, device=idx.device)[:, None] * num_tokens  # [B, M] rows of x.view(B*N, D)
+    return x.reshape(batch * num_tokens, dim).index_select(0, flat.reshape(-1)).view(batch, -1, dim)
+
+
+def pack_selection(features: Tensor, idx: Tensor, valid: Tensor, counts: Tensor) -> Reduction:
+    """Reduction holding the selected rows of ``features`` unchanged (no merge, no extra token)."""
+    tokens = gather_rows(features, idx).masked_fill(~valid[:, :, None], 0)  # [B, M, D]
+    indices = torch.where(valid, idx, torch.full_like(idx, -1))
+    return Reduction(tokens=tokens, counts=counts, indices=indices, extra=None)
