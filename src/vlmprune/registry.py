@@ -88,6 +88,10 @@ _BUILTINS = [
      "vlmprune.integrations.builders:build_prumerge"),
     ("prumerge+", "vision", "PruMerge+: PruMerge plus a spatially uniform supplement (~25% of tokens)",
      "vlmprune.integrations.builders:build_prumerge_plus"),
+    ("fastv", "decoder", "FastV: drop low-attention visual tokens from the input of decoder layer K (default K=2, 50%)",
+     "vlmprune.integrations.decoder_builders:build_fastv"),
+    ("sparsevlm", "decoder", "SparseVLM v1.5: text raters prune visual tokens at 3 decoder layers, pruned ones "
+     "recycled as cluster means", "vlmprune.integrations.decoder_builders:build_sparsevlm"),
 ]
 for _row in _BUILTINS:
     register_method(*_row)

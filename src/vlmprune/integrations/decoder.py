@@ -1,0 +1,797 @@
+"""Decoder-stage plumbing: prune visual tokens *between* LLM decoder layers, with sdpa, batches and the KV cache.
+
+A decoder-stage method (FastV, SparseVLM, ATP, ...) declares **prune points**: ``p`` means "drop
+visual tokens from the input of decoder layer ``p``" (equivalently: from the output of layer
+``p - 1``). At each point, during prefill, the method
+
+1. says which query rows of layer ``p - 1``'s attention it needs (``score_rows``; e.g. the last
+   prompt token for FastV, the text raters for SparseVLM, the visual and instruction rows for ATP),
+2. receives those rows' post-softmax attention, averaged over heads, over every current key
+   (``attention_rows``: computed as a side calculation from the q/k projections the layer already
+   made, captured by forward hooks on ``q_proj`` / ``k_proj``; RoPE, causal and padding masks,
+   softmax over all keys in float32; only the requested rows — never an L x L matrix for the whole
+   model, never eager attention, never a second forward that writes to the cache). For ``p = 0``
+   the rows are computed from layer 0's own projections of its input.
+3. returns a ``Decision``: which visual tokens each sample keeps (ragged), optional tokens to
+   insert (SparseVLM's recycled clusters) and, for training, a soft keep-mask.
+
+The machinery then, per sample, gathers the survivors (original order; text is never dropped),
+left-pads the batch to the longest sample (ragged counts), and from layer ``p`` on feeds every
+layer its own ``attention_mask`` (causal + padding; None when a segment has no padding, so sdpa
+keeps its ``is_causal`` fast path), ``position_ids`` and rotary embeddings: survivors keep their
+**original** position ids by default (a method may ask for compacted positions). Each layer's KV
+cache therefore holds that layer's own length. During decoding each layer gets a mask over its own
+cache (its prefill slots' validity followed by the generated tokens) and, when positions were
+compacted, position ids shifted by its own offset, so decoding continues from the original
+sequence length. Nothing is switched to eager attention: ``config._attn_implementation`` is never
+touched.
+
+How transformers 5.23 drives this (checked in ``generation/utils.py``, ``masking_utils.py``,
+``models/llama/modeling_llama.py``): ``generate`` computes ``position_ids`` from the 2D attention
+mask (cumsum) over the *original* sequence and appends one per step, so positions continue from
+the original length by themselves; the model's own causal mask is sized from layer 0's cache
+(``DynamicCache.get_mask_sizes``), which is right only for layers that were not pruned — so every
+layer after a prune point gets its mask from here. A forward without ``position_ids`` on a pruned
+cache gets them from here too (``LlamaModel`` would derive them from layer 0's cache length).
+
+Everything that changes per prefill lives in a typed ``DecoderState`` on the handle, reset at the
+start of every prefill. The machinery only adds torch hooks (pre-hooks on the base model, the
+language model and each decoder layer; forward hooks on the score layers' ``q_proj``/``k_proj``),
+so ``handle.remove()`` restores the model exactly and module names / state dicts never change.
+
+Prefill is detected as: the base model gets image tokens and the cache is empty (or absent).
+Without a cache every forward is a prefill, and pruning is recomputed every time. When such a
+forward *continues* the previous prompt (same pixel values, the previous input ids and mask as a
+prefix — what ``generate(use_cache=False)`` does), only the previous prompt's tokens act as scoring
+queries, so the selection is made "once at prefill" in both modes: uncached generation that
+re-prunes at every step gives the same tokens as cached generation.
+
+Outputs of a pruned forward (``logits``, ``last_hidden_state``) cover the final layer's tokens only
+(left-padded per sample; the last column is still each sample's last token).
+``handle.state.final_source`` maps each column back to its index in the input.
+
+Not supported (yet): gradient checkpointing with hard pruning (the checkpointed layer re-runs its
+hooks), static / offloaded caches, beam reorders across different samples, chunked prefill.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .base import ModelAdapter, PruneHandle, PruneStats
+
+__all__ = [
+    "LayerView",
+    "Decision",
+    "DecoderMethod",
+    "DecoderMethodBase",
+    "DecoderStats",
+    "DecoderState",
+    "DecoderHandle",
+    "attention_rows",
+    "attach",
+]
+
+_SOFT_EPS = 1e-6
+
+
+# ================================================================================ method protocol
+
+
+@dataclass
+class LayerView:
+    """What a method sees at prune point ``layer`` (tokens are dropped from that layer's input).
+
+    All per-token tensors are [B, L] over the *current* layout (left-padded; L shrinks as tokens
+    are dropped). ``hidden`` is the input of ``layer`` (= output of ``layer - 1``).
+    """
+
+    layer: int
+    num_layers: int
+    hidden: Tensor  # [B, L, D]
+    valid: Tensor  # [B, L] bool: a real token (not padding)
+    visual: Tensor  # [B, L] bool: an alive visual token (recycled ones included)
+    recycled: Tensor  # [B, L] bool: a token inserted by a method (e.g. SparseVLM's merged clusters)
+    after_image: Tensor  # [B, L] bool: a text token after the sample's last image token
+    prompt: Tensor  # [B, L] bool: a token of the prompt (eligible as a scoring query)
+    source: Tensor  # [B, L] long: index in the original (padded) input; -1 for padding / inserted
+    positions: Tensor  # [B, L] long: position ids the next layer uses
+    last: Tensor  # [B] long: column of each sample's last prompt token
+    num_visual0: Tensor  # [B] long: visual tokens of each sample before any pruning
+    context: Any = None  # what ``method.prepare`` returned for this prefill
+
+
+@dataclass
+class Decision:
+    """A method's answer at one prune point ([B, L] over the current layout).
+
+    ``keep``: visual tokens to keep (entries at non-visual tokens are ignored: text is always kept).
+    ``soft``: training-time soft keep in [0, 1] for visual tokens; multiplied into the cumulative
+    mask, whose ``log(m + 1e-6)`` is added to the attention logits of those keys in every later
+    layer (the query's own position is never masked). ``extra`` [B, E, D] with ``extra_valid``
+    [B, E]: tokens inserted right after each sample's last alive visual token (they count as
+    visual); ``extra_positions`` [B, E]: their position ids when positions are kept original.
+    ``info``: anything to record in ``handle.state`` (e.g. raters, cluster sizes).
+    """
+
+    keep: Tensor | None = None
+    soft: Tensor | None = None
+    extra: Tensor | None = None
+    extra_valid: Tensor | None = None
+    extra_positions: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class DecoderMethod(Protocol):
+    """The interface the machinery drives (see ``DecoderMethodBase`` for defaults)."""
+
+    name: str
+    positions: str  # "original" | "compact"
+
+    def prune_layers(self, num_layers: int) -> list[int]: ...
+
+    def prepare(self, embeds: Tensor, view: LayerView) -> Any: ...
+
+    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor] | None: ...
+
+    def select(self, view: LayerView, attn: Tensor | None) -> Decision: ...
+
+
+class DecoderMethodBase:
+    """Defaults for a decoder-stage method object.
+
+    ``prune_layers(num_layers)``: sorted prune points in [0, num_layers).
+    ``prepare(embeds [B, L0, D], view)``: once per prefill, on the decoder's input embeddings.
+    ``score_rows(view)``: ([B, R] long columns, [B, R] bool valid) of the query rows whose attention
+    to every current key is needed, or None when no attention is needed.
+    ``select(view, attn [B, R, L] float32 or None)``: the ``Decision``.
+    """
+
+    name = "decoder-method"
+    positions = "original"
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        raise NotImplementedError
+
+    def prepare(self, embeds: Tensor, view: LayerView) -> Any:
+        return None
+
+    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def select(self, view: LayerView, attn: Tensor | None) -> Decision:
+        raise NotImplementedError
+
+
+# ================================================================================ attention rows
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Llama-style RoPE. x [B, H, T, Dh]; cos/sin [B, T, Dh]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_rows(q: Tensor, k: Tensor, rows: Tensor, rows_valid: Tensor, cos: Tensor, sin: Tensor,
+                   key_valid: Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float,
+                   key_bias: Tensor | None = None, chunk: int = 256) -> Tensor:
+    """Post-softmax attention of selected query rows, averaged over heads, in float32.
+
+    q [B, L, H*Dh] and k [B, L, Hkv*Dh] are the layer's projections *before* RoPE; rows [B, R]
+    columns of the queries (rows_valid [B, R]); cos/sin [B or 1, L, Dh] the layer's rotary tables;
+    key_valid [B, L] bool; key_bias [B, L] optional additive logit bias (soft masks). Causal by
+    column index. Returns [B, R, L]; invalid rows are zero. Memory: [B, H, chunk, L] at a time.
+    """
+    bsz, length = k.shape[:2]
+    cos = cos.expand(bsz, -1, -1)
+    sin = sin.expand(bsz, -1, -1)
+    kk = k.view(bsz, length, num_kv_heads, head_dim).transpose(1, 2).float()  # [B, Hkv, L, Dh]
+    kk = _rope(kk, cos.float(), sin.float())
+    rep = num_heads // num_kv_heads
+    if rep > 1:
+        kk = kk[:, :, None].expand(bsz, num_kv_heads, rep, length, head_dim).reshape(bsz, num_heads, length, head_dim)
+    cols = torch.arange(length, device=k.device)
+    out = []
+    for start in range(0, rows.shape[1], chunk):
+        r = rows[:, start:start + chunk].clamp(0, length - 1)  # [B, r]
+        rv = rows_valid[:, start:start + chunk]
+        idx = r[:, :, None].expand(-1, -1, q.shape[-1])
+        qr = q.gather(1, idx).view(bsz, r.shape[1], num_heads, head_dim).transpose(1, 2).float()  # [B, H, r, Dh]
+        cidx = r[:, :, None].expand(-1, -1, cos.shape[-1])
+        qr = _rope(qr, cos.float().gather(1, cidx), sin.float().gather(1, cidx))
+        logits = torch.matmul(qr, kk.transpose(-1, -2)) * scaling  # [B, H, r, L]
+        if key_bias is not None:
+            diag = cols[None, None, :] == r[:, :, None]  # own position is never masked
+            logits = logits + torch.where(diag, 0.0, key_bias.float()[:, None, :])[:, None]
+        allowed = key_valid[:, None, :] & (cols[None, None, :] <= r[:, :, None])  # [B, r, L]
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)  # [B, r, L]
+        out.append(probs * rv[:, :, None])
+    if not out:
+        return q.new_zeros((bsz, 0, length), dtype=torch.float32)
+    return torch.cat(out, dim=1)
+
+
+# ================================================================================ stats and state
+
+
+@dataclass
+class DecoderStats(PruneStats):
+    """``PruneStats`` plus per-layer counts of the last prefill.
+
+    ``visual_per_layer`` [B][num_layers]: visual tokens each decoder layer *processed* (its input);
+    ``visual_after_layer``: visual tokens each layer *output* (after the pruning applied to it).
+    ``avg_visual_tokens``: mean over samples and layers of ``visual_per_layer`` — the all-layer
+    average the ATP paper reports (layers before the first prune point count the full N);
+    ``avg_visual_tokens_output``: the same over output counts (SparseVLM's way of counting).
+    ``kept_per_image`` (inherited) accumulates the per-sample all-layer averages.
+    """
+
+    num_layers: int = 0
+    visual_per_layer: list[list[int]] = field(default_factory=list)
+    visual_after_layer: list[list[int]] = field(default_factory=list)
+    tokens_per_layer: list[list[int]] = field(default_factory=list)
+    kept_at: dict[int, list[int]] = field(default_factory=dict)
+
+    def record_layers(self, visual_in: Tensor, tokens_in: Tensor, kept_at: dict[int, list[int]]) -> None:
+        """Record one prefill: visual_in / tokens_in [B, num_layers] long."""
+        self.num_layers = visual_in.shape[1]
+        self.visual_per_layer = visual_in.tolist()
+        out = torch.cat([visual_in[:, 1:], visual_in[:, -1:]], dim=1)
+        for p in kept_at:  # the last layer's output count when a method prunes after it
+            if p == self.num_layers:
+                out[:, -1] = torch.tensor(kept_at[p], device=out.device)
+        self.visual_after_layer = out.tolist()
+        self.tokens_per_layer = tokens_in.tolist()
+        self.kept_at = dict(kept_at)
+        self.record(visual_in.float().mean(1).tolist())
+
+    def visual_tokens_per_sample(self) -> list[float]:
+        """All-layer average visual tokens of each sample in the last prefill (processed counts)."""
+        return [float(v) for v in self.last_kept]
+
+    def visual_tokens_output_per_sample(self) -> list[float]:
+        return [sum(r) / len(r) for r in self.visual_after_layer] if self.visual_after_layer else []
+
+    @property
+    def avg_visual_tokens(self) -> float:
+        v = self.visual_tokens_per_sample()
+        return sum(v) / len(v) if v else math.nan
+
+    @property
+    def avg_visual_tokens_output(self) -> float:
+        v = self.visual_tokens_output_per_sample()
+        return sum(v) / len(v) if v else math.nan
+
+
+@dataclass
+class Segment:
+    """One token layout, shared by the consecutive layers between two prune points."""
+
+    first_layer: int
+    source: Tensor  # [B, L] long
+    valid: Tensor  # [B, L] bool
+    visual: Tensor  # [B, L] bool
+    recycled: Tensor  # [B, L] bool
+    prompt: Tensor  # [B, L] bool
+    after_image: Tensor  # [B, L] bool
+    positions: Tensor  # [B, L] long
+    soft: Tensor | None  # [B, L] cumulative soft keep (visual keys), or None
+    shift: Tensor  # [B] long: original position of the last token minus this layout's
+    identity: bool  # the untouched input layout: the model's own mask / rotary apply
+    mask: Any = None  # prefill attention mask for this layout (None -> is_causal)
+    pos_emb: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.source.shape[1]
+
+    def key_bias(self) -> Tensor | None:
+        if self.soft is None:
+            return None
+        return torch.where(self.visual, torch.log(self.soft + _SOFT_EPS), torch.zeros_like(self.soft))
+
+
+@dataclass
+class DecoderState:
+    """Per-handle mutable state; ``begin_prefill`` resets everything that belongs to one prefill."""
+
+    phase: str = "idle"  # "idle" | "prefill" | "decode"
+    # what the base-model pre-hook saw for the forward about to run
+    pending_visual: Tensor | None = None
+    pending_prompt_len: int | None = None
+    # the last fresh prompt (for continuation detection without a cache)
+    prompt_ids: Tensor | None = None
+    prompt_mask: Tensor | None = None
+    prompt_image: Any = None  # what identifies the prompt's images (see _image_key)
+    # one prefill
+    orig_len: int = 0
+    segments: list[Segment] = field(default_factory=list)
+    layer_segment: list[int] = field(default_factory=list)
+    captured: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    pos_emb_used: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    context: Any = None
+    last_pos: Tensor | None = None  # [B] original position of each sample's last token
+    decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    cache_ref: Any = None  # weakref to the prefill's cache
+    final_source: Tensor | None = None  # [B, L_final] input index of each output column (-1: pad/inserted)
+    step: dict[str, Any] = field(default_factory=dict)  # per decode step: masks / rotary per segment
+
+    def begin_prefill(self) -> None:
+        self.phase = "prefill"
+        self.segments = []
+        self.layer_segment = []
+        self.captured = {}
+        self.pos_emb_used = {}
+        self.context = None
+        self.decisions = {}
+        self.cache_ref = None
+        self.final_source = None
+        self.step = {}
+
+    @property
+    def current(self) -> Segment:
+        return self.segments[-1]
+
+
+# ================================================================================ the handle
+
+
+class DecoderHandle(PruneHandle):
+    """Handle of a decoder-stage pruning: ``.stats`` (``DecoderStats``), ``.state``, ``.remove()``."""
+
+    stats_class = DecoderStats
+
+    def __init__(self, model: Any, adapter: ModelAdapter, method: str, method_obj: Any) -> None:
+        super().__init__(model, adapter, method, method_obj, "decoder")
+        self.state = DecoderState()
+        base = adapter.base_model(model)
+        self.base = base
+        self.lm = adapter.get_language_model(model)
+        self.layers = adapter.get_decoder_layers(model)
+        self.num_layers = len(self.layers)
+        self.rotary = getattr(self.lm, "rotary_emb", None)
+        self.image_token_id = adapter.image_token_id(model)
+        self.embed = adapter.get_input_embeddings(model)
+        points = sorted(set(int(p) for p in method_obj.prune_layers(self.num_layers)))
+        if not points:
+            raise ValueError(f"{method!r} has no prune points for a {self.num_layers}-layer decoder")
+        if points[0] < 0 or points[-1] >= self.num_layers:
+            raise ValueError(f"{method!r}: prune points {points} must lie in [0, {self.num_layers - 1}] "
+                             f"(point p drops tokens from the input of decoder layer p)")
+        if method_obj.positions not in ("original", "compact"):
+            raise ValueError(f"positions must be 'original' or 'compact', got {method_obj.positions!r}")
+        if self.rotary is None:
+            raise ValueError(f"{type(self.lm).__name__} has no rotary_emb; decoder-stage pruning needs RoPE")
+        self.points = points
+        self.stats.tokens_per_image = adapter.tokens_per_image(model)
+        attn0 = self.layers[0].self_attn
+        self.num_heads = int(getattr(attn0.config, "num_attention_heads"))
+        self.head_dim = int(attn0.head_dim)
+        self.num_kv_heads = self.num_heads // int(getattr(attn0, "num_key_value_groups", 1))
+        self.scaling = float(attn0.scaling)
+        self._install()
+
+    # ---------------------------------------------------------------- hooks
+    def _install(self) -> None:
+        self.add_hook(self.base.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True))
+        self.add_hook(self.lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
+        self.add_hook(self.lm.register_forward_hook(self._lm_post_hook, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            self.add_hook(layer.register_forward_pre_hook(self._make_layer_pre_hook(i), with_kwargs=True))
+        for p in self.points:
+            if p >= 1:
+                attn = self.layers[p - 1].self_attn
+                self.add_hook(attn.q_proj.register_forward_hook(self._make_capture(p - 1, "q")))
+                self.add_hook(attn.k_proj.register_forward_hook(self._make_capture(p - 1, "k")))
+
+    def _make_capture(self, layer: int, which: str):
+        state = self.state
+
+        def hook(module, args, output):
+            if state.phase == "prefill":
+                state.captured.setdefault(layer, {})[which] = output
+        return hook
+
+    def _base_pre_hook(self, module, args, kwargs):
+        """Base multimodal model: find each sample's image tokens (and whether the prompt continues)."""
+        st = self.state
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        pixels = kwargs.get("pixel_values")
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        st.pending_visual, st.pending_prompt_len = None, None
+        if ids is not None:
+            visual = ids == self.image_token_id
+        elif embeds is not None:
+            tok = self.embed(torch.tensor(self.image_token_id, device=embeds.device))
+            visual = (embeds == tok.to(embeds.dtype)).all(-1)
+        else:
+            return None
+        if visual.shape[1] <= 1 or not bool(visual.any()):
+            return None
+        if cache is not None and cache.get_seq_length() > 0:
+            return None  # a continuation on a filled cache: not a prefill we prune
+        st.pending_visual = visual
+        # continuation of the previous prompt without a cache (generate(use_cache=False))?
+        image = _image_key(pixels, kwargs.get("mm_encoder_outputs"))
+        plen = None
+        if ids is not None and st.prompt_ids is not None and image is not None and st.prompt_image is not None:
+            old_ids = st.prompt_ids
+            n = old_ids.shape[1]
+            if (ids.shape[0] == old_ids.shape[0] and ids.shape[1] > n and torch.equal(ids[:, :n], old_ids)
+                    and _same_image(image, st.prompt_image)
+                    and (mask is None) == (st.prompt_mask is None)
+                    and (mask is None or torch.equal(mask[:, :n], st.prompt_mask))):
+                plen = n
+        if plen is None:
+            st.prompt_ids = ids.clone() if ids is not None else None
+            st.prompt_mask = mask.clone() if mask is not None else None
+            st.prompt_image = image
+        st.pending_prompt_len = plen
+        return None
+
+    def _lm_pre_hook(self, module, args, kwargs):
+        st = self.state
+        embeds = kwargs.get("inputs_embeds")
+        cache = kwargs.get("past_key_values")
+        visual, plen = st.pending_visual, st.pending_prompt_len
+        st.pending_visual, st.pending_prompt_len = None, None
+        if embeds is None:
+            st.phase = "idle"
+            return None
+        if visual is not None and visual.shape == embeds.shape[:2] and (cache is None or cache.get_seq_length() == 0):
+            self._begin_prefill(embeds, kwargs.get("attention_mask"), kwargs.get("position_ids"), visual, plen)
+            return None
+        if (st.cache_ref is not None and cache is not None and st.cache_ref() is cache
+                and embeds.shape[0] == st.segments[0].source.shape[0]):
+            st.phase = "decode"
+            return self._begin_decode_step(args, kwargs, embeds, cache)
+        st.phase = "idle"
+        st.cache_ref = None
+        return None
+
+    def _lm_post_hook(self, module, args, kwargs, output):
+        st = self.state
+        if st.phase == "prefill":
+            self._finish_prefill(output)
+        elif st.phase == "decode":
+            st.step = {}
+        return None
+
+    def _make_layer_pre_hook(self, idx: int):
+        def hook(module, args, kwargs):
+            st = self.state
+            if st.phase == "prefill":
+                return self._prefill_layer(idx, args, kwargs)
+            if st.phase == "decode":
+                return self._decode_layer(idx, args, kwargs)
+            return None
+        return hook
+
+    # ---------------------------------------------------------------- prefill
+    def _begin_prefill(self, embeds: Tensor, mask2d: Tensor | None, position_ids: Tensor | None,
+                       visual: Tensor, prompt_len: int | None) -> None:
+        st = self.state
+        st.begin_prefill()
+        bsz, length = embeds.shape[:2]
+        dev = embeds.device
+        cols = torch.arange(length, device=dev)
+        valid = mask2d.bool() if mask2d is not None else torch.ones(bsz, length, dtype=torch.bool, device=dev)
+        if valid.shape != (bsz, length):
+            valid = valid[:, -length:]
+        source = torch.where(valid, cols[None, :], torch.full_like(cols[None, :], -1)).expand(bsz, length)
+        visual = visual.to(dev) & valid
+        if position_ids is None:
+            positions = cols[None, :].expand(bsz, length)
+        else:
+            positions = position_ids.to(dev).expand(bsz, length)
+        last_vis = torch.where(visual, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1)  # [B]
+        after = valid & ~visual & (cols[None, :] > last_vis[:, None]) & (last_vis[:, None] >= 0)
+        prompt = valid if prompt_len is None else valid & (cols[None, :] < prompt_len)
+        root = Segment(first_layer=0, source=source, valid=valid, visual=visual,
+                       recycled=torch.zeros_like(visual), prompt=prompt, after_image=after, positions=positions,
+                       soft=None, shift=torch.zeros(bsz, dtype=torch.long, device=dev), identity=True)
+        st.segments = [root]
+        st.layer_segment = [0] * self.num_layers
+        st.orig_len = length
+        st.last_pos = positions[:, -1].clone()
+        view = self._view(0, embeds, root)
+        st.context = self.method_obj.prepare(embeds, view)
+
+    def _view(self, layer: int, hidden: Tensor, seg: Segment) -> LayerView:
+        cols = torch.arange(seg.length, device=hidden.device)
+        last = torch.where(seg.prompt, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1).clamp(min=0)
+        n0 = self.state.segments[0].visual.sum(1)
+        return LayerView(layer=layer, num_layers=self.num_layers, hidden=hidden, valid=seg.valid, visual=seg.visual,
+                         recycled=seg.recycled, after_image=seg.after_image, prompt=seg.prompt, source=seg.source,
+                         positions=seg.positions, last=last, num_visual0=n0, context=self.state.context)
+
+    def _prefill_layer(self, idx: int, args: tuple, kwargs: dict):
+        st = self.state
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if idx == 0 or st.current.identity:
+            # the model's own mask / rotary are right for the untouched layout
+            root = st.segments[0]
+            if root.pos_emb is None:
+                root.pos_emb = kwargs.get("position_embeddings")
+                root.mask = kwargs.get("attention_mask")
+        if idx in self.points:
+            hidden = self._prune(idx, hidden)
+        seg = st.current
+        st.layer_segment[idx] = len(st.segments) - 1
+        st.pos_emb_used[idx] = seg.pos_emb
+        if seg.identity:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = seg.mask
+        kwargs["position_embeddings"] = seg.pos_emb
+        kwargs["position_ids"] = seg.positions
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _scores(self, p: int, hidden: Tensor, seg: Segment, rows: Tensor, rows_valid: Tensor) -> Tensor:
+        """[B, R, L] head-mean attention of layer p-1 (or layer 0 on its input when p == 0)."""
+        st = self.state
+        if p == 0:
+            layer = self.layers[0]
+            normed = layer.input_layernorm(hidden)
+            q = layer.self_attn.q_proj(normed)
+            k = layer.self_attn.k_proj(normed)
+            cos, sin = seg.pos_emb
+        else:
+            cap = st.captured.get(p - 1, {})
+            if "q" not in cap or "k" not in cap:
+                raise RuntimeError(f"q/k of decoder layer {p - 1} were not captured; is the model's attention "
+                                   "module laid out as expected (self_attn.q_proj / k_proj)?")
+            q, k = cap["q"], cap["k"]
+            cos, sin = st.pos_emb_used[p - 1]
+        return attention_rows(q, k, rows, rows_valid, cos, sin, seg.valid, num_heads=self.num_heads,
+                              num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, scaling=self.scaling,
+                              key_bias=seg.key_bias())
+
+    def _prune(self, p: int, hidden: Tensor) -> Tensor:
+        st = self.state
+        seg = st.current
+        view = self._view(p, hidden, seg)
+        req = self.method_obj.score_rows(view)
+        attn = None
+        if req is not None:
+            rows, rows_valid = req
+            attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device))
+        st.captured.pop(p - 1, None)  # free the projections
+        dec = self.method_obj.select(view, attn)
+        new_hidden, new_seg = self._apply_decision(p, hidden, seg, dec)
+        st.decisions[p] = dict(dec.info)
+        if new_seg is not seg:
+            st.segments.append(new_seg)
+        st.decisions[p]["kept"] = new_seg.visual.sum(1).tolist()
+        return new_hidden
+
+    def _apply_decision(self, p: int, hidden: Tensor, seg: Segment, dec: Decision) -> tuple[Tensor, Segment]:
+        bsz, length = seg.source.shape
+        dev = hidden.device
+        keep = seg.valid.clone() if dec.keep is None else (seg.valid & (dec.keep.to(dev).bool() | ~seg.visual))
+        soft = seg.soft
+        if dec.soft is not None:
+            s = torch.where(seg.visual, dec.soft.to(dev, torch.float32), torch.ones_like(dec.soft, dtype=torch.float32))
+            soft = s if soft is None else soft * s
+        n_extra = 0 if dec.extra is None else dec.extra.shape[1]
+        dropped = bool((seg.valid & ~keep).any())
+        if not dropped and n_extra == 0:
+            if soft is seg.soft:
+                return hidden, seg
+            new = Segment(first_layer=p, source=seg.source, valid=seg.valid, visual=seg.visual,
+                          recycled=seg.recycled, prompt=seg.prompt, after_image=seg.after_image,
+                          positions=seg.positions, soft=soft, shift=seg.shift, identity=False)
+            self._finish_segment(new, hidden)
+            return hidden, new
+
+        cols = torch.arange(length, device=dev)
+        key = torch.where(keep, cols[None, :] * 2, torch.full_like(cols[None, :], -1)).expand(bsz, length)
+        cand = [hidden]
+        source, valid, visual, recycled = [seg.source], [keep], [seg.visual], [seg.recycled]
+        prompt, after, positions = [seg.prompt], [seg.after_image], [seg.positions]
+        softs = [soft] if soft is not None else None
+        if n_extra:
+            ev = dec.extra_valid.to(dev).bool() if dec.extra_valid is not None else \
+                torch.ones(bsz, n_extra, dtype=torch.bool, device=dev)
+            # insert after each sample's last visual token (of the layout before dropping)
+            last_vis = torch.where(seg.visual, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1)
+            ekey = torch.where(ev, (last_vis * 2 + 1)[:, None].expand(bsz, n_extra), torch.full_like(ev, -1, dtype=torch.long))
+            key = torch.cat([key, ekey], dim=1)
+            cand.append(dec.extra.to(hidden.dtype))
+            source.append(torch.full((bsz, n_extra), -1, dtype=torch.long, device=dev))
+            valid.append(ev)
+            visual.append(ev)
+            recycled.append(ev)
+            prompt.append(ev)
+            after.append(torch.zeros_like(ev))
+            if dec.extra_positions is not None:
+                positions.append(dec.extra_positions.to(dev).long())
+            else:
+                positions.append(seg.positions.gather(1, last_vis.clamp(min=0)[:, None]).expand(bsz, n_extra))
+            if softs is not None:
+                softs.append(torch.ones(bsz, n_extra, dtype=torch.float32, device=dev))
+        n_new = (key >= 0).sum(1)  # [B]
+        new_len = int(n_new.max())
+        order = torch.sort(key, dim=1, stable=True).indices[:, -new_len:]  # pads (-1) first, then in order
+
+        def take(parts: list[Tensor]) -> Tensor:
+            t = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            return t.gather(1, order)
+
+        h = torch.cat(cand, dim=1) if n_extra else hidden
+        new_hidden = h.gather(1, order[:, :, None].expand(-1, -1, h.shape[-1]))
+        new_valid = take(valid)
+        new_source = torch.where(new_valid, take(source), -1)
+        new_visual = take(visual) & new_valid
+        new_positions = take(positions)
+        if self.method_obj.positions == "compact":
+            base = torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, 1 << 40)).amin(1)
+            base = torch.where(base == (1 << 40), 0, base)
+            new_positions = torch.where(new_valid, base[:, None] + new_valid.long().cumsum(1) - 1, base[:, None])
+        new = Segment(first_layer=p, source=new_source, valid=new_valid, visual=new_visual,
+                      recycled=take(recycled) & new_valid, prompt=take(prompt) & new_valid,
+                      after_image=take(after) & new_valid, positions=new_positions,
+                      soft=take(softs) if softs is not None else None,
+                      shift=self.state.last_pos - new_positions[:, -1], identity=False)
+        self._finish_segment(new, new_hidden)
+        return new_hidden, new
+
+    def _finish_segment(self, seg: Segment, hidden: Tensor) -> None:
+        """Prefill attention mask and rotary tables of a new layout."""
+        length = seg.length
+        bias = seg.key_bias()
+        if bias is None:
+            if bool(seg.valid.all()):
+                seg.mask = None  # sdpa's is_causal path
+            else:
+                causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+                seg.mask = causal[None, None] & seg.valid[:, None, None, :]
+        else:
+            seg.mask = _soft_mask(seg.valid, bias, hidden.dtype, q_len=length, past=0)
+        seg.pos_emb = self.rotary(hidden, position_ids=seg.positions)
+
+    def _finish_prefill(self, output: Any) -> None:
+        st = self.state
+        cache = getattr(output, "past_key_values", None)
+        st.cache_ref = weakref.ref(cache) if cache is not None else None
+        st.phase = "idle"
+        st.captured = {}
+        st.pos_emb_used = {}
+        st.final_source = st.current.source
+        vis = torch.stack([st.segments[s].visual.sum(1) for s in st.layer_segment], dim=1)  # [B, layers]
+        tok = torch.stack([st.segments[s].valid.sum(1) for s in st.layer_segment], dim=1)
+        kept_at = {p: d["kept"] for p, d in st.decisions.items()}
+        self.stats.record_layers(vis.cpu(), tok.cpu(), kept_at)
+
+    # ---------------------------------------------------------------- decode
+    def _begin_decode_step(self, args: tuple, kwargs: dict, embeds: Tensor, cache: Any):
+        st = self.state
+        q_len = embeds.shape[1]
+        mask2d = kwargs.get("attention_mask")
+        # tokens appended since the prefill, read from the last layer's cache (its own length)
+        last_seg = st.segments[st.layer_segment[-1]]
+        past_new = cache.get_seq_length(self.num_layers - 1) - last_seg.length
+        bsz = embeds.shape[0]
+        dev = embeds.device
+        if mask2d is not None and mask2d.dim() == 2 and mask2d.shape[1] == st.orig_len + past_new + q_len:
+            tail = mask2d[:, st.orig_len:].to(dev).bool()
+        else:
+            tail = torch.ones(bsz, past_new + q_len, dtype=torch.bool, device=dev)
+        pos = kwargs.get("position_ids")
+        new_kwargs = None
+        if pos is None:
+            pos = (st.last_pos + 1 + past_new)[:, None] + torch.arange(q_len, device=dev)[None, :]
+            new_kwargs = dict(kwargs)
+            new_kwargs["position_ids"] = pos
+        st.step = {"q_len": q_len, "past_new": past_new, "tail": tail, "pos": pos.expand(bsz, q_len),
+                   "mask": {}, "rot": {}}
+        if new_kwargs is not None:
+            return args, new_kwargs
+        return None
+
+    def _decode_layer(self, idx: int, args: tuple, kwargs: dict):
+        st = self.state
+        s = st.layer_segment[idx]
+        seg = st.segments[s]
+        if seg.identity:
+            return None
+        step = st.step
+        if s not in step["mask"]:
+            key_valid = torch.cat([seg.valid, step["tail"]], dim=1)
+            bias = seg.key_bias()
+            if bias is None and step["q_len"] == 1 and bool(key_valid.all()):
+                step["mask"][s] = None
+            elif bias is None:
+                q_len, kv = step["q_len"], key_valid.shape[1]
+                limit = seg.length + step["past_new"] + torch.arange(q_len, device=key_valid.device)
+                causal = torch.arange(kv, device=key_valid.device)[None, :] <= limit[:, None]
+                step["mask"][s] = causal[None, None] & key_valid[:, None, None, :]
+            else:
+                full_bias = torch.cat([bias, torch.zeros_like(step["tail"], dtype=bias.dtype)], dim=1)
+                step["mask"][s] = _soft_mask(key_valid, full_bias, args[0].dtype if args else
+                                             kwargs["hidden_states"].dtype, q_len=step["q_len"],
+                                             past=seg.length + step["past_new"])
+            if bool((seg.shift != 0).any()):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                step["rot"][s] = self.rotary(hidden, position_ids=step["pos"] - seg.shift[:, None])
+            else:
+                step["rot"][s] = None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = step["mask"][s]
+        if step["rot"][s] is not None:
+            kwargs["position_embeddings"] = step["rot"][s]
+            kwargs["position_ids"] = step["pos"] - seg.shift[:, None]
+        return args, kwargs
+
+    def remove(self) -> None:
+        super().remove()
+        self.state = DecoderState()
+
+
+def _image_key(pixels: Any, mm_outputs: Any) -> tuple | None:
+    """What identifies a forward's images: the pixel tensor (and its in-place version counter), or the
+    precomputed encoder outputs ``generate`` passes on every step (transformers >= 5 encodes once)."""
+    if pixels is not None:
+        return ("pixels", pixels, pixels._version)
+    image = mm_outputs.get("image") if isinstance(mm_outputs, dict) else None
+    if image is not None:
+        return ("encoded", image)
+    return None
+
+
+def _same_image(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] == "encoded":
+        return a[1] is b[1]
+    if a[1] is b[1]:
+        return a[2] == b[2]
+    return a[1].shape == b[1].shape and bool(torch.equal(a[1], b[1]))
+
+
+def _soft_mask(key_valid: Tensor, bias: Tensor, dtype: torch.dtype, *, q_len: int, past: int) -> Tensor:
+    """Float additive mask [B, 1, q, kv]: bias on allowed keys (0 on the query's own key), min elsewhere.
+
+    Queries are the last ``q_len`` slots: query i sits at key index ``past + i``.
+    """
+    kv = key_valid.shape[1]
+    dev = key_valid.device
+    qi = past + torch.arange(q_len, device=dev)
+    kj = torch.arange(kv, device=dev)
+    allowed = (kj[None, :] <= qi[:, None])[None] & key_valid[:, None, :]  # [B, q, kv]
+    own = (kj[None, :] == qi[:, None])[None]
+    vals = torch.where(own, torch.zeros((), dtype=bias.dtype, device=dev), bias[:, None, :])
+    neg = torch.finfo(dtype).min
+    return torch.where(allowed, vals.to(dtype), torch.full((), neg, dtype=dtype, device=dev))[:, None]
+
+
+# ================================================================================ attach
+
+
+def attach(model: Any, adapter: ModelAdapter, info: Any, method_obj: Any) -> DecoderHandle:
+    """Install ``method_obj`` (a ``DecoderMethod``) on ``model``; returns the handle."""
+    for attr in ("prune_layers", "select", "score_rows", "prepare", "positions"):
+        if not hasattr(method_obj, attr):
+            raise TypeError(f"{type(method_obj).__name__} is not a decoder-stage method (missing {attr!r}); "
+                            "subclass vlmprune.integrations.decoder.DecoderMethodBase")
+    name = getattr(info, "name", None) or getattr(method_obj, "name", "decoder-method")
+    return DecoderHandle(model, adapter, name, method_obj)

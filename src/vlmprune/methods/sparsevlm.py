@@ -1,0 +1,185 @@
+"""SparseVLM (arXiv 2410.04417, v1.5 schedule) as pure tensor code: text raters, ranking, recycling.
+
+What the official code (Gumpest/SparseVLMs) computes (``specs/decoder-methods.md``) and how it
+maps here; the decoder machinery captures the attention rows and applies the decision.
+
+1. **Raters** (once per prefill, ``select_raters``): from the decoder input embeddings X, V = image
+   tokens, T = text tokens after the image; ``M = softmax_T(V T^T)`` (no 1/sqrt(d));
+   ``r = mean_V M``; raters = text tokens with ``r_t > mean(r)``.
+2. **Pruning layers**: v1.5 prunes the *output* of layers {2, 6, 15} of a 32-layer decoder (layer
+   l and its cache hold every token). ``scale_layers`` maps them to shallower decoders.
+3. **Score** at a pruning layer: mean over raters of the head-averaged post-softmax attention of
+   that layer to each current visual token (``fastv.row_scores`` on the rater rows).
+4. **How many survive**: the v1.5 fixed schedule (``V15_SCHEDULES``), each capped at the current
+   visual count - 1 (``schedule_count``).
+5. **Recycling** (``recycle``): of the pruned tokens take the top ``m = floor(0.3 n) + 1`` by score,
+   cluster them into ``c = floor(m / 10) + 1`` clusters by density-peak clustering, and insert each
+   cluster's unweighted mean right after the kept visual tokens.
+6. **Positions**: compacted after pruning by default (text shifts left, decoding continues from
+   each layer's own length), original positions optional.
+
+Deviations from the official code, all documented here:
+
+* **Layer scaling** for decoders shallower than 32 layers: pruning point ``p = l + 1`` (the input of
+  the next layer) becomes ``round(p * L / 32)``, forced into [1, L - 1] and strictly increasing
+  (6 layers: outputs of layers 0, 1, 2; 32 layers: 2, 6, 15 exactly).
+* **Counts for other image sizes**: the schedule is for 576 visual tokens; for N tokens per sample
+  each count is ``round(count * N / 576)`` (exact for N = 576).
+* **Density**: ``exp(-mean of squared distances to the c nearest other tokens)`` (self excluded;
+  with one token the density is 1). The official code adds random noise to break ties; here ties
+  are broken deterministically: among equal densities the lower index counts as denser, equal
+  centre scores go to the lower index, equal distances to the lower-ranked centre.
+* **Recycled tokens** count as visual tokens afterwards (they can be ranked and dropped again at a
+  later layer, and ``handle.stats`` counts them). With original positions a recycled token takes the
+  rounded mean of its members' positions.
+* **No rater** (every ``r_t`` equal, e.g. a single text token after the image): every text token
+  after the image is a rater; no text after the image: the last prompt token is the rater.
+* Any batch size (official: 1); the v1 adaptive rank-based count is not implemented.
+
+Shapes: B batch, L tokens (left-padded layout), D hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fastv import pack_mask, row_scores, topk_visual
+
+__all__ = ["V15_SCHEDULES", "V15_LAYERS", "REFERENCE_LAYERS", "REFERENCE_TOKENS", "scale_layers",
+           "select_raters", "rater_scores", "schedule_count", "density_peak_clusters", "recycle"]
+
+#: v1.5 visual tokens kept after layers 2 / 6 / 15 for each budget (LLaVA-1.5-7B, 576 tokens).
+V15_SCHEDULES: dict[int, tuple[int, int, int]] = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+#: Layers whose output v1.5 prunes (0-indexed, 32-layer decoder).
+V15_LAYERS: tuple[int, ...] = (2, 6, 15)
+REFERENCE_LAYERS = 32
+REFERENCE_TOKENS = 576
+
+
+def scale_layers(layers: tuple[int, ...] | list[int], num_layers: int, reference: int = REFERENCE_LAYERS) -> list[int]:
+    """Prune points (drop from the input of layer p = l + 1) for a ``num_layers`` decoder.
+
+    ``p = round((l + 1) * num_layers / reference)``, then forced strictly increasing and into
+    [1, num_layers - 1]. Raises ValueError when the decoder is too shallow for that many points.
+    """
+    if len(layers) > num_layers - 1:
+        raise ValueError(f"{len(layers)} pruning layers do not fit a {num_layers}-layer decoder "
+                         f"(at most {num_layers - 1}); pass fewer layers")
+    points: list[int] = []
+    for i, l in enumerate(sorted(layers)):
+        p = int(round((l + 1) * num_layers / reference)) if num_layers != reference else l + 1
+        p = max(p, 1, points[-1] + 1 if points else 1)
+        p = min(p, num_layers - (len(layers) - i))  # leave room for the remaining points
+        points.append(p)
+    return points
+
+
+def _pack_rows(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather the True rows of x [B, L, D] -> ([B, R, D], valid [B, R])."""
+    idx, valid = pack_mask(mask)
+    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1])), valid
+
+
+def select_raters(embeds: Tensor, visual: Tensor, text_after: Tensor, last: Tensor) -> Tensor:
+    """Rater text tokens. embeds [B, L, D]; visual / text_after [B, L] bool; last [B] -> [B, L] bool."""
+    x = embeds.float()
+    v, vv = _pack_rows(x, visual)  # [B, Nv, D]
+    t_idx, tv = pack_mask(text_after)  # [B, Nt]
+    t = x.gather(1, t_idx[:, :, None].expand(-1, -1, x.shape[-1]))
+    logits = torch.matmul(v, t.transpose(1, 2))  # [B, Nv, Nt]  (no 1/sqrt(d), as the official code)
+    logits = logits.masked_fill(~tv[:, None, :], float("-inf"))
+    m = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    r = (m * vv[:, :, None]).sum(1) / vv.sum(1).clamp(min=1)[:, None]  # [B, Nt]
+    mean = (r * tv).sum(1) / tv.sum(1).clamp(min=1)
+    chosen = tv & (r > mean[:, None])
+    # fallbacks: no rater above the mean -> every text token after the image; no such text -> last token
+    chosen = torch.where(chosen.any(1, keepdim=True), chosen, tv)
+    raters = torch.zeros(visual.shape, dtype=torch.long, device=visual.device)
+    raters = raters.scatter_add(1, t_idx, chosen.long()) > 0  # padded columns add 0
+    none = ~raters.any(1)
+    raters[none, last[none]] = True
+    return raters
+
+
+def rater_scores(attn: Tensor, rows_valid: Tensor) -> Tensor:
+    """[B, R, L] rater-row attention -> [B, L] mean over raters."""
+    return row_scores(attn, rows_valid)
+
+
+def schedule_count(target: int, num_visual: Tensor, num_visual0: Tensor, reference: int = REFERENCE_TOKENS) -> Tensor:
+    """Visual tokens to keep: ``round(target * N0 / 576)`` capped at current - 1 (at least 1 if any)."""
+    k = torch.round(num_visual0.double() * target / reference).long()
+    k = torch.minimum(k, num_visual - 1)
+    return torch.maximum(k, num_visual.clamp(max=1))
+
+
+def density_peak_clusters(x: Tensor, valid: Tensor, num_clusters: Tensor) -> Tensor:
+    """Density-peak clustering (DPC-kNN), batched with ragged sizes and deterministic ties.
+
+    x [B, M, D] float, valid [B, M] bool, num_clusters [B] long (c <= valid count) ->
+    assignment [B, M] long in [0, c) (cluster ids ranked by centre score), -1 where invalid.
+    """
+    bsz, m, d = x.shape
+    dev = x.device
+    xf = x.float()
+    dist = torch.cdist(xf, xf) / d ** 0.5  # [B, M, M]
+    pair = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(m, dtype=torch.bool, device=dev)[None]
+    inf = torch.tensor(float("inf"), device=dev)
+    # density from the c nearest other tokens
+    nn_d = torch.where(pair & ~eye, dist, inf).sort(dim=-1).values  # [B, M, M] ascending
+    kk = num_clusters.clamp(min=1)
+    n_valid = valid.sum(1)
+    kk = torch.minimum(kk, (n_valid - 1).clamp(min=0))  # neighbours available
+    sq = torch.where(torch.isfinite(nn_d), nn_d ** 2, torch.zeros((), device=dev)).cumsum(-1)
+    take = (kk - 1).clamp(min=0)[:, None, None].expand(bsz, m, 1)
+    mean_sq = sq.gather(-1, take).squeeze(-1) / kk.clamp(min=1)[:, None]
+    mean_sq = torch.where((kk > 0)[:, None], mean_sq, torch.zeros_like(mean_sq))
+    rho = torch.exp(-mean_sq)  # [B, M]
+    # distance to the nearest denser token (ties: lower index is denser)
+    idx = torch.arange(m, device=dev)
+    denser = (rho[:, None, :] > rho[:, :, None]) | ((rho[:, None, :] == rho[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
+    denser &= pair
+    delta = torch.where(denser, dist, inf).amin(-1)
+    far = torch.where(pair, dist, torch.zeros((), device=dev)).amax(-1)
+    delta = torch.where(torch.isfinite(delta), delta, far)
+    score = torch.where(valid, rho * delta, torch.full_like(rho, float("-inf")))
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices  # centres = first c
+    c_max = max(int(num_clusters.max()), 1)
+    centres = order[:, :c_max]  # [B, C]
+    cvalid = torch.arange(c_max, device=dev)[None, :] < num_clusters[:, None]
+    cdist = dist.gather(2, centres[:, None, :].expand(bsz, m, c_max))  # [B, M, C]
+    cdist = torch.where(cvalid[:, None, :], cdist, inf)
+    assign = cdist.argmin(-1)  # first minimum -> lower-ranked centre on ties
+    # a centre always belongs to its own cluster
+    assign.scatter_(1, centres, torch.where(cvalid, torch.arange(c_max, device=dev)[None, :].expand(bsz, c_max),
+                                            assign.gather(1, centres)))
+    return torch.where(valid, assign, torch.full_like(assign, -1))
+
+
+def recycle(hidden: Tensor, scores: Tensor, pruned: Tensor, positions: Tensor, *, ratio: float = 0.3,
+            cluster_div: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Merge the best pruned tokens into cluster means.
+
+    hidden [B, L, D], scores [B, L], pruned [B, L] bool, positions [B, L] long ->
+    (tokens [B, C, D] in hidden's dtype, valid [B, C] bool, positions [B, C] long (rounded mean of
+    the members'), sizes [B, C] long). ``m = floor(ratio * n) + 1`` (capped at n) best pruned
+    tokens by score, ``c = floor(m / cluster_div) + 1`` clusters.
+    """
+    bsz, length, d = hidden.shape
+    n = pruned.sum(1)
+    m = torch.where(n > 0, torch.minimum(torch.floor(n.double() * ratio).long() + 1, n), torch.zeros_like(n))
+    c = torch.where(m > 0, torch.minimum(m // cluster_div + 1, m), torch.zeros_like(m))
+    sel = topk_visual(scores, pruned, m)  # [B, L]
+    idx, valid = pack_mask(sel)  # [B, M]
+    x = hidden.gather(1, idx[:, :, None].expand(-1, -1, d))
+    pos = positions.gather(1, idx)
+    assign = density_peak_clusters(x, valid, c)  # [B, M]
+    c_max = max(int(c.max()), 1)
+    onehot = (assign[:, :, None] == torch.arange(c_max, device=hidden.device)[None, None, :]).float()  # [B, M, C]
+    sizes = onehot.sum(1)  # [B, C]
+    tokens = torch.einsum("bmc,bmd->bcd", onehot, x.float()) / sizes.clamp(min=1)[:, :, None]
+    mpos = torch.round(torch.einsum("bmc,bm->bc", onehot.double(), pos.double()) / sizes.double().clamp(min=1)).long()
+    cvalid = sizes > 0
+    return tokens.to(hidden.dtype), cvalid, mpos, sizes.long()
