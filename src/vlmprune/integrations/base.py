@@ -94,6 +94,11 @@ class ModelAdapter:
     cls_vision_types: tuple[str, ...] = ("clip_vision_model",)
     #: Select strategies that drop the [CLS] token before the projector (the rest keep it).
     cls_dropping_strategies: tuple[str, ...] = ("default",)
+    #: The base model's method that turns pixel_values into projected image tokens; ``generate()``
+    #: calls it before the prefill and passes its output as ``mm_encoder_outputs[modality]``.
+    image_features_method: str = "get_image_features"
+    #: Key of the image features in ``mm_encoder_outputs``.
+    image_modality: str = "image"
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:
@@ -209,14 +214,25 @@ class ModelAdapter:
 
         Any forward hooks on the tower's modules (e.g. signal capture) fire during this call.
         """
-        tower = self.get_vision_tower(model)
-        out = tower(pixel_values.to(tower.dtype if hasattr(tower, "dtype") else pixel_values.dtype),
-                    output_hidden_states=True, return_dict=True)
+        out = self.get_vision_tower(model)(pixel_values, output_hidden_states=True, return_dict=True)
         return self.select_features(out.hidden_states, layer, strategy)
 
     def project(self, model: Any, features: Tensor) -> Tensor:
         """Pre-projector features [B, M, D] -> LLM-space tokens [B, M, D_text]."""
         return self.get_projector(model)(features)
+
+    def image_output(self, per_image: list[Tensor]) -> Any:
+        """Per-image token tensors [n_i, D_text] -> what ``image_features_method`` returns."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=list(per_image))
+
+    def image_tokens(self, output: Any) -> list[Tensor] | None:
+        """The per-image token tensors [n_i, D_text] held by an ``image_features_method`` output."""
+        feats = getattr(output, "pooler_output", None)
+        if feats is None:
+            return None
+        return list(feats)  # a list of [n_i, D] or a [I, n, D] tensor
 
 
 _ADAPTERS: list[ModelAdapter] = []

@@ -1,47 +1,54 @@
 """Vision-stage plumbing: reduce each image's visual tokens before the LLM, keep the model's API.
 
-How a pruned model runs (one forward pre-hook on the user's model, nothing else is patched):
+Two things are installed on the model (both undone by ``handle.remove()``): the base model's
+``get_image_features`` is shadowed by an instance attribute, and the user's model gets a forward
+pre-hook. Nothing else is patched; the attention implementation (sdpa) is never touched.
 
-**Prefill** (a call with ``pixel_values``):
+**Encoding images** (``get_image_features``, which ``generate()`` calls before the prefill and a
+plain forward reaches through the pre-hook):
 
-1. The vision tower runs once on ``pixel_values`` (sdpa untouched). If the method needs [CLS]
+1. The vision tower runs once (its own attention implementation). If the method needs [CLS]
    signals, forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are registered
-   for the duration of this call only: they store ``q[:, :1]`` (the [CLS] query) and ``k`` (all
+   for the duration of this call only: they keep ``q[:, :1]`` (the [CLS] query) and ``k`` (all
    keys), raw linear outputs [I, 1+N, C]. Spec §1: that layer's input is the penultimate hidden
    state, i.e. the very features LLaVA feeds the projector, and its keys are what the official
    PruMerge code uses. Only the [CLS] row of the attention is computed (``cls_attention``).
 2. The method reduces the pre-projector features [I, N, D] to a padded ``Reduction``
    (tokens [I, M, D], counts [I]); the projector runs on the reduced tokens only.
-3. The input is rewritten. Image i's placeholder run (N copies of ``image_token_id`` in
-   ``input_ids``) keeps its first ``counts[i]`` slots; the other slots are deleted. Every sample
-   is compacted and re-padded **on the left** to the new batch width L' = max_b(kept length), so
-   every image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids``
-   (original position minus the number of slots deleted before it, so the survivors are
-   consecutive, as LLaVA-PruMerge feeds them) and ``labels`` (-100 on new pads) are rewritten
-   the same way. The reduced image tokens are scattered into the kept placeholder slots of the
-   embedded ``input_ids``, and the stock forward runs with ``inputs_embeds`` (no ``pixel_values``).
-   Logits therefore have the rewritten length L'.
-4. The rewrite (which slots were kept, how many were deleted per sample) is remembered as a
-   ``Plan`` on the handle until the next prefill.
+3. The result keeps the stock layout, one [N, D_text] tensor per image, whose first ``counts[i]``
+   rows are the kept tokens and the rest NaN. The padding is self-describing: it survives what
+   ``generate()`` does to pre-encoded features (beam expansion by placeholder counting, device
+   moves, re-use at every step without cache), and NaN can never be consumed silently.
 
-**Later calls** (no ``pixel_values``, a non-empty KV cache): the caller keeps speaking in its
+**Prefill** (a forward whose ``mm_encoder_outputs`` carry such features; ``pixel_values`` are
+first encoded as above): image i's placeholder run (N copies of ``image_token_id`` in
+``input_ids``) keeps its first ``counts[i]`` slots; the other slots are deleted. Every sample is
+compacted and re-padded **on the left** to the new batch width L' = max_b(kept length), so every
+image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids`` (original
+position minus the number of slots deleted before it, so the survivors are consecutive, as
+LLaVA-PruMerge feeds them) and ``labels`` (-100 on new pads) are rewritten the same way, the NaN
+rows are sliced off, and the stock forward scatters the kept tokens into the kept placeholders.
+Logits therefore have the rewritten length L'. The rewrite is remembered as a ``Plan`` on the
+handle until the next prefill.
+
+**Later calls** (no image features, a non-empty KV cache): the caller keeps speaking in its
 *original* coordinates, as ``generate()`` does — it extends the original ``attention_mask`` by one
-column per token and derives ``position_ids`` from it. The hook translates: the mask's first L
+column per token and derives ``position_ids`` from it. The hook translates: the mask's prompt
 columns are compacted with the plan (the appended columns are kept), and ``position_ids`` are
 shifted down by the sample's deleted count. A mask that already has the cache's length (the
 caller used the rewritten mask) passes unchanged. If ``generate`` dropped an all-ones mask, the
 hook rebuilds the rewritten one so the new left pads stay masked. So ``generate()`` works
 unchanged — greedy, sampling, beams, with or without cache (without cache every step is a
-prefill, which recomputes the same reduction) — and returns sequences in the original
+prefill with the same pre-encoded features) — and returns sequences in the original
 coordinates (the original prompt followed by the new tokens).
 
-A call without ``pixel_values`` on an empty cache is a text-only prefill: the plan is dropped.
-Static / compiled caches (4-D masks built by ``generate``) are not supported with an active plan
-and raise.
+A call without images on an empty cache is a text-only prefill: the plan is dropped. Static /
+compiled caches (4-D masks built by ``generate``) are not supported with an active plan and raise.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,7 +61,8 @@ from ..methods.common import Reduction
 from ..methods.prumerge import cls_attention
 from .base import ModelAdapter, PruneHandle
 
-__all__ = ["VisionSignals", "VisionMethod", "VisionHandle", "Plan", "attach", "capture_signals"]
+__all__ = ["VisionSignals", "VisionMethod", "VisionHandle", "Plan", "attach", "capture_signals", "signals_from_qk",
+           "image_token_counts"]
 
 
 # ------------------------------------------------------------------------------ method protocol
@@ -201,11 +209,22 @@ def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0) -> P
 # ------------------------------------------------------------------------------ the handle
 
 
+def image_token_counts(per_image: list[Tensor]) -> list[int]:
+    """Kept tokens of each NaN-padded image tensor [n, D]: rows after the last finite row are padding."""
+    counts = []
+    for t in per_image:
+        pad = torch.isnan(t).all(dim=-1)  # [n]
+        # number of trailing all-NaN rows = padding
+        trailing = int(pad.flip(0).long().cumprod(0).sum()) if pad.numel() else 0
+        counts.append(t.shape[0] - trailing)
+    return counts
+
+
 class VisionHandle(PruneHandle):
     """Handle of a vision-stage pruning. Besides the base API it exposes, for inspection:
 
-    ``last_reduction`` (the method's ``Reduction`` of the last prefill: per-image counts, kept
-    patch ``indices``), ``plan`` (the last rewrite, see ``Plan``).
+    ``last_reduction`` (the method's ``Reduction`` of the last image encoding: per-image counts,
+    kept patch ``indices``), ``plan`` (the last rewrite of a batch, see ``Plan``).
     """
 
     def __init__(self, model: Any, adapter: ModelAdapter, method: str, method_obj: VisionMethod) -> None:
@@ -215,12 +234,93 @@ class VisionHandle(PruneHandle):
         self.grid = adapter.patch_grid(model)
         self.stats.tokens_per_image = adapter.tokens_per_image(model)
         self._signature = inspect.signature(model.forward)
+        self._base = adapter.base_model(model)
+        self._stock_encode = getattr(self._base, adapter.image_features_method)
 
-    # ---------------------------------------------------------------- hook entry
+    def _install(self) -> None:
+        base, name = self._base, self.adapter.image_features_method
+        missing = object()
+        previous = vars(base).get(name, missing)
+        def encode(*args: Any, **kwargs: Any) -> Any:
+            return self._encode_images(*args, **kwargs)
+
+        functools.update_wrapper(encode, self._stock_encode)  # same name, doc and signature as the stock method
+        setattr(base, name, encode)  # instance attribute shadows the class method; generate() finds it too
+
+        def restore() -> None:
+            if previous is missing:
+                if vars(base).get(name) is encode:
+                    delattr(base, name)
+            else:
+                setattr(base, name, previous)
+
+        self.add_undo(restore)
+        self.add_hook(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+
+    # ---------------------------------------------------------------- image encoding
+    def _encode_images(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None = None,
+                       vision_feature_select_strategy: str | None = None, image_sizes: Tensor | None = None,
+                       **kwargs: Any) -> Any:
+        """Replaces ``get_image_features``: pixel_values [I, 3, H, W] -> reduced, projected tokens.
+
+        Returns the family's output type whose ``pooler_output`` is a list of I tensors
+        [n, D_text], n = placeholders per image; image i's kept tokens are the first
+        ``counts[i]`` rows and the rest are NaN (never consumed: the forward hook slices them
+        off; were they ever fed to the LLM, the output would be NaN, not silently wrong).
+        NaN padding survives whatever ``generate()`` does to the features (beam expansion,
+        device moves) and tells the forward hook each image's count.
+        """
+        model, adapter, method = self.model, self.adapter, self.method_obj
+        if image_sizes is not None:
+            raise ValueError(f"vlmprune ({self.method}): image_sizes (variable-resolution towers) is not supported")
+        layer = adapter.vision_feature_layer(model) if vision_feature_layer is None else vision_feature_layer
+        strategy = (adapter.select_strategy(model) if vision_feature_select_strategy is None
+                    else vision_feature_select_strategy)
+        if method.needs_signals and (problem := adapter.signal_problem(model, strategy)):
+            raise ValueError(f"method {self.method!r} cannot run on this model: {problem}")
+
+        # 1. vision tower (+ signal hooks only if the method needs them) -> features [I, N, D]
+        if method.needs_signals:
+            with capture_signals(adapter, model) as store:
+                features = adapter.encode(model, pixel_values, layer, strategy)
+            signals = signals_from_qk(store["q_cls"], store["k"])
+        else:
+            features = adapter.encode(model, pixel_values, layer, strategy)
+            signals = None
+        n_img, per_image = features.shape[:2]
+        if method.needs_grid and per_image != self.grid[0] * self.grid[1]:
+            raise ValueError(f"method {self.method!r} needs the {self.grid[0]}x{self.grid[1]} patch grid, but the "
+                             f"tower gives {per_image} tokens per image (select strategy {strategy!r})")
+
+        # 2. reduce, then project the kept tokens only
+        red = method.reduce(features, signals, self.grid)  # tokens [I, M, D], counts [I]
+        projected = adapter.project(model, red.tokens)  # [I, M, D_text]
+        padded = projected.new_full((n_img, per_image, projected.shape[-1]), float("nan"))  # [I, N, D_text]
+        padded[:, :projected.shape[1]] = projected.masked_fill(~red.mask[..., None], float("nan"))
+
+        self.last_reduction = red
+        self.stats.record([int(c) for c in red.counts.tolist()])
+        out = adapter.image_output(list(padded))
+        return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
+
+    # ---------------------------------------------------------------- forward hook
     def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = self._as_kwargs(args, kwargs)
+        key = self.adapter.image_modality
         if kw.get("pixel_values") is not None:
-            return (), self._prefill(kw)
+            mm = dict(kw.get("mm_encoder_outputs") or {})
+            if mm.get(key) is not None:
+                raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+            mm[key] = getattr(self._base, self.adapter.image_features_method)(
+                pixel_values=kw["pixel_values"], vision_feature_layer=kw.get("vision_feature_layer"),
+                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+                image_sizes=kw.get("image_sizes"), return_dict=True)
+            kw["pixel_values"] = None
+            kw["mm_encoder_outputs"] = mm
+        mm = kw.get("mm_encoder_outputs") or {}
+        per_image = self.adapter.image_tokens(mm[key]) if mm.get(key) is not None else None
+        if per_image is not None:
+            return (), self._prefill(kw, per_image)
         return (), self._continue(kw)
 
     def _as_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -237,55 +337,33 @@ class VisionHandle(PruneHandle):
         return kw
 
     # ---------------------------------------------------------------- prefill
-    def _prefill(self, kw: dict[str, Any]) -> dict[str, Any]:
-        model, adapter, method = self.model, self.adapter, self.method_obj
+    def _prefill(self, kw: dict[str, Any], per_image: list[Tensor]) -> dict[str, Any]:
+        """Rewrite a batch whose image features are in ``per_image`` (I tensors [n_i, D])."""
+        adapter, model = self.adapter, self.model
+        counts = image_token_counts(per_image)
+        runs = [t.shape[0] for t in per_image]
+        if counts == runs:  # nothing pruned (e.g. pre-encoded stock features): the stock path
+            self.plan = None
+            return kw
         input_ids = kw.get("input_ids")
         if input_ids is None:
             raise ValueError(f"vlmprune ({self.method}): a pruned model needs input_ids with the image placeholder "
-                             "tokens when pixel_values are given (inputs_embeds alone are not supported)")
-        if kw.get("image_sizes") is not None:
-            raise ValueError(f"vlmprune ({self.method}): image_sizes (variable-resolution towers) is not supported")
-        if kw.get("mm_encoder_outputs") is not None:
-            raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
-        layer = kw.get("vision_feature_layer")
-        layer = adapter.vision_feature_layer(model) if layer is None else layer
-        strategy = kw.get("vision_feature_select_strategy")
-        strategy = adapter.select_strategy(model) if strategy is None else strategy
-        if method.needs_signals and (problem := adapter.signal_problem(model, strategy)):
-            raise ValueError(f"method {self.method!r} cannot run on this model: {problem}")
-
-        # 1. vision tower (+ signal hooks only if needed) -> pre-projector features [I, N, D]
-        pixel_values = kw["pixel_values"]
-        if method.needs_signals:
-            with capture_signals(adapter, model) as store:
-                features = adapter.encode(model, pixel_values, layer, strategy)
-            signals = signals_from_qk(store["q_cls"], store["k"])
-        else:
-            features = adapter.encode(model, pixel_values, layer, strategy)
-            signals = None
-        if method.needs_grid and features.shape[1] != self.grid[0] * self.grid[1]:
-            raise ValueError(f"method {self.method!r} needs the {self.grid[0]}x{self.grid[1]} patch grid, but the "
-                             f"tower gives {features.shape[1]} tokens per image (select strategy {strategy!r})")
-
-        # 2. reduce, then project only the kept tokens
-        red = method.reduce(features, signals, self.grid)  # tokens [I, M, D], counts [I]
-        image_tokens = adapter.project(model, red.tokens)  # [I, M, D_text]
-        flat = image_tokens[red.mask]  # [sum(counts), D_text], image by image in order
-
-        # 3. rewrite the placeholders, mask, positions, labels
+                             "tokens (inputs_embeds alone are not supported)")
         ph = input_ids == adapter.image_token_id(model)  # [B, L] placeholder slots
-        per_image = features.shape[1]
-        n_ph, n_img = int(ph.sum()), features.shape[0]
-        if n_ph != n_img * per_image:
-            raise ValueError(f"Image features and image tokens do not match: {n_ph} placeholder tokens in "
-                             f"input_ids for {n_img} image(s) of {per_image} tokens each")
+        n_ph = int(ph.sum())
+        if n_ph != sum(runs):
+            raise ValueError(f"Image features and image tokens do not match: {n_ph} placeholder tokens in input_ids "
+                             f"for {len(runs)} image(s) of {runs[0] if len(set(runs)) == 1 else runs} tokens")
+        # which image owns each placeholder slot, and the slot's position within the image's run
+        dev = input_ids.device
+        ends = torch.tensor(runs, device=dev).cumsum(0)  # [I] exclusive run ends
         rank = ph.flatten().long().cumsum(0).view_as(ph) - 1  # [B, L] placeholder rank in (batch, seq) order
-        img = (rank // per_image).clamp(min=0, max=n_img - 1)  # [B, L] image owning each slot
-        keep = ~ph | (rank % per_image < red.counts.to(ph.device)[img])  # [B, L]
+        img = torch.bucketize(rank.clamp(min=0), ends, right=True).clamp(max=len(runs) - 1)  # [B, L]
+        start = ends - torch.tensor(runs, device=dev)  # [I]
+        keep = ~ph | (rank - start[img] < torch.tensor(counts, device=dev)[img])  # [B, L]
 
         kw = dict(kw)
-        cache = kw.get("past_key_values")
-        past = _cache_len(cache)
+        past = _cache_len(kw.get("past_key_values"))
         mask = kw.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise ValueError("vision-stage pruning needs a 2-D attention_mask [B, L] (or none)")
@@ -293,28 +371,21 @@ class VisionHandle(PruneHandle):
         if mask is not None and past and mask.shape[1] == past + input_ids.shape[1]:
             prefix, mask = mask[:, :past], mask[:, past:]  # continuing a cache: rewrite only the new part
         plan = make_plan(keep, mask, offset=past if prefix is not None else 0)
-        new_ids = plan.compact(input_ids, _pad_id(model, adapter))
-        if mask is not None or plan.new_mask.eq(0).any():
-            new_mask = plan.new_mask if prefix is None else torch.cat([prefix, plan.new_mask], dim=1)
-            kw["attention_mask"] = new_mask
+        kw["input_ids"] = plan.compact(input_ids, _pad_id(model, adapter))
+        if mask is not None or bool(plan.new_mask.eq(0).any()):
+            kw["attention_mask"] = plan.new_mask if prefix is None else torch.cat([prefix, plan.new_mask], dim=1)
         pos = kw.get("position_ids")
         if pos is not None:
             if pos.ndim != 2:
                 raise ValueError("vision-stage pruning supports 2-D position_ids [B, L] only")
-            dropped_before = (~keep).long().cumsum(dim=1)  # [B, L] deleted slots up to each slot
+            dropped_before = (~keep).long().cumsum(dim=1)  # [B, L] slots deleted up to each slot
             kw["position_ids"] = plan.compact((pos - dropped_before).clamp(min=0), 0)
         if kw.get("labels") is not None:
             kw["labels"] = plan.compact(kw["labels"], -100)
-
-        embeds = adapter.get_input_embeddings(model)(new_ids)  # [B, L', D_text]
-        slots = (new_ids == adapter.image_token_id(model))[..., None]  # [B, L', 1]
-        kw["inputs_embeds"] = embeds.masked_scatter(slots, flat.to(embeds.device, embeds.dtype))
-        kw["input_ids"] = None
-        kw["pixel_values"] = None
-
+        mm = dict(kw["mm_encoder_outputs"])  # new objects: generate() may pass the same features again
+        mm[adapter.image_modality] = adapter.image_output([t[:c] for t, c in zip(per_image, counts)])
+        kw["mm_encoder_outputs"] = mm
         self.plan = plan
-        self.last_reduction = red
-        self.stats.record([int(c) for c in red.counts.tolist()])
         return kw
 
     # ---------------------------------------------------------------- decode steps
@@ -398,5 +469,5 @@ def attach(model: Any, adapter: ModelAdapter, info: Any, method_obj: VisionMetho
                          "[CLS]); use 'default'")
     method_obj.validate(per_image, grid)  # bad budgets (e.g. keep > N) fail here, not at the first forward
     handle = VisionHandle(model, adapter, info.name, method_obj)
-    handle.add_hook(model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True))
+    handle._install()
     return handle
