@@ -355,26 +355,26 @@ class DecoderHandle(PruneHandle):
     stats_class = DecoderStats
 
     def __init__(self, model: Any, adapter: ModelAdapter, method: str, method_obj: Any) -> None:
-        super().__init__(model, adapter, method, method_obj, "decoder")
-        self.state = DecoderState()
         base = adapter.base_model(model)
-        self.base = base
-        self.lm = adapter.get_language_model(model)
-        self.layers = adapter.get_decoder_layers(model)
-        self.num_layers = len(self.layers)
-        self.rotary = getattr(self.lm, "rotary_emb", None)
-        self.image_token_id = adapter.image_token_id(model)
-        self.embed = adapter.get_input_embeddings(model)
-        points = sorted(set(int(p) for p in method_obj.prune_layers(self.num_layers)))
+        lm = adapter.get_language_model(model)
+        layers = adapter.get_decoder_layers(model)
+        num_layers = len(layers)
+        points = sorted(set(int(p) for p in method_obj.prune_layers(num_layers)))
         if not points:
-            raise ValueError(f"{method!r} has no prune points for a {self.num_layers}-layer decoder")
-        if points[0] < 0 or points[-1] >= self.num_layers:
-            raise ValueError(f"{method!r}: prune points {points} must lie in [0, {self.num_layers - 1}] "
+            raise ValueError(f"{method!r} has no prune points for a {num_layers}-layer decoder")
+        if points[0] < 0 or points[-1] >= num_layers:
+            raise ValueError(f"{method!r}: prune points {points} must lie in [0, {num_layers - 1}] "
                              f"(point p drops tokens from the input of decoder layer p)")
         if method_obj.positions not in ("original", "compact"):
             raise ValueError(f"positions must be 'original' or 'compact', got {method_obj.positions!r}")
-        if self.rotary is None:
-            raise ValueError(f"{type(self.lm).__name__} has no rotary_emb; decoder-stage pruning needs RoPE")
+        if getattr(lm, "rotary_emb", None) is None:
+            raise ValueError(f"{type(lm).__name__} has no rotary_emb; decoder-stage pruning needs RoPE")
+        super().__init__(model, adapter, method, method_obj, "decoder")  # marks the model as pruned
+        self.state = DecoderState()
+        self.base, self.lm, self.layers, self.num_layers = base, lm, layers, num_layers
+        self.rotary = lm.rotary_emb
+        self.image_token_id = adapter.image_token_id(model)
+        self.embed = adapter.get_input_embeddings(model)
         self.points = points
         self.stats.tokens_per_image = adapter.tokens_per_image(model)
         attn0 = self.layers[0].self_attn
