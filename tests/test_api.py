@@ -12,8 +12,6 @@ from conftest import make_inputs, make_tiny_llava
 from vlmprune.integrations.base import HANDLE_ATTR, PruneStats, UnsupportedModelError, get_adapter
 from vlmprune.integrations.vision import VisionHandle, VisionMethod
 
-torch.set_num_threads(1)
-
 VISION_METHODS = ("random", "sequential", "spatial", "cls-topk", "prumerge", "prumerge+")
 
 

@@ -18,8 +18,6 @@ from vlmprune.integrations.base import HANDLE_ATTR, UnsupportedModelError, get_a
 from vlmprune.integrations.vision import image_token_counts, signals_from_qk
 from vlmprune.methods.prumerge import prumerge
 
-torch.set_num_threads(1)
-
 # prefix / suffix lengths of a left-padded batch of three prompts
 PREFIX, SUFFIX = (3, 6, 1), (5, 2, 4)
 GEN = dict(max_new_tokens=5, do_sample=False)

@@ -366,9 +366,14 @@ class VisionHandle(PruneHandle):
         past = _cache_len(kw.get("past_key_values"))
         mask = kw.get("attention_mask")
         if mask is not None and mask.ndim != 2:
-            raise ValueError("vision-stage pruning needs a 2-D attention_mask [B, L] (or none)")
+            raise ValueError("vision-stage pruning needs a 2-D attention_mask [B, L] (or none); static/compiled "
+                             "caches, which make generate() build 4-D masks, are not supported")
         prefix = None
-        if mask is not None and past and mask.shape[1] == past + input_ids.shape[1]:
+        if mask is not None and mask.shape[1] != past + input_ids.shape[1]:
+            raise ValueError(f"attention_mask has {mask.shape[1]} columns for {past} cached + {input_ids.shape[1]} new "
+                             "tokens; continuing a cache that already holds a pruned prompt (multi-turn) is not "
+                             "supported: pass the mask in the cache's coordinates or start a new cache")
+        if mask is not None and past:
             prefix, mask = mask[:, :past], mask[:, past:]  # continuing a cache: rewrite only the new part
         plan = make_plan(keep, mask, offset=past if prefix is not None else 0)
         kw["input_ids"] = plan.compact(input_ids, _pad_id(model, adapter))
