@@ -241,6 +241,7 @@ class VisionHandle(PruneHandle):
         base, name = self._base, self.adapter.image_features_method
         missing = object()
         previous = vars(base).get(name, missing)
+
         def encode(*args: Any, **kwargs: Any) -> Any:
             return self._encode_images(*args, **kwargs)
 
