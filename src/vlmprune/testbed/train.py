@@ -36,10 +36,10 @@ from .scenes import CODE_ALPHABET, COLOR_NAMES, SHAPES, make_scene, patch_labels
 class TrainConfig:
     out: str = "runs/testbed"
     seed: int = 0
-    vision_steps: int = 400
+    vision_steps: int = 250
     vision_batch: int = 16
     vision_lr: float = 1e-3
-    llm_steps: int = 900
+    llm_steps: int = 800
     llm_batch: int = 8
     llm_lr: float = 1e-3
     warmup: int = 60
