@@ -199,15 +199,16 @@ def lattice_mask(target: Tensor, height: int, width: int) -> Tensor:
     """
     device = target.device
     batch = target.shape[0]
-    t = target.clamp(0, height * width).to(torch.float64)[:, None]  # [B, 1]
-    rows = torch.arange(1, height + 1, dtype=torch.float64, device=device)[None, :]  # [1, H]
+    # float32 is exact here: every value is an integer below (H W)^2 or a ratio of two of them
+    t = target.clamp(0, height * width).to(torch.float32)[:, None]  # [B, 1]
+    rows = torch.arange(1, height + 1, dtype=torch.float32, device=device)[None, :]  # [1, H]
     cols = torch.clamp(torch.floor(t / rows + 0.5), 1, width)  # [B, H]: best c for each r
     miss = (rows * cols - t).abs()  # [B, H], integer-valued
     # aspect mismatch >= 1, symmetric in (r/c) vs (H/W) and exact on ties: max/min of r W, c H
     rw, ch = rows * width, cols * height
     aspect = torch.maximum(rw, ch) / torch.minimum(rw, ch)  # in [1, max(H, W)^2]
-    score = miss * (2.0 * max(height, width) ** 2) + aspect
-    pick = score.argmin(dim=1)  # [B], first minimum = fewest rows on exact ties
+    best = miss == miss.min(dim=1, keepdim=True).values  # [B, H] the closest counts
+    pick = torch.where(best, aspect, torch.inf).argmin(dim=1)  # [B], first minimum = fewest rows
     r = pick + 1  # [B]
     c = cols.gather(1, pick[:, None])[:, 0].long()  # [B]
 

@@ -104,6 +104,8 @@ def _quartile_fence(descending: Tensor) -> Tensor:
         return torch.lerp(descending[:, last - lo], descending[:, last - hi], pos - lo)  # [B]
 
     q1, q3 = quantile(0.25), quantile(0.75)
+    if descending.device.type == "mps":  # no float64 there: fence in float32 (may differ by 1 ulp)
+        return q3 + 1.5 * (q3 - q1)
     return (q3.double() + 1.5 * (q3 - q1).double()).float()
 
 
