@@ -326,3 +326,15 @@ def test_stats_all_layer_average(model):
     assert h.stats.visual_tokens_per_sample() == [pytest.approx((n + 12) / 4)] * 2
     assert h.stats.kept_at == {1: [4, 4]}
     assert h.stats.tokens_per_layer[0][0] - h.stats.tokens_per_layer[0][1] == n - 4
+
+
+def test_prompt_ending_with_image_keeps_its_last_token(model):
+    inputs = make_inputs(model, prefix_lens=(2, 4), suffix_lens=(0, 0), seed=9)
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad(), vlmprune.pruned(model, "fastv", k=1, count=3) as h:
+        seq_c, lg_c = _gen(model, inputs, n=3)
+        model(**inputs)
+        assert h.state.final_source[:, -1].tolist() == [n - 1, n - 1]
+        assert int(h.state.segments[-1].shift.abs().sum()) == 0
+        seq_u, lg_u = _gen(model, inputs, n=3, use_cache=False)
+    torch.testing.assert_close(lg_c, lg_u, atol=ATOL, rtol=0)

@@ -249,10 +249,7 @@ class DecoderStats(PruneStats):
         """Record one prefill: visual_in / tokens_in [B, num_layers] long."""
         self.num_layers = visual_in.shape[1]
         self.visual_per_layer = visual_in.tolist()
-        out = torch.cat([visual_in[:, 1:], visual_in[:, -1:]], dim=1)
-        for p in kept_at:  # the last layer's output count when a method prunes after it
-            if p == self.num_layers:
-                out[:, -1] = torch.tensor(kept_at[p], device=out.device)
+        out = torch.cat([visual_in[:, 1:], visual_in[:, -1:]], dim=1)  # the last layer's output is never pruned
         self.visual_after_layer = out.tolist()
         self.tokens_per_layer = tokens_in.tolist()
         self.kept_at = dict(kept_at)
@@ -588,6 +585,10 @@ class DecoderHandle(PruneHandle):
         bsz, length = seg.source.shape
         dev = hidden.device
         keep = seg.valid.clone() if dec.keep is None else (seg.valid & (dec.keep.to(dev).bool() | ~seg.visual))
+        # each sample's last prompt token stays (it produces the next-token logits)
+        cols = torch.arange(length, device=dev)
+        last = torch.where(seg.prompt, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1)
+        keep |= (cols[None, :] == last[:, None]) & seg.valid
         soft = seg.soft
         if dec.soft is not None:
             s = torch.where(seg.visual, dec.soft.to(dev, torch.float32), torch.ones_like(dec.soft, dtype=torch.float32))
@@ -651,7 +652,8 @@ class DecoderHandle(PruneHandle):
                       recycled=take(recycled) & new_valid, prompt=take(prompt) & new_valid,
                       after_image=take(after) & new_valid, positions=new_positions,
                       soft=take(softs) if softs is not None else None,
-                      shift=self.state.last_pos - new_positions[:, -1], identity=False)
+                      shift=(self.state.last_pos - new_positions[:, -1]) if self.method_obj.positions == "compact"
+                      else torch.zeros_like(seg.shift), identity=False)
         self._finish_segment(new, new_hidden)
         return new_hidden, new
 
