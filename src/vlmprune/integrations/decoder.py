@@ -796,4 +796,9 @@ def attach(model: Any, adapter: ModelAdapter, info: Any, method_obj: Any) -> Dec
             raise TypeError(f"{type(method_obj).__name__} is not a decoder-stage method (missing {attr!r}); "
                             "subclass vlmprune.integrations.decoder.DecoderMethodBase")
     name = getattr(info, "name", None) or getattr(method_obj, "name", "decoder-method")
-    return DecoderHandle(model, adapter, name, method_obj)
+    # a method may bring its own handle subclass (e.g. ATP: richer stats, extra checks at attach)
+    handle_class = getattr(method_obj, "handle_class", None) or DecoderHandle
+    if not (isinstance(handle_class, type) and issubclass(handle_class, DecoderHandle)):
+        raise TypeError(f"{type(method_obj).__name__}.handle_class must be a DecoderHandle subclass, "
+                        f"got {handle_class!r}")
+    return handle_class(model, adapter, name, method_obj)
