@@ -13,11 +13,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Adaptive visual-token pruning and merging for vision-language models.")
 testbed_app = typer.Typer(no_args_is_help=True, help="The embedded testbed: ShapesVQA and the tiny trained LLaVA.")
 app.add_typer(testbed_app, name="testbed")
+from .train.cli import app as train_app  # noqa: E402  (light: heavy imports happen inside the commands)
+app.add_typer(train_app, name="train")
 
 try:  # the analytic cost model mounts itself when present
     from .cost.cli import app as _cost_app
 
     app.add_typer(_cost_app, name="cost", help="Analytic FLOPs / memory / roofline cost model.")
+    from .bench.cli import app as _bench_app; app.add_typer(_bench_app, name="bench")  # noqa: E702 (measured benchmark)
 except ImportError:  # pragma: no cover
     pass
 

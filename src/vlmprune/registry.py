@@ -92,6 +92,8 @@ _BUILTINS = [
      "vlmprune.integrations.decoder_builders:build_fastv"),
     ("sparsevlm", "decoder", "SparseVLM v1.5: text raters prune visual tokens at 3 decoder layers, pruned ones "
      "recycled as cluster means", "vlmprune.integrations.decoder_builders:build_sparsevlm"),
+    ("atp", "decoder", "ATP-LLaVA: learned per-instance thresholds prune visual tokens after several decoder layers "
+     "(checkpoint=DIR from `vlmprune train atp`)", "vlmprune.integrations.atp:build_atp"),
 ]
 for _row in _BUILTINS:
     register_method(*_row)

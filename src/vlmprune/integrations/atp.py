@@ -1,0 +1,413 @@
+"""ATP-LLaVA on the decoder-stage machinery: learned, per-instance, per-layer visual-token pruning.
+
+The tensor algorithm (scores, spatial grids, threshold MLPs, soft / hard keep rules, budget) is
+``vlmprune.methods.atp``; this file wires an ``ATPPruner`` into ``integrations.decoder``:
+
+* an ATP module "after decoder layer l" is the machinery's prune point ``p = l + 1`` (tokens are
+  dropped from the input of layer l + 1, ranked by layer l's attention);
+* at each point it asks for the attention rows of the alive visual tokens (S_self) and of the
+  instruction tokens T (S_cross), head-averaged and post-softmax over every current key, computed
+  by the machinery from layer l's hooked q / k (sdpa stays on; never an L x L matrix);
+* ``mode="hard"`` (inference, the default): ``pruner.hard_step``; each sample keeps its own tokens,
+  survivors keep their original positions (the machinery's ``positions="original"``); works
+  batched (ragged counts) and with ``generate()`` (only the prefill prunes);
+* ``mode="soft"`` (training): ``pruner.soft_step``; nothing is dropped, the cumulative mask enters
+  every later layer's attention as ``log(M + 1e-6)`` on the visual keys through the machinery's
+  soft-mask path (a float sdpa mask, differentiable); the counts for the budget loss are kept in
+  the per-prefill ``ATPContext`` (``handle.state.context``).
+
+Instruction rows T. At inference T = the prompt's text tokens after the image (LLaVA-1.5: the
+question and "ASSISTANT:"; the system prompt precedes the image and is excluded). In training the
+sequence also holds the answers (and possibly later turns), so the trainer passes T explicitly
+with ``ATP.instruction_rows(mask)`` (the first turn's tokens after the image, up to its
+"ASSISTANT:"): the same rows inference sees, so training and inference decide alike.
+
+Budget counts in training (``budget_count``): ``"st"`` (default) is a straight-through count: its
+value is the number of tokens the *hard* rule would keep with the current thresholds (so the
+budget loss drives the evaluated average, not the soft one, onto the target), its gradient that of
+the soft count; ``"soft"`` is the spec's plain soft count (sum of the cumulative soft mask).
+
+Use: ``vlmprune.apply(model, "atp", checkpoint=DIR)`` (a directory written by
+``ATPPruner.save`` / ``vlmprune train atp``); ``handle.stats`` is an ``ATPStats``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from ..methods import atp as A
+from ..methods.fastv import pack_mask
+from .decoder import Decision, DecoderHandle, DecoderMethodBase, DecoderStats, LayerView
+
+__all__ = ["ATP", "ATPContext", "ATPStats", "ATPHandle", "build_atp", "attach_atp", "MODES", "BUDGET_COUNTS"]
+
+MODES = ("hard", "soft")
+BUDGET_COUNTS = ("st", "soft")
+
+
+# ================================================================================ per-prefill state
+
+
+@dataclass
+class ATPContext:
+    """What ATP keeps during one prefill (``handle.state.context``); modules in layer order.
+
+    ``counts``: [B] per module — hard mode: tokens kept (long); soft mode: the budget counts
+    (straight-through or soft, float, differentiable). ``soft_counts``: soft mode, the plain soft
+    counts. ``keep_grids``: [B, N] bool per module, the patches alive after it (soft mode:
+    cumulative soft mask > 0.5). ``masks``: soft mode, [B, N] cumulative soft mask (detached).
+    """
+
+    mode: str
+    instruction0: Tensor  # [B, L0] bool over the input layout
+    patch0: Tensor  # [B, L0] long: grid index of each image token, -1 elsewhere
+    layers: list[int] = field(default_factory=list)
+    counts: list[Tensor] = field(default_factory=list)
+    soft_counts: list[Tensor] = field(default_factory=list)
+    thresholds: list[A.Thresholds] = field(default_factory=list)
+    keep_grids: list[Tensor] = field(default_factory=list)
+    masks: list[Tensor] = field(default_factory=list)
+    prev: Tensor | None = None  # soft: cumulative soft mask over the visual slots [B, V]
+    prev_hard: Tensor | None = None  # soft: cumulative hard keep [B, V] (straight-through count)
+    pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # rows of the current point
+
+
+# ================================================================================ stats
+
+
+@dataclass
+class ATPStats(DecoderStats):
+    """``DecoderStats`` plus ATP's per-module view of the last prefill (and accumulated per image).
+
+    ``module_layers``: the layers the modules follow. ``module_counts`` [B][K]: visual tokens each
+    sample keeps after each module. ``atp_average`` [B]: the all-layer average (the paper's
+    "144*"), computed by ``ATPPruner.average_tokens`` — equal to ``visual_tokens_per_sample()``,
+    which the machinery measures layer by layer. ``theta_r`` / ``theta_s`` [B][K] the predicted
+    thresholds (None for a disabled branch or fixed-ratio mode). In training (soft) prefills
+    ``soft_average`` [B] holds the differentiable budget's average instead.
+    """
+
+    module_layers: list[int] = field(default_factory=list)
+    module_counts: list[list[int]] = field(default_factory=list)
+    atp_average: list[float] = field(default_factory=list)
+    theta_r: list[list[float]] | None = None
+    theta_s: list[list[float]] | None = None
+    soft_average: list[float] = field(default_factory=list)
+    module_counts_per_image: list[list[int]] = field(default_factory=list)
+    atp_average_per_image: list[float] = field(default_factory=list)
+
+    def record_atp(self, ctx: ATPContext, pruner: A.ATPPruner) -> None:
+        self.module_layers = list(ctx.layers)
+        if not ctx.counts:
+            return
+        with torch.no_grad():
+            avg = pruner.average_tokens([c.detach().float() for c in ctx.counts])  # [B]
+        if ctx.mode == "soft":
+            self.soft_average = avg.tolist()
+            return
+        counts = torch.stack([c.detach() for c in ctx.counts], dim=1).long()  # [B, K]
+        self.module_counts = counts.tolist()
+        self.atp_average = avg.tolist()
+        self.module_counts_per_image.extend(self.module_counts)
+        self.atp_average_per_image.extend(self.atp_average)
+
+        def thetas(name: str) -> list[list[float]] | None:
+            vals = [getattr(t, name) for t in ctx.thresholds]
+            if not vals or any(v is None for v in vals):
+                return None
+            return torch.stack([v.detach().float() for v in vals], dim=1).tolist()
+
+        self.theta_r, self.theta_s = thetas("theta_r"), thetas("theta_s")
+
+    @property
+    def mean_module_counts(self) -> list[float]:
+        """Mean kept count after each module over every image since the last reset."""
+        rows = self.module_counts_per_image
+        if not rows:
+            return []
+        return [sum(r[k] for r in rows) / len(rows) for k in range(len(rows[0]))]
+
+    @property
+    def mean_atp_average(self) -> float:
+        v = self.atp_average_per_image
+        return sum(v) / len(v) if v else math.nan
+
+    def reset(self) -> None:
+        super().reset()
+        self.module_counts_per_image = []
+        self.atp_average_per_image = []
+
+
+# ================================================================================ the method
+
+
+class ATP(DecoderMethodBase):
+    """ATP modules as a decoder-stage method (see the module docstring)."""
+
+    name = "atp"
+    positions = "original"
+
+    def __init__(self, pruner: A.ATPPruner | None = None, *, mode: str = "hard", tau: float | None = None,
+                 budget_count: str = "st", layers: tuple[int, ...] | None = None,
+                 fixed_ratio: float | None = None, fixed_target: float | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"atp: mode must be one of {MODES}, got {mode!r}")
+        if budget_count not in BUDGET_COUNTS:
+            raise ValueError(f"atp: budget_count must be one of {BUDGET_COUNTS}, got {budget_count!r}")
+        if pruner is not None and not isinstance(pruner, A.ATPPruner):
+            raise ValueError(f"atp: pruner must be an ATPPruner, got {type(pruner).__name__}")
+        self.pruner = pruner
+        self.mode = mode
+        self.tau = tau
+        self.budget_count = budget_count
+        self._layers, self._fixed_ratio, self._fixed_target = layers, fixed_ratio, fixed_target
+        self._instruction: Tensor | None = None
+
+    handle_class: type  # set below (ATPHandle)
+
+    # ---------------------------------------------------------------- binding to a model
+    def bind(self, num_layers: int, num_patches: int, grid: tuple[int, int]) -> A.ATPPruner:
+        """Build the pruner for this model (untrained / fixed-ratio), or check a loaded one fits it."""
+        if num_patches != grid[0] * grid[1]:
+            raise ValueError(f"atp: the model feeds {num_patches} tokens per image but its patch grid is "
+                             f"{grid[0]} x {grid[1]}; ATP needs the patch tokens only "
+                             "(vision_feature_select_strategy='default')")
+        if self.pruner is None:
+            ratio = self._fixed_ratio
+            layers = self._layers if self._layers is not None else A.scale_layers(num_layers)
+            if self._layers is not None and max(self._layers) > num_layers - 2:
+                raise ValueError(f"atp: layers {list(self._layers)} reach beyond this {num_layers}-layer decoder "
+                                 f"(a module may follow layers 0..{num_layers - 2})")
+            if self._fixed_target is not None:
+                ratio = A.fixed_ratio_for_target(self._fixed_target, layers, num_layers, num_patches)
+            self.pruner = A.ATPPruner(A.ATPConfig(num_layers=num_layers, layers=tuple(layers),
+                                                  num_patches=num_patches, grid=tuple(grid), fixed_ratio=ratio))
+            return self.pruner
+        c = self.pruner.config
+        if max(c.layers) > num_layers - 2:
+            raise ValueError(f"atp: the ATP modules follow decoder layers {list(c.layers)}, beyond this model's "
+                             f"{num_layers} layers (trained for a {c.num_layers}-layer decoder)")
+        if c.num_layers != num_layers:
+            raise ValueError(f"atp: the ATP weights were trained for a {c.num_layers}-layer decoder, this model "
+                             f"has {num_layers} layers")
+        if c.num_patches != num_patches or tuple(c.grid) != tuple(grid):
+            raise ValueError(f"atp: the ATP weights expect {c.num_patches} visual tokens per image on a "
+                             f"{c.grid[0]} x {c.grid[1]} grid, this model feeds {num_patches} "
+                             f"({grid[0]} x {grid[1]})")
+        return self.pruner
+
+    def prune_layers(self, num_layers: int) -> list[int]:
+        if self.pruner is None:
+            raise RuntimeError("atp: the pruner is not bound to a model; attach with vlmprune.apply(model, 'atp')")
+        return [l + 1 for l in self.pruner.layers]
+
+    # ---------------------------------------------------------------- instruction rows
+    @contextmanager
+    def instruction_rows(self, mask: Tensor) -> Iterator[None]:
+        """Use ``mask`` [B, L] bool (over ``input_ids``) as the instruction rows T of the forwards inside."""
+        if not isinstance(mask, Tensor) or mask.ndim != 2:
+            raise ValueError("atp: the instruction mask must be a [B, L] bool tensor over input_ids")
+        self._instruction = mask
+        try:
+            yield
+        finally:
+            self._instruction = None
+
+    def _instruction_mask(self, view: LayerView) -> Tensor:
+        text = view.valid & ~view.visual
+        if self._instruction is None:
+            return view.after_image & view.prompt & text
+        m = self._instruction.to(view.valid.device).bool()
+        if tuple(m.shape) != tuple(view.valid.shape):
+            raise ValueError(f"atp: the instruction mask has shape {tuple(m.shape)} but the forward's input is "
+                             f"{tuple(view.valid.shape)} ([B, L] over input_ids)")
+        return m & text
+
+    # ---------------------------------------------------------------- machinery callbacks
+    def prepare(self, embeds: Tensor, view: LayerView) -> ATPContext:
+        pr = self.pruner
+        if pr.spatial.device != embeds.device:
+            pr.to(embeds.device)
+        n = pr.config.num_patches
+        bad = (view.num_visual0 != n).nonzero().flatten().tolist()
+        if bad:
+            got = view.num_visual0[bad[0]].item()
+            raise ValueError(f"atp: sample {bad[0]} has {got} image tokens; ATP needs exactly one image of {n} "
+                             "tokens per sample")
+        visual = view.visual & view.valid
+        patch0 = torch.where(visual, visual.long().cumsum(1) - 1, torch.full_like(visual, -1, dtype=torch.long))
+        return ATPContext(mode=self.mode, instruction0=self._instruction_mask(view), patch0=patch0)
+
+    def _rows(self, view: LayerView) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ctx: ATPContext = view.context
+        src = view.source.clamp(min=0)
+        instr = ctx.instruction0.gather(1, src) & (view.source >= 0) & view.valid & ~view.visual
+        cols_v, valid_v = pack_mask(view.visual & view.valid)  # [B, V]
+        cols_t, valid_t = pack_mask(instr)  # [B, T]
+        return cols_v, valid_v, cols_t, valid_t
+
+    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor]:
+        ctx: ATPContext = view.context
+        ctx.pending = self._rows(view)
+        cols_v, valid_v, cols_t, valid_t = ctx.pending
+        score = self.pruner.config.score
+        if score == "self":
+            return cols_v, valid_v
+        if score == "cross":
+            return cols_t, valid_t
+        return torch.cat([cols_v, cols_t], dim=1), torch.cat([valid_v, valid_t], dim=1)
+
+    def select(self, view: LayerView, attn: Tensor | None) -> Decision:
+        ctx: ATPContext = view.context
+        pr = self.pruner
+        layer = view.layer - 1  # the module follows layer p - 1
+        cols_v, valid_v, cols_t, valid_t = ctx.pending if ctx.pending is not None else self._rows(view)
+        ctx.pending = None
+        bsz, length = view.valid.shape
+        vlen, tlen = cols_v.shape[1], cols_t.shape[1]
+        score = pr.config.score
+        attn_vv = attn_tv = None
+        off = 0
+        if score != "cross":  # rows [0, V): visual queries; keys gathered at the visual columns
+            attn_vv = attn[:, :vlen].gather(2, cols_v[:, None, :].expand(bsz, vlen, vlen))  # [B, V, V]
+            off = vlen
+        if score != "self":
+            attn_tv = attn[:, off:off + tlen].gather(2, cols_v[:, None, :].expand(bsz, tlen, vlen))  # [B, T, V]
+        patch = ctx.patch0.gather(1, view.source.gather(1, cols_v).clamp(min=0))  # [B, V]
+        patch = torch.where(valid_v, patch, torch.zeros_like(patch))
+        ctx.layers.append(layer)
+        n = pr.config.num_patches
+        dump = torch.where(valid_v, cols_v, torch.full_like(cols_v, length))  # padding slots -> column L
+
+        if self.mode == "soft":
+            prev = ctx.prev
+            if prev is not None and tuple(prev.shape) != tuple(valid_v.shape):
+                raise RuntimeError("atp: the visual layout changed between soft modules (tokens were dropped in "
+                                   "training mode)")
+            scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t, query_weight=prev)
+            step = pr.soft_step(layer, scores, patch, prev, tau=self.tau)
+            ctx.prev = step.cumulative
+            count = step.count
+            if pr.config.learned and self.budget_count == "st":
+                th = step.thresholds
+                keep, _ = A.hard_keep(scores.s_r, step.s_s, None if th.theta_r is None else th.theta_r.detach(),
+                                      None if th.theta_s is None else th.theta_s.detach(), valid_v)
+                hard = keep if ctx.prev_hard is None else ctx.prev_hard & keep
+                ctx.prev_hard = hard
+                count = hard.sum(1).to(step.count.dtype) + (step.count - step.count.detach())
+            ctx.counts.append(count)
+            ctx.soft_counts.append(step.count)
+            ctx.thresholds.append(step.thresholds)
+            cum = step.cumulative.detach()
+            ctx.masks.append(torch.zeros(bsz, n, device=cum.device).scatter(1, patch, cum * valid_v))
+            ctx.keep_grids.append(ctx.masks[-1] > 0.5)
+            ones = torch.ones(bsz, length + 1, dtype=step.mask.dtype, device=step.mask.device)
+            soft = ones.scatter(1, dump, torch.where(valid_v, step.mask, torch.ones_like(step.mask)))[:, :length]
+            return Decision(soft=soft, info={"atp_layer": layer, "soft_count": step.count.detach().tolist()})
+
+        scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t)
+        step = pr.hard_step(layer, scores, patch)
+        keep = step.keep & valid_v
+        cols_keep = torch.zeros(bsz, length + 1, dtype=torch.bool, device=keep.device).scatter(1, dump, keep)
+        grid = torch.zeros(bsz, n, dtype=torch.bool, device=keep.device).scatter(1, patch, keep)
+        ctx.counts.append(step.counts)
+        ctx.thresholds.append(step.thresholds)
+        ctx.keep_grids.append(grid)
+        info: dict[str, Any] = {"atp_layer": layer}
+        for name in ("theta_r", "theta_s"):
+            t = getattr(step.thresholds, name)
+            if t is not None:
+                info[name] = t.detach().float().tolist()
+        return Decision(keep=cols_keep[:, :length], info=info)
+
+    def __repr__(self) -> str:
+        if self.pruner is None:
+            return f"ATP(unbound, mode={self.mode!r})"
+        c = self.pruner.config
+        kind = f"fixed_ratio={c.fixed_ratio:.4f}" if c.fixed_ratio is not None else "learned"
+        return f"ATP(layers={c.layers}, {kind}, score={c.score!r}, mode={self.mode!r})"
+
+
+class ATPHandle(DecoderHandle):
+    """``DecoderHandle`` that binds the ATP pruner to the model first and keeps ``ATPStats``."""
+
+    stats_class = ATPStats
+
+    def __init__(self, model: Any, adapter: Any, method: str, method_obj: ATP) -> None:
+        num_layers = len(adapter.get_decoder_layers(model))
+        pruner = method_obj.bind(num_layers, adapter.tokens_per_image(model), adapter.patch_grid(model))
+        super().__init__(model, adapter, method, method_obj)
+        self.pruner = pruner
+        self.stats.module_layers = list(pruner.layers)
+
+    def _finish_prefill(self, output: Any) -> None:
+        super()._finish_prefill(output)
+        ctx = self.state.context
+        if isinstance(ctx, ATPContext):
+            self.stats.record_atp(ctx, self.pruner)
+
+
+ATP.handle_class = ATPHandle
+
+
+# ================================================================================ builder
+
+
+def _is_real(x: object) -> bool:
+    import numbers
+
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int, ...] | list[int] | None = None,
+              fixed_ratio: float | None = None, fixed_target: float | None = None) -> ATP:
+    """ATP-LLaVA. ``checkpoint``: directory with ``atp_config.json`` + ``atp_weights.safetensors``
+    (written by ``vlmprune train atp``). Without it: untrained modules (initial thresholds keep every
+    token) at ``layers`` (default (2, 8, 14, 20, 26) of 32, scaled to the decoder's depth), or the
+    fixed-ratio ablation: ``fixed_ratio`` (fraction of survivors each module keeps) or
+    ``fixed_target`` (all-layer average visual tokens, solved for that ratio)."""
+    if checkpoint is not None:
+        given = [n for n, v in (("layers", layers), ("fixed_ratio", fixed_ratio), ("fixed_target", fixed_target))
+                 if v is not None]
+        if given:
+            raise ValueError(f"atp: {', '.join(given)} cannot be combined with checkpoint (the checkpoint's "
+                             "config decides them)")
+        path = os.fspath(checkpoint)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"atp: checkpoint directory {path!r} does not exist (train one with "
+                                    "`vlmprune train atp --out DIR`)")
+        try:
+            pruner = A.ATPPruner.load(path)
+        except (KeyError, RuntimeError) as e:  # incompatible weights / config
+            raise ValueError(f"atp: {path} holds incompatible ATP weights: {e}") from e
+        return ATP(pruner)
+    if fixed_ratio is not None and fixed_target is not None:
+        raise ValueError("atp: pass only one of fixed_ratio, fixed_target")
+    if fixed_ratio is not None and not (_is_real(fixed_ratio) and 0 < fixed_ratio <= 1):
+        raise ValueError(f"atp: fixed_ratio is the fraction of survivors each module keeps, in (0, 1]; "
+                         f"got {fixed_ratio!r}")
+    if fixed_target is not None and not (_is_real(fixed_target) and fixed_target > 0):
+        raise ValueError(f"atp: fixed_target is an all-layer average token count > 0, got {fixed_target!r}")
+    if layers is not None:
+        if not (isinstance(layers, (tuple, list)) and layers and all(isinstance(l, int) and l >= 0 for l in layers)
+                and list(layers) == sorted(set(layers))):
+            raise ValueError(f"atp: layers must be strictly increasing ints >= 0, got {layers!r}")
+        layers = tuple(int(l) for l in layers)
+    return ATP(None, layers=layers, fixed_ratio=None if fixed_ratio is None else float(fixed_ratio),
+               fixed_target=None if fixed_target is None else float(fixed_target))
+
+
+def attach_atp(model: Any, pruner: A.ATPPruner, *, mode: str = "hard", tau: float | None = None,
+               budget_count: str = "st") -> ATPHandle:
+    """Attach an in-memory ``pruner`` (e.g. while training it) to ``model``; returns the ``ATPHandle``."""
+    from . import attach
+    from ..registry import get_method
+
+    return attach(model, get_method("atp"), ATP(pruner, mode=mode, tau=tau, budget_count=budget_count))

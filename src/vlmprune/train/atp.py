@@ -1,0 +1,478 @@
+"""``vlmprune train atp``: train ATP-LLaVA's threshold modules inside a LLaVA model, with ``accelerate``.
+
+What one step does (design: ``shared/specs/atp.md`` §5-6; machinery: ``integrations/atp.py``):
+
+1. build a batch of ShapesVQA training conversations (scenes generated from step-indexed seeds,
+   the testbed's prompt template; loss on the answer tokens only; right padding), together with
+   each sample's instruction rows T: the first turn's tokens after the image, up to its
+   "ASSISTANT:" — the rows inference scores with, never the system prompt or an answer;
+2. run the LLaVA forward with the ATP modules attached in *soft* mode: nothing is dropped, each
+   module's cumulative soft mask enters every later layer's attention as ``log(M + 1e-6)`` on the
+   visual keys (a float sdpa mask; the model is never switched to eager attention);
+3. ``loss = task + lambda_atp * L_atp + lambda_target * L_target`` on the all-layer average
+   token count (straight-through hard count by default, see ``integrations/atp.py``); tau is
+   annealed from ``tau`` to ``tau_final``;
+4. update the ATP modules (``--train llm-frozen``, the default) or also LoRA adapters on the LLM's
+   attention and MLP projections (``--train lora``, ``peft``).
+
+Runs on one CPU, one GPU or many processes (``accelerate launch``): each process draws its own
+samples (global sample index = step x global batch + rank x batch + i), gradients are averaged
+by DDP over a wrapper module holding the model and the pruner. Checkpoints every
+``checkpoint_every`` steps hold only the trainable tensors and the optimizer
+(``train_state.pt``), plus the ATP weights themselves, so a run resumes exactly where it
+stopped and a half-trained run is already loadable by ``vlmprune.apply(model, "atp",
+checkpoint=OUT)``. At the end the ATP weights are written to ``OUT`` (a few hundred KB on the
+testbed), LoRA adapters to ``OUT/lora`` and, with LoRA, the merged model to ``OUT/model``;
+``summary.json`` reports the evaluated (hard-pruned) average token count on held-out scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..methods import atp as A
+
+TRAIN_MODES = ("llm-frozen", "lora")
+STATE_NAME = "train_state.pt"
+# fields that may change when a run is resumed (the rest must match the checkpoint)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_n", "out")
+# ShapesVQA train-split scene indices used by ATP training (disjoint from the testbed's own ranges)
+SCENE_BASE = 600_000_000
+
+
+def _opt(default: Any, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ATPTrainConfig:
+    """Options of ``vlmprune train atp`` (validated on construction)."""
+
+    out: str = _opt("runs/atp", "run folder: checkpoints, final ATP weights, summary (resumes if present)")
+    model: str | None = _opt(None, "local path or hub id of a LLaVA model; None = the testbed")
+    paper_target: float | None = _opt(144.0, "target as the paper states it (all-layer average of a 32-layer "
+                                            "LLaVA-1.5 with modules after 2,8,14,20,26), translated to this "
+                                            "model by equivalent_target(); ignored when target is set")
+    target: float | None = _opt(None, "target all-layer average visual tokens on this model, literally")
+    layers: tuple[int, ...] | None = _opt(None, "decoder layers the modules follow; None = scale_layers()")
+    steps: int = _opt(240, "optimizer steps")
+    batch_size: int = _opt(8, "samples per process per step")
+    lr: float = _opt(2e-3, "learning rate of the ATP modules (AdamW)")
+    lora_lr: float = _opt(2e-4, "learning rate of the LoRA adapters")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup: int = _opt(10, "linear warm-up steps, then cosine to 10%")
+    train: str = _opt("llm-frozen", "llm-frozen (only ATP modules) | lora (also LoRA adapters on the LLM)")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: int = _opt(16, "LoRA alpha")
+    fixed_ratio: bool = _opt(False, "ablation: one fixed keep ratio per module, solved for the target")
+    score: str = _opt("both", "redundancy score: both | self | cross")
+    redundant: bool = _opt(True, "redundant-pruning branch (theta_r)")
+    spatial: bool = _opt(True, "spatial-pruning branch (theta_s)")
+    hidden: int = _opt(256, "threshold MLP width")
+    tau: float = _opt(0.1, "soft-mask temperature at the start")
+    tau_final: float | None = _opt(0.02, "temperature at the end (exp annealing); None = constant")
+    lambda_atp: float = _opt(0.05, "weight of L_atp")
+    lambda_target: float = _opt(1.0, "weight of L_target")
+    budget_count: str = _opt("st", "count in the budget loss: st (hard value, soft gradient) | soft")
+    turns: int = _opt(1, "question-answer turns per image (T is always the first turn's question)")
+    text_prob: float = _opt(0.5, "probability that a training scene carries a text code")
+    seed: int = _opt(0, "seed of the data stream and of the module initialisation")
+    checkpoint_every: int = _opt(40, "save a resumable checkpoint every N steps")
+    eval_n: int = _opt(96, "held-out val prompts for the final hard-pruning token count (0 = skip)")
+    dtype: str = _opt("float32", "model weights: float32 | bfloat16 | float16 (ATP modules stay float32)")
+    save_merged: bool = _opt(True, "with LoRA: also write the merged model to OUT/model")
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            self.layers = tuple(int(x) for x in self.layers)
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0 and self.lora_lr > 0, "learning rates must be > 0"),
+            (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
+            (self.train in TRAIN_MODES, f"train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}"),
+            (self.score in A.SCORE_MODES, f"score must be one of {', '.join(A.SCORE_MODES)}, got {self.score!r}"),
+            (self.redundant or self.spatial, "redundant and spatial cannot both be disabled"),
+            (self.budget_count in ("st", "soft"), f"budget_count must be st or soft, got {self.budget_count!r}"),
+            (self.turns >= 1, f"turns must be >= 1, got {self.turns}"),
+            (0.0 <= self.text_prob <= 1.0, f"text_prob must be in [0, 1], got {self.text_prob}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.eval_n >= 0, f"eval_n must be >= 0, got {self.eval_n}"),
+            (self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32, bfloat16 or float16, "
+                                                             f"got {self.dtype!r}"),
+            (self.target is not None or self.paper_target is not None or not self.fixed_ratio,
+             "the fixed-ratio ablation needs a target (the ratio is solved for it)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        for name in ("target", "paper_target"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a token count > 0, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ATPTrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ================================================================================ data
+
+
+def sample_conversation(scene: Any, rnd: random.Random, turns: int) -> list[tuple[str, str]]:
+    """Question-answer turns about ``scene``; one turn = a question of a random supported family."""
+    from ..testbed.questions import FAMILIES, ask
+    from ..testbed.train import conversation
+
+    if turns > 1:
+        return conversation(scene, rnd, turns)
+    while True:  # every scene supports "exist" and "count", so this ends
+        q = ask(scene, rnd.choice(FAMILIES), rnd)
+        if q is not None:
+            return [(q.question, q.answer)]
+
+
+def encode_atp_conversation(tokenizer: Any, qa: list[tuple[str, str]], image_token_id: int,
+                            num_image_tokens: int) -> tuple[list[int], list[int], list[bool]]:
+    """Token ids, labels (-100 except answers and their EOS) and the instruction mask of a conversation.
+
+    The first turn is tokenised exactly as the evaluation prompt (the testbed's template with the
+    image placeholder expanded); the instruction rows are its tokens after the last image token.
+    """
+    from ..testbed.questions import format_prompt
+
+    prompt = format_prompt(qa[0][0]).replace("<image>", "<image>" * num_image_tokens)
+    ids = list(tokenizer(prompt)["input_ids"])
+    img = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(img) != num_image_tokens:
+        raise ValueError(f"the prompt tokenised to {len(img)} image tokens, expected {num_image_tokens}; does the "
+                         f"tokenizer know '<image>' as token {image_token_id}?")
+    instruction = [i > img[-1] for i in range(len(ids))]
+    labels = [-100] * len(ids)
+    for k, (q, a) in enumerate(qa):
+        if k > 0:
+            turn = tokenizer(f"USER: {q} Answer with one word. ASSISTANT:", add_special_tokens=False)["input_ids"]
+            ids += turn
+            labels += [-100] * len(turn)
+            instruction += [False] * len(turn)
+        ans = list(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        ids += ans
+        labels += ans
+        instruction += [False] * len(ans)
+    return ids, labels, instruction
+
+
+def make_batch(processor: Any, sample_indices: list[int], *, image_token_id: int, num_image_tokens: int,
+               turns: int = 1, text_prob: float = 0.5) -> dict[str, torch.Tensor]:
+    """A right-padded training batch (input_ids, attention_mask, labels, pixel_values, instruction)."""
+    from ..testbed.scenes import make_scene, split_seed
+
+    tok = processor.tokenizer
+    images, seqs = [], []
+    for index in sample_indices:
+        seed = split_seed("train", (SCENE_BASE + index) % 900_000_000)
+        rnd = random.Random(seed)
+        scene = make_scene(seed, text=rnd.random() < text_prob)
+        images.append(scene.image)
+        seqs.append(encode_atp_conversation(tok, sample_conversation(scene, rnd, turns), image_token_id,
+                                            num_image_tokens))
+    width = max(len(s[0]) for s in seqs)
+    bsz = len(seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((bsz, width), pad, dtype=torch.long)
+    labels = torch.full((bsz, width), -100, dtype=torch.long)
+    mask = torch.zeros((bsz, width), dtype=torch.long)
+    instruction = torch.zeros((bsz, width), dtype=torch.bool)
+    for b, (ids, lab, ins) in enumerate(seqs):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        labels[b, : len(lab)] = torch.tensor(lab)
+        mask[b, : len(ids)] = 1
+        instruction[b, : len(ins)] = torch.tensor(ins)
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixels, instruction=instruction)
+
+
+def resolve_target(cfg: ATPTrainConfig, layers: tuple[int, ...], num_layers: int, num_patches: int) -> float:
+    """The all-layer average target on this model (``target``, or ``paper_target`` translated)."""
+    if cfg.target is not None:
+        return float(cfg.target)
+    # the paper's count is out of 576 patches: keep the same fraction on other grids
+    scaled = cfg.paper_target * num_patches / 576
+    return A.equivalent_target(scaled, to_layers=layers, to_num_layers=num_layers, num_patches=num_patches)
+
+
+def build_pruner(cfg: ATPTrainConfig, num_layers: int, num_patches: int, grid: tuple[int, int]) -> A.ATPPruner:
+    layers = cfg.layers if cfg.layers is not None else A.scale_layers(num_layers)
+    target = resolve_target(cfg, tuple(layers), num_layers, num_patches)
+    ratio = A.fixed_ratio_for_target(target, layers, num_layers, num_patches) if cfg.fixed_ratio else None
+    config = A.ATPConfig(num_layers=num_layers, layers=tuple(layers), num_patches=num_patches, grid=tuple(grid),
+                         hidden=cfg.hidden, tau=cfg.tau, tau_final=cfg.tau_final, lambda_atp=cfg.lambda_atp,
+                         lambda_target=cfg.lambda_target, target=target, score=cfg.score,
+                         redundant=cfg.redundant, spatial=cfg.spatial, fixed_ratio=ratio)
+    torch.manual_seed(cfg.seed)
+    return A.ATPPruner(config)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ================================================================================ the step module
+
+
+class ATPTrainStep(nn.Module):
+    """One training forward: the model with ATP attached in soft mode -> (loss, parts).
+
+    A module so that ``accelerate`` / DDP can wrap it: it owns the model (frozen, or with LoRA)
+    and the pruner (the trainable ATP modules), whose gradients DDP averages.
+    """
+
+    def __init__(self, model: nn.Module, pruner: A.ATPPruner, handle: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.pruner = pruner
+        self._handle = handle  # plain attribute: the ATPHandle (hooks on the model's modules)
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values, instruction):
+        method = self._handle.method_obj
+        with method.instruction_rows(instruction):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                             labels=labels, use_cache=False)
+        ctx = self._handle.state.context
+        budget = self.pruner.budget_loss(ctx.counts)
+        loss = out.loss + budget.total
+        with torch.no_grad():
+            soft_avg = self.pruner.average_tokens([c.detach() for c in ctx.soft_counts]).mean()
+            counts = torch.stack([c.detach().float() for c in ctx.counts], dim=1).mean(0)  # [K]
+        parts = torch.cat([torch.stack([out.loss.detach(), budget.l_atp.detach(), budget.l_target.detach(),
+                                        budget.average.detach().mean(), soft_avg]), counts])
+        return loss, parts
+
+
+# ================================================================================ training
+
+
+def _trainable(named: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in named if p.requires_grad}
+
+
+def _load_model(cfg: ATPTrainConfig):
+    from ..testbed.model import load
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    return load(cfg.model, dtype=dtype)
+
+
+def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Train (or resume) ATP modules per ``cfg``; returns the output folder with the final weights."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..integrations.atp import attach_atp
+    from ..integrations.base import get_adapter
+
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    main = accelerator.is_main_process
+    say = log if main else (lambda _msg: None)
+    out = Path(cfg.out)
+    state_path = out / STATE_NAME
+    saved = None
+    if state_path.exists():
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        old = ATPTrainConfig.from_dict(saved["config"])
+        diff = [f.name for f in fields(ATPTrainConfig)
+                if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(cfg, f.name)]
+        if diff:
+            raise ValueError(f"{state_path} was written with different options ({', '.join(diff)}: "
+                             f"{', '.join(f'{getattr(old, d)!r} -> {getattr(cfg, d)!r}' for d in diff)}); "
+                             "resume with the same options or choose a new --out")
+        if saved["world_size"] != accelerator.num_processes:
+            say(f"note: the checkpoint was written by {saved['world_size']} process(es), resuming on "
+                f"{accelerator.num_processes}: the data stream continues from the same sample index")
+
+    model, processor = _load_model(cfg)
+    adapter = get_adapter(model)
+    num_layers = len(adapter.get_decoder_layers(model))
+    num_patches = adapter.tokens_per_image(model)
+    grid = adapter.patch_grid(model)
+    if num_patches != grid[0] * grid[1]:
+        raise ValueError(f"the model feeds {num_patches} tokens per image on a {grid[0]} x {grid[1]} grid; ATP "
+                         "needs the patch tokens only (vision_feature_select_strategy='default')")
+    image_token_id = adapter.image_token_id(model)
+    pruner = build_pruner(cfg, num_layers, num_patches, grid)
+    c = pruner.config
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()  # frozen parts: no dropout
+    peft_model = None
+    inner = model
+    if cfg.train == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+        torch.manual_seed(cfg.seed + 1)
+        peft_model = get_peft_model(model, lcfg)
+        inner = peft_model.get_base_model()  # LoRA layers replace the projections in place: attach after
+    handle = attach_atp(inner, pruner, mode="soft", tau=cfg.tau, budget_count=cfg.budget_count)
+    step_module = ATPTrainStep(peft_model if peft_model is not None else model, pruner, handle)
+    method = handle.method_obj
+
+    lora_params = _trainable(peft_model.named_parameters()) if peft_model is not None else {}
+    groups = []
+    if list(pruner.parameters()):
+        groups.append({"params": list(pruner.parameters()), "lr": cfg.lr, "base_lr": cfg.lr})
+    if lora_params:
+        groups.append({"params": list(lora_params.values()), "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
+    say(f"ATP: modules after layers {list(c.layers)} of {num_layers}, N = {num_patches} ({grid[0]}x{grid[1]}), "
+        f"target all-layer average {c.target:.2f} (minimum reachable "
+        f"{A.min_average_tokens(c.layers, num_layers, num_patches):.2f}), "
+        + (f"fixed ratio {c.fixed_ratio:.4f} -> counts {pruner.fixed_counts}" if not c.learned else
+           f"score={c.score}, redundant={c.redundant}, spatial={c.spatial}")
+        + f"; trainable: {sum(p.numel() for g in groups for p in g['params'])} parameters ({cfg.train})")
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0}
+    history: list[dict] = []
+    if not groups:  # fixed ratio with a frozen LLM: nothing to learn
+        say("nothing to train (fixed-ratio modules and a frozen LLM); writing the modules as they are")
+        state["step"] = cfg.steps
+        opt = None
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if saved is not None:
+            pruner.load_state_dict(saved["pruner"])
+            if lora_params:
+                peft_model.load_state_dict(saved["lora"], strict=False)
+            opt.load_state_dict(saved["opt"])
+            state["step"] = int(saved["step"])
+            say(f"resumed from {state_path} at step {state['step']}")
+        step_module, opt = accelerator.prepare(step_module, opt)
+
+    def save_checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        if not main:
+            history.clear()
+            return
+        with open(out / "history.jsonl", "a") as fh:
+            for h in history:
+                fh.write(json.dumps(h) + "\n")
+        if history:
+            recent = history[-10:]
+            say(f"step {state['step']}: loss {sum(h['loss'] for h in recent) / len(recent):.4f}, "
+                f"task {sum(h['task'] for h in recent) / len(recent):.4f}, "
+                f"avg tokens {sum(h['avg'] for h in recent) / len(recent):.1f} (target {c.target:.1f})")
+        history.clear()
+        pruner.save(out)
+        payload = {"config": asdict(cfg), "step": state["step"], "pruner": pruner.state_dict(),
+                   "lora": {n: p.detach().cpu() for n, p in lora_params.items()} if lora_params else None,
+                   "opt": opt.state_dict() if opt is not None else None, "world_size": accelerator.num_processes}
+        tmp = out / (STATE_NAME + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(state_path)
+        if peft_model is not None:
+            peft_model.save_pretrained(out / "lora")
+
+    t0 = time.time()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * world
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn()]
+    with Progress(*cols, disable=not (progress and main)) as bar:
+        task = bar.add_task("train atp", total=cfg.steps, completed=state["step"], info="")
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * _lr_factor(step, cfg.steps, cfg.warmup)
+            method.tau = pruner.tau_at(step, cfg.steps)
+            torch.manual_seed(cfg.seed * 100003 + step)
+            start = step * global_batch + rank * cfg.batch_size
+            batch = make_batch(processor, list(range(start, start + cfg.batch_size)),
+                               image_token_id=image_token_id, num_image_tokens=num_patches, turns=cfg.turns,
+                               text_prob=cfg.text_prob)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            loss, parts = step_module(**batch)
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            parts = accelerator.reduce(torch.cat([loss.detach()[None], parts]), reduction="mean").tolist()
+            state["step"] += 1
+            rec = {"step": step, "loss": parts[0], "task": parts[1], "l_atp": parts[2], "l_target": parts[3],
+                   "avg": parts[4], "soft_avg": parts[5], "module_counts": parts[6:], "tau": method.tau,
+                   "lr": opt.param_groups[0]["lr"], "time": round(time.time() - t0, 2)}
+            history.append(rec)
+            bar.update(task, advance=1, info=f"loss={parts[0]:.3f} task={parts[1]:.3f} avg={parts[4]:.1f}")
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
+                save_checkpoint()
+    if opt is None:
+        save_checkpoint()
+
+    # ---- evaluated (hard) token count on held-out prompts, then the artefacts
+    summary: dict[str, Any] = {"config": asdict(cfg), "atp_config": c.to_dict(), "target": c.target,
+                               "steps": state["step"], "world_size": world, "seconds": round(time.time() - t0, 1)}
+    accelerator.wait_for_everyone()
+    if main:
+        method.mode = "hard"
+        if cfg.eval_n:
+            summary["eval"] = hard_token_count(inner, processor, handle, cfg.eval_n)
+            e = summary["eval"]
+            say(f"held-out hard pruning ({cfg.eval_n} val prompts): all-layer average {e['average']:.2f} "
+                f"(target {c.target:.2f}, {100 * (e['average'] / c.target - 1):+.1f}%), per module "
+                f"{[round(x, 1) for x in e['module_counts']]}")
+        handle.remove()
+        pruner.save(out)
+        if peft_model is not None:
+            peft_model.save_pretrained(out / "lora")
+            if cfg.save_merged:
+                merged = peft_model.merge_and_unload()
+                merged.save_pretrained(out / "model")
+                processor.save_pretrained(out / "model")
+                summary["merged_model"] = str(out / "model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        say(f"ATP weights written to {out} (load with vlmprune.apply(model, 'atp', checkpoint={str(out)!r}))")
+    else:
+        handle.remove()
+    accelerator.wait_for_everyone()
+    return out
+
+
+def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_size: int = 16,
+                     split: str = "val", start: int = 500_000) -> dict[str, Any]:
+    """Prefill ``n`` held-out single-turn prompts with hard pruning; average kept counts."""
+    from ..testbed.questions import format_prompt
+    from ..testbed.scenes import make_scene, split_seed
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    handle.stats.reset()
+    for s in range(0, n, batch_size):
+        images, prompts = [], []
+        for i in range(s, min(n, s + batch_size)):
+            seed = split_seed(split, start + i)
+            rnd = random.Random(seed)
+            scene = make_scene(seed, text=rnd.random() < 0.5)
+            (q, _a), = sample_conversation(scene, rnd, 1)
+            images.append(scene.image)
+            prompts.append(format_prompt(q))
+        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    st = handle.stats
+    return {"n": n, "average": st.mean_atp_average, "module_counts": st.mean_module_counts,
+            "min": min(st.atp_average_per_image), "max": max(st.atp_average_per_image)}

@@ -1,0 +1,112 @@
+"""``vlmprune train ...``: training commands for learnable methods (a typer sub-app, mounted by ``vlmprune.cli``).
+
+Also runnable on its own, which is how ``accelerate launch`` starts it on several processes::
+
+    accelerate launch --num_processes 2 -m vlmprune.train.cli atp --out runs/atp-144
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Train learnable pruning methods (ATP-LLaVA) with accelerate.")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
+    if spec is None or spec.strip() in ("", "auto"):
+        return None
+    try:
+        return tuple(int(x) for x in spec.replace(" ", "").split(","))
+    except ValueError:
+        _fail(f"--layers must be comma-separated layer indices, e.g. 0,1,2,3,4; got {spec!r}")
+
+
+@app.command("atp")
+def atp_cmd(
+    out: Path = typer.Option(Path("runs/atp"), help="run folder (checkpoints, ATP weights; resumes if present)"),
+    model: Optional[str] = typer.Option(None, help="local path or hub id of a LLaVA model (default: the testbed)"),
+    target: Optional[float] = typer.Option(None, help="target all-layer average visual tokens on THIS model"),
+    paper_target: float = typer.Option(144.0, help="target as in the paper (32-layer LLaVA-1.5), translated to this "
+                                                   "model (testbed: 144 -> 178.8, 88 -> 127.3); unused with --target"),
+    layers: Optional[str] = typer.Option(None, help="decoder layers the modules follow, e.g. 0,1,2,3,4 "
+                                                    "(default: 2,8,14,20,26 of 32 scaled to the model)"),
+    steps: int = typer.Option(240, help="optimizer steps"),
+    batch_size: int = typer.Option(8, help="samples per process per step"),
+    lr: float = typer.Option(2e-3, help="learning rate of the ATP modules"),
+    train: str = typer.Option("llm-frozen", help="llm-frozen (ATP modules only) | lora (also LoRA on the LLM)"),
+    lora: bool = typer.Option(False, "--lora", help="shorthand for --train lora"),
+    lora_r: int = typer.Option(8, help="LoRA rank"),
+    lora_lr: float = typer.Option(2e-4, help="LoRA learning rate"),
+    fixed_ratio: bool = typer.Option(False, "--fixed-ratio", help="ablation: one fixed keep ratio per module "
+                                                                   "(solved for the target), no thresholds"),
+    score: str = typer.Option("both", help="redundancy score: both | self | cross (ablations)"),
+    redundant: bool = typer.Option(True, "--redundant/--no-redundant", help="redundant-pruning branch"),
+    spatial: bool = typer.Option(True, "--spatial/--no-spatial", help="spatial-pruning branch"),
+    tau: float = typer.Option(0.1, help="soft-mask temperature at the start"),
+    tau_final: float = typer.Option(0.02, help="temperature at the end (exp annealing); 0 = keep tau constant"),
+    lambda_atp: float = typer.Option(0.05, help="weight of L_atp"),
+    lambda_target: float = typer.Option(1.0, help="weight of L_target"),
+    budget_count: str = typer.Option("st", help="count in the budget loss: st (hard value, soft gradient) | soft"),
+    turns: int = typer.Option(1, help="question-answer turns per training image"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(40, help="save a resumable checkpoint every N steps"),
+    eval_n: int = typer.Option(96, help="held-out prompts for the final hard-pruning token count (0 = skip)"),
+    dtype: str = typer.Option("float32", help="model weights: float32 | bfloat16 | float16"),
+    save_merged: bool = typer.Option(True, "--save-merged/--no-save-merged",
+                                     help="with LoRA: also write the merged model to OUT/model"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Train ATP modules (soft masks + budget loss) inside a LLaVA model; write weights loadable by
+    ``vlmprune.apply(model, "atp", checkpoint=OUT)``. Resumes from OUT/train_state.pt."""
+    from .atp import ATPTrainConfig, train_atp
+
+    if lora:
+        if train not in ("llm-frozen", "lora"):
+            _fail(f"--lora conflicts with --train {train}")
+        train = "lora"
+    try:
+        cfg = ATPTrainConfig(out=str(out), model=model, paper_target=paper_target, target=target,
+                             layers=_layers(layers), steps=steps, batch_size=batch_size, lr=lr, train=train,
+                             lora_r=lora_r, lora_alpha=2 * lora_r, lora_lr=lora_lr, fixed_ratio=fixed_ratio,
+                             score=score, redundant=redundant, spatial=spatial, tau=tau,
+                             tau_final=tau_final if tau_final > 0 else None, lambda_atp=lambda_atp,
+                             lambda_target=lambda_target, budget_count=budget_count, turns=turns, seed=seed,
+                             checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
+                             save_merged=save_merged)
+        final = train_atp(cfg, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"done: {final}")
+
+
+@app.command("atp-viz")
+def atp_viz_cmd(
+    checkpoint: Path = typer.Argument(..., help="ATP run folder (atp_config.json + atp_weights.safetensors)"),
+    model: Optional[str] = typer.Option(None, help="LLaVA model (default: the testbed; a LoRA run: CHECKPOINT/model)"),
+    out: Path = typer.Option(Path("out/atp-viz"), help="output folder for the figures and JSON"),
+    seeds: List[int] = typer.Option([0, 1, 2, 3], "--seed", help="scene seeds (test split) for the overlay figure"),
+    n: int = typer.Option(240, help="scenes for the kept-count vs complexity plot"),
+    batch_size: int = typer.Option(16),
+):
+    """Figure-4 style overlays (kept tokens at each module, easy vs cluttered scenes) and the kept-count
+    vs scene-complexity plot."""
+    from ..viz.atp import run_viz
+
+    try:
+        paths = run_viz(checkpoint, model=model, out=out, seeds=seeds, n=n, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
