@@ -158,7 +158,7 @@ def testbed_train(
     out: Path = typer.Option(Path("runs/testbed"), help="run folder (checkpoints; resumes if present)"),
     seed: int = typer.Option(0),
     vision_steps: int = typer.Option(250),
-    llm_steps: int = typer.Option(800),
+    llm_steps: int = typer.Option(650),
     install: bool = typer.Option(False, help="copy the final model into the package (the committed testbed)"),
 ):
     """Train the testbed LLaVA from scratch (resumable; ~90 min on 2 CPU cores)."""
