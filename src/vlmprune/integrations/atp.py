@@ -282,8 +282,9 @@ class ATP(DecoderMethodBase):
             attn_tv = attn[:, off:off + tlen].gather(2, cols_v[:, None, :].expand(bsz, tlen, vlen))  # [B, T, V]
         patch = ctx.patch0.gather(1, view.source.gather(1, cols_v).clamp(min=0))  # [B, V]
         patch = torch.where(valid_v, patch, torch.zeros_like(patch))
-        ctx.layers.append(layer)
         n = pr.config.num_patches
+        patch_dump = torch.where(valid_v, patch, torch.full_like(patch, n))  # padding slots -> grid index N
+        ctx.layers.append(layer)
         dump = torch.where(valid_v, cols_v, torch.full_like(cols_v, length))  # padding slots -> column L
 
         if self.mode == "soft":
@@ -306,7 +307,7 @@ class ATP(DecoderMethodBase):
             ctx.soft_counts.append(step.count)
             ctx.thresholds.append(step.thresholds)
             cum = step.cumulative.detach()
-            ctx.masks.append(torch.zeros(bsz, n, device=cum.device).scatter(1, patch, cum * valid_v))
+            ctx.masks.append(torch.zeros(bsz, n + 1, device=cum.device).scatter(1, patch_dump, cum)[:, :n])
             ctx.keep_grids.append(ctx.masks[-1] > 0.5)
             ones = torch.ones(bsz, length + 1, dtype=step.mask.dtype, device=step.mask.device)
             soft = ones.scatter(1, dump, torch.where(valid_v, step.mask, torch.ones_like(step.mask)))[:, :length]
@@ -316,7 +317,7 @@ class ATP(DecoderMethodBase):
         step = pr.hard_step(layer, scores, patch)
         keep = step.keep & valid_v
         cols_keep = torch.zeros(bsz, length + 1, dtype=torch.bool, device=keep.device).scatter(1, dump, keep)
-        grid = torch.zeros(bsz, n, dtype=torch.bool, device=keep.device).scatter(1, patch, keep)
+        grid = torch.zeros(bsz, n + 1, dtype=torch.bool, device=keep.device).scatter(1, patch_dump, keep)[:, :n]
         ctx.counts.append(step.counts)
         ctx.thresholds.append(step.thresholds)
         ctx.keep_grids.append(grid)
