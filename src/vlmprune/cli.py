@@ -143,7 +143,7 @@ def eval_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    n: int = typer.Option(100, help="questions per family"),
+    n: int = typer.Option(50, help="questions per family"),
     out: Path = typer.Option(Path("out/demo")),
     batch_size: int = typer.Option(16),
 ):

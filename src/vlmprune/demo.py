@@ -20,7 +20,7 @@ DEMO_SPECS: list[tuple[str, dict]] = [
 ]
 
 
-def run_demo(n: int = 100, out: Path = Path("out/demo"), batch_size: int = 16) -> list:
+def run_demo(n: int = 50, out: Path = Path("out/demo"), batch_size: int = 16) -> list:
     from . import registry
     from .eval import report
     from .eval.data import shapesvqa_items

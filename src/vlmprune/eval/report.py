@@ -61,7 +61,10 @@ def print_table(results: Sequence[EvalResult], title: str = "ShapesVQA") -> None
         table.add_column(h, justify="right" if h != "method" else "left")
     for row in body:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # pipes and logs: do not squeeze the table to 80 columns
+        console = Console(width=240)
+    console.print(table)
 
 
 def write(results: Sequence[EvalResult], out_dir: str | Path, name: str = "results") -> tuple[Path, Path]:
