@@ -272,7 +272,10 @@ def _load_model(cfg: ATPTrainConfig):
     from ..testbed.model import load
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    return load(cfg.model, dtype=dtype)
+    try:
+        return load(cfg.model, dtype=dtype)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load the model {cfg.model or '(testbed)'}: {e}") from e
 
 
 def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
