@@ -1,0 +1,73 @@
+"""``vlmprune bench``: measured efficiency of pruning methods, with a JSON efficiency card and a plot.
+
+Mounted by the main CLI as ``app.add_typer(bench_app, name="bench")``; also runnable as
+``python -m vlmprune.bench.cli``. The measurement is documented in ``vlmprune.bench.measure``
+and ``docs/efficiency.md``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(name="bench", add_completion=False,
+                  help="Measured efficiency (CPU): prefill, overhead, decode, memory, KV cache; JSON card + plot.")
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+@app.callback(invoke_without_command=True)
+def bench(
+    model: list[str] = typer.Option(["testbed", "scaled"], "--model", "-M",
+                                    help="testbed (the committed checkpoint), scaled (LLaVA-1.5-shaped, random "
+                                         "weights), tiny (plumbing check) or a saved model folder; repeat for several"),
+    method: list[str] = typer.Option(["prumerge+", "fastv"], "--method", "-m",
+                                     help="method spec NAME[:key=value,...] (see `vlmprune methods`); repeat for "
+                                          "several; the unpruned model is always measured"),
+    batch: list[int] = typer.Option([1, 8], "--batch", "-b", help="batch size; repeat for several"),
+    dtype: str = typer.Option("fp32", "--dtype",
+                              help="fp32 (default) or bf16 (this CPU has no bf16 acceleration: bf16 times emulation)"),
+    repeats: int = typer.Option(5, "--repeats", help="timed rounds (median reported)"),
+    warmup: int = typer.Option(1, "--warmup", help="untimed rounds first"),
+    new_tokens: int = typer.Option(16, "--new-tokens", help="tokens generated per run (decode steps = this - 1)"),
+    threads: int = typer.Option(1, "--threads", help="torch threads (the machine is shared: default 1)"),
+    memory: bool = typer.Option(True, "--memory/--no-memory",
+                                help="peak memory, one fresh subprocess per (model, batch, variant)"),
+    seed: int = typer.Option(0, "--seed", help="prompt / pixel seed"),
+    scaled_hidden: int = typer.Option(512, "--scaled-hidden", help="scaled model: decoder width (7B: 4096)"),
+    scaled_layers: int = typer.Option(32, "--scaled-layers", help="scaled model: decoder layers (7B: 32)"),
+    scaled_vision_hidden: int = typer.Option(256, "--scaled-vision-hidden",
+                                             help="scaled model: vision width (CLIP-L: 1024)"),
+    scaled_vision_layers: int = typer.Option(6, "--scaled-vision-layers",
+                                             help="scaled model: vision layers (CLIP-L: 24)"),
+    out: Path = typer.Option(Path("out/bench"), "--out", "-o", help="folder for card.json and speedup.png"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
+) -> None:
+    """Time a method against the unpruned model (same process, interleaved rounds) and write the card."""
+    from .measure import BenchError, ScaledConfig, print_card, run_bench
+
+    console = Console(width=max(Console().width, 170))
+    try:
+        scaled = ScaledConfig(hidden=scaled_hidden, layers=scaled_layers, vision_hidden=scaled_vision_hidden,
+                              vision_layers=scaled_vision_layers)
+        card = run_bench(models=model, methods=method, batches=batch, dtype=dtype, repeats=repeats, warmup=warmup,
+                         new_tokens=new_tokens, threads=threads, memory=memory, seed=seed, scaled=scaled, out=out,
+                         command="vlmprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+                         if len(sys.argv) > 1 and sys.argv[1] == "bench" else "vlmprune bench",
+                         log=None if quiet else (lambda msg: console.log(msg, markup=False)))
+    except BenchError as e:
+        _fail(str(e))
+        return
+    print_card(card, console)
+    console.print(f"wrote {out / 'card.json'} and {card['plot']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
