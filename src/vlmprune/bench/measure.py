@@ -985,8 +985,7 @@ def evaluate_targets(card: dict[str, Any], model: str = "scaled", batch: int = 1
 # ================================================================================ output
 
 
-def _ideal_curve(cfg, text_tokens: int, points: Sequence[int], prefix: int = 0,
-                 prefix_tokens: int | None = None) -> list[float]:
+def _ideal_curve(cfg, text_tokens: int, points: Sequence[int], prefix: int = 0) -> list[float]:
     """End-to-end FLOP-ideal speed-ups (batch 1) at ``points`` visual tokens kept in layers >= ``prefix``."""
     from ..cost.analytic import vision_encoder_flops
 
