@@ -23,8 +23,11 @@ def cls_attention_share(model, processor, n_scenes: int = 200, split: str = "tes
     The attention is the one PruMerge reads: last vision layer, q/k from the penultimate hidden
     state, softmax over all keys of the concatenated-head logits (``prumerge.md`` section 1).
     """
-    vt = model.model.vision_tower
-    layer = vt.vision_model.encoder.layers[-1]
+    from ..integrations.base import get_adapter
+
+    adapter = get_adapter(model)
+    vt = adapter.get_vision_tower(model)
+    layer = adapter.get_vision_layers(model)[-1]
     shares, fractions = [], []
     for i in range(n_scenes):
         scene = make_scene(split_seed(split, i))

@@ -9,6 +9,11 @@ Stage 1 trains the CLIP vision tower from scratch on dense, synthetic supervisio
 Stage 2 freezes the vision tower and trains the projector and the Llama decoder on multi-turn
 ShapesVQA conversations (several question-answer turns per image amortise the 576 visual tokens;
 loss on answer tokens only).
+Stage 3 refines the [CLS] pathway: only the *last* vision layer, the post-layernorm and the [CLS]
+head train, on the multi-label objective. LLaVA reads ``hidden_states[-2]``, the input of that
+last layer, so this stage cannot change what the LLM sees (it is independent of stage 2); it
+exists because in stage 1 the dense patch objectives converge long before [CLS] learns where to
+look, and the [CLS] attention of the last layer is exactly what PruMerge reads.
 
 All data are generated on the fly from step-indexed seeds, so a run is reproducible from its seed
 and resumes exactly from a checkpoint.
@@ -45,6 +50,9 @@ class TrainConfig:
     warmup: int = 60
     turns: int = 10
     text_prob: float = 0.5
+    cls_steps: int = 300
+    cls_batch: int = 16
+    cls_lr: float = 2e-3
     checkpoint_every: int = 100
     threads: int = 0  # 0 = torch default
 
@@ -66,10 +74,11 @@ def _pixel_values(processor, images) -> torch.Tensor:
     return processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
-def _vision_batch(cfg: TrainConfig, step: int, processor):
+def _vision_batch(cfg: TrainConfig, step: int, processor, batch: int | None = None):
+    batch = batch or cfg.vision_batch
     scenes = []
-    for i in range(cfg.vision_batch):
-        seed = split_seed("train", (cfg.seed * 7919 + step * cfg.vision_batch + i) % 400_000_000)
+    for i in range(batch):
+        seed = split_seed("train", (cfg.seed * 7919 + step * batch + i) % 400_000_000)
         rnd = random.Random(seed)
         scenes.append(make_scene(seed, text=rnd.random() < cfg.text_prob))
     labels = [patch_labels(s) for s in scenes]
@@ -190,6 +199,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print):
         state = saved["state"]
         if state["stage"] == 2:
             opt = _stage2_optimizer(model, cfg)
+        elif state["stage"] == 3:
+            opt = _stage3_optimizer(model, heads, cfg)
         opt.load_state_dict(saved["opt"])
         log(f"resumed from {ckpt_path} at stage {state['stage']} step {state['step']}")
 
@@ -231,26 +242,46 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print):
             state = {"stage": 2, "step": 0}
             opt = _stage2_optimizer(model, cfg)
             save()
-        task = bar.add_task("stage 2 llm", total=cfg.llm_steps, completed=state["step"], info="")
-        for p in vision.parameters():
-            p.requires_grad_(False)
-        model.train()
-        vision.eval()
-        while state["step"] < cfg.llm_steps:
+        if state["stage"] == 2:
+            task = bar.add_task("stage 2 llm", total=cfg.llm_steps, completed=state["step"], info="")
+            for p in vision.parameters():
+                p.requires_grad_(False)
+            model.train()
+            vision.eval()
+            while state["step"] < cfg.llm_steps:
+                step = state["step"]
+                for g in opt.param_groups:
+                    g["lr"] = _lr(step, cfg.llm_steps, cfg.llm_lr, cfg.warmup)
+                torch.manual_seed(cfg.seed * 100003 + 50_000 + step)
+                batch = _llm_batch(cfg, step, processor)
+                loss = model(**batch).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                opt.step()
+                state["step"] += 1
+                history.append({"stage": 2, "step": step, "loss": float(loss)})
+                bar.update(task, advance=1, info=f"loss={float(loss):.3f}")
+                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.llm_steps:
+                    save()
+            state = {"stage": 3, "step": 0}
+            opt = _stage3_optimizer(model, heads, cfg)
+            save()
+        task = bar.add_task("stage 3 [CLS]", total=cfg.cls_steps, completed=state["step"], info="")
+        while state["step"] < cfg.cls_steps:
             step = state["step"]
             for g in opt.param_groups:
-                g["lr"] = _lr(step, cfg.llm_steps, cfg.llm_lr, cfg.warmup)
-            torch.manual_seed(cfg.seed * 100003 + 50_000 + step)
-            batch = _llm_batch(cfg, step, processor)
-            loss = model(**batch).loss
+                g["lr"] = _lr(step, cfg.cls_steps, cfg.cls_lr, cfg.warmup)
+            torch.manual_seed(cfg.seed * 100003 + 90_000 + step)
+            pv, targets = _vision_batch(cfg, 1_000_000 + step, processor, batch=cfg.cls_batch)
+            loss = F.binary_cross_entropy_with_logits(heads.cls(vision(pv).pooler_output), targets["present"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
             state["step"] += 1
-            history.append({"stage": 2, "step": step, "loss": float(loss)})
-            bar.update(task, advance=1, info=f"loss={float(loss):.3f}")
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.llm_steps:
+            history.append({"stage": 3, "step": step, "loss": float(loss.detach())})
+            bar.update(task, advance=1, info=f"loss={float(loss.detach()):.3f}")
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.cls_steps:
                 save()
     model.eval()
     final = out / "final"
@@ -258,6 +289,18 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print):
     processor.save_pretrained(final)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return final
+
+
+def _stage3_optimizer(model, heads: VisionHeads, cfg: TrainConfig):
+    """Only the last vision layer, the post-layernorm and the [CLS] head train in stage 3."""
+    vision = model.model.vision_tower
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(vision.encoder.layers[-1].parameters()) + list(vision.post_layernorm.parameters()) + \
+        list(heads.cls.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return torch.optim.AdamW(params, lr=cfg.cls_lr, weight_decay=0.01)
 
 
 def _stage2_optimizer(model, cfg: TrainConfig):
