@@ -180,14 +180,19 @@ def test_viz_plumbing(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_accelerate_launch(tiny, tmp_path):
+    """Two CPU processes with DDP (gloo). Note: ``accelerate launch --cpu --num_processes 2`` starts ONE process
+    (accelerate's simple launcher; several CPU processes need mpirun) — ``--multi_gpu`` starts two via torchrun,
+    and the trainer switches accelerate to its multi-CPU mode when there is no CUDA."""
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlmprune.train.cli", "atp",
            "--model", str(tiny), "--out", str(out), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1",
            "--eval-n", "4", "--no-progress"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("done:") == 2  # two processes ran ...
+    assert res.stdout.count("step 2: loss") == 1  # ... and only the main one logs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     state = torch.load(out / "train_state.pt", weights_only=False)

@@ -278,6 +278,15 @@ def _load_model(cfg: ATPTrainConfig):
         raise FileNotFoundError(f"could not load the model {cfg.model or '(testbed)'}: {e}") from e
 
 
+def _world_size_from_env() -> int:
+    import os
+
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
 def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train (or resume) ATP modules per ``cfg``; returns the output folder with the final weights."""
     from accelerate import Accelerator
@@ -287,7 +296,11 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
     from ..integrations.atp import attach_atp
     from ..integrations.base import get_adapter
 
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # several processes on a machine without CUDA (`accelerate launch --multi_gpu` / torchrun / mpirun
+    # on CPUs): tell accelerate to use its multi-CPU (gloo) mode, which it only picks with cpu=True
+    multi_cpu = not torch.cuda.is_available() and _world_size_from_env() > 1
+    accelerator = Accelerator(cpu=multi_cpu,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
     say = log if main else (lambda _msg: None)
     out = Path(cfg.out)
