@@ -76,13 +76,17 @@ def test_train_resume_and_load(tiny, tmp_path):
     base = ["--model", str(tiny), "--batch-size", "2", "--checkpoint-every", "1", "--eval-n", "4", "--no-progress"]
     r = _run("--out", str(straight), "--steps", "3", *base)
     assert r.exit_code == 0, r.output
-    r = _run("--out", str(resumed), "--steps", "2", *base)
+    r = _run("--out", str(resumed), "--steps", "3", "--stop-after", "2", *base)
     assert r.exit_code == 0, r.output
+    assert "stopped after step 2 of 3" in r.output and not (resumed / "summary.json").exists()
     r = _run("--out", str(resumed), "--steps", "3", *base)
     assert r.exit_code == 0, r.output
     assert "resumed from" in r.output and "at step 2" in r.output
     a, b = _weights(straight), _weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the straight run
+    from vlmprune.train.atp import build_pruner
+    init = build_pruner(ATPTrainConfig(), 4, 16, (4, 4)).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # and the run did train
     hist = [json.loads(l) for l in (resumed / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [0, 1, 2]
     summary = json.loads((straight / "summary.json").read_text())

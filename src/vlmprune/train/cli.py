@@ -38,7 +38,7 @@ def atp_cmd(
                                                    "model (testbed: 144 -> 178.8, 88 -> 127.3); unused with --target"),
     layers: Optional[str] = typer.Option(None, help="decoder layers the modules follow, e.g. 0,1,2,3,4 "
                                                     "(default: 2,8,14,20,26 of 32 scaled to the model)"),
-    steps: int = typer.Option(240, help="optimizer steps"),
+    steps: int = typer.Option(300, help="optimizer steps (testbed: 300 x batch 8 ~ 17-25 min on this 2-core machine)"),
     batch_size: int = typer.Option(8, help="samples per process per step"),
     lr: float = typer.Option(2e-3, help="learning rate of the ATP modules"),
     train: str = typer.Option("llm-frozen", help="llm-frozen (ATP modules only) | lora (also LoRA on the LLM)"),
@@ -57,11 +57,13 @@ def atp_cmd(
     budget_count: str = typer.Option("st", help="count in the budget loss: st (hard value, soft gradient) | soft"),
     turns: int = typer.Option(1, help="question-answer turns per training image"),
     seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(40, help="save a resumable checkpoint every N steps"),
+    checkpoint_every: int = typer.Option(50, help="save a resumable checkpoint every N steps"),
     eval_n: int = typer.Option(96, help="held-out prompts for the final hard-pruning token count (0 = skip)"),
     dtype: str = typer.Option("float32", help="model weights: float32 | bfloat16 | float16"),
     save_merged: bool = typer.Option(True, "--save-merged/--no-save-merged",
                                      help="with LoRA: also write the merged model to OUT/model"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this invocation (checkpointed; "
+                                                        "rerun the same command to resume)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Train ATP modules (soft masks + budget loss) inside a LLaVA model; write weights loadable by
@@ -80,7 +82,7 @@ def atp_cmd(
                              tau_final=tau_final if tau_final > 0 else None, lambda_atp=lambda_atp,
                              lambda_target=lambda_target, budget_count=budget_count, turns=turns, seed=seed,
                              checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
-                             save_merged=save_merged)
+                             save_merged=save_merged, stop_after=stop_after)
         final = train_atp(cfg, progress=progress)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
