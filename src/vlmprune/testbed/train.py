@@ -53,8 +53,11 @@ class TrainConfig:
     cls_steps: int = 300
     cls_batch: int = 16
     cls_lr: float = 2e-3
+    cls_attention_weight: float = 0.2
     checkpoint_every: int = 100
     threads: int = 0  # 0 = torch default
+    vision_overrides: dict | None = None  # architecture overrides (tests train tiny models)
+    text_overrides: dict | None = None
 
 
 class VisionHeads(nn.Module):
@@ -83,7 +86,9 @@ def _vision_batch(cfg: TrainConfig, step: int, processor, batch: int | None = No
         scenes.append(make_scene(seed, text=rnd.random() < cfg.text_prob))
     labels = [patch_labels(s) for s in scenes]
     stack = lambda name: torch.as_tensor(np.stack([getattr(lab, name) for lab in labels]))  # noqa: E731
-    return _pixel_values(processor, [s.image for s in scenes]), {k: stack(k) for k in ("color", "shape", "center", "char", "present")}
+    targets = {k: stack(k) for k in ("color", "shape", "center", "char", "present")}
+    targets["object"] = (targets["color"] > 0) | (targets["char"] > 0)  # patches showing an object or text
+    return _pixel_values(processor, [s.image for s in scenes]), targets
 
 
 def vision_loss(vision_tower, heads: VisionHeads, pixel_values, targets) -> tuple[torch.Tensor, dict]:
@@ -105,6 +110,35 @@ def vision_loss(vision_tower, heads: VisionHeads, pixel_values, targets) -> tupl
     }
     total = 4 * losses["cls"] + losses["color"] + losses["shape"] + losses["center"] + losses["char"] + losses["pos"]
     return total, {k: float(v.detach()) for k, v in losses.items()}
+
+
+def cls_attention(vision_tower, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, N] [CLS] attention over patches as PruMerge reads it (prumerge.md section 1).
+
+    ``hidden`` is the input of the last vision layer (``hidden_states[-2]``); one softmax over the
+    concatenated-head logits of the [CLS] query against all keys, [CLS] column dropped.
+    """
+    layer = vision_tower.encoder.layers[-1]
+    x = layer.layer_norm1(hidden)
+    q = layer.self_attn.q_proj(x[:, :1])  # [B, 1, C]
+    k = layer.self_attn.k_proj(x)  # [B, N+1, C]
+    return torch.softmax((q @ k.transpose(1, 2)).squeeze(1) / q.shape[-1] ** 0.5, -1)[:, 1:]
+
+
+def cls_loss(vision_tower, heads: VisionHeads, pixel_values, targets, attention_weight: float) -> torch.Tensor:
+    """Stage 3: multi-label colour-shape prediction from [CLS], guided to look at object patches.
+
+    The guidance term is ``-log`` of the [CLS] attention mass (PruMerge's formula) on patches that
+    show an object or text; without it the [CLS] query stays near uniform over the 576 patches and
+    the multi-label loss does not leave its prior within the training budget.
+    """
+    out = vision_tower(pixel_values, output_hidden_states=True)
+    bce = F.binary_cross_entropy_with_logits(heads.cls(out.pooler_output), targets["present"])
+    if attention_weight == 0:
+        return bce
+    a = cls_attention(vision_tower, out.hidden_states[-2])
+    mass = (a * targets["object"].float()).sum(-1) / a.sum(-1)
+    return bce + attention_weight * -(mass + 1e-6).log().mean()
 
 
 def conversation(scene, rnd: random.Random, turns: int) -> list[tuple[str, str]]:
@@ -166,8 +200,16 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, log=print):
-    """Run (or resume) both stages; returns the output directory holding the final model."""
+class _Interrupted(Exception):
+    pass
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int | None = None):
+    """Run (or resume) the three stages; returns the output directory holding the final model.
+
+    ``stop_after`` ends the call after that many optimiser steps, as an interruption would (the
+    state of the last checkpoint is what a resume continues from); it then returns None.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .model import build_model, build_processor, build_tokenizer
@@ -184,7 +226,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print):
         tokenizer = build_tokenizer()
         tokenizer.save_pretrained(out / "tokenizer")
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, seed=cfg.seed)
+    model = build_model(tokenizer, seed=cfg.seed, vision=cfg.vision_overrides, text=cfg.text_overrides)
     heads = VisionHeads(model.config.vision_config.hidden_size)
     vision = model.model.vision_tower
     state = {"stage": 1, "step": 0}
@@ -217,72 +259,85 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print):
         Path(str(ckpt_path) + ".tmp").replace(ckpt_path)
 
     history = []
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if stop_after is not None and done[0] >= stop_after:
+            raise _Interrupted
+
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeRemainingColumn()]
-    with Progress(*cols, disable=not progress) as bar:
-        if state["stage"] == 1:
-            task = bar.add_task("stage 1 vision", total=cfg.vision_steps, completed=state["step"], info="")
-            model.train()
-            while state["step"] < cfg.vision_steps:
-                step = state["step"]
-                for g in opt.param_groups:
-                    g["lr"] = _lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup)
-                torch.manual_seed(cfg.seed * 100003 + step)
-                pv, targets = _vision_batch(cfg, step, processor)
-                loss, parts = vision_loss(vision, heads, pv, targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(vision.parameters(), 1.0)
-                opt.step()
-                state["step"] += 1
-                history.append({"stage": 1, "step": step, "loss": float(loss.detach()), **parts})
-                bar.update(task, advance=1, info=" ".join(f"{k}={v:.3f}" for k, v in parts.items()))
-                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.vision_steps:
-                    save()
-            state = {"stage": 2, "step": 0}
-            opt = _stage2_optimizer(model, cfg)
-            save()
-        if state["stage"] == 2:
-            task = bar.add_task("stage 2 llm", total=cfg.llm_steps, completed=state["step"], info="")
-            for p in vision.parameters():
-                p.requires_grad_(False)
-            model.train()
-            vision.eval()
-            while state["step"] < cfg.llm_steps:
-                step = state["step"]
-                for g in opt.param_groups:
-                    g["lr"] = _lr(step, cfg.llm_steps, cfg.llm_lr, cfg.warmup)
-                torch.manual_seed(cfg.seed * 100003 + 50_000 + step)
-                batch = _llm_batch(cfg, step, processor)
-                loss = model(**batch).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-                opt.step()
-                state["step"] += 1
-                history.append({"stage": 2, "step": step, "loss": float(loss)})
-                bar.update(task, advance=1, info=f"loss={float(loss):.3f}")
-                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.llm_steps:
-                    save()
-            state = {"stage": 3, "step": 0}
-            opt = _stage3_optimizer(model, heads, cfg)
-            save()
-        task = bar.add_task("stage 3 [CLS]", total=cfg.cls_steps, completed=state["step"], info="")
-        while state["step"] < cfg.cls_steps:
-            step = state["step"]
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, cfg.cls_steps, cfg.cls_lr, cfg.warmup)
-            torch.manual_seed(cfg.seed * 100003 + 90_000 + step)
-            pv, targets = _vision_batch(cfg, 1_000_000 + step, processor, batch=cfg.cls_batch)
-            loss = F.binary_cross_entropy_with_logits(heads.cls(vision(pv).pooler_output), targets["present"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step"] += 1
-            history.append({"stage": 3, "step": step, "loss": float(loss.detach())})
-            bar.update(task, advance=1, info=f"loss={float(loss.detach()):.3f}")
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.cls_steps:
+    try:
+        with Progress(*cols, disable=not progress) as bar:
+            if state["stage"] == 1:
+                task = bar.add_task("stage 1 vision", total=cfg.vision_steps, completed=state["step"], info="")
+                model.train()
+                while state["step"] < cfg.vision_steps:
+                    step = state["step"]
+                    for g in opt.param_groups:
+                        g["lr"] = _lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup)
+                    torch.manual_seed(cfg.seed * 100003 + step)
+                    pv, targets = _vision_batch(cfg, step, processor)
+                    loss, parts = vision_loss(vision, heads, pv, targets)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(vision.parameters(), 1.0)
+                    opt.step()
+                    state["step"] += 1
+                    history.append({"stage": 1, "step": step, "loss": float(loss.detach()), **parts})
+                    bar.update(task, advance=1, info=" ".join(f"{k}={v:.3f}" for k, v in parts.items()))
+                    if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.vision_steps:
+                        save()
+                    tick()
+                state = {"stage": 2, "step": 0}
+                opt = _stage2_optimizer(model, cfg)
                 save()
+            if state["stage"] == 2:
+                task = bar.add_task("stage 2 llm", total=cfg.llm_steps, completed=state["step"], info="")
+                for p in vision.parameters():
+                    p.requires_grad_(False)
+                model.train()
+                vision.eval()
+                while state["step"] < cfg.llm_steps:
+                    step = state["step"]
+                    for g in opt.param_groups:
+                        g["lr"] = _lr(step, cfg.llm_steps, cfg.llm_lr, cfg.warmup)
+                    torch.manual_seed(cfg.seed * 100003 + 50_000 + step)
+                    batch = _llm_batch(cfg, step, processor)
+                    loss = model(**batch).loss
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                    opt.step()
+                    state["step"] += 1
+                    history.append({"stage": 2, "step": step, "loss": float(loss.detach())})
+                    bar.update(task, advance=1, info=f"loss={float(loss.detach()):.3f}")
+                    if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.llm_steps:
+                        save()
+                    tick()
+                state = {"stage": 3, "step": 0}
+                opt = _stage3_optimizer(model, heads, cfg)
+                save()
+            task = bar.add_task("stage 3 [CLS]", total=cfg.cls_steps, completed=state["step"], info="")
+            while state["step"] < cfg.cls_steps:
+                step = state["step"]
+                for g in opt.param_groups:
+                    g["lr"] = _lr(step, cfg.cls_steps, cfg.cls_lr, cfg.warmup)
+                torch.manual_seed(cfg.seed * 100003 + 90_000 + step)
+                pv, targets = _vision_batch(cfg, 1_000_000 + step, processor, batch=cfg.cls_batch)
+                loss = cls_loss(vision, heads, pv, targets, cfg.cls_attention_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                state["step"] += 1
+                history.append({"stage": 3, "step": step, "loss": float(loss.detach())})
+                bar.update(task, advance=1, info=f"loss={float(loss.detach()):.3f}")
+                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.cls_steps:
+                    save()
+                tick()
+    except _Interrupted:
+        return None
     model.eval()
     final = out / "final"
     model.save_pretrained(final)
