@@ -177,14 +177,17 @@ def testbed_train(
 
 @testbed_app.command("check")
 def testbed_check(
-    n: int = typer.Option(300, help="questions per family"),
+    n: int = typer.Option(300, help="questions per family (unpruned and random-32 runs)"),
+    blank_n: int = typer.Option(100, help="questions per family for the blank-image run"),
     out: Path = typer.Option(Path("out/testbed-check")),
     batch_size: int = typer.Option(16),
 ):
     """The testbed's acceptance checks: unpruned / blank-image / random-32 accuracy, [CLS] attention share."""
     from .testbed.check import run_check
 
-    run_check(n=n, out=out, batch_size=batch_size)
+    if n < 1 or blank_n < 1:
+        _fail("--n and --blank-n must be >= 1")
+    run_check(n=n, out=out, batch_size=batch_size, blank_n=blank_n)
 
 
 def main() -> None:  # pragma: no cover

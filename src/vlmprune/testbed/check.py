@@ -45,7 +45,24 @@ def cls_attention_share(model, processor, n_scenes: int = 200, split: str = "tes
             "object_patch_fraction": float(np.mean(fractions))}
 
 
-def run_check(n: int = 300, out: Path = Path("out/testbed-check"), batch_size: int = 16) -> dict:
+def chance_accuracy() -> float:
+    """Mean over families of the accuracy of always giving each family's most frequent answer.
+
+    (Computed on the test split's first 300 questions per family; what a model that ignores the
+    image can reach at best by guessing one answer per family.)
+    """
+    from collections import Counter
+
+    from .questions import FAMILIES, build_questions
+
+    accs = []
+    for fam in FAMILIES:
+        answers = Counter(q.answer for q in build_questions("test", fam, 300))
+        accs.append(answers.most_common(1)[0][1] / sum(answers.values()))
+    return sum(accs) / len(accs)
+
+
+def run_check(n: int = 300, out: Path = Path("out/testbed-check"), batch_size: int = 16, blank_n: int = 100) -> dict:
     from ..eval import report
     from ..eval.data import shapesvqa_items
     from ..eval.harness import evaluate
@@ -55,7 +72,7 @@ def run_check(n: int = 300, out: Path = Path("out/testbed-check"), batch_size: i
     items = shapesvqa_items("test", None, n)
     base = evaluate(model, processor, items, batch_size=batch_size)
     base.retention = 1.0
-    blank = evaluate(model, processor, shapesvqa_items("test", None, n, blank=True), batch_size=batch_size,
+    blank = evaluate(model, processor, shapesvqa_items("test", None, blank_n, blank=True), batch_size=batch_size,
                      label="blank images", baseline=base)
     rnd = evaluate(model, processor, items, method="random", method_options={"keep": 32}, batch_size=batch_size,
                    baseline=base)
@@ -66,7 +83,8 @@ def run_check(n: int = 300, out: Path = Path("out/testbed-check"), batch_size: i
     report.write(results, out, "check")
     summary = {"unpruned_mean": base.mean_accuracy, "min_family": min(f.accuracy for f in base.families),
                "blank_mean": blank.mean_accuracy, "random32_mean": rnd.mean_accuracy,
-               "random32_drop_points": 100 * (base.mean_accuracy - rnd.mean_accuracy), **att}
+               "random32_drop_points": 100 * (base.mean_accuracy - rnd.mean_accuracy),
+               "chance_mean": chance_accuracy(), **att}
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
