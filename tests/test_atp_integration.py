@@ -300,3 +300,23 @@ def test_samples_without_exactly_one_image_are_refused(model):
     with vlmprune.pruned(model, "atp"):
         with pytest.raises(ValueError, match="exactly one image"), torch.no_grad():
             model(**batch)
+
+
+def test_range_term_pulls_saturated_thresholds_back_towards_the_scores(model):
+    """A threshold far below every score (all soft masks ~1, no gradient) gets a hinge gradient upwards."""
+    inputs = make_inputs(model, prefix_lens=(3,), suffix_lens=(5,))
+    pr = _pruner(model, theta_r=-0.9, theta_s=0.9)
+    handle = attach_atp(model, pr, mode="soft", tau=0.05)
+    try:
+        model(**inputs)
+        terms = handle.state.context.range_terms
+        assert len(terms) == 3 and all(float(t.min()) > 0.5 for t in terms)  # theta_r >= 0.5 below min S_r - 2 tau
+        torch.stack(terms, 1).sum().backward()
+    finally:
+        handle.remove()
+    for layer in pr.layers:
+        assert float(pr.atp[str(layer)].head_r.bias.grad) < 0  # descending the loss raises theta_r
+    pr2 = _pruner(model, theta_r=0.85, theta_s=0.9)  # inside the band: no penalty
+    with attach_atp(model, pr2, mode="soft", tau=0.05) as handle, torch.no_grad():
+        model(**inputs)
+        assert all(float(t.max()) == 0.0 for t in handle.state.context.range_terms)

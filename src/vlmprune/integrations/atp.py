@@ -74,6 +74,7 @@ class ATPContext:
     thresholds: list[A.Thresholds] = field(default_factory=list)
     keep_grids: list[Tensor] = field(default_factory=list)
     masks: list[Tensor] = field(default_factory=list)
+    range_terms: list[Tensor] = field(default_factory=list)  # soft: [B] distance of theta outside the scores' range
     prev: Tensor | None = None  # soft: cumulative soft mask over the visual slots [B, V]
     prev_hard: Tensor | None = None  # soft: cumulative hard keep [B, V] (straight-through count)
     pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # rows of the current point
@@ -305,6 +306,8 @@ class ATP(DecoderMethodBase):
                 count = hard.sum(1).to(step.count.dtype) + (step.count - step.count.detach())
             ctx.counts.append(count)
             ctx.soft_counts.append(step.count)
+            if pr.config.learned:
+                ctx.range_terms.append(self._range_term(scores.s_r, step.s_s, step.thresholds, valid_v))
             ctx.thresholds.append(step.thresholds)
             cum = step.cumulative.detach()
             ctx.masks.append(torch.zeros(bsz, n + 1, device=cum.device).scatter(1, patch_dump, cum)[:, :n])
@@ -327,6 +330,23 @@ class ATP(DecoderMethodBase):
             if t is not None:
                 info[name] = t.detach().float().tolist()
         return Decision(keep=cols_keep[:, :length], info=info)
+
+    def _range_term(self, s_r: Tensor, s_s: Tensor, th: A.Thresholds, valid: Tensor) -> Tensor:
+        """[B] how far each threshold lies outside [min score - m, max score + m], m = 2 tau.
+
+        Outside that band every soft mask of the module is saturated (all ~1 or all ~0), so no
+        gradient reaches the threshold and training can freeze it there; the band still contains
+        both extremes of the hard rule (keep all: theta < min S; keep none: theta >= max S).
+        """
+        m = 2.0 * (self.tau if self.tau is not None else self.pruner.config.tau)
+        out = torch.zeros(valid.shape[0], device=valid.device)
+        for s, t in ((s_r, th.theta_r), (s_s, th.theta_s)):
+            if t is None:
+                continue
+            lo = s.float().masked_fill(~valid, math.inf).amin(1) - m
+            hi = s.float().masked_fill(~valid, -math.inf).amax(1) + m
+            out = out + torch.relu(lo - t) + torch.relu(t - hi)
+        return out
 
     def __repr__(self) -> str:
         if self.pruner is None:

@@ -66,9 +66,13 @@ class ATPTrainConfig:
     layers: tuple[int, ...] | None = _opt(None, "decoder layers the modules follow; None = scale_layers()")
     steps: int = _opt(300, "optimizer steps (testbed: ~3.3 s/step at batch 8 on 2 cores, ~5 s on 1)")
     batch_size: int = _opt(8, "samples per process per step")
-    lr: float = _opt(2e-3, "learning rate of the ATP modules (AdamW)")
+    lr: float = _opt(3e-4, "learning rate of the ATP modules (AdamW); faster rates overshoot the target "
+                           "and can saturate the thresholds")
     lora_lr: float = _opt(2e-4, "learning rate of the LoRA adapters")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta2: float = _opt(0.95, "AdamW beta2: a short second-moment memory, because a threshold's gradient "
+                                   "shrinks by orders of magnitude when it leaves the score range (sigmoid "
+                                   "saturation) and 0.999 would then freeze it for hundreds of steps")
     warmup: int = _opt(10, "linear warm-up steps, then cosine to 10%")
     train: str = _opt("llm-frozen", "llm-frozen (only ATP modules) | lora (also LoRA adapters on the LLM)")
     lora_r: int = _opt(8, "LoRA rank")
@@ -83,6 +87,13 @@ class ATPTrainConfig:
     lambda_atp: float = _opt(0.05, "weight of L_atp")
     lambda_target: float = _opt(1.0, "weight of L_target")
     budget_count: str = _opt("st", "count in the budget loss: st (hard value, soft gradient) | soft")
+    target_control: str = _opt("dual", "dual: add mu * (Nbar - target) / N with mu adapted by dual ascent "
+                                       "on the measured average (lands on the target whatever the task "
+                                       "loss pulls); fixed: only the spec's lambda_target * |.| term")
+    lambda_range: float = _opt(1.0, "weight of the hinge keeping each threshold within 2 tau of its scores' "
+                                    "range, where its soft mask still has a gradient (0 = off)")
+    dual_lr: float = _opt(0.05, "dual ascent rate: mu += dual_lr * (batch average - target) / target per step, "
+                                "from the first step whose average reaches the target on (anti-windup)")
     turns: int = _opt(1, "question-answer turns per image (T is always the first turn's question)")
     text_prob: float = _opt(0.5, "probability that a training scene carries a text code")
     seed: int = _opt(0, "seed of the data stream and of the module initialisation")
@@ -101,10 +112,15 @@ class ATPTrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0 and self.lora_lr > 0, "learning rates must be > 0"),
             (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
+            (0.0 < self.adam_beta2 < 1.0, f"adam_beta2 must be in (0, 1), got {self.adam_beta2}"),
             (self.train in TRAIN_MODES, f"train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}"),
             (self.score in A.SCORE_MODES, f"score must be one of {', '.join(A.SCORE_MODES)}, got {self.score!r}"),
             (self.redundant or self.spatial, "redundant and spatial cannot both be disabled"),
             (self.budget_count in ("st", "soft"), f"budget_count must be st or soft, got {self.budget_count!r}"),
+            (self.target_control in ("dual", "fixed"), f"target_control must be dual or fixed, "
+                                                       f"got {self.target_control!r}"),
+            (self.dual_lr >= 0, f"dual_lr must be >= 0, got {self.dual_lr}"),
+            (self.lambda_range >= 0, f"lambda_range must be >= 0, got {self.lambda_range}"),
             (self.turns >= 1, f"turns must be >= 1, got {self.turns}"),
             (0.0 <= self.text_prob <= 1.0, f"text_prob must be in [0, 1], got {self.text_prob}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
@@ -242,13 +258,14 @@ class ATPTrainStep(nn.Module):
     and the pruner (the trainable ATP modules), whose gradients DDP averages.
     """
 
-    def __init__(self, model: nn.Module, pruner: A.ATPPruner, handle: Any) -> None:
+    def __init__(self, model: nn.Module, pruner: A.ATPPruner, handle: Any, lambda_range: float = 0.0) -> None:
         super().__init__()
+        self.lambda_range = lambda_range
         self.model = model
         self.pruner = pruner
         self._handle = handle  # plain attribute: the ATPHandle (hooks on the model's modules)
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values, instruction):
+    def forward(self, input_ids, attention_mask, labels, pixel_values, instruction, mu: float = 0.0):
         method = self._handle.method_obj
         with method.instruction_rows(instruction):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
@@ -256,6 +273,11 @@ class ATPTrainStep(nn.Module):
         ctx = self._handle.state.context
         budget = self.pruner.budget_loss(ctx.counts)
         loss = out.loss + budget.total
+        c = self.pruner.config
+        if self.lambda_range and ctx.range_terms:
+            loss = loss + self.lambda_range * torch.stack(ctx.range_terms, dim=1).sum(1).mean()
+        if mu and c.target is not None:  # Lagrangian term of the constraint Nbar = target (mu from dual ascent)
+            loss = loss + mu * (budget.average.mean() - c.target) / c.num_patches
         with torch.no_grad():
             soft_avg = self.pruner.average_tokens([c.detach() for c in ctx.soft_counts]).mean()
             counts = torch.stack([c.detach().float() for c in ctx.counts], dim=1).mean(0)  # [K]
@@ -347,7 +369,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         peft_model = get_peft_model(model, lcfg)
         inner = peft_model.get_base_model()  # LoRA layers replace the projections in place: attach after
     handle = attach_atp(inner, pruner, mode="soft", tau=cfg.tau, budget_count=cfg.budget_count)
-    step_module = ATPTrainStep(peft_model if peft_model is not None else model, pruner, handle)
+    step_module = ATPTrainStep(peft_model if peft_model is not None else model, pruner, handle, cfg.lambda_range)
     method = handle.method_obj
 
     lora_params = _trainable(peft_model.named_parameters()) if peft_model is not None else {}
@@ -364,20 +386,22 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         + f"; trainable: {sum(p.numel() for g in groups for p in g['params'])} parameters ({cfg.train})")
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0}
+    state = {"step": 0, "mu": 0.0, "dual_on": False}
     history: list[dict] = []
     if not groups:  # fixed ratio with a frozen LLM: nothing to learn
         say("nothing to train (fixed-ratio modules and a frozen LLM); writing the modules as they are")
         state["step"] = cfg.steps
         opt = None
     else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
         if saved is not None:
             pruner.load_state_dict(saved["pruner"])
             if lora_params:
                 peft_model.load_state_dict(saved["lora"], strict=False)
             opt.load_state_dict(saved["opt"])
             state["step"] = int(saved["step"])
+            state["mu"] = float(saved.get("mu", 0.0))
+            state["dual_on"] = bool(saved.get("dual_on", False))
             say(f"resumed from {state_path} at step {state['step']}")
         step_module, opt = accelerator.prepare(step_module, opt)
 
@@ -396,7 +420,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
                 f"avg tokens {sum(h['avg'] for h in recent) / len(recent):.1f} (target {c.target:.1f})")
         history.clear()
         pruner.save(out)
-        payload = {"config": asdict(cfg), "step": state["step"], "pruner": pruner.state_dict(),
+        payload = {"config": asdict(cfg), "step": state["step"], "mu": state["mu"], "dual_on": state["dual_on"], "pruner": pruner.state_dict(),
                    "lora": {n: p.detach().cpu() for n, p in lora_params.items()} if lora_params else None,
                    "opt": opt.state_dict() if opt is not None else None, "world_size": accelerator.num_processes}
         tmp = out / (STATE_NAME + ".tmp")
@@ -425,15 +449,22 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
                                text_prob=cfg.text_prob)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            loss, parts = step_module(**batch)
+            loss, parts = step_module(**batch, mu=state["mu"])
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             opt.step()
             parts = accelerator.reduce(torch.cat([loss.detach()[None], parts]), reduction="mean").tolist()
+            mu = state["mu"]
+            if cfg.target_control == "dual" and c.target is not None and c.learned:
+                # dual ascent on the measured (all-process) batch average, identical on every process; it
+                # starts once the average first reaches the target (no wind-up while the thresholds warm up)
+                state["dual_on"] = state["dual_on"] or parts[4] <= c.target
+                if state["dual_on"]:
+                    state["mu"] = mu + cfg.dual_lr * (parts[4] - c.target) / c.target
             state["step"] += 1
             rec = {"step": step, "loss": parts[0], "task": parts[1], "l_atp": parts[2], "l_target": parts[3],
                    "avg": parts[4], "soft_avg": parts[5], "module_counts": parts[6:], "tau": method.tau,
-                   "lr": opt.param_groups[0]["lr"], "time": round(time.time() - t0, 2)}
+                   "lr": opt.param_groups[0]["lr"], "mu": mu, "time": round(time.time() - t0, 2)}
             history.append(rec)
             bar.update(task, advance=1, info=f"loss={parts[0]:.3f} task={parts[1]:.3f} avg={parts[4]:.1f}")
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] in (cfg.steps, stop):

@@ -40,7 +40,7 @@ def atp_cmd(
                                                     "(default: 2,8,14,20,26 of 32 scaled to the model)"),
     steps: int = typer.Option(300, help="optimizer steps (testbed: 300 x batch 8 ~ 17-25 min on this 2-core machine)"),
     batch_size: int = typer.Option(8, help="samples per process per step"),
-    lr: float = typer.Option(2e-3, help="learning rate of the ATP modules"),
+    lr: float = typer.Option(3e-4, help="learning rate of the ATP modules"),
     train: str = typer.Option("llm-frozen", help="llm-frozen (ATP modules only) | lora (also LoRA on the LLM)"),
     lora: bool = typer.Option(False, "--lora", help="shorthand for --train lora"),
     lora_r: int = typer.Option(8, help="LoRA rank"),
@@ -55,6 +55,11 @@ def atp_cmd(
     lambda_atp: float = typer.Option(0.05, help="weight of L_atp"),
     lambda_target: float = typer.Option(1.0, help="weight of L_target"),
     budget_count: str = typer.Option("st", help="count in the budget loss: st (hard value, soft gradient) | soft"),
+    target_control: str = typer.Option("dual", help="dual: adapt a multiplier on (average - target) until the "
+                                                    "measured average sits on the target | fixed: spec's loss only"),
+    dual_lr: float = typer.Option(0.05, help="dual ascent rate of that multiplier"),
+    lambda_range: float = typer.Option(1.0, help="weight of the hinge keeping thresholds near their scores "
+                                                 "(against saturated, frozen thresholds; 0 = off)"),
     turns: int = typer.Option(1, help="question-answer turns per training image"),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(50, help="save a resumable checkpoint every N steps"),
@@ -80,7 +85,8 @@ def atp_cmd(
                              lora_r=lora_r, lora_alpha=2 * lora_r, lora_lr=lora_lr, fixed_ratio=fixed_ratio,
                              score=score, redundant=redundant, spatial=spatial, tau=tau,
                              tau_final=tau_final if tau_final > 0 else None, lambda_atp=lambda_atp,
-                             lambda_target=lambda_target, budget_count=budget_count, turns=turns, seed=seed,
+                             lambda_target=lambda_target, budget_count=budget_count,
+                             target_control=target_control, dual_lr=dual_lr, lambda_range=lambda_range, turns=turns, seed=seed,
                              checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
                              save_merged=save_merged, stop_after=stop_after)
         final = train_atp(cfg, progress=progress)
