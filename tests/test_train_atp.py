@@ -103,12 +103,28 @@ def test_train_resume_and_load(tiny, tmp_path):
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert len(handle.stats.module_counts[0]) == 3
+    # the eval harness reads the all-layer average per sample from the handle
+    from vlmprune.eval.data import shapesvqa_items
+    from vlmprune.eval.harness import evaluate
+
+    items = shapesvqa_items("test", "count,exist", 2)
+    res = evaluate(model, processor, items, method="atp", method_options={"checkpoint": str(straight)},
+                   batch_size=4, max_new_tokens=2, progress=False)
+    assert res.n == 4 and 4.75 <= res.mean_visual_tokens <= 16
 
 
 def test_lora_adapters_are_trained_and_saved(tiny, tmp_path):
     out = tmp_path / "lora"
     r = _run("--model", str(tiny), "--out", str(out), "--lora", *FAST)
     assert r.exit_code == 0, r.output
+    again = tmp_path / "lora-resumed"  # interrupted after one step and resumed: identical adapters and modules
+    assert _run("--model", str(tiny), "--out", str(again), "--lora", "--stop-after", "1", *FAST).exit_code == 0
+    r = _run("--model", str(tiny), "--out", str(again), "--lora", *FAST)
+    assert r.exit_code == 0 and "at step 1" in r.output, r.output
+    from safetensors.torch import load_file as _lf
+    for name in ("lora/adapter_model.safetensors", "atp_weights.safetensors"):
+        a, b = _lf(str(out / name)), _lf(str(again / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert (out / "lora" / "adapter_config.json").exists() and (out / "model" / "config.json").exists()
     from safetensors.torch import load_file
 

@@ -47,6 +47,8 @@ STATE_NAME = "train_state.pt"
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_n", "out", "stop_after")
 # ShapesVQA train-split scene indices used by ATP training (disjoint from the testbed's own ranges)
 SCENE_BASE = 600_000_000
+# LoRA on the LLM's attention and MLP projections (never the vision tower or the projector)
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def _opt(default: Any, help: str):
@@ -364,7 +366,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
-                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+                          target_modules=LORA_TARGETS)
         torch.manual_seed(cfg.seed + 1)
         peft_model = get_peft_model(model, lcfg)
         inner = peft_model.get_base_model()  # LoRA layers replace the projections in place: attach after
@@ -420,7 +422,8 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
                 f"avg tokens {sum(h['avg'] for h in recent) / len(recent):.1f} (target {c.target:.1f})")
         history.clear()
         pruner.save(out)
-        payload = {"config": asdict(cfg), "step": state["step"], "mu": state["mu"], "dual_on": state["dual_on"], "pruner": pruner.state_dict(),
+        payload = {"config": asdict(cfg), "step": state["step"], "mu": state["mu"], "dual_on": state["dual_on"],
+                   "pruner": pruner.state_dict(),
                    "lora": {n: p.detach().cpu() for n, p in lora_params.items()} if lora_params else None,
                    "opt": opt.state_dict() if opt is not None else None, "world_size": accelerator.num_processes}
         tmp = out / (STATE_NAME + ".tmp")

@@ -86,7 +86,8 @@ def atp_cmd(
                              score=score, redundant=redundant, spatial=spatial, tau=tau,
                              tau_final=tau_final if tau_final > 0 else None, lambda_atp=lambda_atp,
                              lambda_target=lambda_target, budget_count=budget_count,
-                             target_control=target_control, dual_lr=dual_lr, lambda_range=lambda_range, turns=turns, seed=seed,
+                             target_control=target_control, dual_lr=dual_lr, lambda_range=lambda_range,
+                             turns=turns, seed=seed,
                              checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
                              save_merged=save_merged, stop_after=stop_after)
         final = train_atp(cfg, progress=progress)
