@@ -176,12 +176,15 @@ def test_accelerate_two_processes_match_single(tiny_dir, tmp_path):
               "--no-progress", "--batch-size", "2"]
     r1 = _cli(*common, "--out", str(tmp_path / "one"))
     assert r1.returncode == 0, r1.stderr
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # `accelerate launch --cpu` starts one process; --multi_gpu starts two via torchrun, and the
+    # harness switches accelerate to its multi-CPU (gloo) mode when there is no CUDA.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlmprune.cli", *common,
            "--out", str(tmp_path / "two")]
     r2 = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r2.returncode == 0, r2.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "results.json").read_text())[0]
     two = json.loads((tmp_path / "two" / "results.json").read_text())[0]
+    assert one["extra"]["processes"] == 1 and two["extra"]["processes"] == 2
     assert [i["id"] for i in two["items"]] == [i["id"] for i in one["items"]]
     assert [i["prediction"] for i in two["items"]] == [i["prediction"] for i in one["items"]]

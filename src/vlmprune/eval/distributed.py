@@ -11,9 +11,19 @@ T = TypeVar("T")
 
 
 def _state():
+    import os
+
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Several processes without CUDA (``accelerate launch --multi_gpu`` / torchrun on CPUs): accelerate
+    # only picks its multi-CPU (gloo) mode when asked with cpu=True.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=multi_cpu)
+
+
+def num_processes() -> int:
+    return _state().num_processes
 
 
 def shard(items: Sequence[T]) -> list[T]:

@@ -145,7 +145,7 @@ def evaluate(model, processor, items: Sequence[EvalItem], *, method: str | None 
     """Evaluate ``model`` (optionally pruned with ``method``) on ``items``; shards under accelerate."""
     import vlmprune
 
-    from .distributed import gather_results, shard
+    from .distributed import gather_results, num_processes, shard
 
     options = dict(method_options or {})
     label = label or (method or "unpruned") + (" " + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
@@ -159,4 +159,6 @@ def evaluate(model, processor, items: Sequence[EvalItem], *, method: str | None 
         if handle is not None:
             handle.remove()
     all_results, seconds = gather_results(local, seconds, order=[it.id for it in items])
-    return summarize(label, method, options, all_results, seconds, baseline)
+    result = summarize(label, method, options, all_results, seconds, baseline)
+    result.extra["processes"] = num_processes()
+    return result
