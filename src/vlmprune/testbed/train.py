@@ -157,22 +157,39 @@ def conversation(scene, rnd: random.Random, turns: int) -> list[tuple[str, str]]
     return qa
 
 
-def encode_conversation(processor, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 except answer tokens and their </s>) of a multi-turn conversation."""
-    tok = processor.tokenizer
-    first_q = qa[0][0]
-    # The first turn is exactly the evaluation prompt, tokenised as the processor does it.
-    prompt = format_prompt(first_q).replace("<image>", "<image>" * 576)
-    ids = tok(prompt)["input_ids"]
+def encode_turns(tokenizer, qa: list[tuple[str, str]], image_token_id: int,
+                 num_image_tokens: int = 576) -> tuple[list[int], list[int], list[bool]]:
+    """Token ids, labels (-100 except answers and their </s>) and instruction mask of a conversation.
+
+    The first turn is tokenised exactly as the evaluation prompt (the testbed's template with the
+    image placeholder expanded to ``num_image_tokens``); the instruction rows are that turn's
+    tokens after the last image token (the question and "ASSISTANT:"), never an answer.
+    """
+    prompt = format_prompt(qa[0][0]).replace("<image>", "<image>" * num_image_tokens)
+    ids = list(tokenizer(prompt)["input_ids"])
+    img = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(img) != num_image_tokens:
+        raise ValueError(f"the prompt tokenised to {len(img)} image tokens, expected {num_image_tokens}; does the "
+                         f"tokenizer know '<image>' as token {image_token_id}?")
+    instruction = [i > img[-1] for i in range(len(ids))]
     labels = [-100] * len(ids)
     for k, (q, a) in enumerate(qa):
         if k > 0:
-            turn = tok(f"USER: {q} Answer with one word. ASSISTANT:", add_special_tokens=False)["input_ids"]
+            turn = tokenizer(f"USER: {q} Answer with one word. ASSISTANT:", add_special_tokens=False)["input_ids"]
             ids += turn
             labels += [-100] * len(turn)
-        ans = tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            instruction += [False] * len(turn)
+        ans = list(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
         ids += ans
         labels += ans
+        instruction += [False] * len(ans)
+    return ids, labels, instruction
+
+
+def encode_conversation(processor, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a multi-turn conversation about one 576-token image (see ``encode_turns``)."""
+    tok = processor.tokenizer
+    ids, labels, _ = encode_turns(tok, qa, tok.convert_tokens_to_ids("<image>"))
     return ids, labels
 
 

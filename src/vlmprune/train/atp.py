@@ -165,32 +165,10 @@ def sample_conversation(scene: Any, rnd: random.Random, turns: int) -> list[tupl
 
 def encode_atp_conversation(tokenizer: Any, qa: list[tuple[str, str]], image_token_id: int,
                             num_image_tokens: int) -> tuple[list[int], list[int], list[bool]]:
-    """Token ids, labels (-100 except answers and their EOS) and the instruction mask of a conversation.
+    """Token ids, labels and instruction mask of a conversation: the testbed's ``encode_turns``."""
+    from ..testbed.train import encode_turns
 
-    The first turn is tokenised exactly as the evaluation prompt (the testbed's template with the
-    image placeholder expanded); the instruction rows are its tokens after the last image token.
-    """
-    from ..testbed.questions import format_prompt
-
-    prompt = format_prompt(qa[0][0]).replace("<image>", "<image>" * num_image_tokens)
-    ids = list(tokenizer(prompt)["input_ids"])
-    img = [i for i, t in enumerate(ids) if t == image_token_id]
-    if len(img) != num_image_tokens:
-        raise ValueError(f"the prompt tokenised to {len(img)} image tokens, expected {num_image_tokens}; does the "
-                         f"tokenizer know '<image>' as token {image_token_id}?")
-    instruction = [i > img[-1] for i in range(len(ids))]
-    labels = [-100] * len(ids)
-    for k, (q, a) in enumerate(qa):
-        if k > 0:
-            turn = tokenizer(f"USER: {q} Answer with one word. ASSISTANT:", add_special_tokens=False)["input_ids"]
-            ids += turn
-            labels += [-100] * len(turn)
-            instruction += [False] * len(turn)
-        ans = list(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-        ids += ans
-        labels += ans
-        instruction += [False] * len(ans)
-    return ids, labels, instruction
+    return encode_turns(tokenizer, qa, image_token_id, num_image_tokens)
 
 
 def make_batch(processor: Any, sample_indices: list[int], *, image_token_id: int, num_image_tokens: int,
