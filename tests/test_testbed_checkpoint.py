@@ -1,0 +1,49 @@
+"""The committed testbed checkpoint: a stock LLaVA that loads with the Auto classes, with LLaVA-1.5
+geometry, a meaningful [CLS] attention, and exact save/load round trips."""
+
+import pytest
+import torch
+
+from vlmprune.testbed.check import cls_attention_share
+from vlmprune.testbed.model import CHECKPOINT_DIR, load
+from vlmprune.testbed.questions import format_prompt
+from vlmprune.testbed.scenes import make_scene
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    return load()
+
+
+def test_loads_with_auto_classes_and_llava_geometry(testbed):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, proc = testbed
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert isinstance(model, AutoModelForImageTextToText._model_mapping[type(model.config)])
+    assert type(proc).__name__ == type(AutoProcessor.from_pretrained(CHECKPOINT_DIR)).__name__ == "LlavaProcessor"
+    v, t = model.config.vision_config, model.config.text_config
+    assert (v.image_size, v.patch_size) == (336, 14) and model.config.vision_feature_layer == -2
+    assert model.config.vision_feature_select_strategy == "default"  # [CLS] present, dropped before the LLM
+    assert t.num_hidden_layers >= 6
+    assert model.config._attn_implementation == "sdpa"
+    inputs = proc(images=[make_scene(1).image], text=[format_prompt("How many stars are there?")], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
+
+
+def test_cls_attention_lands_on_objects(testbed):
+    model, proc = testbed
+    share = cls_attention_share(model, proc, n_scenes=8)
+    # objects and text cover ~5% of the patches; the trained [CLS] puts most of its mass there
+    assert share["object_patch_fraction"] < 0.15
+    assert share["cls_attention_share_on_objects"] > 0.5
+
+
+def test_save_load_round_trip_identical_logits(testbed, tmp_path):
+    model, proc = testbed
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    again, proc2 = load(tmp_path)
+    inputs = proc(images=[make_scene(2).image], text=[format_prompt("What color is the star?")], return_tensors="pt")
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
