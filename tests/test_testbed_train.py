@@ -66,3 +66,14 @@ def test_conversation_labels_cover_answers_only():
     answers = [t for t, lab in zip(ids, labels) if lab != -100]
     text = proc.tokenizer.decode(answers)
     assert text.replace("</s>", "|").split("|")[:-1] == [" " + a for _, a in qa]
+
+
+def test_conversation_family_filter():
+    import random
+
+    from vlmprune.testbed.questions import FAMILIES, ask  # noqa: F401
+
+    scene = make_scene(11)
+    qa = conversation(scene, random.Random(1), 6, ("exist",))
+    assert qa and all(q.startswith("Is there") for q, _ in qa)
+    assert len({q for q, _ in qa}) == len(qa)

@@ -58,6 +58,8 @@ class TrainConfig:
     cls_attention_weight: float = 0.2
     checkpoint_every: int = 100
     threads: int = 0  # 0 = torch default
+    families: tuple[str, ...] | None = None  # stage-2 question families (None: all; for curricula / probes)
+    max_objects: int | None = None  # stage-2 scenes with at most this many objects (None: 1-9)
     vision_overrides: dict | None = None  # architecture overrides (tests train tiny models)
     text_overrides: dict | None = None
 
@@ -143,10 +145,14 @@ def cls_loss(vision_tower, heads: VisionHeads, pixel_values, targets, attention_
     return bce + attention_weight * -(mass + 1e-6).log().mean()
 
 
-def conversation(scene, rnd: random.Random, turns: int) -> list[tuple[str, str]]:
+def conversation(scene, rnd: random.Random, turns: int,
+                 families: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
     """Question-answer turns about one scene, every supported family at least once when possible."""
     qa = []
-    fams = list(FAMILIES) + [rnd.choice(("exist", "count", "position", "color", "shape")) for _ in range(turns)]
+    if families:
+        fams = [rnd.choice(families) for _ in range(4 * turns)]
+    else:
+        fams = list(FAMILIES) + [rnd.choice(("exist", "count", "position", "color", "shape")) for _ in range(turns)]
     for fam in fams:
         q = ask(scene, fam, rnd)
         if q is not None and all(q.question != prev for prev, _ in qa):
@@ -199,9 +205,13 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
     for i in range(cfg.llm_batch):
         seed = split_seed("train", (400_000_000 + cfg.seed * 7919 + step * cfg.llm_batch + i) % 800_000_000)
         rnd = random.Random(seed)
-        scene = make_scene(seed, text=rnd.random() < cfg.text_prob)
+        n_objects = rnd.randint(1, cfg.max_objects) if cfg.max_objects else None
+        scene = make_scene(seed, text=rnd.random() < cfg.text_prob, n_objects=n_objects)
         images.append(scene.image)
-        seqs.append(encode_conversation(processor, conversation(scene, rnd, cfg.turns)))
+        qa = conversation(scene, rnd, cfg.turns, cfg.families)
+        if not qa:  # e.g. only "read" asked of a scene without text: fall back to an existence question
+            qa = conversation(scene, rnd, 1, ("exist",))
+        seqs.append(encode_conversation(processor, qa))
     width = max(len(s[0]) for s in seqs)
     input_ids = torch.full((len(seqs), width), tok.pad_token_id)
     labels = torch.full((len(seqs), width), -100)
