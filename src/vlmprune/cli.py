@@ -106,7 +106,7 @@ def eval_cmd(
 ):
     """Evaluate the model (unpruned and/or pruned) and write per-family accuracy tables."""
     from .eval import report
-    from .eval.distributed import is_main_process
+    from .eval.distributed import finish, is_main_process
     from .eval.harness import evaluate
     from .registry import get_method
 
@@ -139,6 +139,7 @@ def eval_cmd(
         report.print_table(results, title=f"{data} ({split})" + (" — blank images" if blank else ""))
         md, js = report.write(results, out)
         typer.echo(f"wrote {md} and {js}")
+    finish()
 
 
 @app.command("demo")

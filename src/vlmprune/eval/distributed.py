@@ -53,3 +53,15 @@ def gather_results(local: list, seconds: float, order: list[str]) -> tuple[list,
 
 def is_main_process() -> bool:
     return _state().is_main_process
+
+
+def finish() -> None:
+    """End a multi-process run cleanly: wait for every process, then tear the process group down.
+
+    Without this, gloo's threads can still be alive at interpreter exit and a process aborts
+    ("terminate called without an active exception").
+    """
+    state = _state()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
