@@ -299,72 +299,58 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
             TimeRemainingColumn()]
     try:
         with Progress(*cols, disable=not progress) as bar:
-            if state["stage"] == 1:
-                task = bar.add_task("stage 1 vision", total=cfg.vision_steps, completed=state["step"], info="")
-                model.train()
-                while state["step"] < cfg.vision_steps:
+
+            def run_steps(stage: int, name: str, total: int, base_lr: float, seed_offset: int, step_loss,
+                          clip: list | None = None) -> None:
+                """The optimiser loop all stages share; ``step_loss(step)`` -> (loss, logged parts)."""
+                task = bar.add_task(name, total=total, completed=state["step"], info="")
+                while state["step"] < total:
                     step = state["step"]
                     for g in opt.param_groups:
-                        g["lr"] = _lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup)
-                    torch.manual_seed(cfg.seed * 100003 + step)
-                    pv, targets = _vision_batch(cfg, step, processor)
-                    loss, parts = vision_loss(vision, heads, pv, targets)
+                        g["lr"] = _lr(step, total, base_lr, cfg.warmup)
+                    torch.manual_seed(cfg.seed * 100003 + seed_offset + step)
+                    loss, parts = step_loss(step)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(vision.parameters(), 1.0)
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(clip, 1.0)
                     opt.step()
                     state["step"] += 1
-                    history.append({"stage": 1, "step": step, "loss": float(loss.detach()), **parts})
-                    bar.update(task, advance=1, info=" ".join(f"{k}={v:.3f}" for k, v in parts.items()))
-                    if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.vision_steps:
+                    history.append({"stage": stage, "step": step, "loss": float(loss.detach()), **parts})
+                    info = parts or {"loss": float(loss.detach())}
+                    bar.update(task, advance=1, info=" ".join(f"{k}={v:.3f}" for k, v in info.items()))
+                    if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total:
                         save()
                     tick()
+
+            def vision_step(step):
+                return vision_loss(vision, heads, *_vision_batch(cfg, step, processor))
+
+            def llm_step(step):
+                return model(**_llm_batch(cfg, step, processor)).loss, {}
+
+            def cls_step(step):
+                pv, targets = _vision_batch(cfg, 1_000_000 + step, processor, batch=cfg.cls_batch)
+                return cls_loss(vision, heads, pv, targets, cfg.cls_attention_weight), {}
+
+            if state["stage"] == 1:
+                model.train()
+                run_steps(1, "stage 1 vision", cfg.vision_steps, cfg.vision_lr, 0, vision_step,
+                          clip=list(vision.parameters()))
                 state = {"stage": 2, "step": 0}
                 opt = _stage2_optimizer(model, cfg)
                 save()
             if state["stage"] == 2:
-                task = bar.add_task("stage 2 llm", total=cfg.llm_steps, completed=state["step"], info="")
                 for p in vision.parameters():
                     p.requires_grad_(False)
                 model.train()
                 vision.eval()
-                while state["step"] < cfg.llm_steps:
-                    step = state["step"]
-                    for g in opt.param_groups:
-                        g["lr"] = _lr(step, cfg.llm_steps, cfg.llm_lr, cfg.warmup)
-                    torch.manual_seed(cfg.seed * 100003 + 50_000 + step)
-                    batch = _llm_batch(cfg, step, processor)
-                    loss = model(**batch).loss
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-                    opt.step()
-                    state["step"] += 1
-                    history.append({"stage": 2, "step": step, "loss": float(loss.detach())})
-                    bar.update(task, advance=1, info=f"loss={float(loss.detach()):.3f}")
-                    if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.llm_steps:
-                        save()
-                    tick()
+                run_steps(2, "stage 2 llm", cfg.llm_steps, cfg.llm_lr, 50_000, llm_step,
+                          clip=[p for p in model.parameters() if p.requires_grad])
                 state = {"stage": 3, "step": 0}
                 opt = _stage3_optimizer(model, heads, cfg)
                 save()
-            task = bar.add_task("stage 3 [CLS]", total=cfg.cls_steps, completed=state["step"], info="")
-            while state["step"] < cfg.cls_steps:
-                step = state["step"]
-                for g in opt.param_groups:
-                    g["lr"] = _lr(step, cfg.cls_steps, cfg.cls_lr, cfg.warmup)
-                torch.manual_seed(cfg.seed * 100003 + 90_000 + step)
-                pv, targets = _vision_batch(cfg, 1_000_000 + step, processor, batch=cfg.cls_batch)
-                loss = cls_loss(vision, heads, pv, targets, cfg.cls_attention_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                state["step"] += 1
-                history.append({"stage": 3, "step": step, "loss": float(loss.detach())})
-                bar.update(task, advance=1, info=f"loss={float(loss.detach()):.3f}")
-                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.cls_steps:
-                    save()
-                tick()
+            run_steps(3, "stage 3 [CLS]", cfg.cls_steps, cfg.cls_lr, 90_000, cls_step)
     except _Interrupted:
         return None
     model.eval()

@@ -135,6 +135,11 @@ def plot_overlays(scenes: Sequence[tuple[Any, str]], records: Sequence[SceneReco
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,12 +182,7 @@ def plot_complexity(records: Sequence[SceneRecord], path: str | Path, *, target:
     ax2.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def run_viz(checkpoint: str | Path, *, model: str | None = None, out: str | Path = "out/atp-viz",
