@@ -5,7 +5,7 @@ import json
 import torch
 
 from vlmprune.testbed.model import load
-from vlmprune.testbed.train import TrainConfig, conversation, encode_conversation, train
+from vlmprune.testbed.train import TrainConfig, conversation, encode_conversation, segment_attention_mask, train
 from vlmprune.testbed.scenes import make_scene
 
 TINY = dict(vision_overrides=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -77,3 +77,156 @@ def test_conversation_family_filter():
     qa = conversation(scene, random.Random(1), 6, ("exist",))
     assert qa and all(q.startswith("Is there") for q, _ in qa)
     assert len({q for q, _ in qa}) == len(qa)
+
+
+def test_independent_turns_equal_single_turn_prompts():
+    """Turns packed after one shared image prefix give exactly the logits of their own single-turn prompts."""
+    import random
+
+    from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
+    from vlmprune.testbed.questions import format_prompt
+    from vlmprune.testbed.train import encode_independent_turns, segment_attention_mask
+
+    tok = build_tokenizer()
+    proc = build_processor(tok)
+    model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
+    scene = make_scene(11, text=True)
+    qa = conversation(scene, random.Random(3), 4)
+    enc = encode_independent_turns(tok, qa, tok.convert_tokens_to_ids("<image>"))
+    assert len(enc["input_ids"]) == len(enc["labels"]) == len(enc["position_ids"]) == len(enc["segment"])
+    seg = torch.tensor([enc["segment"] + [-1, -1]])  # two padding slots, as a right-padded batch has
+    ids = torch.tensor([enc["input_ids"] + [tok.pad_token_id] * 2])
+    pos = torch.tensor([enc["position_ids"] + [0, 0]])
+    pv = proc.image_processor([scene.image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, attention_mask=segment_attention_mask(seg), pixel_values=pv).logits[0]
+        for k, (q, a) in enumerate(qa, start=1):
+            single = proc(images=[scene.image], text=[format_prompt(q) + " " + a], return_tensors="pt")
+            ref = model(**single).logits[0]
+            rows = (seg[0] == k).nonzero()[:, 0]
+            n = len(rows) - 1  # the turn minus its </s>: the tail of the single prompt
+            torch.testing.assert_close(packed[rows[:n]], ref[-n:], atol=1e-5, rtol=1e-4)
+            labelled = [t for t, lab in zip(torch.tensor(enc["input_ids"])[rows].tolist(),
+                                            torch.tensor(enc["labels"])[rows].tolist()) if lab != -100]
+            assert tok.decode(labelled[:-1]).strip() == a and labelled[-1] == tok.eos_token_id
+
+
+def test_segment_mask_small_case():
+    seg = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    m = segment_attention_mask(seg)[0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0, 0],
+                 [1, 1, 1, 0, 0, 0],
+                 [1, 1, 1, 1, 0, 0],
+                 [1, 1, 0, 0, 1, 0],
+                 [1, 1, 0, 0, 0, 1]]
+
+
+def test_attention_guide_recomputes_the_real_attention():
+    """The guide's probabilities for its heads equal the eager attention weights of the same forward pass."""
+    from vlmprune.testbed.model import build_model, build_tokenizer
+    from vlmprune.testbed.train import AttentionGuide
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
+    model.set_attn_implementation("eager")
+    L = 12
+    ids = torch.randint(5, len(tok), (2, L))
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[1, -3:] = 0  # right padding
+    guide = AttentionGuide(model, (0, 1), heads=1)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        allowed = torch.ones(L, L, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+        probs = guide.probabilities(allowed)
+        assert len(probs) == 2
+        for layer, p in enumerate(probs):
+            ref = out.attentions[layer][:, :1]
+            torch.testing.assert_close(p[0], ref[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(p[1, :, : L - 3], ref[1, :, : L - 3], atol=1e-5, rtol=1e-4)
+        # loss = -log(mass on the target keys) on the chosen rows; all mass on targets -> 0
+        rows = torch.zeros(2, L, dtype=torch.bool)
+        rows[:, 4] = True
+        model(input_ids=ids, attention_mask=mask)
+        full = guide.loss(rows, torch.ones(2, L, dtype=torch.bool), allowed)
+        assert abs(float(full)) < 1e-5
+    guide.remove()
+    assert not guide.captured
+
+
+def test_config_overrides_and_validation():
+    import pytest
+
+    cfg = TrainConfig().with_overrides(["guide_weight=0.1", "guide_layers=[3]", "projector-init=default", "out=runs/x"])
+    assert cfg.guide_weight == 0.1 and cfg.guide_layers == (3,) and cfg.projector_init == "default"
+    assert cfg.out == "runs/x"
+    with pytest.raises(ValueError, match="key one of"):
+        TrainConfig().with_overrides(["no_such_field=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        TrainConfig().with_overrides(["guide_weight"])
+    with pytest.raises(ValueError, match="projector_init"):
+        TrainConfig().with_overrides(["projector_init=whiten"])
+    with pytest.raises(ValueError, match="guide_target"):
+        TrainConfig(guide_target=0).validate()
+    with pytest.raises(ValueError, match="families"):
+        TrainConfig(families=("colour",)).validate()
+
+
+def test_cli_rejects_bad_override(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmprune.cli import app
+
+    res = CliRunner().invoke(app, ["testbed", "train", "--out", str(tmp_path / "r"), "--set", "guide_weight=-1"])
+    assert res.exit_code != 0 and "guide_weight" in res.output
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_standardize_projector_feeds_standardised_features():
+    """After the data-dependent init, linear_1(x) == W0 ((x - mean) / std) + b0 on the same statistics."""
+    from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
+    from vlmprune.testbed.train import calibration_features, standardize_projector
+
+    tok = build_tokenizer()
+    proc = build_processor(tok)
+    model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
+    lin = model.model.multi_modal_projector.linear_1
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    cfg = TrainConfig(**TINY)
+    stats = standardize_projector(model, proc, cfg, n_images=4)
+    assert stats["feature_norm"] > 0
+    f = calibration_features(model, proc, cfg, n_images=4)  # the statistics' own scenes
+    z = (f - f.mean(0)) / f.std(0).clamp_min(1e-4)
+    torch.testing.assert_close(lin(f).detach(), z @ w0.T + b0, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(lin(f).detach().mean(0), b0, atol=1e-4, rtol=1e-4)  # standardised -> mean is the bias
+
+
+def test_stage2_options_run_end_to_end(tmp_path):
+    """Independent turns + attention guide + standardised projector: a tiny run trains, logs both losses, loads."""
+    cfg = TrainConfig(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, checkpoint_every=1, independent_turns=True,
+                      guide_weight=0.1, guide_layers=(1,), guide_heads=1, **TINY)
+    final = train(cfg, progress=False, log=lambda *_: None)
+    hist = [json.loads(line) for line in (tmp_path / "g" / "history.jsonl").read_text().splitlines()]
+    stage2 = [h for h in hist if h["stage"] == 2]
+    assert len(stage2) == 2 and all({"lm", "guide"} <= h.keys() for h in stage2)
+    assert all(abs(h["loss"] - (h["lm"] + 0.1 * h["guide"])) < 1e-4 for h in stage2)
+    model, _ = load(final)
+    assert not any(m._forward_hooks for m in model.modules())  # the guide's hooks are not saved with the model
+
+
+def test_vision_from_skips_stage1_and_matches_a_straight_run(tmp_path):
+    """Stage 2 started from another run's stage-1 state equals that run's own stage 2."""
+    import pytest
+
+    base = dict(vision_steps=2, llm_steps=2, checkpoint_every=1, **TINY)
+    train(TrainConfig(out=str(tmp_path / "a"), **base), progress=False, log=lambda *_: None, stop_after=2)
+    donor = tmp_path / "donor.pt"
+    donor.write_bytes((tmp_path / "a" / "train_state.pt").read_bytes())  # the state right after stage 1
+    train(TrainConfig(out=str(tmp_path / "a"), **base), progress=False, log=lambda *_: None)
+    train(TrainConfig(out=str(tmp_path / "b"), vision_from=str(donor), **base), progress=False, log=lambda *_: None)
+    a, b = _state(tmp_path / "a")["model"], _state(tmp_path / "b")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hist = [json.loads(line) for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
+    assert {h["stage"] for h in hist} == {2}
+    with pytest.raises(FileNotFoundError, match="vision_from"):
+        train(TrainConfig(out=str(tmp_path / "c"), vision_from=str(tmp_path / "missing.pt"), **base), progress=False)

@@ -161,13 +161,19 @@ def testbed_train(
     vision_steps: int = typer.Option(250),
     llm_steps: int = typer.Option(650),
     install: bool = typer.Option(False, help="copy the final model into the package (the committed testbed)"),
+    set_: list[str] = typer.Option([], "--set", help="override any TrainConfig field: --set key=value (repeatable), "
+                                   "e.g. --set guide_weight=0.1 --set 'guide_layers=[3]'"),
 ):
     """Train the testbed LLaVA from scratch (resumable; ~90 min on 2 CPU cores)."""
     from .testbed.train import TrainConfig, train
 
     if vision_steps < 1 or llm_steps < 1:
         _fail("--vision-steps and --llm-steps must be >= 1")
-    final = train(TrainConfig(out=str(out), seed=seed, vision_steps=vision_steps, llm_steps=llm_steps))
+    try:
+        cfg = TrainConfig(out=str(out), seed=seed, vision_steps=vision_steps, llm_steps=llm_steps).with_overrides(set_)
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
+    final = train(cfg)
     typer.echo(f"model written to {final}")
     if install:
         from .testbed.model import CHECKPOINT_DIR, install_checkpoint

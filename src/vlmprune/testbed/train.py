@@ -51,6 +51,12 @@ class TrainConfig:
     llm_lr: float = 1e-3
     warmup: int = 60
     turns: int = 10
+    projector_init: str = "standardize"  # or "default": see standardize_projector
+    independent_turns: bool = False
+    guide_weight: float = 0.0  # stage-2 attention guidance (see AttentionGuide); 0 = off
+    guide_layers: tuple[int, ...] = (1, 2)
+    guide_heads: int = 2
+    guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches  # turns share the image prefix but not each other (4-D mask, eval positions)
     text_prob: float = 0.5
     cls_steps: int = 0  # optional stage 3 (off: stage 1 already makes [CLS] attention land on objects)
     cls_batch: int = 16
@@ -60,8 +66,45 @@ class TrainConfig:
     threads: int = 0  # 0 = torch default
     families: tuple[str, ...] | None = None  # stage-2 question families (None: all; for curricula / probes)
     max_objects: int | None = None  # stage-2 scenes with at most this many objects (None: 1-9)
+    vision_from: str | None = None  # reuse a trained vision tower (train_state.pt or model folder): skip stage 1
     vision_overrides: dict | None = None  # architecture overrides (tests train tiny models)
     text_overrides: dict | None = None
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the bad field and what it accepts."""
+        checks = [
+            (min(self.vision_steps, self.llm_steps, self.cls_steps) >= 0, "step counts must be >= 0"),
+            (min(self.vision_batch, self.llm_batch, self.cls_batch, self.turns, self.checkpoint_every) >= 1,
+             "batch sizes, turns and checkpoint_every must be >= 1"),
+            (self.projector_init in ("standardize", "default"),
+             f"projector_init must be 'standardize' or 'default', got {self.projector_init!r}"),
+            (self.guide_weight >= 0, f"guide_weight must be >= 0, got {self.guide_weight}"),
+            (0 < self.guide_target <= 1, f"guide_target must be in (0, 1], got {self.guide_target}"),
+            (self.guide_heads >= 1, f"guide_heads must be >= 1, got {self.guide_heads}"),
+            (not self.families or set(self.families) <= set(FAMILIES),
+             f"families must be among {FAMILIES}, got {self.families}"),
+            (self.max_objects is None or 1 <= self.max_objects <= 9, "max_objects must be in 1..9 or None"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+        return self
+
+    def with_overrides(self, items: list[str]) -> "TrainConfig":
+        """A copy with ``key=value`` overrides (values parsed as JSON when they parse, else strings)."""
+        fields = asdict(self)
+        new = dict(fields)
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in fields:
+                raise ValueError(f"bad override {item!r}: expected key=value with key one of {sorted(fields)}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            new[key] = tuple(value) if isinstance(value, list) else value
+        return TrainConfig(**new).validate()
 
 
 class VisionHeads(nn.Module):
@@ -192,6 +235,59 @@ def encode_turns(tokenizer, qa: list[tuple[str, str]], image_token_id: int,
     return ids, labels, instruction
 
 
+def encode_independent_turns(tokenizer, qa: list[tuple[str, str]], image_token_id: int,
+                             num_image_tokens: int = 576) -> dict[str, list[int]]:
+    """One shared image prefix followed by turns that each see only the prefix and themselves.
+
+    Every turn is tokenised exactly as its own single-turn evaluation prompt; the tokens up to and
+    including the last image token are shared (checked), the rest of each prompt plus the answer
+    and ``</s>`` form the turn. Returned per token: ``input_ids``, ``labels`` (-100 except
+    answers), ``position_ids`` (each turn continues from the prefix, as in evaluation) and
+    ``segment`` (0 for the prefix, k for turn k) from which ``segment_attention_mask`` builds the
+    mask. So one forward pass trains ``len(qa)`` single-turn questions about one image, with no
+    answer of one turn visible to another.
+    """
+    prefix = None
+    ids, labels, positions, segment = [], [], [], []
+    for k, (q, a) in enumerate(qa, start=1):
+        prompt = format_prompt(q).replace("<image>", "<image>" * num_image_tokens)
+        full = list(tokenizer(prompt)["input_ids"])
+        img = [i for i, t in enumerate(full) if t == image_token_id]
+        if len(img) != num_image_tokens:
+            raise ValueError(f"the prompt tokenised to {len(img)} image tokens, expected {num_image_tokens}; does "
+                             f"the tokenizer know '<image>' as token {image_token_id}?")
+        head, tail = full[: img[-1] + 1], full[img[-1] + 1:]
+        if prefix is None:
+            prefix = head
+            ids += head
+            labels += [-100] * len(head)
+            positions += list(range(len(head)))
+            segment += [0] * len(head)
+        elif head != prefix:
+            raise ValueError("the image prefix of two turns tokenised differently")
+        ans = list(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        turn = tail + ans
+        ids += turn
+        labels += [-100] * len(tail) + ans
+        positions += list(range(len(prefix), len(prefix) + len(turn)))
+        segment += [k] * len(turn)
+    return dict(input_ids=ids, labels=labels, position_ids=positions, segment=segment)
+
+
+def segment_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[B, L] segment ids (0 prefix, k >= 1 turn k, -1 padding) -> [B, 1, L, L] boolean mask.
+
+    Query i may see key j iff j <= i and (j is in the prefix or in i's own segment); a padding row
+    sees the prefix and itself, so no row is empty.
+    """
+    L = segment.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    q, k = segment[:, :, None], segment[:, None, :]
+    allowed = causal & ((k == 0) | (q == k))
+    allowed |= torch.eye(L, dtype=torch.bool)
+    return allowed[:, None]
+
+
 def encode_conversation(processor, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Token ids and labels of a multi-turn conversation about one 576-token image (see ``encode_turns``)."""
     tok = processor.tokenizer
@@ -201,17 +297,36 @@ def encode_conversation(processor, qa: list[tuple[str, str]]) -> tuple[list[int]
 
 def _llm_batch(cfg: TrainConfig, step: int, processor):
     tok = processor.tokenizer
-    images, seqs = [], []
+    images, seqs, scenes = [], [], []
     for i in range(cfg.llm_batch):
         seed = split_seed("train", (400_000_000 + cfg.seed * 7919 + step * cfg.llm_batch + i) % 800_000_000)
         rnd = random.Random(seed)
         n_objects = rnd.randint(1, cfg.max_objects) if cfg.max_objects else None
         scene = make_scene(seed, text=rnd.random() < cfg.text_prob, n_objects=n_objects)
         images.append(scene.image)
+        scenes.append(scene)
         qa = conversation(scene, rnd, cfg.turns, cfg.families)
         if not qa:  # e.g. only "read" asked of a scene without text: fall back to an existence question
             qa = conversation(scene, rnd, 1, ("exist",))
-        seqs.append(encode_conversation(processor, qa))
+        if cfg.independent_turns:
+            seqs.append(encode_independent_turns(tok, qa, tok.convert_tokens_to_ids("<image>")))
+        else:
+            seqs.append(encode_conversation(processor, qa))
+    pixel_values = _pixel_values(processor, images)
+    if cfg.independent_turns:
+        width = max(len(s["input_ids"]) for s in seqs)
+        batch = {"input_ids": tok.pad_token_id, "labels": -100, "position_ids": 0, "segment": -1}
+        out = {}
+        for key, fill in batch.items():
+            out[key] = torch.full((len(seqs), width), fill)
+            for b, s in enumerate(seqs):
+                out[key][b, : len(s[key])] = torch.tensor(s[key])
+        seg = out.pop("segment")
+        mask = segment_attention_mask(seg)
+        batch = dict(**out, attention_mask=mask, pixel_values=pixel_values)
+        if cfg.guide_weight:
+            batch["guide"] = _guide_targets(batch["input_ids"], batch["labels"], mask[:, 0], scenes, tok)
+        return batch
     width = max(len(s[0]) for s in seqs)
     input_ids = torch.full((len(seqs), width), tok.pad_token_id)
     labels = torch.full((len(seqs), width), -100)
@@ -220,7 +335,123 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
         mask[b, : len(ids)] = 1
-    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=_pixel_values(processor, images))
+    batch = dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixel_values)
+    if cfg.guide_weight:
+        allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+        batch["guide"] = _guide_targets(input_ids, labels, allowed, scenes, tok)
+    return batch
+
+
+def _guide_targets(input_ids, labels, allowed, scenes, tok) -> dict:
+    """AttentionGuide inputs: rows predicting an answer's first token, object/text image tokens."""
+    image = input_ids == tok.convert_tokens_to_ids("<image>")
+    targets = torch.zeros_like(image)
+    for b, scene in enumerate(scenes):
+        lab = patch_labels(scene)
+        obj = torch.as_tensor((lab.color > 0) | (lab.char > 0))
+        targets[b, image[b].nonzero()[:, 0]] = obj
+    rows = torch.zeros_like(image)
+    rows[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
+    return dict(rows=rows, targets=targets, allowed=allowed)
+
+
+@torch.no_grad()
+def calibration_features(model, processor, cfg: TrainConfig, n_images: int = 64) -> torch.Tensor:
+    """[n_images * 576, C] projector inputs (the vision feature layer's patch rows) of fixed training scenes."""
+    vision = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    feats = []
+    for start in range(0, n_images, 16):
+        scenes = [make_scene(split_seed("train", 300_000_000 + cfg.seed * 7919 + start + i), text=i % 2 == 0)
+                  for i in range(min(16, n_images - start))]
+        hs = vision(_pixel_values(processor, [sc.image for sc in scenes]), output_hidden_states=True).hidden_states
+        feats.append(hs[layer][:, 1:].flatten(0, 1))
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def standardize_projector(model, processor, cfg: TrainConfig, n_images: int = 64) -> dict:
+    """Data-dependent initialisation of the projector's first layer (stage 2 starts with it).
+
+    The frozen vision tower's penultimate patch features carry a large component common to all
+    patches (per-patch norm ~45 with ~1.6 per-dimension spread in the v0 tower), so with the default
+    init every projected image token has a norm ~50x a text embedding and all image tokens look
+    alike after the decoder's RMSNorm; the from-scratch decoder then does not learn to read the image
+    in the step budget. Folding the features' mean and per-dimension std over ``n_images`` training
+    scenes into ``linear_1`` (``W' = W / std``, ``b' = b - W' mean``) feeds the projector
+    standardised features; the module stays a stock LLaVA projector.
+    """
+    f = calibration_features(model, processor, cfg, n_images)
+    mean, std = f.mean(0), f.std(0).clamp_min(1e-4)
+    lin = model.model.multi_modal_projector.linear_1
+    lin.weight.div_(std)
+    lin.bias.sub_(lin.weight @ mean)
+    return {"feature_norm": float(f.norm(dim=-1).mean()), "mean_norm": float(mean.norm()), "std_mean": float(std.mean())}
+
+
+class AttentionGuide:
+    """Stage-2 auxiliary loss that teaches a few decoder heads where the image content is.
+
+    A from-scratch decoder reading 576 visual tokens, of which a few percent show objects or text,
+    starts with uniform attention: the image signal in its attention output is diluted ~50x by the
+    (textured) background, and in the v0 recipe the decoder never found the image within its step
+    budget (it answered at chance even on one-object scenes). This loss makes the first
+    ``heads`` heads of the chosen ``layers`` put their attention, from each row that predicts an
+    answer's first token, on patches showing an object or text:
+    ``max(0, log(target) - log(sum of attention on those patches))`` -- it stops pulling once that
+    share reaches ``target`` (pulling to 1 saturated the heads within 15 steps and slowed the
+    language loss in a probe). The attention is recomputed for those heads only,
+    from the layer's own q/k projections and rotary embeddings captured by a forward hook (sdpa
+    stays on); the other heads are unconstrained, and the trained model is a stock LLaVA.
+    """
+
+    def __init__(self, model, layers: tuple[int, ...], heads: int, target: float = 1.0):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._rotary = apply_rotary_pos_emb
+        self.heads = heads
+        self.floor = math.log(target)
+        self.captured: list[tuple] = []
+        decoder = model.model.language_model.layers
+        bad = [i for i in layers if not -len(decoder) <= i < len(decoder)]
+        if bad:
+            raise ValueError(f"guide_layers {bad} out of range for a {len(decoder)}-layer decoder")
+        self.handles = [decoder[i].self_attn.register_forward_hook(self._hook, with_kwargs=True) for i in layers]
+
+    def _hook(self, module, args, kwargs, output):
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.captured.append((module, h, kwargs["position_embeddings"]))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def probabilities(self, allowed: torch.Tensor) -> list[torch.Tensor]:
+        """Attention probabilities [B, heads, L, L] of the guided heads, per hooked layer (consumes the capture).
+
+        ``allowed`` [B, L, L] bool is the attention mask the forward pass used.
+        """
+        captured, self.captured = self.captured, []
+        out = []
+        for module, h, (cos, sin) in captured:
+            B, L, _ = h.shape
+            d = module.head_dim
+            q = module.q_proj(h).view(B, L, -1, d)[:, :, : self.heads].transpose(1, 2)
+            kv_heads = [i // module.num_key_value_groups for i in range(self.heads)]
+            k = module.k_proj(h).view(B, L, -1, d)[:, :, kv_heads].transpose(1, 2)
+            q, k = self._rotary(q, k, cos, sin)
+            scores = (q @ k.transpose(-1, -2)) * module.scaling
+            out.append(scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1))
+        return out
+
+    def loss(self, rows: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """rows / targets: [B, L] bool (query rows, target keys); allowed: [B, L, L] bool attention mask."""
+        total = []
+        for p in self.probabilities(allowed):
+            mass = (p * targets[:, None, None, :].float()).sum(-1)  # [B, heads, L]
+            log_mass = (mass[rows[:, None, :].expand_as(mass)] + 1e-6).log()
+            total.append((self.floor - log_mass).clamp_min(0).mean())
+        return torch.stack(total).mean()
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -243,6 +474,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
 
     from .model import build_model, build_processor, build_tokenizer
 
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -274,6 +506,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
             opt = _stage3_optimizer(model, heads, cfg)
         opt.load_state_dict(saved["opt"])
         log(f"resumed from {ckpt_path} at stage {state['stage']} step {state['step']}")
+    elif cfg.vision_from:
+        load_vision(model, heads, cfg.vision_from)
+        state = {"stage": 1, "step": cfg.vision_steps}  # stage 1 counts as done
+        log(f"vision tower taken from {cfg.vision_from}; stage 1 skipped")
 
     def save():
         with open(out / "history.jsonl", "a") as f:  # losses since the previous save
@@ -327,7 +563,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                 return vision_loss(vision, heads, *_vision_batch(cfg, step, processor))
 
             def llm_step(step):
-                return model(**_llm_batch(cfg, step, processor)).loss, {}
+                batch = _llm_batch(cfg, step, processor)
+                guide_in = batch.pop("guide", None)
+                lm = model(**batch).loss
+                if guide_in is None:
+                    return lm, {}
+                g = guide.loss(**guide_in)
+                return lm + cfg.guide_weight * g, {"lm": float(lm.detach()), "guide": float(g.detach())}
 
             def cls_step(step):
                 pv, targets = _vision_batch(cfg, 1_000_000 + step, processor, batch=cfg.cls_batch)
@@ -338,15 +580,21 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                 run_steps(1, "stage 1 vision", cfg.vision_steps, cfg.vision_lr, 0, vision_step,
                           clip=list(vision.parameters()))
                 state = {"stage": 2, "step": 0}
+                if cfg.projector_init == "standardize":
+                    vision.eval()
+                    log(f"projector init: {standardize_projector(model, processor, cfg)}")
                 opt = _stage2_optimizer(model, cfg)
                 save()
             if state["stage"] == 2:
+                guide = AttentionGuide(model, tuple(cfg.guide_layers), cfg.guide_heads, cfg.guide_target) if cfg.guide_weight else None
                 for p in vision.parameters():
                     p.requires_grad_(False)
                 model.train()
                 vision.eval()
                 run_steps(2, "stage 2 llm", cfg.llm_steps, cfg.llm_lr, 50_000, llm_step,
                           clip=[p for p in model.parameters() if p.requires_grad])
+                if guide is not None:
+                    guide.remove()
                 state = {"stage": 3, "step": 0}
                 opt = _stage3_optimizer(model, heads, cfg)
                 save()
@@ -359,6 +607,33 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
     processor.save_pretrained(final)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return final
+
+
+def load_vision(model, heads: VisionHeads, source: str | Path) -> None:
+    """Copy a trained vision tower (and the stage-1 heads, if ``source`` is a train_state.pt) into ``model``."""
+    source = Path(source)
+    if source.is_dir():
+        if not (source / "config.json").exists():
+            raise FileNotFoundError(f"vision_from={source}: no saved model there (config.json missing)")
+        from transformers import AutoModelForImageTextToText
+
+        weights, head_weights = AutoModelForImageTextToText.from_pretrained(source).state_dict(), None
+    elif source.is_file():
+        saved = torch.load(source, weights_only=False)
+        if not isinstance(saved, dict) or "model" not in saved:
+            raise ValueError(f"vision_from={source}: not a testbed train_state.pt")
+        weights, head_weights = saved["model"], saved.get("heads")
+    else:
+        raise FileNotFoundError(f"vision_from={source}: no such file or folder")
+    vision = {k: v for k, v in weights.items() if k.startswith("model.vision_tower.")}
+    if not vision:
+        raise ValueError(f"vision_from={source}: holds no vision tower weights")
+    try:
+        model.load_state_dict(vision, strict=False)
+        if head_weights is not None:
+            heads.load_state_dict(head_weights)
+    except RuntimeError as e:
+        raise ValueError(f"vision_from={source}: its vision tower does not match this architecture ({e})") from e
 
 
 def _stage3_optimizer(model, heads: VisionHeads, cfg: TrainConfig):
