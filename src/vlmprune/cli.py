@@ -142,6 +142,34 @@ def eval_cmd(
     finish()
 
 
+@app.command("tables")
+def tables_cmd(
+    which: str = typer.Argument(..., help="'vision' (PruMerge / PruMerge+ and baselines at their mean counts) or "
+                                          "'budgets' (FastV, SparseVLM and vision-stage methods at 192 / 128 / 64)"),
+    model: Optional[str] = typer.Option(None, help="local path or hub id of a LLaVA model (default: the testbed)"),
+    n: int = typer.Option(100, help="questions per ShapesVQA family"),
+    split: str = typer.Option("test"),
+    batch_size: int = typer.Option(16),
+    out: Path = typer.Option(Path("out/tables"), help="writes WHICH.md and WHICH.json here"),
+    progress: bool = typer.Option(True),
+):
+    """The README's accuracy tables, one command each (see src/vlmprune/eval/tables.py)."""
+    from .eval.distributed import finish
+    from .eval.tables import run_tables
+
+    if which not in ("vision", "budgets"):
+        _fail(f"unknown table {which!r}: choose 'vision' or 'budgets'")
+    if n < 1:
+        _fail(f"--n must be >= 1, got {n}")
+    try:
+        items = _items("shapesvqa", split, "all", n, False)
+    except ValueError as e:
+        _fail(str(e))
+    m, processor = _load(model)
+    run_tables(which, m, processor, items, out=out, batch_size=batch_size, progress=progress)
+    finish()
+
+
 @app.command("demo")
 def demo_cmd(
     n: int = typer.Option(50, help="questions per family"),
@@ -159,12 +187,12 @@ def testbed_train(
     out: Path = typer.Option(Path("runs/testbed"), help="run folder (checkpoints; resumes if present)"),
     seed: int = typer.Option(0),
     vision_steps: int = typer.Option(250),
-    llm_steps: int = typer.Option(650),
+    llm_steps: int = typer.Option(1500),
     install: bool = typer.Option(False, help="copy the final model into the package (the committed testbed)"),
     set_: list[str] = typer.Option([], "--set", help="override any TrainConfig field: --set key=value (repeatable), "
                                    "e.g. --set guide_weight=0.1 --set 'guide_layers=[3]'"),
 ):
-    """Train the testbed LLaVA from scratch (resumable; ~90 min on 2 CPU cores)."""
+    """Train the testbed LLaVA from scratch (resumable; about 2 h on 2 otherwise idle CPU cores)."""
     from .testbed.train import TrainConfig, train
 
     if vision_steps < 1 or llm_steps < 1:

@@ -46,7 +46,7 @@ class TrainConfig:
     vision_steps: int = 250
     vision_batch: int = 16
     vision_lr: float = 1e-3
-    llm_steps: int = 650
+    llm_steps: int = 1500
     llm_batch: int = 8
     llm_lr: float = 1e-3
     warmup: int = 60

@@ -1,0 +1,70 @@
+"""The README's accuracy tables as commands (``vlmprune tables vision`` / ``vlmprune tables budgets``).
+
+* ``vision`` -- the analogue of PruMerge's Tables 1, 4 and 5: PruMerge and PruMerge+ with their
+  adaptive counts, then, at each one's measured mean count (rounded), selection only (``cls-topk``:
+  the same [CLS]-attention ranking without the merge) and the sampling baselines (spatial,
+  sequential, random).
+* ``budgets`` -- the analogue of the SparseVLM / ATP comparisons at 192 / 128 / 64 visual tokens:
+  FastV (K=2, keeping that many tokens after layer K, as SparseVLM's tables count it), SparseVLM (its
+  v1.5 schedule for that budget) and the vision-stage methods keeping that many tokens. The
+  ``tokens`` column always reports what was measured: the all-layer average for decoder-stage
+  methods, the count fed to the LLM for vision-stage ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+BUDGETS = (192, 128, 64)
+ADAPTIVE = ("prumerge", "prumerge+")
+MATCHED_BASELINES = ("cls-topk", "spatial", "sequential", "random")
+
+
+def matched_specs(adaptive_counts: dict[str, float]) -> list[tuple[str, dict]]:
+    """Baselines at each adaptive method's mean token count (rounded, at least 1)."""
+    specs = []
+    for name in ADAPTIVE:
+        if name in adaptive_counts:
+            keep = max(1, round(adaptive_counts[name]))
+            specs += [(b, {"keep": keep}) for b in MATCHED_BASELINES]
+    return specs
+
+
+def budget_specs(budgets: Sequence[int] = BUDGETS) -> list[tuple[str, dict]]:
+    specs = []
+    for b in budgets:
+        specs += [("fastv", {"k": 2, "count": b}), ("sparsevlm", {"budget": b}), ("prumerge", {"keep": b}),
+                  ("prumerge+", {"keep": b}), ("spatial", {"keep": b}), ("random", {"keep": b})]
+    return specs
+
+
+def run_tables(which: str, model, processor, items, *, out: Path, batch_size: int = 16,
+               progress: bool = True, evaluate: Callable | None = None) -> list:
+    """Evaluate the unpruned model and the table's methods on ``items``; write ``{which}.md/json`` to ``out``."""
+    from . import report
+    from .distributed import is_main_process
+    from .harness import evaluate as _evaluate
+
+    if which not in ("vision", "budgets"):
+        raise ValueError(f"unknown table {which!r}: choose 'vision' or 'budgets'")
+    evaluate = evaluate or _evaluate
+
+    def run(name, opts, base):
+        return evaluate(model, processor, items, method=name, method_options=opts, baseline=base,
+                        batch_size=batch_size, progress=progress)
+
+    base = run(None, {}, None)
+    base.retention = 1.0
+    results = [base]
+    if which == "vision":
+        adaptive = [run(name, {}, base) for name in ADAPTIVE]
+        results += adaptive
+        counts = {r.method: r.mean_visual_tokens for r in adaptive}
+        results += [run(name, opts, base) for name, opts in matched_specs(counts)]
+    else:
+        results += [run(name, opts, base) for name, opts in budget_specs()]
+    if is_main_process():
+        report.print_table(results, title=f"ShapesVQA — {which} table")
+        report.write(results, out, which)
+    return results

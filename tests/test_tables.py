@@ -1,0 +1,58 @@
+"""The README table commands: which methods run, at which budgets, in which order."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vlmprune.eval.tables import BUDGETS, budget_specs, matched_specs, run_tables
+from vlmprune.registry import get_method
+
+
+def test_matched_specs_use_each_adaptive_count():
+    specs = matched_specs({"prumerge": 31.6, "prumerge+": 143.2})
+    assert specs == [(b, {"keep": 32}) for b in ("cls-topk", "spatial", "sequential", "random")] + \
+                    [(b, {"keep": 143}) for b in ("cls-topk", "spatial", "sequential", "random")]
+    assert matched_specs({"prumerge": 0.2}) == [(b, {"keep": 1}) for b in ("cls-topk", "spatial", "sequential", "random")]
+
+
+def test_every_table_spec_builds():
+    for name, opts in budget_specs() + matched_specs({"prumerge": 40.0, "prumerge+": 150.0}):
+        get_method(name).build(**opts)  # raises on an unknown option or a bad value
+    assert [s for s in budget_specs() if s[0] == "fastv"] == [("fastv", {"k": 2, "count": b}) for b in BUDGETS]
+
+
+def _fake_evaluate(calls, tokens):
+    def evaluate(model, processor, items, *, method=None, method_options=None, baseline=None, **_):
+        calls.append((method, dict(method_options or {}), baseline is not None))
+        return SimpleNamespace(method=method, mean_visual_tokens=tokens.get(method, 576.0), retention=None)
+    return evaluate
+
+
+def test_vision_table_runs_baselines_at_the_measured_counts(tmp_path, monkeypatch):
+    from vlmprune.eval import report
+
+    monkeypatch.setattr(report, "print_table", lambda *a, **k: None)
+    monkeypatch.setattr(report, "write", lambda results, out, name: (out / f"{name}.md", out / f"{name}.json"))
+    calls = []
+    res = run_tables("vision", None, None, [], out=tmp_path,
+                     evaluate=_fake_evaluate(calls, {"prumerge": 37.4, "prumerge+": 140.6}))
+    assert calls[0] == (None, {}, False)  # the unpruned run first, then everything against it
+    assert calls[1:3] == [("prumerge", {}, True), ("prumerge+", {}, True)]
+    assert calls[3:] == [(n, o, True) for n, o in matched_specs({"prumerge": 37.4, "prumerge+": 140.6})]
+    assert res[0].retention == 1.0 and len(res) == len(calls)
+
+
+def test_unknown_table_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="vision"):
+        run_tables("speed", None, None, [], out=tmp_path)
+
+
+def test_cli_tables_rejects_bad_input():
+    from typer.testing import CliRunner
+
+    from vlmprune.cli import app
+
+    r = CliRunner().invoke(app, ["tables", "speed"])
+    assert r.exit_code == 2 and "vision" in r.output
+    r = CliRunner().invoke(app, ["tables", "vision", "--n", "0"])
+    assert r.exit_code == 2 and "--n" in r.output
