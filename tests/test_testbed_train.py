@@ -204,12 +204,12 @@ def test_standardize_projector_feeds_standardised_features():
 def test_stage2_options_run_end_to_end(tmp_path):
     """Independent turns + attention guide + standardised projector: a tiny run trains, logs both losses, loads."""
     cfg = TrainConfig(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, checkpoint_every=1, independent_turns=True,
-                      guide_weight=0.1, guide_layers=(1,), guide_heads=1, **TINY)
+                      guide_weight=0.1, guide_layers=(1,), guide_heads=1, patch_words=0.5, **TINY)
     final = train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "g" / "history.jsonl").read_text().splitlines()]
     stage2 = [h for h in hist if h["stage"] == 2]
-    assert len(stage2) == 2 and all({"lm", "guide"} <= h.keys() for h in stage2)
-    assert all(abs(h["loss"] - (h["lm"] + 0.1 * h["guide"])) < 1e-4 for h in stage2)
+    assert len(stage2) == 2 and all({"lm", "guide", "patch_words"} <= h.keys() for h in stage2)
+    assert all(abs(h["loss"] - (h["lm"] + 0.1 * h["guide"] + 0.5 * h["patch_words"])) < 1e-4 for h in stage2)
     model, _ = load(final)
     assert not any(m._forward_hooks for m in model.modules())  # the guide's hooks are not saved with the model
 
@@ -230,3 +230,24 @@ def test_vision_from_skips_stage1_and_matches_a_straight_run(tmp_path):
     assert {h["stage"] for h in hist} == {2}
     with pytest.raises(FileNotFoundError, match="vision_from"):
         train(TrainConfig(out=str(tmp_path / "c"), vision_from=str(tmp_path / "missing.pt"), **base), progress=False)
+
+
+def test_patch_word_targets_name_each_patch():
+    """Object patches: colour word on even raster indices, shape word on odd; text patches: their character."""
+    import numpy as np
+
+    from vlmprune.testbed.model import build_tokenizer
+    from vlmprune.testbed.scenes import CODE_ALPHABET, COLOR_NAMES, SHAPES, patch_labels
+    from vlmprune.testbed.train import patch_word_targets
+
+    tok = build_tokenizer()
+    scene = make_scene(5, text=True)
+    ids = patch_word_targets(scene, tok)
+    lab = patch_labels(scene)
+    assert ids.shape == (576,)
+    assert set(np.nonzero(ids.numpy() != -100)[0]) == set(np.nonzero((lab.color > 0) | (lab.char > 0))[0])
+    for i in np.nonzero(lab.color)[0]:
+        want = COLOR_NAMES[lab.color[i] - 1] if i % 2 == 0 else SHAPES[lab.shape[i] - 1]
+        assert tok.decode([int(ids[i])]) == " " + want
+    chars = np.nonzero(lab.char)[0]
+    assert len(chars) and all(tok.decode([int(ids[i])]) == CODE_ALPHABET[lab.char[i] - 1] for i in chars)

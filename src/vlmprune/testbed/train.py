@@ -56,6 +56,7 @@ class TrainConfig:
     guide_weight: float = 0.0  # stage-2 attention guidance (see AttentionGuide); 0 = off
     guide_layers: tuple[int, ...] = (1, 2)
     guide_heads: int = 2
+    patch_words: float = 1.0  # weight of the patch-naming auxiliary (see patch_word_targets); 0 = off
     guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches  # turns share the image prefix but not each other (4-D mask, eval positions)
     text_prob: float = 0.5
     cls_steps: int = 0  # optional stage 3 (off: stage 1 already makes [CLS] attention land on objects)
@@ -79,6 +80,7 @@ class TrainConfig:
             (self.projector_init in ("standardize", "default"),
              f"projector_init must be 'standardize' or 'default', got {self.projector_init!r}"),
             (self.guide_weight >= 0, f"guide_weight must be >= 0, got {self.guide_weight}"),
+            (self.patch_words >= 0, f"patch_words must be >= 0, got {self.patch_words}"),
             (0 < self.guide_target <= 1, f"guide_target must be in (0, 1], got {self.guide_target}"),
             (self.guide_heads >= 1, f"guide_heads must be >= 1, got {self.guide_heads}"),
             (not self.families or set(self.families) <= set(FAMILIES),
@@ -324,6 +326,8 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         seg = out.pop("segment")
         mask = segment_attention_mask(seg)
         batch = dict(**out, attention_mask=mask, pixel_values=pixel_values)
+        if cfg.patch_words:
+            batch["patch_words"] = _patch_word_labels(batch["input_ids"], scenes, tok)
         if cfg.guide_weight:
             batch["guide"] = _guide_targets(batch["input_ids"], batch["labels"], mask[:, 0], scenes, tok)
         return batch
@@ -336,10 +340,45 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         labels[b, : len(lab)] = torch.tensor(lab)
         mask[b, : len(ids)] = 1
     batch = dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixel_values)
+    if cfg.patch_words:
+        batch["patch_words"] = _patch_word_labels(input_ids, scenes, tok)
     if cfg.guide_weight:
         allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
         batch["guide"] = _guide_targets(input_ids, labels, allowed, scenes, tok)
     return batch
+
+
+def patch_word_targets(scene, tok) -> torch.Tensor:
+    """[576] token ids naming each patch's content (-100 for background), for the patch-naming auxiliary.
+
+    Object patches alternate (in raster order) between their colour word and their shape word
+    (" red", " circle": one token each in the testbed vocabulary); text patches name their character
+    (the character's own token). The decoder's output at an image token is trained to predict that
+    word through the same ``lm_head`` -- as logit-lens studies find real LLaVA's visual tokens do --
+    so the map from visual features to answer words is learnt densely, from every object patch,
+    instead of only through the few answer tokens of each conversation.
+    """
+    lab = patch_labels(scene)
+    ids = torch.full((len(lab.color),), -100, dtype=torch.long)
+
+    def tid(text):
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        return t[0] if len(t) == 1 else -100
+
+    for i in np.nonzero(lab.color)[0]:
+        word = COLOR_NAMES[lab.color[i] - 1] if i % 2 == 0 else SHAPES[lab.shape[i] - 1]
+        ids[i] = tid(" " + word)
+    for i in np.nonzero(lab.char)[0]:
+        ids[i] = tid(CODE_ALPHABET[lab.char[i] - 1])
+    return ids
+
+
+def _patch_word_labels(input_ids, scenes, tok) -> torch.Tensor:
+    image = input_ids == tok.convert_tokens_to_ids("<image>")
+    out = torch.full_like(input_ids, -100)
+    for b, scene in enumerate(scenes):
+        out[b, image[b].nonzero()[:, 0]] = patch_word_targets(scene, tok)
+    return out
 
 
 def _guide_targets(input_ids, labels, allowed, scenes, tok) -> dict:
@@ -565,11 +604,20 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
             def llm_step(step):
                 batch = _llm_batch(cfg, step, processor)
                 guide_in = batch.pop("guide", None)
-                lm = model(**batch).loss
-                if guide_in is None:
-                    return lm, {}
-                g = guide.loss(**guide_in)
-                return lm + cfg.guide_weight * g, {"lm": float(lm.detach()), "guide": float(g.detach())}
+                words = batch.pop("patch_words", None)
+                out = model(**batch)
+                loss, parts = out.loss, {}
+                if words is not None:
+                    pw = F.cross_entropy(out.logits.flatten(0, 1).float(), words.flatten(), ignore_index=-100)
+                    loss = loss + cfg.patch_words * pw
+                    parts["patch_words"] = float(pw.detach())
+                if guide_in is not None:
+                    g = guide.loss(**guide_in)
+                    loss = loss + cfg.guide_weight * g
+                    parts["guide"] = float(g.detach())
+                if parts:
+                    parts = {"lm": float(out.loss.detach()), **parts}
+                return loss, parts
 
             def cls_step(step):
                 pv, targets = _vision_batch(cfg, 1_000_000 + step, processor, batch=cfg.cls_batch)

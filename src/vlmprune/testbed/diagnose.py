@@ -1,0 +1,152 @@
+"""Diagnostics of a testbed decoder under training (the figures of docs/testbed.md).
+
+    python -m vlmprune.testbed.diagnose MODEL_DIR answers    # exact answers on 1 / 2 / 5-object val scenes
+    python -m vlmprune.testbed.diagnose MODEL_DIR linear     # linear probe: object colour from the answer row
+    python -m vlmprune.testbed.diagnose MODEL_DIR attention  # answer-row attention share on object patches
+
+``MODEL_DIR`` is a saved model folder; ``python -m vlmprune.testbed.diagnose RUN_DIR export OUT``
+first writes one from a run's ``train_state.pt`` (mid-run evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+import torch.nn.functional as F
+
+from .questions import ask, format_prompt
+from .scenes import COLOR_NAMES, make_scene, split_seed
+
+
+def export(run_dir: str, out: str) -> dict:
+    """Save the model of ``run_dir/train_state.pt`` (with the run's tokenizer and processor) to ``out``."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .model import build_model, build_processor
+
+    tok = PreTrainedTokenizerFast.from_pretrained(f"{run_dir}/tokenizer")
+    saved = torch.load(f"{run_dir}/train_state.pt", weights_only=False)
+    cfg = saved["config"]
+    model = build_model(tok, vision=cfg.get("vision_overrides"), text=cfg.get("text_overrides"))
+    model.load_state_dict(saved["model"])
+    model.save_pretrained(out)
+    build_processor(tok).save_pretrained(out)
+    return saved["state"]
+
+
+@torch.no_grad()
+def answers(model, processor, n: int = 32, objects=(1, 2, 5), families=("color", "shape", "exist")) -> dict:
+    """Exact-match counts per (objects, family) on validation scenes with exactly that many objects."""
+    tok = processor.tokenizer
+    table = {}
+    for k in objects:
+        for fam in families:
+            prompts, images, gold = [], [], []
+            for i in range(n):
+                seed = split_seed("val", 5000 + i)
+                scene = make_scene(seed, n_objects=k)
+                q = ask(scene, fam, random.Random(seed))
+                if q is not None:
+                    prompts.append(format_prompt(q.question))
+                    images.append(scene.image)
+                    gold.append(q.answer.lower())
+            right = 0
+            for s in range(0, len(prompts), 16):
+                batch = processor(images=images[s:s + 16], text=prompts[s:s + 16], return_tensors="pt", padding=True)
+                out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+                texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                right += sum(t.strip().lower() == g for t, g in zip(texts, gold[s:s + 16]))
+            table[(k, fam)] = (right, len(prompts))
+    return table
+
+
+@torch.no_grad()
+def _answer_rows(model, processor, scenes, questions):
+    batch = processor(images=[s.image for s in scenes], text=[format_prompt(q) for q in questions],
+                      return_tensors="pt", padding=True)
+    return model(**batch, output_hidden_states=True).hidden_states
+
+
+def linear_probe(model, processor, n: int = 240, train: int = 180, steps: int = 300, seed: int = 0) -> list[float]:
+    """Held-out accuracy of a linear read-out of the single object's colour from the answer row, per hidden state."""
+    scenes = [make_scene(split_seed("val", 20000 + i), n_objects=1) for i in range(n)]
+    feats, labels = [], []
+    for s in range(0, n, 16):
+        chunk = scenes[s:s + 16]
+        hs = _answer_rows(model, processor, chunk, [f"What color is the {c.objects[0].shape}?" for c in chunk])
+        feats.append(torch.stack([h[:, -1] for h in hs], 1))
+        labels += [COLOR_NAMES.index(c.objects[0].color) for c in chunk]
+    x, y = torch.cat(feats), torch.tensor(labels)
+    accs = []
+    torch.manual_seed(seed)
+    for layer in range(x.shape[1]):
+        f = x[:, layer]
+        f = (f - f[:train].mean(0)) / (f[:train].std(0) + 1e-5)
+        w = torch.zeros(f.shape[1], len(COLOR_NAMES), requires_grad=True)
+        opt = torch.optim.Adam([w], lr=0.01)
+        for _ in range(steps):
+            loss = F.cross_entropy(f[:train] @ w, y[:train]) + 1e-3 * w.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        accs.append(float(((f[train:] @ w).argmax(1) == y[train:]).float().mean()))
+    return accs
+
+
+@torch.no_grad()
+def attention_share(model, processor, batch_size: int = 8, step: int = 7777) -> tuple[float, list[list[tuple]]]:
+    """Per layer and head: (share on object/text patches, share on all image tokens) from answer rows."""
+    from .train import AttentionGuide, TrainConfig, _llm_batch
+
+    cfg = TrainConfig(guide_weight=1.0, llm_batch=batch_size, patch_words=0.0)
+    batch = _llm_batch(cfg, step, processor)
+    g = batch.pop("guide")
+    text = model.config.text_config
+    guide = AttentionGuide(model, tuple(range(text.num_hidden_layers)), text.num_attention_heads)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+        probs = guide.probabilities(g["allowed"])
+    finally:
+        guide.remove()
+    rows, target = g["rows"], g["targets"].float()
+    image = (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).float()
+    out = []
+    for p in probs:
+        obj = (p * target[:, None, None]).sum(-1)
+        img = (p * image[:, None, None]).sum(-1)
+        out.append([(float(obj[:, h][rows].mean()), float(img[:, h][rows].mean())) for h in range(p.shape[1])])
+    return float(target.sum() / image.sum()), out
+
+
+def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions above
+    ap = argparse.ArgumentParser(prog="python -m vlmprune.testbed.diagnose", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path")
+    ap.add_argument("what", choices=["answers", "linear", "attention", "export"])
+    ap.add_argument("out", nargs="?")
+    args = ap.parse_args(argv)
+    if args.what == "export":
+        if not args.out:
+            ap.error("export needs OUT, the folder to write the model to")
+        print(export(args.path, args.out))
+        return
+    from .model import load
+
+    model, processor = load(args.path)
+    if args.what == "answers":
+        for (k, fam), (right, total) in answers(model, processor).items():
+            print(f"objects={k} {fam}: {right}/{total}")
+    elif args.what == "linear":
+        for layer, acc in enumerate(linear_probe(model, processor)):
+            print(f"hidden state {layer}: held-out colour accuracy {acc:.2f}")
+    else:
+        share, table = attention_share(model, processor)
+        print(f"object/text share of image tokens: {share:.3f}")
+        for layer, heads in enumerate(table):
+            print(f"layer {layer}: " + "  ".join(f"h{h} obj {o:.3f} img {i:.3f}" for h, (o, i) in enumerate(heads)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

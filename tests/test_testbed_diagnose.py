@@ -1,0 +1,35 @@
+"""Diagnostics of a decoder under training (docs/testbed.md): run on a tiny model, right shapes, export round-trips."""
+
+from dataclasses import asdict
+
+import torch
+
+from vlmprune.testbed import diagnose
+from vlmprune.testbed.model import build_model, build_processor, build_tokenizer, load
+from vlmprune.testbed.train import TrainConfig
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+
+
+def test_export_and_diagnostics(tmp_path):
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path / "run" / "tokenizer")
+    model = build_model(tok, seed=1, vision=VISION, text=TEXT)
+    cfg = TrainConfig(vision_overrides=VISION, text_overrides=TEXT)
+    torch.save({"config": asdict(cfg), "model": model.state_dict(), "state": {"stage": 2, "step": 7}},
+               tmp_path / "run" / "train_state.pt")
+    assert diagnose.export(str(tmp_path / "run"), str(tmp_path / "m")) == {"stage": 2, "step": 7}
+    loaded, proc = load(tmp_path / "m")
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+
+    table = diagnose.answers(loaded, proc, n=2, objects=(1,), families=("color",))
+    assert list(table) == [(1, "color")] and 0 <= table[(1, "color")][0] <= table[(1, "color")][1] == 2
+    accs = diagnose.linear_probe(loaded, proc, n=20, train=16, steps=3)
+    assert len(accs) == TEXT["num_hidden_layers"] + 1 and all(0 <= a <= 1 for a in accs)
+    hooks = {name: len(m._forward_hooks) for name, m in loaded.named_modules()}
+    share, heads = diagnose.attention_share(loaded, proc, batch_size=2)
+    assert 0 < share < 1 and len(heads) == 2 and all(len(h) == 2 for h in heads)
+    assert all(0 <= o <= i + 1e-6 <= 1 + 1e-6 for layer in heads for o, i in layer)  # object share within image share
+    assert {name: len(m._forward_hooks) for name, m in loaded.named_modules()} == hooks  # the guide's hooks are gone
