@@ -228,8 +228,9 @@ def test_vision_from_skips_stage1_and_matches_a_straight_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     hist = [json.loads(line) for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
     assert {h["stage"] for h in hist} == {2}
-    with pytest.raises(FileNotFoundError, match="vision_from"):
+    with pytest.raises(ValueError, match="vision_from"):
         train(TrainConfig(out=str(tmp_path / "c"), vision_from=str(tmp_path / "missing.pt"), **base), progress=False)
+    assert not (tmp_path / "c").exists()  # rejected before anything is written
 
 
 def test_patch_word_targets_name_each_patch():

@@ -86,6 +86,8 @@ class TrainConfig:
             (not self.families or set(self.families) <= set(FAMILIES),
              f"families must be among {FAMILIES}, got {self.families}"),
             (self.max_objects is None or 1 <= self.max_objects <= 9, "max_objects must be in 1..9 or None"),
+            (self.vision_from is None or Path(self.vision_from).exists(),
+             f"vision_from={self.vision_from}: no such file or folder (a run's train_state.pt or a saved model)"),
         ]
         for ok, msg in checks:
             if not ok:
