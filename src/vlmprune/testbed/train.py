@@ -8,7 +8,9 @@ Stage 1 trains the CLIP vision tower from scratch on dense, synthetic supervisio
     shape, "object centre here" and text character of each patch, and its normalised position.
 Stage 2 freezes the vision tower and trains the projector and the Llama decoder on multi-turn
 ShapesVQA conversations (several question-answer turns per image amortise the 576 visual tokens;
-loss on answer tokens only).
+loss on answer tokens), after standardising the projector's input (``standardize_projector``) and
+with a patch-naming term (``patch_word_targets``); docs/testbed.md explains both with the probes
+that motivated them.
 Stage 3 (optional, ``cls_steps``; off in the shipped recipe) refines the [CLS] pathway: only the
 *last* vision layer, the post-layernorm and the [CLS] head train, on the multi-label objective. LLaVA reads ``hidden_states[-2]``, the input of that
 last layer, so this stage cannot change what the LLM sees (it is independent of stage 2). In the
@@ -52,12 +54,12 @@ class TrainConfig:
     warmup: int = 60
     turns: int = 10
     projector_init: str = "standardize"  # or "default": see standardize_projector
-    independent_turns: bool = False
+    patch_words: float = 1.0  # weight of the patch-naming auxiliary (see patch_word_targets); 0 = off
+    independent_turns: bool = False  # turns share the image prefix but not each other (4-D mask, eval positions)
     guide_weight: float = 0.0  # stage-2 attention guidance (see AttentionGuide); 0 = off
     guide_layers: tuple[int, ...] = (1, 2)
     guide_heads: int = 2
-    patch_words: float = 1.0  # weight of the patch-naming auxiliary (see patch_word_targets); 0 = off
-    guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches  # turns share the image prefix but not each other (4-D mask, eval positions)
+    guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches
     text_prob: float = 0.5
     cls_steps: int = 0  # optional stage 3 (off: stage 1 already makes [CLS] attention land on objects)
     cls_batch: int = 16
