@@ -321,35 +321,65 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
     pixel_values = _pixel_values(processor, images)
     if cfg.independent_turns:
         width = max(len(s["input_ids"]) for s in seqs)
-        batch = {"input_ids": tok.pad_token_id, "labels": -100, "position_ids": 0, "segment": -1}
+        fills = {"input_ids": tok.pad_token_id, "labels": -100, "position_ids": 0, "segment": -1}
         out = {}
-        for key, fill in batch.items():
+        for key, fill in fills.items():
             out[key] = torch.full((len(seqs), width), fill)
             for b, s in enumerate(seqs):
                 out[key][b, : len(s[key])] = torch.tensor(s[key])
-        seg = out.pop("segment")
-        mask = segment_attention_mask(seg)
+        mask = segment_attention_mask(out.pop("segment"))
+        allowed = mask[:, 0]
         batch = dict(**out, attention_mask=mask, pixel_values=pixel_values)
-        if cfg.patch_words:
-            batch["patch_words"] = _patch_word_labels(batch["input_ids"], scenes, tok)
-        if cfg.guide_weight:
-            batch["guide"] = _guide_targets(batch["input_ids"], batch["labels"], mask[:, 0], scenes, tok)
-        return batch
-    width = max(len(s[0]) for s in seqs)
-    input_ids = torch.full((len(seqs), width), tok.pad_token_id)
-    labels = torch.full((len(seqs), width), -100)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, (ids, lab) in enumerate(seqs):  # right padding for training
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(lab)] = torch.tensor(lab)
-        mask[b, : len(ids)] = 1
-    batch = dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixel_values)
-    if cfg.patch_words:
-        batch["patch_words"] = _patch_word_labels(input_ids, scenes, tok)
-    if cfg.guide_weight:
+    else:
+        width = max(len(s[0]) for s in seqs)
+        input_ids = torch.full((len(seqs), width), tok.pad_token_id)
+        labels = torch.full((len(seqs), width), -100)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, (ids, lab) in enumerate(seqs):  # right padding for training
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            labels[b, : len(lab)] = torch.tensor(lab)
+            mask[b, : len(ids)] = 1
         allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
-        batch["guide"] = _guide_targets(input_ids, labels, allowed, scenes, tok)
+        batch = dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixel_values)
+    if cfg.patch_words or cfg.guide_weight:
+        labs = [patch_labels(sc) for sc in scenes]
+        image = batch["input_ids"] == tok.convert_tokens_to_ids("<image>")
+        if cfg.patch_words:
+            words = _patch_word_ids(tok)
+            batch["patch_words"] = _scatter_image(image, [patch_word_ids(lab, words) for lab in labs], -100)
+        if cfg.guide_weight:
+            obj = [torch.as_tensor((lab.color > 0) | (lab.char > 0)) for lab in labs]
+            rows = torch.zeros_like(image)
+            rows[:, :-1] = (batch["labels"][:, :-1] == -100) & (batch["labels"][:, 1:] != -100)
+            batch["guide"] = dict(rows=rows, targets=_scatter_image(image, obj, False), allowed=allowed)
     return batch
+
+
+def _scatter_image(image: torch.Tensor, per_patch: list[torch.Tensor], fill) -> torch.Tensor:
+    """[B, L] tensor holding sample b's ``per_patch[b]`` at its image-token positions, ``fill`` elsewhere."""
+    out = torch.full(image.shape, fill, dtype=per_patch[0].dtype)
+    for b, values in enumerate(per_patch):
+        out[b, image[b].nonzero()[:, 0]] = values
+    return out
+
+
+def _patch_word_ids(tok) -> dict[str, torch.Tensor]:
+    """Token id tables (index 0 = none -> -100) of the colour words, shape words and code characters."""
+    def tid(text):
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        return t[0] if len(t) == 1 else -100
+
+    table = lambda words: torch.tensor([-100] + [tid(w) for w in words])  # noqa: E731
+    return {"color": table([" " + c for c in COLOR_NAMES]), "shape": table([" " + s for s in SHAPES]),
+            "char": table(list(CODE_ALPHABET))}
+
+
+def patch_word_ids(lab, words: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[576] token ids naming each patch of ``lab`` (a ``PatchLabels``); see ``patch_word_targets``."""
+    color, shape, char = (torch.as_tensor(getattr(lab, k)) for k in ("color", "shape", "char"))
+    even = torch.arange(len(color)) % 2 == 0
+    ids = torch.where(even, words["color"][color], words["shape"][shape])  # -100 where no object
+    return torch.where(char > 0, words["char"][char], ids)
 
 
 def patch_word_targets(scene, tok) -> torch.Tensor:
@@ -362,40 +392,7 @@ def patch_word_targets(scene, tok) -> torch.Tensor:
     so the map from visual features to answer words is learnt densely, from every object patch,
     instead of only through the few answer tokens of each conversation.
     """
-    lab = patch_labels(scene)
-    ids = torch.full((len(lab.color),), -100, dtype=torch.long)
-
-    def tid(text):
-        t = tok(text, add_special_tokens=False)["input_ids"]
-        return t[0] if len(t) == 1 else -100
-
-    for i in np.nonzero(lab.color)[0]:
-        word = COLOR_NAMES[lab.color[i] - 1] if i % 2 == 0 else SHAPES[lab.shape[i] - 1]
-        ids[i] = tid(" " + word)
-    for i in np.nonzero(lab.char)[0]:
-        ids[i] = tid(CODE_ALPHABET[lab.char[i] - 1])
-    return ids
-
-
-def _patch_word_labels(input_ids, scenes, tok) -> torch.Tensor:
-    image = input_ids == tok.convert_tokens_to_ids("<image>")
-    out = torch.full_like(input_ids, -100)
-    for b, scene in enumerate(scenes):
-        out[b, image[b].nonzero()[:, 0]] = patch_word_targets(scene, tok)
-    return out
-
-
-def _guide_targets(input_ids, labels, allowed, scenes, tok) -> dict:
-    """AttentionGuide inputs: rows predicting an answer's first token, object/text image tokens."""
-    image = input_ids == tok.convert_tokens_to_ids("<image>")
-    targets = torch.zeros_like(image)
-    for b, scene in enumerate(scenes):
-        lab = patch_labels(scene)
-        obj = torch.as_tensor((lab.color > 0) | (lab.char > 0))
-        targets[b, image[b].nonzero()[:, 0]] = obj
-    rows = torch.zeros_like(image)
-    rows[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
-    return dict(rows=rows, targets=targets, allowed=allowed)
+    return patch_word_ids(patch_labels(scene), _patch_word_ids(tok))
 
 
 @torch.no_grad()
