@@ -36,29 +36,34 @@ def export(run_dir: str, out: str) -> dict:
     return saved["state"]
 
 
-@torch.no_grad()
 def answers(model, processor, n: int = 32, objects=(1, 2, 5), families=("color", "shape", "exist")) -> dict:
-    """Exact-match counts per (objects, family) on validation scenes with exactly that many objects."""
-    tok = processor.tokenizer
+    """Exact-match counts per (objects, family) on validation scenes with exactly that many objects.
+
+    Answered and scored by the evaluation harness (``run_items``: greedy, left-padded batches).
+    """
+    from ..eval.data import EvalItem
+    from ..eval.harness import run_items
+
+    class SceneItem(EvalItem):  # an evaluation item whose image is a given scene's
+        def __init__(self, scene, **fields):
+            super().__init__(**fields)
+            self.scene = scene
+
+        def image(self):
+            return self.scene.image
+
     table = {}
     for k in objects:
         for fam in families:
-            prompts, images, gold = [], [], []
+            items = []
             for i in range(n):
                 seed = split_seed("val", 5000 + i)
                 scene = make_scene(seed, n_objects=k)
                 q = ask(scene, fam, random.Random(seed))
                 if q is not None:
-                    prompts.append(format_prompt(q.question))
-                    images.append(scene.image)
-                    gold.append(q.answer.lower())
-            right = 0
-            for s in range(0, len(prompts), 16):
-                batch = processor(images=images[s:s + 16], text=prompts[s:s + 16], return_tensors="pt", padding=True)
-                out = model.generate(**batch, max_new_tokens=6, do_sample=False)
-                texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-                right += sum(t.strip().lower() == g for t, g in zip(texts, gold[s:s + 16]))
-            table[(k, fam)] = (right, len(prompts))
+                    items.append(SceneItem(scene, id=f"{k}-{fam}-{i}", family=fam, question=q.question, answer=q.answer))
+            results, _ = run_items(model, processor, items, batch_size=16, max_new_tokens=6, progress=False)
+            table[(k, fam)] = (sum(r.correct for r in results), len(results))
     return table
 
 
