@@ -212,6 +212,17 @@ def conversation(scene, rnd: random.Random, turns: int,
     return qa
 
 
+def _prompt_ids(tokenizer, question: str, image_token_id: int, num_image_tokens: int) -> tuple[list[int], int]:
+    """Token ids of the single-turn evaluation prompt with the image expanded, and the last image token's index."""
+    prompt = format_prompt(question).replace("<image>", "<image>" * num_image_tokens)
+    ids = list(tokenizer(prompt)["input_ids"])
+    img = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(img) != num_image_tokens:
+        raise ValueError(f"the prompt tokenised to {len(img)} image tokens, expected {num_image_tokens}; does the "
+                         f"tokenizer know '<image>' as token {image_token_id}?")
+    return ids, img[-1]
+
+
 def encode_turns(tokenizer, qa: list[tuple[str, str]], image_token_id: int,
                  num_image_tokens: int = 576) -> tuple[list[int], list[int], list[bool]]:
     """Token ids, labels (-100 except answers and their </s>) and instruction mask of a conversation.
@@ -220,13 +231,8 @@ def encode_turns(tokenizer, qa: list[tuple[str, str]], image_token_id: int,
     image placeholder expanded to ``num_image_tokens``); the instruction rows are that turn's
     tokens after the last image token (the question and "ASSISTANT:"), never an answer.
     """
-    prompt = format_prompt(qa[0][0]).replace("<image>", "<image>" * num_image_tokens)
-    ids = list(tokenizer(prompt)["input_ids"])
-    img = [i for i, t in enumerate(ids) if t == image_token_id]
-    if len(img) != num_image_tokens:
-        raise ValueError(f"the prompt tokenised to {len(img)} image tokens, expected {num_image_tokens}; does the "
-                         f"tokenizer know '<image>' as token {image_token_id}?")
-    instruction = [i > img[-1] for i in range(len(ids))]
+    ids, last_image = _prompt_ids(tokenizer, qa[0][0], image_token_id, num_image_tokens)
+    instruction = [i > last_image for i in range(len(ids))]
     labels = [-100] * len(ids)
     for k, (q, a) in enumerate(qa):
         if k > 0:
@@ -256,13 +262,8 @@ def encode_independent_turns(tokenizer, qa: list[tuple[str, str]], image_token_i
     prefix = None
     ids, labels, positions, segment = [], [], [], []
     for k, (q, a) in enumerate(qa, start=1):
-        prompt = format_prompt(q).replace("<image>", "<image>" * num_image_tokens)
-        full = list(tokenizer(prompt)["input_ids"])
-        img = [i for i, t in enumerate(full) if t == image_token_id]
-        if len(img) != num_image_tokens:
-            raise ValueError(f"the prompt tokenised to {len(img)} image tokens, expected {num_image_tokens}; does "
-                             f"the tokenizer know '<image>' as token {image_token_id}?")
-        head, tail = full[: img[-1] + 1], full[img[-1] + 1:]
+        full, last_image = _prompt_ids(tokenizer, q, image_token_id, num_image_tokens)
+        head, tail = full[: last_image + 1], full[last_image + 1:]
         if prefix is None:
             prefix = head
             ids += head
