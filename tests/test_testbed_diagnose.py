@@ -33,3 +33,30 @@ def test_export_and_diagnostics(tmp_path):
     assert 0 < share < 1 and len(heads) == 2 and all(len(h) == 2 for h in heads)
     assert all(0 <= o <= i + 1e-6 <= 1 + 1e-6 for layer in heads for o, i in layer)  # object share within image share
     assert {name: len(m._forward_hooks) for name, m in loaded.named_modules()} == hooks  # the guide's hooks are gone
+
+
+def test_vision_heads_counts_labelled_patches_only(tmp_path):
+    """A shape head that always says "circle" is right exactly on the circle patches (background excluded)."""
+    from vlmprune.testbed.scenes import SHAPES, make_scene, patch_labels, split_seed
+    from vlmprune.testbed.train import VisionHeads
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path / "run" / "tokenizer")
+    model = build_model(tok, seed=1, vision=VISION, text=TEXT)
+    heads = VisionHeads(VISION["hidden_size"])
+    with torch.no_grad():
+        heads.shape.weight.zero_()
+        heads.shape.bias.zero_()
+        heads.shape.bias[1 + SHAPES.index("circle")] = 1.0
+    cfg = TrainConfig(vision_overrides=VISION, text_overrides=TEXT)
+    torch.save({"config": asdict(cfg), "model": model.state_dict(), "heads": heads.state_dict(),
+                "state": {"stage": 2, "step": 0}}, tmp_path / "run" / "train_state.pt")
+    counts = diagnose.vision_heads(str(tmp_path / "run"), n=3)
+    labels = [patch_labels(make_scene(split_seed("val", 500 + i), text=i % 2 == 0)) for i in range(3)]
+    circle = 1 + SHAPES.index("circle")
+    assert counts["shape"] == (sum(int((lab.shape == circle).sum()) for lab in labels),
+                               sum(int((lab.shape > 0).sum()) for lab in labels))
+    assert counts["color"][1] == counts["shape"][1]
+    assert counts["char"][1] == sum(int((lab.char > 0).sum()) for lab in labels)
+    assert sum(t for k, (_, t) in counts.items() if k.startswith("shape@centre/")) == sum(
+        len(make_scene(split_seed("val", 500 + i), text=i % 2 == 0).objects) for i in range(3))

@@ -46,6 +46,18 @@ def test_objects_do_not_overlap_and_stay_inside():
                 assert np.hypot(o.cx - p.cx, o.cy - p.cy) >= o.radius + p.radius
 
 
+def test_dense_scenes_for_vision_pretraining():
+    """Up to 32 objects on request (still non-overlapping, labelled); beyond that a clear error."""
+    s = make_scene(5, n_objects=20, text=True)
+    assert 12 <= len(s.objects) <= 20
+    for i, o in enumerate(s.objects):
+        for p in s.objects[i + 1:]:
+            assert np.hypot(o.cx - p.cx, o.cy - p.cy) >= o.radius + p.radius
+    assert (patch_labels(s).shape > 0).sum() > (patch_labels(make_scene(5, n_objects=2)).shape > 0).sum()
+    with pytest.raises(ValueError, match="n_objects must be in 1..32"):
+        make_scene(5, n_objects=33)
+
+
 def _scene(objects, text=None):
     mask = np.zeros((336, 336), np.int16)
     return Scene(0, objects, text, None, mask)

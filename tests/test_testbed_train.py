@@ -1,6 +1,7 @@
 """The testbed training recipe: runs end to end on a tiny architecture and resumes exactly."""
 
 import json
+import math
 
 import torch
 
@@ -252,3 +253,55 @@ def test_patch_word_targets_name_each_patch():
         assert tok.decode([int(ids[i])]) == " " + want
     chars = np.nonzero(lab.char)[0]
     assert len(chars) and all(tok.decode([int(ids[i])]) == CODE_ALPHABET[lab.char[i] - 1] for i in chars)
+
+
+def test_patch_ce_object_term_small_case():
+    """Uniform logits over C classes: CE is log C per patch; the object term adds log C once more."""
+    from vlmprune.testbed.train import _patch_ce
+
+    logits = torch.zeros(1, 4, 3)
+    target = torch.tensor([[0, 0, 2, 0]])
+    assert torch.isclose(_patch_ce(logits, target, False), torch.tensor(math.log(3)))
+    assert torch.isclose(_patch_ce(logits, target, True), torch.tensor(2 * math.log(3)))
+    # A confident right answer on the labelled patch removes the object term only.
+    logits[0, 2] = torch.tensor([0.0, 0.0, 50.0])
+    assert torch.isclose(_patch_ce(logits, target, True), torch.tensor(3 * math.log(3) / 4), atol=1e-5)
+    # No labelled patch: the object term is zero (and still differentiable).
+    empty = _patch_ce(torch.zeros(1, 4, 3, requires_grad=True), torch.zeros(1, 4, dtype=torch.long), True)
+    assert torch.isclose(empty, torch.tensor(math.log(3)))
+    empty.backward()
+
+
+def test_sincos_positions_small_case():
+    """2x2 grid, width 4: one frequency (1.0); row r, column c -> [sin r, cos r, sin c, cos c]; [CLS] row 0."""
+    from vlmprune.testbed.model import build_model, build_tokenizer
+    from vlmprune.testbed.train import sincos_positions
+
+    model = build_model(build_tokenizer(), vision=dict(hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                                                       num_attention_heads=1, image_size=28, patch_size=14,
+                                                       projection_dim=4), text=TINY["text_overrides"])
+    vision = model.model.vision_tower
+    sincos_positions(vision)
+    emb = vision.embeddings.position_embedding.weight
+    expected = torch.tensor([[0.0, 0, 0, 0]] + [[math.sin(r), math.cos(r), math.sin(c), math.cos(c)]
+                                                for r in range(2) for c in range(2)])
+    assert torch.allclose(emb, expected)
+
+
+def test_mimetic_attention_ties_queries_to_keys():
+    from vlmprune.testbed.model import build_model, build_tokenizer
+    from vlmprune.testbed.train import mimetic_attention
+
+    model = build_model(build_tokenizer(), vision=TINY["vision_overrides"], text=TINY["text_overrides"])
+    vision = model.model.vision_tower
+    mimetic_attention(vision, seed=3, self_logit=4.0)
+    for layer in vision.encoder.layers:
+        a = layer.self_attn
+        assert torch.equal(a.q_proj.weight, a.k_proj.weight)
+        assert not a.q_proj.bias.any() and not a.k_proj.bias.any()
+        # expected self logit: head_dim * std^2 * width / sqrt(head_dim) == 4 for unit-variance inputs
+        width = a.q_proj.weight.shape[1]
+        std2 = a.q_proj.weight.var().item()
+        assert abs(std2 * width * a.head_dim ** 0.5 - 4.0) < 1.0
+    with __import__("pytest").raises(ValueError, match="vision_attn_init"):
+        TrainConfig(vision_attn_init="nope").validate()

@@ -186,8 +186,8 @@ def demo_cmd(
 def testbed_train(
     out: Path = typer.Option(Path("runs/testbed"), help="run folder (checkpoints; resumes if present)"),
     seed: int = typer.Option(0),
-    vision_steps: int = typer.Option(250),
-    llm_steps: int = typer.Option(1500),
+    vision_steps: int = typer.Option(None, help="stage-1 steps (default: the recipe's, TrainConfig.vision_steps)"),
+    llm_steps: int = typer.Option(None, help="stage-2 steps (default: the recipe's, TrainConfig.llm_steps)"),
     install: bool = typer.Option(False, help="copy the final model into the package (the committed testbed)"),
     set_: list[str] = typer.Option([], "--set", help="override any TrainConfig field: --set key=value (repeatable), "
                                    "e.g. --set guide_weight=0.1 --set 'guide_layers=[3]'"),
@@ -195,10 +195,11 @@ def testbed_train(
     """Train the testbed LLaVA from scratch (resumable; about 2 h on 2 otherwise idle CPU cores)."""
     from .testbed.train import TrainConfig, train
 
-    if vision_steps < 1 or llm_steps < 1:
+    if (vision_steps is not None and vision_steps < 1) or (llm_steps is not None and llm_steps < 1):
         _fail("--vision-steps and --llm-steps must be >= 1")
+    steps = {k: v for k, v in (("vision_steps", vision_steps), ("llm_steps", llm_steps)) if v is not None}
     try:
-        cfg = TrainConfig(out=str(out), seed=seed, vision_steps=vision_steps, llm_steps=llm_steps).with_overrides(set_)
+        cfg = TrainConfig(out=str(out), seed=seed, **steps).with_overrides(set_)
     except (ValueError, TypeError) as e:
         _fail(str(e))
     final = train(cfg)

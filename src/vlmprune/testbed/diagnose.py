@@ -3,6 +3,7 @@
     python -m vlmprune.testbed.diagnose MODEL_DIR answers    # exact answers on 1 / 2 / 5-object val scenes
     python -m vlmprune.testbed.diagnose MODEL_DIR linear     # linear probe: object colour from the answer row
     python -m vlmprune.testbed.diagnose MODEL_DIR attention  # answer-row attention share on object patches
+    python -m vlmprune.testbed.diagnose RUN_DIR vision       # stage-1 heads: accuracy on object/text patches
 
 ``MODEL_DIR`` is a saved model folder; ``python -m vlmprune.testbed.diagnose RUN_DIR export OUT``
 first writes one from a run's ``train_state.pt`` (mid-run evaluation).
@@ -34,6 +35,53 @@ def export(run_dir: str, out: str) -> dict:
     model.save_pretrained(out)
     build_processor(tok).save_pretrained(out)
     return saved["state"]
+
+
+@torch.no_grad()
+def vision_heads(run_dir: str, n: int = 64) -> dict:
+    """Accuracy of a run's stage-1 heads on validation scenes, counted on labelled patches only.
+
+    Returns ``{"color" | "shape" | "char": (right, total)}`` over patches that show an object
+    (colour, shape) or a code character, and ``{"shape@centre/SIZE": (right, total)}``: the shape
+    head at each object's centre patch, per object size. Background patches are left out: they are
+    ~95% of all patches and would hide a head that is at chance on objects.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from .model import build_model, build_processor
+    from .scenes import SHAPES, patch_labels
+    from .train import VisionHeads, _pixel_values
+
+    tok = PreTrainedTokenizerFast.from_pretrained(f"{run_dir}/tokenizer")
+    saved = torch.load(f"{run_dir}/train_state.pt", weights_only=False)
+    model = build_model(tok, vision=saved["config"].get("vision_overrides"), text=saved["config"].get("text_overrides"))
+    model.load_state_dict(saved["model"])
+    heads = VisionHeads(model.config.vision_config.hidden_size)
+    heads.load_state_dict(saved["heads"])
+    vision, processor = model.model.vision_tower.eval(), build_processor(tok)
+    counts: dict = {}
+
+    def add(key, right, total):
+        r, t = counts.get(key, (0, 0))
+        counts[key] = (r + int(right), t + int(total))
+
+    for start in range(0, n, 16):
+        scenes = [make_scene(split_seed("val", 500 + start + i), text=i % 2 == 0) for i in range(min(16, n - start))]
+        hidden = vision(_pixel_values(processor, [sc.image for sc in scenes]), output_hidden_states=True)
+        patches = hidden.hidden_states[-2][:, 1:]
+        for b, scene in enumerate(scenes):
+            lab = patch_labels(scene)
+            for key in ("color", "shape", "char"):
+                target = torch.as_tensor(getattr(lab, key))
+                pred = getattr(heads, key)(patches[b]).argmax(-1)
+                m = target > 0
+                add(key, (pred[m] == target[m]).sum(), m.sum())
+            shape_pred = heads.shape(patches[b]).argmax(-1)
+            grid = int(len(shape_pred) ** 0.5)
+            for o in scene.objects:
+                r, c = o.center_patch
+                add(f"shape@centre/{o.size}", shape_pred[r * grid + c] == 1 + SHAPES.index(o.shape), 1)
+    return counts
 
 
 def answers(model, processor, n: int = 32, objects=(1, 2, 5), families=("color", "shape", "exist")) -> dict:
@@ -129,13 +177,17 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
     ap = argparse.ArgumentParser(prog="python -m vlmprune.testbed.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path")
-    ap.add_argument("what", choices=["answers", "linear", "attention", "export"])
+    ap.add_argument("what", choices=["answers", "linear", "attention", "vision", "export"])
     ap.add_argument("out", nargs="?")
     args = ap.parse_args(argv)
     if args.what == "export":
         if not args.out:
             ap.error("export needs OUT, the folder to write the model to")
         print(export(args.path, args.out))
+        return
+    if args.what == "vision":
+        for key, (right, total) in vision_heads(args.path).items():
+            print(f"{key}: {right}/{total} = {right / max(total, 1):.3f}")
         return
     from .model import load
 

@@ -34,6 +34,8 @@ COLORS = {
     "black": (15, 15, 15),
 }
 COLOR_NAMES = tuple(COLORS)
+MAX_OBJECTS = 9  # per ShapesVQA scene
+DENSE_MAX_OBJECTS = 32  # denser scenes for vision pretraining only
 SIZES = {"small": 8, "medium": 17, "large": 28}  # radius in pixels; small covers one or two patches
 # Code alphabet: upper-case letters and digits without the easily confused O/0 and I/1.
 CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
@@ -133,12 +135,16 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 
 
 def make_scene(seed: int, *, n_objects: int | None = None, text: bool | None = None) -> Scene:
-    """Generate the scene for ``seed`` (deterministic). ``n_objects``/``text`` override the draws."""
+    """Generate the scene for ``seed`` (deterministic). ``n_objects``/``text`` override the draws.
+
+    ShapesVQA scenes hold 1..``MAX_OBJECTS`` objects; ``n_objects`` up to ``DENSE_MAX_OBJECTS``
+    asks for a denser scene (used only to pretrain the vision tower; placement may fit fewer).
+    """
     rnd = random.Random(seed)
     rng = np.random.default_rng(seed)
-    n = n_objects if n_objects is not None else rnd.randint(1, 9)
-    if not 1 <= n <= 9:
-        raise ValueError(f"n_objects must be in 1..9, got {n}")
+    n = n_objects if n_objects is not None else rnd.randint(1, MAX_OBJECTS)
+    if not 1 <= n <= DENSE_MAX_OBJECTS:
+        raise ValueError(f"n_objects must be in 1..{DENSE_MAX_OBJECTS} (ShapesVQA uses 1..{MAX_OBJECTS}), got {n}")
     has_text = text if text is not None else rnd.random() < 0.35
 
     canvas = Image.fromarray(_background(rng))
