@@ -46,6 +46,22 @@ def test_objects_do_not_overlap_and_stay_inside():
                 assert np.hypot(o.cx - p.cx, o.cy - p.cy) >= o.radius + p.radius
 
 
+def test_object_centres_lie_on_patch_centres():
+    """Centres at 7 + 14k px (scenes.CENTER_SNAP), objects inside the image; a small object labels one patch."""
+    from vlmprune.testbed.scenes import CENTER_SNAP
+
+    assert CENTER_SNAP == PATCH
+    for seed in range(20):
+        s = make_scene(seed, n_objects=9)
+        lab = patch_labels(s)
+        for i, o in enumerate(s.objects):
+            assert (o.cx - PATCH / 2) % PATCH == 0 and (o.cy - PATCH / 2) % PATCH == 0
+            assert o.radius <= o.cx <= 336 - o.radius and o.radius <= o.cy <= 336 - o.radius
+            if o.size == "small":
+                r, c = o.center_patch
+                assert lab.shape[r * GRID + c] > 0
+
+
 def test_dense_scenes_for_vision_pretraining():
     """Up to 32 objects on request (still non-overlapping, labelled); beyond that a clear error."""
     s = make_scene(5, n_objects=20, text=True)

@@ -34,6 +34,10 @@ COLORS = {
     "black": (15, 15, 15),
 }
 COLOR_NAMES = tuple(COLORS)
+# Object centres lie on the patch-centre lattice (7 + 14 k px): a small object then sits in one patch
+# and each shape shows a fixed set of patch contents, which a from-scratch vision tower learns to
+# name within the recipe's budget (docs/testbed.md, "Problem 3"); 0 draws centres anywhere.
+CENTER_SNAP = PATCH
 MAX_OBJECTS = 9  # per ShapesVQA scene
 DENSE_MAX_OBJECTS = 32  # denser scenes for vision pretraining only
 SIZES = {"small": 8, "medium": 17, "large": 28}  # radius in pixels; small covers one or two patches
@@ -184,7 +188,11 @@ def make_scene(seed: int, *, n_objects: int | None = None, text: bool | None = N
         tries += 1
         size = rnd.choice(tuple(SIZES))
         r = SIZES[size] * rnd.uniform(0.9, 1.1)
-        cx, cy = rnd.uniform(r + 2, IMAGE_SIZE - r - 2), rnd.uniform(r + 2, IMAGE_SIZE - r - 2)
+        if CENTER_SNAP:  # a patch centre (or a multiple of CENTER_SNAP px from one) that keeps the object inside
+            lo, hi = math.ceil((r + 2 - PATCH / 2) / CENTER_SNAP), math.floor((IMAGE_SIZE - r - 2 - PATCH / 2) / CENTER_SNAP)
+            cx, cy = (PATCH / 2 + CENTER_SNAP * rnd.randint(lo, hi) for _ in range(2))
+        else:
+            cx, cy = rnd.uniform(r + 2, IMAGE_SIZE - r - 2), rnd.uniform(r + 2, IMAGE_SIZE - r - 2)
         if any(math.hypot(cx - ox, cy - oy) < r + orad + 6 for ox, oy, orad in occupied):
             continue
         if scene_text is not None and _overlaps_text(cx, cy, r, scene_text):

@@ -45,8 +45,8 @@ from .scenes import CODE_ALPHABET, COLOR_NAMES, SHAPES, make_scene, patch_labels
 class TrainConfig:
     out: str = "runs/testbed"
     seed: int = 0
-    vision_steps: int = 1000
-    vision_batch: int = 16
+    vision_steps: int = 2000
+    vision_batch: int = 8
     vision_lr: float = 1e-3
     vision_object_loss: bool = True  # per-patch colour/shape/char losses also averaged over labelled patches only
     vision_pos_init: str = "sincos"  # or "default": 2-D sine-cosine init of the vision position embeddings
