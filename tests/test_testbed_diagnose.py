@@ -58,5 +58,7 @@ def test_vision_heads_counts_labelled_patches_only(tmp_path):
                                sum(int((lab.shape > 0).sum()) for lab in labels))
     assert counts["color"][1] == counts["shape"][1]
     assert counts["char"][1] == sum(int((lab.char > 0).sum()) for lab in labels)
+    share, scenes = counts["cls_attention_share"]
+    assert scenes == 3 and 0 <= share <= 3
     assert sum(t for k, (_, t) in counts.items() if k.startswith("shape@centre/")) == sum(
         len(make_scene(split_seed("val", 500 + i), text=i % 2 == 0).objects) for i in range(3))

@@ -56,6 +56,23 @@ def test_stage3_changes_only_the_cls_pathway(tmp_path):
                            for k in changed), changed
 
 
+def test_resume_may_add_stage3_and_equals_a_straight_run(tmp_path):
+    """A finished run extended by ``cls_steps`` on resume gives the straight run's weights; other changes are refused."""
+    quiet = dict(progress=False, log=lambda *_: None)
+    straight = TrainConfig(out=str(tmp_path / "a"), vision_steps=1, llm_steps=1, cls_steps=2, **TINY)
+    train(straight, **quiet)
+    short = TrainConfig(**{**straight.__dict__, "out": str(tmp_path / "b"), "cls_steps": 0})
+    train(short, **quiet)
+    assert _state(tmp_path / "b")["state"] == {"stage": 3, "step": 0}
+    notes = []
+    extended = TrainConfig(**{**short.__dict__, "cls_steps": 2, "llm_lr": 0.5})  # llm_lr: stage 2 is done
+    train(extended, progress=False, log=notes.append)
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["config"]["cls_steps"] == 2 and b["config"]["llm_lr"] == straight.llm_lr
+    assert any("cls_steps" in n for n in notes) and any("llm_lr" in n and "keeping the saved" in n for n in notes)
+
+
 def test_conversation_labels_cover_answers_only():
     from vlmprune.testbed.model import build_processor, build_tokenizer
     import random

@@ -44,13 +44,15 @@ def vision_heads(run_dir: str, n: int = 64) -> dict:
     Returns ``{"color" | "shape" | "char": (right, total)}`` over patches that show an object
     (colour, shape) or a code character, and ``{"shape@centre/SIZE": (right, total)}``: the shape
     head at each object's centre patch, per object size. Background patches are left out: they are
-    ~95% of all patches and would hide a head that is at chance on objects.
+    ~95% of all patches and would hide a head that is at chance on objects. Also
+    ``{"cls_attention_share": (sum, scenes)}``: the share of the [CLS] attention PruMerge reads
+    that lands on object/text patches, summed over scenes.
     """
     from transformers import PreTrainedTokenizerFast
 
     from .model import build_model, build_processor
     from .scenes import SHAPES, patch_labels
-    from .train import VisionHeads, _pixel_values
+    from .train import VisionHeads, _pixel_values, cls_attention
 
     tok = PreTrainedTokenizerFast.from_pretrained(f"{run_dir}/tokenizer")
     saved = torch.load(f"{run_dir}/train_state.pt", weights_only=False)
@@ -69,8 +71,12 @@ def vision_heads(run_dir: str, n: int = 64) -> dict:
         scenes = [make_scene(split_seed("val", 500 + start + i), text=i % 2 == 0) for i in range(min(16, n - start))]
         hidden = vision(_pixel_values(processor, [sc.image for sc in scenes]), output_hidden_states=True)
         patches = hidden.hidden_states[-2][:, 1:]
+        cls_att = cls_attention(vision, hidden.hidden_states[-2])  # [B, N]
         for b, scene in enumerate(scenes):
             lab = patch_labels(scene)
+            obj = torch.as_tensor((lab.color > 0) | (lab.char > 0))
+            r, t = counts.get("cls_attention_share", (0.0, 0))
+            counts["cls_attention_share"] = (r + float(cls_att[b][obj].sum() / cls_att[b].sum()), t + 1)
             for key in ("color", "shape", "char"):
                 target = torch.as_tensor(getattr(lab, key))
                 pred = getattr(heads, key)(patches[b]).argmax(-1)
@@ -187,7 +193,10 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
         return
     if args.what == "vision":
         for key, (right, total) in vision_heads(args.path).items():
-            print(f"{key}: {right}/{total} = {right / max(total, 1):.3f}")
+            if key == "cls_attention_share":
+                print(f"[CLS] attention share on object/text patches: {right / max(total, 1):.3f} ({total} scenes)")
+            else:
+                print(f"{key}: {right}/{total} = {right / max(total, 1):.3f}")
         return
     from .model import load
 

@@ -568,6 +568,27 @@ class AttentionGuide:
         return torch.stack(total).mean()
 
 
+# Fields a resumed run may change: bookkeeping (always) and stage-3 settings (until stage 3 has
+# taken a step) -- none of them touches the stages already run, so the result equals a straight
+# run with the new values (tested).
+_ANYTIME_FIELDS = ("threads", "checkpoint_every")
+_STAGE3_FIELDS = ("cls_steps", "cls_batch", "cls_lr", "cls_attention_weight")
+
+
+def _resume_config(saved: TrainConfig, asked: TrainConfig, state: dict, log) -> TrainConfig:
+    """The config a resumed run continues with: the saved one, plus the changes that are safe."""
+    if asdict(saved) == asdict(asked):
+        return saved
+    allowed = _ANYTIME_FIELDS + (_STAGE3_FIELDS if (state["stage"], state["step"]) <= (3, 0) else ())
+    updates = {k: getattr(asked, k) for k in allowed if getattr(asked, k) != getattr(saved, k)}
+    ignored = sorted(k for k, v in asdict(asked).items() if v != getattr(saved, k) and k not in updates)
+    if updates:
+        log(f"note: resuming with {updates} (these do not affect the stages already run)")
+    if ignored:
+        log(f"note: resuming {asked.out} written with a different {', '.join(ignored)}; keeping the saved values")
+    return TrainConfig(**{**asdict(saved), **updates})
+
+
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -612,9 +633,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
     opt = torch.optim.AdamW(list(vision.parameters()) + list(heads.parameters()), lr=cfg.vision_lr, weight_decay=0.01)
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, weights_only=False)
-        if saved["config"] != asdict(cfg):
-            log(f"note: resuming {ckpt_path} written with a different config; keeping the saved one")
-            cfg = TrainConfig(**saved["config"])
+        cfg = _resume_config(TrainConfig(**saved["config"]), cfg, saved["state"], log)
         model.load_state_dict(saved["model"])
         heads.load_state_dict(saved["heads"])
         state = saved["state"]
