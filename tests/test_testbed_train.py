@@ -221,7 +221,7 @@ def test_standardize_projector_feeds_standardised_features():
 
 def test_stage2_options_run_end_to_end(tmp_path):
     """Independent turns + attention guide + standardised projector: a tiny run trains, logs both losses, loads."""
-    cfg = TrainConfig(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, checkpoint_every=1, independent_turns=True,
+    cfg = TrainConfig(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1, independent_turns=True,
                       guide_weight=0.1, guide_layers=(1,), guide_heads=1, patch_words=0.5, **TINY)
     final = train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "g" / "history.jsonl").read_text().splitlines()]
@@ -236,7 +236,7 @@ def test_vision_from_skips_stage1_and_matches_a_straight_run(tmp_path):
     """Stage 2 started from another run's stage-1 state equals that run's own stage 2."""
     import pytest
 
-    base = dict(vision_steps=2, llm_steps=2, checkpoint_every=1, **TINY)
+    base = dict(vision_steps=2, llm_steps=2, cls_steps=0, checkpoint_every=1, **TINY)
     train(TrainConfig(out=str(tmp_path / "a"), **base), progress=False, log=lambda *_: None, stop_after=2)
     donor = tmp_path / "donor.pt"
     donor.write_bytes((tmp_path / "a" / "train_state.pt").read_bytes())  # the state right after stage 1
