@@ -4,7 +4,7 @@
     python scripts/shape_probes.py tower --lr 1e-3 [--occupancy] [--mimetic] [--steps 150] [--snap 0]
 
 ``--snap 0`` draws object centres anywhere (the scenes before the patch-centre lattice); the
-default is the scenes' own ``CENTER_SNAP`` (14: centres on patch centres).
+default is ShapesVQA's own ``CENTER_SNAP`` (14: centres on patch centres).
 
 ``tower`` trains a fresh testbed vision tower (sincos positions) on the shape loss of labelled
 patches alone (dense scenes, batch 8) and prints held-out accuracy on labelled patches every 25
@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
-from vlmprune.testbed.scenes import make_scene, patch_labels, split_seed
+from vlmprune.testbed.scenes import CENTER_SNAP, make_scene, patch_labels, split_seed
 from vlmprune.testbed.train import _pixel_values, mimetic_attention, sincos_positions
 
 
-def pixel_mlp(n_scenes: int = 600, epochs: int = 30) -> None:
+def pixel_mlp(snap: int, n_scenes: int = 600, epochs: int = 30) -> None:
     x, y = [], []
     for i in range(n_scenes):
-        scene = make_scene(split_seed("train", 777000 + i), text=False)
+        scene = make_scene(split_seed("train", 777000 + i), text=False, snap=snap)
         pixels = np.asarray(scene.image, dtype=np.float32) / 255.0
         patches = pixels.reshape(24, 14, 24, 14, 3).transpose(0, 2, 1, 3, 4).reshape(576, -1)
         shape = patch_labels(scene).shape
@@ -56,7 +56,7 @@ def pixel_mlp(n_scenes: int = 600, epochs: int = 30) -> None:
             print(f"epoch {epoch + 1} ({(epoch + 1) * train} samples): held-out accuracy {acc:.3f}", flush=True)
 
 
-def tower(lr: float, steps: int, occupancy: bool, mimetic: bool) -> None:
+def tower(lr: float, steps: int, occupancy: bool, mimetic: bool, snap: int) -> None:
     tok = build_tokenizer()
     processor = build_processor(tok)
     vision = build_model(tok).model.vision_tower.train()
@@ -69,7 +69,7 @@ def tower(lr: float, steps: int, occupancy: bool, mimetic: bool) -> None:
 
     def batch(step: int, n: int = 8, split: str = "train"):
         scenes = [make_scene(split_seed(split, 123456 + step * n + i),
-                             n_objects=random.Random(step * n + i).randint(12, 24)) for i in range(n)]
+                             n_objects=random.Random(step * n + i).randint(12, 24), snap=snap) for i in range(n)]
         occ = [((sc.object_mask > 0).reshape(24, 7, 2, 24, 7, 2).mean((2, 5)) > 0.5).transpose(0, 2, 1, 3)
                .reshape(576, 49) for sc in scenes]
         shape = torch.as_tensor(np.stack([patch_labels(sc).shape for sc in scenes]))
@@ -108,14 +108,10 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--occupancy", action="store_true")
     ap.add_argument("--mimetic", action="store_true")
-    ap.add_argument("--snap", type=int, default=None, help="override scenes.CENTER_SNAP (px; 0 = centres anywhere)")
+    ap.add_argument("--snap", type=int, default=CENTER_SNAP, help="lattice of object centres, px (0 = anywhere)")
     args = ap.parse_args()
-    if args.snap is not None:
-        import vlmprune.testbed.scenes as scenes
-
-        scenes.CENTER_SNAP = args.snap
     torch.set_num_threads(1)
     if args.what == "pixel-mlp":
-        pixel_mlp()
+        pixel_mlp(args.snap)
     else:
-        tower(args.lr, args.steps, args.occupancy, args.mimetic)
+        tower(args.lr, args.steps, args.occupancy, args.mimetic, args.snap)

@@ -60,6 +60,8 @@ def test_object_centres_lie_on_patch_centres():
             if o.size == "small":
                 r, c = o.center_patch
                 assert lab.shape[r * GRID + c] > 0
+    free = [o for seed in range(5) for o in make_scene(seed, n_objects=9, snap=0).objects]  # probes: anywhere
+    assert any((o.cx - PATCH / 2) % PATCH for o in free)
 
 
 def test_dense_scenes_for_vision_pretraining():

@@ -138,11 +138,13 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(base + field_ + noise, 0, 255).astype(np.uint8)
 
 
-def make_scene(seed: int, *, n_objects: int | None = None, text: bool | None = None) -> Scene:
+def make_scene(seed: int, *, n_objects: int | None = None, text: bool | None = None,
+               snap: int = CENTER_SNAP) -> Scene:
     """Generate the scene for ``seed`` (deterministic). ``n_objects``/``text`` override the draws.
 
     ShapesVQA scenes hold 1..``MAX_OBJECTS`` objects; ``n_objects`` up to ``DENSE_MAX_OBJECTS``
     asks for a denser scene (used only to pretrain the vision tower; placement may fit fewer).
+    ``snap`` (px) is the lattice of object centres (see ``CENTER_SNAP``; 0 = anywhere, for probes).
     """
     rnd = random.Random(seed)
     rng = np.random.default_rng(seed)
@@ -188,9 +190,9 @@ def make_scene(seed: int, *, n_objects: int | None = None, text: bool | None = N
         tries += 1
         size = rnd.choice(tuple(SIZES))
         r = SIZES[size] * rnd.uniform(0.9, 1.1)
-        if CENTER_SNAP:  # a patch centre (or a multiple of CENTER_SNAP px from one) that keeps the object inside
-            lo, hi = math.ceil((r + 2 - PATCH / 2) / CENTER_SNAP), math.floor((IMAGE_SIZE - r - 2 - PATCH / 2) / CENTER_SNAP)
-            cx, cy = (PATCH / 2 + CENTER_SNAP * rnd.randint(lo, hi) for _ in range(2))
+        if snap:  # a patch centre (or a multiple of `snap` px from one) that keeps the object inside
+            lo, hi = math.ceil((r + 2 - PATCH / 2) / snap), math.floor((IMAGE_SIZE - r - 2 - PATCH / 2) / snap)
+            cx, cy = (PATCH / 2 + snap * rnd.randint(lo, hi) for _ in range(2))
         else:
             cx, cy = rnd.uniform(r + 2, IMAGE_SIZE - r - 2), rnd.uniform(r + 2, IMAGE_SIZE - r - 2)
         if any(math.hypot(cx - ox, cy - oy) < r + orad + 6 for ox, oy, orad in occupied):
