@@ -62,3 +62,13 @@ def test_vision_heads_counts_labelled_patches_only(tmp_path):
     assert scenes == 3 and 0 <= share <= 3
     assert sum(t for k, (_, t) in counts.items() if k.startswith("shape@centre/")) == sum(
         len(make_scene(split_seed("val", 500 + i), text=i % 2 == 0).objects) for i in range(3))
+
+
+def test_run_folder_errors_say_what_is_expected(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="not a training run folder"):
+        diagnose.vision_heads(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="--out folder of `vlmprune testbed train`"):
+        diagnose.export(str(tmp_path), str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()

@@ -32,7 +32,7 @@ def cls_attention_share(model, processor, n_scenes: int = 200, split: str = "tes
     for i in range(n_scenes):
         scene = make_scene(split_seed(split, i))
         labels = patch_labels(scene)
-        obj = torch.as_tensor((labels.color > 0) | (labels.char > 0))
+        obj = torch.as_tensor(labels.object_or_text)
         pv = processor.image_processor([scene.image], return_tensors="pt")["pixel_values"].to(model.dtype)
         with torch.inference_mode():
             hs = vt(pv, output_hidden_states=True).hidden_states[-2]

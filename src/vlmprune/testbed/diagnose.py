@@ -21,19 +21,30 @@ from .questions import ask, format_prompt
 from .scenes import COLOR_NAMES, make_scene, split_seed
 
 
-def export(run_dir: str, out: str) -> dict:
-    """Save the model of ``run_dir/train_state.pt`` (with the run's tokenizer and processor) to ``out``."""
+def _load_run(run_dir: str):
+    """(model, processor, saved checkpoint dict) of a training run folder's ``train_state.pt``."""
+    from pathlib import Path
+
     from transformers import PreTrainedTokenizerFast
 
     from .model import build_model, build_processor
 
+    if not (Path(run_dir) / "train_state.pt").exists() or not (Path(run_dir) / "tokenizer").exists():
+        raise FileNotFoundError(f"{run_dir} is not a training run folder (train_state.pt and tokenizer/ expected); "
+                                "pass the --out folder of `vlmprune testbed train`")
     tok = PreTrainedTokenizerFast.from_pretrained(f"{run_dir}/tokenizer")
     saved = torch.load(f"{run_dir}/train_state.pt", weights_only=False)
     cfg = saved["config"]
     model = build_model(tok, vision=cfg.get("vision_overrides"), text=cfg.get("text_overrides"))
     model.load_state_dict(saved["model"])
+    return model, build_processor(tok), saved
+
+
+def export(run_dir: str, out: str) -> dict:
+    """Save the model of ``run_dir/train_state.pt`` (with the run's tokenizer and processor) to ``out``."""
+    model, processor, saved = _load_run(run_dir)
     model.save_pretrained(out)
-    build_processor(tok).save_pretrained(out)
+    processor.save_pretrained(out)
     return saved["state"]
 
 
@@ -48,19 +59,13 @@ def vision_heads(run_dir: str, n: int = 64) -> dict:
     ``{"cls_attention_share": (sum, scenes)}``: the share of the [CLS] attention PruMerge reads
     that lands on object/text patches, summed over scenes.
     """
-    from transformers import PreTrainedTokenizerFast
-
-    from .model import build_model, build_processor
     from .scenes import SHAPES, patch_labels
     from .train import VisionHeads, _pixel_values, cls_attention
 
-    tok = PreTrainedTokenizerFast.from_pretrained(f"{run_dir}/tokenizer")
-    saved = torch.load(f"{run_dir}/train_state.pt", weights_only=False)
-    model = build_model(tok, vision=saved["config"].get("vision_overrides"), text=saved["config"].get("text_overrides"))
-    model.load_state_dict(saved["model"])
+    model, processor, saved = _load_run(run_dir)
     heads = VisionHeads(model.config.vision_config.hidden_size)
     heads.load_state_dict(saved["heads"])
-    vision, processor = model.model.vision_tower.eval(), build_processor(tok)
+    vision = model.model.vision_tower.eval()
     counts: dict = {}
 
     def add(key, right, total):
@@ -74,19 +79,19 @@ def vision_heads(run_dir: str, n: int = 64) -> dict:
         cls_att = cls_attention(vision, hidden.hidden_states[-2])  # [B, N]
         for b, scene in enumerate(scenes):
             lab = patch_labels(scene)
-            obj = torch.as_tensor((lab.color > 0) | (lab.char > 0))
+            obj = torch.as_tensor(lab.object_or_text)
             r, t = counts.get("cls_attention_share", (0.0, 0))
             counts["cls_attention_share"] = (r + float(cls_att[b][obj].sum() / cls_att[b].sum()), t + 1)
+            preds = {}
             for key in ("color", "shape", "char"):
                 target = torch.as_tensor(getattr(lab, key))
-                pred = getattr(heads, key)(patches[b]).argmax(-1)
+                preds[key] = getattr(heads, key)(patches[b]).argmax(-1)
                 m = target > 0
-                add(key, (pred[m] == target[m]).sum(), m.sum())
-            shape_pred = heads.shape(patches[b]).argmax(-1)
-            grid = int(len(shape_pred) ** 0.5)
+                add(key, (preds[key][m] == target[m]).sum(), m.sum())
+            grid = int(len(preds["shape"]) ** 0.5)
             for o in scene.objects:
                 r, c = o.center_patch
-                add(f"shape@centre/{o.size}", shape_pred[r * grid + c] == 1 + SHAPES.index(o.shape), 1)
+                add(f"shape@centre/{o.size}", preds["shape"][r * grid + c] == 1 + SHAPES.index(o.shape), 1)
     return counts
 
 
@@ -189,10 +194,17 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
     if args.what == "export":
         if not args.out:
             ap.error("export needs OUT, the folder to write the model to")
-        print(export(args.path, args.out))
+        try:
+            print(export(args.path, args.out))
+        except FileNotFoundError as e:
+            ap.error(str(e))
         return
     if args.what == "vision":
-        for key, (right, total) in vision_heads(args.path).items():
+        try:
+            counts = vision_heads(args.path)
+        except FileNotFoundError as e:
+            ap.error(str(e))
+        for key, (right, total) in counts.items():
             if key == "cls_attention_share":
                 print(f"[CLS] attention share on object/text patches: {right / max(total, 1):.3f} ({total} scenes)")
             else:

@@ -229,6 +229,11 @@ class PatchLabels:
     char: np.ndarray    # 0 = none, 1 + index in CODE_ALPHABET
     present: np.ndarray  # [len(SHAPES) * len(COLORS)] multi-hot colour-shape pairs (the [CLS] target)
 
+    @property
+    def object_or_text(self) -> np.ndarray:
+        """[576] bool: patches that show an object or a code character."""
+        return (self.color > 0) | (self.char > 0)
+
 
 def patch_labels(scene: Scene) -> PatchLabels:
     """Label each patch by the object covering most of it (at least 20% of its pixels)."""

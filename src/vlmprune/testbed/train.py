@@ -195,8 +195,7 @@ def _vision_batch(cfg: TrainConfig, step: int, processor, batch: int | None = No
         scenes.append(make_scene(seed, text=text, n_objects=rnd.randint(12, 24) if dense else None))
     labels = [patch_labels(s) for s in scenes]
     stack = lambda name: torch.as_tensor(np.stack([getattr(lab, name) for lab in labels]))  # noqa: E731
-    targets = {k: stack(k) for k in ("color", "shape", "center", "char", "present")}
-    targets["object"] = (targets["color"] > 0) | (targets["char"] > 0)  # patches showing an object or text
+    targets = {k: stack(k) for k in ("color", "shape", "center", "char", "present", "object_or_text")}
     return _pixel_values(processor, [s.image for s in scenes]), targets
 
 
@@ -263,7 +262,7 @@ def cls_loss(vision_tower, heads: VisionHeads, pixel_values, targets, attention_
     if attention_weight == 0:
         return bce
     a = cls_attention(vision_tower, out.hidden_states[-2])
-    mass = (a * targets["object"].float()).sum(-1) / a.sum(-1)
+    mass = (a * targets["object_or_text"].float()).sum(-1) / a.sum(-1)
     return bce + attention_weight * -(mass + 1e-6).log().mean()
 
 
@@ -422,7 +421,7 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
             words = _patch_word_ids(tok)
             batch["patch_words"] = _scatter_image(image, [patch_word_ids(lab, words) for lab in labs], -100)
         if cfg.guide_weight:
-            obj = [torch.as_tensor((lab.color > 0) | (lab.char > 0)) for lab in labs]
+            obj = [torch.as_tensor(lab.object_or_text) for lab in labs]
             rows = torch.zeros_like(image)
             rows[:, :-1] = (batch["labels"][:, :-1] == -100) & (batch["labels"][:, 1:] != -100)
             batch["guide"] = dict(rows=rows, targets=_scatter_image(image, obj, False), allowed=allowed)
