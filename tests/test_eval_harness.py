@@ -166,7 +166,9 @@ def test_cli_bad_inputs(tiny_dir, tmp_path):
     r = _cli("eval", "--model", str(tiny_dir), "--families", "colour")
     assert r.returncode == 2 and "unknown question family" in r.stderr
     r = _cli("eval", "--model", str(tmp_path / "no-model"), "--n", "1")
-    assert r.returncode == 2 and "could not load model" in r.stderr
+    assert r.returncode == 2 and "could not load model" in r.stderr and "no model folder at" in r.stderr
+    r = _cli("testbed", "check", "--model", str(tmp_path / "no-model"), "--n", "1")
+    assert r.returncode == 2 and "no model folder at" in r.stderr
 
 
 @pytest.mark.slow

@@ -217,13 +217,15 @@ def testbed_check(
     blank_n: int = typer.Option(100, help="questions per family for the blank-image run"),
     out: Path = typer.Option(Path("out/testbed-check")),
     batch_size: int = typer.Option(16),
+    model: Optional[str] = typer.Option(None, help="a saved model folder to check (default: the committed testbed)"),
 ):
     """The testbed's acceptance checks: unpruned / blank-image / random-32 accuracy, [CLS] attention share."""
     from .testbed.check import run_check
 
     if n < 1 or blank_n < 1:
         _fail("--n and --blank-n must be >= 1")
-    run_check(n=n, out=out, batch_size=batch_size, blank_n=blank_n)
+    loaded, processor = _load(model)
+    run_check(n=n, out=out, batch_size=batch_size, blank_n=blank_n, model=loaded, processor=processor)
 
 
 def main() -> None:  # pragma: no cover

@@ -17,30 +17,26 @@ import torch
 from .scenes import make_scene, patch_labels, split_seed
 
 
-def cls_attention_share(model, processor, n_scenes: int = 200, split: str = "test") -> dict:
+def cls_attention_share(model, processor, n_scenes: int = 200, split: str = "test", batch: int = 16) -> dict:
     """Mean share of the [CLS] row's patch attention mass on object (or text) patches.
 
-    The attention is the one PruMerge reads: last vision layer, q/k from the penultimate hidden
-    state, softmax over all keys of the concatenated-head logits (``prumerge.md`` section 1).
+    The attention is the one PruMerge reads (``train.cls_attention``: last vision layer, q/k from
+    the penultimate hidden state, softmax over all keys of the concatenated-head logits).
     """
     from ..integrations.base import get_adapter
+    from .train import cls_attention
 
-    adapter = get_adapter(model)
-    vt = adapter.get_vision_tower(model)
-    layer = adapter.get_vision_layers(model)[-1]
+    vt = get_adapter(model).get_vision_tower(model)
     shares, fractions = [], []
-    for i in range(n_scenes):
-        scene = make_scene(split_seed(split, i))
-        labels = patch_labels(scene)
-        obj = torch.as_tensor(labels.object_or_text)
-        pv = processor.image_processor([scene.image], return_tensors="pt")["pixel_values"].to(model.dtype)
+    for start in range(0, n_scenes, batch):
+        scenes = [make_scene(split_seed(split, i)) for i in range(start, min(n_scenes, start + batch))]
+        pv = processor.image_processor([sc.image for sc in scenes], return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            hs = vt(pv, output_hidden_states=True).hidden_states[-2]
-            x = layer.layer_norm1(hs)
-            q, k = layer.self_attn.q_proj(x), layer.self_attn.k_proj(x)
-            a = torch.softmax((q[:, :1] @ k.transpose(1, 2)) / q.shape[-1] ** 0.5, -1)[0, 0, 1:]
-        shares.append(float(a[obj].sum() / a.sum()))
-        fractions.append(float(obj.float().mean()))
+            att = cls_attention(vt, vt(pv.to(model.dtype), output_hidden_states=True).hidden_states[-2])
+        for a, scene in zip(att, scenes):
+            obj = torch.as_tensor(patch_labels(scene).object_or_text)
+            shares.append(float(a[obj].sum() / a.sum()))
+            fractions.append(float(obj.float().mean()))
     return {"scenes": n_scenes, "cls_attention_share_on_objects": float(np.mean(shares)),
             "object_patch_fraction": float(np.mean(fractions))}
 
@@ -62,13 +58,16 @@ def chance_accuracy() -> float:
     return sum(accs) / len(accs)
 
 
-def run_check(n: int = 300, out: Path = Path("out/testbed-check"), batch_size: int = 16, blank_n: int = 100) -> dict:
+def run_check(n: int = 300, out: Path = Path("out/testbed-check"), batch_size: int = 16, blank_n: int = 100,
+              model=None, processor=None) -> dict:
+    """Run every check on ``model``/``processor`` (default: the committed testbed)."""
     from ..eval import report
     from ..eval.data import shapesvqa_items
     from ..eval.harness import evaluate
     from .model import load
 
-    model, processor = load()
+    if model is None:
+        model, processor = load()
     items = shapesvqa_items("test", None, n)
     base = evaluate(model, processor, items, batch_size=batch_size)
     base.retention = 1.0

@@ -99,6 +99,8 @@ def load(path: str | Path | None = None, *, dtype=None, attn_implementation: str
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     src = str(path) if path is not None else str(CHECKPOINT_DIR)
+    if path is not None and not Path(src).exists() and (src.startswith(("/", ".", "~")) or src.count("/") > 1):
+        raise FileNotFoundError(f"no model folder at {src} (a local path; hub ids look like 'org/name')")
     if path is None and not (CHECKPOINT_DIR / "config.json").exists():
         raise FileNotFoundError(
             f"the testbed checkpoint is missing from {CHECKPOINT_DIR}; train it with `vlmprune testbed train`")

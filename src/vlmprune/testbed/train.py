@@ -25,6 +25,8 @@ and resumes exactly from a checkpoint.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import random
@@ -436,8 +438,12 @@ def _scatter_image(image: torch.Tensor, per_patch: list[torch.Tensor], fill) -> 
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def _patch_word_ids(tok) -> dict[str, torch.Tensor]:
-    """Token id tables (index 0 = none -> -100) of the colour words, shape words and code characters."""
+    """Token id tables (index 0 = none -> -100) of the colour words, shape words and code characters.
+
+    Cached per tokenizer (read-only tensors: callers index them, never write).
+    """
     def tid(text):
         t = tok(text, add_special_tokens=False)["input_ids"]
         return t[0] if len(t) == 1 else -100
