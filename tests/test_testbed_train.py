@@ -222,12 +222,14 @@ def test_standardize_projector_feeds_standardised_features():
 def test_stage2_options_run_end_to_end(tmp_path):
     """Independent turns + attention guide + standardised projector: a tiny run trains, logs both losses, loads."""
     cfg = TrainConfig(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1, independent_turns=True,
-                      guide_weight=0.1, guide_layers=(1,), guide_heads=1, patch_words=0.5, **TINY)
+                      guide_weight=0.1, guide_layers=(1,), guide_heads=1, patch_words=0.5, ground_words=0.3, **TINY)
     final = train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "g" / "history.jsonl").read_text().splitlines()]
     stage2 = [h for h in hist if h["stage"] == 2]
-    assert len(stage2) == 2 and all({"lm", "guide", "patch_words"} <= h.keys() for h in stage2)
-    assert all(abs(h["loss"] - (h["lm"] + 0.1 * h["guide"] + 0.5 * h["patch_words"])) < 1e-4 for h in stage2)
+    assert len(stage2) == 2 and all({"lm", "guide", "patch_words", "ground"} <= h.keys() for h in stage2)
+    assert all(abs(h["loss"] - (h["lm"] + 0.1 * h["guide"] + 0.5 * h["patch_words"] + 0.3 * h["ground"])) < 1e-4
+               for h in stage2)
+    assert all(0 <= h["ground"] <= 2 for h in stage2)
     model, _ = load(final)
     assert not any(m._forward_hooks for m in model.modules())  # the guide's hooks are not saved with the model
 
@@ -270,6 +272,30 @@ def test_patch_word_targets_name_each_patch():
         assert tok.decode([int(ids[i])]) == " " + want
     chars = np.nonzero(lab.char)[0]
     assert len(chars) and all(tok.decode([int(ids[i])]) == CODE_ALPHABET[lab.char[i] - 1] for i in chars)
+
+
+def test_grounding_small_case():
+    """Word ids per patch (colour+shape / character / none) and the 1 - cos loss over labelled patches only."""
+    import numpy as np
+
+    from vlmprune.testbed.scenes import PatchLabels
+    from vlmprune.testbed.train import grounding_loss, grounding_word_ids
+
+    words = {"color": torch.tensor([-100, 10, 11]), "shape": torch.tensor([-100, 20, 21]),
+             "char": torch.tensor([-100, 30])}
+    lab = PatchLabels(color=np.array([0, 2, 0]), shape=np.array([0, 1, 0]), center=np.zeros(3),
+                      char=np.array([0, 0, 1]), present=np.zeros(1))
+    ids = grounding_word_ids(lab, words)
+    assert ids.tolist() == [[-100, -100], [11, 20], [30, -100]]
+    emb = torch.zeros(40, 2)
+    emb[11], emb[20], emb[30] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])
+    feats = torch.tensor([[[5.0, 5.0], [2.0, 2.0], [0.0, 3.0]]])  # patch 0 (background) is ignored
+    # patch 1: target (1, 1), cos = 1 -> 0; patch 2: target (1, 0), cos = 0 -> 1; mean 0.5
+    assert torch.allclose(grounding_loss(feats, ids[None], emb), torch.tensor(0.5))
+    emb.requires_grad_(True)
+    feats.requires_grad_(True)
+    grounding_loss(feats, ids[None], emb).backward()
+    assert emb.grad is None and feats.grad.abs().sum() > 0  # the embedding table is a fixed target
 
 
 def test_patch_ce_object_term_small_case():

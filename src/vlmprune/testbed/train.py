@@ -61,6 +61,7 @@ class TrainConfig:
     turns: int = 10
     projector_init: str = "standardize"  # or "default": see standardize_projector
     patch_words: float = 1.0  # weight of the patch-naming auxiliary (see patch_word_targets); 0 = off
+    ground_words: float = 0.0  # weight of the projector-grounding auxiliary (see grounding_loss); 0 = off
     independent_turns: bool = False  # turns share the image prefix but not each other (4-D mask, eval positions)
     guide_weight: float = 0.0  # stage-2 attention guidance (see AttentionGuide); 0 = off
     guide_layers: tuple[int, ...] = (1, 2)
@@ -94,6 +95,7 @@ class TrainConfig:
              f"vision_attn_init must be 'default' or 'mimetic', got {self.vision_attn_init!r}"),
             (self.guide_weight >= 0, f"guide_weight must be >= 0, got {self.guide_weight}"),
             (self.patch_words >= 0, f"patch_words must be >= 0, got {self.patch_words}"),
+            (self.ground_words >= 0, f"ground_words must be >= 0, got {self.ground_words}"),
             (0 < self.guide_target <= 1, f"guide_target must be in (0, 1], got {self.guide_target}"),
             (self.guide_heads >= 1, f"guide_heads must be >= 1, got {self.guide_heads}"),
             (not self.families or set(self.families) <= set(FAMILIES),
@@ -416,12 +418,14 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
             mask[b, : len(ids)] = 1
         allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
         batch = dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixel_values)
-    if cfg.patch_words or cfg.guide_weight:
+    if cfg.patch_words or cfg.guide_weight or cfg.ground_words:
         labs = [patch_labels(sc) for sc in scenes]
         image = batch["input_ids"] == tok.convert_tokens_to_ids("<image>")
+        words = _patch_word_ids(tok)
         if cfg.patch_words:
-            words = _patch_word_ids(tok)
             batch["patch_words"] = _scatter_image(image, [patch_word_ids(lab, words) for lab in labs], -100)
+        if cfg.ground_words:
+            batch["ground_words"] = torch.stack([grounding_word_ids(lab, words) for lab in labs])
         if cfg.guide_weight:
             obj = [torch.as_tensor(lab.object_or_text) for lab in labs]
             rows = torch.zeros_like(image)
@@ -459,6 +463,37 @@ def patch_word_ids(lab, words: dict[str, torch.Tensor]) -> torch.Tensor:
     even = torch.arange(len(color)) % 2 == 0
     ids = torch.where(even, words["color"][color], words["shape"][shape])  # -100 where no object
     return torch.where(char > 0, words["char"][char], ids)
+
+
+def grounding_word_ids(lab, words: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[576, 2] token ids whose embeddings describe each patch of ``lab`` (-100 = none).
+
+    Object patches: (colour word, shape word); text patches: (character, -100); background: both -100.
+    """
+    color, shape, char = (torch.as_tensor(getattr(lab, k)) for k in ("color", "shape", "char"))
+    ids = torch.stack([words["color"][color], words["shape"][shape]], -1)
+    text = torch.stack([words["char"][char], torch.full_like(char, -100)], -1)
+    return torch.where((char > 0)[:, None], text, ids)
+
+
+def grounding_loss(image_features: torch.Tensor, word_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` between projected patches and the summed embeddings of the words naming them.
+
+    ``image_features`` [B, N, D] is the projector's output, ``word_ids`` [B, N, 2]
+    (``grounding_word_ids``), ``embeddings`` the decoder's input embedding matrix (used as a fixed
+    target: detached, so the loss moves the projector only). Patches with no word are left out.
+    The point: a question's words ("triangle") and the patches that show them start out pointing
+    the same way in the decoder's input space, so finding the patch a question names is the
+    token-matching that small decoders learn fast (induction-style copying), not a new
+    cross-modal map learnt from a few answer tokens per image.
+    """
+    valid = word_ids >= 0
+    target = (embeddings.detach()[word_ids.clamp(min=0)] * valid[..., None]).sum(-2)  # [B, N, D]
+    labelled = valid.any(-1)
+    if not labelled.any():
+        return image_features.sum() * 0
+    cos = F.cosine_similarity(image_features[labelled].float(), target[labelled].float(), dim=-1)
+    return (1 - cos).mean()
 
 
 def patch_word_targets(scene, tok) -> torch.Tensor:
@@ -708,8 +743,21 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                 batch = _llm_batch(cfg, step, processor)
                 guide_in = batch.pop("guide", None)
                 words = batch.pop("patch_words", None)
-                out = model(**batch)
+                ground = batch.pop("ground_words", None)
+                captured = []
+                hook = (model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.append(o))
+                        if ground is not None else None)
+                try:
+                    out = model(**batch)
+                finally:
+                    if hook is not None:
+                        hook.remove()
                 loss, parts = out.loss, {}
+                if ground is not None:
+                    gl = grounding_loss(captured[0].reshape(*ground.shape[:2], -1), ground,
+                                        model.get_input_embeddings().weight)
+                    loss = loss + cfg.ground_words * gl
+                    parts["ground"] = float(gl.detach())
                 if words is not None:
                     pw = F.cross_entropy(out.logits.flatten(0, 1).float(), words.flatten(), ignore_index=-100)
                     loss = loss + cfg.patch_words * pw
