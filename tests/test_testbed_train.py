@@ -221,7 +221,7 @@ def test_standardize_projector_feeds_standardised_features():
 
 def test_stage2_options_run_end_to_end(tmp_path):
     """Independent turns + attention guide + standardised projector: a tiny run trains, logs both losses, loads."""
-    cfg = TrainConfig(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1, independent_turns=True,
+    cfg = TrainConfig(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1, independent_turns=True, guide_focus=True,
                       guide_weight=0.1, guide_layers=(1,), guide_heads=1, patch_words=0.5, ground_words=0.3, **TINY)
     final = train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "g" / "history.jsonl").read_text().splitlines()]
@@ -296,6 +296,42 @@ def test_grounding_small_case():
     feats.requires_grad_(True)
     grounding_loss(feats, ids[None], emb).backward()
     assert emb.grad is None and feats.grad.abs().sum() > 0  # the embedding table is a fixed target
+
+
+def test_question_patches_name_the_asked_objects():
+    import numpy as np
+
+    from vlmprune.testbed.scenes import PatchLabels
+    from vlmprune.testbed.train import question_patches
+
+    # patches: background, red circle, blue circle, red star, a code character
+    lab = PatchLabels(color=np.array([0, 1, 2, 1, 0]), shape=np.array([0, 1, 1, 4, 0]), center=np.zeros(5),
+                      char=np.array([0, 0, 0, 0, 3]), present=np.zeros(1))
+    from vlmprune.testbed.scenes import COLOR_NAMES
+    red, blue = COLOR_NAMES[0], COLOR_NAMES[1]
+    assert question_patches("What color is the star?", lab).tolist() == [False, False, False, True, False]
+    assert question_patches(f"What shape is the {blue} object?", lab).tolist() == [False, False, True, False, False]
+    assert question_patches("How many circles are there?", lab).tolist() == [False, True, True, False, False]
+    assert question_patches(f"Is there a {red} star?", lab).tolist() == [False, True, False, True, False]
+    assert question_patches("What is written in the image?", lab).tolist() == [False, False, False, False, True]
+    assert not question_patches("Which corner is the cross in?", lab).any()
+
+
+def test_focus_guide_targets_each_answer_row(tmp_path):
+    """guide_focus: every guided row's targets are image tokens showing what its own question names."""
+    from vlmprune.testbed.model import build_processor, build_tokenizer
+    from vlmprune.testbed.train import _llm_batch
+
+    cfg = TrainConfig(guide_weight=0.1, guide_focus=True, **TINY)
+    processor = build_processor(build_tokenizer())
+    batch = _llm_batch(cfg, 0, processor)
+    g = batch["guide"]
+    image = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert g["targets"].shape == (2, *batch["input_ids"].shape[1:], batch["input_ids"].shape[1])
+    assert g["rows"].any() and not (g["targets"] & ~image[:, None, :]).any()  # only image tokens are targets
+    assert (g["targets"].any(-1) == g["rows"]).all()  # exactly the guided rows have targets
+    plain = _llm_batch(TrainConfig(guide_weight=0.1, **TINY), 0, processor)["guide"]
+    assert (g["rows"] <= plain["rows"]).all()  # focus only drops rows (questions naming nothing present)
 
 
 def test_patch_ce_object_term_small_case():

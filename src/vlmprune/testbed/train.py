@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ class TrainConfig:
     guide_layers: tuple[int, ...] = (1, 2)
     guide_heads: int = 2
     guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches
+    guide_focus: bool = False  # guide each answer row to the patches its question names (see question_patches)
     text_prob: float = 0.5
     cls_steps: int = 100  # stage 3: the [CLS] pathway PruMerge reads (0 = skip)
     cls_batch: int = 16
@@ -380,7 +382,7 @@ def encode_conversation(processor, qa: list[tuple[str, str]]) -> tuple[list[int]
 
 def _llm_batch(cfg: TrainConfig, step: int, processor):
     tok = processor.tokenizer
-    images, seqs, scenes = [], [], []
+    images, seqs, scenes, conversations = [], [], [], []
     for i in range(cfg.llm_batch):
         seed = split_seed("train", (400_000_000 + cfg.seed * 7919 + step * cfg.llm_batch + i) % 800_000_000)
         rnd = random.Random(seed)
@@ -391,6 +393,7 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         qa = conversation(scene, rnd, cfg.turns, cfg.families)
         if not qa:  # e.g. only "read" asked of a scene without text: fall back to an existence question
             qa = conversation(scene, rnd, 1, ("exist",))
+        conversations.append(qa)
         if cfg.independent_turns:
             seqs.append(encode_independent_turns(tok, qa, tok.convert_tokens_to_ids("<image>")))
         else:
@@ -427,11 +430,36 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         if cfg.ground_words:
             batch["ground_words"] = torch.stack([grounding_word_ids(lab, words) for lab in labs])
         if cfg.guide_weight:
-            obj = [torch.as_tensor(lab.object_or_text) for lab in labs]
             rows = torch.zeros_like(image)
             rows[:, :-1] = (batch["labels"][:, :-1] == -100) & (batch["labels"][:, 1:] != -100)
-            batch["guide"] = dict(rows=rows, targets=_scatter_image(image, obj, False), allowed=allowed)
+            if cfg.guide_focus:  # [B, L, L]: answer row r of turn k -> the patches turn k's question names
+                targets = torch.zeros(*rows.shape, rows.shape[1], dtype=torch.bool)
+                for b, (lab, qa) in enumerate(zip(labs, conversations)):
+                    keys = image[b].nonzero()[:, 0]
+                    for row, (question, _) in zip(rows[b].nonzero()[:, 0], qa):
+                        targets[b, row, keys] = torch.as_tensor(question_patches(question, lab))
+                rows &= targets.any(-1)  # a question naming nothing present (a "no" / "0" answer) is not guided
+            else:
+                targets = _scatter_image(image, [torch.as_tensor(lab.object_or_text) for lab in labs], False)
+            batch["guide"] = dict(rows=rows, targets=targets, allowed=allowed)
     return batch
+
+
+def question_patches(question: str, lab) -> np.ndarray:
+    """[576] bool: the patches a ShapesVQA question is about (the ``guide_focus`` target).
+
+    Object patches whose colour or shape (singular or plural) the question names; for the reading
+    question, the code's patches. ("Is there a red star?" -> red patches and star patches;
+    "How many circles are there?" -> circle patches.)
+    """
+    from .scenes import PLURALS
+
+    if question.startswith("What is written"):
+        return lab.char > 0
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    colors = [i + 1 for i, c in enumerate(COLOR_NAMES) if c in words]
+    shapes = [i + 1 for i, s in enumerate(SHAPES) if s in words or PLURALS[s] in words]
+    return np.isin(lab.color, colors) | np.isin(lab.shape, shapes)
 
 
 def _scatter_image(image: torch.Tensor, per_patch: list[torch.Tensor], fill) -> torch.Tensor:
@@ -599,10 +627,12 @@ class AttentionGuide:
         return out
 
     def loss(self, rows: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """rows / targets: [B, L] bool (query rows, target keys); allowed: [B, L, L] bool attention mask."""
+        """rows: [B, L] bool query rows; targets: [B, L] bool target keys (the same for every row) or
+        [B, L, L] (row-specific keys); allowed: [B, L, L] bool attention mask."""
+        t = (targets[:, None, None, :] if targets.dim() == 2 else targets[:, None]).float()
         total = []
         for p in self.probabilities(allowed):
-            mass = (p * targets[:, None, None, :].float()).sum(-1)  # [B, heads, L]
+            mass = (p * t).sum(-1)  # [B, heads, L]
             log_mass = (mass[rows[:, None, :].expand_as(mass)] + 1e-6).log()
             total.append((self.floor - log_mass).clamp_min(0).mean())
         return torch.stack(total).mean()
