@@ -301,13 +301,12 @@ def test_grounding_small_case():
 def test_question_patches_name_the_asked_objects():
     import numpy as np
 
-    from vlmprune.testbed.scenes import PatchLabels
+    from vlmprune.testbed.scenes import COLOR_NAMES, PatchLabels
     from vlmprune.testbed.train import question_patches
 
     # patches: background, red circle, blue circle, red star, a code character
     lab = PatchLabels(color=np.array([0, 1, 2, 1, 0]), shape=np.array([0, 1, 1, 4, 0]), center=np.zeros(5),
                       char=np.array([0, 0, 0, 0, 3]), present=np.zeros(1))
-    from vlmprune.testbed.scenes import COLOR_NAMES
     red, blue = COLOR_NAMES[0], COLOR_NAMES[1]
     assert question_patches("What color is the star?", lab).tolist() == [False, False, False, True, False]
     assert question_patches(f"What shape is the {blue} object?", lab).tolist() == [False, False, True, False, False]

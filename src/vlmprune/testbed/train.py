@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .questions import FAMILIES, ask, format_prompt
-from .scenes import CODE_ALPHABET, COLOR_NAMES, SHAPES, make_scene, patch_labels, split_seed
+from .scenes import CODE_ALPHABET, COLOR_NAMES, PLURALS, SHAPES, make_scene, patch_labels, split_seed
 
 
 @dataclass
@@ -452,8 +452,6 @@ def question_patches(question: str, lab) -> np.ndarray:
     question, the code's patches. ("Is there a red star?" -> red patches and star patches;
     "How many circles are there?" -> circle patches.)
     """
-    from .scenes import PLURALS
-
     if question.startswith("What is written"):
         return lab.char > 0
     words = set(re.findall(r"[a-z]+", question.lower()))
