@@ -26,7 +26,6 @@ and resumes exactly from a checkpoint.
 from __future__ import annotations
 
 import functools
-
 import json
 import math
 import random
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..methods.prumerge import cls_attention as cls_attention_from_qk
 from .questions import FAMILIES, ask, format_prompt
 from .scenes import CODE_ALPHABET, COLOR_NAMES, PLURALS, SHAPES, make_scene, patch_labels, split_seed
 
@@ -251,9 +251,9 @@ def cls_attention(vision_tower, hidden: torch.Tensor) -> torch.Tensor:
     """
     layer = vision_tower.encoder.layers[-1]
     x = layer.layer_norm1(hidden)
-    q = layer.self_attn.q_proj(x[:, :1])  # [B, 1, C]
+    q = layer.self_attn.q_proj(x[:, :1])  # [B, 1, C]: only the [CLS] query is needed
     k = layer.self_attn.k_proj(x)  # [B, N+1, C]
-    return torch.softmax((q @ k.transpose(1, 2)).squeeze(1) / q.shape[-1] ** 0.5, -1)[:, 1:]
+    return cls_attention_from_qk(q.expand_as(k), k)  # the method's own formula (reads row 0 of q)
 
 
 def cls_loss(vision_tower, heads: VisionHeads, pixel_values, targets, attention_weight: float) -> torch.Tensor:
