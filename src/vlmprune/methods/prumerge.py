@@ -325,18 +325,22 @@ def prumerge(
         centres, valid, n_centres = order_chosen(key, is_centre)  # [B, Mc], [B, Mc], [B]
         mc = centres.shape[1]
 
-    # ---- 3. merge: each centre absorbs its k_neighbors most key-similar other patches
+    # ---- 3. merge: each centre absorbs its k_neighbors most key-similar other patches.
+    # The output buffer holds Mc centre rows plus one slot for the extra token; it is filled by one
+    # row gather (slot rows take an arbitrary in-range row, overwritten below) and updated in place.
     y = features.float()  # [B, N, D]
     dim = y.shape[-1]
     y_flat = y.reshape(batch * num_tokens, dim)  # [B*N, D]
     offsets = torch.arange(batch, device=device)[:, None] * num_tokens  # [B, 1] row offset of each sample
-    centre_rows = (centres + offsets).reshape(-1)  # [B*Mc] rows of y_flat
-    merged = y_flat.index_select(0, centre_rows).view(batch, mc, dim)  # [B, Mc, D]
+    centre_rows = centres + offsets  # [B, Mc] rows of y_flat
+    width = mc + 1 if extra_token else mc
+    src_rows = centre_rows if not extra_token else torch.cat([centre_rows, offsets], dim=1)  # [B, width]
+    tokens = y_flat.index_select(0, src_rows.reshape(-1)).view(batch, width, dim)  # [B, width, D]
     knb = min(k_neighbors, num_tokens - 1)
     if knb > 0:
         k32 = keys.float()  # [B, N, Dk]
-        inv_norm = 1.0 / torch.linalg.vector_norm(k32, dim=-1).clamp(min=1e-12)  # [B, N], as F.normalize
-        k_centres = k32.reshape(batch * num_tokens, -1).index_select(0, centre_rows).view(batch, mc, -1)
+        inv_norm = torch.linalg.vector_norm(k32, dim=-1).clamp_(min=1e-12).reciprocal_()  # [B, N], as F.normalize
+        k_centres = k32.reshape(batch * num_tokens, -1).index_select(0, centre_rows.reshape(-1)).view(batch, mc, -1)
         # cosine(i, j) up to the factor 1/|k_i|, which is constant along a row and cannot change
         # which j rank highest for centre i
         sims = torch.bmm(k_centres, k32.transpose(1, 2)).mul_(inv_norm[:, None, :])  # [B, Mc, N]
@@ -346,16 +350,18 @@ def prumerge(
         pooled = F.embedding_bag(  # [B*Mc, D] sum_j a_j y_j, without a dense [Mc, N] weight matrix
             (nbr + offsets[:, :, None]).view(batch * mc, knb), y_flat, per_sample_weights=w, mode="sum"
         ).view(batch, mc, dim)
+        merged = tokens[:, :mc]
         if merge == "residual":
-            merged = merged + pooled
+            merged.add_(pooled)
         else:
             total = w.sum(dim=1).view(batch, mc, 1)  # [B, Mc, 1]
-            merged = torch.where(total > 0, pooled / total.clamp(min=torch.finfo(total.dtype).tiny), merged)
+            merged.copy_(torch.where(total > 0, pooled / total.clamp(min=torch.finfo(total.dtype).tiny), merged))
+    if batch > 1:
+        tokens[:, :mc].masked_fill_(~valid[:, :, None], 0)
     indices = torch.where(valid, centres, torch.full_like(centres, -1))  # [B, Mc]
 
     # ---- 4. extra token e = sum over the non-centre patches of a_j y_j, appended last
     if not extra_token:
-        tokens = merged.masked_fill_(~valid[:, :, None], 0) if batch > 1 else merged
         return Reduction(
             tokens=tokens.to(features.dtype), counts=n_centres, indices=indices, extra=None, num_attention=k_attn
         )
@@ -363,11 +369,9 @@ def prumerge(
     has_extra = pruned.any(dim=1)  # [B]
     e = torch.bmm(a.masked_fill(is_centre, 0)[:, None, :], y)  # [B, 1, D]
     counts = n_centres + has_extra.long()
-    tokens = torch.zeros(batch, mc + 1, dim, device=device)  # [B, Mc + 1, D]
-    tokens[:, :mc] = merged
-    if batch > 1:
-        tokens[:, :mc].masked_fill_(~valid[:, :, None], 0)
-    # slot n_centres[b] <= Mc is still zero for every b; samples without an extra token write zero
+    # samples with fewer centres: their slot n_centres[b] < Mc is padding (already zero); the last
+    # column is padding for them and gets zero, for the others it is overwritten by the scatter
+    tokens[:, mc].zero_()
     slot = n_centres[:, None, None].expand(-1, 1, dim)
     tokens.scatter_(1, slot, e.masked_fill_(~has_extra[:, None, None], 0))
     m = int(counts.max())
