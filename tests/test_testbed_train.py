@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from vlmprune.testbed.model import load
@@ -383,3 +384,71 @@ def test_mimetic_attention_ties_queries_to_keys():
         assert abs(std2 * width * a.head_dim ** 0.5 - 4.0) < 1.0
     with __import__("pytest").raises(ValueError, match="vision_attn_init"):
         TrainConfig(vision_attn_init="nope").validate()
+
+
+def test_background_keep_schedule_and_sample():
+    from vlmprune.testbed.train import background_keep, background_sample
+
+    cfg = TrainConfig(llm_steps=100, bg_keep=0.2, bg_ramp=(0.4, 0.6))
+    assert [background_keep(cfg, s) for s in (0, 40, 50, 60, 99)] == [0.2, 0.2, pytest.approx(0.6), 1.0, 1.0]
+    assert background_keep(TrainConfig(), 0) == 1.0
+    fg = torch.zeros(10, dtype=torch.bool)
+    fg[[2, 5]] = True
+    keep = background_sample(fg, 0.5, seed=3)
+    assert keep[fg].all() and int(keep.sum()) == 2 + 4  # every foreground patch + round(0.5 * 8) background
+    assert torch.equal(keep, background_sample(fg, 0.5, seed=3))
+    with pytest.raises(ValueError, match="bg_keep"):
+        TrainConfig(bg_keep=0).validate()
+    with pytest.raises(ValueError, match="bg_ramp"):
+        TrainConfig(bg_ramp=(0.7, 0.4)).validate()
+    with pytest.raises(ValueError, match="cannot be combined"):
+        TrainConfig(bg_keep=0.5, guide_weight=0.1).validate()
+
+
+def test_sparse_image_batch_keeps_original_positions():
+    """All patches kept: same logits and loss as the ordinary forward; some dropped: equals the
+    model run on the shortened sequence with gapped position ids."""
+    from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
+    from vlmprune.testbed.train import _llm_batch, sparse_image_batch
+
+    tok = build_tokenizer()
+    processor = build_processor(tok)
+    model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
+    cfg = TrainConfig(**TINY)
+    batch = _llm_batch(cfg, 0, processor)
+    words = batch.pop("patch_words")
+    with torch.no_grad():
+        ref = model(**batch)
+        keep = torch.ones(2, 576, dtype=torch.bool)
+        sparse, w = sparse_image_batch(model, batch, keep, words)
+        out = model(**sparse)
+        torch.testing.assert_close(out.loss, ref.loss)
+        valid = batch["attention_mask"].bool()
+        torch.testing.assert_close(out.logits[valid], ref.logits[valid], atol=1e-5, rtol=1e-4)
+        assert torch.equal(w, words)
+        keep[0, 100:] = False  # sample 0 keeps patches 0-99, sample 1 keeps patches 0, 2, 4, ...
+        keep[1, 1::2] = False
+        sparse, w = sparse_image_batch(model, batch, keep, words)
+        out = model(**sparse)
+        image = batch["input_ids"] == model.config.image_token_id
+        for b in range(2):
+            cols = (~image[b] & valid[b]) | (image[b] & torch.zeros_like(image[b]).masked_scatter(image[b], keep[b]))
+            ids = batch["input_ids"][b, cols]
+            n = len(ids)
+            assert int(sparse["attention_mask"][b].sum()) == n
+            assert torch.equal(sparse["position_ids"][b, :n], cols.nonzero()[:, 0])
+            assert torch.equal(w[b, :n], words[b, cols])
+            embeds = sparse["inputs_embeds"][b, :n]
+            single = model(inputs_embeds=embeds[None], position_ids=cols.nonzero()[:, 0][None]).logits[0]
+            torch.testing.assert_close(out.logits[b, :n], single, atol=1e-5, rtol=1e-4)
+            text = ~image[b, cols]
+            torch.testing.assert_close(embeds[text], model.get_input_embeddings()(ids[text]))
+
+
+def test_background_dropout_trains_end_to_end(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "s"), vision_steps=1, llm_steps=4, cls_steps=0, checkpoint_every=2,
+                      bg_keep=0.1, bg_ramp=(0.25, 0.5), **TINY)
+    train(cfg, progress=False, log=lambda *_: None)
+    hist = [json.loads(line) for line in (tmp_path / "s" / "history.jsonl").read_text().splitlines()]
+    seq = [h.get("seq") for h in hist if h["stage"] == 2]
+    assert seq[0] is not None and seq[0] < 576 and seq[2] is None and seq[3] is None  # full images from step 2 on

@@ -69,6 +69,8 @@ class TrainConfig:
     guide_heads: int = 2
     guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches
     guide_focus: bool = False  # guide each answer row to the patches its question names (see question_patches)
+    bg_keep: float = 1.0  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
+    bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
     text_prob: float = 0.5
     cls_steps: int = 100  # stage 3: the [CLS] pathway PruMerge reads (0 = skip)
     cls_batch: int = 16
@@ -103,6 +105,11 @@ class TrainConfig:
             (not self.families or set(self.families) <= set(FAMILIES),
              f"families must be among {FAMILIES}, got {self.families}"),
             (self.max_objects is None or 1 <= self.max_objects <= 9, "max_objects must be in 1..9 or None"),
+            (0 < self.bg_keep <= 1, f"bg_keep must be in (0, 1], got {self.bg_keep}"),
+            (len(self.bg_ramp) == 2 and 0 <= self.bg_ramp[0] <= self.bg_ramp[1] <= 1,
+             f"bg_ramp must be two stage-2 fractions 0 <= start <= end <= 1, got {self.bg_ramp}"),
+            (self.bg_keep == 1 or not (self.guide_weight or self.ground_words or self.independent_turns),
+             "bg_keep < 1 cannot be combined with guide_weight, ground_words or independent_turns"),
             (self.vision_from is None or Path(self.vision_from).exists(),
              f"vision_from={self.vision_from}: no such file or folder (a run's train_state.pt or a saved model)"),
         ]
@@ -421,8 +428,13 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
             mask[b, : len(ids)] = 1
         allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
         batch = dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixel_values)
-    if cfg.patch_words or cfg.guide_weight or cfg.ground_words:
+    share = background_keep(cfg, step)
+    if cfg.patch_words or cfg.guide_weight or cfg.ground_words or share < 1:
         labs = [patch_labels(sc) for sc in scenes]
+        if share < 1:
+            batch["keep_image"] = torch.stack([
+                background_sample(torch.as_tensor(lab.object_or_text), share, cfg.seed * 104729 + step * cfg.llm_batch + b)
+                for b, lab in enumerate(labs)])
         image = batch["input_ids"] == tok.convert_tokens_to_ids("<image>")
         words = _patch_word_ids(tok)
         if cfg.patch_words:
@@ -443,6 +455,67 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
                 targets = _scatter_image(image, [torch.as_tensor(lab.object_or_text) for lab in labs], False)
             batch["guide"] = dict(rows=rows, targets=targets, allowed=allowed)
     return batch
+
+
+def background_keep(cfg: TrainConfig, step: int) -> float:
+    """Share of background image tokens the decoder sees at stage-2 ``step`` (``bg_keep`` ramped to 1).
+
+    ``bg_keep`` until the fraction ``bg_ramp[0]`` of stage 2, linearly up to 1 at ``bg_ramp[1]``,
+    then 1 (every image token, as at evaluation).
+    """
+    if cfg.bg_keep >= 1:
+        return 1.0
+    start, end = cfg.bg_ramp
+    frac = step / max(1, cfg.llm_steps)
+    if frac >= end:
+        return 1.0
+    t = 0.0 if frac <= start else (frac - start) / (end - start)
+    return cfg.bg_keep + (1 - cfg.bg_keep) * t
+
+
+def background_sample(foreground: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+    """[N] bool keep mask: every foreground patch plus round(share * #background) random background ones."""
+    background = (~foreground).nonzero()[:, 0]
+    n = round(share * len(background))
+    picked = background[torch.randperm(len(background), generator=torch.Generator().manual_seed(seed))[:n]]
+    return foreground.clone().index_fill_(0, picked, True)
+
+
+def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tensor | None = None):
+    """A stage-2 batch with only the kept image tokens, fed as ``inputs_embeds`` with original positions.
+
+    ``batch`` holds right-padded ``input_ids``, ``attention_mask``, ``labels``, ``pixel_values`` with
+    every image expanded to N placeholders; ``keep`` [B, N] says which patches each sample keeps.
+    Returns ``(batch', extra')``: ``inputs_embeds`` with the dropped image tokens taken out (the
+    rest in order, right-padded), their original ``position_ids`` (so RoPE sees the full image's
+    geometry, as under pruning), mask and labels gathered alike; ``extra`` (a [B, L] per-token
+    target such as the patch words) gathered the same way. With every patch kept, the model's
+    output equals the ordinary forward's (tested).
+    """
+    cfg = model.config
+    ids = batch["input_ids"]
+    image = ids == cfg.image_token_id
+    feats = model.model.get_image_features(
+        pixel_values=batch["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output
+    feats = torch.stack(list(feats))  # [B, N, D]
+    embeds = model.get_input_embeddings()(ids.masked_fill(image, 0))
+    embeds = embeds.masked_scatter(image[..., None], feats.to(embeds.dtype))
+    seq_keep = ~image
+    seq_keep[image] = keep.reshape(-1)  # image positions in row-major order = patches 0..N-1 of each sample
+    seq_keep &= batch["attention_mask"].bool()
+    counts = seq_keep.sum(1)
+    width = int(counts.max())
+    order = torch.argsort((~seq_keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept positions, in order
+    valid = torch.arange(width)[None, :] < counts[:, None]
+
+    def take(x, fill):
+        return torch.where(valid, x.gather(1, order), fill)
+
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    out = dict(inputs_embeds=embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1])),
+               attention_mask=valid.long(), position_ids=take(positions, 0), labels=take(batch["labels"], -100))
+    return out, (None if extra is None else take(extra, -100))
 
 
 def question_patches(question: str, lab) -> np.ndarray:
@@ -772,6 +845,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                 guide_in = batch.pop("guide", None)
                 words = batch.pop("patch_words", None)
                 ground = batch.pop("ground_words", None)
+                keep = batch.pop("keep_image", None)
+                if keep is not None:
+                    batch, words = sparse_image_batch(model, batch, keep, words)
                 captured = []
                 hook = (model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.append(o))
                         if ground is not None else None)
@@ -794,6 +870,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                     g = guide.loss(**guide_in)
                     loss = loss + cfg.guide_weight * g
                     parts["guide"] = float(g.detach())
+                if keep is not None:
+                    parts["seq"] = float(batch["attention_mask"].shape[1])
                 if parts:
                     parts = {"lm": float(out.loss.detach()), **parts}
                 return loss, parts
