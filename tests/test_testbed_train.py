@@ -402,7 +402,9 @@ def test_background_keep_schedule_and_sample():
     with pytest.raises(ValueError, match="bg_ramp"):
         TrainConfig(bg_ramp=(0.7, 0.4)).validate()
     with pytest.raises(ValueError, match="cannot be combined"):
-        TrainConfig(bg_keep=0.5, guide_weight=0.1).validate()
+        TrainConfig(bg_keep=0.5, ground_words=0.1).validate()
+    with pytest.raises(ValueError, match="guide_rows"):
+        TrainConfig(guide_rows="everything").validate()
 
 
 def test_sparse_image_batch_keeps_original_positions():
@@ -414,13 +416,16 @@ def test_sparse_image_batch_keeps_original_positions():
     tok = build_tokenizer()
     processor = build_processor(tok)
     model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
-    cfg = TrainConfig(**TINY)
+    cfg = TrainConfig(guide_weight=0.1, guide_rows="words", **TINY)
     batch = _llm_batch(cfg, 0, processor)
     words = batch.pop("patch_words")
+    guide = batch.pop("guide")
     with torch.no_grad():
         ref = model(**batch)
         keep = torch.ones(2, 576, dtype=torch.bool)
-        sparse, w = sparse_image_batch(model, batch, keep, words)
+        sparse, w, g = sparse_image_batch(model, batch, keep, words, guide)
+        assert torch.equal(g["rows"], guide["rows"]) and torch.equal(g["targets"], guide["targets"])
+        assert torch.equal(g["allowed"], guide["allowed"])
         out = model(**sparse)
         torch.testing.assert_close(out.loss, ref.loss)
         valid = batch["attention_mask"].bool()
@@ -428,7 +433,7 @@ def test_sparse_image_batch_keeps_original_positions():
         assert torch.equal(w, words)
         keep[0, 100:] = False  # sample 0 keeps patches 0-99, sample 1 keeps patches 0, 2, 4, ...
         keep[1, 1::2] = False
-        sparse, w = sparse_image_batch(model, batch, keep, words)
+        sparse, w, _ = sparse_image_batch(model, batch, keep, words)
         out = model(**sparse)
         image = batch["input_ids"] == model.config.image_token_id
         for b in range(2):
@@ -452,3 +457,41 @@ def test_background_dropout_trains_end_to_end(tmp_path):
     hist = [json.loads(line) for line in (tmp_path / "s" / "history.jsonl").read_text().splitlines()]
     seq = [h.get("seq") for h in hist if h["stage"] == 2]
     assert seq[0] is not None and seq[0] < 576 and seq[2] is None and seq[3] is None  # full images from step 2 on
+
+
+def test_word_guide_targets_small_case():
+    """Question words naming a colour or shape point at the patches showing it; answers and absent words do not."""
+    from vlmprune.testbed.model import build_tokenizer
+    from vlmprune.testbed.scenes import COLOR_NAMES, SHAPES, patch_labels
+    from vlmprune.testbed.train import encode_turns, word_guide_targets
+
+    tok = build_tokenizer()
+    scene = make_scene(5, n_objects=3)
+    lab = patch_labels(scene)
+    o = scene.objects[0]
+    absent = next(c for c in COLOR_NAMES if c not in {x.color for x in scene.objects})
+    qa = [(f"Is there a {o.color} {o.shape}?", "yes"), (f"Is there a {absent} {o.shape}?", "no"),
+          (f"What color is the {o.shape}?", o.color)]
+    img_id = tok.convert_tokens_to_ids("<image>")
+    ids, labels, _ = encode_turns(tok, qa, img_id)
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    image = ids == img_id
+    rows, targets = word_guide_targets(ids, labels, image, [lab], tok)
+    words = [tok.decode([t]).strip() for t in ids[0, rows[0]].tolist()]
+    assert words == [o.color, o.shape, o.shape, o.shape]  # the absent colour and the answer are not rows
+    keys = image[0].nonzero()[:, 0]
+    first = rows[0].nonzero()[0, 0]
+    assert torch.equal(targets[0, first, keys], torch.as_tensor(lab.color == COLOR_NAMES.index(o.color) + 1))
+    assert not targets[0, first, ~image[0]].any()
+    second = rows[0].nonzero()[1, 0]
+    assert torch.equal(targets[0, second, keys], torch.as_tensor(lab.shape == SHAPES.index(o.shape) + 1))
+
+
+def test_word_guide_with_background_dropout_trains(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "w"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1,
+                      bg_keep=0.2, guide_weight=0.3, guide_rows="words", guide_layers=(0,), guide_heads=1, **TINY)
+    train(cfg, progress=False, log=lambda *_: None)
+    hist = [json.loads(line) for line in (tmp_path / "w" / "history.jsonl").read_text().splitlines()]
+    stage2 = [h for h in hist if h["stage"] == 2]
+    assert all({"lm", "guide", "patch_words", "seq"} <= h.keys() and h["guide"] > 0 for h in stage2)
+    assert all(abs(h["loss"] - (h["lm"] + 0.3 * h["guide"] + h["patch_words"])) < 1e-4 for h in stage2)

@@ -190,6 +190,8 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
     ap.add_argument("path")
     ap.add_argument("what", choices=["answers", "linear", "attention", "vision", "export"])
     ap.add_argument("out", nargs="?")
+    ap.add_argument("--method", help="answers only: run under this pruning method, NAME[:key=value,...] "
+                                     "(e.g. cls-topk:keep=85, close to a bg_keep=0.1 training input)")
     args = ap.parse_args(argv)
     if args.what == "export":
         if not args.out:
@@ -214,7 +216,18 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
 
     model, processor = load(args.path)
     if args.what == "answers":
-        for (k, fam), (right, total) in answers(model, processor).items():
+        import contextlib
+
+        import vlmprune
+        from ..cli import parse_method_spec
+
+        ctx = contextlib.nullcontext()
+        if args.method:
+            name, opts = parse_method_spec(args.method)
+            ctx = vlmprune.pruned(model, name, **opts)
+        with ctx:
+            table = answers(model, processor)
+        for (k, fam), (right, total) in table.items():
             print(f"objects={k} {fam}: {right}/{total}")
     elif args.what == "linear":
         for layer, acc in enumerate(linear_probe(model, processor)):

@@ -69,6 +69,7 @@ class TrainConfig:
     guide_heads: int = 2
     guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches
     guide_focus: bool = False  # guide each answer row to the patches its question names (see question_patches)
+    guide_rows: str = "answer"  # or "words": guide the question tokens naming a colour/shape (see word_guide_targets)
     bg_keep: float = 1.0  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
     text_prob: float = 0.5
@@ -108,8 +109,9 @@ class TrainConfig:
             (0 < self.bg_keep <= 1, f"bg_keep must be in (0, 1], got {self.bg_keep}"),
             (len(self.bg_ramp) == 2 and 0 <= self.bg_ramp[0] <= self.bg_ramp[1] <= 1,
              f"bg_ramp must be two stage-2 fractions 0 <= start <= end <= 1, got {self.bg_ramp}"),
-            (self.bg_keep == 1 or not (self.guide_weight or self.ground_words or self.independent_turns),
-             "bg_keep < 1 cannot be combined with guide_weight, ground_words or independent_turns"),
+            (self.bg_keep == 1 or not (self.ground_words or self.independent_turns),
+             "bg_keep < 1 cannot be combined with ground_words or independent_turns"),
+            (self.guide_rows in ("answer", "words"), f"guide_rows must be 'answer' or 'words', got {self.guide_rows!r}"),
             (self.vision_from is None or Path(self.vision_from).exists(),
              f"vision_from={self.vision_from}: no such file or folder (a run's train_state.pt or a saved model)"),
         ]
@@ -444,7 +446,9 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         if cfg.guide_weight:
             rows = torch.zeros_like(image)
             rows[:, :-1] = (batch["labels"][:, :-1] == -100) & (batch["labels"][:, 1:] != -100)
-            if cfg.guide_focus:  # [B, L, L]: answer row r of turn k -> the patches turn k's question names
+            if cfg.guide_rows == "words":
+                rows, targets = word_guide_targets(batch["input_ids"], batch["labels"], image, labs, tok)
+            elif cfg.guide_focus:  # [B, L, L]: answer row r of turn k -> the patches turn k's question names
                 targets = torch.zeros(*rows.shape, rows.shape[1], dtype=torch.bool)
                 for b, (lab, qa) in enumerate(zip(labs, conversations)):
                     keys = image[b].nonzero()[:, 0]
@@ -455,6 +459,44 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
                 targets = _scatter_image(image, [torch.as_tensor(lab.object_or_text) for lab in labs], False)
             batch["guide"] = dict(rows=rows, targets=targets, allowed=allowed)
     return batch
+
+
+@functools.lru_cache(maxsize=4)
+def _naming_tokens(tok) -> dict[int, tuple[str, int]]:
+    """Token id -> ("color" | "shape", 1-based label index) for the colour words, shape words and plurals."""
+    table = {}
+    for kind, names in (("color", COLOR_NAMES), ("shape", SHAPES), ("shape", [PLURALS[s] for s in SHAPES])):
+        for i, name in enumerate(names, start=1):
+            ids = tok(" " + name, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                table[ids[0]] = (kind, i)
+    return table
+
+
+def word_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: torch.Tensor, labs, tok):
+    """Rows [B, L] and targets [B, L, L] of the word-grounding guide (``guide_rows="words"``).
+
+    Every question token (not an answer, not an image token) that names a colour or a shape
+    (" red", " triangle", " triangles") is guided to the image patches showing that colour or
+    shape; a word naming nothing in the image is not guided. One hop of content matching -- word
+    to patches -- that the answer row can then read from the word's position, instead of a
+    retrieval the answer row must learn to ask for by itself.
+    """
+    table = _naming_tokens(tok)
+    B, L = input_ids.shape
+    rows = torch.zeros(B, L, dtype=torch.bool)
+    targets = torch.zeros(B, L, L, dtype=torch.bool)
+    for b, lab in enumerate(labs):
+        keys = image[b].nonzero()[:, 0]
+        maps = {"color": torch.as_tensor(lab.color), "shape": torch.as_tensor(lab.shape)}
+        for t in ((labels[b] == -100) & ~image[b]).nonzero()[:, 0].tolist():
+            hit = table.get(int(input_ids[b, t]))
+            if hit is not None:
+                patches = maps[hit[0]] == hit[1]
+                if patches.any():
+                    targets[b, t, keys] = patches
+                    rows[b, t] = True
+    return rows, targets
 
 
 def background_keep(cfg: TrainConfig, step: int) -> float:
@@ -481,7 +523,8 @@ def background_sample(foreground: torch.Tensor, share: float, seed: int) -> torc
     return foreground.clone().index_fill_(0, picked, True)
 
 
-def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tensor | None = None):
+def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tensor | None = None,
+                       guide: dict | None = None):
     """A stage-2 batch with only the kept image tokens, fed as ``inputs_embeds`` with original positions.
 
     ``batch`` holds right-padded ``input_ids``, ``attention_mask``, ``labels``, ``pixel_values`` with
@@ -489,8 +532,9 @@ def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tens
     Returns ``(batch', extra')``: ``inputs_embeds`` with the dropped image tokens taken out (the
     rest in order, right-padded), their original ``position_ids`` (so RoPE sees the full image's
     geometry, as under pruning), mask and labels gathered alike; ``extra`` (a [B, L] per-token
-    target such as the patch words) gathered the same way. With every patch kept, the model's
-    output equals the ordinary forward's (tested).
+    target such as the patch words) gathered the same way, and ``guide`` (the attention-guide
+    rows / targets, with ``allowed`` rebuilt for the new mask) when given. With every patch kept,
+    the model's output equals the ordinary forward's (tested).
     """
     cfg = model.config
     ids = batch["input_ids"]
@@ -515,7 +559,16 @@ def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tens
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     out = dict(inputs_embeds=embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1])),
                attention_mask=valid.long(), position_ids=take(positions, 0), labels=take(batch["labels"], -100))
-    return out, (None if extra is None else take(extra, -100))
+    if guide is not None:
+        targets = guide["targets"]
+        if targets.dim() == 2:
+            targets = take(targets, False)
+        else:
+            targets = targets.gather(1, order[..., None].expand(-1, -1, targets.shape[2]))
+            targets = targets.gather(2, order[:, None, :].expand(-1, width, -1)) & valid[:, None, :]
+        allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & valid[:, None, :]
+        guide = dict(rows=take(guide["rows"], False), targets=targets, allowed=allowed)
+    return out, (None if extra is None else take(extra, -100)), guide
 
 
 def question_patches(question: str, lab) -> np.ndarray:
@@ -847,7 +900,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                 ground = batch.pop("ground_words", None)
                 keep = batch.pop("keep_image", None)
                 if keep is not None:
-                    batch, words = sparse_image_batch(model, batch, keep, words)
+                    batch, words, guide_in = sparse_image_batch(model, batch, keep, words, guide_in)
                 captured = []
                 hook = (model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: captured.append(o))
                         if ground is not None else None)
