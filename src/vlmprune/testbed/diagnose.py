@@ -3,6 +3,8 @@
     python -m vlmprune.testbed.diagnose MODEL_DIR answers    # exact answers on 1 / 2 / 5-object val scenes
     python -m vlmprune.testbed.diagnose MODEL_DIR linear     # linear probe: object colour from the answer row
     python -m vlmprune.testbed.diagnose MODEL_DIR attention  # answer-row attention share on object patches
+    python -m vlmprune.testbed.diagnose MODEL_DIR binding    # 2-object scenes: attention on the named vs the other object
+    python -m vlmprune.testbed.diagnose MODEL_DIR copying    # does an earlier turn's colour word leak into the answer?
     python -m vlmprune.testbed.diagnose RUN_DIR vision       # stage-1 heads: accuracy on object/text patches
 
 ``MODEL_DIR`` is a saved model folder; ``python -m vlmprune.testbed.diagnose RUN_DIR export OUT``
@@ -184,11 +186,91 @@ def attention_share(model, processor, batch_size: int = 8, step: int = 7777) -> 
     return float(target.sum() / image.sum()), out
 
 
+def _two_object_questions(family: str, n: int, start: int = 9000):
+    """(scene, question, named object index, other object index) on val scenes with two objects."""
+    from collections import Counter
+
+    out = []
+    for i in range(n):
+        scene = make_scene(split_seed("val", start + i), n_objects=2)
+        key = "shape" if family == "color" else "color"
+        counts = Counter(getattr(o, key) for o in scene.objects)
+        if any(counts[getattr(o, key)] > 1 for o in scene.objects):
+            continue  # the two objects share the attribute the question names
+        a = random.Random(scene.seed).randrange(2)  # which object the question names (object_mask ids are 1, 2)
+        named = scene.objects[a]
+        q = f"What color is the {named.shape}?" if family == "color" else f"What shape is the {named.color} object?"
+        out.append((scene, q, a + 1, 2 - a))
+    return out
+
+
+@torch.no_grad()
+def binding(model, processor, family: str = "color", n: int = 40) -> tuple[int, list[list[tuple[float, float]]]]:
+    """Per layer and head, mean attention from the answer row on the named object's patches and on the other's.
+
+    Two-object validation scenes, "What color is the SHAPE?" (or "What shape is the COLOR object?"):
+    a head that retrieves by the question puts more on the named object; one that reads the image
+    as a whole splits between the two. Attention recomputed from q/k (sdpa stays on).
+    """
+    from .train import AttentionGuide
+
+    text = model.config.text_config
+    items = _two_object_questions(family, n)
+    sums = None
+    for scene, q, a, b in items:
+        batch = processor(images=[scene.image], text=[format_prompt(q)], return_tensors="pt")
+        guide = AttentionGuide(model, tuple(range(text.num_hidden_layers)), text.num_attention_heads)
+        try:
+            model(**batch)
+            L = batch["input_ids"].shape[1]
+            probs = guide.probabilities(torch.ones(1, L, L, dtype=torch.bool).tril())
+        finally:
+            guide.remove()
+        image = (batch["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+        mask = torch.as_tensor(scene.object_mask).reshape(24, 14, 24, 14).permute(0, 2, 1, 3).reshape(576, -1)
+        on = [(mask == k).any(1) for k in (a, b)]
+        rows = [torch.stack([p[0, :, -1, image][:, m].sum(-1) for m in on], -1) for p in probs]  # [heads, 2]
+        sums = rows if sums is None else [s + r for s, r in zip(sums, rows)]
+    return len(items), [[(float(h[0]) / len(items), float(h[1]) / len(items)) for h in layer] for layer in sums]
+
+
+@torch.no_grad()
+def copying(model, processor, n: int = 60) -> dict:
+    """Colour answers on two-object scenes with and without an earlier turn naming a colour.
+
+    ``single``: the question alone; ``wrong``: after "Is there a WRONG SHAPE? no" (a colour not
+    in the scene); ``right``: after "Is there a RIGHT SHAPE? yes". Counts (correct, answered WRONG,
+    total): a decoder that copies colour words from the conversation instead of reading the image
+    answers WRONG after the wrong prior and gains after the right one.
+    """
+    tok = processor.tokenizer
+
+    def answer(scene, prior, q):
+        text = format_prompt(prior[0] if prior else q)
+        if prior:
+            text += f" {prior[1]}</s>USER: {q} Answer with one word. ASSISTANT:"
+        batch = processor(images=[scene.image], text=[text], return_tensors="pt")
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        return tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip().lower()
+
+    res = {k: [0, 0, 0] for k in ("single", "wrong", "right")}
+    for scene, q, a, _ in _two_object_questions("color", n):
+        o = scene.objects[a - 1]
+        wrong = random.Random(scene.seed).choice([c for c in COLOR_NAMES if c not in {x.color for x in scene.objects}])
+        for key, prior in (("single", None), ("wrong", (f"Is there a {wrong} {o.shape}?", "no")),
+                           ("right", (f"Is there a {o.color} {o.shape}?", "yes"))):
+            got = answer(scene, prior, q)
+            res[key][0] += got == o.color
+            res[key][1] += got == wrong
+            res[key][2] += 1
+    return res
+
+
 def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions above
     ap = argparse.ArgumentParser(prog="python -m vlmprune.testbed.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path")
-    ap.add_argument("what", choices=["answers", "linear", "attention", "vision", "export"])
+    ap.add_argument("what", choices=["answers", "linear", "attention", "binding", "copying", "vision", "export"])
     ap.add_argument("out", nargs="?")
     ap.add_argument("--method", help="answers only: run under this pruning method, NAME[:key=value,...] "
                                      "(e.g. cls-topk:keep=85, close to a bg_keep=0.1 training input)")
@@ -229,6 +311,15 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
             table = answers(model, processor)
         for (k, fam), (right, total) in table.items():
             print(f"objects={k} {fam}: {right}/{total}")
+    elif args.what == "binding":
+        for family in ("color", "shape"):
+            n, table = binding(model, processor, family)
+            print(f"{family} questions, {n} two-object scenes: attention on named / other object")
+            for layer, heads in enumerate(table):
+                print(f"layer {layer}: " + "  ".join(f"h{h} {a:.3f}/{b:.3f}" for h, (a, b) in enumerate(heads)))
+    elif args.what == "copying":
+        for key, (right, wrong, total) in copying(model, processor).items():
+            print(f"{key}: correct {right}/{total}, answered the prior's wrong colour {wrong}/{total}")
     elif args.what == "linear":
         for layer, acc in enumerate(linear_probe(model, processor)):
             print(f"hidden state {layer}: held-out colour accuracy {acc:.2f}")
