@@ -47,3 +47,8 @@ def test_save_load_round_trip_identical_logits(testbed, tmp_path):
     inputs = proc(images=[make_scene(2).image], text=[format_prompt("What color is the star?")], return_tensors="pt")
     with torch.inference_mode():
         assert torch.equal(model(**inputs).logits, again(**inputs).logits)
+
+
+def test_load_rejects_an_empty_path():
+    with pytest.raises(ValueError, match="empty model path"):
+        load("")

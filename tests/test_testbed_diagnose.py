@@ -33,6 +33,12 @@ def test_export_and_diagnostics(tmp_path):
     assert 0 < share < 1 and len(heads) == 2 and all(len(h) == 2 for h in heads)
     assert all(0 <= o <= i + 1e-6 <= 1 + 1e-6 for layer in heads for o, i in layer)  # object share within image share
     assert {name: len(m._forward_hooks) for name, m in loaded.named_modules()} == hooks  # the guide's hooks are gone
+    n, table = diagnose.binding(loaded, proc, "color", n=4)
+    assert n >= 1 and len(table) == 2 and all(len(h) == 2 for h in table)
+    assert all(0 <= a and 0 <= b and a + b <= 1 + 1e-5 for layer in table for a, b in layer)
+    assert {name: len(m._forward_hooks) for name, m in loaded.named_modules()} == hooks
+    res = diagnose.copying(loaded, proc, n=3)
+    assert set(res) == {"single", "wrong", "right"} and all(0 <= r <= t and 0 <= w <= t for r, w, t in res.values())
 
 
 def test_vision_heads_counts_labelled_patches_only(tmp_path):

@@ -98,6 +98,8 @@ def load(path: str | Path | None = None, *, dtype=None, attn_implementation: str
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if path is not None and not str(path).strip():
+        raise ValueError("empty model path; pass a model folder or hub id, or nothing for the committed testbed")
     src = str(path) if path is not None else str(CHECKPOINT_DIR)
     if path is not None and not Path(src).exists() and (src.startswith(("/", ".", "~")) or src.count("/") > 1):
         raise FileNotFoundError(f"no model folder at {src} (a local path; hub ids look like 'org/name')")
