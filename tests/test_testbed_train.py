@@ -489,9 +489,44 @@ def test_word_guide_targets_small_case():
 
 def test_word_guide_with_background_dropout_trains(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "w"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1,
-                      bg_keep=0.2, guide_weight=0.3, guide_rows="words", guide_layers=(0,), guide_heads=1, **TINY)
+                      bg_keep=0.2, guide_weight=0.3, guide_rows="words+read", guide_layers=(0,), guide_heads=1, **TINY)
     train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "w" / "history.jsonl").read_text().splitlines()]
     stage2 = [h for h in hist if h["stage"] == 2]
     assert all({"lm", "guide", "patch_words", "seq"} <= h.keys() and h["guide"] > 0 for h in stage2)
     assert all(abs(h["loss"] - (h["lm"] + 0.3 * h["guide"] + h["patch_words"])) < 1e-4 for h in stage2)
+
+
+def test_read_guide_targets_point_at_each_next_character():
+    """Each row predicting a token of the code's answer targets the cell(s) of the character(s) that token spells."""
+    from vlmprune.testbed.model import build_tokenizer
+    from vlmprune.testbed.scenes import GRID, patch_labels
+    from vlmprune.testbed.train import encode_turns, read_guide_targets
+
+    tok = build_tokenizer()
+    scene = make_scene(7, text=True)
+    code = scene.text.code.lower()
+    qa = [("How many circles are there?", "1"), ("What is written in the image?", code)]
+    img_id = tok.convert_tokens_to_ids("<image>")
+    ids, labels, _ = encode_turns(tok, qa, img_id)
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    image = ids == img_id
+    L = ids.shape[1]
+    rows, targets = torch.zeros(1, L, dtype=torch.bool), torch.zeros(1, L, L, dtype=torch.bool)
+    read_guide_targets(ids, labels, image, [scene], tok, rows, targets)
+    keys = image[0].nonzero()[:, 0]
+    answer_ids = tok(" " + code, add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode([i]).strip() for i in answer_ids]
+    guided = rows[0].nonzero()[:, 0]
+    assert len(guided) == sum(1 for p in pieces if p)  # one row per token that spells characters
+    cells, done = [], 0
+    for p in pieces:
+        if p:
+            cells.append([scene.text.row * GRID + scene.text.col + c for c in range(done, done + len(p))])
+        done += len(p)
+    for row, want in zip(guided, cells):
+        got = (targets[0, row, keys]).nonzero()[:, 0].tolist()
+        assert got == want
+        assert int(ids[0, row + 1]) in answer_ids  # the row predicts an answer token
+    lab = patch_labels(scene)
+    assert all(lab.char[c] > 0 for want in cells for c in want)  # the cells show characters

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..methods.prumerge import cls_attention as cls_attention_from_qk
 from .questions import FAMILIES, ask, format_prompt
-from .scenes import CODE_ALPHABET, COLOR_NAMES, PLURALS, SHAPES, make_scene, patch_labels, split_seed
+from .scenes import CODE_ALPHABET, COLOR_NAMES, GRID, PLURALS, SHAPES, make_scene, patch_labels, split_seed
 
 
 @dataclass
@@ -69,7 +69,7 @@ class TrainConfig:
     guide_heads: int = 2
     guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches
     guide_focus: bool = False  # guide each answer row to the patches its question names (see question_patches)
-    guide_rows: str = "answer"  # or "words": guide the question tokens naming a colour/shape (see word_guide_targets)
+    guide_rows: str = "answer"  # "words": question tokens naming a colour/shape (word_guide_targets); "words+read": also read_guide_targets
     bg_keep: float = 1.0  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
     text_prob: float = 0.5
@@ -111,7 +111,8 @@ class TrainConfig:
              f"bg_ramp must be two stage-2 fractions 0 <= start <= end <= 1, got {self.bg_ramp}"),
             (self.bg_keep == 1 or not (self.ground_words or self.independent_turns),
              "bg_keep < 1 cannot be combined with ground_words or independent_turns"),
-            (self.guide_rows in ("answer", "words"), f"guide_rows must be 'answer' or 'words', got {self.guide_rows!r}"),
+            (self.guide_rows in ("answer", "words", "words+read"),
+             f"guide_rows must be 'answer', 'words' or 'words+read', got {self.guide_rows!r}"),
             (self.vision_from is None or Path(self.vision_from).exists(),
              f"vision_from={self.vision_from}: no such file or folder (a run's train_state.pt or a saved model)"),
         ]
@@ -446,8 +447,10 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         if cfg.guide_weight:
             rows = torch.zeros_like(image)
             rows[:, :-1] = (batch["labels"][:, :-1] == -100) & (batch["labels"][:, 1:] != -100)
-            if cfg.guide_rows == "words":
+            if cfg.guide_rows.startswith("words"):
                 rows, targets = word_guide_targets(batch["input_ids"], batch["labels"], image, labs, tok)
+                if cfg.guide_rows == "words+read":
+                    read_guide_targets(batch["input_ids"], batch["labels"], image, scenes, tok, rows, targets)
             elif cfg.guide_focus:  # [B, L, L]: answer row r of turn k -> the patches turn k's question names
                 targets = torch.zeros(*rows.shape, rows.shape[1], dtype=torch.bool)
                 for b, (lab, qa) in enumerate(zip(labs, conversations)):
@@ -497,6 +500,45 @@ def word_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: tor
                     targets[b, t, keys] = patches
                     rows[b, t] = True
     return rows, targets
+
+
+def read_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: torch.Tensor, scenes, tok,
+                       rows: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add the reading rows to a guide's ``rows`` [B, L] / ``targets`` [B, L, L] (in place).
+
+    For each answer to "What is written in the image?" (an answer span equal to the scene's code),
+    the row that predicts each answer token is guided to the patch(es) of the character(s) that
+    token spells -- one character per patch cell, left to right -- so reading becomes "look at the
+    next cell", a relative-position pattern, instead of a search the answer rows must discover.
+    """
+    for b, scene in enumerate(scenes):
+        if scene.text is None:
+            continue
+        code = scene.text.code.lower()
+        keys = image[b].nonzero()[:, 0]
+        answer = (labels[b] != -100).tolist()
+        t = 0
+        while t < len(answer):
+            if not answer[t]:
+                t += 1
+                continue
+            end = t
+            while end < len(answer) and answer[end]:
+                end += 1
+            span = input_ids[b, t:end].tolist()
+            if span and span[-1] == tok.eos_token_id:
+                span = span[:-1]
+            pieces = [tok.decode([i]) for i in span]
+            if pieces and "".join(pieces).strip() == code:
+                done = 0
+                for j, piece in enumerate(pieces):
+                    n = len(piece.strip())
+                    cells = [scene.text.row * GRID + scene.text.col + c for c in range(done, done + n)]
+                    done += n
+                    if cells:
+                        rows[b, t + j - 1] = True
+                        targets[b, t + j - 1, keys[cells]] = True
+            t = end
 
 
 def background_keep(cfg: TrainConfig, step: int) -> float:
