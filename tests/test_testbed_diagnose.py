@@ -78,3 +78,18 @@ def test_run_folder_errors_say_what_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="--out folder of `vlmprune testbed train`"):
         diagnose.export(str(tmp_path), str(tmp_path / "m"))
     assert not (tmp_path / "m").exists()
+
+
+def test_loss_table_averages_stage2_blocks(tmp_path):
+    import json
+
+    import pytest
+
+    for name, rows in (("a", [(1, 0, 9.0), (2, 0, 1.0), (2, 1, 3.0), (2, 2, 5.0)]), ("b", [(2, 0, 2.0)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "history.jsonl").write_text(
+            "".join(json.dumps({"stage": st, "step": s, "loss": 0.0, "lm": v}) + "\n" for st, s, v in rows))
+    table = diagnose.loss_table([str(tmp_path / "a"), str(tmp_path / "b")], every=2)
+    assert table == [(0, [2.0, 2.0]), (2, [5.0, None])]  # stage 1 left out; b has no step 2
+    with pytest.raises(FileNotFoundError, match="history.jsonl"):
+        diagnose.loss_table([str(tmp_path / "nope")])

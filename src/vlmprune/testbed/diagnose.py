@@ -6,6 +6,7 @@
     python -m vlmprune.testbed.diagnose MODEL_DIR binding    # 2-object scenes: attention on the named vs the other object
     python -m vlmprune.testbed.diagnose MODEL_DIR copying    # does an earlier turn's colour word leak into the answer?
     python -m vlmprune.testbed.diagnose RUN_DIR vision       # stage-1 heads: accuracy on object/text patches
+    python -m vlmprune.testbed.diagnose RUN_A,RUN_B losses   # stage-2 answer loss, 50-step means, side by side
 
 ``MODEL_DIR`` is a saved model folder; ``python -m vlmprune.testbed.diagnose RUN_DIR export OUT``
 first writes one from a run's ``train_state.pt`` (mid-run evaluation).
@@ -266,11 +267,34 @@ def copying(model, processor, n: int = 60) -> dict:
     return res
 
 
+def loss_table(runs: list[str], every: int = 50, key: str = "lm") -> list[tuple[int, list[float | None]]]:
+    """Stage-2 ``key`` loss of each run's ``history.jsonl``, averaged over steps [s, s + every)."""
+    import json
+    from pathlib import Path
+
+    per_run = []
+    for run in runs:
+        path = Path(run) / "history.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: pass the --out folders of `vlmprune testbed train`")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        per_run.append({r["step"]: r.get(key, r["loss"]) for r in rows if r["stage"] == 2})
+    last = max((max(h) for h in per_run if h), default=-1)
+    table = []
+    for start in range(0, last + 1, every):
+        means = []
+        for h in per_run:
+            xs = [h[i] for i in range(start, start + every) if i in h]
+            means.append(sum(xs) / len(xs) if xs else None)
+        table.append((start, means))
+    return table
+
+
 def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions above
     ap = argparse.ArgumentParser(prog="python -m vlmprune.testbed.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path")
-    ap.add_argument("what", choices=["answers", "linear", "attention", "binding", "copying", "vision", "export"])
+    ap.add_argument("what", choices=["answers", "linear", "attention", "binding", "copying", "vision", "export", "losses"])
     ap.add_argument("out", nargs="?")
     ap.add_argument("--method", help="answers only: run under this pruning method, NAME[:key=value,...] "
                                      "(e.g. cls-topk:keep=85, close to a bg_keep=0.1 training input)")
@@ -282,6 +306,18 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
             print(export(args.path, args.out))
         except FileNotFoundError as e:
             ap.error(str(e))
+        return
+    if args.what == "losses":
+        runs = args.path.split(",")
+        try:
+            table = loss_table(runs)
+        except FileNotFoundError as e:
+            ap.error(str(e))
+        print("| steps | " + " | ".join(runs) + " |")
+        print("|---" * (len(runs) + 1) + "|")
+        for start, means in table:
+            cells = ["" if m is None else f"{m:.3f}" for m in means]
+            print(f"| {start}-{start + 50} | " + " | ".join(cells) + " |")
         return
     if args.what == "vision":
         try:
