@@ -405,6 +405,10 @@ def test_background_keep_schedule_and_sample():
         TrainConfig(bg_keep=0.5, ground_words=0.1).validate()
     with pytest.raises(ValueError, match="guide_rows"):
         TrainConfig(guide_rows="everything").validate()
+    with pytest.raises(ValueError, match="needs guide_weight"):
+        TrainConfig(guide_rows="words").validate()
+    with pytest.raises(ValueError, match="replaces guide_focus"):
+        TrainConfig(guide_rows="words", guide_weight=0.1, guide_focus=True).validate()
 
 
 def test_sparse_image_batch_keeps_original_positions():

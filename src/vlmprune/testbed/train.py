@@ -113,6 +113,8 @@ class TrainConfig:
              "bg_keep < 1 cannot be combined with ground_words or independent_turns"),
             (self.guide_rows in ("answer", "words", "words+read"),
              f"guide_rows must be 'answer', 'words' or 'words+read', got {self.guide_rows!r}"),
+            (self.guide_rows == "answer" or (self.guide_weight > 0 and not self.guide_focus),
+             f"guide_rows={self.guide_rows!r} needs guide_weight > 0 and replaces guide_focus (answer rows only)"),
             (self.vision_from is None or Path(self.vision_from).exists(),
              f"vision_from={self.vision_from}: no such file or folder (a run's train_state.pt or a saved model)"),
         ]
