@@ -79,6 +79,8 @@ def test_train_resume_and_load(tiny, tmp_path):
     r = _run("--out", str(resumed), "--steps", "3", "--stop-after", "2", *base)
     assert r.exit_code == 0, r.output
     assert "stopped after step 2 of 3" in r.output and not (resumed / "summary.json").exists()
+    first = torch.load(resumed / "train_state.pt", weights_only=False)["seconds"]
+    assert first > 0
     r = _run("--out", str(resumed), "--steps", "3", *base)
     assert r.exit_code == 0, r.output
     assert "resumed from" in r.output and "at step 2" in r.output
@@ -89,6 +91,7 @@ def test_train_resume_and_load(tiny, tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a)  # and the run did train
     hist = [json.loads(l) for l in (resumed / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [0, 1, 2]
+    assert json.loads((resumed / "summary.json").read_text())["seconds"] >= first  # training time over both calls
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval"]["n"] == 4
     assert summary["target"] == pytest.approx(resolve_target(ATPTrainConfig(), (0, 1, 2), 4, 16))

@@ -366,7 +366,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         + f"; trainable: {sum(p.numel() for g in groups for p in g['params'])} parameters ({cfg.train})")
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0, "mu": 0.0, "dual_on": False}
+    state = {"step": 0, "mu": 0.0, "dual_on": False, "seconds": 0.0}  # seconds: training time over all invocations
     history: list[dict] = []
     if not groups:  # fixed ratio with a frozen LLM: nothing to learn
         say("nothing to train (fixed-ratio modules and a frozen LLM); writing the modules as they are")
@@ -382,6 +382,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
             state["step"] = int(saved["step"])
             state["mu"] = float(saved.get("mu", 0.0))
             state["dual_on"] = bool(saved.get("dual_on", False))
+            state["seconds"] = float(saved.get("seconds", 0.0))
             say(f"resumed from {state_path} at step {state['step']}")
         step_module, opt = accelerator.prepare(step_module, opt)
 
@@ -401,6 +402,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         history.clear()
         pruner.save(out)
         payload = {"config": asdict(cfg), "step": state["step"], "mu": state["mu"], "dual_on": state["dual_on"],
+                   "seconds": elapsed(),
                    "pruner": pruner.state_dict(),
                    "lora": {n: p.detach().cpu() for n, p in lora_params.items()} if lora_params else None,
                    "opt": opt.state_dict() if opt is not None else None, "world_size": accelerator.num_processes}
@@ -411,6 +413,10 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
             peft_model.save_pretrained(out / "lora")
 
     t0 = time.time()
+
+    def elapsed() -> float:  # training seconds, including the invocations this run resumed from
+        return round(state["seconds"] + time.time() - t0, 1)
+
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * world
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -460,7 +466,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
 
     # ---- evaluated (hard) token count on held-out prompts, then the artefacts
     summary: dict[str, Any] = {"config": asdict(cfg), "atp_config": c.to_dict(), "target": c.target,
-                               "steps": state["step"], "world_size": world, "seconds": round(time.time() - t0, 1)}
+                               "steps": state["step"], "world_size": world, "seconds": elapsed()}
     accelerator.wait_for_everyone()
     if main:
         method.mode = "hard"
