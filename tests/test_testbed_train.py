@@ -169,6 +169,21 @@ def test_attention_guide_recomputes_the_real_attention():
         model(input_ids=ids, attention_mask=mask)
         full = guide.loss(rows, torch.ones(2, L, dtype=torch.bool), allowed)
         assert abs(float(full)) < 1e-5
+        # layer-specific rows: row 4 guided on layer 0 only, row 7 on layer -1 (= 1) only
+        targets = torch.zeros(2, L, dtype=torch.bool)
+        targets[:, :3] = True
+        r4, r7 = torch.zeros_like(rows), torch.zeros_like(rows)
+        r4[:, 4], r7[:, 7] = True, True
+
+        def one(p, r):
+            mass = (p * targets[:, None, None, :].float()).sum(-1)
+            return (guide.floor - (mass[r[:, None, :].expand_as(mass)] + 1e-6).log()).clamp_min(0).mean()
+
+        model(input_ids=ids, attention_mask=mask)
+        split = guide.loss(rows, targets, allowed, layer_rows={0: r4, -1: r7})
+        torch.testing.assert_close(split, (one(probs[0], r4) + one(probs[1], r7)) / 2)
+        model(input_ids=ids, attention_mask=mask)
+        assert float(guide.loss(rows, targets, allowed, layer_rows={0: torch.zeros_like(rows)})) == 0.0  # no row
     guide.remove()
     assert not guide.captured
 
@@ -493,7 +508,8 @@ def test_word_guide_targets_small_case():
 
 def test_word_guide_with_background_dropout_trains(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "w"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1,
-                      bg_keep=0.2, guide_weight=0.3, guide_rows="words+read", guide_layers=(0,), guide_heads=1, **TINY)
+                      bg_keep=0.2, guide_weight=0.3, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(1,),
+                      guide_heads=1, text_prob=1.0, **TINY)
     train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "w" / "history.jsonl").read_text().splitlines()]
     stage2 = [h for h in hist if h["stage"] == 2]
@@ -534,3 +550,19 @@ def test_read_guide_targets_point_at_each_next_character():
         assert int(ids[0, row + 1]) in answer_ids  # the row predicts an answer token
     lab = patch_labels(scene)
     assert all(lab.char[c] > 0 for want in cells for c in want)  # the cells show characters
+
+
+def test_read_rows_go_to_their_own_layers():
+    from vlmprune.testbed.model import build_processor, build_tokenizer
+    from vlmprune.testbed.train import _llm_batch
+
+    processor = build_processor(build_tokenizer())
+    cfg = TrainConfig(guide_weight=0.1, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(2,),
+                      text_prob=1.0, families=("read", "color"), **{k: v for k, v in TINY.items() if k != "turns"},
+                      turns=4)
+    g = _llm_batch(cfg, 0, processor)["guide"]
+    words, read = g["layer_rows"][0], g["layer_rows"][2]
+    assert words.any() and read.any() and not (words & read).any()
+    assert torch.equal(words | read, g["rows"])
+    with pytest.raises(ValueError, match="guide_read_layers"):
+        TrainConfig(guide_weight=0.1, guide_rows="words", guide_read_layers=(2,)).validate()

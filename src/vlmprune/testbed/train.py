@@ -70,6 +70,7 @@ class TrainConfig:
     guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches
     guide_focus: bool = False  # guide each answer row to the patches its question names (see question_patches)
     guide_rows: str = "answer"  # "words": question tokens naming a colour/shape (word_guide_targets); "words+read": also read_guide_targets
+    guide_read_layers: tuple[int, ...] | None = None  # "words+read": layers guiding the read rows (None: guide_layers)
     bg_keep: float = 1.0  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
     text_prob: float = 0.5
@@ -113,6 +114,8 @@ class TrainConfig:
              "bg_keep < 1 cannot be combined with ground_words or independent_turns"),
             (self.guide_rows in ("answer", "words", "words+read"),
              f"guide_rows must be 'answer', 'words' or 'words+read', got {self.guide_rows!r}"),
+            (self.guide_read_layers is None or self.guide_rows == "words+read",
+             "guide_read_layers applies to guide_rows='words+read' only"),
             (self.guide_rows == "answer" or (self.guide_weight > 0 and not self.guide_focus),
              f"guide_rows={self.guide_rows!r} needs guide_weight > 0 and replaces guide_focus (answer rows only)"),
             (self.vision_from is None or Path(self.vision_from).exists(),
@@ -449,10 +452,18 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         if cfg.guide_weight:
             rows = torch.zeros_like(image)
             rows[:, :-1] = (batch["labels"][:, :-1] == -100) & (batch["labels"][:, 1:] != -100)
+            layer_rows = None
             if cfg.guide_rows.startswith("words"):
                 rows, targets = word_guide_targets(batch["input_ids"], batch["labels"], image, labs, tok)
                 if cfg.guide_rows == "words+read":
+                    word_rows = rows.clone()
                     read_guide_targets(batch["input_ids"], batch["labels"], image, scenes, tok, rows, targets)
+                    if cfg.guide_read_layers is not None:  # each kind of row on its own layers
+                        read_rows = rows & ~word_rows
+                        layer_rows = {}
+                        for layers, r in ((cfg.guide_layers, word_rows), (cfg.guide_read_layers, read_rows)):
+                            for layer in layers:
+                                layer_rows[layer] = layer_rows.get(layer, torch.zeros_like(r)) | r
             elif cfg.guide_focus:  # [B, L, L]: answer row r of turn k -> the patches turn k's question names
                 targets = torch.zeros(*rows.shape, rows.shape[1], dtype=torch.bool)
                 for b, (lab, qa) in enumerate(zip(labs, conversations)):
@@ -463,6 +474,8 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
             else:
                 targets = _scatter_image(image, [torch.as_tensor(lab.object_or_text) for lab in labs], False)
             batch["guide"] = dict(rows=rows, targets=targets, allowed=allowed)
+            if layer_rows is not None:
+                batch["guide"]["layer_rows"] = layer_rows
     return batch
 
 
@@ -611,7 +624,10 @@ def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tens
             targets = targets.gather(1, order[..., None].expand(-1, -1, targets.shape[2]))
             targets = targets.gather(2, order[:, None, :].expand(-1, width, -1)) & valid[:, None, :]
         allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & valid[:, None, :]
-        guide = dict(rows=take(guide["rows"], False), targets=targets, allowed=allowed)
+        gathered = dict(rows=take(guide["rows"], False), targets=targets, allowed=allowed)
+        if "layer_rows" in guide:
+            gathered["layer_rows"] = {layer: take(r, False) for layer, r in guide["layer_rows"].items()}
+        guide = gathered
     return out, (None if extra is None else take(extra, -100)), guide
 
 
@@ -766,6 +782,7 @@ class AttentionGuide:
         bad = [i for i in layers if not -len(decoder) <= i < len(decoder)]
         if bad:
             raise ValueError(f"guide_layers {bad} out of range for a {len(decoder)}-layer decoder")
+        self.num_layers = len(decoder)
         self.handles = [decoder[i].self_attn.register_forward_hook(self._hook, with_kwargs=True) for i in layers]
 
     def _hook(self, module, args, kwargs, output):
@@ -779,9 +796,11 @@ class AttentionGuide:
     def probabilities(self, allowed: torch.Tensor) -> list[torch.Tensor]:
         """Attention probabilities [B, heads, L, L] of the guided heads, per hooked layer (consumes the capture).
 
-        ``allowed`` [B, L, L] bool is the attention mask the forward pass used.
+        ``allowed`` [B, L, L] bool is the attention mask the forward pass used. The decoder layer
+        index of each entry is left in ``self.layers_seen``.
         """
         captured, self.captured = self.captured, []
+        self.layers_seen = [module.layer_idx for module, _, _ in captured]
         out = []
         for module, h, (cos, sin) in captured:
             B, L, _ = h.shape
@@ -794,15 +813,25 @@ class AttentionGuide:
             out.append(scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1))
         return out
 
-    def loss(self, rows: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def loss(self, rows: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor,
+             layer_rows: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """rows: [B, L] bool query rows; targets: [B, L] bool target keys (the same for every row) or
-        [B, L, L] (row-specific keys); allowed: [B, L, L] bool attention mask."""
+        [B, L, L] (row-specific keys); allowed: [B, L, L] bool attention mask; ``layer_rows``:
+        decoder layer index -> the rows guided on that layer (default: ``rows`` on every layer)."""
         t = (targets[:, None, None, :] if targets.dim() == 2 else targets[:, None]).float()
+        probs = self.probabilities(allowed)
+        if layer_rows is not None:  # config layers may be negative (-1 = last)
+            layer_rows = {k % self.num_layers: v for k, v in layer_rows.items()}
         total = []
-        for p in self.probabilities(allowed):
+        for layer, p in zip(self.layers_seen, probs):
+            r = rows if layer_rows is None else layer_rows.get(layer)
+            if r is None or not r.any():
+                continue
             mass = (p * t).sum(-1)  # [B, heads, L]
-            log_mass = (mass[rows[:, None, :].expand_as(mass)] + 1e-6).log()
+            log_mass = (mass[r[:, None, :].expand_as(mass)] + 1e-6).log()
             total.append((self.floor - log_mass).clamp_min(0).mean())
+        if not total:
+            return sum(p.sum() for p in probs) * 0.0
         return torch.stack(total).mean()
 
 
@@ -988,7 +1017,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                 opt = _stage2_optimizer(model, cfg)
                 save()
             if state["stage"] == 2:
-                guide = AttentionGuide(model, tuple(cfg.guide_layers), cfg.guide_heads, cfg.guide_target) if cfg.guide_weight else None
+                guide_layers = tuple(dict.fromkeys(tuple(cfg.guide_layers) + tuple(cfg.guide_read_layers or ())))
+                guide = AttentionGuide(model, guide_layers, cfg.guide_heads, cfg.guide_target) if cfg.guide_weight else None
                 for p in vision.parameters():
                     p.requires_grad_(False)
                 model.train()
