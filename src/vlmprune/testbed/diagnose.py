@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .questions import ask, format_prompt
-from .scenes import COLOR_NAMES, make_scene, split_seed
+from .scenes import COLOR_NAMES, GRID, PATCH, make_scene, split_seed
 
 
 def _load_run(run_dir: str):
@@ -228,7 +228,7 @@ def binding(model, processor, family: str = "color", n: int = 40) -> tuple[int, 
         finally:
             guide.remove()
         image = (batch["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-        mask = torch.as_tensor(scene.object_mask).reshape(24, 14, 24, 14).permute(0, 2, 1, 3).reshape(576, -1)
+        mask = torch.as_tensor(scene.object_mask).reshape(GRID, PATCH, GRID, PATCH).permute(0, 2, 1, 3).reshape(GRID * GRID, -1)
         on = [(mask == k).any(1) for k in (a, b)]
         rows = [torch.stack([p[0, :, -1, image][:, m].sum(-1) for m in on], -1) for p in probs]  # [heads, 2]
         sums = rows if sums is None else [s + r for s, r in zip(sums, rows)]
