@@ -31,9 +31,22 @@ results: install
 	$(BIN)/vlmprune tables budgets --n 100 --out out/tables
 	$(BIN)/vlmprune train atp --out runs/atp-144
 	$(BIN)/vlmprune train atp --out runs/atp-88 --paper-target 88
-	$(BIN)/vlmprune eval -m atp:checkpoint=runs/atp-144 -m atp:checkpoint=runs/atp-88 --n 100 --out out/atp
+	$(BIN)/vlmprune train atp --out runs/atp-144-fixed --fixed-ratio
+	$(BIN)/vlmprune train atp --out runs/atp-144-noredundant --no-redundant
+	$(BIN)/vlmprune train atp --out runs/atp-144-nospatial --no-spatial
+	$(BIN)/vlmprune train atp --out runs/atp-144-self --score self
+	$(BIN)/vlmprune train atp --out runs/atp-144-cross --score cross
+	$(BIN)/vlmprune eval -m atp:checkpoint=runs/atp-144 -m atp:checkpoint=runs/atp-88 -m atp:checkpoint=runs/atp-144-fixed \
+	  -m atp:checkpoint=runs/atp-144-noredundant -m atp:checkpoint=runs/atp-144-nospatial \
+	  -m atp:checkpoint=runs/atp-144-self -m atp:checkpoint=runs/atp-144-cross --n 100 --out out/atp-table1
+	$(BIN)/vlmprune train atp-viz runs/atp-144 --out out/atp-viz/144
+	$(BIN)/vlmprune train atp-viz runs/atp-88 --out out/atp-viz/88
 	OMP_NUM_THREADS=1 $(BIN)/python -m vlmprune.bench.reduction --out out/bench/reduction.json
+	OMP_NUM_THREADS=2 $(BIN)/python -m vlmprune.bench.reduction --out out/bench/reduction-2threads.json
 	OMP_NUM_THREADS=1 $(BIN)/python -m vlmprune.bench.decoder --out out/bench/decoder.json
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 1 --out out/bench
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 1 -m prumerge+:keep=144 -m prumerge:keep=144 --out out/bench/keep144
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M testbed -b 1 -b 8 --out out/bench/testbed
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 8 --out out/bench/scaled-b8
 
 .PHONY: install demo test testbed results
