@@ -186,6 +186,9 @@ def test_attention_guide_recomputes_the_real_attention():
         assert float(guide.loss(rows, targets, allowed, layer_rows={0: torch.zeros_like(rows)})) == 0.0  # no row
     guide.remove()
     assert not guide.captured
+    twice = AttentionGuide(model, (1, -1), heads=1)  # the same layer named twice is hooked once
+    assert len(twice.handles) == 1
+    twice.remove()
 
 
 def test_config_overrides_and_validation():

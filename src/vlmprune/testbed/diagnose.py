@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .questions import ask, format_prompt
-from .scenes import COLOR_NAMES, GRID, PATCH, make_scene, split_seed
+from .scenes import COLOR_NAMES, make_scene, patch_pixels, split_seed
 
 
 def _load_run(run_dir: str):
@@ -218,20 +218,20 @@ def binding(model, processor, family: str = "color", n: int = 40) -> tuple[int, 
     text = model.config.text_config
     items = _two_object_questions(family, n)
     sums = None
-    for scene, q, a, b in items:
-        batch = processor(images=[scene.image], text=[format_prompt(q)], return_tensors="pt")
-        guide = AttentionGuide(model, tuple(range(text.num_hidden_layers)), text.num_attention_heads)
-        try:
+    guide = AttentionGuide(model, tuple(range(text.num_hidden_layers)), text.num_attention_heads)
+    try:
+        for scene, q, a, b in items:
+            batch = processor(images=[scene.image], text=[format_prompt(q)], return_tensors="pt")
             model(**batch)
             L = batch["input_ids"].shape[1]
             probs = guide.probabilities(torch.ones(1, L, L, dtype=torch.bool).tril())
-        finally:
-            guide.remove()
-        image = (batch["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-        mask = torch.as_tensor(scene.object_mask).reshape(GRID, PATCH, GRID, PATCH).permute(0, 2, 1, 3).reshape(GRID * GRID, -1)
-        on = [(mask == k).any(1) for k in (a, b)]
-        rows = [torch.stack([p[0, :, -1, image][:, m].sum(-1) for m in on], -1) for p in probs]  # [heads, 2]
-        sums = rows if sums is None else [s + r for s, r in zip(sums, rows)]
+            image = (batch["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+            pixels = torch.as_tensor(patch_pixels(scene.object_mask))  # [576, 196] object ids
+            on = [(pixels == k).any(1) for k in (a, b)]
+            rows = [torch.stack([p[0, :, -1, image][:, m].sum(-1) for m in on], -1) for p in probs]  # [heads, 2]
+            sums = rows if sums is None else [s + r for s, r in zip(sums, rows)]
+    finally:
+        guide.remove()
     return len(items), [[(float(h[0]) / len(items), float(h[1]) / len(items)) for h in layer] for layer in sums]
 
 
@@ -307,17 +307,19 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
         except FileNotFoundError as e:
             ap.error(str(e))
         return
+    if args.method and args.what != "answers":
+        ap.error("--method applies to 'answers' only")
     if args.what == "losses":
-        runs = args.path.split(",")
+        runs, every = args.path.split(","), 50
         try:
-            table = loss_table(runs)
+            table = loss_table(runs, every)
         except FileNotFoundError as e:
             ap.error(str(e))
         print("| steps | " + " | ".join(runs) + " |")
         print("|---" * (len(runs) + 1) + "|")
         for start, means in table:
             cells = ["" if m is None else f"{m:.3f}" for m in means]
-            print(f"| {start}-{start + 50} | " + " | ".join(cells) + " |")
+            print(f"| {start}-{start + every} | " + " | ".join(cells) + " |")
         return
     if args.what == "vision":
         try:
@@ -334,17 +336,21 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
 
     model, processor = load(args.path)
     if args.what == "answers":
-        import contextlib
-
         import vlmprune
         from ..cli import parse_method_spec
 
-        ctx = contextlib.nullcontext()
+        handle = None
         if args.method:
-            name, opts = parse_method_spec(args.method)
-            ctx = vlmprune.pruned(model, name, **opts)
-        with ctx:
+            try:
+                name, opts = parse_method_spec(args.method)
+                handle = vlmprune.apply(model, name, **opts) if name else None
+            except (ValueError, TypeError) as e:
+                ap.error(f"--method {args.method!r}: {e}")
+        try:
             table = answers(model, processor)
+        finally:
+            if handle is not None:
+                handle.remove()
         for (k, fam), (right, total) in table.items():
             print(f"objects={k} {fam}: {right}/{total}")
     elif args.what == "binding":

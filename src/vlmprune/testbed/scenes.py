@@ -235,9 +235,14 @@ class PatchLabels:
         return (self.color > 0) | (self.char > 0)
 
 
+def patch_pixels(pixel_map: np.ndarray) -> np.ndarray:
+    """[336, 336] per-pixel map -> [576, 196]: row p holds the pixels of patch p (raster order)."""
+    return pixel_map.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
+
+
 def patch_labels(scene: Scene) -> PatchLabels:
     """Label each patch by the object covering most of it (at least 20% of its pixels)."""
-    m = scene.object_mask.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
+    m = patch_pixels(scene.object_mask)
     n_obj = len(scene.objects)
     counts = np.stack([(m == i + 1).sum(1) for i in range(n_obj)], 1) if n_obj else np.zeros((GRID * GRID, 0))
     color = np.zeros(GRID * GRID, np.int64)

@@ -783,6 +783,7 @@ class AttentionGuide:
         if bad:
             raise ValueError(f"guide_layers {bad} out of range for a {len(decoder)}-layer decoder")
         self.num_layers = len(decoder)
+        layers = dict.fromkeys(i % self.num_layers for i in layers)  # -1 and 5 are one layer: hooked once
         self.handles = [decoder[i].self_attn.register_forward_hook(self._hook, with_kwargs=True) for i in layers]
 
     def _hook(self, module, args, kwargs, output):
@@ -830,8 +831,8 @@ class AttentionGuide:
             mass = (p * t).sum(-1)  # [B, heads, L]
             log_mass = (mass[r[:, None, :].expand_as(mass)] + 1e-6).log()
             total.append((self.floor - log_mass).clamp_min(0).mean())
-        if not total:
-            return sum(p.sum() for p in probs) * 0.0
+        if not total:  # no guided row in this batch
+            return allowed.new_zeros((), dtype=torch.float32)
         return torch.stack(total).mean()
 
 
@@ -1017,7 +1018,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                 opt = _stage2_optimizer(model, cfg)
                 save()
             if state["stage"] == 2:
-                guide_layers = tuple(dict.fromkeys(tuple(cfg.guide_layers) + tuple(cfg.guide_read_layers or ())))
+                guide_layers = tuple(cfg.guide_layers) + tuple(cfg.guide_read_layers or ())
                 guide = AttentionGuide(model, guide_layers, cfg.guide_heads, cfg.guide_target) if cfg.guide_weight else None
                 for p in vision.parameters():
                     p.requires_grad_(False)
