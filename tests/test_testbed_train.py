@@ -293,6 +293,41 @@ def test_patch_word_targets_name_each_patch():
     assert len(chars) and all(tok.decode([int(ids[i])]) == CODE_ALPHABET[lab.char[i] - 1] for i in chars)
 
 
+def test_patch_word_targets_with_position_cycle_colour_shape_corner():
+    """patch_position: object patches name colour / shape / the object's corner by (row + col) % 3."""
+    import numpy as np
+
+    from vlmprune.testbed.model import build_tokenizer
+    from vlmprune.testbed.scenes import CODE_ALPHABET, COLOR_NAMES, CORNERS, GRID, SHAPES, corner_of, patch_labels
+    from vlmprune.testbed.train import patch_word_targets
+
+    tok = build_tokenizer()
+    scene = make_scene(5, text=True)
+    ids = patch_word_targets(scene, tok, position=True)
+    lab = patch_labels(scene)
+    assert set(np.nonzero(ids.numpy() != -100)[0]) == set(np.nonzero((lab.color > 0) | (lab.char > 0))[0])
+    seen = set()
+    for i in np.nonzero(lab.color)[0]:
+        phase = (i // GRID + i % GRID) % 3
+        want = (COLOR_NAMES[lab.color[i] - 1], SHAPES[lab.shape[i] - 1], CORNERS[lab.corner[i] - 1])[phase]
+        assert tok.decode([int(ids[i])]) == " " + want
+        seen.add(phase)
+    assert seen == {0, 1, 2}
+    # every object's patches carry the quadrant of that object's centre
+    for o in scene.objects:
+        r, c = o.center_patch
+        if lab.shape[r * GRID + c] == 1 + SHAPES.index(o.shape) and lab.color[r * GRID + c] == 1 + COLOR_NAMES.index(o.color):
+            assert CORNERS[lab.corner[r * GRID + c] - 1] == corner_of(o)
+    chars = np.nonzero(lab.char)[0]
+    assert all(tok.decode([int(ids[i])]) == CODE_ALPHABET[lab.char[i] - 1] for i in chars)
+    assert lab.corner[(lab.color == 0)].max() == 0
+
+
+def test_patch_position_needs_patch_words():
+    with pytest.raises(ValueError, match="patch_position needs patch_words"):
+        TrainConfig(patch_position=True, patch_words=0.0).validate()
+
+
 def test_grounding_small_case():
     """Word ids per patch (colour+shape / character / none) and the 1 - cos loss over labelled patches only."""
     import numpy as np

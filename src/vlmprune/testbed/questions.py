@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .scenes import COLOR_NAMES, IMAGE_SIZE, PLURALS, SHAPES, Scene, make_scene, split_seed
+from .scenes import COLOR_NAMES, IMAGE_SIZE, PLURALS, SHAPES, Scene, corner_of, make_scene, split_seed
 
 FAMILIES = ("exist", "color", "shape", "count", "position", "read")
 EXIST_NEGATIVES = ("random", "popular", "adversarial")
@@ -107,8 +107,7 @@ def ask(scene: Scene, family: str, rnd: random.Random) -> Question | None:
         if not clear:
             return None
         o = rnd.choice(clear)
-        corner = ("top" if o.cy < half else "bottom") + ("left" if o.cx < half else "right")
-        return Question("position", f"Which corner is the {o.shape} in?", corner, scene.seed, "corner")
+        return Question("position", f"Which corner is the {o.shape} in?", corner_of(o), scene.seed, "corner")
     # read
     if scene.text is None:
         return None

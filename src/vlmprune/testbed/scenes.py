@@ -57,6 +57,15 @@ def split_seed(split: str, index: int) -> int:
     return SPLIT_BASES[split] + index
 
 
+CORNERS = ("topleft", "topright", "bottomleft", "bottomright")  # the position family's corner answers
+
+
+def corner_of(obj: "SceneObject") -> str:
+    """The image quadrant holding ``obj``'s centre, as the position family names it ("topleft", ...)."""
+    half = IMAGE_SIZE / 2
+    return ("top" if obj.cy < half else "bottom") + ("left" if obj.cx < half else "right")
+
+
 @dataclass(frozen=True)
 class SceneObject:
     shape: str
@@ -228,6 +237,7 @@ class PatchLabels:
     center: np.ndarray  # 1 where an object's centre lies
     char: np.ndarray    # 0 = none, 1 + index in CODE_ALPHABET
     present: np.ndarray  # [len(SHAPES) * len(COLORS)] multi-hot colour-shape pairs (the [CLS] target)
+    corner: np.ndarray | None = None  # 0 = none, 1 + CORNERS index of the covering object's centre
 
     @property
     def object_or_text(self) -> np.ndarray:
@@ -247,6 +257,7 @@ def patch_labels(scene: Scene) -> PatchLabels:
     counts = np.stack([(m == i + 1).sum(1) for i in range(n_obj)], 1) if n_obj else np.zeros((GRID * GRID, 0))
     color = np.zeros(GRID * GRID, np.int64)
     shape = np.zeros(GRID * GRID, np.int64)
+    corner = np.zeros(GRID * GRID, np.int64)
     if n_obj:
         best = counts.argmax(1)
         covered = counts.max(1) >= 0.2 * PATCH * PATCH
@@ -254,6 +265,7 @@ def patch_labels(scene: Scene) -> PatchLabels:
             sel = covered & (best == i)
             color[sel] = 1 + COLOR_NAMES.index(o.color)
             shape[sel] = 1 + SHAPES.index(o.shape)
+            corner[sel] = 1 + CORNERS.index(corner_of(o))
     center = np.zeros(GRID * GRID, np.int64)
     present = np.zeros(len(SHAPES) * len(COLOR_NAMES), np.float32)
     for o in scene.objects:
@@ -264,4 +276,4 @@ def patch_labels(scene: Scene) -> PatchLabels:
     if scene.text is not None:
         for i, ch in enumerate(scene.text.code):
             char[scene.text.row * GRID + scene.text.col + i] = 1 + CODE_ALPHABET.index(ch)
-    return PatchLabels(color, shape, center, char, present)
+    return PatchLabels(color, shape, center, char, present, corner)

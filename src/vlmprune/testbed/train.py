@@ -41,7 +41,7 @@ from torch import nn
 
 from ..methods.prumerge import cls_attention as cls_attention_from_qk
 from .questions import FAMILIES, ask, format_prompt
-from .scenes import CODE_ALPHABET, COLOR_NAMES, GRID, PLURALS, SHAPES, make_scene, patch_labels, split_seed
+from .scenes import CODE_ALPHABET, COLOR_NAMES, CORNERS, GRID, PLURALS, SHAPES, make_scene, patch_labels, split_seed
 
 
 @dataclass
@@ -62,6 +62,7 @@ class TrainConfig:
     turns: int = 10
     projector_init: str = "standardize"  # or "default": see standardize_projector
     patch_words: float = 1.0  # weight of the patch-naming auxiliary (see patch_word_targets); 0 = off
+    patch_position: bool = False  # patch naming also names the object's corner (colour / shape / corner cycle)
     ground_words: float = 0.0  # weight of the projector-grounding auxiliary (see grounding_loss); 0 = off
     independent_turns: bool = False  # turns share the image prefix but not each other (4-D mask, eval positions)
     guide_weight: float = 0.0  # stage-2 attention guidance (see AttentionGuide); 0 = off
@@ -101,6 +102,7 @@ class TrainConfig:
              f"vision_attn_init must be 'default' or 'mimetic', got {self.vision_attn_init!r}"),
             (self.guide_weight >= 0, f"guide_weight must be >= 0, got {self.guide_weight}"),
             (self.patch_words >= 0, f"patch_words must be >= 0, got {self.patch_words}"),
+            (not self.patch_position or self.patch_words > 0, "patch_position needs patch_words > 0"),
             (self.ground_words >= 0, f"ground_words must be >= 0, got {self.ground_words}"),
             (0 < self.guide_target <= 1, f"guide_target must be in (0, 1], got {self.guide_target}"),
             (self.guide_heads >= 1, f"guide_heads must be >= 1, got {self.guide_heads}"),
@@ -446,7 +448,8 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         image = batch["input_ids"] == tok.convert_tokens_to_ids("<image>")
         words = _patch_word_ids(tok)
         if cfg.patch_words:
-            batch["patch_words"] = _scatter_image(image, [patch_word_ids(lab, words) for lab in labs], -100)
+            batch["patch_words"] = _scatter_image(
+                image, [patch_word_ids(lab, words, cfg.patch_position) for lab in labs], -100)
         if cfg.ground_words:
             batch["ground_words"] = torch.stack([grounding_word_ids(lab, words) for lab in labs])
         if cfg.guide_weight:
@@ -666,14 +669,23 @@ def _patch_word_ids(tok) -> dict[str, torch.Tensor]:
 
     table = lambda words: torch.tensor([-100] + [tid(w) for w in words])  # noqa: E731
     return {"color": table([" " + c for c in COLOR_NAMES]), "shape": table([" " + s for s in SHAPES]),
-            "char": table(list(CODE_ALPHABET))}
+            "char": table(list(CODE_ALPHABET)), "corner": table([" " + c for c in CORNERS])}
 
 
-def patch_word_ids(lab, words: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[576] token ids naming each patch of ``lab`` (a ``PatchLabels``); see ``patch_word_targets``."""
+def patch_word_ids(lab, words: dict[str, torch.Tensor], position: bool = False) -> torch.Tensor:
+    """[576] token ids naming each patch of ``lab`` (a ``PatchLabels``); see ``patch_word_targets``.
+
+    ``position``: object patches cycle colour / shape / corner word by ``(row + col) % 3`` instead.
+    """
     color, shape, char = (torch.as_tensor(getattr(lab, k)) for k in ("color", "shape", "char"))
-    even = torch.arange(len(color)) % 2 == 0
-    ids = torch.where(even, words["color"][color], words["shape"][shape])  # -100 where no object
+    if position:
+        cell = torch.arange(len(color))
+        phase = (cell // GRID + cell % GRID) % 3
+        ids = torch.where(phase == 0, words["color"][color], words["shape"][shape])
+        ids = torch.where(phase == 2, words["corner"][torch.as_tensor(lab.corner)], ids)
+    else:
+        even = torch.arange(len(color)) % 2 == 0
+        ids = torch.where(even, words["color"][color], words["shape"][shape])  # -100 where no object
     return torch.where(char > 0, words["char"][char], ids)
 
 
@@ -708,17 +720,21 @@ def grounding_loss(image_features: torch.Tensor, word_ids: torch.Tensor, embeddi
     return (1 - cos).mean()
 
 
-def patch_word_targets(scene, tok) -> torch.Tensor:
+def patch_word_targets(scene, tok, position: bool = False) -> torch.Tensor:
     """[576] token ids naming each patch's content (-100 for background), for the patch-naming auxiliary.
 
     Object patches alternate (in raster order) between their colour word and their shape word
-    (" red", " circle": one token each in the testbed vocabulary); text patches name their character
+    (" red", " circle": one token each in the testbed vocabulary); with ``position`` they cycle
+    (by ``(row + col) % 3``) between colour, shape and the corner word of the object's centre
+    (" topleft", ...: the position family's answers), so the image tokens carry where an object is
+    as well as what it is (the decoder's values carry no position of their own: rotary embeddings
+    act on queries and keys only). Text patches name their character
     (the character's own token). The decoder's output at an image token is trained to predict that
     word through the same ``lm_head`` -- as logit-lens studies find real LLaVA's visual tokens do --
     so the map from visual features to answer words is learnt densely, from every object patch,
     instead of only through the few answer tokens of each conversation.
     """
-    return patch_word_ids(patch_labels(scene), _patch_word_ids(tok))
+    return patch_word_ids(patch_labels(scene), _patch_word_ids(tok), position)
 
 
 @torch.no_grad()
