@@ -52,3 +52,12 @@ def test_save_load_round_trip_identical_logits(testbed, tmp_path):
 def test_load_rejects_an_empty_path():
     with pytest.raises(ValueError, match="empty model path"):
         load("")
+
+
+def test_package_level_load_is_the_model_loader():
+    """The README's ``vlmprune.testbed.load()``; the scene generator imports without it."""
+    import vlmprune.testbed as tb
+
+    assert tb.load is load
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tb.nope  # noqa: B018
