@@ -14,7 +14,15 @@ TINY = dict(vision_overrides=dict(hidden_size=32, intermediate_size=64, num_hidd
                                   projection_dim=32),
             text_overrides=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 num_key_value_heads=2),
-            vision_batch=2, llm_batch=2, cls_batch=2, warmup=1, turns=3)
+            vision_batch=2, llm_batch=2, cls_batch=2, warmup=1, turns=3,
+            # the primitives' own behaviour, not the recipe's stage-2 guide / background dropout
+            guide_weight=0.0, guide_rows="answer", guide_layers=(1,), guide_read_layers=None, guide_target=0.5,
+            bg_keep=1.0)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """A tiny-model config; ``overrides`` win over TINY's settings."""
+    return TrainConfig(**{**TINY, **overrides})
 
 
 def _state(path):
@@ -22,7 +30,7 @@ def _state(path):
 
 
 def test_three_stages_resume_exactly(tmp_path):
-    straight = TrainConfig(out=str(tmp_path / "a"), vision_steps=2, llm_steps=2, cls_steps=2, checkpoint_every=1, **TINY)
+    straight = tiny_config(out=str(tmp_path / "a"), vision_steps=2, llm_steps=2, cls_steps=2, checkpoint_every=1)
     final = train(straight, progress=False, log=lambda *_: None)
     # interrupted runs: stop after 1 step (inside stage 1), resume, stop again inside stage 2, resume
     part_dir = tmp_path / "b"
@@ -44,7 +52,7 @@ def test_three_stages_resume_exactly(tmp_path):
 
 
 def test_stage3_changes_only_the_cls_pathway(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "c"), vision_steps=1, llm_steps=1, cls_steps=0, checkpoint_every=1, **TINY)
+    cfg = tiny_config(out=str(tmp_path / "c"), vision_steps=1, llm_steps=1, cls_steps=0, checkpoint_every=1)
     train(cfg, progress=False, log=lambda *_: None)
     before = _state(tmp_path / "c")["model"]
     s = _state(tmp_path / "c")
@@ -60,7 +68,7 @@ def test_stage3_changes_only_the_cls_pathway(tmp_path):
 def test_resume_may_add_stage3_and_equals_a_straight_run(tmp_path):
     """A finished run extended by ``cls_steps`` on resume gives the straight run's weights; other changes are refused."""
     quiet = dict(progress=False, log=lambda *_: None)
-    straight = TrainConfig(out=str(tmp_path / "a"), vision_steps=1, llm_steps=1, cls_steps=2, **TINY)
+    straight = tiny_config(out=str(tmp_path / "a"), vision_steps=1, llm_steps=1, cls_steps=2)
     train(straight, **quiet)
     short = TrainConfig(**{**straight.__dict__, "out": str(tmp_path / "b"), "cls_steps": 0})
     train(short, **quiet)
@@ -229,7 +237,7 @@ def test_standardize_projector_feeds_standardised_features():
     model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
     lin = model.model.multi_modal_projector.linear_1
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
-    cfg = TrainConfig(**TINY)
+    cfg = tiny_config()
     stats = standardize_projector(model, proc, cfg, n_images=4)
     assert stats["feature_norm"] > 0
     f = calibration_features(model, proc, cfg, n_images=4)  # the statistics' own scenes
@@ -240,8 +248,8 @@ def test_standardize_projector_feeds_standardised_features():
 
 def test_stage2_options_run_end_to_end(tmp_path):
     """Independent turns + attention guide + standardised projector: a tiny run trains, logs both losses, loads."""
-    cfg = TrainConfig(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1, independent_turns=True, guide_focus=True,
-                      guide_weight=0.1, guide_layers=(1,), guide_heads=1, patch_words=0.5, ground_words=0.3, **TINY)
+    cfg = tiny_config(out=str(tmp_path / "g"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1, independent_turns=True, guide_focus=True,
+                      guide_weight=0.1, guide_layers=(1,), guide_heads=1, patch_words=0.5, ground_words=0.3)
     final = train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "g" / "history.jsonl").read_text().splitlines()]
     stage2 = [h for h in hist if h["stage"] == 2]
@@ -375,7 +383,7 @@ def test_focus_guide_targets_each_answer_row(tmp_path):
     from vlmprune.testbed.model import build_processor, build_tokenizer
     from vlmprune.testbed.train import _llm_batch
 
-    cfg = TrainConfig(guide_weight=0.1, guide_focus=True, **TINY)
+    cfg = tiny_config(guide_weight=0.1, guide_focus=True)
     processor = build_processor(build_tokenizer())
     batch = _llm_batch(cfg, 0, processor)
     g = batch["guide"]
@@ -383,7 +391,7 @@ def test_focus_guide_targets_each_answer_row(tmp_path):
     assert g["targets"].shape == (2, *batch["input_ids"].shape[1:], batch["input_ids"].shape[1])
     assert g["rows"].any() and not (g["targets"] & ~image[:, None, :]).any()  # only image tokens are targets
     assert (g["targets"].any(-1) == g["rows"]).all()  # exactly the guided rows have targets
-    plain = _llm_batch(TrainConfig(guide_weight=0.1, **TINY), 0, processor)["guide"]
+    plain = _llm_batch(tiny_config(guide_weight=0.1), 0, processor)["guide"]
     assert (g["rows"] <= plain["rows"]).all()  # focus only drops rows (questions naming nothing present)
 
 
@@ -444,7 +452,8 @@ def test_background_keep_schedule_and_sample():
 
     cfg = TrainConfig(llm_steps=100, bg_keep=0.2, bg_ramp=(0.4, 0.6))
     assert [background_keep(cfg, s) for s in (0, 40, 50, 60, 99)] == [0.2, 0.2, pytest.approx(0.6), 1.0, 1.0]
-    assert background_keep(TrainConfig(), 0) == 1.0
+    assert background_keep(TrainConfig(bg_keep=1.0), 0) == 1.0
+    assert background_keep(TrainConfig(), 0) == 0.1  # the recipe's starting share
     fg = torch.zeros(10, dtype=torch.bool)
     fg[[2, 5]] = True
     keep = background_sample(fg, 0.5, seed=3)
@@ -459,9 +468,9 @@ def test_background_keep_schedule_and_sample():
     with pytest.raises(ValueError, match="guide_rows"):
         TrainConfig(guide_rows="everything").validate()
     with pytest.raises(ValueError, match="needs guide_weight"):
-        TrainConfig(guide_rows="words").validate()
+        TrainConfig(guide_rows="words", guide_weight=0.0, guide_read_layers=None).validate()
     with pytest.raises(ValueError, match="replaces guide_focus"):
-        TrainConfig(guide_rows="words", guide_weight=0.1, guide_focus=True).validate()
+        TrainConfig(guide_rows="words", guide_weight=0.1, guide_read_layers=None, guide_focus=True).validate()
 
 
 def test_sparse_image_batch_keeps_original_positions():
@@ -473,7 +482,7 @@ def test_sparse_image_batch_keeps_original_positions():
     tok = build_tokenizer()
     processor = build_processor(tok)
     model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
-    cfg = TrainConfig(guide_weight=0.1, guide_rows="words", **TINY)
+    cfg = tiny_config(guide_weight=0.1, guide_rows="words")
     batch = _llm_batch(cfg, 0, processor)
     words = batch.pop("patch_words")
     guide = batch.pop("guide")
@@ -508,8 +517,8 @@ def test_sparse_image_batch_keeps_original_positions():
 
 
 def test_background_dropout_trains_end_to_end(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "s"), vision_steps=1, llm_steps=4, cls_steps=0, checkpoint_every=2,
-                      bg_keep=0.1, bg_ramp=(0.25, 0.5), **TINY)
+    cfg = tiny_config(out=str(tmp_path / "s"), vision_steps=1, llm_steps=4, cls_steps=0, checkpoint_every=2,
+                      bg_keep=0.1, bg_ramp=(0.25, 0.5))
     train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "s" / "history.jsonl").read_text().splitlines()]
     seq = [h.get("seq") for h in hist if h["stage"] == 2]
@@ -545,9 +554,9 @@ def test_word_guide_targets_small_case():
 
 
 def test_word_guide_with_background_dropout_trains(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "w"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1,
+    cfg = tiny_config(out=str(tmp_path / "w"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1,
                       bg_keep=0.2, guide_weight=0.3, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(1,),
-                      guide_heads=1, text_prob=1.0, **TINY)
+                      guide_heads=1, text_prob=1.0)
     train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "w" / "history.jsonl").read_text().splitlines()]
     stage2 = [h for h in hist if h["stage"] == 2]
@@ -595,9 +604,8 @@ def test_read_rows_go_to_their_own_layers():
     from vlmprune.testbed.train import _llm_batch
 
     processor = build_processor(build_tokenizer())
-    cfg = TrainConfig(guide_weight=0.1, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(2,),
-                      text_prob=1.0, families=("read", "color"), **{k: v for k, v in TINY.items() if k != "turns"},
-                      turns=4)
+    cfg = tiny_config(guide_weight=0.1, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(2,),
+                      text_prob=1.0, families=("read", "color"), turns=4)
     g = _llm_batch(cfg, 0, processor)["guide"]
     words, read = g["layer_rows"][0], g["layer_rows"][2]
     assert words.any() and read.any() and not (words & read).any()

@@ -55,7 +55,7 @@ class TrainConfig:
     vision_pos_init: str = "sincos"  # or "default": 2-D sine-cosine init of the vision position embeddings
     vision_dense: float = 0.5  # share of stage-1 scenes drawn dense (12-24 objects): more labelled patches per step
     vision_attn_init: str = "default"  # or "mimetic": query = key projections at init (see mimetic_attention)
-    llm_steps: int = 1000
+    llm_steps: int = 1500
     llm_batch: int = 8
     llm_lr: float = 1e-3
     warmup: int = 60
@@ -65,14 +65,14 @@ class TrainConfig:
     patch_position: bool = False  # patch naming also names the object's corner (colour / shape / corner cycle)
     ground_words: float = 0.0  # weight of the projector-grounding auxiliary (see grounding_loss); 0 = off
     independent_turns: bool = False  # turns share the image prefix but not each other (4-D mask, eval positions)
-    guide_weight: float = 0.0  # stage-2 attention guidance (see AttentionGuide); 0 = off
-    guide_layers: tuple[int, ...] = (1, 2)
+    guide_weight: float = 0.5  # stage-2 attention guidance (see AttentionGuide); 0 = off
+    guide_layers: tuple[int, ...] = (0, 1)
     guide_heads: int = 2
-    guide_target: float = 0.5  # the guide stops pulling once this share of attention is on object/text patches
+    guide_target: float = 0.9  # the guide stops pulling once this share of attention is on object/text patches
     guide_focus: bool = False  # guide each answer row to the patches its question names (see question_patches)
-    guide_rows: str = "answer"  # "words": question tokens naming a colour/shape (word_guide_targets); "words+read": also read_guide_targets
-    guide_read_layers: tuple[int, ...] | None = None  # "words+read": layers guiding the read rows (None: guide_layers)
-    bg_keep: float = 1.0  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
+    guide_rows: str = "words+read"  # "words": question tokens naming a colour/shape (word_guide_targets); "words+read": also read_guide_targets
+    guide_read_layers: tuple[int, ...] | None = (2,)  # "words+read": layers guiding the read rows (None: guide_layers)
+    bg_keep: float = 0.1  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
     text_prob: float = 0.5
     cls_steps: int = 100  # stage 3: the [CLS] pathway PruMerge reads (0 = skip)
