@@ -192,6 +192,25 @@ def test_attention_guide_recomputes_the_real_attention():
         torch.testing.assert_close(split, (one(probs[0], r4) + one(probs[1], r7)) / 2)
         model(input_ids=ids, attention_mask=mask)
         assert float(guide.loss(rows, targets, allowed, layer_rows={0: torch.zeros_like(rows)})) == 0.0  # no row
+        # uniform rows: KL(uniform over the row's targets || attention), by hand; row 4 uniform, row 7 share
+        uni = torch.zeros_like(rows)
+        uni[:, 4] = True
+        both = rows.clone()
+        both[:, 7] = True
+        model(input_ids=ids, attention_mask=mask)
+        mixed = guide.loss(both, targets, allowed, uniform=uni)
+        want = []
+        for p in probs:
+            kl = -(p[:, :, 4, :3]).log().mean(-1) - math.log(3)  # [B, heads]: 3 target keys each
+            want += [one(p, r7), kl.mean()]
+        torch.testing.assert_close(mixed, torch.stack(want).mean(), atol=1e-5, rtol=1e-4)
+        # exactly uniform attention on the targets -> 0
+        flat = torch.zeros(2, 1, L, L)
+        flat[:, :, 4, :3] = 1 / 3
+        guide.captured = []
+        guide.probabilities = lambda allowed: [flat]  # noqa: E731 -- the loss's arithmetic alone
+        guide.layers_seen = [0]
+        assert abs(float(guide.loss(uni, targets, allowed, uniform=uni))) < 1e-4
     guide.remove()
     assert not guide.captured
     twice = AttentionGuide(model, (1, -1), heads=1)  # the same layer named twice is hooked once
@@ -551,6 +570,53 @@ def test_word_guide_targets_small_case():
     assert not targets[0, first, ~image[0]].any()
     second = rows[0].nonzero()[1, 0]
     assert torch.equal(targets[0, second, keys], torch.as_tensor(lab.shape == SHAPES.index(o.shape) + 1))
+
+
+def test_count_guide_targets_small_case():
+    """A count question's plural points at the sink (position 0) + each centre patch of that shape, as a uniform row."""
+    from vlmprune.testbed.model import build_tokenizer
+    from vlmprune.testbed.scenes import GRID, PLURALS, SHAPES, patch_labels
+    from vlmprune.testbed.train import count_guide_targets, encode_turns, word_guide_targets
+
+    tok = build_tokenizer()
+    scene = next(sc for sc in (make_scene(seed, n_objects=6) for seed in range(100))
+                 if max(sum(o.shape == s for o in sc.objects) for s in SHAPES) >= 2)
+    lab = patch_labels(scene)
+    twice = next(s for s in SHAPES if sum(o.shape == s for o in scene.objects) >= 2)
+    absent = next(s for s in SHAPES if s not in {o.shape for o in scene.objects})
+    qa = [(f"How many {PLURALS[twice]} are there?", "2"), (f"How many {PLURALS[absent]} are there?", "0"),
+          (f"What color is the {twice}?", "red")]
+    img_id = tok.convert_tokens_to_ids("<image>")
+    ids, labels, _ = encode_turns(tok, qa, img_id)
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    image = ids == img_id
+    rows, targets = word_guide_targets(ids, labels, image, [lab], tok)
+    before = rows.clone()
+    uniform = count_guide_targets(ids, image, [scene], tok, rows, targets)
+    plural = [t for t in range(ids.shape[1]) if tok.decode([int(ids[0, t])]).strip() in (PLURALS[twice], PLURALS[absent])]
+    assert uniform[0].nonzero()[:, 0].tolist() == plural and rows[0, plural].all()
+    keys = image[0].nonzero()[:, 0]
+    centres = {r * GRID + c for r, c in (o.center_patch for o in scene.objects if o.shape == twice)}
+    want = torch.zeros(ids.shape[1], dtype=torch.bool)
+    want[0] = True
+    want[keys[sorted(centres)]] = True
+    assert torch.equal(targets[0, plural[0]], want)
+    only_sink = torch.zeros_like(want)
+    only_sink[0] = True
+    assert torch.equal(targets[0, plural[1]], only_sink)  # absent shape: the sink alone (answer 0)
+    other = before[0] & ~uniform[0]
+    assert other.any() and torch.equal(rows[0] & ~uniform[0], other)  # the singular word rows are untouched
+
+
+def test_count_guide_trains_and_needs_words(tmp_path):
+    cfg = tiny_config(out=str(tmp_path / "n"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1,
+                      bg_keep=0.2, guide_weight=0.3, guide_rows="words", guide_layers=(0,), guide_count=True,
+                      guide_heads=1, families=("count",))
+    train(cfg, progress=False, log=lambda *_: None)
+    hist = [json.loads(line) for line in (tmp_path / "n" / "history.jsonl").read_text().splitlines()]
+    assert all(h["guide"] > 0 for h in hist if h["stage"] == 2)
+    with pytest.raises(ValueError, match="guide_count needs"):
+        TrainConfig(guide_count=True, guide_rows="answer", guide_read_layers=None).validate()
 
 
 def test_word_guide_with_background_dropout_trains(tmp_path):

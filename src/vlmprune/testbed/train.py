@@ -72,6 +72,7 @@ class TrainConfig:
     guide_focus: bool = False  # guide each answer row to the patches its question names (see question_patches)
     guide_rows: str = "words+read"  # "words": question tokens naming a colour/shape (word_guide_targets); "words+read": also read_guide_targets
     guide_read_layers: tuple[int, ...] | None = (2,)  # "words+read": layers guiding the read rows (None: guide_layers)
+    guide_count: bool = False  # words guide: a count question's plural word -> uniform over sink + the objects' centres
     bg_keep: float = 0.1  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
     text_prob: float = 0.5
@@ -116,6 +117,8 @@ class TrainConfig:
              "bg_keep < 1 cannot be combined with ground_words or independent_turns"),
             (self.guide_rows in ("answer", "words", "words+read"),
              f"guide_rows must be 'answer', 'words' or 'words+read', got {self.guide_rows!r}"),
+            (not self.guide_count or self.guide_rows.startswith("words"),
+             "guide_count needs guide_rows='words' or 'words+read'"),
             (self.guide_read_layers is None or self.guide_rows == "words+read",
              "guide_read_layers applies to guide_rows='words+read' only"),
             (self.guide_rows == "answer" or (self.guide_weight > 0 and not self.guide_focus),
@@ -458,6 +461,8 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
             layer_rows = None
             if cfg.guide_rows.startswith("words"):
                 rows, targets = word_guide_targets(batch["input_ids"], batch["labels"], image, labs, tok)
+                if cfg.guide_count:
+                    uniform = count_guide_targets(batch["input_ids"], image, scenes, tok, rows, targets)
                 if cfg.guide_rows == "words+read":
                     word_rows = rows.clone()
                     read_guide_targets(batch["input_ids"], batch["labels"], image, scenes, tok, rows, targets)
@@ -479,6 +484,8 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
             batch["guide"] = dict(rows=rows, targets=targets, allowed=allowed)
             if layer_rows is not None:
                 batch["guide"]["layer_rows"] = layer_rows
+            if cfg.guide_count:
+                batch["guide"]["uniform"] = uniform
     return batch
 
 
@@ -518,6 +525,39 @@ def word_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: tor
                     targets[b, t, keys] = patches
                     rows[b, t] = True
     return rows, targets
+
+
+def count_guide_targets(input_ids: torch.Tensor, image: torch.Tensor, scenes, tok,
+                        rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Turn the plural-word rows of a words guide into counting rows (in place); returns them [B, L].
+
+    The plural in "How many circles are there?" is re-targeted to the first token of the sequence
+    (an attention sink) plus the centre patch of every circle, and the returned rows are trained
+    towards a *uniform* distribution over those keys (``AttentionGuide.loss``'s ``uniform``): the
+    sink then gets 1 / (n + 1) of the attention, so the row's output carries the count n in the
+    weight of the sink's value -- the word guide's own target (all circle patches, any share among
+    them) carries none. A plural naming an absent shape points at the sink alone (answer 0).
+    """
+    plurals = {}
+    for shape in SHAPES:
+        ids = tok(" " + PLURALS[shape], add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            plurals[ids[0]] = shape
+    uniform = torch.zeros_like(rows)
+    for b, scene in enumerate(scenes):
+        keys = image[b].nonzero()[:, 0]
+        for t in (~image[b]).nonzero()[:, 0].tolist():
+            shape = plurals.get(int(input_ids[b, t]))
+            if shape is None or t == 0:
+                continue
+            centres = sorted({r * GRID + c for r, c in (o.center_patch for o in scene.objects if o.shape == shape)})
+            targets[b, t] = False
+            targets[b, t, 0] = True
+            if centres:
+                targets[b, t, keys[centres]] = True
+            rows[b, t] = True
+            uniform[b, t] = True
+    return uniform
 
 
 def read_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: torch.Tensor, scenes, tok,
@@ -630,6 +670,8 @@ def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tens
         gathered = dict(rows=take(guide["rows"], False), targets=targets, allowed=allowed)
         if "layer_rows" in guide:
             gathered["layer_rows"] = {layer: take(r, False) for layer, r in guide["layer_rows"].items()}
+        if "uniform" in guide:
+            gathered["uniform"] = take(guide["uniform"], False)
         guide = gathered
     return out, (None if extra is None else take(extra, -100)), guide
 
@@ -831,10 +873,12 @@ class AttentionGuide:
         return out
 
     def loss(self, rows: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor,
-             layer_rows: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+             layer_rows: dict[int, torch.Tensor] | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
         """rows: [B, L] bool query rows; targets: [B, L] bool target keys (the same for every row) or
         [B, L, L] (row-specific keys); allowed: [B, L, L] bool attention mask; ``layer_rows``:
-        decoder layer index -> the rows guided on that layer (default: ``rows`` on every layer)."""
+        decoder layer index -> the rows guided on that layer (default: ``rows`` on every layer);
+        ``uniform`` [B, L]: rows trained towards the uniform distribution over their targets instead
+        (``KL(uniform || attention)``, see ``count_guide_targets``), not just a share on them."""
         t = (targets[:, None, None, :] if targets.dim() == 2 else targets[:, None]).float()
         probs = self.probabilities(allowed)
         if layer_rows is not None:  # config layers may be negative (-1 = last)
@@ -844,9 +888,15 @@ class AttentionGuide:
             r = rows if layer_rows is None else layer_rows.get(layer)
             if r is None or not r.any():
                 continue
-            mass = (p * t).sum(-1)  # [B, heads, L]
-            log_mass = (mass[r[:, None, :].expand_as(mass)] + 1e-6).log()
-            total.append((self.floor - log_mass).clamp_min(0).mean())
+            share = r if uniform is None else r & ~uniform
+            if share.any():
+                mass = (p * t).sum(-1)  # [B, heads, L]
+                log_mass = (mass[share[:, None, :].expand_as(mass)] + 1e-6).log()
+                total.append((self.floor - log_mass).clamp_min(0).mean())
+            if uniform is not None and (r & uniform).any():
+                n = t.sum(-1)  # [B, 1, L] keys per row
+                kl = -(t * (p + 1e-6).log()).sum(-1) / n.clamp_min(1) - n.clamp_min(1).log()  # KL(u || p)
+                total.append(kl[(r & uniform)[:, None, :].expand_as(kl)].mean())
         if not total:  # no guided row in this batch
             return allowed.new_zeros((), dtype=torch.float32)
         return torch.stack(total).mean()
