@@ -1104,7 +1104,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
     final = out / "final"
     model.save_pretrained(final)
     processor.save_pretrained(final)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    for folder in (out, final):  # the model folder carries its recipe (installed with it)
+        (folder / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return final
 
 
