@@ -527,6 +527,17 @@ def word_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: tor
     return rows, targets
 
 
+@functools.lru_cache(maxsize=4)
+def _plural_tokens(tok) -> dict[int, str]:
+    """Token id -> shape for the plural shape words that are one token (" circles", ...)."""
+    table = {}
+    for shape in SHAPES:
+        ids = tok(" " + PLURALS[shape], add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            table[ids[0]] = shape
+    return table
+
+
 def count_guide_targets(input_ids: torch.Tensor, image: torch.Tensor, scenes, tok,
                         rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Turn the plural-word rows of a words guide into counting rows (in place); returns them [B, L].
@@ -538,11 +549,7 @@ def count_guide_targets(input_ids: torch.Tensor, image: torch.Tensor, scenes, to
     weight of the sink's value -- the word guide's own target (all circle patches, any share among
     them) carries none. A plural naming an absent shape points at the sink alone (answer 0).
     """
-    plurals = {}
-    for shape in SHAPES:
-        ids = tok(" " + PLURALS[shape], add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            plurals[ids[0]] = shape
+    plurals = _plural_tokens(tok)
     uniform = torch.zeros_like(rows)
     for b, scene in enumerate(scenes):
         keys = image[b].nonzero()[:, 0]
