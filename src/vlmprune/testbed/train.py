@@ -489,15 +489,21 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
     return batch
 
 
+def _single_token(tok, text: str) -> int | None:
+    """The id of ``text`` when the tokenizer spells it as exactly one token, else None."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
 @functools.lru_cache(maxsize=4)
 def _naming_tokens(tok) -> dict[int, tuple[str, int]]:
     """Token id -> ("color" | "shape", 1-based label index) for the colour words, shape words and plurals."""
     table = {}
     for kind, names in (("color", COLOR_NAMES), ("shape", SHAPES), ("shape", [PLURALS[s] for s in SHAPES])):
         for i, name in enumerate(names, start=1):
-            ids = tok(" " + name, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1:
-                table[ids[0]] = (kind, i)
+            tid = _single_token(tok, " " + name)
+            if tid is not None:
+                table[tid] = (kind, i)
     return table
 
 
@@ -530,12 +536,8 @@ def word_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: tor
 @functools.lru_cache(maxsize=4)
 def _plural_tokens(tok) -> dict[int, str]:
     """Token id -> shape for the plural shape words that are one token (" circles", ...)."""
-    table = {}
-    for shape in SHAPES:
-        ids = tok(" " + PLURALS[shape], add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            table[ids[0]] = shape
-    return table
+    ids = {shape: _single_token(tok, " " + PLURALS[shape]) for shape in SHAPES}
+    return {tid: shape for shape, tid in ids.items() if tid is not None}
 
 
 def count_guide_targets(input_ids: torch.Tensor, image: torch.Tensor, scenes, tok,
@@ -713,8 +715,8 @@ def _patch_word_ids(tok) -> dict[str, torch.Tensor]:
     Cached per tokenizer (read-only tensors: callers index them, never write).
     """
     def tid(text):
-        t = tok(text, add_special_tokens=False)["input_ids"]
-        return t[0] if len(t) == 1 else -100
+        t = _single_token(tok, text)
+        return -100 if t is None else t
 
     table = lambda words: torch.tensor([-100] + [tid(w) for w in words])  # noqa: E731
     return {"color": table([" " + c for c in COLOR_NAMES]), "shape": table([" " + s for s in SHAPES]),
@@ -901,8 +903,8 @@ class AttentionGuide:
                 log_mass = (mass[share[:, None, :].expand_as(mass)] + 1e-6).log()
                 total.append((self.floor - log_mass).clamp_min(0).mean())
             if uniform is not None and (r & uniform).any():
-                n = t.sum(-1)  # [B, 1, L] keys per row
-                kl = -(t * (p + 1e-6).log()).sum(-1) / n.clamp_min(1) - n.clamp_min(1).log()  # KL(u || p)
+                n = t.sum(-1).clamp_min(1)  # [B, 1, L] keys per row
+                kl = -(t * (p + 1e-6).log()).sum(-1) / n - n.log()  # KL(u || p)
                 total.append(kl[(r & uniform)[:, None, :].expand_as(kl)].mean())
         if not total:  # no guided row in this batch
             return allowed.new_zeros((), dtype=torch.float32)
