@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vlmprune.eval.tables import BUDGETS, budget_specs, matched_specs, run_tables
+from vlmprune.eval.tables import BUDGETS, budget_specs, matched_specs, order_specs, run_tables
 from vlmprune.registry import get_method
 
 
@@ -16,7 +16,7 @@ def test_matched_specs_use_each_adaptive_count():
 
 
 def test_every_table_spec_builds():
-    for name, opts in budget_specs() + matched_specs({"prumerge": 40.0, "prumerge+": 150.0}):
+    for name, opts in budget_specs() + order_specs() + matched_specs({"prumerge": 40.0, "prumerge+": 150.0}):
         get_method(name).build(**opts)  # raises on an unknown option or a bad value
     assert [s for s in budget_specs() if s[0] == "fastv"] == [("fastv", {"k": 2, "count": b}) for b in BUDGETS]
 
@@ -40,6 +40,23 @@ def test_vision_table_runs_baselines_at_the_measured_counts(tmp_path, monkeypatc
     assert calls[1:3] == [("prumerge", {}, True), ("prumerge+", {}, True)]
     assert calls[3:] == [(n, o, True) for n, o in matched_specs({"prumerge": 37.4, "prumerge+": 140.6})]
     assert res[0].retention == 1.0 and len(res) == len(calls)
+
+
+def test_order_table_pairs_each_method_with_its_spatial_order(tmp_path, monkeypatch):
+    from vlmprune.eval import report
+
+    monkeypatch.setattr(report, "print_table", lambda *a, **k: None)
+    monkeypatch.setattr(report, "write", lambda results, out, name: (out / f"{name}.md", out / f"{name}.json"))
+    calls = []
+    run_tables("order", None, None, [], out=tmp_path, evaluate=_fake_evaluate(calls, {}))
+    assert calls[0] == (None, {}, False)
+    vision = [(n, o) for n, o, _ in calls[1:] if n != "fastv"]
+    # every vision-stage method appears exactly twice, once per order, with otherwise equal options
+    for name, opts in vision:
+        twin = {**opts, "order": "spatial" if opts["order"] == "attention" else "attention"}
+        assert vision.count((name, twin)) == 1
+    assert [(n, o) for n, o, _ in calls if n == "fastv"] == [("fastv", {"k": 2, "count": 192}),
+                                                              ("fastv", {"k": 3, "count": 192})]
 
 
 def test_unknown_table_is_rejected(tmp_path):

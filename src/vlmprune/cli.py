@@ -145,7 +145,8 @@ def eval_cmd(
 @app.command("tables")
 def tables_cmd(
     which: str = typer.Argument(..., help="'vision' (PruMerge / PruMerge+ and baselines at their mean counts) or "
-                                          "'budgets' (FastV, SparseVLM and vision-stage methods at 192 / 128 / 64)"),
+                                          "'budgets' (FastV, SparseVLM and vision-stage methods at 192 / 128 / 64) or "
+                                          "'order' (token order and pruning layer: where reading is lost)"),
     model: Optional[str] = typer.Option(None, help="local path or hub id of a LLaVA model (default: the testbed)"),
     n: int = typer.Option(100, help="questions per ShapesVQA family"),
     split: str = typer.Option("test"),
@@ -155,10 +156,10 @@ def tables_cmd(
 ):
     """The README's accuracy tables, one command each (see src/vlmprune/eval/tables.py)."""
     from .eval.distributed import finish
-    from .eval.tables import run_tables
+    from .eval.tables import TABLES, run_tables
 
-    if which not in ("vision", "budgets"):
-        _fail(f"unknown table {which!r}: choose 'vision' or 'budgets'")
+    if which not in TABLES:
+        _fail(f"unknown table {which!r}: choose one of {', '.join(TABLES)}")
     if n < 1:
         _fail(f"--n must be >= 1, got {n}")
     try:

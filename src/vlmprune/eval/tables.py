@@ -9,6 +9,9 @@
   v1.5 schedule for that budget) and the vision-stage methods keeping that many tokens. The
   ``tokens`` column always reports what was measured: the all-layer average for decoder-stage
   methods, the count fed to the LLM for vision-stage ones.
+* ``order`` -- where reading is lost: the vision-stage methods with the official output order
+  (attention-ranked, which scrambles the raster order of the kept tokens) against
+  ``order="spatial"`` (kept tokens in raster order), and FastV pruning from layer K=2 against K=3.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Callable, Sequence
 BUDGETS = (192, 128, 64)
 ADAPTIVE = ("prumerge", "prumerge+")
 MATCHED_BASELINES = ("cls-topk", "spatial", "sequential", "random")
+TABLES = ("vision", "budgets", "order")
 
 
 def matched_specs(adaptive_counts: dict[str, float]) -> list[tuple[str, dict]]:
@@ -39,6 +43,14 @@ def budget_specs(budgets: Sequence[int] = BUDGETS) -> list[tuple[str, dict]]:
     return specs
 
 
+def order_specs() -> list[tuple[str, dict]]:
+    """Each vision-stage [CLS] method in both output orders, then FastV at K=2 and K=3 (same kept count)."""
+    specs = []
+    for name, opts in (("prumerge", {}), ("prumerge+", {}), ("cls-topk", {"keep": 172})):
+        specs += [(name, {**opts, "order": order}) for order in ("attention", "spatial")]
+    return specs + [("fastv", {"k": k, "count": 192}) for k in (2, 3)]
+
+
 def run_tables(which: str, model, processor, items, *, out: Path, batch_size: int = 16,
                progress: bool = True, evaluate: Callable | None = None) -> list:
     """Evaluate the unpruned model and the table's methods on ``items``; write ``{which}.md/json`` to ``out``."""
@@ -46,8 +58,8 @@ def run_tables(which: str, model, processor, items, *, out: Path, batch_size: in
     from .distributed import is_main_process
     from .harness import evaluate as _evaluate
 
-    if which not in ("vision", "budgets"):
-        raise ValueError(f"unknown table {which!r}: choose 'vision' or 'budgets'")
+    if which not in TABLES:
+        raise ValueError(f"unknown table {which!r}: choose one of {', '.join(TABLES)}")
     evaluate = evaluate or _evaluate
 
     def run(name, opts, base):
@@ -63,7 +75,8 @@ def run_tables(which: str, model, processor, items, *, out: Path, batch_size: in
         counts = {r.method: r.mean_visual_tokens for r in adaptive}
         results += [run(name, opts, base) for name, opts in matched_specs(counts)]
     else:
-        results += [run(name, opts, base) for name, opts in budget_specs()]
+        specs = budget_specs() if which == "budgets" else order_specs()
+        results += [run(name, opts, base) for name, opts in specs]
     if is_main_process():
         report.print_table(results, title=f"ShapesVQA — {which} table")
         report.write(results, out, which)
