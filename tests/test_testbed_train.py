@@ -665,6 +665,38 @@ def test_read_guide_targets_point_at_each_next_character():
     assert all(lab.char[c] > 0 for want in cells for c in want)  # the cells show characters
 
 
+def test_read_stop_row_points_at_the_cell_after_the_code():
+    """stop=True adds exactly one row: the one predicting the end token, aimed at the cell after the code."""
+    from vlmprune.testbed.model import build_tokenizer
+    from vlmprune.testbed.scenes import GRID, patch_labels
+    from vlmprune.testbed.train import encode_turns, read_guide_targets
+
+    tok = build_tokenizer()
+    scene = next(s for s in (make_scene(seed, text=True) for seed in range(50))
+                 if s.text.col + len(s.text.code) < GRID)
+    code = scene.text.code.lower()
+    img_id = tok.convert_tokens_to_ids("<image>")
+    ids, labels, _ = encode_turns(tok, [("What is written in the image?", code)], img_id)
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    image = ids == img_id
+    L = ids.shape[1]
+    out = {}
+    for stop in (False, True):
+        rows, targets = torch.zeros(1, L, dtype=torch.bool), torch.zeros(1, L, L, dtype=torch.bool)
+        read_guide_targets(ids, labels, image, [scene], tok, rows, targets, stop=stop)
+        out[stop] = rows, targets
+    extra = (out[True][0] & ~out[False][0])[0].nonzero()[:, 0].tolist()
+    assert len(extra) == 1 and torch.equal(out[True][0] & out[False][0], out[False][0])
+    row = extra[0]
+    assert int(ids[0, row + 1]) == tok.eos_token_id  # the row predicts the end of the answer
+    keys = image[0].nonzero()[:, 0]
+    cell = scene.text.row * GRID + scene.text.col + len(code)
+    assert (out[True][1][0, row, keys]).nonzero()[:, 0].tolist() == [cell]
+    assert patch_labels(scene).char[cell] == 0  # an empty cell: nothing more to read
+    with pytest.raises(ValueError, match="guide_read_stop"):
+        TrainConfig(guide_rows="words", guide_read_layers=None, guide_read_stop=True).validate()
+
+
 def test_read_rows_go_to_their_own_layers():
     from vlmprune.testbed.model import build_processor, build_tokenizer
     from vlmprune.testbed.train import _llm_batch

@@ -73,6 +73,7 @@ class TrainConfig:
     guide_rows: str = "words+read"  # "words": question tokens naming a colour/shape (word_guide_targets); "words+read": also read_guide_targets
     guide_read_layers: tuple[int, ...] | None = (2,)  # "words+read": layers guiding the read rows (None: guide_layers)
     guide_count: bool = False  # words guide: a count question's plural word -> uniform over sink + the objects' centres
+    guide_read_stop: bool = False  # words+read guide: the row predicting the answer's end -> the cell after the code
     bg_keep: float = 0.1  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
     text_prob: float = 0.5
@@ -119,6 +120,8 @@ class TrainConfig:
              f"guide_rows must be 'answer', 'words' or 'words+read', got {self.guide_rows!r}"),
             (not self.guide_count or self.guide_rows.startswith("words"),
              "guide_count needs guide_rows='words' or 'words+read'"),
+            (not self.guide_read_stop or self.guide_rows == "words+read",
+             "guide_read_stop needs guide_rows='words+read'"),
             (self.guide_read_layers is None or self.guide_rows == "words+read",
              "guide_read_layers applies to guide_rows='words+read' only"),
             (self.guide_rows == "answer" or (self.guide_weight > 0 and not self.guide_focus),
@@ -465,7 +468,8 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
                     uniform = count_guide_targets(batch["input_ids"], image, scenes, tok, rows, targets)
                 if cfg.guide_rows == "words+read":
                     word_rows = rows.clone()
-                    read_guide_targets(batch["input_ids"], batch["labels"], image, scenes, tok, rows, targets)
+                    read_guide_targets(batch["input_ids"], batch["labels"], image, scenes, tok, rows, targets,
+                                       stop=cfg.guide_read_stop)
                     if cfg.guide_read_layers is not None:  # each kind of row on its own layers
                         read_rows = rows & ~word_rows
                         layer_rows = {}
@@ -570,13 +574,19 @@ def count_guide_targets(input_ids: torch.Tensor, image: torch.Tensor, scenes, to
 
 
 def read_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: torch.Tensor, scenes, tok,
-                       rows: torch.Tensor, targets: torch.Tensor) -> None:
+                       rows: torch.Tensor, targets: torch.Tensor, *, stop: bool = False) -> None:
     """Add the reading rows to a guide's ``rows`` [B, L] / ``targets`` [B, L, L] (in place).
 
     For each answer to "What is written in the image?" (an answer span equal to the scene's code),
     the row that predicts each answer token is guided to the patch(es) of the character(s) that
     token spells -- one character per patch cell, left to right -- so reading becomes "look at the
     next cell", a relative-position pattern, instead of a search the answer rows must discover.
+
+    ``stop=True`` also guides the row that predicts the end of the answer (the token after the
+    code) to the cell right after the last character, when the grid has one: the model then
+    decides to stop by looking at an empty cell, instead of stopping after a typical number of
+    tokens (v11 at step 1050 read every 3-character code and no 4-character one, stopping after
+    three tokens).
     """
     for b, scene in enumerate(scenes):
         if scene.text is None:
@@ -605,6 +615,10 @@ def read_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: tor
                     if cells:
                         rows[b, t + j - 1] = True
                         targets[b, t + j - 1, keys[cells]] = True
+                after = scene.text.col + len(code)
+                if stop and end - t > len(pieces) and after < GRID:  # the answer has an end token after the code
+                    rows[b, t + len(pieces) - 1] = True
+                    targets[b, t + len(pieces) - 1, keys[scene.text.row * GRID + after]] = True
             t = end
 
 
