@@ -17,7 +17,7 @@ TINY = dict(vision_overrides=dict(hidden_size=32, intermediate_size=64, num_hidd
             vision_batch=2, llm_batch=2, cls_batch=2, warmup=1, turns=3,
             # the primitives' own behaviour, not the recipe's stage-2 guide / background dropout
             guide_weight=0.0, guide_rows="answer", guide_layers=(1,), guide_read_layers=None, guide_target=0.5,
-            bg_keep=1.0)
+            bg_keep=1.0, guide_count=False, patch_position=False)
 
 
 def tiny_config(**overrides) -> TrainConfig:

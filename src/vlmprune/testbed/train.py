@@ -62,7 +62,7 @@ class TrainConfig:
     turns: int = 10
     projector_init: str = "standardize"  # or "default": see standardize_projector
     patch_words: float = 1.0  # weight of the patch-naming auxiliary (see patch_word_targets); 0 = off
-    patch_position: bool = False  # patch naming also names the object's corner (colour / shape / corner cycle)
+    patch_position: bool = True  # patch naming also names the object's corner (colour / shape / corner cycle)
     ground_words: float = 0.0  # weight of the projector-grounding auxiliary (see grounding_loss); 0 = off
     independent_turns: bool = False  # turns share the image prefix but not each other (4-D mask, eval positions)
     guide_weight: float = 0.5  # stage-2 attention guidance (see AttentionGuide); 0 = off
@@ -72,7 +72,7 @@ class TrainConfig:
     guide_focus: bool = False  # guide each answer row to the patches its question names (see question_patches)
     guide_rows: str = "words+read"  # "words": question tokens naming a colour/shape (word_guide_targets); "words+read": also read_guide_targets
     guide_read_layers: tuple[int, ...] | None = (2,)  # "words+read": layers guiding the read rows (None: guide_layers)
-    guide_count: bool = False  # words guide: a count question's plural word -> uniform over sink + the objects' centres
+    guide_count: bool = True  # words guide: a count question's plural word -> uniform over sink + the objects' centres
     guide_read_stop: bool = False  # words+read guide: the row predicting the answer's end -> the cell after the code
     bg_keep: float = 0.1  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
