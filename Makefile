@@ -29,6 +29,7 @@ results: install
 	$(BIN)/vlmprune testbed check --n 300 --blank-n 100 --out out/testbed-check
 	$(BIN)/vlmprune tables vision --n 100 --out out/tables
 	$(BIN)/vlmprune tables budgets --n 100 --out out/tables
+	$(BIN)/vlmprune tables order --n 100 --out out/tables
 	$(BIN)/vlmprune train atp --out runs/atp-144
 	$(BIN)/vlmprune train atp --out runs/atp-88 --paper-target 88
 	$(BIN)/vlmprune train atp --out runs/atp-144-fixed --fixed-ratio
