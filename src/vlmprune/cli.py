@@ -146,7 +146,7 @@ def eval_cmd(
 def tables_cmd(
     which: str = typer.Argument(..., help="'vision' (PruMerge / PruMerge+ and baselines at their mean counts) or "
                                           "'budgets' (FastV, SparseVLM and vision-stage methods at 192 / 128 / 64) or "
-                                          "'order' (token order and pruning layer: where reading is lost)"),
+                                          "'order' (token order and pruning layer: where reading and counting are lost)"),
     model: Optional[str] = typer.Option(None, help="local path or hub id of a LLaVA model (default: the testbed)"),
     n: int = typer.Option(100, help="questions per ShapesVQA family"),
     split: str = typer.Option("test"),

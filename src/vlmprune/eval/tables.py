@@ -9,7 +9,7 @@
   v1.5 schedule for that budget) and the vision-stage methods keeping that many tokens. The
   ``tokens`` column always reports what was measured: the all-layer average for decoder-stage
   methods, the count fed to the LLM for vision-stage ones.
-* ``order`` -- where reading is lost: the vision-stage methods with the official output order
+* ``order`` -- where reading and counting are lost: the vision-stage methods with the official output order
   (attention-ranked, which scrambles the raster order of the kept tokens) against
   ``order="spatial"`` (kept tokens in raster order), and FastV pruning from layer K=2 against K=3.
 """
