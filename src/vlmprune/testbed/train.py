@@ -615,10 +615,11 @@ def read_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: tor
                     if cells:
                         rows[b, t + j - 1] = True
                         targets[b, t + j - 1, keys[cells]] = True
-                after = scene.text.col + len(code)
+                after = scene.text.col + len(code)  # the cell right after the code
                 if stop and end - t > len(pieces) and after < GRID:  # the answer has an end token after the code
-                    rows[b, t + len(pieces) - 1] = True
-                    targets[b, t + len(pieces) - 1, keys[scene.text.row * GRID + after]] = True
+                    stop_row = t + len(pieces) - 1  # the row that predicts the end token
+                    rows[b, stop_row] = True
+                    targets[b, stop_row, keys[scene.text.row * GRID + after]] = True
             t = end
 
 
