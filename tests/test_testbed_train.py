@@ -710,3 +710,63 @@ def test_read_rows_go_to_their_own_layers():
     assert torch.equal(words | read, g["rows"])
     with pytest.raises(ValueError, match="guide_read_layers"):
         TrainConfig(guide_weight=0.1, guide_rows="words", guide_read_layers=(2,)).validate()
+
+
+def test_position_guide_targets_small_case():
+    """A position question's answer row targets its shape words, one per head; other questions are not guided."""
+    from vlmprune.testbed.model import build_tokenizer
+    from vlmprune.testbed.train import encode_turns, position_guide_targets
+
+    tok = build_tokenizer()
+    qa = [("What color is the star?", "red"), ("Is the star left of the square?", "no"),
+          ("Which corner is the circle in?", "topleft")]
+    img_id = tok.convert_tokens_to_ids("<image>")
+    ids, labels, _ = encode_turns(tok, qa, img_id)
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    image = ids == img_id
+    rows, words, targets = position_guide_targets(ids, labels, image, [qa], tok, heads=3)
+    text = [tok.decode([t]).strip() for t in ids[0].tolist()]
+    starts = ((labels[0, :-1] == -100) & (labels[0, 1:] != -100)).nonzero()[:, 0].tolist()
+    assert rows[0].nonzero()[:, 0].tolist() == starts[1:]  # the colour question is not guided
+    assert [text[t] for t in words[0].nonzero()[:, 0]] == ["star", "square", "circle"]
+    star = [t for t, w in enumerate(text) if w == "star"][1]  # the relation's star, not the colour question's
+    square, circle = text.index("square"), text.index("circle")
+    relation, corner = starts[1], starts[2]
+    # relation: head 0 -> first word, head 1 -> second, head 2 -> first again; corner: its one word on every head
+    assert [targets[0, h, relation].nonzero()[:, 0].tolist() for h in range(3)] == [[star], [square], [star]]
+    assert [targets[0, h, corner].nonzero()[:, 0].tolist() for h in range(3)] == [[circle]] * 3
+    assert targets.sum() == 6  # nothing else
+
+
+def test_position_guide_trains_with_background_dropout(tmp_path):
+    """The position group survives the sparse batch (rows and targets still name the same tokens) and trains."""
+    from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
+    from vlmprune.testbed.train import _llm_batch, sparse_image_batch
+
+    tok = build_tokenizer()
+    processor = build_processor(tok)
+    cfg = tiny_config(guide_weight=0.3, guide_rows="words", guide_layers=(0,), guide_heads=2, bg_keep=0.2,
+                      guide_position=True, guide_position_layers=(1, 1), families=("position", "color"), turns=4)
+    batch = _llm_batch(cfg, 0, processor)
+    group = batch["guide"]["extra"][0]
+    assert group["rows"].any() and group["layer"] == 1
+    assert batch["guide"]["layer_rows"][1].any()  # the shape words re-fetch their patches on layer 1
+    model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
+    ids = batch["input_ids"]
+    keep = batch.pop("keep_image")
+    sparse, kept_ids, guide = sparse_image_batch(model, {k: v for k, v in batch.items() if k != "guide"}, keep,
+                                                 ids, batch["guide"])
+    before, after = group, guide["extra"][0]
+    assert before["rows"].sum() == after["rows"].sum() and before["targets"].sum() == after["targets"].sum()
+    for (b0, r0), (b1, r1) in zip(before["rows"].nonzero().tolist(), after["rows"].nonzero().tolist()):
+        assert b0 == b1 and ids[b0, r0] == kept_ids[b1, r1]
+        for h in range(2):
+            assert ids[b0, before["targets"][b0, h, r0]].tolist() == kept_ids[b1, after["targets"][b1, h, r1]].tolist()
+    cfg = tiny_config(out=str(tmp_path / "p"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1,
+                      guide_weight=0.3, guide_rows="words", guide_layers=(0,), guide_heads=2, bg_keep=0.2,
+                      guide_position=True, guide_position_layers=(1, 1), families=("position",))
+    train(cfg, progress=False, log=lambda *_: None)
+    hist = [json.loads(line) for line in (tmp_path / "p" / "history.jsonl").read_text().splitlines()]
+    assert all(h["guide"] > 0 for h in hist if h["stage"] == 2)
+    with pytest.raises(ValueError, match="guide_position needs"):
+        TrainConfig(guide_rows="answer", guide_read_layers=None, guide_count=False, guide_position=True).validate()

@@ -74,6 +74,8 @@ class TrainConfig:
     guide_read_layers: tuple[int, ...] | None = (2,)  # "words+read": layers guiding the read rows (None: guide_layers)
     guide_count: bool = True  # words guide: a count question's plural word -> uniform over sink + the objects' centres
     guide_read_stop: bool = False  # words+read guide: the row predicting the answer's end -> the cell after the code
+    guide_position: bool = False  # words guide: a position question's answer row -> its shape words, one per head
+    guide_position_layers: tuple[int, int] = (3, 4)  # (shape words re-fetch their patches, answer row reads the words)
     bg_keep: float = 0.1  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
     text_prob: float = 0.5
@@ -122,6 +124,10 @@ class TrainConfig:
              "guide_count needs guide_rows='words' or 'words+read'"),
             (not self.guide_read_stop or self.guide_rows == "words+read",
              "guide_read_stop needs guide_rows='words+read'"),
+            (not self.guide_position or self.guide_rows.startswith("words"),
+             "guide_position needs guide_rows='words' or 'words+read'"),
+            (len(self.guide_position_layers) == 2,
+             f"guide_position_layers must be two decoder layers (words, answer), got {self.guide_position_layers}"),
             (self.guide_read_layers is None or self.guide_rows == "words+read",
              "guide_read_layers applies to guide_rows='words+read' only"),
             (self.guide_rows == "answer" or (self.guide_weight > 0 and not self.guide_focus),
@@ -476,6 +482,14 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
                         for layers, r in ((cfg.guide_layers, word_rows), (cfg.guide_read_layers, read_rows)):
                             for layer in layers:
                                 layer_rows[layer] = layer_rows.get(layer, torch.zeros_like(r)) | r
+                if cfg.guide_position:
+                    answer_rows, pos_words, pos_targets = position_guide_targets(
+                        batch["input_ids"], batch["labels"], image, conversations, tok, cfg.guide_heads)
+                    if layer_rows is None:
+                        layer_rows = {layer: rows.clone() for layer in cfg.guide_layers}
+                    fetch = cfg.guide_position_layers[0]  # the shape words re-fetch their patches here
+                    layer_rows[fetch] = layer_rows.get(fetch, torch.zeros_like(rows)) | (pos_words & rows)
+                    position = dict(rows=answer_rows, targets=pos_targets, layer=cfg.guide_position_layers[1])
             elif cfg.guide_focus:  # [B, L, L]: answer row r of turn k -> the patches turn k's question names
                 targets = torch.zeros(*rows.shape, rows.shape[1], dtype=torch.bool)
                 for b, (lab, qa) in enumerate(zip(labs, conversations)):
@@ -490,6 +504,8 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
                 batch["guide"]["layer_rows"] = layer_rows
             if cfg.guide_count:
                 batch["guide"]["uniform"] = uniform
+            if cfg.guide_position:
+                batch["guide"]["extra"] = [position]
     return batch
 
 
@@ -623,6 +639,50 @@ def read_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: tor
             t = end
 
 
+POSITION_QUESTION = re.compile(r"^(Which corner is the \w+ in\?|Is the \w+ (left of|above) the \w+\?)$")
+
+
+def position_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,
+                           conversations: list[list[tuple[str, str]]], tok, heads: int):
+    """Rows and per-head targets of the position guide (``guide_position``).
+
+    Returns ``(answer_rows [B, L], word_rows [B, L], targets [B, heads, L, L])``. For every
+    position question ("Which corner is the star in?", "Is the star left of the square?") the row
+    predicting its answer is guided, guided head ``h`` towards the ``h % n``-th of the question's
+    ``n`` shape words (the corner question's one word on every head; a relation's first word on
+    head 0, second on head 1), and those shape-word tokens are returned as ``word_rows``.
+
+    Why: probes of v11 found an object's corner linearly readable at its patches (0.79 at the
+    decoder input, 1.00 from layer 4) and at the question's shape word (0.75 from layer 2, fetched
+    there by the word guide), but only 0.48 at the answer row -- the last hop, answer row to word,
+    was never learnt. One head per named object keeps the two objects of a relation apart, so the
+    layers above see "where is a" and "where is b" side by side and only have to compare them.
+    """
+    table = _naming_tokens(tok)
+    B, L = input_ids.shape
+    answer_rows = torch.zeros(B, L, dtype=torch.bool)
+    word_rows = torch.zeros(B, L, dtype=torch.bool)
+    targets = torch.zeros(B, heads, L, L, dtype=torch.bool)
+    starts = torch.zeros(B, L, dtype=torch.bool)
+    starts[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
+    for b, qa in enumerate(conversations):
+        begin = 0
+        for row, (question, _) in zip(starts[b].nonzero()[:, 0].tolist(), qa):
+            span = range(begin, row + 1)
+            begin = row + 1
+            if not POSITION_QUESTION.match(question):
+                continue
+            words = [t for t in span if labels[b, t] == -100 and not image[b, t]
+                     and table.get(int(input_ids[b, t]), ("",))[0] == "shape"]
+            if not words:
+                continue
+            answer_rows[b, row] = True
+            word_rows[b, words] = True
+            for h in range(heads):
+                targets[b, h, row, words[h % len(words)]] = True
+    return answer_rows, word_rows, targets
+
+
 def background_keep(cfg: TrainConfig, step: int) -> float:
     """Share of background image tokens the decoder sees at stage-2 ``step`` (``bg_keep`` ramped to 1).
 
@@ -696,6 +756,14 @@ def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tens
             gathered["layer_rows"] = {layer: take(r, False) for layer, r in guide["layer_rows"].items()}
         if "uniform" in guide:
             gathered["uniform"] = take(guide["uniform"], False)
+        if "extra" in guide:  # per-head targets [B, H, L, L]: gather keys and rows like the 3-D ones
+            gathered["extra"] = []
+            for group in guide["extra"]:
+                t = group["targets"]
+                H = t.shape[1]
+                t = t.gather(2, order[:, None, :, None].expand(-1, H, -1, t.shape[3]))
+                t = t.gather(3, order[:, None, None, :].expand(-1, H, width, -1)) & valid[:, None, None, :]
+                gathered["extra"].append(dict(group, rows=take(group["rows"], False), targets=t))
         guide = gathered
     return out, (None if extra is None else take(extra, -100)), guide
 
@@ -896,27 +964,38 @@ class AttentionGuide:
             out.append(scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1))
         return out
 
+    def _share_loss(self, p: torch.Tensor, t: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """Hinge ``max(0, log target - log mass)`` over the ``share`` rows [B, L]; ``t`` broadcasts to ``p``."""
+        mass = (p * t).sum(-1)  # [B, heads, L]
+        log_mass = (mass[share[:, None, :].expand_as(mass)] + 1e-6).log()
+        return (self.floor - log_mass).clamp_min(0).mean()
+
     def loss(self, rows: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor,
-             layer_rows: dict[int, torch.Tensor] | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+             layer_rows: dict[int, torch.Tensor] | None = None, uniform: torch.Tensor | None = None,
+             extra: list[dict] | None = None) -> torch.Tensor:
         """rows: [B, L] bool query rows; targets: [B, L] bool target keys (the same for every row) or
         [B, L, L] (row-specific keys); allowed: [B, L, L] bool attention mask; ``layer_rows``:
         decoder layer index -> the rows guided on that layer (default: ``rows`` on every layer);
         ``uniform`` [B, L]: rows trained towards the uniform distribution over their targets instead
-        (``KL(uniform || attention)``, see ``count_guide_targets``), not just a share on them."""
+        (``KL(uniform || attention)``, see ``count_guide_targets``), not just a share on them;
+        ``extra``: further groups ``{"rows": [B, L], "targets": [B, heads, L, L] (one target per guided
+        head), "layer": int}``, each guided on its one layer (see ``position_guide_targets``)."""
         t = (targets[:, None, None, :] if targets.dim() == 2 else targets[:, None]).float()
         probs = self.probabilities(allowed)
         if layer_rows is not None:  # config layers may be negative (-1 = last)
             layer_rows = {k % self.num_layers: v for k, v in layer_rows.items()}
         total = []
+        for group in extra or ():
+            if group["rows"].any() and group["layer"] % self.num_layers in self.layers_seen:
+                p = probs[self.layers_seen.index(group["layer"] % self.num_layers)]
+                total.append(self._share_loss(p, group["targets"].float(), group["rows"]))
         for layer, p in zip(self.layers_seen, probs):
             r = rows if layer_rows is None else layer_rows.get(layer)
             if r is None or not r.any():
                 continue
             share = r if uniform is None else r & ~uniform
             if share.any():
-                mass = (p * t).sum(-1)  # [B, heads, L]
-                log_mass = (mass[share[:, None, :].expand_as(mass)] + 1e-6).log()
-                total.append((self.floor - log_mass).clamp_min(0).mean())
+                total.append(self._share_loss(p, t, share))
             if uniform is not None and (r & uniform).any():
                 n = t.sum(-1).clamp_min(1)  # [B, 1, L] keys per row
                 kl = -(t * (p + 1e-6).log()).sum(-1) / n - n.log()  # KL(u || p)
@@ -1108,7 +1187,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
                 opt = _stage2_optimizer(model, cfg)
                 save()
             if state["stage"] == 2:
-                guide_layers = tuple(cfg.guide_layers) + tuple(cfg.guide_read_layers or ())
+                guide_layers = (tuple(cfg.guide_layers) + tuple(cfg.guide_read_layers or ())
+                                + (tuple(cfg.guide_position_layers) if cfg.guide_position else ()))
                 guide = AttentionGuide(model, guide_layers, cfg.guide_heads, cfg.guide_target) if cfg.guide_weight else None
                 for p in vision.parameters():
                     p.requires_grad_(False)
