@@ -28,6 +28,10 @@ def test_export_and_diagnostics(tmp_path):
     assert list(table) == [(1, "color")] and 0 <= table[(1, "color")][0] <= table[(1, "color")][1] == 2
     accs = diagnose.linear_probe(loaded, proc, n=20, train=16, steps=3)
     assert len(accs) == TEXT["num_hidden_layers"] + 1 and all(0 <= a <= 1 for a in accs)
+    probes = diagnose.corner_probe(loaded, proc, n=12, train=8, steps=3)
+    assert list(probes) == ["patch", "word", "answer"]
+    assert all(len(a) == TEXT["num_hidden_layers"] + 1 and set(a) <= {0, .25, .5, .75, 1}
+               for a in probes.values())  # 4 held-out scenes per probe
     hooks = {name: len(m._forward_hooks) for name, m in loaded.named_modules()}
     share, heads = diagnose.attention_share(loaded, proc, batch_size=2)
     assert 0 < share < 1 and len(heads) == 2 and all(len(h) == 2 for h in heads)

@@ -2,6 +2,7 @@
 
     python -m vlmprune.testbed.diagnose MODEL_DIR answers    # exact answers on 1 / 2 / 5-object val scenes
     python -m vlmprune.testbed.diagnose MODEL_DIR linear     # linear probe: object colour from the answer row
+    python -m vlmprune.testbed.diagnose MODEL_DIR corner     # linear probes: an object's corner at its patch / word / answer row
     python -m vlmprune.testbed.diagnose MODEL_DIR attention  # answer-row attention share on object patches
     python -m vlmprune.testbed.diagnose MODEL_DIR binding    # 2-object scenes: attention on the named vs the other object
     python -m vlmprune.testbed.diagnose MODEL_DIR copying    # does an earlier turn's colour word leak into the answer?
@@ -145,13 +146,18 @@ def linear_probe(model, processor, n: int = 240, train: int = 180, steps: int = 
         hs = _answer_rows(model, processor, chunk, [f"What color is the {c.objects[0].shape}?" for c in chunk])
         feats.append(torch.stack([h[:, -1] for h in hs], 1))
         labels += [COLOR_NAMES.index(c.objects[0].color) for c in chunk]
-    x, y = torch.cat(feats), torch.tensor(labels)
-    accs = []
     torch.manual_seed(seed)
+    return _probe_layers(torch.cat(feats), torch.tensor(labels), train, steps, len(COLOR_NAMES))
+
+
+def _probe_layers(x: torch.Tensor, y: torch.Tensor, train: int, steps: int, classes: int) -> list[float]:
+    """Held-out accuracy of a linear classifier of ``y`` from ``x[:, layer]`` [N, layers, D], per layer
+    (the first ``train`` rows fit it, the rest score it)."""
+    accs = []
     for layer in range(x.shape[1]):
         f = x[:, layer]
         f = (f - f[:train].mean(0)) / (f[:train].std(0) + 1e-5)
-        w = torch.zeros(f.shape[1], len(COLOR_NAMES), requires_grad=True)
+        w = torch.zeros(f.shape[1], classes, requires_grad=True)
         opt = torch.optim.Adam([w], lr=0.01)
         for _ in range(steps):
             loss = F.cross_entropy(f[:train] @ w, y[:train]) + 1e-3 * w.pow(2).sum()
@@ -160,6 +166,50 @@ def linear_probe(model, processor, n: int = 240, train: int = 180, steps: int = 
             opt.step()
         accs.append(float(((f[train:] @ w).argmax(1) == y[train:]).float().mean()))
     return accs
+
+
+def corner_probe(model, processor, n: int = 400, train: int = 300, steps: int = 300,
+                 seed: int = 0) -> dict[str, list[float]]:
+    """Where is an object's corner readable? Linear probes per hidden state on "Which corner is the X in?".
+
+    For ``n`` val scenes (one clearly placed, uniquely shaped object asked about each), the
+    object's corner is probed from three places: its centre patch's image token (``patch``), the
+    question's shape word (``word``) and the answer row (``answer``). Returns held-out accuracy
+    per hidden state (index 0 = decoder input) for each; chance is about 0.25.
+    """
+    from collections import Counter
+
+    from .questions import CORNERS
+    from .scenes import GRID, IMAGE_SIZE, corner_of
+
+    half = IMAGE_SIZE / 2
+    image_id, feats, labels, i = model.config.image_token_id, {"patch": [], "word": [], "answer": []}, [], 0
+    while len(labels) < n:
+        scene = make_scene(split_seed("val", 30000 + i))
+        i += 1
+        count = Counter(o.shape for o in scene.objects)
+        clear = [o for o in scene.objects if count[o.shape] == 1 and min(abs(o.cx - half), abs(o.cy - half)) > 20]
+        if not clear:
+            continue
+        o = clear[0]
+        batch = processor(images=scene.image, text=format_prompt(f"Which corner is the {o.shape} in?"),
+                          return_tensors="pt")
+        ids = batch["input_ids"][0]
+        word_id = processor.tokenizer(" " + o.shape, add_special_tokens=False)["input_ids"][-1]
+        word = int((ids == word_id).nonzero()[-1, 0])
+        r, c = o.center_patch
+        patch = int((ids == image_id).nonzero()[r * GRID + c, 0])
+        with torch.no_grad():
+            hs = torch.stack(model(**batch, output_hidden_states=True).hidden_states)[:, 0]  # [layers + 1, L, D]
+        for key, t in (("patch", patch), ("word", word), ("answer", len(ids) - 1)):
+            feats[key].append(hs[:, t])
+        labels.append(CORNERS.index(corner_of(o)))
+    y = torch.tensor(labels)
+    out = {}
+    for key, rows in feats.items():
+        torch.manual_seed(seed)
+        out[key] = _probe_layers(torch.stack(rows), y, train, steps, len(CORNERS))
+    return out
 
 
 @torch.no_grad()
@@ -296,7 +346,7 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
     ap = argparse.ArgumentParser(prog="python -m vlmprune.testbed.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path")
-    ap.add_argument("what", choices=["answers", "linear", "attention", "binding", "copying", "vision", "export", "losses"])
+    ap.add_argument("what", choices=["answers", "linear", "corner", "attention", "binding", "copying", "vision", "export", "losses"])
     ap.add_argument("out", nargs="?")
     ap.add_argument("--method", help="answers only: run under this pruning method, NAME[:key=value,...] "
                                      "(e.g. cls-topk:keep=85, close to a bg_keep=0.1 training input)")
@@ -364,6 +414,12 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
     elif args.what == "copying":
         for key, (right, wrong, total) in copying(model, processor).items():
             print(f"{key}: correct {right}/{total}, answered the prior's wrong colour {wrong}/{total}")
+    elif args.what == "corner":
+        probes = corner_probe(model, processor)
+        print("| probed at | " + " | ".join(f"h{k}" for k in range(len(probes["patch"]))) + " |")
+        print("|---" * (len(probes["patch"]) + 1) + "|")
+        for key, accs in probes.items():
+            print(f"| {key} | " + " | ".join(f"{a:.2f}" for a in accs) + " |")
     elif args.what == "linear":
         for layer, acc in enumerate(linear_probe(model, processor)):
             print(f"hidden state {layer}: held-out colour accuracy {acc:.2f}")
