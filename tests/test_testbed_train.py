@@ -619,10 +619,11 @@ def test_count_guide_trains_and_needs_words(tmp_path):
         TrainConfig(guide_count=True, guide_rows="answer", guide_read_layers=None).validate()
 
 
-def test_word_guide_with_background_dropout_trains(tmp_path):
+@pytest.mark.parametrize("prev", [False, True])
+def test_word_guide_with_background_dropout_trains(tmp_path, prev):
     cfg = tiny_config(out=str(tmp_path / "w"), vision_steps=1, llm_steps=2, cls_steps=0, checkpoint_every=1,
                       bg_keep=0.2, guide_weight=0.3, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(1,),
-                      guide_heads=1, text_prob=1.0)
+                      guide_heads=1, text_prob=1.0, guide_read_prev=prev)
     train(cfg, progress=False, log=lambda *_: None)
     hist = [json.loads(line) for line in (tmp_path / "w" / "history.jsonl").read_text().splitlines()]
     stage2 = [h for h in hist if h["stage"] == 2]
@@ -770,3 +771,42 @@ def test_position_guide_trains_with_background_dropout(tmp_path):
     assert all(h["guide"] > 0 for h in hist if h["stage"] == 2)
     with pytest.raises(ValueError, match="guide_position needs"):
         TrainConfig(guide_rows="answer", guide_read_layers=None, guide_count=False, guide_position=True).validate()
+
+
+def test_code_prev_targets_small_case():
+    """Each code cell after the first targets the image token on its left; nothing else is touched."""
+    from vlmprune.testbed.scenes import GRID
+    from vlmprune.testbed.train import code_prev_targets
+
+    scene = make_scene(7, text=True)
+    n, first = len(scene.text.code), scene.text.row * GRID + scene.text.col
+    offset = 5  # five text tokens before the image
+    L = offset + GRID * GRID + 3
+    image = torch.zeros(2, L, dtype=torch.bool)
+    image[:, offset:offset + GRID * GRID] = True
+    rows, targets = torch.zeros(2, L, dtype=torch.bool), torch.zeros(2, L, L, dtype=torch.bool)
+    code_prev_targets(image, [scene, make_scene(7, text=False)], rows, targets)
+    want = [offset + first + k for k in range(1, n)]
+    assert rows[0].nonzero()[:, 0].tolist() == want and not rows[1].any()
+    assert [targets[0, r].nonzero()[:, 0].tolist() for r in want] == [[r - 1] for r in want]
+    assert targets.sum() == n - 1
+
+
+def test_read_prev_rows_go_to_the_word_layers():
+    from vlmprune.testbed.model import build_processor, build_tokenizer
+    from vlmprune.testbed.train import _llm_batch
+
+    processor = build_processor(build_tokenizer())
+    cfg = tiny_config(guide_weight=0.1, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(2,),
+                      text_prob=1.0, families=("read",), turns=2, guide_read_prev=True, bg_keep=0.2)
+    batch = _llm_batch(cfg, 0, processor)
+    g = batch["guide"]
+    image = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")
+    prev = g["layer_rows"][0] & image
+    assert prev.any() and not (g["layer_rows"][2] & image).any()
+    assert (batch["keep_image"].sum(1) < image.sum(1)).all()  # background dropped, yet every guided cell is kept
+    kept = torch.zeros_like(image)
+    kept[image] = batch["keep_image"].reshape(-1)
+    assert kept[prev].all() and all(kept[b, g["targets"][b, r]].all() for b, r in prev.nonzero().tolist())
+    with pytest.raises(ValueError, match="guide_read_prev"):
+        TrainConfig(guide_rows="words", guide_read_layers=None, guide_read_prev=True).validate()

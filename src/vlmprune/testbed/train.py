@@ -74,6 +74,7 @@ class TrainConfig:
     guide_read_layers: tuple[int, ...] | None = (2,)  # "words+read": layers guiding the read rows (None: guide_layers)
     guide_count: bool = True  # words guide: a count question's plural word -> uniform over sink + the objects' centres
     guide_read_stop: bool = False  # words+read guide: the row predicting the answer's end -> the cell after the code
+    guide_read_prev: bool = False  # words+read guide: each code cell after the first -> the cell left of it (word layers)
     guide_position: bool = False  # words guide: a position question's answer row -> its shape words, one per head
     guide_position_layers: tuple[int, int] = (3, 4)  # (shape words re-fetch their patches, answer row reads the words)
     bg_keep: float = 0.1  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
@@ -124,6 +125,8 @@ class TrainConfig:
              "guide_count needs guide_rows='words' or 'words+read'"),
             (not self.guide_read_stop or self.guide_rows == "words+read",
              "guide_read_stop needs guide_rows='words+read'"),
+            (not self.guide_read_prev or self.guide_rows == "words+read",
+             "guide_read_prev needs guide_rows='words+read'"),
             (not self.guide_position or self.guide_rows.startswith("words"),
              "guide_position needs guide_rows='words' or 'words+read'"),
             (len(self.guide_position_layers) == 2,
@@ -473,6 +476,8 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
                 if cfg.guide_count:
                     uniform = count_guide_targets(batch["input_ids"], image, scenes, tok, rows, targets)
                 if cfg.guide_rows == "words+read":
+                    if cfg.guide_read_prev:  # image rows, guided with the word rows (on the word layers)
+                        code_prev_targets(image, scenes, rows, targets)
                     word_rows = rows.clone()
                     read_guide_targets(batch["input_ids"], batch["labels"], image, scenes, tok, rows, targets,
                                        stop=cfg.guide_read_stop)
@@ -637,6 +642,28 @@ def read_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: tor
                     rows[b, stop_row] = True
                     targets[b, stop_row, keys[scene.text.row * GRID + after]] = True
             t = end
+
+
+def code_prev_targets(image: torch.Tensor, scenes, rows: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add the previous-cell rows of a read guide (``guide_read_prev``) to ``rows`` / ``targets`` (in place).
+
+    The image token of each code cell after the first is guided to the cell on its left (the image
+    token just before it): a previous-token head over the code, so that cell ``k`` carries which
+    character precedes it. Reading then becomes what small decoders learn readily for copying text
+    (an induction pattern): the row that has just emitted character ``k - 1`` looks for the cell
+    whose left neighbour shows that character, and emits that cell's character. v11 and v13
+    (step 850) read 3-character codes but get the third character of 4-character codes wrong
+    ("sdqt" -> "sdg"): the read rows find the code by content (its end) rather than step through it.
+    The first cell is left out: its left neighbour is background, which background dropout may drop.
+    """
+    for b, scene in enumerate(scenes):
+        if scene.text is None:
+            continue
+        keys = image[b].nonzero()[:, 0]
+        first = scene.text.row * GRID + scene.text.col
+        for cell in range(first + 1, first + len(scene.text.code)):
+            rows[b, keys[cell]] = True
+            targets[b, keys[cell], keys[cell - 1]] = True
 
 
 POSITION_QUESTION = re.compile(r"^(Which corner is the \w+ in\?|Is the \w+ (left of|above) the \w+\?)$")
