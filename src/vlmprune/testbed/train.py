@@ -652,8 +652,9 @@ def code_prev_targets(image: torch.Tensor, scenes, rows: torch.Tensor, targets: 
     character precedes it. Reading then becomes what small decoders learn readily for copying text
     (an induction pattern): the row that has just emitted character ``k - 1`` looks for the cell
     whose left neighbour shows that character, and emits that cell's character. v11 and v13
-    (step 850) read 3-character codes but get the third character of 4-character codes wrong
-    ("sdqt" -> "sdg"): the read rows find the code by content (its end) rather than step through it.
+    read 3-character codes but stop 4-character ones after three characters or skip a cell
+    ("zdng" -> "zdn", "mnqu" -> "mnu"): the read rows find characters by where the code is rather
+    than step through it.
     The first cell is left out: its left neighbour is background, which background dropout may drop.
     """
     for b, scene in enumerate(scenes):
@@ -679,10 +680,10 @@ def position_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image:
     ``n`` shape words (the corner question's one word on every head; a relation's first word on
     head 0, second on head 1), and those shape-word tokens are returned as ``word_rows``.
 
-    Why: probes of v11 found an object's corner linearly readable at its patches (0.79 at the
-    decoder input, 1.00 from layer 4) and at the question's shape word (0.75 from layer 2, fetched
-    there by the word guide), but only 0.48 at the answer row -- the last hop, answer row to word,
-    was never learnt. One head per named object keeps the two objects of a relation apart, so the
+    Why: linear probes of v11 (``python -m vlmprune.testbed.diagnose MODEL corner``) found an
+    object's corner readable at its patches (0.80 at the decoder input, 0.97-1.00 from layer 3)
+    and partly at the question's shape word (at most 0.68, fetched by the word guide on layers
+    0-1), but at most 0.41 at the answer row -- the last hop, answer row to word, was never learnt. One head per named object keeps the two objects of a relation apart, so the
     layers above see "where is a" and "where is b" side by side and only have to compare them.
     """
     table = _naming_tokens(tok)
