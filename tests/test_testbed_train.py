@@ -17,7 +17,8 @@ TINY = dict(vision_overrides=dict(hidden_size=32, intermediate_size=64, num_hidd
             vision_batch=2, llm_batch=2, cls_batch=2, warmup=1, turns=3,
             # the primitives' own behaviour, not the recipe's stage-2 guide / background dropout
             guide_weight=0.0, guide_rows="answer", guide_layers=(1,), guide_read_layers=None, guide_target=0.5,
-            bg_keep=1.0, guide_count=False, patch_position=False)
+            bg_keep=1.0, guide_count=False, patch_position=False, guide_read_stop=False, guide_read_prev=False,
+            guide_position=False)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -484,12 +485,13 @@ def test_background_keep_schedule_and_sample():
         TrainConfig(bg_ramp=(0.7, 0.4)).validate()
     with pytest.raises(ValueError, match="cannot be combined"):
         TrainConfig(bg_keep=0.5, ground_words=0.1).validate()
-    with pytest.raises(ValueError, match="guide_rows"):
+    words_only = dict(guide_rows="words", guide_read_layers=None, guide_read_stop=False, guide_read_prev=False)
+    with pytest.raises(ValueError, match="guide_rows must be"):
         TrainConfig(guide_rows="everything").validate()
     with pytest.raises(ValueError, match="needs guide_weight"):
-        TrainConfig(guide_rows="words", guide_weight=0.0, guide_read_layers=None).validate()
+        TrainConfig(**words_only, guide_weight=0.0).validate()
     with pytest.raises(ValueError, match="replaces guide_focus"):
-        TrainConfig(guide_rows="words", guide_weight=0.1, guide_read_layers=None, guide_focus=True).validate()
+        TrainConfig(**words_only, guide_weight=0.1, guide_focus=True).validate()
 
 
 def test_sparse_image_batch_keeps_original_positions():
@@ -710,7 +712,8 @@ def test_read_rows_go_to_their_own_layers():
     assert words.any() and read.any() and not (words & read).any()
     assert torch.equal(words | read, g["rows"])
     with pytest.raises(ValueError, match="guide_read_layers"):
-        TrainConfig(guide_weight=0.1, guide_rows="words", guide_read_layers=(2,)).validate()
+        TrainConfig(guide_weight=0.1, guide_rows="words", guide_read_layers=(2,), guide_read_stop=False,
+                    guide_read_prev=False).validate()
 
 
 def test_position_guide_targets_small_case():
@@ -770,7 +773,8 @@ def test_position_guide_trains_with_background_dropout(tmp_path):
     hist = [json.loads(line) for line in (tmp_path / "p" / "history.jsonl").read_text().splitlines()]
     assert all(h["guide"] > 0 for h in hist if h["stage"] == 2)
     with pytest.raises(ValueError, match="guide_position needs"):
-        TrainConfig(guide_rows="answer", guide_read_layers=None, guide_count=False, guide_position=True).validate()
+        TrainConfig(guide_rows="answer", guide_read_layers=None, guide_count=False, guide_read_stop=False,
+                    guide_read_prev=False, guide_position=True).validate()
 
 
 def test_code_prev_targets_small_case():
@@ -809,4 +813,4 @@ def test_read_prev_rows_go_to_the_word_layers():
     kept[image] = batch["keep_image"].reshape(-1)
     assert kept[prev].all() and all(kept[b, g["targets"][b, r]].all() for b, r in prev.nonzero().tolist())
     with pytest.raises(ValueError, match="guide_read_prev"):
-        TrainConfig(guide_rows="words", guide_read_layers=None, guide_read_prev=True).validate()
+        TrainConfig(guide_rows="words", guide_read_layers=None, guide_read_stop=False, guide_read_prev=True).validate()

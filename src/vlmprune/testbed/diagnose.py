@@ -219,7 +219,8 @@ def attention_share(model, processor, batch_size: int = 8, step: int = 7777) -> 
 
     # answer rows on full images (not the recipe's word / read rows or its background dropout)
     cfg = TrainConfig(guide_weight=1.0, guide_rows="answer", guide_read_layers=None, bg_keep=1.0,
-                      llm_batch=batch_size, patch_words=0.0, patch_position=False, guide_count=False)
+                      llm_batch=batch_size, patch_words=0.0, patch_position=False, guide_count=False,
+                      guide_read_stop=False, guide_read_prev=False, guide_position=False)
     batch = _llm_batch(cfg, step, processor)
     g = batch.pop("guide")
     text = model.config.text_config

@@ -73,9 +73,9 @@ class TrainConfig:
     guide_rows: str = "words+read"  # "words": question tokens naming a colour/shape (word_guide_targets); "words+read": also read_guide_targets
     guide_read_layers: tuple[int, ...] | None = (2,)  # "words+read": layers guiding the read rows (None: guide_layers)
     guide_count: bool = True  # words guide: a count question's plural word -> uniform over sink + the objects' centres
-    guide_read_stop: bool = False  # words+read guide: the row predicting the answer's end -> the cell after the code
-    guide_read_prev: bool = False  # words+read guide: each code cell after the first -> the cell left of it (word layers)
-    guide_position: bool = False  # words guide: a position question's answer row -> its shape words, one per head
+    guide_read_stop: bool = True  # words+read guide: the row predicting the answer's end -> the cell after the code
+    guide_read_prev: bool = True  # words+read guide: each code cell after the first -> the cell left of it (word layers)
+    guide_position: bool = True  # words guide: a position question's answer row -> its shape words, one per head
     guide_position_layers: tuple[int, int] = (3, 4)  # (shape words re-fetch their patches, answer row reads the words)
     bg_keep: float = 0.1  # share of background image tokens fed to the decoder early in stage 2 (1 = all; see background_keep)
     bg_ramp: tuple[float, float] = (0.4, 0.7)  # stage-2 fractions over which that share ramps up to 1
