@@ -5,7 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from vlmprune.testbed.questions import FAMILIES, ask, build_questions, normalize_answer
+from vlmprune.testbed.questions import (FAMILIES, POSITION_QUESTION, ask, build_questions, corner_objects,
+                                       normalize_answer)
 from vlmprune.testbed.scenes import (GRID, PATCH, Scene, SceneObject, SceneText, make_scene, patch_labels,
                                      split_seed)
 
@@ -136,6 +137,27 @@ def test_position_answers():
     assert len({q.question for q in qs}) >= 8
     for q in qs:
         assert truth[q.question] == q.answer, q
+
+
+def test_position_question_pattern_and_corner_objects_match_ask():
+    """POSITION_QUESTION recognises exactly the position questions ``ask`` writes; corner questions ask
+    about ``corner_objects`` only."""
+    rnd = random.Random(0)
+    seen = {"position": 0, "other": 0}
+    for seed in range(60):
+        scene = make_scene(seed)
+        allowed = {o.shape for o in corner_objects(scene)}
+        for family in FAMILIES:
+            q = ask(scene, family, rnd)
+            if q is None:
+                continue
+            assert bool(POSITION_QUESTION.match(q.question)) == (family == "position"), q
+            seen["position" if family == "position" else "other"] += 1
+            if q.subtype == "corner":
+                assert q.question.split()[4] in allowed, q
+    assert min(seen.values()) > 20
+    scene = _scene([RED_CIRCLE, BLUE_SQUARE, RED_STAR, BLUE_CIRCLE])
+    assert {o.shape for o in corner_objects(scene)} <= {"square", "star"}  # the two circles are not unique
 
 
 def test_read_answer_and_missing_text():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vlmprune.testbed.model import load
-from vlmprune.testbed.train import TrainConfig, conversation, encode_conversation, segment_attention_mask, train
+from vlmprune.testbed.train import (WORDS_GUIDE_ADDONS_OFF, TrainConfig, conversation, encode_conversation,
+                                    segment_attention_mask, train)
 from vlmprune.testbed.scenes import make_scene
 
 TINY = dict(vision_overrides=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -17,8 +18,7 @@ TINY = dict(vision_overrides=dict(hidden_size=32, intermediate_size=64, num_hidd
             vision_batch=2, llm_batch=2, cls_batch=2, warmup=1, turns=3,
             # the primitives' own behaviour, not the recipe's stage-2 guide / background dropout
             guide_weight=0.0, guide_rows="answer", guide_layers=(1,), guide_read_layers=None, guide_target=0.5,
-            bg_keep=1.0, guide_count=False, patch_position=False, guide_read_stop=False, guide_read_prev=False,
-            guide_position=False)
+            bg_keep=1.0, patch_position=False, **WORDS_GUIDE_ADDONS_OFF)
 
 
 def tiny_config(**overrides) -> TrainConfig:

@@ -177,18 +177,14 @@ def corner_probe(model, processor, n: int = 400, train: int = 300, steps: int = 
     question's shape word (``word``) and the answer row (``answer``). Returns held-out accuracy
     per hidden state (index 0 = decoder input) for each; chance is about 0.25.
     """
-    from collections import Counter
+    from .questions import CORNERS, corner_objects
+    from .scenes import GRID, corner_of
 
-    from .questions import CORNERS
-    from .scenes import GRID, IMAGE_SIZE, corner_of
-
-    half = IMAGE_SIZE / 2
     image_id, feats, labels, i = model.config.image_token_id, {"patch": [], "word": [], "answer": []}, [], 0
     while len(labels) < n:
         scene = make_scene(split_seed("val", 30000 + i))
         i += 1
-        count = Counter(o.shape for o in scene.objects)
-        clear = [o for o in scene.objects if count[o.shape] == 1 and min(abs(o.cx - half), abs(o.cy - half)) > 20]
+        clear = corner_objects(scene)
         if not clear:
             continue
         o = clear[0]
@@ -215,12 +211,11 @@ def corner_probe(model, processor, n: int = 400, train: int = 300, steps: int = 
 @torch.no_grad()
 def attention_share(model, processor, batch_size: int = 8, step: int = 7777) -> tuple[float, list[list[tuple]]]:
     """Per layer and head: (share on object/text patches, share on all image tokens) from answer rows."""
-    from .train import AttentionGuide, TrainConfig, _llm_batch
+    from .train import WORDS_GUIDE_ADDONS_OFF, AttentionGuide, TrainConfig, _llm_batch
 
     # answer rows on full images (not the recipe's word / read rows or its background dropout)
     cfg = TrainConfig(guide_weight=1.0, guide_rows="answer", guide_read_layers=None, bg_keep=1.0,
-                      llm_batch=batch_size, patch_words=0.0, patch_position=False, guide_count=False,
-                      guide_read_stop=False, guide_read_prev=False, guide_position=False)
+                      llm_batch=batch_size, patch_words=0.0, patch_position=False, **WORDS_GUIDE_ADDONS_OFF)
     batch = _llm_batch(cfg, step, processor)
     g = batch.pop("guide")
     text = model.config.text_config

@@ -48,6 +48,18 @@ def check_family(family: str) -> str:
     return family
 
 
+#: the two position-question templates ``ask`` writes ("Which corner is the star in?", "Is the star left
+#: of the square?" / "... above ..."), for code that must recognise them from the text alone
+POSITION_QUESTION = re.compile(r"^(Which corner is the \w+ in\?|Is the \w+ (left of|above) the \w+\?)$")
+
+
+def corner_objects(scene: Scene) -> list:
+    """Objects a corner question may ask about: uniquely shaped, centre >20 px from both midlines."""
+    shape_count = Counter(o.shape for o in scene.objects)
+    half = IMAGE_SIZE / 2
+    return [o for o in scene.objects if shape_count[o.shape] == 1 and abs(o.cx - half) > 20 and abs(o.cy - half) > 20]
+
+
 def ask(scene: Scene, family: str, rnd: random.Random) -> Question | None:
     """One question of ``family`` about ``scene``, or None when the scene does not support it."""
     check_family(family)
@@ -102,8 +114,7 @@ def ask(scene: Scene, family: str, rnd: random.Random) -> Question | None:
                 word = "left of" if axis == "left" else "above"
                 return Question("position", f"Is the {a.shape} {word} the {b.shape}?", "yes" if truth else "no",
                                 scene.seed, axis)
-        half = IMAGE_SIZE / 2
-        clear = [o for o in unique if abs(o.cx - half) > 20 and abs(o.cy - half) > 20]
+        clear = corner_objects(scene)
         if not clear:
             return None
         o = rnd.choice(clear)

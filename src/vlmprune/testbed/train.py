@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..methods.prumerge import cls_attention as cls_attention_from_qk
-from .questions import FAMILIES, ask, format_prompt
+from .questions import FAMILIES, POSITION_QUESTION, ask, format_prompt
 from .scenes import CODE_ALPHABET, COLOR_NAMES, CORNERS, GRID, PLURALS, SHAPES, make_scene, patch_labels, split_seed
 
 
@@ -158,6 +158,12 @@ class TrainConfig:
                 value = raw
             new[key] = tuple(value) if isinstance(value, list) else value
         return TrainConfig(**new).validate()
+
+
+
+#: the words guide's add-ons, all off: what a config with ``guide_rows="answer"`` (the tests' tiny
+#: runs, ``diagnose.attention_share``) must also say, since validation ties each to the words guide
+WORDS_GUIDE_ADDONS_OFF = dict(guide_count=False, guide_read_stop=False, guide_read_prev=False, guide_position=False)
 
 
 class VisionHeads(nn.Module):
@@ -468,8 +474,7 @@ def _llm_batch(cfg: TrainConfig, step: int, processor):
         if cfg.ground_words:
             batch["ground_words"] = torch.stack([grounding_word_ids(lab, words) for lab in labs])
         if cfg.guide_weight:
-            rows = torch.zeros_like(image)
-            rows[:, :-1] = (batch["labels"][:, :-1] == -100) & (batch["labels"][:, 1:] != -100)
+            rows = answer_start_rows(batch["labels"])
             layer_rows = None
             if cfg.guide_rows.startswith("words"):
                 rows, targets = word_guide_targets(batch["input_ids"], batch["labels"], image, labs, tok)
@@ -667,7 +672,11 @@ def code_prev_targets(image: torch.Tensor, scenes, rows: torch.Tensor, targets: 
             targets[b, keys[cell], keys[cell - 1]] = True
 
 
-POSITION_QUESTION = re.compile(r"^(Which corner is the \w+ in\?|Is the \w+ (left of|above) the \w+\?)$")
+def answer_start_rows(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the rows that predict each answer's first token (a prompt token followed by a labelled one)."""
+    rows = torch.zeros_like(labels, dtype=torch.bool)
+    rows[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
+    return rows
 
 
 def position_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,
@@ -683,16 +692,16 @@ def position_guide_targets(input_ids: torch.Tensor, labels: torch.Tensor, image:
     Why: linear probes of v11 (``python -m vlmprune.testbed.diagnose MODEL corner``) found an
     object's corner readable at its patches (0.80 at the decoder input, 0.97-1.00 from layer 3)
     and partly at the question's shape word (at most 0.68, fetched by the word guide on layers
-    0-1), but at most 0.41 at the answer row -- the last hop, answer row to word, was never learnt. One head per named object keeps the two objects of a relation apart, so the
-    layers above see "where is a" and "where is b" side by side and only have to compare them.
+    0-1), but at most 0.41 at the answer row -- the last hop, answer row to word, was never learnt.
+    One head per named object keeps the two objects of a relation apart, so the layers above see
+    "where is a" and "where is b" side by side and only have to compare them.
     """
     table = _naming_tokens(tok)
     B, L = input_ids.shape
     answer_rows = torch.zeros(B, L, dtype=torch.bool)
     word_rows = torch.zeros(B, L, dtype=torch.bool)
     targets = torch.zeros(B, heads, L, L, dtype=torch.bool)
-    starts = torch.zeros(B, L, dtype=torch.bool)
-    starts[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
+    starts = answer_start_rows(labels)
     for b, qa in enumerate(conversations):
         begin = 0
         for row, (question, _) in zip(starts[b].nonzero()[:, 0].tolist(), qa):
@@ -771,27 +780,26 @@ def sparse_image_batch(model, batch: dict, keep: torch.Tensor, extra: torch.Tens
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     out = dict(inputs_embeds=embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1])),
                attention_mask=valid.long(), position_ids=take(positions, 0), labels=take(batch["labels"], -100))
+    def take_pairs(t):  # [B, *, L, L] (row, key) targets -> [B, *, width, width]
+        lead = t.shape[1:-2]
+        t = t.reshape(t.shape[0], -1, *t.shape[-2:])
+        H = t.shape[1]
+        t = t.gather(2, order[:, None, :, None].expand(-1, H, -1, t.shape[-1]))
+        t = t.gather(3, order[:, None, None, :].expand(-1, H, width, -1)) & valid[:, None, None, :]
+        return t.reshape(t.shape[0], *lead, width, width)
+
     if guide is not None:
         targets = guide["targets"]
-        if targets.dim() == 2:
-            targets = take(targets, False)
-        else:
-            targets = targets.gather(1, order[..., None].expand(-1, -1, targets.shape[2]))
-            targets = targets.gather(2, order[:, None, :].expand(-1, width, -1)) & valid[:, None, :]
+        targets = take(targets, False) if targets.dim() == 2 else take_pairs(targets)
         allowed = torch.ones(width, width, dtype=torch.bool).tril()[None] & valid[:, None, :]
         gathered = dict(rows=take(guide["rows"], False), targets=targets, allowed=allowed)
         if "layer_rows" in guide:
             gathered["layer_rows"] = {layer: take(r, False) for layer, r in guide["layer_rows"].items()}
         if "uniform" in guide:
             gathered["uniform"] = take(guide["uniform"], False)
-        if "extra" in guide:  # per-head targets [B, H, L, L]: gather keys and rows like the 3-D ones
-            gathered["extra"] = []
-            for group in guide["extra"]:
-                t = group["targets"]
-                H = t.shape[1]
-                t = t.gather(2, order[:, None, :, None].expand(-1, H, -1, t.shape[3]))
-                t = t.gather(3, order[:, None, None, :].expand(-1, H, width, -1)) & valid[:, None, None, :]
-                gathered["extra"].append(dict(group, rows=take(group["rows"], False), targets=t))
+        if "extra" in guide:  # per-head targets [B, H, L, L]
+            gathered["extra"] = [dict(group, rows=take(group["rows"], False), targets=take_pairs(group["targets"]))
+                                 for group in guide["extra"]]
         guide = gathered
     return out, (None if extra is None else take(extra, -100)), guide
 
