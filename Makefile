@@ -1,15 +1,16 @@
 # Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
 # Both create .venv and install everything on a fresh machine (CPU torch first, so pip does not
-# pull a CUDA build).
+# pull a CUDA build), pinned by constraints.txt to the set .ci/run tests.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -19,6 +20,11 @@ demo: install
 
 test: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q
+
+# The equivalence tests on the floor and the newest transformers release of the declared range, each
+# in a fresh venv (gating), and on a newer release when one exists (reported only); see README.
+compat:
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/compat.py
 
 # Every measured figure in README / docs, in the order they depend on each other (a few hours on
 # 2 CPU cores; run on an otherwise idle machine -- speed figures are ratios within one process).
@@ -50,4 +56,4 @@ results: install
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M testbed -b 1 -b 8 --out out/bench/testbed
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 8 --out out/bench/scaled-b8
 
-.PHONY: install demo test testbed results
+.PHONY: install demo test compat testbed results

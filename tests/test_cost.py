@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from vlmprune.cost import analytic as A
+from vlmprune.integrations.compat import output_cache
 from vlmprune.cost.analytic import (
     LLM_VIEWER,
     PHYSICAL,
@@ -156,7 +157,7 @@ def test_matches_flop_counter(layers, heads, kv_heads, seq, batch, last_only) ->
     assert abs(c.matmul_flops - measured) / measured < 0.02
     # KV cache and weights against the real tensors (fp32 = 4 B)
     kv_real = sum(layer.keys.numel() * 4 + layer.values.numel() * 4
-                  for layer in out.past_key_values.layers)
+                  for layer in output_cache(out).layers)
     assert c.kv_cache_bytes == kv_real
     assert c.weight_bytes == sum(p.numel() * 4 for p in model.parameters())
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vlmprune
+from vlmprune.integrations.compat import output_cache
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 from vlmprune.integrations.decoder import Decision, DecoderMethodBase, attach, attention_rows
 from vlmprune.methods.fastv import pack_mask, row_scores, topk_visual
@@ -179,7 +180,7 @@ def test_kv_cache_has_per_layer_lengths(model):
     with torch.no_grad(), vlmprune.pruned(model, "fastv", k=2, count=4):
         out = model(**inputs, use_cache=True)
     n = inputs["input_ids"].shape[1]
-    lengths = [out.past_key_values.get_seq_length(i) for i in range(4)]
+    lengths = [output_cache(out).get_seq_length(i) for i in range(4)]
     assert lengths == [n, n, n - 12, n - 12]
 
 

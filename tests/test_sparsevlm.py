@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vlmprune
+from vlmprune.integrations.compat import output_cache
 from vlmprune.integrations.decoder_builders import build_sparsevlm
 from vlmprune.methods import sparsevlm as sv
 
@@ -124,7 +125,7 @@ def test_end_to_end_counts_and_positions(positions):
         assert (own[1:] > own[:-1]).all() and int(pos[-1]) == int(inputs["attention_mask"][0].sum()) - 1
         assert int(last.shift[0]) == 0
     n = inputs["input_ids"].shape[1]
-    lengths = [out.past_key_values.get_seq_length(i) for i in range(6)]
+    lengths = [output_cache(out).get_seq_length(i) for i in range(6)]
     assert lengths[0] == n and lengths[1] < n and lengths[3] == lengths[5] < lengths[2]
 
 

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 
 import vlmprune
+from vlmprune.integrations.compat import cache_kwargs
 
 __all__ = ["make_model", "make_prompt", "oracle_prefill", "main"]
 
@@ -105,8 +106,8 @@ def oracle_prefill(model, inputs: dict[str, torch.Tensor], kept: torch.Tensor, k
             h = h.gather(1, kept[:, :, None].expand(-1, -1, h.shape[-1]))
             pos = pos.gather(1, kept)
             pe = lm.rotary_emb(h, position_ids=pos)
-        h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos, past_key_values=cache,
-                  use_cache=True)
+        h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos, use_cache=True,
+                  **cache_kwargs(cache))
     return model.lm_head(lm.norm(h[:, -1:]))
 
 

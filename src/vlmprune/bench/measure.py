@@ -70,6 +70,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..integrations.compat import output_cache
+
 __all__ = [
     "BenchError",
     "CARD_FIELDS",
@@ -867,7 +869,7 @@ def _bench_config(model, name: str, cfg, inputs: dict[str, Tensor], pdesc: dict[
         try:
             with torch.inference_mode():
                 out = model(**inputs, use_cache=True, logits_to_keep=1)
-            kv = cache_bytes(out.past_key_values)
+            kv = cache_bytes(output_cache(out))
             del out
             sched, vis, proj_rows = _token_schedules(model, inputs, handle)
         finally:

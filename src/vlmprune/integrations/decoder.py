@@ -26,7 +26,7 @@ compacted, position ids shifted by its own offset, so decoding continues from th
 sequence length. Nothing is switched to eager attention: ``config._attn_implementation`` is never
 touched.
 
-How transformers 5.23 drives this (checked in ``generation/utils.py``, ``masking_utils.py``,
+How transformers drives this (``compat.py`` lists the assumptions and the releases checked; read in ``generation/utils.py``, ``masking_utils.py``,
 ``models/llama/modeling_llama.py``): ``generate`` computes ``position_ids`` from the 2D attention
 mask (cumsum) over the *original* sequence and appends one per step, so positions continue from
 the original length by themselves; the model's own causal mask is sized from layer 0's cache
@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from .base import ModelAdapter, PruneHandle, PruneStats
+from .compat import K, get_cache, output_cache
 
 __all__ = [
     "LayerView",
@@ -405,11 +406,11 @@ class DecoderHandle(PruneHandle):
     def _base_pre_hook(self, module, args, kwargs):
         """Base multimodal model: find each sample's image tokens (and whether the prompt continues)."""
         st = self.state
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        pixels = kwargs.get("pixel_values")
-        mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        ids = kwargs.get(K.INPUT_IDS, args[0] if args else None)
+        embeds = kwargs.get(K.INPUTS_EMBEDS)
+        pixels = kwargs.get(K.PIXEL_VALUES)
+        mask = kwargs.get(K.ATTENTION_MASK)
+        cache = get_cache(kwargs)
         st.pending_visual, st.pending_prompt_len = None, None
         if ids is not None:
             visual = ids == self.image_token_id
@@ -424,7 +425,7 @@ class DecoderHandle(PruneHandle):
             return None  # a continuation on a filled cache: not a prefill we prune
         st.pending_visual = visual
         # continuation of the previous prompt without a cache (generate(use_cache=False))?
-        image = _image_key(pixels, kwargs.get("mm_encoder_outputs"))
+        image = _image_key(pixels, kwargs.get(K.MM_ENCODER_OUTPUTS))
         plen = None
         if ids is not None and st.prompt_ids is not None and image is not None and st.prompt_image is not None:
             old_ids = st.prompt_ids
@@ -443,15 +444,15 @@ class DecoderHandle(PruneHandle):
 
     def _lm_pre_hook(self, module, args, kwargs):
         st = self.state
-        embeds = kwargs.get("inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        embeds = kwargs.get(K.INPUTS_EMBEDS)
+        cache = get_cache(kwargs)
         visual, plen = st.pending_visual, st.pending_prompt_len
         st.pending_visual, st.pending_prompt_len = None, None
         if embeds is None:
             st.phase = "idle"
             return None
         if visual is not None and visual.shape == embeds.shape[:2] and (cache is None or cache.get_seq_length() == 0):
-            self._begin_prefill(embeds, kwargs.get("attention_mask"), kwargs.get("position_ids"), visual, plen)
+            self._begin_prefill(embeds, kwargs.get(K.ATTENTION_MASK), kwargs.get(K.POSITION_IDS), visual, plen)
             return None
         if (st.cache_ref is not None and cache is not None and st.cache_ref() is cache
                 and embeds.shape[0] == st.segments[0].source.shape[0]):
@@ -519,13 +520,13 @@ class DecoderHandle(PruneHandle):
 
     def _prefill_layer(self, idx: int, args: tuple, kwargs: dict):
         st = self.state
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = args[0] if args else kwargs[K.HIDDEN_STATES]
         if idx == 0 or st.current.identity:
             # the model's own mask / rotary are right for the untouched layout
             root = st.segments[0]
             if root.pos_emb is None:
-                root.pos_emb = kwargs.get("position_embeddings")
-                root.mask = kwargs.get("attention_mask")
+                root.pos_emb = kwargs.get(K.POSITION_EMBEDDINGS)
+                root.mask = kwargs.get(K.ATTENTION_MASK)
         if idx in self.points:
             hidden = self._prune(idx, hidden)
         seg = st.current
@@ -534,13 +535,13 @@ class DecoderHandle(PruneHandle):
         if seg.identity:
             return None
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = seg.mask
-        kwargs["position_embeddings"] = seg.pos_emb
-        kwargs["position_ids"] = seg.positions
+        kwargs[K.ATTENTION_MASK] = seg.mask
+        kwargs[K.POSITION_EMBEDDINGS] = seg.pos_emb
+        kwargs[K.POSITION_IDS] = seg.positions
         if args:
             args = (hidden,) + tuple(args[1:])
         else:
-            kwargs["hidden_states"] = hidden
+            kwargs[K.HIDDEN_STATES] = hidden
         return args, kwargs
 
     def _scores(self, p: int, hidden: Tensor, seg: Segment, rows: Tensor, rows_valid: Tensor) -> Tensor:
@@ -673,7 +674,7 @@ class DecoderHandle(PruneHandle):
 
     def _finish_prefill(self, output: Any) -> None:
         st = self.state
-        cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         st.cache_ref = weakref.ref(cache) if cache is not None else None
         st.phase = "idle"
         st.captured = {}
@@ -688,7 +689,7 @@ class DecoderHandle(PruneHandle):
     def _begin_decode_step(self, args: tuple, kwargs: dict, embeds: Tensor, cache: Any):
         st = self.state
         q_len = embeds.shape[1]
-        mask2d = kwargs.get("attention_mask")
+        mask2d = kwargs.get(K.ATTENTION_MASK)
         # tokens appended since the prefill, read from the last layer's cache (its own length)
         last_seg = st.segments[st.layer_segment[-1]]
         past_new = cache.get_seq_length(self.num_layers - 1) - last_seg.length
@@ -698,12 +699,12 @@ class DecoderHandle(PruneHandle):
             tail = mask2d[:, st.orig_len:].to(dev).bool()
         else:
             tail = torch.ones(bsz, past_new + q_len, dtype=torch.bool, device=dev)
-        pos = kwargs.get("position_ids")
+        pos = kwargs.get(K.POSITION_IDS)
         new_kwargs = None
         if pos is None:
             pos = (st.last_pos + 1 + past_new)[:, None] + torch.arange(q_len, device=dev)[None, :]
             new_kwargs = dict(kwargs)
-            new_kwargs["position_ids"] = pos
+            new_kwargs[K.POSITION_IDS] = pos
         st.step = {"q_len": q_len, "past_new": past_new, "tail": tail, "pos": pos.expand(bsz, q_len),
                    "mask": {}, "rot": {}}
         if new_kwargs is not None:
@@ -730,18 +731,18 @@ class DecoderHandle(PruneHandle):
             else:
                 full_bias = torch.cat([bias, torch.zeros_like(step["tail"], dtype=bias.dtype)], dim=1)
                 step["mask"][s] = _soft_mask(key_valid, full_bias, args[0].dtype if args else
-                                             kwargs["hidden_states"].dtype, q_len=step["q_len"],
+                                             kwargs[K.HIDDEN_STATES].dtype, q_len=step["q_len"],
                                              past=seg.length + step["past_new"])
             if bool((seg.shift != 0).any()):
-                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = args[0] if args else kwargs[K.HIDDEN_STATES]
                 step["rot"][s] = self.rotary(hidden, position_ids=step["pos"] - seg.shift[:, None])
             else:
                 step["rot"][s] = None
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = step["mask"][s]
+        kwargs[K.ATTENTION_MASK] = step["mask"][s]
         if step["rot"][s] is not None:
-            kwargs["position_embeddings"] = step["rot"][s]
-            kwargs["position_ids"] = step["pos"] - seg.shift[:, None]
+            kwargs[K.POSITION_EMBEDDINGS] = step["rot"][s]
+            kwargs[K.POSITION_IDS] = step["pos"] - seg.shift[:, None]
         return args, kwargs
 
     def remove(self) -> None:

@@ -60,6 +60,7 @@ from torch import Tensor
 from ..methods.common import Reduction
 from ..methods.prumerge import cls_attention
 from .base import ModelAdapter, PruneHandle
+from .compat import K, get_cache
 
 __all__ = ["VisionSignals", "VisionMethod", "VisionHandle", "Plan", "attach", "capture_signals", "signals_from_qk",
            "image_token_counts"]
@@ -302,23 +303,23 @@ class VisionHandle(PruneHandle):
         self.last_reduction = red
         self.stats.record([int(c) for c in red.counts.tolist()])
         out = adapter.image_output(list(padded))
-        return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
+        return out if kwargs.get(K.RETURN_DICT, True) is not False else out.to_tuple()
 
     # ---------------------------------------------------------------- forward hook
     def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = self._as_kwargs(args, kwargs)
         key = self.adapter.image_modality
-        if kw.get("pixel_values") is not None:
-            mm = dict(kw.get("mm_encoder_outputs") or {})
+        if kw.get(K.PIXEL_VALUES) is not None:
+            mm = dict(kw.get(K.MM_ENCODER_OUTPUTS) or {})
             if mm.get(key) is not None:
                 raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
-            mm[key] = getattr(self._base, self.adapter.image_features_method)(
-                pixel_values=kw["pixel_values"], vision_feature_layer=kw.get("vision_feature_layer"),
-                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                image_sizes=kw.get("image_sizes"), return_dict=True)
-            kw["pixel_values"] = None
-            kw["mm_encoder_outputs"] = mm
-        mm = kw.get("mm_encoder_outputs") or {}
+            mm[key] = getattr(self._base, self.adapter.image_features_method)(**{
+                K.PIXEL_VALUES: kw[K.PIXEL_VALUES], K.FEATURE_LAYER: kw.get(K.FEATURE_LAYER),
+                K.SELECT_STRATEGY: kw.get(K.SELECT_STRATEGY), K.IMAGE_SIZES: kw.get(K.IMAGE_SIZES),
+                K.RETURN_DICT: True})
+            kw[K.PIXEL_VALUES] = None
+            kw[K.MM_ENCODER_OUTPUTS] = mm
+        mm = kw.get(K.MM_ENCODER_OUTPUTS) or {}
         per_image = self.adapter.image_tokens(mm[key]) if mm.get(key) is not None else None
         if per_image is not None:
             return (), self._prefill(kw, per_image)
@@ -346,7 +347,7 @@ class VisionHandle(PruneHandle):
         if counts == runs:  # nothing pruned (e.g. pre-encoded stock features): the stock path
             self.plan = None
             return kw
-        input_ids = kw.get("input_ids")
+        input_ids = kw.get(K.INPUT_IDS)
         if input_ids is None:
             raise ValueError(f"vlmprune ({self.method}): a pruned model needs input_ids with the image placeholder "
                              "tokens (inputs_embeds alone are not supported)")
@@ -364,8 +365,8 @@ class VisionHandle(PruneHandle):
         keep = ~ph | (rank - start[img] < torch.tensor(counts, device=dev)[img])  # [B, L]
 
         kw = dict(kw)
-        past = _cache_len(kw.get("past_key_values"))
-        mask = kw.get("attention_mask")
+        past = _cache_len(get_cache(kw))
+        mask = kw.get(K.ATTENTION_MASK)
         if mask is not None and mask.ndim != 2:
             raise ValueError("vision-stage pruning needs a 2-D attention_mask [B, L] (or none); static/compiled "
                              "caches, which make generate() build 4-D masks, are not supported")
@@ -377,50 +378,50 @@ class VisionHandle(PruneHandle):
         if mask is not None and past:
             prefix, mask = mask[:, :past], mask[:, past:]  # continuing a cache: rewrite only the new part
         plan = make_plan(keep, mask, offset=past if prefix is not None else 0)
-        kw["input_ids"] = plan.compact(input_ids, _pad_id(model, adapter))
+        kw[K.INPUT_IDS] = plan.compact(input_ids, _pad_id(model, adapter))
         if mask is not None or bool(plan.new_mask.eq(0).any()):
-            kw["attention_mask"] = plan.new_mask if prefix is None else torch.cat([prefix, plan.new_mask], dim=1)
-        pos = kw.get("position_ids")
+            kw[K.ATTENTION_MASK] = plan.new_mask if prefix is None else torch.cat([prefix, plan.new_mask], dim=1)
+        pos = kw.get(K.POSITION_IDS)
         if pos is not None:
             if pos.ndim != 2:
                 raise ValueError("vision-stage pruning supports 2-D position_ids [B, L] only")
             dropped_before = (~keep).long().cumsum(dim=1)  # [B, L] slots deleted up to each slot
-            kw["position_ids"] = plan.compact((pos - dropped_before).clamp(min=0), 0)
-        if kw.get("labels") is not None:
-            kw["labels"] = plan.compact(kw["labels"], -100)
-        mm = dict(kw["mm_encoder_outputs"])  # new objects: generate() may pass the same features again
+            kw[K.POSITION_IDS] = plan.compact((pos - dropped_before).clamp(min=0), 0)
+        if kw.get(K.LABELS) is not None:
+            kw[K.LABELS] = plan.compact(kw[K.LABELS], -100)
+        mm = dict(kw[K.MM_ENCODER_OUTPUTS])  # new objects: generate() may pass the same features again
         mm[adapter.image_modality] = adapter.image_output([t[:c] for t, c in zip(per_image, counts)])
-        kw["mm_encoder_outputs"] = mm
+        kw[K.MM_ENCODER_OUTPUTS] = mm
         self.plan = plan
         return kw
 
     # ---------------------------------------------------------------- decode steps
     def _continue(self, kw: dict[str, Any]) -> dict[str, Any]:
-        past = _cache_len(kw.get("past_key_values"))
+        past = _cache_len(get_cache(kw))
         plan = self.plan
         if past == 0:
             self.plan = None  # a new, text-only prefill
             return kw
         if plan is None:
             return kw
-        ids = kw.get("input_ids")
-        ref = ids if ids is not None else kw.get("inputs_embeds")
+        ids = kw.get(K.INPUT_IDS)
+        ref = ids if ids is not None else kw.get(K.INPUTS_EMBEDS)
         if ref is None or ref.shape[0] != plan.keep.shape[0]:
             return kw  # not a continuation of the planned batch
         q = ref.shape[1]
-        mask = kw.get("attention_mask")
+        mask = kw.get(K.ATTENTION_MASK)
         kw = dict(kw)
         off, L = plan.offset, plan.orig_len
         if mask is None:
             if bool(plan.new_mask.eq(0).any()):  # e.g. generate() dropped an all-ones mask
                 ones = plan.new_mask.new_ones
-                kw["attention_mask"] = torch.cat([ones(plan.new_mask.shape[0], off), plan.new_mask,
+                kw[K.ATTENTION_MASK] = torch.cat([ones(plan.new_mask.shape[0], off), plan.new_mask,
                                                   ones(plan.new_mask.shape[0], past + q - off - plan.new_len)], dim=1)
         elif mask.ndim != 2:
             raise ValueError("vision-stage pruning keeps a rewritten prompt; static/compiled caches (4-D masks) are "
                              "not supported: use the default dynamic cache")
         elif mask.shape[1] == past + q + plan.shrink and not self._already_rewritten(mask):
-            kw["attention_mask"] = torch.cat([mask[:, :off], plan.compact(mask[:, off:off + L], 0), mask[:, off + L:]],
+            kw[K.ATTENTION_MASK] = torch.cat([mask[:, :off], plan.compact(mask[:, off:off + L], 0), mask[:, off + L:]],
                                              dim=1)
         elif mask.shape[1] == past + q:
             return kw  # the caller already speaks rewritten coordinates
@@ -428,9 +429,9 @@ class VisionHandle(PruneHandle):
             raise ValueError(f"attention_mask has {mask.shape[1]} columns; with {past} cached and {q} new tokens it "
                              f"should have {past + q + plan.shrink} (original coordinates) or {past + q} "
                              "(rewritten coordinates)")
-        pos = kw.get("position_ids")
+        pos = kw.get(K.POSITION_IDS)
         if pos is not None and pos.ndim == 2:
-            kw["position_ids"] = (pos - plan.dropped.to(pos.device)[:, None]).clamp(min=0)
+            kw[K.POSITION_IDS] = (pos - plan.dropped.to(pos.device)[:, None]).clamp(min=0)
         return kw
 
     def _already_rewritten(self, mask: Tensor) -> bool:

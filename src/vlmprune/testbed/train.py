@@ -958,9 +958,9 @@ class AttentionGuide:
     """
 
     def __init__(self, model, layers: tuple[int, ...], heads: int, target: float = 1.0):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from ..integrations.compat import apply_rotary
 
-        self._rotary = apply_rotary_pos_emb
+        self._rotary = apply_rotary
         self.heads = heads
         self.floor = math.log(target)
         self.captured: list[tuple] = []
@@ -973,8 +973,10 @@ class AttentionGuide:
         self.handles = [decoder[i].self_attn.register_forward_hook(self._hook, with_kwargs=True) for i in layers]
 
     def _hook(self, module, args, kwargs, output):
-        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.captured.append((module, h, kwargs["position_embeddings"]))
+        from ..integrations.compat import K
+
+        h = kwargs[K.HIDDEN_STATES] if K.HIDDEN_STATES in kwargs else args[0]
+        self.captured.append((module, h, kwargs[K.POSITION_EMBEDDINGS]))
 
     def remove(self):
         for handle in self.handles:

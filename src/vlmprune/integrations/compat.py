@@ -1,0 +1,137 @@
+"""Every assumption vlmprune makes about transformers internals, in one module.
+
+The hooks in ``vision.py`` / ``decoder.py`` and the helpers elsewhere read keyword arguments and
+output fields only through the names and functions below, so a rename upstream is one edit here.
+Checked on transformers 5.20.0, 5.23.0 and 5.24.0 (``.ci/run`` runs the equivalence tests on the
+floor and the newest release of the declared range; ``tests/test_compat.py`` guards each item).
+
+Assumptions, each with the test that guards it:
+
+1. **The cache's name.** Up to 5.23 the KV cache travels as ``past_key_values`` (keyword of
+   ``generate``, the models' and decoder layers' ``forward``s, and a ``ModelOutput`` field). 5.24
+   renamed it ``cache`` everywhere; the old names are shims (``deprecate_kwarg`` on the
+   ``forward``s, a warning property on outputs). The installed name is read off the
+   ``BaseModelOutputWithPast`` dataclass (``CACHE``). A forward pre-hook sees the caller's own
+   keywords *before* the shim renames them, so a hook accepts every name in ``CACHE_NAMES``
+   (``get_cache``); outputs are read by the installed field name only (``output_cache``), which
+   never triggers the deprecation warning. Guarded by ``test_compat.py::test_cache_name_*``,
+   ``test_cache_under_each_name_*`` and the cached == uncached tests of ``test_decoder.py`` /
+   ``test_integration_vision.py`` (which broke silently on 5.24 when the hooks read the old name).
+2. **Keyword names the hooks read or rewrite** (``K``): the multimodal model's forward takes
+   ``input_ids``, ``inputs_embeds``, ``pixel_values``, ``attention_mask`` (2-D ``[B, L]`` from
+   ``generate``), ``position_ids`` (``[B, L]``), ``labels``, ``image_sizes``,
+   ``vision_feature_layer``, ``vision_feature_select_strategy`` and ``mm_encoder_outputs`` (a dict
+   ``modality -> output of get_image_features``; ``generate`` encodes the images once and passes
+   the result on every step); the language model's decoder layers take ``hidden_states`` (first
+   positional), ``attention_mask`` (4-D, or None for sdpa's ``is_causal`` path),
+   ``position_ids`` and ``position_embeddings`` (the rotary ``(cos, sin)``, each ``[B, L, Dh]``).
+   Guarded by ``test_compat.py::test_forward_signatures`` (the names exist in the installed
+   signatures) and every equivalence test.
+3. **Masks and positions** (``decoder.py``): the language model builds one causal mask sized from
+   layer 0's cache (``DynamicCache.get_mask_sizes``) and hands the same mask to every layer, so a
+   layer whose cache is shorter needs its own mask; ``generate`` derives ``position_ids`` from the
+   2-D mask's cumsum over the *original* prompt and extends it by one per step; a forward without
+   ``position_ids`` derives them from layer 0's cache length. ``DynamicCache.get_seq_length(i)``
+   gives layer i's own length. Guarded by ``test_decoder.py`` (per-layer cache lengths, cached ==
+   uncached, ragged batch == singles, positions kept).
+4. **Rotary embeddings**: the language model owns ``rotary_emb(x, position_ids) -> (cos, sin)``
+   and Llama's rotate-half convention (``q * cos + rotate_half(q) * sin``), re-implemented in
+   ``decoder.attention_rows`` and imported for the testbed's training via ``apply_rotary``.
+   Guarded by ``test_decoder.py::test_attention_rows_match_eager_attention`` and
+   ``test_compat.py::test_apply_rotary_matches_transformers``.
+5. **Attention modules**: decoder layers hold ``self_attn.{q,k}_proj`` (heads concatenated),
+   ``head_dim``, ``scaling``, ``num_key_value_groups`` and ``config.num_attention_heads``; the
+   attention implementation is read from ``config._attn_implementation`` and never changed.
+   Guarded by ``test_decoder.py::test_attention_rows_match_eager_attention`` (scores equal eager
+   attention's) and ``test_decoder.py::test_remove_restores_model_and_sdpa_stays``.
+6. **Image features**: ``get_image_features(pixel_values, vision_feature_layer,
+   vision_feature_select_strategy, ..., return_dict=True)`` returns a
+   ``BaseModelOutputWithPooling`` whose ``pooler_output`` holds the per-image token tensors; the
+   CLIP tower returns ``hidden_states`` with ``output_hidden_states=True``. Guarded by
+   ``test_integration_vision.py::test_get_image_features_returns_nan_padded_kept_tokens`` and
+   ``::test_keep_all_gives_identical_logits_and_tokens``.
+7. **Cache internals the benchmarks and tests read**: ``DynamicCache.layers[i].keys / .values``
+   (``test_cost.py``'s KV-bytes check, ``bench``'s ``cache_bytes``). Guarded by
+   ``test_cost.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import transformers
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+__all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
+           "ACCEPTED_CACHE_NAMES", "apply_rotary"]
+
+TRANSFORMERS_VERSION: str = transformers.__version__
+
+_CACHE_CANDIDATES = ("cache", "past_key_values")
+
+
+def _installed_cache_name() -> str:
+    fields = getattr(BaseModelOutputWithPast, "__dataclass_fields__", {})
+    for name in _CACHE_CANDIDATES:
+        if name in fields:
+            return name
+    raise ImportError(f"transformers {TRANSFORMERS_VERSION}: BaseModelOutputWithPast has none of the cache fields "
+                      f"{_CACHE_CANDIDATES}; this release is outside vlmprune's tested range (see README)")
+
+
+#: The installed transformers' name for the KV cache (keyword and output field).
+CACHE: str = _installed_cache_name()
+#: Every name a cache may arrive under in a hooked forward's keywords (installed name first).
+CACHE_NAMES: tuple[str, ...] = (CACHE,) + tuple(n for n in _CACHE_CANDIDATES if n != CACHE)
+#: The names a user may pass the cache under to the installed release's ``forward`` / ``generate``:
+#: from 5.24 the new name and the deprecated one (a shim renames it); before, the old name only.
+ACCEPTED_CACHE_NAMES: tuple[str, ...] = CACHE_NAMES if CACHE == "cache" else (CACHE,)
+
+
+class K:
+    """Keyword names of the forwards vlmprune's hooks read or rewrite (assumption 2)."""
+
+    INPUT_IDS = "input_ids"
+    INPUTS_EMBEDS = "inputs_embeds"
+    PIXEL_VALUES = "pixel_values"
+    ATTENTION_MASK = "attention_mask"
+    POSITION_IDS = "position_ids"
+    POSITION_EMBEDDINGS = "position_embeddings"
+    HIDDEN_STATES = "hidden_states"
+    LABELS = "labels"
+    IMAGE_SIZES = "image_sizes"
+    FEATURE_LAYER = "vision_feature_layer"
+    SELECT_STRATEGY = "vision_feature_select_strategy"
+    MM_ENCODER_OUTPUTS = "mm_encoder_outputs"
+    RETURN_DICT = "return_dict"
+
+
+def get_cache(kwargs: Mapping[str, Any]) -> Any:
+    """The cache object in a forward's keywords, under whichever supported name the caller used."""
+    for name in CACHE_NAMES:
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` under the installed name, for calling a model or layer directly."""
+    return {CACHE: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache of a model output (``ModelOutput`` or dict), read without deprecation shims."""
+    if output is None:
+        return None
+    if isinstance(output, Mapping):
+        # ModelOutput is an OrderedDict of its non-None fields; keys() never goes through the BC rename
+        return output[CACHE] if CACHE in list(output.keys()) else None
+    return getattr(output, CACHE, None)
+
+
+def apply_rotary(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
+    """Llama's rotary embedding applied to q, k [B, H, L, Dh] with cos/sin [B, L, Dh] (assumption 4)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
