@@ -196,3 +196,37 @@ def test_no_cache_deprecation_warning(method, opts):
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
         model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
     assert not _deprecations(records, caught)
+
+
+def test_layer_keys_are_the_rotated_keys():
+    """The KV cache holds each layer's keys after RoPE, [B, Hkv, L, Dh] (what the decoder stage scores with)."""
+    model = make_tiny_llava(kv_heads=2)
+    inputs = make_inputs(model, prefix_lens=(2, 4), suffix_lens=(3, 1))
+    lm = model.model.language_model
+    captured = {}
+
+    def on_k(module, args, output):
+        captured["k"] = output
+
+    def on_layer(module, args, kwargs):
+        captured["pe"] = kwargs[K.POSITION_EMBEDDINGS]
+
+    hooks = [lm.layers[1].self_attn.k_proj.register_forward_hook(on_k),
+             lm.layers[1].register_forward_pre_hook(on_layer, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            cache = output_cache(model(**inputs, use_cache=True))
+    finally:
+        for h in hooks:
+            h.remove()
+    attn = lm.layers[1].self_attn
+    bsz, length = inputs["input_ids"].shape
+    shape = (bsz, model.config.text_config.num_key_value_heads, length, attn.head_dim)
+    keys = compat.layer_keys(cache, 1, shape)
+    assert keys is not None
+    k = captured["k"].view(bsz, length, shape[1], shape[3]).transpose(1, 2)
+    cos, sin = captured["pe"]
+    _, expected = compat.apply_rotary(k, k, cos, sin)
+    torch.testing.assert_close(keys, expected)
+    assert compat.layer_keys(cache, 1, (bsz, shape[1], length - 1, shape[3])) is None  # other layout: ignored
+    assert compat.layer_keys(None, 1, shape) is None and compat.layer_keys(cache, 99, shape) is None

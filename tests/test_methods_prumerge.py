@@ -549,3 +549,28 @@ def test_benchmark_command_smoke(tmp_path):
     for r in report["results"]:
         assert r["same_counts"] and r["max_abs_diff"] < 1e-5
         assert r["vectorised_ms"]["median"] > 0 and r["speedup"] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5), n=st.sampled_from([8, 12, 64, 576]), k=st.integers(1, 40), block=st.integers(1, 6),
+       seed=st.integers(0, 10_000), neg_inf=st.booleans())
+def test_topk_indices_is_the_topk_set(rows, n, k, block, seed, neg_inf):
+    """Two-stage top-k == one topk (continuous values: no ties at the k-th place)."""
+    from vlmprune.methods.common import topk_indices
+
+    k = min(k, n)
+    x = torch.randn(2, rows, n, generator=torch.Generator().manual_seed(seed))
+    if neg_inf:  # as PruMerge masks a centre's own column
+        x[:, :, seed % n] = float("-inf")
+    got = topk_indices(x, k, block=block).sort(-1).values
+    ref = x.topk(k, dim=-1).indices.sort(-1).values
+    assert got.shape == (2, rows, k)
+    assert torch.equal(got, ref)
+
+
+def test_topk_indices_ties_take_one_of_the_tied_entries():
+    from vlmprune.methods.common import topk_indices
+
+    x = torch.tensor([[5.0, 1.0, 3.0, 3.0, 0.0, 3.0, 2.0, 4.0, 0.5, 0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0]])
+    got = set(topk_indices(x, 3, block=2).tolist()[0])
+    assert {0, 7} <= got and len(got) == 3 and (got - {0, 7}) <= {2, 3, 5}

@@ -50,9 +50,11 @@ Assumptions, each with the test that guards it:
    CLIP tower returns ``hidden_states`` with ``output_hidden_states=True``. Guarded by
    ``test_integration_vision.py::test_get_image_features_returns_nan_padded_kept_tokens`` and
    ``::test_keep_all_gives_identical_logits_and_tokens``.
-7. **Cache internals the benchmarks and tests read**: ``DynamicCache.layers[i].keys / .values``
-   (``test_cost.py``'s KV-bytes check, ``bench``'s ``cache_bytes``). Guarded by
-   ``test_cost.py``.
+7. **Cache internals**: ``DynamicCache.layers[i].keys / .values`` are ``[B, Hkv, L, Dh]`` tensors,
+   the keys stored *after* RoPE. The decoder stage reads a layer's keys from there to score
+   attention without re-rotating them (``layer_keys``; any other layout, e.g. a sliding-window
+   or quantized layer, is ignored and the keys are recomputed), the benchmarks count the bytes.
+   Guarded by ``test_compat.py::test_layer_keys_are_the_rotated_keys`` and ``test_cost.py``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
-           "ACCEPTED_CACHE_NAMES", "apply_rotary"]
+           "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -128,6 +130,18 @@ def output_cache(output: Any) -> Any:
         # ModelOutput is an OrderedDict of its non-None fields; keys() never goes through the BC rename
         return output[CACHE] if CACHE in list(output.keys()) else None
     return getattr(output, CACHE, None)
+
+
+def layer_keys(cache: Any, layer_idx: int, shape: tuple[int, ...]) -> Any:
+    """Layer ``layer_idx``'s rotated keys in ``cache`` when they are a floating tensor of ``shape``
+    ([B, Hkv, L, Dh]), else None (assumption 7)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not 0 <= layer_idx < len(layers):
+        return None
+    keys = getattr(layers[layer_idx], "keys", None)
+    if getattr(keys, "shape", None) != shape or not keys.is_floating_point():
+        return None
+    return keys
 
 
 def apply_rotary(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from .base import ModelAdapter, PruneHandle, PruneStats
-from .compat import K, get_cache, output_cache
+from .compat import K, get_cache, layer_keys, output_cache
 
 __all__ = [
     "LayerView",
@@ -185,34 +185,43 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-def attention_rows(q: Tensor, k: Tensor, rows: Tensor, rows_valid: Tensor, cos: Tensor, sin: Tensor,
+def attention_rows(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Tensor, cos: Tensor, sin: Tensor,
                    key_valid: Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float,
-                   key_bias: Tensor | None = None, chunk: int = 256) -> Tensor:
-    """Post-softmax attention of selected query rows, averaged over heads, in float32.
+                   key_bias: Tensor | None = None, chunk: int = 256, roped_keys: Tensor | None = None) -> Tensor:
+    """Post-softmax attention of selected query rows, averaged over heads, [B, R, L] float32.
 
     q [B, L, H*Dh] and k [B, L, Hkv*Dh] are the layer's projections *before* RoPE; rows [B, R]
     columns of the queries (rows_valid [B, R]); cos/sin [B or 1, L, Dh] the layer's rotary tables;
     key_valid [B, L] bool; key_bias [B, L] optional additive logit bias (soft masks). Causal by
-    column index. Returns [B, R, L]; invalid rows are zero. Memory: [B, H, chunk, L] at a time.
+    column index. ``roped_keys`` [B, Hkv, L, Dh]: the layer's keys after RoPE as the layer used
+    them (its KV-cache entry); when given, ``k`` is not read and no key is re-rotated. Logits are
+    computed in the keys' dtype (the model's), softmax in float32. Grouped-query heads share their
+    key head without copies. Invalid rows are zero. Memory: [B, H, chunk, L] at a time.
     """
-    bsz, length = k.shape[:2]
+    bsz = rows.shape[0]
     cos = cos.expand(bsz, -1, -1)
     sin = sin.expand(bsz, -1, -1)
-    kk = k.view(bsz, length, num_kv_heads, head_dim).transpose(1, 2).float()  # [B, Hkv, L, Dh]
-    kk = _rope(kk, cos.float(), sin.float())
+    if roped_keys is not None:
+        kk = roped_keys  # [B, Hkv, L, Dh]
+    else:
+        length = k.shape[1]
+        kk = k.view(bsz, length, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, L, Dh]
+        kk = _rope(kk.float(), cos.float(), sin.float()).to(k.dtype)
+    length = kk.shape[2]
     rep = num_heads // num_kv_heads
-    if rep > 1:
-        kk = kk[:, :, None].expand(bsz, num_kv_heads, rep, length, head_dim).reshape(bsz, num_heads, length, head_dim)
-    cols = torch.arange(length, device=k.device)
+    cols = torch.arange(length, device=kk.device)
+    kt = kk.transpose(-1, -2)  # [B, Hkv, Dh, L]
     out = []
     for start in range(0, rows.shape[1], chunk):
         r = rows[:, start:start + chunk].clamp(0, length - 1)  # [B, r]
+        nr = r.shape[1]
         rv = rows_valid[:, start:start + chunk]
-        idx = r[:, :, None].expand(-1, -1, q.shape[-1])
-        qr = q.gather(1, idx).view(bsz, r.shape[1], num_heads, head_dim).transpose(1, 2).float()  # [B, H, r, Dh]
+        qr = q.gather(1, r[:, :, None].expand(-1, -1, q.shape[-1])).view(bsz, nr, num_heads, head_dim)
         cidx = r[:, :, None].expand(-1, -1, cos.shape[-1])
-        qr = _rope(qr, cos.float().gather(1, cidx), sin.float().gather(1, cidx))
-        logits = torch.matmul(qr, kk.transpose(-1, -2)) * scaling  # [B, H, r, L]
+        qr = _rope(qr.transpose(1, 2).float(), cos.gather(1, cidx).float(), sin.gather(1, cidx).float())  # [B, H, r, Dh]
+        # heads h = g * rep + j use key head g: group the query heads by their key head
+        qg = qr.to(kk.dtype).reshape(bsz, num_kv_heads, rep * nr, head_dim)  # [B, Hkv, rep*r, Dh]
+        logits = torch.matmul(qg, kt).float().view(bsz, num_heads, nr, length) * scaling  # [B, H, r, L]
         if key_bias is not None:
             diag = cols[None, None, :] == r[:, :, None]  # own position is never masked
             logits = logits + torch.where(diag, 0.0, key_bias.float()[:, None, :])[:, None]
@@ -221,7 +230,7 @@ def attention_rows(q: Tensor, k: Tensor, rows: Tensor, rows_valid: Tensor, cos: 
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)  # [B, r, L]
         out.append(probs * rv[:, :, None])
     if not out:
-        return q.new_zeros((bsz, 0, length), dtype=torch.float32)
+        return torch.zeros((bsz, 0, length), dtype=torch.float32, device=kk.device)
     return torch.cat(out, dim=1)
 
 
@@ -528,7 +537,7 @@ class DecoderHandle(PruneHandle):
                 root.pos_emb = kwargs.get(K.POSITION_EMBEDDINGS)
                 root.mask = kwargs.get(K.ATTENTION_MASK)
         if idx in self.points:
-            hidden = self._prune(idx, hidden)
+            hidden = self._prune(idx, hidden, get_cache(kwargs))
         seg = st.current
         st.layer_segment[idx] = len(st.segments) - 1
         st.pos_emb_used[idx] = seg.pos_emb
@@ -544,9 +553,15 @@ class DecoderHandle(PruneHandle):
             kwargs[K.HIDDEN_STATES] = hidden
         return args, kwargs
 
-    def _scores(self, p: int, hidden: Tensor, seg: Segment, rows: Tensor, rows_valid: Tensor) -> Tensor:
-        """[B, R, L] head-mean attention of layer p-1 (or layer 0 on its input when p == 0)."""
+    def _scores(self, p: int, hidden: Tensor, seg: Segment, rows: Tensor, rows_valid: Tensor,
+                cache: Any = None) -> Tensor:
+        """[B, R, L] head-mean attention of layer p-1 (or layer 0 on its input when p == 0).
+
+        Layer p-1's rotated keys are read from its KV-cache entry when there is one (no key is
+        recomputed); without a cache they are re-rotated from the captured ``k_proj`` output.
+        """
         st = self.state
+        roped = None
         if p == 0:
             layer = self.layers[0]
             normed = layer.input_layernorm(hidden)
@@ -560,11 +575,12 @@ class DecoderHandle(PruneHandle):
                                    "module laid out as expected (self_attn.q_proj / k_proj)?")
             q, k = cap["q"], cap["k"]
             cos, sin = st.pos_emb_used[p - 1]
+            roped = layer_keys(cache, p - 1, (k.shape[0], self.num_kv_heads, seg.length, self.head_dim))
         return attention_rows(q, k, rows, rows_valid, cos, sin, seg.valid, num_heads=self.num_heads,
                               num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, scaling=self.scaling,
-                              key_bias=seg.key_bias())
+                              key_bias=seg.key_bias(), roped_keys=roped)
 
-    def _prune(self, p: int, hidden: Tensor) -> Tensor:
+    def _prune(self, p: int, hidden: Tensor, cache: Any = None) -> Tensor:
         st = self.state
         seg = st.current
         view = self._view(p, hidden, seg)
@@ -572,7 +588,7 @@ class DecoderHandle(PruneHandle):
         attn = None
         if req is not None:
             rows, rows_valid = req
-            attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device))
+            attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device), cache)
         st.captured.pop(p - 1, None)  # free the projections
         dec = self.method_obj.select(view, attn)
         new_hidden, new_seg = self._apply_decision(p, hidden, seg, dec)

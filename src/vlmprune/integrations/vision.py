@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -162,6 +163,7 @@ class Plan:
     Attributes:
         keep: [B, L] bool, which original slots survive (L = original prompt length).
         dest: [B, L] long, each surviving slot's index in the rewritten sequence [0, L').
+        src: [B, L'] long, the original slot of each rewritten slot (-1 on the new left pads).
         new_len: L', the rewritten width.
         dropped: [B] long, slots deleted per sample.
         new_mask: [B, L'] long, the rewritten attention mask of the prompt (0 on pads).
@@ -172,6 +174,7 @@ class Plan:
 
     keep: Tensor
     dest: Tensor
+    src: Tensor
     new_len: int
     dropped: Tensor
     new_mask: Tensor
@@ -188,19 +191,30 @@ class Plan:
         return self.orig_len - self.new_len
 
     def compact(self, x: Tensor, fill: Any) -> Tensor:
-        """x [B, L, ...] in original coordinates -> [B, L', ...]; new left pads get ``fill``."""
-        out = x.new_full((x.shape[0], self.new_len, *x.shape[2:]), fill)
-        b, s = self.keep.nonzero(as_tuple=True)
-        out[b, self.dest[b, s]] = x[b, s]
-        return out
+        """x [B, L, ...] in original coordinates -> [B, L', ...]; new left pads get ``fill``.
+
+        One gather along dim 1 (no data-dependent shapes, no host synchronisation).
+        """
+        idx = self.src.clamp(min=0).to(x.device)  # [B, L']
+        pads = (self.src < 0).to(x.device)  # [B, L']
+        if x.ndim > 2:
+            tail = (1,) * (x.ndim - 2)
+            idx = idx.view(*idx.shape, *tail).expand(-1, -1, *x.shape[2:])
+            pads = pads.view(*pads.shape, *tail)
+        return x.gather(1, idx).masked_fill(pads, fill)
 
 
 def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0) -> Plan:
-    """keep [B, L] bool -> the left-re-padded compaction (see ``Plan``)."""
+    """keep [B, L] bool -> the left-re-padded compaction (see ``Plan``); one host sync (L')."""
+    bsz, length = keep.shape
     kept_len = keep.sum(dim=1)  # [B]
     new_len = int(kept_len.max())
     dest = (new_len - kept_len)[:, None] + keep.long().cumsum(dim=1) - 1  # [B, L]; valid where keep
-    plan = Plan(keep=keep, dest=dest, new_len=new_len, dropped=keep.shape[1] - kept_len,
+    cols = torch.arange(length, device=keep.device).expand(bsz, length)
+    # dropped slots write to a dump column L' that is cut off
+    src = torch.full((bsz, new_len + 1), -1, dtype=torch.long, device=keep.device)
+    src = src.scatter_(1, torch.where(keep, dest, new_len), cols)[:, :new_len]  # [B, L']
+    plan = Plan(keep=keep, dest=dest, src=src, new_len=new_len, dropped=length - kept_len,
                 new_mask=torch.empty(0), orig_mask=attention_mask, offset=offset)
     ones = torch.ones(keep.shape, dtype=torch.long, device=keep.device)
     plan.new_mask = plan.compact(ones if attention_mask is None else attention_mask, 0)
@@ -211,14 +225,25 @@ def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0) -> P
 
 
 def image_token_counts(per_image: list[Tensor]) -> list[int]:
-    """Kept tokens of each NaN-padded image tensor [n, D]: rows after the last finite row are padding."""
-    counts = []
-    for t in per_image:
-        pad = torch.isnan(t).all(dim=-1)  # [n]
-        # number of trailing all-NaN rows = padding
-        trailing = int(pad.flip(0).long().cumprod(0).sum()) if pad.numel() else 0
-        counts.append(t.shape[0] - trailing)
-    return counts
+    """Kept tokens of each NaN-padded image tensor [n, D]: rows after the last finite row are padding.
+
+    Images of one shape are scanned together (one host synchronisation for the whole batch).
+    """
+    counts: list[int | None] = [None] * len(per_image)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(per_image):
+        groups.setdefault((tuple(t.shape), t.device, t.dtype), []).append(i)
+    for (shape, _, _), idx in groups.items():
+        if shape[0] == 0:
+            for i in idx:
+                counts[i] = 0
+            continue
+        stacked = torch.stack([per_image[i] for i in idx])  # [G, n, D]
+        pad = torch.isnan(stacked).all(dim=-1)  # [G, n]
+        trailing = pad.flip(1).long().cumprod(1).sum(1)  # [G] trailing all-NaN rows = padding
+        for i, c in zip(idx, (shape[0] - trailing).tolist()):
+            counts[i] = int(c)
+    return [int(c) for c in counts]
 
 
 class VisionHandle(PruneHandle):
@@ -232,6 +257,7 @@ class VisionHandle(PruneHandle):
         super().__init__(model, adapter, method, method_obj, stage="vision")
         self.plan: Plan | None = None
         self.last_reduction: Reduction | None = None
+        self._issued: list[tuple[weakref.ref, int]] = []  # (tensor, kept count) of the last encoding
         self.grid = adapter.patch_grid(model)
         self.stats.tokens_per_image = adapter.tokens_per_image(model)
         self._signature = inspect.signature(model.forward)
@@ -301,8 +327,11 @@ class VisionHandle(PruneHandle):
         padded[:, :projected.shape[1]] = projected.masked_fill(~red.mask[..., None], float("nan"))
 
         self.last_reduction = red
-        self.stats.record([int(c) for c in red.counts.tolist()])
-        out = adapter.image_output(list(padded))
+        counts = [int(c) for c in red.counts.tolist()]
+        self.stats.record(counts)
+        per_image_out = list(padded)
+        self._issued = [(weakref.ref(t), c) for t, c in zip(per_image_out, counts)]
+        out = adapter.image_output(per_image_out)
         return out if kwargs.get(K.RETURN_DICT, True) is not False else out.to_tuple()
 
     # ---------------------------------------------------------------- forward hook
@@ -342,7 +371,9 @@ class VisionHandle(PruneHandle):
     def _prefill(self, kw: dict[str, Any], per_image: list[Tensor]) -> dict[str, Any]:
         """Rewrite a batch whose image features are in ``per_image`` (I tensors [n_i, D])."""
         adapter, model = self.adapter, self.model
-        counts = image_token_counts(per_image)
+        counts = self._known_counts(per_image)
+        if counts is None:  # features this handle did not produce as they are (e.g. beam-expanded copies)
+            counts = image_token_counts(per_image)
         runs = [t.shape[0] for t in per_image]
         if counts == runs:  # nothing pruned (e.g. pre-encoded stock features): the stock path
             self.plan = None
@@ -394,6 +425,17 @@ class VisionHandle(PruneHandle):
         kw[K.MM_ENCODER_OUTPUTS] = mm
         self.plan = plan
         return kw
+
+    def _known_counts(self, per_image: list[Tensor]) -> list[int] | None:
+        """Each image's kept count when ``per_image`` are exactly the tensors the last encoding
+        returned (what ``generate`` passes on), without reading them; else None."""
+        issued = self._issued
+        if len(issued) != len(per_image):
+            return None
+        for (ref, _), t in zip(issued, per_image):
+            if ref() is not t:
+                return None
+        return [c for _, c in issued]
 
     # ---------------------------------------------------------------- decode steps
     def _continue(self, kw: dict[str, Any]) -> dict[str, Any]:

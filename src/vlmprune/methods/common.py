@@ -24,6 +24,7 @@ __all__ = [
     "order_chosen",
     "gather_rows",
     "pack_selection",
+    "topk_indices",
 ]
 
 @dataclass
@@ -264,6 +265,30 @@ def order_chosen(key: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     idx = torch.argsort(shifted, dim=1, stable=True)[:, :m]  # [B, M]
     valid = torch.arange(m, device=key.device)[None, :] < counts[:, None]  # [B, M]
     return idx, valid, counts
+
+
+def topk_indices(x: Tensor, k: int, *, block: int = 4) -> Tensor:
+    """Indices of the k largest entries along the last dim of x [..., N] -> [..., k], unordered.
+
+    The same set as ``x.topk(k, dim=-1).indices`` except where values tie at the k-th place (which
+    of the tied entries is taken is arbitrary in both). Two stages, cheaper than one ``topk`` over
+    N on CPU: the N entries are cut into N / block blocks, the k blocks with the largest maxima
+    are kept (every top-k entry lies in one of them: if m is the k-th largest block maximum, at
+    least k entries are >= m, so the k-th largest entry is >= m and any entry above it sits in a
+    block whose maximum is >= m), and the top k of their k * block entries are taken. Falls back
+    to one ``topk`` when N is not a multiple of ``block`` or the blocks would not shrink the search.
+    """
+    n = x.shape[-1]
+    if k <= 0:
+        return x.new_zeros((*x.shape[:-1], 0), dtype=torch.long)
+    if block < 2 or n % block or 2 * k * block > n:
+        return x.topk(k, dim=-1, sorted=False).indices
+    lead = x.shape[:-1]
+    blocks = x.reshape(*lead, n // block, block)  # [..., N/b, b]
+    top_blocks = blocks.amax(-1).topk(k, dim=-1, sorted=False).indices  # [..., k]
+    cand = (top_blocks[..., None] * block + torch.arange(block, device=x.device)).reshape(*lead, k * block)
+    pick = x.gather(-1, cand).topk(k, dim=-1, sorted=False).indices  # [..., k] into cand
+    return cand.gather(-1, pick)
 
 
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from .common import (
     order_chosen,
     resolve_budget,
     spread_priority,
+    topk_indices,
 )
 
 __all__ = [
@@ -345,7 +346,7 @@ def prumerge(
         # which j rank highest for centre i
         sims = torch.bmm(k_centres, k32.transpose(1, 2)).mul_(inv_norm[:, None, :])  # [B, Mc, N]
         sims.scatter_(2, centres[:, :, None], float("-inf"))  # a centre is not its own neighbour
-        nbr = sims.topk(knb, dim=2, sorted=False).indices  # [B, Mc, knb]
+        nbr = topk_indices(sims, knb)  # [B, Mc, knb]
         w = a.gather(1, nbr.view(batch, -1)).view(batch * mc, knb)  # [B*Mc, knb] a_j
         pooled = F.embedding_bag(  # [B*Mc, D] sum_j a_j y_j, without a dense [Mc, N] weight matrix
             (nbr + offsets[:, :, None]).view(batch * mc, knb), y_flat, per_sample_weights=w, mode="sum"
