@@ -105,7 +105,10 @@ TARGET_OVERHEAD = 0.05  # pruning overhead <= 5 % of the unpruned prefill
 
 #: Per-run timings recorded in ``variants[*].raw`` (seconds; decode_steps is a count).
 RAW_KEYS = ("ttft_s", "vision_s", "projector_s", "llm_prefill_s", "overhead_s", "decode_s",
-            "decode_overhead_s", "decode_tokens_per_s")
+            "decode_overhead_s", "decode_tokens_per_s", "overhead_score_s", "overhead_select_s",
+            "overhead_gather_s", "overhead_masks_s", "overhead_other_s")
+#: The parts of ``overhead_s`` (see ``_Probe.instrument``); ``other`` is the rest (bookkeeping).
+OVERHEAD_PARTS = ("score", "select", "gather", "masks", "other")
 
 #: Every field of the card, as dotted paths ("[]" = every element of a list). The tests check them.
 CARD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -385,7 +388,8 @@ class _Probe:
             self._hooks.append(module.register_forward_hook(self._post(name)))
 
     def reset(self) -> None:
-        self.acc = {k: 0.0 for k in ("vision", "projector", "overhead", "decode_overhead")}
+        self.acc = {k: 0.0 for k in ("vision", "projector", "overhead", "decode_overhead",
+                                     *(f"overhead_{p}" for p in OVERHEAD_PARTS[:-1]))}
         self.llm_calls = []
 
     def _pre(self, name: str):
@@ -428,21 +432,37 @@ class _Probe:
         self._restore.append(restore)
 
     def instrument(self, handle: Any) -> bool:
-        """Wrap the machinery's own entry points (see module doc); False for an unknown stage."""
+        """Wrap the machinery's own entry points (see module doc); False for an unknown stage.
+
+        The overhead is split (each part is inside ``overhead``): vision stage — ``score`` the
+        [CLS] attention from the captured q/k, ``select`` the method's reduce (selection and
+        merge), ``gather`` the placeholder rewrite of the batch; decoder stage — ``score`` the
+        side-computed attention rows, ``select`` the method's decision, ``gather`` dropping /
+        inserting tokens, ``masks`` the new layout's attention mask and rotary tables.
+        """
         if handle is None:
             return True
         if handle.stage == "vision":
+            from ..integrations import vision
+
             # image encoding minus the stock tower and projector inside it = signal capture, [CLS]
             # attention, the method's reduce, NaN padding; plus the placeholder rewrite of the batch
             self._wrap_attr(handle, "_encode_images", "overhead", exclude=("vision", "projector"))
             self._wrap_attr(handle, "_prefill", "overhead")
             self._wrap_attr(handle, "_continue", "decode_overhead")
+            self._wrap_attr(vision, "signals_from_qk", "overhead_score")
+            self._wrap_attr(type(handle.method_obj), "reduce", "overhead_select")
+            self._wrap_attr(handle, "_prefill", "overhead_gather")
             return True
         if handle.stage == "decoder":
             for name in ("_begin_prefill", "_prefill_layer", "_finish_prefill"):
                 self._wrap_attr(handle, name, "overhead")
             for name in ("_begin_decode_step", "_decode_layer"):
                 self._wrap_attr(handle, name, "decode_overhead")
+            self._wrap_attr(handle, "_scores", "overhead_score")
+            self._wrap_attr(handle.method_obj, "select", "overhead_select")
+            self._wrap_attr(handle, "_apply_decision", "overhead_gather", exclude=("overhead_masks",))
+            self._wrap_attr(handle, "_finish_segment", "overhead_masks")
             return True
         return False
 
@@ -483,6 +503,9 @@ def _timed_run(model, inputs: dict[str, Tensor], new_tokens: int, probe: _Probe)
         "projector_s": probe.acc.get("projector", 0.0),
         "llm_prefill_s": probe.llm_calls[0],
         "overhead_s": probe.acc.get("overhead", 0.0),
+        **{f"overhead_{p}_s": probe.acc.get(f"overhead_{p}", 0.0) for p in OVERHEAD_PARTS[:-1]},
+        "overhead_other_s": probe.acc.get("overhead", 0.0) - sum(probe.acc.get(f"overhead_{p}", 0.0)
+                                                                  for p in OVERHEAD_PARTS[:-1]),
         "decode_s": decode,
         "decode_overhead_s": probe.acc.get("decode_overhead", 0.0),
         "decode_tokens_per_s": batch * steps / decode if decode > 0 else math.nan,
@@ -1132,6 +1155,17 @@ def print_card(card: dict[str, Any], console: Any = None) -> None:
                 _mb(mem) + (f" ({_x(ra['peak_memory_ratio'])})" if pruned and mem is not None else ""),
             )
         console.print(t)
+        pruned = [v for v in r["variants"] if v["method"] is not None and "overhead_score_s" in v["median"]]
+        if pruned:
+            split = Table(title=f"{r['model']}, batch {r['batch']}: where the overhead goes (ms, median)")
+            for c in ("variant", "stage", *OVERHEAD_PARTS, "total"):
+                split.add_column(c, justify="left" if c in ("variant", "stage") else "right")
+            for v in pruned:
+                md = v["median"]
+                split.add_row(v["label"], v.get("stage") or "-",
+                              *(f"{md[f'overhead_{p}_s'] * 1e3:.2f}" for p in OVERHEAD_PARTS),
+                              f"{md['overhead_s'] * 1e3:.2f}")
+            console.print(split)
     console.print("[bold]acceptance targets[/] (scaled model, batch 1):")
     for tg in card["targets"]:
         if tg["met"] is None:

@@ -314,7 +314,7 @@ class ATP(DecoderMethodBase):
             ctx.keep_grids.append(ctx.masks[-1] > 0.5)
             ones = torch.ones(bsz, length + 1, dtype=step.mask.dtype, device=step.mask.device)
             soft = ones.scatter(1, dump, torch.where(valid_v, step.mask, torch.ones_like(step.mask)))[:, :length]
-            return Decision(soft=soft, info={"atp_layer": layer, "soft_count": step.count.detach().tolist()})
+            return Decision(soft=soft, info={"atp_layer": layer, "soft_count": step.count.detach()})
 
         scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t)
         step = pr.hard_step(layer, scores, patch)
@@ -328,7 +328,7 @@ class ATP(DecoderMethodBase):
         for name in ("theta_r", "theta_s"):
             t = getattr(step.thresholds, name)
             if t is not None:
-                info[name] = t.detach().float().tolist()
+                info[name] = t.detach().float()
         return Decision(keep=cols_keep[:, :length], info=info)
 
     def _range_term(self, s_r: Tensor, s_s: Tensor, th: A.Thresholds, valid: Tensor) -> Tensor:

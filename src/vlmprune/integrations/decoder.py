@@ -118,7 +118,8 @@ class Decision:
     layer (the query's own position is never masked). ``extra`` [B, E, D] with ``extra_valid``
     [B, E]: tokens inserted right after each sample's last alive visual token (they count as
     visual); ``extra_positions`` [B, E]: their position ids when positions are kept original.
-    ``info``: anything to record in ``handle.state`` (e.g. raters, cluster sizes).
+    ``info``: anything to record in ``handle.state.decisions`` (e.g. raters, cluster sizes); tensors
+    there are turned into lists when the prefill ends (no host synchronisation mid-prefill).
     """
 
     keep: Tensor | None = None
@@ -331,6 +332,7 @@ class DecoderState:
     pos_emb_used: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     context: Any = None
     last_pos: Tensor | None = None  # [B] original position of each sample's last token
+    num_visual0: Tensor | None = None  # [B] visual tokens of each sample before any pruning
     decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
     cache_ref: Any = None  # weakref to the prefill's cache
     final_source: Tensor | None = None  # [B, L_final] input index of each output column (-1: pad/inserted)
@@ -516,13 +518,13 @@ class DecoderHandle(PruneHandle):
         st.layer_segment = [0] * self.num_layers
         st.orig_len = length
         st.last_pos = positions[:, -1].clone()
-        view = self._view(0, embeds, root)
-        st.context = self.method_obj.prepare(embeds, view)
+        st.num_visual0 = visual.sum(1)
+        if getattr(type(self.method_obj), "prepare", None) is not DecoderMethodBase.prepare:  # skip the no-op
+            st.context = self.method_obj.prepare(embeds, self._view(0, embeds, root))
 
     def _view(self, layer: int, hidden: Tensor, seg: Segment) -> LayerView:
-        cols = torch.arange(seg.length, device=hidden.device)
-        last = torch.where(seg.prompt, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1).clamp(min=0)
-        n0 = self.state.segments[0].visual.sum(1)
+        last = _last_true(seg.prompt).clamp(min=0)
+        n0 = self.state.num_visual0
         return LayerView(layer=layer, num_layers=self.num_layers, hidden=hidden, valid=seg.valid, visual=seg.visual,
                          recycled=seg.recycled, after_image=seg.after_image, prompt=seg.prompt, source=seg.source,
                          positions=seg.positions, last=last, num_visual0=n0, context=self.state.context)
@@ -595,7 +597,7 @@ class DecoderHandle(PruneHandle):
         st.decisions[p] = dict(dec.info)
         if new_seg is not seg:
             st.segments.append(new_seg)
-        st.decisions[p]["kept"] = new_seg.visual.sum(1).tolist()
+        st.decisions[p]["kept"] = new_seg.visual.sum(1)  # a tensor until the prefill ends (no sync here)
         return new_hidden
 
     def _apply_decision(self, p: int, hidden: Tensor, seg: Segment, dec: Decision) -> tuple[Tensor, Segment]:
@@ -604,14 +606,19 @@ class DecoderHandle(PruneHandle):
         keep = seg.valid.clone() if dec.keep is None else (seg.valid & (dec.keep.to(dev).bool() | ~seg.visual))
         # each sample's last prompt token stays (it produces the next-token logits)
         cols = torch.arange(length, device=dev)
-        last = torch.where(seg.prompt, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1)
-        keep |= (cols[None, :] == last[:, None]) & seg.valid
+        keep |= (cols[None, :] == _last_true(seg.prompt)[:, None]) & seg.valid
         soft = seg.soft
         if dec.soft is not None:
             s = torch.where(seg.visual, dec.soft.to(dev, torch.float32), torch.ones_like(dec.soft, dtype=torch.float32))
             soft = s if soft is None else soft * s
         n_extra = 0 if dec.extra is None else dec.extra.shape[1]
-        dropped = bool((seg.valid & ~keep).any())
+        ev = None
+        if n_extra:
+            ev = dec.extra_valid.to(dev).bool() if dec.extra_valid is not None else \
+                torch.ones(bsz, n_extra, dtype=torch.bool, device=dev)
+        n_new = keep.sum(1) + (ev.sum(1) if n_extra else 0)  # [B] tokens of the new layout
+        # the prune point's one host synchronisation: new width, narrowest sample, anything dropped
+        new_len, min_len, dropped = torch.stack([n_new.max(), n_new.min(), (seg.valid & ~keep).any().long()]).tolist()
         if not dropped and n_extra == 0:
             if soft is seg.soft:
                 return hidden, seg
@@ -628,8 +635,6 @@ class DecoderHandle(PruneHandle):
         prompt, after, positions = [seg.prompt], [seg.after_image], [seg.positions]
         softs = [soft] if soft is not None else None
         if n_extra:
-            ev = dec.extra_valid.to(dev).bool() if dec.extra_valid is not None else \
-                torch.ones(bsz, n_extra, dtype=torch.bool, device=dev)
             # insert after each sample's last visual token (of the layout before dropping)
             last_vis = torch.where(seg.visual, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1)
             ekey = torch.where(ev, (last_vis * 2 + 1)[:, None].expand(bsz, n_extra), torch.full_like(ev, -1, dtype=torch.long))
@@ -647,8 +652,6 @@ class DecoderHandle(PruneHandle):
                 positions.append(seg.positions.gather(1, last_vis.clamp(min=0)[:, None]).expand(bsz, n_extra))
             if softs is not None:
                 softs.append(torch.ones(bsz, n_extra, dtype=torch.float32, device=dev))
-        n_new = (key >= 0).sum(1)  # [B]
-        new_len = int(n_new.max())
         order = torch.sort(key, dim=1, stable=True).indices[:, -new_len:]  # pads (-1) first, then in order
 
         def take(parts: list[Tensor]) -> Tensor:
@@ -671,15 +674,15 @@ class DecoderHandle(PruneHandle):
                       soft=take(softs) if softs is not None else None,
                       shift=(self.state.last_pos - new_positions[:, -1]) if self.method_obj.positions == "compact"
                       else torch.zeros_like(seg.shift), identity=False)
-        self._finish_segment(new, new_hidden)
+        self._finish_segment(new, new_hidden, all_valid=min_len == new_len)
         return new_hidden, new
 
-    def _finish_segment(self, seg: Segment, hidden: Tensor) -> None:
-        """Prefill attention mask and rotary tables of a new layout."""
+    def _finish_segment(self, seg: Segment, hidden: Tensor, all_valid: bool | None = None) -> None:
+        """Prefill attention mask and rotary tables of a new layout (``all_valid``: no padding, if known)."""
         length = seg.length
         bias = seg.key_bias()
         if bias is None:
-            if bool(seg.valid.all()):
+            if bool(seg.valid.all()) if all_valid is None else all_valid:
                 seg.mask = None  # sdpa's is_causal path
             else:
                 causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
@@ -696,10 +699,16 @@ class DecoderHandle(PruneHandle):
         st.captured = {}
         st.pos_emb_used = {}
         st.final_source = st.current.source
-        vis = torch.stack([st.segments[s].visual.sum(1) for s in st.layer_segment], dim=1)  # [B, layers]
-        tok = torch.stack([st.segments[s].valid.sum(1) for s in st.layer_segment], dim=1)
+        # per-segment counts, one small transfer: [2, S, B] -> per layer through layer_segment
+        counts = torch.stack([torch.stack([seg.visual.sum(1), seg.valid.sum(1)]) for seg in st.segments], 1).cpu()
+        index = torch.tensor(st.layer_segment)
+        vis, tok = counts[0, index].T, counts[1, index].T  # [B, layers]
+        for d in st.decisions.values():  # tensors recorded during the prefill -> lists, now the work is done
+            for key, value in d.items():
+                if isinstance(value, torch.Tensor):
+                    d[key] = value.tolist()
         kept_at = {p: d["kept"] for p, d in st.decisions.items()}
-        self.stats.record_layers(vis.cpu(), tok.cpu(), kept_at)
+        self.stats.record_layers(vis, tok, kept_at)
 
     # ---------------------------------------------------------------- decode
     def _begin_decode_step(self, args: tuple, kwargs: dict, embeds: Tensor, cache: Any):
@@ -764,6 +773,12 @@ class DecoderHandle(PruneHandle):
     def remove(self) -> None:
         super().remove()
         self.state = DecoderState()
+
+
+def _last_true(mask: Tensor) -> Tensor:
+    """[B, L] bool -> [B] long column of each row's last True (-1 when none)."""
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, cols, -1).amax(1)
 
 
 def _image_key(pixels: Any, mm_outputs: Any) -> tuple | None:

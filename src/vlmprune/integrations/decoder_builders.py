@@ -66,7 +66,7 @@ class FastV(DecoderMethodBase):
         _, rows_valid = self.score_rows(view)
         scores = fv.row_scores(attn, rows_valid)
         k = self.keep_counts(view)
-        return Decision(keep=fv.topk_visual(scores, view.visual, k), info={"k": k.tolist()})
+        return Decision(keep=fv.topk_visual(scores, view.visual, k), info={"k": k})
 
     def __repr__(self) -> str:
         how = (f"count={self.count}" if self.count is not None else f"budget={self.budget}" if self.budget is not None
@@ -144,12 +144,12 @@ class SparseVLM(DecoderMethodBase):
         n = view.visual.sum(1)
         k = sv.schedule_count(self.schedule[step], n, view.num_visual0)
         keep = fv.topk_visual(scores, view.visual, k)
-        info: dict[str, Any] = {"k": k.tolist(), "raters": rows_valid.sum(1).tolist()}
+        info: dict[str, Any] = {"k": k, "raters": rows_valid.sum(1)}
         if not self.recycle:
             return Decision(keep=keep, info=info)
         pruned = view.visual & ~keep
         tokens, valid, pos, sizes = sv.recycle(view.hidden, scores, pruned, view.positions)
-        info["clusters"] = valid.sum(1).tolist()
+        info["clusters"] = valid.sum(1)
         return Decision(keep=keep, extra=tokens, extra_valid=valid, extra_positions=pos, info=info)
 
     def __repr__(self) -> str:

@@ -323,11 +323,15 @@ class VisionHandle(PruneHandle):
         # 2. reduce, then project the kept tokens only
         red = method.reduce(features, signals, self.grid)  # tokens [I, M, D], counts [I]
         projected = adapter.project(model, red.tokens)  # [I, M, D_text]
-        padded = projected.new_full((n_img, per_image, projected.shape[-1]), float("nan"))  # [I, N, D_text]
-        padded[:, :projected.shape[1]] = projected.masked_fill(~red.mask[..., None], float("nan"))
+        counts = [int(c) for c in red.counts.tolist()]  # the encoding's one host synchronisation
+        width = projected.shape[1]
+        padded = projected.new_empty((n_img, per_image, projected.shape[-1]))  # [I, N, D_text]
+        padded[:, :width] = projected
+        padded[:, width:] = float("nan")
+        if min(counts) < width:  # ragged batch: each image's rows past its own count are padding too
+            padded[:, :width].masked_fill_(~red.mask[..., None], float("nan"))
 
         self.last_reduction = red
-        counts = [int(c) for c in red.counts.tolist()]
         self.stats.record(counts)
         per_image_out = list(padded)
         self._issued = [(weakref.ref(t), c) for t, c in zip(per_image_out, counts)]
