@@ -111,6 +111,26 @@ def test_ratios_follow_from_raw_timings(card) -> None:
                 assert all(t > 0 for t in v["raw"]["overhead_s"]), v["label"]
 
 
+def test_overhead_split_adds_up(card) -> None:
+    """The overhead's parts are measured inside it: each >= 0, the named ones present for the stage,
+    and score + select + gather + masks + other == the overhead of the same run."""
+    for res in card["results"]:
+        for v in res["variants"]:
+            raw = v["raw"]
+            for i, total in enumerate(raw["overhead_s"]):
+                parts = [raw[f"overhead_{p}_s"][i] for p in M.OVERHEAD_PARTS]
+                assert sum(parts) == pytest.approx(total, abs=1e-9)
+                assert all(p >= 0 for p in parts[:-1]) and parts[-1] >= -1e-6
+                if v["method"] is None:
+                    assert all(p == 0 for p in parts[:-1])
+                elif v["stage"] == "decoder":
+                    assert raw["overhead_score_s"][i] > 0 and raw["overhead_select_s"][i] > 0
+                    assert raw["overhead_gather_s"][i] > 0 and raw["overhead_masks_s"][i] > 0
+                else:
+                    assert raw["overhead_select_s"][i] > 0 and raw["overhead_gather_s"][i] > 0
+                    assert (raw["overhead_score_s"][i] > 0) == (v["method"] != "random"), v["label"]
+
+
 def test_token_flop_and_kv_bookkeeping(card) -> None:
     kv_per_token = 2 * TINY_LAYERS * 64 * 4  # K and V, width 64 (1 head of 64), fp32
     cfg = M._cfg_from_card(card["models"][0])
