@@ -64,6 +64,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..methods.common import gather_rows
 from .base import ModelAdapter, PruneHandle, PruneStats
 from .compat import K, get_cache, layer_keys, output_cache
 
@@ -217,7 +218,7 @@ def attention_rows(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Tensor
         r = rows[:, start:start + chunk].clamp(0, length - 1)  # [B, r]
         nr = r.shape[1]
         rv = rows_valid[:, start:start + chunk]
-        qr = q.gather(1, r[:, :, None].expand(-1, -1, q.shape[-1])).view(bsz, nr, num_heads, head_dim)
+        qr = gather_rows(q, r).view(bsz, nr, num_heads, head_dim)
         cidx = r[:, :, None].expand(-1, -1, cos.shape[-1])
         qr = _rope(qr.transpose(1, 2).float(), cos.gather(1, cidx).float(), sin.gather(1, cidx).float())  # [B, H, r, Dh]
         # heads h = g * rep + j use key head g: group the query heads by their key head
@@ -659,7 +660,7 @@ class DecoderHandle(PruneHandle):
             return t.gather(1, order)
 
         h = torch.cat(cand, dim=1) if n_extra else hidden
-        new_hidden = h.gather(1, order[:, :, None].expand(-1, -1, h.shape[-1]))
+        new_hidden = gather_rows(h, order)  # [B, L', D]
         new_valid = take(valid)
         new_source = torch.where(new_valid, take(source), -1)
         new_visual = take(visual) & new_valid

@@ -13,6 +13,7 @@ import numbers
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -284,8 +285,8 @@ def topk_indices(x: Tensor, k: int, *, block: int = 4) -> Tensor:
     if block < 2 or n % block or 2 * k * block > n:
         return x.topk(k, dim=-1, sorted=False).indices
     lead = x.shape[:-1]
-    blocks = x.reshape(*lead, n // block, block)  # [..., N/b, b]
-    top_blocks = blocks.amax(-1).topk(k, dim=-1, sorted=False).indices  # [..., k]
+    block_max = F.max_pool1d(x.reshape(-1, 1, n), block).view(*lead, n // block)  # [..., N/b]
+    top_blocks = block_max.topk(k, dim=-1, sorted=False).indices  # [..., k]
     cand = (top_blocks[..., None] * block + torch.arange(block, device=x.device)).reshape(*lead, k * block)
     pick = x.gather(-1, cand).topk(k, dim=-1, sorted=False).indices  # [..., k] into cand
     return cand.gather(-1, pick)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .common import gather_rows
 from .fastv import pack_mask, row_scores, topk_visual
 
 __all__ = ["V15_SCHEDULES", "V15_LAYERS", "REFERENCE_LAYERS", "REFERENCE_TOKENS", "scale_layers",
@@ -78,7 +79,7 @@ def scale_layers(layers: tuple[int, ...] | list[int], num_layers: int, reference
 def _pack_rows(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Gather the True rows of x [B, L, D] -> ([B, R, D], valid [B, R])."""
     idx, valid = pack_mask(mask)
-    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1])), valid
+    return gather_rows(x, idx), valid
 
 
 def select_raters(embeds: Tensor, visual: Tensor, text_after: Tensor, last: Tensor) -> Tensor:
@@ -86,7 +87,7 @@ def select_raters(embeds: Tensor, visual: Tensor, text_after: Tensor, last: Tens
     x = embeds.float()
     v, vv = _pack_rows(x, visual)  # [B, Nv, D]
     t_idx, tv = pack_mask(text_after)  # [B, Nt]
-    t = x.gather(1, t_idx[:, :, None].expand(-1, -1, x.shape[-1]))
+    t = gather_rows(x, t_idx)
     logits = torch.matmul(v, t.transpose(1, 2))  # [B, Nv, Nt]  (no 1/sqrt(d), as the official code)
     logits = logits.masked_fill(~tv[:, None, :], float("-inf"))
     m = torch.softmax(logits, dim=-1).nan_to_num(0.0)
@@ -173,7 +174,7 @@ def recycle(hidden: Tensor, scores: Tensor, pruned: Tensor, positions: Tensor, *
     c = torch.where(m > 0, torch.minimum(m // cluster_div + 1, m), torch.zeros_like(m))
     sel = topk_visual(scores, pruned, m)  # [B, L]
     idx, valid = pack_mask(sel)  # [B, M]
-    x = hidden.gather(1, idx[:, :, None].expand(-1, -1, d))
+    x = gather_rows(hidden, idx)
     pos = positions.gather(1, idx)
     assign = density_peak_clusters(x, valid, c)  # [B, M]
     c_max = max(int(c.max()), 1)
