@@ -339,3 +339,19 @@ def test_prompt_ending_with_image_keeps_its_last_token(model):
         assert int(h.state.segments[-1].shift.abs().sum()) == 0
         seq_u, lg_u = _gen(model, inputs, n=3, use_cache=False)
     torch.testing.assert_close(lg_c, lg_u, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method,opts", [("fastv", {"k": 2, "count": 4}), ("sparsevlm", {"schedule": (12, 8, 4)}),
+                                         ("sparsevlm", {"schedule": (12, 8, 4), "recycle": False})])
+def test_segment_rotary_tables_equal_the_rotary_of_their_positions(model, method, opts):
+    """A pruned layout's (cos, sin) -- gathered from the previous layout when positions are kept --
+    are exactly the rotary embedding of its position ids."""
+    inputs = make_inputs(model, prefix_lens=(1, 5), suffix_lens=(4, 2), seed=3)
+    with torch.no_grad(), vlmprune.pruned(model, method, **opts) as h:
+        model(**inputs, use_cache=True)
+        rotary = model.model.language_model.rotary_emb
+        pruned = [seg for seg in h.state.segments if not seg.identity]
+        assert pruned
+        for seg in pruned:
+            cos, sin = rotary(torch.zeros(1, 1, 1), position_ids=seg.positions)
+            assert torch.equal(seg.pos_emb[0].expand_as(cos), cos) and torch.equal(seg.pos_emb[1].expand_as(sin), sin)

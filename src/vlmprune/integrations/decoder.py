@@ -675,11 +675,17 @@ class DecoderHandle(PruneHandle):
                       soft=take(softs) if softs is not None else None,
                       shift=(self.state.last_pos - new_positions[:, -1]) if self.method_obj.positions == "compact"
                       else torch.zeros_like(seg.shift), identity=False)
-        self._finish_segment(new, new_hidden, all_valid=min_len == new_len)
+        pos_emb = None
+        if n_extra == 0 and self.method_obj.positions == "original" and seg.pos_emb is not None:
+            # survivors keep their positions, so their rotary rows are the old layout's rows
+            pos_emb = tuple(gather_rows(t.expand(bsz, -1, -1), order) for t in seg.pos_emb)
+        self._finish_segment(new, new_hidden, all_valid=min_len == new_len, pos_emb=pos_emb)
         return new_hidden, new
 
-    def _finish_segment(self, seg: Segment, hidden: Tensor, all_valid: bool | None = None) -> None:
-        """Prefill attention mask and rotary tables of a new layout (``all_valid``: no padding, if known)."""
+    def _finish_segment(self, seg: Segment, hidden: Tensor, all_valid: bool | None = None,
+                        pos_emb: tuple[Tensor, Tensor] | None = None) -> None:
+        """Prefill attention mask and rotary tables of a new layout (``all_valid``: no padding, if
+        known; ``pos_emb``: its rotary tables, if known, else computed from its positions)."""
         length = seg.length
         bias = seg.key_bias()
         if bias is None:
@@ -690,7 +696,7 @@ class DecoderHandle(PruneHandle):
                 seg.mask = causal[None, None] & seg.valid[:, None, None, :]
         else:
             seg.mask = _soft_mask(seg.valid, bias, hidden.dtype, q_len=length, past=0)
-        seg.pos_emb = self.rotary(hidden, position_ids=seg.positions)
+        seg.pos_emb = pos_emb if pos_emb is not None else self.rotary(hidden, position_ids=seg.positions)
 
     def _finish_prefill(self, output: Any) -> None:
         st = self.state
