@@ -212,7 +212,6 @@ def attention_rows(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Tensor
     length = kk.shape[2]
     rep = num_heads // num_kv_heads
     cols = torch.arange(length, device=kk.device)
-    kt = kk.transpose(-1, -2)  # [B, Hkv, Dh, L]
     out = []
     for start in range(0, rows.shape[1], chunk):
         r = rows[:, start:start + chunk].clamp(0, length - 1)  # [B, r]
@@ -223,7 +222,9 @@ def attention_rows(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Tensor
         qr = _rope(qr.transpose(1, 2).float(), cos.gather(1, cidx).float(), sin.gather(1, cidx).float())  # [B, H, r, Dh]
         # heads h = g * rep + j use key head g: group the query heads by their key head
         qg = qr.to(kk.dtype).reshape(bsz, num_kv_heads, rep * nr, head_dim)  # [B, Hkv, rep*r, Dh]
-        logits = torch.matmul(qg, kt).float().view(bsz, num_heads, nr, length) * scaling  # [B, H, r, L]
+        # keys as the left operand: [L, Dh] x [Dh, rep*r] keeps the long, contiguous side as the GEMM's M
+        logits = torch.matmul(kk, qg.transpose(-1, -2)).transpose(-1, -2)  # [B, Hkv, rep*r, L]
+        logits = logits.float().reshape(bsz, num_heads, nr, length) * scaling  # [B, H, r, L]
         if key_bias is not None:
             diag = cols[None, None, :] == r[:, :, None]  # own position is never masked
             logits = logits + torch.where(diag, 0.0, key_bias.float()[:, None, :])[:, None]
