@@ -252,16 +252,18 @@ def spread_priority(height: int, width: int, device: torch.device | None = None)
 # --------------------------------------------------------------------------- packing
 
 
-def order_chosen(key: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def order_chosen(key: Tensor, chosen: Tensor, span: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Chosen patches of every sample, sorted by ``key``, padded to the batch maximum.
 
-    ``key`` [B, N] integer (lower comes first), ``chosen`` [B, N] bool. Returns
-    ``(idx, valid, counts)``: idx [B, M] long patch indices in output order (padding slots hold
-    arbitrary but in-range indices), valid [B, M] bool, counts [B] long, M = max(counts).
+    ``key`` [B, N] integer (lower comes first), ``chosen`` [B, N] bool; ``span``: an upper bound
+    of ``key.max() - key.min() + 1`` when the caller knows one (saves a host synchronisation).
+    Returns ``(idx, valid, counts)``: idx [B, M] long patch indices in output order (padding slots
+    hold arbitrary but in-range indices), valid [B, M] bool, counts [B] long, M = max(counts).
     """
     counts = chosen.sum(dim=1)  # [B]
     m = int(counts.max())
-    span = int(key.max() - key.min()) + 1
+    if span is None:
+        span = int(key.max() - key.min()) + 1
     shifted = torch.where(chosen, key, key + span)  # every unchosen key sorts after every chosen
     idx = torch.argsort(shifted, dim=1, stable=True)[:, :m]  # [B, M]
     valid = torch.arange(m, device=key.device)[None, :] < counts[:, None]  # [B, M]

@@ -323,7 +323,7 @@ def prumerge(
             key = torch.where(in_s, rank, n + num_tokens)  # S by attention, then grid ascending
         else:
             key = n.expand(batch, num_tokens)  # ascending patch index
-        centres, valid, n_centres = order_chosen(key, is_centre)  # [B, Mc], [B, Mc], [B]
+        centres, valid, n_centres = order_chosen(key, is_centre, span=2 * num_tokens)  # keys in [0, 2N)
         mc = centres.shape[1]
 
     # ---- 3. merge: each centre absorbs its k_neighbors most key-similar other patches.
