@@ -122,7 +122,7 @@ def test_untrained_modules_keep_everything_exactly(model):
     inputs = make_inputs(model, prefix_lens=(3, 1), suffix_lens=(5, 8))
     with torch.no_grad():
         ref = model(**inputs).logits
-    with vlmprune.pruned(model, "atp") as handle:
+    with pytest.warns(UserWarning, match="nothing is pruned"), vlmprune.pruned(model, "atp") as handle:
         with torch.no_grad():
             out = model(**inputs).logits
         assert handle.stats.module_counts == [[16, 16, 16], [16, 16, 16]]
@@ -277,6 +277,12 @@ def test_bad_checkpoints_and_options_give_clear_errors(model, tmp_path):
     save_file({k: v.contiguous() for k, v in wrong.state_dict().items()},
               str(tmp_path / "small" / "atp_weights.safetensors"))
     with pytest.raises(ValueError, match="incompatible"):
+        vlmprune.apply(model, "atp", checkpoint=str(tmp_path / "small"))
+    (tmp_path / "small" / "atp_weights.safetensors").write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match="atp_weights.safetensors is not a readable safetensors file"):
+        vlmprune.apply(model, "atp", checkpoint=str(tmp_path / "small"))
+    (tmp_path / "small" / "atp_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="atp_config.json is not valid JSON"):
         vlmprune.apply(model, "atp", checkpoint=str(tmp_path / "small"))
     with pytest.raises(ValueError, match="cannot be combined"):
         build_atp(checkpoint=str(tmp_path / "small"), fixed_ratio=0.5)

@@ -185,7 +185,7 @@ def parse_methods(specs: Sequence[str]) -> list[Variant]:
     Options are checked by building the method (``BenchError`` names the problem); budgets that
     depend on the model (e.g. ``keep`` > N) are checked when the method is applied.
     """
-    from ..cli import parse_method_spec
+    from ..registry import parse_method_spec
     from ..registry import get_method
 
     variants = [Variant("unpruned", None)]

@@ -54,6 +54,12 @@ class FastV(DecoderMethodBase):
             return rows, torch.ones_like(rows, dtype=torch.bool)
         return fv.pack_mask(view.prompt & view.valid)
 
+    def check_budget(self, num_tokens: int) -> None:
+        """``count`` must not exceed the model's visual tokens per image."""
+        if self.count is not None and self.count > num_tokens:
+            raise ValueError(f"fastv: count={self.count} is more than the {num_tokens} visual tokens per image of "
+                             f"this model; pass count <= {num_tokens}")
+
     def keep_counts(self, view: LayerView) -> Tensor:
         n = view.visual.sum(1)
         if self.count is not None:
@@ -173,6 +179,10 @@ def build_sparsevlm(*, budget: int = 192, schedule: tuple[int, ...] | list[int] 
     else:
         if not isinstance(schedule, (tuple, list)) or not schedule or not all(_is_int(c) and c >= 1 for c in schedule):
             raise ValueError(f"sparsevlm: schedule must be a non-empty list of ints >= 1, got {schedule!r}")
+        if max(schedule) > sv.REFERENCE_TOKENS:
+            raise ValueError(f"sparsevlm: schedule counts are visual tokens kept out of {sv.REFERENCE_TOKENS} (scaled "
+                             f"to the model's count); {max(schedule)} is more than {sv.REFERENCE_TOKENS} — pass counts "
+                             f"<= {sv.REFERENCE_TOKENS}, e.g. schedule=[300,200,110]")
     if layers is not None:
         if not isinstance(layers, (tuple, list)) or not all(_is_int(l) and l >= 0 for l in layers) \
                 or list(layers) != sorted(set(layers)):
