@@ -158,6 +158,20 @@ def parse_value(text: str, spec: str = "") -> Any:
     return v
 
 
+def format_value(v: Any) -> str:
+    """An option value written back in the spec grammar (``[100,50,20]``, ``true``, ``none``)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    if isinstance(v, str) and (v != v.strip() or any(c in v for c in ",[]()'\"=") or
+                               not isinstance(parse_value(v), str)):
+        return repr(v)
+    return os.fspath(v) if isinstance(v, os.PathLike) else str(v)
+
+
 def parse_method_spec(spec: str) -> tuple[str | None, dict[str, Any]]:
     """``"prumerge+"`` / ``"random:keep=32,seed=1"`` / ``"sparsevlm:schedule=[100,50,20]"`` / ``"none"``
     -> (name or None for no pruning, options). Syntax errors raise ``ValueError`` naming the spec;

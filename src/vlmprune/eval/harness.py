@@ -138,6 +138,14 @@ def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch
     return results, seconds
 
 
+def label_for(method: str | None, options: dict[str, Any]) -> str:
+    """A run's label: ``"unpruned"``, ``"fastv"``, ``"random keep=32,seed=1"``."""
+    from ..registry import format_value
+
+    return (method or "unpruned") + (" " + ",".join(f"{k}={format_value(v)}" for k, v in options.items())
+                                     if options else "")
+
+
 def evaluate(model, processor, items: Sequence[EvalItem], *, method: str | None = None,
              method_options: dict | None = None, label: str | None = None, baseline: EvalResult | None = None,
              batch_size: int = 8, max_new_tokens: int = 8, prompt_template: str = PROMPT_TEMPLATE,
@@ -148,7 +156,7 @@ def evaluate(model, processor, items: Sequence[EvalItem], *, method: str | None 
     from .distributed import gather_results, num_processes, shard
 
     options = dict(method_options or {})
-    label = label or (method or "unpruned") + (" " + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+    label = label or label_for(method, options)
     handle = vlmprune.apply(model, method, **options) if method else None
     try:
         local_items = shard(items)

@@ -53,6 +53,10 @@ Assumptions, each with the test that guards it:
 7. **Cache internals the benchmarks and tests read**: ``DynamicCache.layers[i].keys / .values``
    (``test_cost.py``'s KV-bytes check, ``bench``'s ``cache_bytes``). Guarded by
    ``test_cost.py``.
+8. **Loading progress bars**: ``from_pretrained`` draws a "Loading weights" bar on stderr unless
+   ``transformers.utils.logging.disable_progress_bar()`` was called (``quiet_loading``; the CLI
+   calls it so that an error is stderr's first line). Guarded by
+   ``test_cli.py::test_eval_typo_in_second_method_fails_before_any_work``.
 """
 
 from __future__ import annotations
@@ -135,3 +139,10 @@ def apply_rotary(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def quiet_loading() -> None:
+    """No progress bars from ``from_pretrained`` (assumption 8)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
