@@ -14,7 +14,6 @@ import sys
 import time
 from unittest import mock
 
-import click
 import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -265,7 +264,7 @@ def test_every_option_has_help_and_no_rst_markup():
     for path, cmd in _commands(get_command(app)):
         assert "``" not in (cmd.help or ""), path
         for p in cmd.params:
-            if isinstance(p, click.Option) and p.name != "help":
+            if p.param_type_name == "option" and p.name != "help":
                 assert p.help, f"{' '.join(path)} {p.opts[0]} has no help text"
                 assert "``" not in p.help, (path, p.opts)
 
@@ -273,7 +272,7 @@ def test_every_option_has_help_and_no_rst_markup():
 def test_flags_are_consistent_across_commands():
     for path, cmd in _commands(get_command(app)):
         for p in cmd.params:
-            if not isinstance(p, click.Option):
+            if p.param_type_name != "option":
                 continue
             if "--model" in p.opts:
                 assert "-M" in p.opts and "-m" not in p.opts, path

@@ -326,7 +326,7 @@ def demo_cmd(
 @testbed_app.command("train")
 def testbed_train(
     out: Path = typer.Option(Path("runs/testbed"), help="run folder (checkpoints; resumes if present)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the weights' initialisation and of the data order"),
     vision_steps: int = typer.Option(None, help="stage-1 steps (default: the recipe's, TrainConfig.vision_steps)"),
     llm_steps: int = typer.Option(None, help="stage-2 steps (default: the recipe's, TrainConfig.llm_steps)"),
     install: bool = typer.Option(False, help="copy the final model into the package (the committed testbed)"),
@@ -356,16 +356,15 @@ def testbed_train(
 def testbed_check(
     n: int = typer.Option(300, help="questions per family (unpruned and random-32 runs)"),
     blank_n: int = typer.Option(100, help="questions per family for the blank-image run"),
-    out: Path = typer.Option(Path("out/testbed-check")),
-    batch_size: int = typer.Option(16),
+    out: Path = typer.Option(Path("out/testbed-check"), "--out", "-o", help="output folder for check.md / check.json"),
+    batch_size: int = typer.Option(16, "--batch-size", help="prompts per generate() call (>= 1)"),
     model: Optional[str] = typer.Option(None, "--model", "-M",
                                         help="a saved model folder to check (default: the committed testbed)"),
 ):
     """The testbed's acceptance checks: unpruned / blank-image / random-32 accuracy, [CLS] attention share."""
     from .testbed.check import run_check
 
-    if n < 1 or blank_n < 1:
-        _fail("--n and --blank-n must be >= 1")
+    _at_least(n=(n, 1), blank_n=(blank_n, 1), batch_size=(batch_size, 1))
     loaded, processor = _load(model)
     run_check(n=n, out=out, batch_size=batch_size, blank_n=blank_n, model=loaded, processor=processor)
 

@@ -31,9 +31,10 @@ def bench(
     method: list[str] = typer.Option(["prumerge+", "fastv"], "--method", "-m",
                                      help="method spec NAME[:key=value,...] (see `vlmprune methods`); repeat for "
                                           "several; the unpruned model is always measured"),
-    batch: list[int] = typer.Option([1, 8], "--batch", "-b", help="batch size; repeat for several"),
+    batch: list[int] = typer.Option([1, 8], "--batch-size", "--batch", "-b", help="batch size; repeat for several"),
     dtype: str = typer.Option("fp32", "--dtype",
-                              help="fp32 (default) or bf16 (this CPU has no bf16 acceleration: bf16 times emulation)"),
+                              help="fp32 (default) or bf16 (the card's machine.bf16_matmul says whether this CPU "
+                                   "accelerates bf16)"),
     repeats: int = typer.Option(5, "--repeats", help="timed rounds (median reported)"),
     warmup: int = typer.Option(1, "--warmup", help="untimed rounds first"),
     new_tokens: int = typer.Option(16, "--new-tokens", help="tokens generated per run (decode steps = this - 1)"),
