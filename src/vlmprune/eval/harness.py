@@ -91,10 +91,7 @@ def summarize(label: str, method: str | None, options: dict, results: Sequence[I
 def _visual_tokens_per_sample(handle, input_ids: torch.Tensor, image_token_id: int) -> list[float]:
     """Visual tokens each sample fed to the LLM in the last prefill (all-layer average for decoder methods)."""
     if handle is not None:
-        stats = handle.stats
-        per_sample = getattr(stats, "visual_tokens_per_sample", None)  # decoder stage: all-layer average
-        values = per_sample() if callable(per_sample) else stats.last_kept
-        return [float(v) for v in values]
+        return handle.stats.visual_tokens_per_sample()
     return (input_ids == image_token_id).sum(1).float().tolist()
 
 

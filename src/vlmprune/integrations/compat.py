@@ -57,6 +57,10 @@ Assumptions, each with the test that guards it:
    ``transformers.utils.logging.disable_progress_bar()`` was called (``quiet_loading``; the CLI
    calls it so that an error is stderr's first line). Guarded by
    ``test_cli.py::test_eval_typo_in_second_method_fails_before_any_work``.
+9. **The loss**: ``LlavaForConditionalGeneration.forward`` computes ``loss`` as
+   ``self.loss_function(logits=, labels=, vocab_size=config.text_config.vocab_size)`` (shifted
+   cross-entropy, -100 ignored) from ``labels`` (keyword ``K.LABELS``) aligned with its logits
+   (``lm_loss``). Guarded by ``test_decoder.py::test_labels_are_gathered_like_the_logits``.
 """
 
 from __future__ import annotations
@@ -146,3 +150,8 @@ def quiet_loading() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
+
+def lm_loss(model: Any, logits: Any, labels: Any) -> Any:
+    """The model's own causal-LM loss of ``logits`` [B, L, V] against ``labels`` [B, L] (assumption 9)."""
+    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.get_text_config().vocab_size)
