@@ -282,3 +282,57 @@ def test_flags_are_consistent_across_commands():
                 assert "--batch-size" in p.opts, path
             if p.name == "dtype":
                 assert "fp32" in p.help and "float32" not in p.help, path
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("sparsevlm:schedule=[100,50,20]", ("sparsevlm", {"schedule": [100, 50, 20]})),
+    ("atp:layers=[1,2],checkpoint=runs/atp-144", ("atp", {"layers": [1, 2], "checkpoint": "runs/atp-144"})),
+    ("random:keep=0.25,seed=none", ("random", {"keep": 0.25, "seed": None})),
+    ("prumerge+:extra_token=true,merge='average'", ("prumerge+", {"extra_token": True, "merge": "average"})),
+    ("fastv:k=2,budget=1e2", ("fastv", {"k": 2, "budget": 100.0})),
+    ("x:nested=[[1,2],(3,4)],s=\"a,b\"", ("x", {"nested": [[1, 2], [3, 4]], "s": "a,b"})),
+    ("none", (None, {})),
+])
+def test_spec_grammar(spec, expected):
+    from vlmprune.registry import format_value, parse_method_spec
+
+    assert parse_method_spec(spec) == expected
+    name, opts = expected
+    if name:  # written back in the grammar, a spec parses to the same options
+        again = f"{name}:" + ",".join(f"{k}={format_value(v)}" for k, v in opts.items())
+        assert parse_method_spec(again) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sparsevlm:schedule=[100,50", "unclosed [ in method spec"),
+    ("random:keep", "bad option 'keep'"),
+    ("random:keep=1,keep=2", "option 'keep' given twice"),
+    ("none:keep=3", "options given without a method"),
+])
+def test_spec_grammar_errors(spec, message):
+    from vlmprune.registry import parse_method_spec
+
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        parse_method_spec(spec)
+
+
+def test_apply_takes_the_same_spec_string(tiny_llava):
+    import vlmprune
+
+    with vlmprune.pruned(tiny_llava, "sparsevlm:schedule=[300,200,110],layers=[0,1,2]") as h:
+        assert h.method_obj.schedule == (300, 200, 110) and h.method_obj.layers == (0, 1, 2)
+    with vlmprune.pruned(tiny_llava, "random:keep=4", seed=3) as h:  # keywords add to the spec's options
+        assert h.method_obj.options == {"keep": 4, "seed": 3}
+
+
+def test_train_atp_corrupt_state_and_model_are_one_error_line(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_state.pt").write_bytes(b"garbage")
+    r = _run("train", "atp", "-M", tiny_dir, "--out", run, "--steps", 1, "--no-progress")
+    assert r.exit_code == 2 and _first_err(r).startswith(f"error: {run / 'train_state.pt'} is not a readable "
+                                                         "training state"), r.stderr
+    r = _run("train", "atp", "-M", tmp_path / "nowhere", "--out", tmp_path / "r2", "--steps", 1, "--no-progress")
+    assert r.exit_code == 2 and _first_err(r).startswith(f"error: could not load model {tmp_path / 'nowhere'}")
+    r = _run("train", "atp", "--dtype", "float64", "--out", tmp_path / "r3")
+    assert r.exit_code == 2 and _first_err(r).startswith("error: --dtype must be fp32, bf16 or fp16")
