@@ -330,3 +330,9 @@ def test_cli_runs_and_writes_the_card(tmp_path) -> None:
     assert "acceptance targets" in res.output and "fp32" in res.output
     assert (tmp_path / "speedup.png").exists()
     assert not math.isnan(fv["ratios"]["prefill_speedup"])
+    again = runner.invoke(app, ["bench", "-M", "tiny", "-m", "fastv", "-b", "1", "--repeats", "1", "--warmup", "0",
+                                "--new-tokens", "2", "--no-memory", "-q", "--out", str(tmp_path)])
+    assert again.exit_code == 0 and f"writing this run to {tmp_path}-2" in again.output.replace("\n", "")
+    assert json.loads((tmp_path / "card.json").read_text()) == data  # the first card is kept
+    assert json.loads((tmp_path.with_name(tmp_path.name + "-2") / "card.json").read_text())["settings"]["methods"] \
+        == ["fastv"]

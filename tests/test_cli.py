@@ -100,6 +100,8 @@ def test_tables_dry_run_every_method_before_the_baseline(tiny_dir, tmp_path, no_
     ("random:keep=10000", "error: random: keep=10000 is more than the 576 visual tokens per image"),
     ("fastv:k=1,count=10000", "error: fastv: count=10000 is more than the 576 visual tokens per image"),
     ("sparsevlm:schedule=[1000,500,10]", "error: sparsevlm: schedule counts are visual tokens kept out of 576"),
+    ("fastv:k=1,budget=10000", "error: fastv: budget=10000 is more than the 576 visual tokens per image"),
+    ("atp:fixed_target=10000", "error: atp: fixed_target=10000 is more than the 576 visual tokens per image"),
 ])
 def test_budgets_beyond_the_model_name_the_method(tiny_dir, tmp_path, no_eval, spec, message):
     r = _eval(tiny_dir, tmp_path / "o", "-m", spec)

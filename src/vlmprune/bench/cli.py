@@ -49,12 +49,25 @@ def bench(
     scaled_vision_layers: int = typer.Option(6, "--scaled-vision-layers",
                                              help="scaled model: vision layers (CLIP-L: 24)"),
     out: Path = typer.Option(Path("out/bench"), "--out", "-o", help="folder for card.json and speedup.png"),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="replace a card already in --out (default: write to a new folder OUT-2, ...)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
     """Time a method against the unpruned model (same process, interleaved rounds) and write the card."""
-    from .measure import BenchError, ScaledConfig, print_card, run_bench
+    from .measure import BenchError, ScaledConfig, check_batches, check_model_name, parse_dtype, parse_methods, \
+        print_card, run_bench
+
+    from ..eval.report import run_folder
 
     console = Console(width=max(Console().width, 170))
+    try:  # the cheap checks first, so that a bad option creates no folder
+        parse_methods(method), parse_dtype(dtype), check_batches(list(batch)), [check_model_name(m) for m in model]
+        out, note = run_folder(out, "card", overwrite)
+    except (BenchError, ValueError) as e:
+        _fail(str(e))
+        return
+    if note:
+        Console(stderr=True).print(f"note: {note}", markup=False)
     try:
         scaled = ScaledConfig(hidden=scaled_hidden, layers=scaled_layers, vision_hidden=scaled_vision_hidden,
                               vision_layers=scaled_vision_layers)

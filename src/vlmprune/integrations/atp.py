@@ -174,6 +174,12 @@ class ATP(DecoderMethodBase):
     handle_class: type  # set below (ATPHandle)
 
     # ---------------------------------------------------------------- binding to a model
+    def check_budget(self, num_tokens: int) -> None:
+        """``fixed_target`` (an all-layer average) must not exceed the model's visual tokens per image."""
+        if self._fixed_target is not None and self._fixed_target > num_tokens:
+            raise ValueError(f"atp: fixed_target={self._fixed_target:g} is more than the {num_tokens} visual tokens "
+                             f"per image of this model; pass fixed_target <= {num_tokens}")
+
     def bind(self, num_layers: int, num_patches: int, grid: tuple[int, int]) -> A.ATPPruner:
         """Build the pruner for this model (untrained / fixed-ratio), or check a loaded one fits it."""
         if num_patches != grid[0] * grid[1]:

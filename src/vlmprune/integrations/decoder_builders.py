@@ -55,10 +55,11 @@ class FastV(DecoderMethodBase):
         return fv.pack_mask(view.prompt & view.valid)
 
     def check_budget(self, num_tokens: int) -> None:
-        """``count`` must not exceed the model's visual tokens per image."""
-        if self.count is not None and self.count > num_tokens:
-            raise ValueError(f"fastv: count={self.count} is more than the {num_tokens} visual tokens per image of "
-                             f"this model; pass count <= {num_tokens}")
+        """``count`` / ``budget`` must not exceed the model's visual tokens per image."""
+        for name, value in (("count", self.count), ("budget", self.budget)):
+            if value is not None and value > num_tokens:
+                raise ValueError(f"fastv: {name}={value:g} is more than the {num_tokens} visual tokens per image of "
+                                 f"this model; pass {name} <= {num_tokens}")
 
     def keep_counts(self, view: LayerView) -> Tensor:
         n = view.visual.sum(1)
