@@ -290,7 +290,7 @@ def test_bad_checkpoints_and_options_give_clear_errors(model, tmp_path):
         build_atp(fixed_ratio=0.5, fixed_target=8.0)
     with pytest.raises(ValueError, match="fixed_ratio"):
         build_atp(fixed_ratio=1.5)
-    with pytest.raises(ValueError, match="beyond"):
+    with pytest.raises(ValueError, match="beyond"), pytest.warns(UserWarning, match="nothing is pruned"):
         vlmprune.apply(model, "atp", layers=[0, 3])
     with pytest.raises(ValueError, match="no option"):
         vlmprune.apply(model, "atp", target=144)
@@ -303,7 +303,7 @@ def test_samples_without_exactly_one_image_are_refused(model):
     two = torch.cat([ids[:, :-5], ids[:, 1:-5].clone(), ids[:, -5:]], dim=1)  # the image twice
     batch = {"input_ids": two, "attention_mask": torch.ones_like(two),
              "pixel_values": torch.cat([inputs["pixel_values"]] * 2)}
-    with vlmprune.pruned(model, "atp"):
+    with pytest.warns(UserWarning, match="nothing is pruned"), vlmprune.pruned(model, "atp"):
         with pytest.raises(ValueError, match="exactly one image"), torch.no_grad():
             model(**batch)
 
