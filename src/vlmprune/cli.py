@@ -8,6 +8,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from .registry import SPEC_GRAMMAR
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Adaptive visual-token pruning and merging for vision-language models.")
 testbed_app = typer.Typer(no_args_is_help=True, help="The embedded testbed: ShapesVQA and the tiny trained LLaVA.")
@@ -177,8 +179,8 @@ def _evaluate_specs(m, processor, items, specs, *, batch_size, max_new_tokens, p
         yield r, method_entry(label, name, opts)
 
 
-@app.command("methods", help="List the pruning methods with their stage and options.\n\n" +
-             __import__("vlmprune.registry", fromlist=["SPEC_GRAMMAR"]).SPEC_GRAMMAR.replace("\n", " "))
+@app.command("methods", help="List the pruning methods with their stage and options.\n\n"
+             + SPEC_GRAMMAR.replace("\n", " "))
 def methods_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
     import vlmprune
 
@@ -197,7 +199,9 @@ def methods_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON 
     Console().print(t)
 
 
-@app.command("eval")
+@app.command("eval", help="Evaluate the model (unpruned and/or pruned) and write per-family accuracy tables.\n\n"
+             "Every input is checked (and each method applied once to the model) before the first question; "
+             "results.json / results.md are rewritten after each method; Ctrl-C keeps the finished ones.")
 def eval_cmd(
     method: list[str] = typer.Option(["none"], "--method", "-m",
                                      help="method spec NAME[:key=value,...] (grammar: `vlmprune methods --help`); "
@@ -215,10 +219,6 @@ def eval_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     progress: bool = typer.Option(True, help=PROGRESS_HELP),
 ):
-    """Evaluate the model (unpruned and/or pruned) and write per-family accuracy tables.
-
-    Every input is checked (and each method applied once to the model) before the first question;
-    results.json / results.md are rewritten after each method; Ctrl-C keeps the finished ones."""
     from .eval import report
     from .eval.distributed import finish, is_main_process
     from .runinfo import new_run

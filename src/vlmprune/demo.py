@@ -1,4 +1,5 @@
-"""The main job (``make demo`` / ``vlmprune demo``, run by ``vlmprune.cli``): the testbed, unpruned and with each method."""
+"""The main job (``make demo`` / ``vlmprune demo``, run by ``vlmprune.cli``): the testbed, unpruned and with
+each method."""
 
 from __future__ import annotations
 

@@ -181,9 +181,9 @@ def build_sparsevlm(*, budget: int = 192, schedule: tuple[int, ...] | list[int] 
         if not isinstance(schedule, (tuple, list)) or not schedule or not all(_is_int(c) and c >= 1 for c in schedule):
             raise ValueError(f"sparsevlm: schedule must be a non-empty list of ints >= 1, got {schedule!r}")
         if max(schedule) > sv.REFERENCE_TOKENS:
-            raise ValueError(f"sparsevlm: schedule counts are visual tokens kept out of {sv.REFERENCE_TOKENS} (scaled "
-                             f"to the model's count); {max(schedule)} is more than {sv.REFERENCE_TOKENS} — pass counts "
-                             f"<= {sv.REFERENCE_TOKENS}, e.g. schedule=[300,200,110]")
+            raise ValueError(f"sparsevlm: schedule counts are visual tokens kept out of {sv.REFERENCE_TOKENS} "
+                             f"(scaled to the model's count); {max(schedule)} is more than {sv.REFERENCE_TOKENS} — "
+                             f"pass counts <= {sv.REFERENCE_TOKENS}, e.g. schedule=[300,200,110]")
     if layers is not None:
         if not isinstance(layers, (tuple, list)) or not all(_is_int(l) and l >= 0 for l in layers) \
                 or list(layers) != sorted(set(layers)):
