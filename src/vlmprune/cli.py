@@ -134,6 +134,10 @@ def _run_all(writer, work: Callable[[], Any], describe: str = "methods") -> list
             writer.write("failed")
             _fail(f"{e} (the {len(writer.results)} finished {describe} are in {writer.paths[1]})")
         _fail(str(e))
+    except Exception:  # a bug, not a user error: keep the traceback, but mark what was written as failed
+        if writer is not None and writer.results:
+            writer.write("failed")
+        raise
     if writer is None:
         return []
     md, js = writer.write("complete")
