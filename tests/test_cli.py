@@ -338,3 +338,37 @@ def test_train_atp_corrupt_state_and_model_are_one_error_line(tiny_dir, tmp_path
     assert r.exit_code == 2 and _first_err(r).startswith(f"error: could not load model {tmp_path / 'nowhere'}")
     r = _run("train", "atp", "--dtype", "float64", "--out", tmp_path / "r3")
     assert r.exit_code == 2 and _first_err(r).startswith("error: --dtype must be fp32, bf16 or fp16")
+
+
+def _interrupt_at(monkeypatch, call: int) -> list:
+    """Make the ``call``-th evaluation raise KeyboardInterrupt (the earlier ones run for real)."""
+    real, calls = harness.evaluate, []
+
+    def evaluate(*a, **k):
+        calls.append(k.get("method"))
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(harness, "evaluate", evaluate)
+    return calls
+
+
+def test_tables_write_each_method_and_keep_them_on_interrupt(tiny_dir, tmp_path, monkeypatch):
+    calls = _interrupt_at(monkeypatch, 3)
+    r = _run("tables", "vision", "-M", tiny_dir, "--n", 1, "--batch-size", 7, "--no-progress", "--out", tmp_path)
+    assert r.exit_code == 130 and calls == [None, "prumerge", "prumerge+"]
+    doc = json.loads((tmp_path / "vision.json").read_text())
+    assert doc["schema"] == RESULTS_SCHEMA and doc["run"]["kind"] == "tables vision"
+    assert doc["run"]["status"] == "interrupted" and [x["label"] for x in doc["results"]] == ["unpruned", "prumerge"]
+    assert doc["run"]["methods"][1]["resolved"]["k_neighbors"] == 32  # defaults filled in
+
+
+def test_demo_writes_the_shared_schema(tmp_path, monkeypatch):
+    _interrupt_at(monkeypatch, 2)
+    r = _run("demo", "--n", 1, "--batch-size", 7, "--no-progress", "--out", tmp_path)
+    assert r.exit_code == 130
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    assert set(RUN_FIELDS) <= set(doc["run"]) and doc["run"]["kind"] == "demo"
+    assert doc["run"]["model"]["weights_sha256"] and doc["run"]["data"]["n"] == 1
+    assert [x["label"] for x in doc["results"]] == ["unpruned"]
