@@ -136,7 +136,7 @@ def estimate(
         if text_tokens is not None and text_tokens < 0:
             raise CostModelError(f"--text-tokens must be >= 0, got {text_tokens}")
         if batch < 1:
-            raise CostModelError(f"--batch must be >= 1, got {batch}")
+            raise CostModelError(f"--batch-size must be >= 1, got {batch}")
         text = cfg.default_text_tokens if text_tokens is None else text_tokens
         if layer_tokens is not None:
             visual: int | list[int] = parse_layer_tokens(layer_tokens, cfg.num_layers)
