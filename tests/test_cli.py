@@ -372,3 +372,14 @@ def test_demo_writes_the_shared_schema(tmp_path, monkeypatch):
     assert set(RUN_FIELDS) <= set(doc["run"]) and doc["run"]["kind"] == "demo"
     assert doc["run"]["model"]["weights_sha256"] and doc["run"]["data"]["n"] == 1
     assert [x["label"] for x in doc["results"]] == ["unpruned"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--n", "abc"], "error: Invalid value for '--n'"),
+    (["eval", "--bogus"], "error: No such option: --bogus"),
+    (["tables"], "error: Missing argument 'which'; see `vlmprune tables --help`"),
+])
+def test_usage_errors_of_the_console_script_are_one_line(args, message):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    p = subprocess.run([sys.executable, "-m", "vlmprune.cli", *args], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and p.stderr.splitlines()[0].startswith(message) and len(p.stderr.splitlines()) == 1

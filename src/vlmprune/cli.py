@@ -373,8 +373,24 @@ def testbed_check(
     run_check(n=n, out=out, batch_size=batch_size, blank_n=blank_n, model=loaded, processor=processor)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``vlmprune`` console script: ``app``, with a wrong flag or value (a usage error) as one
+    line ``error: ...`` like every other user error (exit 2)."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="vlmprune", standalone_mode=False)
+    except typer.Abort:
+        code = 130
+    except typer.TyperException as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(ctx.get_help() if ctx else str(e))
+            code = 0
+        else:
+            where = f"`{ctx.command_path} --help`" if ctx else "`vlmprune --help`"
+            typer.secho(f"error: {e.format_message().rstrip('.')}; see {where}", fg=typer.colors.RED, err=True)
+            code = getattr(e, "exit_code", 2)
+    raise SystemExit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
