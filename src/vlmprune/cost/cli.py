@@ -154,6 +154,10 @@ def estimate(
     if max(vis) > cfg.max_visual_tokens:
         console.print(f"[yellow]note:[/] {max(vis)} visual tokens exceeds {cfg.name}'s maximum "
                       f"of {cfg.max_visual_tokens}; computing anyway")
+    if cfg.max_context is not None and max(schedule) > cfg.max_context:
+        console.print(f"[yellow]note:[/] {max(schedule)} tokens ({max(vis)} visual + {text} text) exceed "
+                      f"{cfg.name}'s context of {cfg.max_context} tokens: the model cannot take this prompt; "
+                      "computing anyway")
     s = cost.summary()
     f = full.summary()
     title = (f"{cfg.display_name} | {g.display_name} | {prec.name} "
