@@ -66,3 +66,21 @@ def make_inputs(model, prefix_lens=(3,), suffix_lens=(5,), seed: int = 1):
 @pytest.fixture
 def tiny_llava():
     return make_tiny_llava()
+
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny LLaVA + the testbed processor, saved with save_pretrained (the local-path load route)."""
+    from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_testbed")
+    tok = build_tokenizer()
+    proc = build_processor(tok)
+    model = build_model(tok, seed=3, vision=TINY_VISION, text=TINY_TEXT)
+    model.save_pretrained(d)
+    proc.save_pretrained(d)
+    return d

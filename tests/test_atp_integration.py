@@ -122,7 +122,7 @@ def test_untrained_modules_keep_everything_exactly(model):
     inputs = make_inputs(model, prefix_lens=(3, 1), suffix_lens=(5, 8))
     with torch.no_grad():
         ref = model(**inputs).logits
-    with vlmprune.pruned(model, "atp") as handle:
+    with pytest.warns(UserWarning, match="nothing is pruned"), vlmprune.pruned(model, "atp") as handle:
         with torch.no_grad():
             out = model(**inputs).logits
         assert handle.stats.module_counts == [[16, 16, 16], [16, 16, 16]]
@@ -278,13 +278,19 @@ def test_bad_checkpoints_and_options_give_clear_errors(model, tmp_path):
               str(tmp_path / "small" / "atp_weights.safetensors"))
     with pytest.raises(ValueError, match="incompatible"):
         vlmprune.apply(model, "atp", checkpoint=str(tmp_path / "small"))
+    (tmp_path / "small" / "atp_weights.safetensors").write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match="atp_weights.safetensors is not a readable safetensors file"):
+        vlmprune.apply(model, "atp", checkpoint=str(tmp_path / "small"))
+    (tmp_path / "small" / "atp_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="atp_config.json is not valid JSON"):
+        vlmprune.apply(model, "atp", checkpoint=str(tmp_path / "small"))
     with pytest.raises(ValueError, match="cannot be combined"):
         build_atp(checkpoint=str(tmp_path / "small"), fixed_ratio=0.5)
     with pytest.raises(ValueError, match="only one"):
         build_atp(fixed_ratio=0.5, fixed_target=8.0)
     with pytest.raises(ValueError, match="fixed_ratio"):
         build_atp(fixed_ratio=1.5)
-    with pytest.raises(ValueError, match="beyond"):
+    with pytest.raises(ValueError, match="beyond"), pytest.warns(UserWarning, match="nothing is pruned"):
         vlmprune.apply(model, "atp", layers=[0, 3])
     with pytest.raises(ValueError, match="no option"):
         vlmprune.apply(model, "atp", target=144)
@@ -297,7 +303,7 @@ def test_samples_without_exactly_one_image_are_refused(model):
     two = torch.cat([ids[:, :-5], ids[:, 1:-5].clone(), ids[:, -5:]], dim=1)  # the image twice
     batch = {"input_ids": two, "attention_mask": torch.ones_like(two),
              "pixel_values": torch.cat([inputs["pixel_values"]] * 2)}
-    with vlmprune.pruned(model, "atp"):
+    with pytest.warns(UserWarning, match="nothing is pruned"), vlmprune.pruned(model, "atp"):
         with pytest.raises(ValueError, match="exactly one image"), torch.no_grad():
             model(**batch)
 

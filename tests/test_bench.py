@@ -68,6 +68,24 @@ def test_card_has_every_field(card) -> None:
     assert card["models"][0]["config"]["decoder"]["layers"] == TINY_LAYERS
     assert card["models"][0]["config"]["vision"]["patches"] == N
     assert any("bf16" in n for n in card["notes"])
+    assert not any("issue" in n for n in card["notes"])  # no internal wording
+    from vlmprune.runinfo import RUN_FIELDS
+
+    assert set(RUN_FIELDS) <= set(card["run"]) and card["run"]["kind"] == "bench"
+    assert [e["label"] for e in card["run"]["methods"]] == ["unpruned", "prumerge+", "fastv", "random:keep=64"]
+    b = card["machine"]["bf16_matmul"]
+    assert b["accelerated"] == (b["slowdown"] <= M.BF16_ACCELERATED_RATIO) and b["note"] in " ".join(card["notes"])
+
+
+@pytest.mark.parametrize("ratio, flags, accelerated, hardware, words", [
+    (0.55, {"amx_bf16": True, "avx512_bf16": True}, True, "amx_bf16", "this CPU accelerates bf16 (amx_bf16 present)"),
+    (0.9, {"avx512_bf16": True}, True, "avx512_bf16", "0.90x the fp32 time"),
+    (40.0, {}, False, "none", "this CPU has no bf16 acceleration"),
+    (12.0, {"amx_bf16": True}, False, "amx_bf16", "this torch build does not accelerate bf16"),
+])
+def test_bf16_verdict_from_flags_and_the_measured_ratio(ratio, flags, accelerated, hardware, words) -> None:
+    acc, hw, note = M.bf16_verdict(ratio, flags)
+    assert (acc, hw) == (accelerated, hardware) and words in note
 
 
 def test_card_json_is_strict_and_complete(card) -> None:
@@ -332,3 +350,9 @@ def test_cli_runs_and_writes_the_card(tmp_path) -> None:
     assert "acceptance targets" in res.output and "fp32" in res.output
     assert (tmp_path / "speedup.png").exists()
     assert not math.isnan(fv["ratios"]["prefill_speedup"])
+    again = runner.invoke(app, ["bench", "-M", "tiny", "-m", "fastv", "-b", "1", "--repeats", "1", "--warmup", "0",
+                                "--new-tokens", "2", "--no-memory", "-q", "--out", str(tmp_path)])
+    assert again.exit_code == 0 and f"writing this run to {tmp_path}-2" in again.output.replace("\n", "")
+    assert json.loads((tmp_path / "card.json").read_text()) == data  # the first card is kept
+    assert json.loads((tmp_path.with_name(tmp_path.name + "-2") / "card.json").read_text())["settings"]["methods"] \
+        == ["fastv"]

@@ -350,3 +350,11 @@ def test_cli_atp(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     assert "78.1" in res.output and "-75.0%" in res.output
     assert math.isfinite(json.loads(out.read_text())["to_reach_paper_flops"]["avg_visual_tokens_needed_no_text"])
+
+
+def test_estimate_notes_a_prompt_beyond_the_context():
+    res = CliRunner().invoke(app, ["estimate", "--model", "llava-1.5-7b", "--text-tokens", "10000000"])
+    assert res.exit_code == 0
+    assert "exceed llava-1.5-7b's context of 4096 tokens" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["estimate", "--model", "llava-1.5-7b"])
+    assert res.exit_code == 0 and "context" not in res.output

@@ -355,3 +355,36 @@ def test_segment_rotary_tables_equal_the_rotary_of_their_positions(model, method
         for seg in pruned:
             cos, sin = rotary(torch.zeros(1, 1, 1), position_ids=seg.positions)
             assert torch.equal(seg.pos_emb[0].expand_as(cos), cos) and torch.equal(seg.pos_emb[1].expand_as(sin), sin)
+
+
+def test_labels_are_gathered_like_the_logits(model):
+    """``labels=`` under a decoder-stage method: the loss is over the kept tokens, with the labels
+    gathered through ``final_source`` like the logits (keep-all: the unpruned loss exactly)."""
+    import torch.nn.functional as F
+
+    inputs = make_inputs(model, prefix_lens=(2, 5), suffix_lens=(6, 1))
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        ref = model(**inputs, labels=labels).loss
+        with vlmprune.pruned(model, "fastv", k=1, drop_ratio=0.0):
+            assert torch.equal(model(**inputs, labels=labels).loss, ref)
+        with vlmprune.pruned(model, "fastv", k=1, count=4) as h:
+            out = model(**inputs, labels=labels)
+            src = h.state.final_source
+    assert out.logits.shape[1] == src.shape[1] < labels.shape[1]
+    kept = labels.gather(1, src.clamp(min=0)).masked_fill(src < 0, -100)
+    expect = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), kept[:, 1:].flatten(), ignore_index=-100)
+    assert out.loss == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_visual_tokens_per_sample_means_the_same_for_both_stages(model):
+    inputs = make_inputs(model, prefix_lens=(2, 5), suffix_lens=(6, 1))
+    n, layers = model.config.image_seq_length, model.config.text_config.num_hidden_layers
+    with torch.no_grad(), vlmprune.pruned(model, "random", keep=4) as h:
+        model(**inputs)
+    assert h.stats.visual_tokens_per_sample() == [4.0, 4.0]
+    assert h.stats.visual_tokens_per_layer() == [[4] * layers] * 2
+    with torch.no_grad(), vlmprune.pruned(model, "fastv", k=1, count=4) as h:
+        model(**inputs)
+    assert h.stats.visual_tokens_per_layer() == [[n] + [4] * (layers - 1)] * 2
+    assert h.stats.visual_tokens_per_sample() == [pytest.approx(sum([n] + [4] * (layers - 1)) / layers)] * 2

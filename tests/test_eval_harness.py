@@ -13,23 +13,7 @@ import torch
 
 from vlmprune.eval.data import EvalItem, jsonl_items, parse_families, shapesvqa_items
 from vlmprune.eval.harness import evaluate, run_items, summarize, wilson_interval
-from vlmprune.testbed.model import build_model, build_processor, build_tokenizer, load
-
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """A tiny LLaVA + the testbed processor, saved with save_pretrained (the local-path load route)."""
-    d = tmp_path_factory.mktemp("tiny_testbed")
-    tok = build_tokenizer()
-    proc = build_processor(tok)
-    model = build_model(tok, seed=3, vision=TINY_VISION, text=TINY_TEXT)
-    model.save_pretrained(d)
-    proc.save_pretrained(d)
-    return d
-
+from vlmprune.testbed.model import load
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
@@ -155,7 +139,7 @@ def test_cli_eval_writes_tables(tiny_dir, tmp_path):
     r = _cli("eval", "--model", str(tiny_dir), "--families", "count,exist", "--n", "2", "--max-new-tokens", "2",
              "--out", str(tmp_path / "o"), "--no-progress")
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
     assert res[0]["n"] == 4 and {f["family"] for f in res[0]["families"]} == {"count", "exist"}
     assert "| method |" in (tmp_path / "o" / "results.md").read_text()
 
@@ -185,8 +169,8 @@ def test_accelerate_two_processes_match_single(tiny_dir, tmp_path):
            "--out", str(tmp_path / "two")]
     r2 = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r2.returncode == 0, r2.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "results.json").read_text())[0]
-    two = json.loads((tmp_path / "two" / "results.json").read_text())[0]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["results"][0]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["results"][0]
     assert one["extra"]["processes"] == 1 and two["extra"]["processes"] == 2
     assert [i["id"] for i in two["items"]] == [i["id"] for i in one["items"]]
     assert [i["prediction"] for i in two["items"]] == [i["prediction"] for i in one["items"]]

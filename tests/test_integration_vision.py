@@ -67,6 +67,9 @@ def _is_stock(model) -> bool:
     ("sequential", {"keep": 16}),
     ("random", {"keep": 1.0}),
     ("cls-topk", {"keep": 16, "order": "spatial"}),
+    ("spatial", {"keep": 16}),
+    ("prumerge", {"keep": 16, "k_neighbors": 0, "order": "spatial"}),
+    ("prumerge+", {"keep": 16, "k_neighbors": 0, "order": "spatial"}),
 ])
 def test_keep_all_gives_identical_logits_and_tokens(model, method, options):
     inputs = make_inputs(model, PREFIX, SUFFIX)
@@ -336,9 +339,9 @@ def test_bad_options_and_budgets(model):
         vlmprune.apply(model, "prumerge", budget=4)
     with pytest.raises(ValueError, match="keep = -3 keeps no token"):
         vlmprune.apply(model, "random", keep=-3)
-    with pytest.raises(ValueError, match="more than the N = 16"):
+    with pytest.raises(ValueError, match="sequential: keep=17 is more than the 16 visual tokens"):
         vlmprune.apply(model, "sequential", keep=17)
-    with pytest.raises(ValueError, match="more than the N = 16"):
+    with pytest.raises(ValueError, match="cls-topk: keep=40 is more than the 16 visual tokens"):
         vlmprune.apply(model, "cls-topk", keep=40)
     with pytest.raises(ValueError, match="not a ratio in \\(0, 1\\]"):
         vlmprune.apply(model, "spatial", keep=1.5)

@@ -142,3 +142,17 @@ def test_batch_equals_single_samples():
                    "pixel_values": inputs["pixel_values"][b:b + 1]}
             o = m.generate(**one, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
             torch.testing.assert_close(lb[b], torch.stack(o.logits, 1)[0], atol=2e-5, rtol=0)
+
+
+def test_sparsevlm_cannot_keep_every_token_and_rejects_counts_beyond_576():
+    """README: keep-all is exact for the other methods, not for SparseVLM (each layer keeps at most
+    its current count - 1, the rest recycled), and schedule counts above 576 are an error."""
+    model = make_tiny_llava()
+    inputs = make_inputs(model, (2, 4), (3, 1))
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vlmprune.pruned(model, "sparsevlm", schedule=[576, 576, 576], layers=[0, 1, 2]):
+            out = model(**inputs).logits
+    assert not torch.equal(out, ref)
+    with pytest.raises(ValueError, match="1000 is more than 576"):
+        build_sparsevlm(schedule=[1000, 500, 10])

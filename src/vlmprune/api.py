@@ -20,11 +20,18 @@ def list_methods() -> list[dict[str, Any]]:
 def apply(model: Any, method: str, **options: Any):
     """Prune ``model`` in place with ``method``; returns a handle (``.stats``, ``.remove()``).
 
-    ``model`` is a transformers vision-language model (LLaVA family). Pruning stays active until
-    ``handle.remove()``, which restores the model exactly. Applying twice raises.
+    ``model`` is a transformers vision-language model (LLaVA family). ``method`` is a name or a
+    spec string ``"NAME:key=value,..."`` (``vlmprune.registry.SPEC_GRAMMAR``; keyword ``options``
+    override the spec's). Pruning stays active until ``handle.remove()``, which restores the model
+    exactly. Applying twice raises.
     """
     from .integrations import attach
 
+    if isinstance(method, str) and ":" in method:
+        name, spec_options = registry.parse_method_spec(method)
+        if name is None:
+            raise ValueError(f"{method!r} names no method; to run unpruned, do not apply one")
+        method, options = name, {**spec_options, **options}
     info = registry.get_method(method)
     method_obj = info.build(**options)
     return attach(model, info, method_obj)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
+
+from .registry import SPEC_GRAMMAR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Adaptive visual-token pruning and merging for vision-language models.")
@@ -30,47 +31,161 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def parse_method_spec(spec: str) -> tuple[str | None, dict[str, Any]]:
-    """``"prumerge+"`` / ``"random:keep=32,seed=1"`` / ``"none"`` -> (name, options)."""
-    name, _, rest = spec.partition(":")
-    name = name.strip()
-    options: dict[str, Any] = {}
-    if rest.strip():
-        for part in rest.split(","):
-            key, eq, value = part.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"bad option {part!r} in method spec {spec!r}; write NAME:key=value,key=value")
-            try:
-                options[key.strip()] = ast.literal_eval(value.strip())
-            except (ValueError, SyntaxError):
-                options[key.strip()] = value.strip()
-    if name in ("", "none", "unpruned"):
-        if options:
-            raise ValueError(f"options given without a method in {spec!r}")
-        return None, {}
-    return name, options
+def _note(msg: str) -> None:
+    typer.secho(f"note: {msg}", fg=typer.colors.YELLOW, err=True)
+
+
+def _at_least(**values: tuple[int, int]) -> None:
+    """``--name`` options as ``name=(value, lowest allowed)``; the first one too small fails."""
+    for name, (value, low) in values.items():
+        if value < low:
+            _fail(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+MODEL_HELP = "local folder or hub id of a LLaVA model (default: the committed testbed)"
+OVERWRITE_HELP = "replace results already in --out (default: write this run to a new folder OUT-2, OUT-3, ...)"
+PROGRESS_HELP = "show a progress bar per method"
+
+
+def _specs(method: list[str]) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """Every ``-m`` spec parsed and built (options validated) -> (label, name, options), or fail."""
+    from .eval.harness import label_for
+    from .registry import check_method_spec, parse_method_spec
+
+    out = []
+    for spec in method:
+        try:
+            name, opts = parse_method_spec(spec)
+            if name == "atp" and not {"checkpoint", "fixed_ratio", "fixed_target"} & set(opts):
+                raise ValueError(f"atp needs checkpoint=DIR (from `vlmprune train atp --out DIR`) in {spec!r}: "
+                                 "untrained ATP modules keep every token (or pass fixed_ratio= / fixed_target= for "
+                                 "the fixed-ratio ablation)")
+            check_method_spec(spec)
+        except ValueError as e:
+            _fail(str(e))
+        out.append((label_for(name, opts), name, opts))
+    return out
+
+
+def _dry_run(model, specs) -> None:
+    """Apply and remove each method on the loaded model: model-dependent checks (layers, budgets) fail here."""
+    import warnings
+
+    import vlmprune
+
+    for label, name, opts in specs:
+        if name is None:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                vlmprune.apply(model, name, **opts).remove()
+        except (ValueError, TypeError) as e:
+            _fail(f"{e} (method {label!r} on this model)")
 
 
 def _load(model: Optional[str]):
+    from .integrations.compat import quiet_loading
     from .testbed.model import load
 
+    quiet_loading()
     try:
         return load(model)
-    except (OSError, ValueError, FileNotFoundError) as e:
+    except Exception as e:  # noqa: BLE001 -- any load failure is the user's path / files: say which and why
         _fail(f"could not load model {model or '(testbed)'}: {e}")
 
 
+def _model_info(model: Optional[str], loaded) -> dict[str, Any]:
+    from .runinfo import model_info
+    from .testbed.model import CHECKPOINT_DIR
+
+    return model_info(model or CHECKPOINT_DIR, getattr(loaded, "dtype", None))
+
+
 def _items(data: str, split: str, families: str, n: int, blank: bool):
-    from .eval.data import jsonl_items, shapesvqa_items
+    """-> (items, the results' ``data`` block); ``ValueError`` / ``FileNotFoundError`` on bad input."""
+    from .eval.data import jsonl_items, parse_families, shapesvqa_items
+    from .runinfo import jsonl_data, shapesvqa_data
 
     if data == "shapesvqa":
-        return shapesvqa_items(split, families, n, blank=blank)
-    return jsonl_items(data)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"--split must be train, val or test, got {split!r}")
+        return shapesvqa_items(split, families, n, blank=blank), shapesvqa_data(split, parse_families(families), n,
+                                                                                blank)
+    items = jsonl_items(data)
+    return items, jsonl_data(data, len(items))
 
 
-@app.command("methods")
+def _run_all(writer, work: Callable[[], Any], describe: str = "methods") -> list:
+    """Run ``work()``, which hands each finished result to ``writer.add`` (it is written at once).
+    Ctrl-C keeps the finished ones (status "interrupted", exit 130, says where); a ``ValueError``
+    keeps them too (status "failed") and is a one-line error."""
+    try:
+        work()
+    except KeyboardInterrupt:
+        if writer is None:
+            raise typer.Exit(130)
+        md, js = writer.write("interrupted")
+        typer.secho(f"interrupted: the {len(writer.results)} finished {describe} are in {js} and {md}", err=True,
+                    fg=typer.colors.YELLOW)
+        raise typer.Exit(130)
+    except ValueError as e:
+        if writer is not None and writer.results:
+            writer.write("failed")
+            _fail(f"{e} (the {len(writer.results)} finished {describe} are in {writer.paths[1]})")
+        _fail(str(e))
+    except Exception:  # a bug, not a user error: keep the traceback, but mark what was written as failed
+        if writer is not None and writer.results:
+            writer.write("failed")
+        raise
+    if writer is None:
+        return []
+    md, js = writer.write("complete")
+    typer.echo(f"wrote {md} and {js}")
+    return writer.results
+
+
+def _add_each(writer, steps) -> Callable[[], None]:
+    """The work of ``_run_all`` for an iterable of (EvalResult, methods entry) pairs."""
+    def work() -> None:
+        for result, entry in steps:
+            if writer is not None:
+                writer.add(result, entry)
+    return work
+
+
+def _writer(out: Path, name: str, overwrite: bool, run: dict[str, Any]):
+    from .eval.distributed import is_main_process
+    from .eval.report import RunWriter, run_folder
+
+    if not is_main_process():
+        return None
+    try:
+        folder, note = run_folder(out, name, overwrite)
+    except ValueError as e:
+        _fail(str(e))
+    if note:
+        _note(note)
+    return RunWriter(folder, name, run)
+
+
+def _evaluate_specs(m, processor, items, specs, *, batch_size, max_new_tokens, progress, base=None):
+    """Yield (EvalResult, methods entry) per spec; the first unpruned one is the baseline for the rest."""
+    from .eval.harness import evaluate
+    from .runinfo import method_entry
+
+    for label, name, opts in specs:
+        r = evaluate(m, processor, items, method=name, method_options=opts, baseline=base, label=label,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+        if name is None and base is None:
+            base = r
+            r.retention = 1.0
+        yield r, method_entry(label, name, opts)
+
+
+@app.command("methods", help="List the pruning methods with their stage and options.\n\n"
+             + SPEC_GRAMMAR.replace("\n", " "))
 def methods_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
-    """List the pruning methods with their stage and options."""
     import vlmprune
 
     ms = vlmprune.list_methods()
@@ -88,58 +203,56 @@ def methods_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON 
     Console().print(t)
 
 
-@app.command("eval")
+@app.command("eval", help="Evaluate the model (unpruned and/or pruned) and write per-family accuracy tables.\n\n"
+             "Every input is checked (and each method applied once to the model) before the first question; "
+             "results.json / results.md are rewritten after each method; Ctrl-C keeps the finished ones.")
 def eval_cmd(
     method: list[str] = typer.Option(["none"], "--method", "-m",
-                                     help="method spec NAME[:key=value,...]; repeat to compare several; 'none' = unpruned"),
-    model: Optional[str] = typer.Option(None, help="local path or hub id of a LLaVA model (default: the testbed)"),
+                                     help="method spec NAME[:key=value,...] (grammar: `vlmprune methods --help`); "
+                                          "repeat to compare several; 'none' = unpruned"),
+    model: Optional[str] = typer.Option(None, "--model", "-M", help=MODEL_HELP),
     data: str = typer.Option("shapesvqa", help="'shapesvqa' or a JSONL file of {image, question, answer} records"),
     families: str = typer.Option("all", help="ShapesVQA families, comma-separated, or 'all'"),
     split: str = typer.Option("test", help="ShapesVQA split: train / val / test"),
-    n: int = typer.Option(300, help="questions per ShapesVQA family"),
-    batch_size: int = typer.Option(16, help="prompts per generate() call"),
-    max_new_tokens: int = typer.Option(8),
+    n: int = typer.Option(300, help="questions per ShapesVQA family (>= 1)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="prompts per generate() call (>= 1)"),
+    max_new_tokens: int = typer.Option(8, help="tokens generated per answer (greedy, >= 1)"),
     blank: bool = typer.Option(False, help="replace every image by a blank background (image-dependence check)"),
     baseline: bool = typer.Option(True, help="also run the unpruned model first, for retention"),
-    out: Path = typer.Option(Path("out/eval"), help="output folder for results.md / results.json"),
-    progress: bool = typer.Option(True),
+    out: Path = typer.Option(Path("out/eval"), "--out", "-o", help="output folder for results.md / results.json"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    progress: bool = typer.Option(True, help=PROGRESS_HELP),
 ):
-    """Evaluate the model (unpruned and/or pruned) and write per-family accuracy tables."""
     from .eval import report
     from .eval.distributed import finish, is_main_process
-    from .eval.harness import evaluate
-    from .registry import get_method
+    from .runinfo import new_run
 
+    _at_least(n=(n, 1), batch_size=(batch_size, 1), max_new_tokens=(max_new_tokens, 1))
+    specs = _specs(method)
     try:
-        specs = [parse_method_spec(s) for s in method]
-        for name, _ in specs:
-            if name is not None:
-                get_method(name)
-        items = _items(data, split, families, n, blank)
+        items, data_info = _items(data, split, families, n, blank)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    if n < 1:
-        _fail(f"--n must be >= 1, got {n}")
     m, processor = _load(model)
-    results = []
-    base = None
-    if baseline and (None, {}) not in specs:
-        specs = [(None, {})] + specs
-    for name, opts in specs:
-        try:
-            r = evaluate(m, processor, items, method=name, method_options=opts, baseline=base,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress and is_main_process())
-        except ValueError as e:
-            _fail(str(e))
-        if name is None and base is None:
-            base = r
-            r.retention = 1.0
-        results.append(r)
-    if is_main_process():
+    _dry_run(m, specs)
+    if baseline and not any(name is None for _, name, _ in specs):
+        specs = [("unpruned", None, {})] + specs
+    run = new_run("eval", model=_model_info(model, m), data=data_info,
+                  generation={"max_new_tokens": max_new_tokens, "do_sample": False, "batch_size": batch_size,
+                              "prompt_template": _prompt_template()})
+    writer = _writer(out, "results", overwrite, run)
+    results = _run_all(writer, _add_each(writer, _evaluate_specs(m, processor, items, specs, batch_size=batch_size,
+                                                                 max_new_tokens=max_new_tokens,
+                                                                 progress=progress and is_main_process())))
+    if is_main_process() and results:
         report.print_table(results, title=f"{data} ({split})" + (" — blank images" if blank else ""))
-        md, js = report.write(results, out)
-        typer.echo(f"wrote {md} and {js}")
     finish()
+
+
+def _prompt_template() -> str:
+    from .testbed.questions import PROMPT_TEMPLATE
+
+    return PROMPT_TEMPLATE
 
 
 @app.command("tables")
@@ -147,46 +260,77 @@ def tables_cmd(
     which: str = typer.Argument(..., help="'vision' (PruMerge / PruMerge+ and baselines at their mean counts) or "
                                           "'budgets' (FastV, SparseVLM and vision-stage methods at 192 / 128 / 64) or "
                                           "'order' (token order and pruning layer: where reading and counting are lost)"),
-    model: Optional[str] = typer.Option(None, help="local path or hub id of a LLaVA model (default: the testbed)"),
-    n: int = typer.Option(100, help="questions per ShapesVQA family"),
-    split: str = typer.Option("test"),
-    batch_size: int = typer.Option(16),
-    out: Path = typer.Option(Path("out/tables"), help="writes WHICH.md and WHICH.json here"),
-    progress: bool = typer.Option(True),
+    model: Optional[str] = typer.Option(None, "--model", "-M", help=MODEL_HELP),
+    n: int = typer.Option(100, help="questions per ShapesVQA family (>= 1)"),
+    split: str = typer.Option("test", help="ShapesVQA split: train / val / test"),
+    batch_size: int = typer.Option(16, "--batch-size", help="prompts per generate() call (>= 1)"),
+    out: Path = typer.Option(Path("out/tables"), "--out", "-o", help="writes WHICH.md and WHICH.json here"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    progress: bool = typer.Option(True, help=PROGRESS_HELP),
 ):
-    """The README's accuracy tables, one command each (see src/vlmprune/eval/tables.py)."""
+    """The README's accuracy tables, one command each (see src/vlmprune/eval/tables.py); written after each method."""
     from .eval.distributed import finish
-    from .eval.tables import TABLES, run_tables
+    from .eval.harness import evaluate
+    from .eval.tables import TABLES, run_tables, table_checks
+    from .runinfo import method_entry, new_run
 
     if which not in TABLES:
         _fail(f"unknown table {which!r}: choose one of {', '.join(TABLES)}")
-    if n < 1:
-        _fail(f"--n must be >= 1, got {n}")
+    _at_least(n=(n, 1), batch_size=(batch_size, 1))
     try:
-        items = _items("shapesvqa", split, "all", n, False)
+        items, data_info = _items("shapesvqa", split, "all", n, False)
     except ValueError as e:
         _fail(str(e))
     m, processor = _load(model)
-    run_tables(which, m, processor, items, out=out, batch_size=batch_size, progress=progress)
+    _dry_run(m, [(f"{name}", name, opts) for name, opts in table_checks(which)])
+    run = new_run(f"tables {which}", model=_model_info(model, m), data=data_info,
+                  generation={"max_new_tokens": 8, "do_sample": False, "batch_size": batch_size,
+                              "prompt_template": _prompt_template()})
+    writer = _writer(out, which, overwrite, run)
+
+    def recording(*args, method=None, method_options=None, **kwargs):
+        r = evaluate(*args, method=method, method_options=method_options, **kwargs)
+        if writer is not None:
+            writer.add(r, method_entry(r.label, method, method_options or {}))
+        return r
+
+    _run_all(writer, lambda: run_tables(which, m, processor, items, out=None, batch_size=batch_size,
+                                        progress=progress, evaluate=recording))
     finish()
 
 
 @app.command("demo")
 def demo_cmd(
-    n: int = typer.Option(50, help="questions per family"),
-    out: Path = typer.Option(Path("out/demo")),
-    batch_size: int = typer.Option(16),
+    n: int = typer.Option(50, help="questions per family (>= 1)"),
+    out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="output folder for demo.md / demo.json"),
+    batch_size: int = typer.Option(16, "--batch-size", help="prompts per generate() call (>= 1)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    progress: bool = typer.Option(True, help=PROGRESS_HELP),
 ):
     """The main job: evaluate the testbed unpruned and with every method at its default budget."""
-    from .demo import run_demo
+    from .demo import demo_specs
+    from .eval import report
+    from .runinfo import new_run
 
-    run_demo(n=n, out=out, batch_size=batch_size)
+    _at_least(n=(n, 1), batch_size=(batch_size, 1))
+    specs = [("unpruned", None, {})] + demo_specs()
+    items, data_info = _items("shapesvqa", "test", "all", n, False)
+    m, processor = _load(None)
+    _dry_run(m, specs)
+    run = new_run("demo", model=_model_info(None, m), data=data_info,
+                  generation={"max_new_tokens": 8, "do_sample": False, "batch_size": batch_size,
+                              "prompt_template": _prompt_template()})
+    writer = _writer(out, "demo", overwrite, run)
+    results = _run_all(writer, _add_each(writer, _evaluate_specs(m, processor, items, specs, batch_size=batch_size,
+                                                                 max_new_tokens=8, progress=progress)))
+    if results:
+        report.print_table(results, title=f"ShapesVQA test, {n} questions per family")
 
 
 @testbed_app.command("train")
 def testbed_train(
     out: Path = typer.Option(Path("runs/testbed"), help="run folder (checkpoints; resumes if present)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the weights' initialisation and of the data order"),
     vision_steps: int = typer.Option(None, help="stage-1 steps (default: the recipe's, TrainConfig.vision_steps)"),
     llm_steps: int = typer.Option(None, help="stage-2 steps (default: the recipe's, TrainConfig.llm_steps)"),
     install: bool = typer.Option(False, help="copy the final model into the package (the committed testbed)"),
@@ -216,21 +360,37 @@ def testbed_train(
 def testbed_check(
     n: int = typer.Option(300, help="questions per family (unpruned and random-32 runs)"),
     blank_n: int = typer.Option(100, help="questions per family for the blank-image run"),
-    out: Path = typer.Option(Path("out/testbed-check")),
-    batch_size: int = typer.Option(16),
-    model: Optional[str] = typer.Option(None, help="a saved model folder to check (default: the committed testbed)"),
+    out: Path = typer.Option(Path("out/testbed-check"), "--out", "-o", help="output folder for check.md / check.json"),
+    batch_size: int = typer.Option(16, "--batch-size", help="prompts per generate() call (>= 1)"),
+    model: Optional[str] = typer.Option(None, "--model", "-M",
+                                        help="a saved model folder to check (default: the committed testbed)"),
 ):
     """The testbed's acceptance checks: unpruned / blank-image / random-32 accuracy, [CLS] attention share."""
     from .testbed.check import run_check
 
-    if n < 1 or blank_n < 1:
-        _fail("--n and --blank-n must be >= 1")
+    _at_least(n=(n, 1), blank_n=(blank_n, 1), batch_size=(batch_size, 1))
     loaded, processor = _load(model)
     run_check(n=n, out=out, batch_size=batch_size, blank_n=blank_n, model=loaded, processor=processor)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``vlmprune`` console script: ``app``, with a wrong flag or value (a usage error) as one
+    line ``error: ...`` like every other user error (exit 2)."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="vlmprune", standalone_mode=False)
+    except typer.Abort:
+        code = 130
+    except typer.TyperException as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(ctx.get_help() if ctx else str(e))
+            code = 0
+        else:
+            where = f"`{ctx.command_path} --help`" if ctx else "`vlmprune --help`"
+            typer.secho(f"error: {e.format_message().rstrip('.')}; see {where}", fg=typer.colors.RED, err=True)
+            code = getattr(e, "exit_code", 2)
+    raise SystemExit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,7 @@
-"""The main job (``make demo`` / ``vlmprune demo``): the testbed, unpruned and with each method."""
+"""The main job (``make demo`` / ``vlmprune demo``, run by ``vlmprune.cli``): the testbed, unpruned and with
+each method."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 # Method specs compared by the demo, at the budgets the papers report (testbed: 576 patch tokens).
 DEMO_SPECS: list[tuple[str, dict]] = [
@@ -19,25 +18,10 @@ DEMO_SPECS: list[tuple[str, dict]] = [
 ]  # ATP joins once trained ATP weights ship with the testbed (`vlmprune train atp`).
 
 
-def run_demo(n: int = 50, out: Path = Path("out/demo"), batch_size: int = 16) -> list:
+def demo_specs() -> list[tuple[str, str, dict]]:
+    """(label, method, options) of each registered method of ``DEMO_SPECS``."""
     from . import registry
-    from .eval import report
-    from .eval.data import shapesvqa_items
-    from .eval.harness import evaluate
-    from .testbed.model import load
+    from .eval.harness import label_for
 
-    model, processor = load()
-    items = shapesvqa_items("test", None, n)
-    base = evaluate(model, processor, items, batch_size=batch_size)
-    base.retention = 1.0
-    results = [base]
     known = set(registry.method_names())
-    for name, opts in DEMO_SPECS:
-        if name not in known:
-            continue
-        results.append(evaluate(model, processor, items, method=name, method_options=opts, baseline=base,
-                                batch_size=batch_size))
-    report.print_table(results, title=f"ShapesVQA test, {n} questions per family")
-    md, js = report.write(results, out, "demo")
-    print(f"wrote {md} and {js}")
-    return results
+    return [(label_for(name, opts), name, opts) for name, opts in DEMO_SPECS if name in known]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,6 +40,19 @@ class MethodInfo:
             raise ValueError(f"method {self.name!r} has no option(s) {', '.join(unknown)}; "
                              f"its options are: {', '.join(p.name for p in accepted) or '(none)'}")
         return fn(**options)
+
+    def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Every option of the builder with its value: ``options`` over the signature's defaults
+        (JSON-ready: tuples -> lists, paths -> str). Unknown names raise like ``build``."""
+        sig = inspect.signature(self.load_builder())
+        named = {p.name: p for p in sig.parameters.values() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        unknown = sorted(set(options) - set(named))
+        if unknown and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            raise ValueError(f"method {self.name!r} has no option(s) {', '.join(unknown)}; "
+                             f"its options are: {', '.join(named) or '(none)'}")
+        out = {k: (None if p.default is p.empty else p.default) for k, p in named.items()}
+        out.update(options)
+        return {k: _jsonable(v) for k, v in out.items()}
 
     def options(self) -> dict[str, str]:
         """Option name -> default value (as text), read from the builder's signature."""
@@ -71,6 +85,128 @@ def get_method(name: str) -> MethodInfo:
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return repr(v)
+
+
+# --- method specs: "NAME[:key=value,...]" --------------------------------------------------------
+
+SPEC_GRAMMAR = """\
+A method spec is NAME or NAME:key=value,key=value,... ('none' or 'unpruned' = no pruning).
+Values: ints (32), floats (0.25, 1e-3), booleans (true / false), none, lists in brackets
+([100,50,20], nested allowed; (1,2) is the same), quoted strings ('a,b' or "a,b"), and anything
+else as a plain string (paths: checkpoint=runs/atp). Examples: random:keep=32,seed=1;
+sparsevlm:schedule=[100,50,20],layers=[1,2,3]; fastv:k=2,count=64; atp:checkpoint=runs/atp."""
+
+_CLOSE = {"[": "]", "(": ")"}
+
+
+def _split_top(text: str, spec: str) -> list[str]:
+    """Split ``text`` on commas outside brackets and quotes."""
+    parts, depth, quote, cur = [], [], None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _CLOSE:
+            depth.append(_CLOSE[ch])
+        elif ch in ")]":
+            if not depth or depth.pop() != ch:
+                raise ValueError(f"unbalanced {ch!r} in method spec {spec!r}")
+        elif ch == "," and not depth:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if quote or depth:
+        raise ValueError(f"unclosed {quote or '['} in method spec {spec!r}")
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_value(text: str, spec: str = "") -> Any:
+    """One option value of a method spec (see ``SPEC_GRAMMAR``)."""
+    v = text.strip()
+    if v[:1] in _CLOSE:
+        if v[-1:] != _CLOSE[v[0]]:
+            raise ValueError(f"unbalanced brackets in {v!r} of method spec {spec!r}")
+        inner = v[1:-1].strip()
+        return [] if not inner else [parse_value(x, spec) for x in _split_top(inner, spec)]
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        return v[1:-1]
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    if not v:
+        raise ValueError(f"empty value in method spec {spec!r}")
+    return v
+
+
+def format_value(v: Any) -> str:
+    """An option value written back in the spec grammar (``[100,50,20]``, ``true``, ``none``)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    if isinstance(v, str) and (v != v.strip() or any(c in v for c in ",[]()'\"=") or
+                               not isinstance(parse_value(v), str)):
+        return repr(v)
+    return os.fspath(v) if isinstance(v, os.PathLike) else str(v)
+
+
+def parse_method_spec(spec: str) -> tuple[str | None, dict[str, Any]]:
+    """``"prumerge+"`` / ``"random:keep=32,seed=1"`` / ``"sparsevlm:schedule=[100,50,20]"`` / ``"none"``
+    -> (name or None for no pruning, options). Syntax errors raise ``ValueError`` naming the spec;
+    the name and options are checked by ``check_method_spec``."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    options: dict[str, Any] = {}
+    if rest.strip():
+        for part in _split_top(rest, spec):
+            key, eq, value = part.partition("=")
+            key = key.strip()
+            if not eq or not key or not key.isidentifier():
+                raise ValueError(f"bad option {part.strip()!r} in method spec {spec!r}; write NAME:key=value,key=value "
+                                 "(lists in brackets: schedule=[100,50,20])")
+            if key in options:
+                raise ValueError(f"option {key!r} given twice in method spec {spec!r}")
+            options[key] = parse_value(value, spec)
+    if name in ("", "none", "unpruned"):
+        if options:
+            raise ValueError(f"options given without a method in {spec!r}")
+        return None, {}
+    return name, options
+
+
+def check_method_spec(spec: str) -> tuple[str | None, dict[str, Any], Any]:
+    """Parse ``spec`` and build its method (validating every option); -> (name, options, method object
+    or None for no pruning). Errors are ``ValueError`` naming the spec."""
+    name, options = parse_method_spec(spec)
+    if name is None:
+        return None, {}, None
+    try:
+        obj = get_method(name).build(**options)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ValueError(f"{e} (in method spec {spec!r})") from None
+    return name, options, obj
 
 
 # --- built-in methods --------------------------------------------------------------------------

@@ -31,9 +31,10 @@ def bench(
     method: list[str] = typer.Option(["prumerge+", "fastv"], "--method", "-m",
                                      help="method spec NAME[:key=value,...] (see `vlmprune methods`); repeat for "
                                           "several; the unpruned model is always measured"),
-    batch: list[int] = typer.Option([1, 8], "--batch", "-b", help="batch size; repeat for several"),
+    batch: list[int] = typer.Option([1, 8], "--batch-size", "--batch", "-b", help="batch size; repeat for several"),
     dtype: str = typer.Option("fp32", "--dtype",
-                              help="fp32 (default) or bf16 (this CPU has no bf16 acceleration: bf16 times emulation)"),
+                              help="fp32 (default) or bf16 (the card's machine.bf16_matmul says whether this CPU "
+                                   "accelerates bf16)"),
     repeats: int = typer.Option(5, "--repeats", help="timed rounds (median reported)"),
     warmup: int = typer.Option(1, "--warmup", help="untimed rounds first"),
     new_tokens: int = typer.Option(16, "--new-tokens", help="tokens generated per run (decode steps = this - 1)"),
@@ -48,12 +49,25 @@ def bench(
     scaled_vision_layers: int = typer.Option(6, "--scaled-vision-layers",
                                              help="scaled model: vision layers (CLIP-L: 24)"),
     out: Path = typer.Option(Path("out/bench"), "--out", "-o", help="folder for card.json and speedup.png"),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="replace a card already in --out (default: write to a new folder OUT-2, ...)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
     """Time a method against the unpruned model (same process, interleaved rounds) and write the card."""
-    from .measure import BenchError, ScaledConfig, print_card, run_bench
+    from .measure import BenchError, ScaledConfig, check_batches, check_model_name, parse_dtype, parse_methods, \
+        print_card, run_bench
+
+    from ..eval.report import run_folder
 
     console = Console(width=max(Console().width, 170))
+    try:  # the cheap checks first, so that a bad option creates no folder
+        parse_methods(method), parse_dtype(dtype), check_batches(list(batch)), [check_model_name(m) for m in model]
+        out, note = run_folder(out, "card", overwrite)
+    except (BenchError, ValueError) as e:
+        _fail(str(e))
+        return
+    if note:
+        Console(stderr=True).print(f"note: {note}", markup=False)
     try:
         scaled = ScaledConfig(hidden=scaled_hidden, layers=scaled_layers, vision_hidden=scaled_vision_hidden,
                               vision_layers=scaled_vision_layers)

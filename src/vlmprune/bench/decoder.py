@@ -6,8 +6,9 @@ Model: a LLaVA-1.5-shaped ``LlavaForConditionalGeneration`` with random weights,
 CPU: 32 Llama decoder layers, head_dim 64, MLP ratio 11008/4096, 576 image tokens (336 px /
 patch 14, CLIP-shaped tower reduced to a few narrow layers, since the tower costs the same in
 every variant), a prompt of 35 system tokens + 576 image tokens + 24 question tokens as in
-LLaVA-1.5. Width is 512 by default (LLaVA-1.5-7B: 4096). **float32**: bf16 matmuls on this CPU
-(no AVX512-BF16) are ~100x slower than fp32, which would measure the emulation, not the pruning.
+LLaVA-1.5. Width is 512 by default (LLaVA-1.5-7B: 4096). **float32**: on a CPU without bf16
+acceleration bf16 matmuls are emulated and many times slower (``vlmprune bench`` measures it), which
+would measure the emulation, not the pruning.
 
 What is timed: one prefill, as ``generate`` runs it (``use_cache=True``, ``logits_to_keep=1``,
 full model: vision tower, projector, decoder, head), for
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fastv_k": args.k, "threads": args.threads, "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "loadavg": os.getloadavg(), "torch": torch.__version__},
-        "note": "fp32 because bf16 matmul on this CPU (no AVX512-BF16) is ~100x slower than fp32",
+        "note": "fp32: bf16 is only fast where the CPU accelerates it (see vlmprune bench's machine.bf16_matmul)",
         "rows": rows,
     }
     with open(args.out, "w") as f:

@@ -44,9 +44,10 @@ same config: matmul FLOPs of the vision tower (never pruned), the projector (on 
 receives) and the LLM decoder for each sample's own per-layer token counts (no padding),
 unpruned / pruned. ``llm`` = decoder only.
 
-Default dtype is float32: this CPU has no bf16 matmul acceleration (no AVX512-BF16 / AMX), where
-bf16 matmuls are emulated and many times slower than fp32 (measured and recorded in every card,
-``machine.bf16_matmul``); timing bf16 here would time the emulation, not the pruning.
+Default dtype is float32. Whether the CPU accelerates bf16 is measured and recorded in every card
+(``machine.bf16_matmul``: a bf16 / fp32 matmul time ratio, the ``amx_bf16`` / ``avx512_bf16``
+flags and the verdict of ``bf16_verdict``); without acceleration bf16 matmuls are emulated and
+many times slower, and timing them would time the emulation, not the pruning.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ import torch
 from torch import Tensor
 
 from ..integrations.compat import output_cache
+from ..runinfo import cpu_model as _cpu_model
 
 __all__ = [
     "BenchError",
@@ -84,6 +86,7 @@ __all__ = [
     "flop_config",
     "load_bench_model",
     "make_bench_inputs",
+    "bf16_verdict",
     "measure_bf16",
     "parse_dtype",
     "parse_methods",
@@ -112,11 +115,12 @@ OVERHEAD_PARTS = ("score", "select", "gather", "masks", "other")
 
 #: Every field of the card, as dotted paths ("[]" = every element of a list). The tests check them.
 CARD_FIELDS: dict[str, tuple[str, ...]] = {
-    "": ("schema", "command", "created", "machine", "settings", "models", "results", "targets", "plot", "notes"),
+    "": ("schema", "command", "created", "machine", "settings", "models", "results", "targets", "plot", "notes",
+         "run"),
     "machine": ("cpu_model", "cores_logical", "cpu_flags", "platform", "python", "torch", "transformers",
                 "vlmprune", "torch_threads", "torch_interop_threads", "omp_num_threads_env", "loadavg_before",
                 "loadavg_after", "bf16_matmul"),
-    "machine.bf16_matmul": ("shape", "fp32_s", "bf16_s", "slowdown"),
+    "machine.bf16_matmul": ("shape", "fp32_s", "bf16_s", "slowdown", "accelerated", "hardware", "note"),
     "settings": ("dtype", "batches", "methods", "repeats", "warmup", "new_tokens", "decode_steps", "threads",
                  "memory", "seed", "timing", "ratios", "flop_ideal", "memory_method", "kv_method"),
     "models[]": ("name", "kind", "config", "prompt"),
@@ -188,7 +192,7 @@ def parse_methods(specs: Sequence[str]) -> list[Variant]:
     Options are checked by building the method (``BenchError`` names the problem); budgets that
     depend on the model (e.g. ``keep`` > N) are checked when the method is applied.
     """
-    from ..cli import parse_method_spec
+    from ..registry import parse_method_spec
     from ..registry import get_method
 
     variants = [Variant("unpruned", None)]
@@ -704,17 +708,32 @@ def measure_bf16(n: int = 256, repeats: int = 5) -> dict[str, Any]:
         out[f"{name}_s"] = min(ts)
         out[f"{name}_median_s"] = statistics.median(ts)
     out["slowdown"] = out["bf16_s"] / out["fp32_s"]
+    out["accelerated"], out["hardware"], out["note"] = bf16_verdict(out["slowdown"], _cpu_flags(),
+                                                                    f"a {n}^3 bf16 matmul")
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+#: bf16 / fp32 matmul time ratio up to which bf16 counts as accelerated (emulation is ~10-100x slower)
+BF16_ACCELERATED_RATIO = 1.5
+
+
+def bf16_verdict(ratio: float, flags: dict[str, bool], what: str = "a bf16 matmul") -> tuple[bool, str, str]:
+    """(accelerated, hardware, a note for the card) from the measured bf16 / fp32 ``ratio`` and the
+    CPU ``flags``: hardware is ``"amx_bf16"``, ``"avx512_bf16"`` or ``"none"``; accelerated means
+    the measured ratio is at most ``BF16_ACCELERATED_RATIO`` (the flags alone do not decide: the
+    torch build must use them)."""
+    hardware = next((f for f in ("amx_bf16", "avx512_bf16") if flags.get(f)), "none")
+    accelerated = ratio <= BF16_ACCELERATED_RATIO
+    took = f"{what} took {ratio:.2f}x the fp32 time"
+    if accelerated:
+        where = f"{hardware} present" if hardware != "none" else "no amx_bf16 / avx512_bf16 flag"
+        note = f"this CPU accelerates bf16 ({where}): {took}; pass --dtype bf16 to time in bf16"
+    elif hardware != "none":
+        note = f"this CPU reports {hardware}, but {took}: this torch build does not accelerate bf16 here"
+    else:
+        note = f"this CPU has no bf16 acceleration (neither amx_bf16 nor avx512_bf16): {took}, so bf16 times " \
+               "would measure the emulation"
+    return accelerated, hardware, note
 
 
 def _cpu_flags() -> dict[str, bool]:
@@ -726,6 +745,24 @@ def _cpu_flags() -> dict[str, bool]:
     except OSError:
         flags = set()
     return {f: f in flags for f in wanted}
+
+
+def _run_block(models: Sequence[str], variants: Sequence[Variant], dtype: str, batches: Sequence[int],
+               new_tokens: int, seed: int) -> dict[str, Any]:
+    """The ``run`` block every results file carries (``vlmprune.runinfo``); synthetic models have no weights."""
+    from ..runinfo import method_entry, model_info, new_run
+    from ..testbed.model import CHECKPOINT_DIR
+
+    described = [{"path": None, "synthetic": m, "weights_sha256": None, "weights_files": {}, "dtype": dtype}
+                 if m in SYNTHETIC_MODELS else {**model_info(CHECKPOINT_DIR if m == "testbed" else m), "dtype": dtype}
+                 for m in models]
+    run = new_run("bench", model=described[0] if len(described) == 1 else {"models": described},
+                  data={"source": "synthetic", "prompt": "LLaVA prompt: system text, the image placeholders, a "
+                                                         "question; random pixels", "seed": seed},
+                  generation={"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+                              "batch_sizes": list(batches)})
+    run["methods"] = [method_entry(v.label, v.method, v.options) for v in variants]
+    return run
 
 
 def _machine(bf16: dict[str, Any], load_before: Any) -> dict[str, Any]:
@@ -796,9 +833,10 @@ def run_bench(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        run = _run_block(models, variants, dtype_name, batches, new_tokens, seed)
         load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         bf16 = measure_bf16()
-        log(f"bf16 matmul on this CPU: {bf16['slowdown']:.0f}x slower than fp32 ({bf16['shape']})")
+        log(f"bf16 on this CPU: {bf16['note']}")
         model_cards, results = [], []
         for name in models:
             log(f"[{name}] building / loading the model ({dtype_name})")
@@ -847,10 +885,9 @@ def run_bench(
             "results": results,
             "targets": [],
             "plot": None,
+            "run": {**run, "status": "complete", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
             "notes": [
-                f"dtype {dtype_name}: this CPU has no bf16 matmul acceleration (avx512_bf16/amx_bf16 absent: "
-                f"{_cpu_flags()}); a {bf16['shape'][0]}^3 bf16 matmul took {bf16['slowdown']:.0f}x the fp32 time, "
-                "so fp32 is the default and the issue's 'bf16' targets are checked in fp32",
+                f"dtype {dtype_name}; {bf16['note']}",
                 "the acceptance targets apply to the scaled model at batch 1",
                 "prefill_vs_ideal = measured prefill speed-up / FLOP-ideal speed-up - 1 (0 = ideal)",
             ],
@@ -1131,7 +1168,7 @@ def print_card(card: dict[str, Any], console: Any = None) -> None:
     m = card["machine"]
     console.print(f"[bold]{m['cpu_model']}[/], {m['cores_logical']} logical cores, torch {m['torch']}, "
                   f"transformers {m['transformers']}, {s['threads']} thread(s), dtype [bold]{s['dtype']}[/] "
-                  f"(bf16 matmul here: {m['bf16_matmul']['slowdown']:.0f}x slower than fp32), "
+                  f"(bf16 matmul here: {m['bf16_matmul']['slowdown']:.2f}x the fp32 time), "
                   f"median of {s['repeats']} after {s['warmup']} warm-up, {s['decode_steps']} decode steps")
     for r in card["results"]:
         t = Table(title=f"{r['model']}, batch {r['batch']} (prompt {r['prompt_tokens'][0]} tokens, "

@@ -133,6 +133,7 @@ class ModelConfig:
     default_visual_tokens: int = 576
     max_visual_tokens: int = 576
     default_text_tokens: int = 124
+    max_context: int | None = None  # the LLM's context length (max_position_embeddings); None = unknown
     vision: dict[str, Any] = field(default_factory=dict, compare=False)
     projector: dict[str, Any] = field(default_factory=dict, compare=False)
     note: str = field(default="", compare=False)
@@ -199,6 +200,7 @@ class ModelConfig:
             default_visual_tokens=int(vt.get("default", 576)),
             max_visual_tokens=int(vt.get("max", vt.get("default", 576))),
             default_text_tokens=int(data.get("default_text_tokens", 124)),
+            max_context=None if llm.get("max_context") is None else int(llm["max_context"]),
             vision=dict(data.get("vision", {})),
             projector=dict(data.get("projector", {})),
             note=data.get("note", ""),

@@ -104,7 +104,7 @@ def list_cmd() -> None:
 
 @app.command()
 def estimate(
-    model: str = typer.Option("llava-1.5-7b", "--model", "-m", help="model config name (see `cost list`)"),
+    model: str = typer.Option("llava-1.5-7b", "--model", "-M", help="model config name (see `cost list`)"),
     gpu: str = typer.Option("v100", "--gpu", "-g", help="v100, a100 or h100"),
     precision: str = typer.Option("fp16", "--precision", "-p",
                                   help="fp16, bf16, int8, int4 (W4A4KV4), w8a16, w4a16"),
@@ -115,7 +115,7 @@ def estimate(
         help="visual tokens per decoder layer, comma list (COUNTxREPEAT allowed, e.g. 576x3,99x29)"),
     text_tokens: Optional[int] = typer.Option(None, "--text-tokens",
                                               help="text tokens per sequence (default: the model's, 124 -> a 700-token LLaVA-1.5 prompt)"),
-    batch: int = typer.Option(1, "--batch", "-b", help="sequences per batch"),
+    batch: int = typer.Option(1, "--batch-size", "--batch", "-b", help="sequences per batch"),
     conventions: str = typer.Option("physical", "--conventions",
                                     help="physical (default) or llm-viewer (PruMerge Table 2 quirks)"),
     per_layer: bool = typer.Option(False, "--per-layer", help="print one row per decoder layer"),
@@ -136,7 +136,7 @@ def estimate(
         if text_tokens is not None and text_tokens < 0:
             raise CostModelError(f"--text-tokens must be >= 0, got {text_tokens}")
         if batch < 1:
-            raise CostModelError(f"--batch must be >= 1, got {batch}")
+            raise CostModelError(f"--batch-size must be >= 1, got {batch}")
         text = cfg.default_text_tokens if text_tokens is None else text_tokens
         if layer_tokens is not None:
             visual: int | list[int] = parse_layer_tokens(layer_tokens, cfg.num_layers)
@@ -154,6 +154,10 @@ def estimate(
     if max(vis) > cfg.max_visual_tokens:
         console.print(f"[yellow]note:[/] {max(vis)} visual tokens exceeds {cfg.name}'s maximum "
                       f"of {cfg.max_visual_tokens}; computing anyway")
+    if cfg.max_context is not None and max(schedule) > cfg.max_context:
+        console.print(f"[yellow]note:[/] {max(schedule)} tokens ({max(vis)} visual + {text} text) exceed "
+                      f"{cfg.name}'s context of {cfg.max_context} tokens: the model cannot take this prompt; "
+                      "computing anyway")
     s = cost.summary()
     f = full.summary()
     title = (f"{cfg.display_name} | {g.display_name} | {prec.name} "
@@ -264,7 +268,7 @@ def table2(
 
 @app.command()
 def atp(
-    model: str = typer.Option("llava-1.5-7b", "--model", "-m", help="model config name"),
+    model: str = typer.Option("llava-1.5-7b", "--model", "-M", help="model config name"),
     text_tokens: int = typer.Option(124, "--text-tokens", help="text tokens for the with-text scenarios"),
     conventions: str = typer.Option("physical", "--conventions", help="physical or llm-viewer"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the result as JSON"),

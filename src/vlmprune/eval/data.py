@@ -22,14 +22,26 @@ class EvalItem:
     image_path: str | None = None  # JSONL items
     seed: int | None = None        # ShapesVQA items (the scene is re-generated on demand)
     blank: bool = False            # replace the image with a blank (background-only) one
+    where: str | None = None       # JSONL items: "FILE:LINE" of the record, for error messages
 
     def image(self) -> Image.Image:
         if self.blank:
             return blank_image(self.seed or 0)
         if self.image_path is not None:
-            return Image.open(self.image_path).convert("RGB")
+            return open_image(self.image_path, self.where)
         from ..testbed.questions import Question
         return scene_for(Question(self.family, self.question, self.answer, self.seed)).image
+
+
+def open_image(path: str | Path, where: str | None = None) -> Image.Image:
+    """Open ``path`` as RGB; an unreadable image is a ``ValueError`` naming the file (and ``where``,
+    the JSONL record's "FILE:LINE")."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{where + ': ' if where else ''}cannot read image {path} ({e}); fix or remove "
+                         "that record") from None
 
 
 def parse_families(spec: str | Iterable[str] | None) -> list[str]:
@@ -81,8 +93,9 @@ def jsonl_items(path: str | Path) -> list[EvalItem]:
             img = path.parent / img
         if not img.is_file():
             raise FileNotFoundError(f"{path}:{lineno}: image file not found: {img}")
+        open_image(img, f"{path}:{lineno}")  # every image is decoded once here, so none fails mid-run
         items.append(EvalItem(str(rec.get("id", f"{path.stem}-{lineno}")), str(rec.get("family", "jsonl")),
-                              rec["question"], rec["answer"], image_path=str(img)))
+                              rec["question"], rec["answer"], image_path=str(img), where=f"{path}:{lineno}"))
     if not items:
         raise ValueError(f"{path}: no records found")
     return items

@@ -91,10 +91,7 @@ def summarize(label: str, method: str | None, options: dict, results: Sequence[I
 def _visual_tokens_per_sample(handle, input_ids: torch.Tensor, image_token_id: int) -> list[float]:
     """Visual tokens each sample fed to the LLM in the last prefill (all-layer average for decoder methods)."""
     if handle is not None:
-        stats = handle.stats
-        per_sample = getattr(stats, "visual_tokens_per_sample", None)  # decoder stage: all-layer average
-        values = per_sample() if callable(per_sample) else stats.last_kept
-        return [float(v) for v in values]
+        return handle.stats.visual_tokens_per_sample()
     return (input_ids == image_token_id).sum(1).float().tolist()
 
 
@@ -138,6 +135,14 @@ def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch
     return results, seconds
 
 
+def label_for(method: str | None, options: dict[str, Any]) -> str:
+    """A run's label: ``"unpruned"``, ``"fastv"``, ``"random keep=32,seed=1"``."""
+    from ..registry import format_value
+
+    return (method or "unpruned") + (" " + ",".join(f"{k}={format_value(v)}" for k, v in options.items())
+                                     if options else "")
+
+
 def evaluate(model, processor, items: Sequence[EvalItem], *, method: str | None = None,
              method_options: dict | None = None, label: str | None = None, baseline: EvalResult | None = None,
              batch_size: int = 8, max_new_tokens: int = 8, prompt_template: str = PROMPT_TEMPLATE,
@@ -148,7 +153,7 @@ def evaluate(model, processor, items: Sequence[EvalItem], *, method: str | None 
     from .distributed import gather_results, num_processes, shard
 
     options = dict(method_options or {})
-    label = label or (method or "unpruned") + (" " + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+    label = label or label_for(method, options)
     handle = vlmprune.apply(model, method, **options) if method else None
     try:
         local_items = shard(items)

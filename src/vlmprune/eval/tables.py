@@ -56,9 +56,18 @@ FIXED_SPECS = {"budgets": budget_specs, "order": order_specs}
 TABLES = ("vision", *FIXED_SPECS)
 
 
-def run_tables(which: str, model, processor, items, *, out: Path, batch_size: int = 16,
+def table_checks(which: str) -> list[tuple[str, dict]]:
+    """Every (method, options) the table can run, for a dry run before the first question ("vision"'s
+    matched baselines at keep=1: their counts come from the measured runs)."""
+    if which == "vision":
+        return [(name, {}) for name in ADAPTIVE] + [(b, {"keep": 1}) for b in MATCHED_BASELINES]
+    return FIXED_SPECS[which]()
+
+
+def run_tables(which: str, model, processor, items, *, out: Path | None, batch_size: int = 16,
                progress: bool = True, evaluate: Callable | None = None) -> list:
-    """Evaluate the unpruned model and the table's methods on ``items``; write ``{which}.md/json`` to ``out``."""
+    """Evaluate the unpruned model and the table's methods on ``items``; write ``{which}.md/json`` to
+    ``out`` (None: the caller writes, e.g. through the ``evaluate`` it passes)."""
     from . import report
     from .distributed import is_main_process
     from .harness import evaluate as _evaluate
@@ -83,5 +92,6 @@ def run_tables(which: str, model, processor, items, *, out: Path, batch_size: in
         results += [run(name, opts, base) for name, opts in FIXED_SPECS[which]()]
     if is_main_process():
         report.print_table(results, title=f"ShapesVQA — {which} table")
-        report.write(results, out, which)
+        if out is not None:
+            report.write(results, out, which)
     return results

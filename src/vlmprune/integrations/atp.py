@@ -174,6 +174,12 @@ class ATP(DecoderMethodBase):
     handle_class: type  # set below (ATPHandle)
 
     # ---------------------------------------------------------------- binding to a model
+    def check_budget(self, num_tokens: int) -> None:
+        """``fixed_target`` (an all-layer average) must not exceed the model's visual tokens per image."""
+        if self._fixed_target is not None and self._fixed_target > num_tokens:
+            raise ValueError(f"atp: fixed_target={self._fixed_target:g} is more than the {num_tokens} visual tokens "
+                             f"per image of this model; pass fixed_target <= {num_tokens}")
+
     def bind(self, num_layers: int, num_patches: int, grid: tuple[int, int]) -> A.ATPPruner:
         """Build the pruner for this model (untrained / fixed-ratio), or check a loaded one fits it."""
         if num_patches != grid[0] * grid[1]:
@@ -387,6 +393,38 @@ def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+#: Said (as a ``UserWarning``) when ``atp`` is built with neither a checkpoint nor a fixed ratio / target.
+UNTRAINED_WARNING = ("atp without checkpoint=DIR (or fixed_ratio / fixed_target) has untrained modules whose "
+                     "thresholds keep every visual token: nothing is pruned. Train them with `vlmprune train atp "
+                     "--out DIR` and pass checkpoint=DIR")
+
+
+def _load_pruner(path: str) -> A.ATPPruner:
+    """``ATPPruner.load`` with every file problem as a ``ValueError`` naming the file."""
+    import json
+
+    from safetensors import SafetensorError
+
+    cfg_path, w_path = os.path.join(path, A.CONFIG_NAME), os.path.join(path, A.WEIGHTS_NAME)
+    missing = [p for p in (cfg_path, w_path) if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"atp: {' and '.join(missing)} not found: {path} is not an ATP checkpoint (it needs "
+                                f"{A.CONFIG_NAME} + {A.WEIGHTS_NAME}, written by `vlmprune train atp --out DIR`)")
+    try:
+        with open(cfg_path) as fh:
+            json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"atp: {cfg_path} is not valid JSON ({e}); re-run `vlmprune train atp` or restore the "
+                         "file") from None
+    try:
+        return A.ATPPruner.load(path)
+    except SafetensorError as e:
+        raise ValueError(f"atp: {w_path} is not a readable safetensors file ({e}); re-run `vlmprune train atp` or "
+                         "restore the file") from None
+    except (KeyError, TypeError, RuntimeError) as e:  # incompatible weights / config
+        raise ValueError(f"atp: {path} holds incompatible ATP weights or config ({e})") from None
+
+
 def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int, ...] | list[int] | None = None,
               fixed_ratio: float | None = None, fixed_target: float | None = None) -> ATP:
     """ATP-LLaVA. ``checkpoint``: directory with ``atp_config.json`` + ``atp_weights.safetensors``
@@ -404,11 +442,7 @@ def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int,
         if not os.path.isdir(path):
             raise FileNotFoundError(f"atp: checkpoint directory {path!r} does not exist (train one with "
                                     "`vlmprune train atp --out DIR`)")
-        try:
-            pruner = A.ATPPruner.load(path)
-        except (KeyError, RuntimeError) as e:  # incompatible weights / config
-            raise ValueError(f"atp: {path} holds incompatible ATP weights: {e}") from e
-        return ATP(pruner)
+        return ATP(_load_pruner(path))
     if fixed_ratio is not None and fixed_target is not None:
         raise ValueError("atp: pass only one of fixed_ratio, fixed_target")
     if fixed_ratio is not None and not (_is_real(fixed_ratio) and 0 < fixed_ratio <= 1):
@@ -421,6 +455,10 @@ def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int,
                 and list(layers) == sorted(set(layers))):
             raise ValueError(f"atp: layers must be strictly increasing ints >= 0, got {layers!r}")
         layers = tuple(int(l) for l in layers)
+    if fixed_ratio is None and fixed_target is None:
+        import warnings
+
+        warnings.warn(UNTRAINED_WARNING, UserWarning, stacklevel=4)
     return ATP(None, layers=layers, fixed_ratio=None if fixed_ratio is None else float(fixed_ratio),
                fixed_target=None if fixed_target is None else float(fixed_target))
 

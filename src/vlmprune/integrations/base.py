@@ -274,11 +274,19 @@ class PruneStats:
     ``kept_per_image`` lists, in order, the visual tokens each image contributed to the LLM's
     input since ``apply`` (or the last ``reset()``); ``last_kept`` those of the most recent
     prefill only. ``tokens_per_image`` is the unpruned count N. The decoder stage extends this
-    class with per-layer counts.
+    class with per-layer counts, and there ``last_kept`` / ``kept_per_image`` hold per-sample
+    all-layer averages (floats).
+
+    Read the same way for both stages: ``visual_tokens_per_sample()`` (the last prefill's visual
+    tokens per sample, averaged over the decoder layers) and ``visual_tokens_per_layer()``
+    ([B][num_layers]: the visual tokens each decoder layer processed). A vision-stage method feeds
+    every layer the same count, so its per-sample value is the kept count of the sample's image
+    (LLaVA: one image per sample).
     """
 
     method: str
     tokens_per_image: int | None = None
+    num_layers: int = 0
     prefills: int = 0
     kept_per_image: list[int] = field(default_factory=list)
     last_kept: list[int] = field(default_factory=list)
@@ -288,6 +296,14 @@ class PruneStats:
         self.prefills += 1
         self.last_kept = list(kept)
         self.kept_per_image.extend(kept)
+
+    def visual_tokens_per_sample(self) -> list[float]:
+        """Visual tokens of each sample in the last prefill, averaged over the decoder layers."""
+        return [float(v) for v in self.last_kept]
+
+    def visual_tokens_per_layer(self) -> list[list[int]]:
+        """[B][num_layers]: visual tokens each decoder layer processed in the last prefill."""
+        return [[int(v)] * self.num_layers for v in self.last_kept]
 
     @property
     def images(self) -> int:

@@ -55,6 +55,14 @@ Assumptions, each with the test that guards it:
    attention without re-rotating them (``layer_keys``; any other layout, e.g. a sliding-window
    or quantized layer, is ignored and the keys are recomputed), the benchmarks count the bytes.
    Guarded by ``test_compat.py::test_layer_keys_are_the_rotated_keys`` and ``test_cost.py``.
+8. **Loading progress bars**: ``from_pretrained`` draws a "Loading weights" bar on stderr unless
+   ``transformers.utils.logging.disable_progress_bar()`` was called (``quiet_loading``; the CLI
+   calls it so that an error is stderr's first line). Guarded by
+   ``test_cli.py::test_eval_typo_in_second_method_fails_before_any_work``.
+9. **The loss**: ``LlavaForConditionalGeneration.forward`` computes ``loss`` as
+   ``self.loss_function(logits=, labels=, vocab_size=config.text_config.vocab_size)`` (shifted
+   cross-entropy, -100 ignored) from ``labels`` (keyword ``K.LABELS``) aligned with its logits
+   (``lm_loss``). Guarded by ``test_decoder.py::test_labels_are_gathered_like_the_logits``.
 """
 
 from __future__ import annotations
@@ -149,3 +157,15 @@ def apply_rotary(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def quiet_loading() -> None:
+    """No progress bars from ``from_pretrained`` (assumption 8)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def lm_loss(model: Any, logits: Any, labels: Any) -> Any:
+    """The model's own causal-LM loss of ``logits`` [B, L, V] against ``labels`` [B, L] (assumption 9)."""
+    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.get_text_config().vocab_size)

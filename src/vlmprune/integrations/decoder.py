@@ -47,8 +47,10 @@ queries, so the selection is made "once at prefill" in both modes: uncached gene
 re-prunes at every step gives the same tokens as cached generation.
 
 Outputs of a pruned forward (``logits``, ``last_hidden_state``) cover the final layer's tokens only
-(left-padded per sample; the last column is still each sample's last token).
-``handle.state.final_source`` maps each column back to its index in the input.
+(left-padded per sample; the last column is still each sample's last token), so they are shorter
+than ``input_ids``; ``handle.state.final_source`` maps each column back to its index in the input.
+``labels=`` are gathered the same way (``integrations.attach``), so ``outputs.loss`` is the loss
+over the kept tokens.
 
 Not supported (yet): gradient checkpointing with hard pruning (the checkpointed layer re-runs its
 hooks), static / offloaded caches, beam reorders across different samples, chunked prefill.
@@ -271,6 +273,9 @@ class DecoderStats(PruneStats):
     def visual_tokens_per_sample(self) -> list[float]:
         """All-layer average visual tokens of each sample in the last prefill (processed counts)."""
         return [float(v) for v in self.last_kept]
+
+    def visual_tokens_per_layer(self) -> list[list[int]]:
+        return [list(r) for r in self.visual_per_layer]
 
     def visual_tokens_output_per_sample(self) -> list[float]:
         return [sum(r) / len(r) for r in self.visual_after_layer] if self.visual_after_layer else []

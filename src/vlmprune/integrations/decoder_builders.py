@@ -54,6 +54,13 @@ class FastV(DecoderMethodBase):
             return rows, torch.ones_like(rows, dtype=torch.bool)
         return fv.pack_mask(view.prompt & view.valid)
 
+    def check_budget(self, num_tokens: int) -> None:
+        """``count`` / ``budget`` must not exceed the model's visual tokens per image."""
+        for name, value in (("count", self.count), ("budget", self.budget)):
+            if value is not None and value > num_tokens:
+                raise ValueError(f"fastv: {name}={value:g} is more than the {num_tokens} visual tokens per image of "
+                                 f"this model; pass {name} <= {num_tokens}")
+
     def keep_counts(self, view: LayerView) -> Tensor:
         n = view.visual.sum(1)
         if self.count is not None:
@@ -173,6 +180,10 @@ def build_sparsevlm(*, budget: int = 192, schedule: tuple[int, ...] | list[int] 
     else:
         if not isinstance(schedule, (tuple, list)) or not schedule or not all(_is_int(c) and c >= 1 for c in schedule):
             raise ValueError(f"sparsevlm: schedule must be a non-empty list of ints >= 1, got {schedule!r}")
+        if max(schedule) > sv.REFERENCE_TOKENS:
+            raise ValueError(f"sparsevlm: schedule counts are visual tokens kept out of {sv.REFERENCE_TOKENS} "
+                             f"(scaled to the model's count); {max(schedule)} is more than {sv.REFERENCE_TOKENS} — "
+                             f"pass counts <= {sv.REFERENCE_TOKENS}, e.g. schedule=[300,200,110]")
     if layers is not None:
         if not isinstance(layers, (tuple, list)) or not all(_is_int(l) and l >= 0 for l in layers) \
                 or list(layers) != sorted(set(layers)):

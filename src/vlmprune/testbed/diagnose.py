@@ -385,7 +385,7 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
     model, processor = load(args.path)
     if args.what == "answers":
         import vlmprune
-        from ..cli import parse_method_spec
+        from ..registry import parse_method_spec
 
         handle = None
         if args.method:

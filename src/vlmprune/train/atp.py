@@ -312,8 +312,12 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
     state_path = out / STATE_NAME
     saved = None
     if state_path.exists():
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        old = ATPTrainConfig.from_dict(saved["config"])
+        try:
+            saved = torch.load(state_path, map_location="cpu", weights_only=False)
+            old = ATPTrainConfig.from_dict(saved["config"])
+        except Exception as e:  # noqa: BLE001 -- truncated / foreign files raise many kinds
+            raise ValueError(f"{state_path} is not a readable training state ({type(e).__name__}: {e}); delete it "
+                             "to start over, or choose a new --out") from None
         diff = [f.name for f in fields(ATPTrainConfig)
                 if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(cfg, f.name)]
         if diff:
@@ -324,7 +328,10 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
             say(f"note: the checkpoint was written by {saved['world_size']} process(es), resuming on "
                 f"{accelerator.num_processes}: the data stream continues from the same sample index")
 
-    model, processor = _load_model(cfg)
+    try:
+        model, processor = _load_model(cfg)
+    except Exception as e:  # noqa: BLE001 -- a missing / corrupt model folder: name it
+        raise ValueError(f"could not load model {cfg.model or '(testbed)'}: {e}") from None
     adapter = get_adapter(model)
     num_layers = len(adapter.get_decoder_layers(model))
     num_patches = adapter.tokens_per_image(model)

@@ -20,6 +20,10 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+#: The one dtype spelling of the CLI (fp32 / bf16 / fp16) -> ATPTrainConfig's.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
     if spec is None or spec.strip() in ("", "auto"):
         return None
@@ -32,14 +36,15 @@ def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
 @app.command("atp")
 def atp_cmd(
     out: Path = typer.Option(Path("runs/atp"), help="run folder (checkpoints, ATP weights; resumes if present)"),
-    model: Optional[str] = typer.Option(None, help="local path or hub id of a LLaVA model (default: the testbed)"),
+    model: Optional[str] = typer.Option(None, "--model", "-M",
+                                        help="local folder or hub id of a LLaVA model (default: the testbed)"),
     target: Optional[float] = typer.Option(None, help="target all-layer average visual tokens on THIS model"),
     paper_target: float = typer.Option(144.0, help="target as in the paper (32-layer LLaVA-1.5), translated to this "
                                                    "model (testbed: 144 -> 178.8, 88 -> 127.3); unused with --target"),
     layers: Optional[str] = typer.Option(None, help="decoder layers the modules follow, e.g. 0,1,2,3,4 "
                                                     "(default: 2,8,14,20,26 of 32 scaled to the model)"),
     steps: int = typer.Option(300, help="optimizer steps (testbed: 300 x batch 8 ~ 17-25 min on this 2-core machine)"),
-    batch_size: int = typer.Option(8, help="samples per process per step"),
+    batch_size: int = typer.Option(8, "--batch-size", help="samples per process per step"),
     lr: float = typer.Option(3e-4, help="learning rate of the ATP modules"),
     train: str = typer.Option("llm-frozen", help="llm-frozen (ATP modules only) | lora (also LoRA on the LLM)"),
     lora: bool = typer.Option(False, "--lora", help="shorthand for --train lora"),
@@ -61,20 +66,22 @@ def atp_cmd(
     lambda_range: float = typer.Option(1.0, help="weight of the hinge keeping thresholds near their scores "
                                                  "(against saturated, frozen thresholds; 0 = off)"),
     turns: int = typer.Option(1, help="question-answer turns per training image"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the modules' initialisation and of the data order"),
     checkpoint_every: int = typer.Option(50, help="save a resumable checkpoint every N steps"),
     eval_n: int = typer.Option(96, help="held-out prompts for the final hard-pruning token count (0 = skip)"),
-    dtype: str = typer.Option("float32", help="model weights: float32 | bfloat16 | float16"),
+    dtype: str = typer.Option("fp32", help="model weights: fp32 | bf16 | fp16 (ATP modules stay fp32)"),
     save_merged: bool = typer.Option(True, "--save-merged/--no-save-merged",
                                      help="with LoRA: also write the merged model to OUT/model"),
     stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this invocation (checkpointed; "
                                                         "rerun the same command to resume)"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
 ):
     """Train ATP modules (soft masks + budget loss) inside a LLaVA model; write weights loadable by
-    ``vlmprune.apply(model, "atp", checkpoint=OUT)``. Resumes from OUT/train_state.pt."""
+    vlmprune.apply(model, "atp", checkpoint=OUT) or `-m atp:checkpoint=OUT`. Resumes from OUT/train_state.pt."""
     from .atp import ATPTrainConfig, train_atp
 
+    if dtype not in DTYPES and dtype not in DTYPES.values():
+        _fail(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
     if lora:
         if train not in ("llm-frozen", "lora"):
             _fail(f"--lora conflicts with --train {train}")
@@ -88,7 +95,7 @@ def atp_cmd(
                              lambda_target=lambda_target, budget_count=budget_count,
                              target_control=target_control, dual_lr=dual_lr, lambda_range=lambda_range,
                              turns=turns, seed=seed,
-                             checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
+                             checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=DTYPES.get(dtype, dtype),
                              save_merged=save_merged, stop_after=stop_after)
         final = train_atp(cfg, progress=progress)
     except (ValueError, FileNotFoundError) as e:
@@ -99,11 +106,12 @@ def atp_cmd(
 @app.command("atp-viz")
 def atp_viz_cmd(
     checkpoint: Path = typer.Argument(..., help="ATP run folder (atp_config.json + atp_weights.safetensors)"),
-    model: Optional[str] = typer.Option(None, help="LLaVA model (default: the testbed; a LoRA run: CHECKPOINT/model)"),
+    model: Optional[str] = typer.Option(None, "--model", "-M",
+                                        help="LLaVA model (default: the testbed; a LoRA run: CHECKPOINT/model)"),
     out: Path = typer.Option(Path("out/atp-viz"), help="output folder for the figures and JSON"),
     seeds: List[int] = typer.Option([0, 1, 2, 3], "--seed", help="scene seeds (test split) for the overlay figure"),
     n: int = typer.Option(240, help="scenes for the kept-count vs complexity plot"),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(16, "--batch-size", help="images per forward (>= 1)"),
 ):
     """Figure-4 style overlays (kept tokens at each module, easy vs cluttered scenes) and the kept-count
     vs scene-complexity plot."""
