@@ -62,7 +62,7 @@ def test_card_has_every_field(card) -> None:
     assert m["torch"] == torch.__version__ and m["cores_logical"] >= 1 and m["cpu_model"]
     assert m["bf16_matmul"]["slowdown"] > 0 and m["bf16_matmul"]["fp32_s"] > 0
     s = card["settings"]
-    assert s["dtype"] == "fp32" and s["batches"] == [1, 2] and s["decode_steps"] == 2
+    assert s["dtype"] == ["fp32"] and s["device"] == "cpu" and s["batches"] == [1, 2] and s["decode_steps"] == 2
     assert s["methods"] == ["prumerge+", "fastv", "random:keep=64"]
     assert [r["batch"] for r in card["results"]] == [1, 2]
     assert card["models"][0]["config"]["decoder"]["layers"] == TINY_LAYERS
@@ -215,7 +215,7 @@ def test_targets(card) -> None:
     M.print_card({**card, "targets": tg}, console)
     text = console.export_text()
     assert ("MET" in text or "MISSED" in text) and "points" in text
-    assert "tiny, batch 2" in text and "fp32" in text
+    assert "tiny fp32, batch 2" in text and "where the overhead goes" in text
 
 
 def test_cache_bytes_of_a_real_cache() -> None:
@@ -233,7 +233,8 @@ def test_cache_bytes_of_a_real_cache() -> None:
 def test_bf16_dtype_runs_and_halves_the_kv_cache() -> None:
     c = M.run_bench(models=["tiny"], methods=["fastv"], batches=[1], dtype="bfloat16", repeats=1, warmup=0,
                     new_tokens=2, threads=None, memory=False, out=None)
-    assert c["settings"]["dtype"] == "bf16" and c["models"][0]["config"]["dtype"] == "bfloat16"
+    assert c["settings"]["dtype"] == ["bf16"] and c["models"][0]["config"]["dtype"] == "bfloat16"
+    assert c["results"][0]["dtype"] == "bf16" and c["models"][0]["dtype"] == "bf16"
     base = c["results"][0]["variants"][0]
     assert base["kv_cache_bytes"] == PROMPT * 2 * TINY_LAYERS * 64 * 2  # 2 bytes per element
 
@@ -356,3 +357,38 @@ def test_cli_runs_and_writes_the_card(tmp_path) -> None:
     assert json.loads((tmp_path / "card.json").read_text()) == data  # the first card is kept
     assert json.loads((tmp_path.with_name(tmp_path.name + "-2") / "card.json").read_text())["settings"]["methods"] \
         == ["fastv"]
+
+
+def test_dtype_choices_and_auto() -> None:
+    assert M.parse_dtypes("auto") == ["auto"]
+    assert M.parse_dtypes(["bfloat16", "fp32", "bf16"]) == ["bf16", "fp32"]
+    assert M.resolve_dtypes(["auto"], bf16_accelerated=True) == ["bf16", "fp32"]
+    assert M.resolve_dtypes(["auto"], bf16_accelerated=False) == ["fp32"]
+    assert M.resolve_dtypes(["fp32", "auto"], bf16_accelerated=True) == ["fp32", "bf16"]
+    with pytest.raises(M.BenchError, match="unknown dtype 'int8'"):
+        M.parse_dtypes(["fp32", "int8"])
+    with pytest.raises(M.BenchError, match="at least one dtype"):
+        M.parse_dtypes([])
+
+
+def test_two_dtypes_side_by_side_in_one_card(tmp_path) -> None:
+    c = M.run_bench(models=["tiny"], methods=["fastv"], batches=[1], dtype=["fp32", "bf16"], repeats=1, warmup=0,
+                    new_tokens=2, memory=False, out=tmp_path)
+    assert c["settings"]["dtype"] == ["fp32", "bf16"]
+    assert [(r["model"], r["dtype"]) for r in c["results"]] == [("tiny", "fp32"), ("tiny", "bf16")]
+    assert [(m["name"], m["dtype"]) for m in c["models"]] == [("tiny", "fp32"), ("tiny", "bf16")]
+    kv = [r["variants"][0]["kv_cache_bytes"] for r in c["results"]]
+    assert kv[0] == 2 * kv[1]  # the bf16 block really ran in bf16
+    json.loads((tmp_path / "card.json").read_text())
+
+
+def test_device_checks_and_timer_sync() -> None:
+    assert M.check_device("CPU") == "cpu"
+    assert M.device_sync("cpu")() is None
+    with pytest.raises(M.BenchError, match="unknown device 'tpu'"):
+        M.check_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(M.BenchError, match="no CUDA device here"):
+            M.check_device("cuda:0")
+    sync = M.device_sync("cuda:1")  # built, not called: the GPU path synchronises that device
+    assert sync.func is torch.cuda.synchronize and sync.args == (torch.device("cuda:1"),)

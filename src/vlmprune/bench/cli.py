@@ -32,9 +32,10 @@ def bench(
                                      help="method spec NAME[:key=value,...] (see `vlmprune methods`); repeat for "
                                           "several; the unpruned model is always measured"),
     batch: list[int] = typer.Option([1, 8], "--batch-size", "--batch", "-b", help="batch size; repeat for several"),
-    dtype: str = typer.Option("fp32", "--dtype",
-                              help="fp32 (default) or bf16 (the card's machine.bf16_matmul says whether this CPU "
-                                   "accelerates bf16)"),
+    dtype: list[str] = typer.Option(["auto"], "--dtype",
+                                    help="fp32, bf16 or auto (default: bf16 and fp32 side by side when this CPU "
+                                         "accelerates bf16, as measured at the start; else fp32); repeat for several"),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda / cuda:N where a GPU exists"),
     repeats: int = typer.Option(5, "--repeats", help="timed rounds (median reported)"),
     warmup: int = typer.Option(1, "--warmup", help="untimed rounds first"),
     new_tokens: int = typer.Option(16, "--new-tokens", help="tokens generated per run (decode steps = this - 1)"),
@@ -54,14 +55,15 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
     """Time a method against the unpruned model (same process, interleaved rounds) and write the card."""
-    from .measure import BenchError, ScaledConfig, check_batches, check_model_name, parse_dtype, parse_methods, \
-        print_card, run_bench
+    from .measure import BenchError, ScaledConfig, check_batches, check_device, check_model_name, parse_dtypes, \
+        parse_methods, print_card, run_bench
 
     from ..eval.report import run_folder
 
     console = Console(width=max(Console().width, 170))
     try:  # the cheap checks first, so that a bad option creates no folder
-        parse_methods(method), parse_dtype(dtype), check_batches(list(batch)), [check_model_name(m) for m in model]
+        parse_methods(method), parse_dtypes(dtype), check_device(device), check_batches(list(batch))
+        [check_model_name(m) for m in model]
         out, note = run_folder(out, "card", overwrite)
     except (BenchError, ValueError) as e:
         _fail(str(e))
@@ -71,7 +73,8 @@ def bench(
     try:
         scaled = ScaledConfig(hidden=scaled_hidden, layers=scaled_layers, vision_hidden=scaled_vision_hidden,
                               vision_layers=scaled_vision_layers)
-        card = run_bench(models=model, methods=method, batches=batch, dtype=dtype, repeats=repeats, warmup=warmup,
+        card = run_bench(models=model, methods=method, batches=batch, dtype=dtype, device=device, repeats=repeats,
+                         warmup=warmup,
                          new_tokens=new_tokens, threads=threads, memory=memory, seed=seed, scaled=scaled, out=out,
                          command="vlmprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
                          if len(sys.argv) > 1 and sys.argv[1] == "bench" else "vlmprune bench",

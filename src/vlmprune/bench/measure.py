@@ -52,6 +52,7 @@ many times slower, and timing them would time the emulation, not the pruning.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -88,8 +89,12 @@ __all__ = [
     "make_bench_inputs",
     "bf16_verdict",
     "measure_bf16",
+    "check_device",
+    "device_sync",
     "parse_dtype",
+    "parse_dtypes",
     "parse_methods",
+    "resolve_dtypes",
     "plot_card",
     "print_card",
     "probe_memory",
@@ -121,10 +126,11 @@ CARD_FIELDS: dict[str, tuple[str, ...]] = {
                 "vlmprune", "torch_threads", "torch_interop_threads", "omp_num_threads_env", "loadavg_before",
                 "loadavg_after", "bf16_matmul"),
     "machine.bf16_matmul": ("shape", "fp32_s", "bf16_s", "slowdown", "accelerated", "hardware", "note"),
-    "settings": ("dtype", "batches", "methods", "repeats", "warmup", "new_tokens", "decode_steps", "threads",
-                 "memory", "seed", "timing", "ratios", "flop_ideal", "memory_method", "kv_method"),
-    "models[]": ("name", "kind", "config", "prompt"),
-    "results[]": ("model", "batch", "prompt_tokens", "visual_tokens_unpruned", "variants"),
+    "settings": ("dtype", "dtype_requested", "device", "batches", "methods", "repeats", "warmup", "new_tokens",
+                 "decode_steps", "threads", "memory", "seed", "timing", "ratios", "flop_ideal", "memory_method",
+                 "kv_method"),
+    "models[]": ("name", "dtype", "kind", "config", "prompt"),
+    "results[]": ("model", "dtype", "batch", "prompt_tokens", "visual_tokens_unpruned", "variants"),
     "results[].variants[]": ("label", "method", "options", "stage", "visual_tokens", "visual_tokens_per_sample",
                              "layer_tokens", "kv_cache_bytes", "raw", "median", "stats", "flops", "ratios",
                              "memory"),
@@ -212,6 +218,58 @@ def parse_methods(specs: Sequence[str]) -> list[Variant]:
         seen.add(label)
         variants.append(Variant(label, name, dict(opts), info.stage))
     return variants
+
+
+def parse_dtypes(names: str | Sequence[str]) -> list[str]:
+    """Dtype choices -> canonical names, ``"auto"`` kept (resolved by ``resolve_dtypes`` once the CPU
+    is measured); duplicates dropped, order kept."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise BenchError("give at least one dtype (fp32, bf16 or auto)")
+    out = []
+    for name in names:
+        key = "auto" if str(name).strip().lower() == "auto" else parse_dtype(name)[0]
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def resolve_dtypes(names: Sequence[str], bf16_accelerated: bool) -> list[str]:
+    """``auto`` -> bf16 and fp32 side by side where the CPU accelerates bf16, else fp32 alone."""
+    out: list[str] = []
+    for name in names:
+        for d in ((["bf16", "fp32"] if bf16_accelerated else ["fp32"]) if name == "auto" else [name]):
+            if d not in out:
+                out.append(d)
+    return out
+
+
+def check_device(device: str) -> str:
+    """``cpu`` or ``cuda`` / ``cuda:N`` (which must exist here); returns it normalised."""
+    dev = str(device).strip().lower()
+    if dev == "cpu":
+        return dev
+    if dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {device}: no CUDA device here (torch.cuda.is_available() is False); "
+                             "use --device cpu")
+        index = int(dev[5:]) if ":" in dev else 0
+        if index >= torch.cuda.device_count():
+            raise BenchError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return dev
+    raise BenchError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+
+
+def device_sync(device: str) -> Callable[[], None]:
+    """What the timers call before reading the clock: ``torch.cuda.synchronize`` on a GPU (kernels
+    run asynchronously there), nothing on the CPU."""
+    if str(device).startswith("cuda"):
+        return functools.partial(torch.cuda.synchronize, torch.device(device))
+    return _no_sync
+
+
+def _no_sync() -> None:
+    return None
 
 
 def parse_dtype(name: str) -> tuple[str, torch.dtype]:
@@ -361,7 +419,7 @@ def _stock_parts(model) -> dict[str, torch.nn.Module]:
             "llm": adapter.get_language_model(model)}
 
 
-def _make_clock():
+def _make_clock(sync: Callable[[], None] = _no_sync):
     from transformers import LogitsProcessor
 
     class Clock(LogitsProcessor):
@@ -371,6 +429,7 @@ def _make_clock():
             self.times: list[float] = []
 
         def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+            sync()
             self.times.append(time.perf_counter())
             return scores
 
@@ -380,7 +439,8 @@ def _make_clock():
 class _Probe:
     """Timers for one run: forward hooks on the stock parts, wrappers on the handle's machinery."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, sync: Callable[[], None] = _no_sync) -> None:
+        self.sync = sync
         self.parts = _stock_parts(model)
         self.acc: dict[str, float] = {}
         self.llm_calls: list[float] = []
@@ -398,11 +458,13 @@ class _Probe:
 
     def _pre(self, name: str):
         def hook(module, args):
+            self.sync()
             self._t0[name] = time.perf_counter()
         return hook
 
     def _post(self, name: str):
         def hook(module, args, output):
+            self.sync()
             dt = time.perf_counter() - self._t0.pop(name)
             if name == "llm":
                 self.llm_calls.append(dt)
@@ -414,10 +476,12 @@ class _Probe:
         """``fn`` adding its wall time to ``acc[key]``, minus what the ``exclude`` timers got meanwhile."""
         def wrapper(*a, **k):
             before = sum(self.acc.get(e, 0.0) for e in exclude)
+            self.sync()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                self.sync()
                 dt = time.perf_counter() - t0 - (sum(self.acc.get(e, 0.0) for e in exclude) - before)
                 self.acc[key] = self.acc.get(key, 0.0) + dt
         return wrapper
@@ -481,11 +545,12 @@ class _Probe:
         self._hooks = []
 
 
-def _generate(model, inputs: dict[str, Tensor], new_tokens: int):
+def _generate(model, inputs: dict[str, Tensor], new_tokens: int, sync: Callable[[], None] = _no_sync):
     from transformers import LogitsProcessorList
 
-    clock = _make_clock()
+    clock = _make_clock(sync)
     with torch.inference_mode():
+        sync()
         t0 = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              logits_processor=LogitsProcessorList([clock]))
@@ -495,7 +560,7 @@ def _generate(model, inputs: dict[str, Tensor], new_tokens: int):
 def _timed_run(model, inputs: dict[str, Tensor], new_tokens: int, probe: _Probe) -> dict[str, float]:
     """One generate() with the probe's timers; returns this run's raw timings."""
     probe.reset()
-    t0, times, _ = _generate(model, inputs, new_tokens)
+    t0, times, _ = _generate(model, inputs, new_tokens, probe.sync)
     if len(times) != new_tokens or not probe.llm_calls:
         raise RuntimeError(f"expected {new_tokens} generation steps, saw {len(times)}")
     batch = int(inputs["input_ids"].shape[0])
@@ -796,7 +861,8 @@ def run_bench(
     methods: Sequence[str] = ("prumerge+", "fastv"),
     batches: Sequence[int] = (1, 8),
     *,
-    dtype: str = "fp32",
+    dtype: str | Sequence[str] = "fp32",
+    device: str = "cpu",
     repeats: int = 5,
     warmup: int = 1,
     new_tokens: int = 16,
@@ -809,12 +875,18 @@ def run_bench(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and return the efficiency card (also written to ``out/card.json`` with the
-    plot ``out/speedup.png`` when ``out`` is given). Validates every input before measuring."""
+    plot ``out/speedup.png`` when ``out`` is given). Validates every input before measuring.
+
+    ``dtype``: one name or several (each model is measured in each, one results block per dtype);
+    ``"auto"`` means bf16 and fp32 side by side when the measured CPU accelerates bf16, else fp32.
+    ``device``: ``cpu`` or ``cuda[:N]`` (timers synchronise the GPU before reading the clock; peak
+    memory is then the allocator's ``max_memory_allocated`` over one generate, in this process)."""
     log = log or (lambda msg: None)
     variants = parse_methods(methods)
     if len(variants) < 2:
         raise BenchError("give at least one pruning method (e.g. --method prumerge+)")
-    dtype_name, dt = parse_dtype(dtype)
+    dtype_choice = parse_dtypes(dtype)
+    device = check_device(device)
     batches = check_batches(list(batches))
     models = [check_model_name(m) for m in models]
     if not models:
@@ -827,43 +899,50 @@ def run_bench(
 
     if not command:
         command = (f"vlmprune.bench.measure.run_bench(models={list(models)!r}, methods={list(methods)!r}, "
-                   f"batches={batches!r}, dtype={dtype_name!r}, repeats={repeats}, warmup={warmup}, "
+                   f"batches={batches!r}, dtype={dtype_choice!r}, device={device!r}, repeats={repeats}, "
+                   f"warmup={warmup}, "
                    f"new_tokens={new_tokens}, threads={threads}, memory={memory}, seed={seed}, scaled={scaled!r})")
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        run = _run_block(models, variants, dtype_name, batches, new_tokens, seed)
         load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         bf16 = measure_bf16()
         log(f"bf16 on this CPU: {bf16['note']}")
+        dtypes = resolve_dtypes(dtype_choice, bool(bf16["accelerated"]))
+        run = _run_block(models, variants, "+".join(dtypes), batches, new_tokens, seed)
         model_cards, results = [], []
         for name in models:
-            log(f"[{name}] building / loading the model ({dtype_name})")
-            model, processor, desc = load_bench_model(name, dt, scaled)
-            cfg = flop_config(model)
-            prompt_desc = None
-            for batch in batches:
-                inputs, pdesc = make_bench_inputs(model, processor, batch, seed)
-                prompt_desc = prompt_desc or pdesc
-                results.append(_bench_config(model, name, cfg, inputs, pdesc, variants, batch, repeats=repeats,
-                                             warmup=warmup, new_tokens=new_tokens, memory=memory,
-                                             dtype=dtype_name, threads=torch.get_num_threads(), seed=seed,
-                                             scaled=scaled, log=log))
-            if name == "scaled":
-                desc["scaled_config"] = asdict(scaled)
-            elif name == "tiny":
-                desc["scaled_config"] = asdict(TINY)
-            model_cards.append({"name": name, "kind": desc.pop("kind"), "config": desc, "prompt": prompt_desc})
-            del model
-            gc.collect()
+            for dtype_name in dtypes:
+                log(f"[{name}] building / loading the model ({dtype_name}, {device})")
+                model, processor, desc = load_bench_model(name, parse_dtype(dtype_name)[1], scaled)
+                model = model.to(device)
+                cfg = flop_config(model)
+                prompt_desc = None
+                for batch in batches:
+                    inputs, pdesc = make_bench_inputs(model, processor, batch, seed)
+                    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+                    prompt_desc = prompt_desc or pdesc
+                    res = _bench_config(model, name, cfg, inputs, pdesc, variants, batch, repeats=repeats,
+                                        warmup=warmup, new_tokens=new_tokens, memory=memory,
+                                        dtype=dtype_name, device=device, threads=torch.get_num_threads(),
+                                        seed=seed, scaled=scaled, log=log)
+                    results.append({"model": res.pop("model"), "dtype": dtype_name, **res})
+                if name == "scaled":
+                    desc["scaled_config"] = asdict(scaled)
+                elif name == "tiny":
+                    desc["scaled_config"] = asdict(TINY)
+                model_cards.append({"name": name, "dtype": dtype_name, "kind": desc.pop("kind"), "config": desc,
+                                    "prompt": prompt_desc})
+                del model
+                gc.collect()
         card = {
             "schema": SCHEMA,
             "command": command,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": _machine(bf16, load_before),
             "settings": {
-                "dtype": dtype_name, "batches": batches, "methods": [v.label for v in variants[1:]],
+                "dtype": dtypes, "dtype_requested": dtype_choice, "device": device, "batches": batches, "methods": [v.label for v in variants[1:]],
                 "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "decode_steps": new_tokens - 1,
                 "threads": torch.get_num_threads(), "memory": memory, "seed": seed,
                 "timing": ("one greedy generate(max_new_tokens=min_new_tokens=new_tokens) per run; variants "
@@ -887,7 +966,7 @@ def run_bench(
             "plot": None,
             "run": {**run, "status": "complete", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
             "notes": [
-                f"dtype {dtype_name}; {bf16['note']}",
+                f"dtype {' and '.join(dtypes)} (asked: {', '.join(dtype_choice)}); {bf16['note']}",
                 "the acceptance targets apply to the scaled model at batch 1",
                 "prefill_vs_ideal = measured prefill speed-up / FLOP-ideal speed-up - 1 (0 = ideal)",
             ],
@@ -905,6 +984,24 @@ def run_bench(
         torch.set_num_threads(old_threads)
 
 
+def _cuda_peak_memory(model, inputs: dict[str, Tensor], variant: Variant, new_tokens: int,
+                      device: str) -> dict[str, Any]:
+    """Peak CUDA allocator memory over one generate above what was allocated before it (in process)."""
+    handle = _apply(model, variant)
+    try:
+        _generate(model, inputs, new_tokens, device_sync(device))  # warm-up
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _generate(model, inputs, new_tokens, device_sync(device))
+        peak = torch.cuda.max_memory_allocated(device)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return {"peak_rss_delta_bytes": peak - base, "baseline_rss_bytes": base, "peak_rss_bytes": peak,
+            "method": "torch.cuda.max_memory_allocated - memory_allocated over one generate (same process)"}
+
+
 def _clean(x: Any) -> Any:
     """JSON-safe copy: NaN / inf -> None (strict JSON has no NaN), tuples -> lists."""
     if isinstance(x, float):
@@ -919,7 +1016,7 @@ def _clean(x: Any) -> Any:
 def _bench_config(model, name: str, cfg, inputs: dict[str, Tensor], pdesc: dict[str, Any],
                   variants: list[Variant], batch: int, *, repeats: int, warmup: int, new_tokens: int, memory: bool,
                   dtype: str, threads: int, seed: int, scaled: ScaledConfig,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], device: str = "cpu") -> dict[str, Any]:
     """All variants on one (model, batch): untimed KV / token pass, interleaved timed rounds, memory."""
     images = batch
     rows: dict[str, dict[str, Any]] = {}
@@ -942,7 +1039,7 @@ def _bench_config(model, name: str, cfg, inputs: dict[str, Tensor], pdesc: dict[
             "raw": {k: [] for k in RAW_KEYS},
         }
     # 2. timed rounds, interleaved
-    probe = _Probe(model)
+    probe = _Probe(model, device_sync(device))
     try:
         for r in range(warmup + repeats):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
@@ -967,7 +1064,10 @@ def _bench_config(model, name: str, cfg, inputs: dict[str, Tensor], pdesc: dict[
         probe.close()
     # 3. memory, one fresh process per variant
     for v in variants:
-        if memory:
+        if memory and device.startswith("cuda"):
+            log(f"[{name} b={batch}] memory (CUDA allocator): {v.label}")
+            rows[v.label]["memory"] = _cuda_peak_memory(model, inputs, v, new_tokens, device)
+        elif memory:
             log(f"[{name} b={batch}] memory probe: {v.label}")
             rows[v.label]["memory"] = probe_memory(name, v, batch, dtype=dtype, threads=threads,
                                                    new_tokens=new_tokens, seed=seed, scaled=scaled)
@@ -1011,12 +1111,17 @@ def _bench_config(model, name: str, cfg, inputs: dict[str, Tensor], pdesc: dict[
 def evaluate_targets(card: dict[str, Any], model: str = "scaled", batch: int = 1) -> list[dict[str, Any]]:
     """The issue's acceptance targets on ``model`` at ``batch``: prefill speed-up of PruMerge+ and
     FastV within 15 % of the FLOP-ideal, and every method's overhead <= 5 % of the unpruned prefill."""
-    res = next((r for r in card["results"] if r["model"] == model and r["batch"] == batch), None)
-    if res is None:
+    found = [r for r in card["results"] if r["model"] == model and r["batch"] == batch]
+    if not found:
         return [{"name": "all targets", "model": model, "batch": batch, "method": None, "measured": None,
                  "threshold": None, "met": None, "margin": None,
                  "detail": f"not evaluated: the run has no {model} model at batch {batch}"}]
+    return [t for res in found for t in _targets_of(res, model, batch)]
+
+
+def _targets_of(res: dict[str, Any], model: str, batch: int) -> list[dict[str, Any]]:
     targets = []
+    dtype = res.get("dtype")
     for v in res["variants"]:
         if v["method"] is None:
             continue
@@ -1024,7 +1129,7 @@ def evaluate_targets(card: dict[str, Any], model: str = "scaled", batch: int = 1
         if v["method"] in TARGET_SPEEDUP_METHODS:
             dev = r["prefill_vs_ideal"]
             targets.append({
-                "name": "prefill speed-up within 15% of FLOP-ideal", "model": model, "batch": batch,
+                "name": "prefill speed-up within 15% of FLOP-ideal", "model": model, "batch": batch, "dtype": dtype,
                 "method": v["label"], "measured": dev, "threshold": TARGET_SPEEDUP_TOL,
                 "met": abs(dev) <= TARGET_SPEEDUP_TOL, "margin": TARGET_SPEEDUP_TOL - abs(dev),
                 "detail": (f"measured {r['prefill_speedup']:.3f}x vs FLOP-ideal {r['flop_ideal_speedup']:.3f}x "
@@ -1034,7 +1139,7 @@ def evaluate_targets(card: dict[str, Any], model: str = "scaled", batch: int = 1
             })
         frac = r["overhead_fraction"]
         targets.append({
-            "name": "pruning overhead <= 5% of unpruned prefill", "model": model, "batch": batch,
+            "name": "pruning overhead <= 5% of unpruned prefill", "model": model, "batch": batch, "dtype": dtype,
             "method": v["label"], "measured": frac, "threshold": TARGET_OVERHEAD, "met": frac <= TARGET_OVERHEAD,
             "margin": TARGET_OVERHEAD - frac,
             "detail": (f"{v['median']['overhead_s'] * 1e3:.2f} ms of the method's own work vs "
@@ -1088,7 +1193,7 @@ def plot_card(card: dict[str, Any], path: str | Path) -> Path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     method_color = {lab: colors[i % len(colors)] for i, lab in enumerate(card["settings"]["methods"])}
     for ax, mcard in zip(axes[0], card["models"]):
-        res = [r for r in card["results"] if r["model"] == mcard["name"]]
+        res = [r for r in card["results"] if r["model"] == mcard["name"] and r.get("dtype") == mcard.get("dtype")]
         if not res:
             continue
         cfg = _cfg_from_card(mcard)
@@ -1123,7 +1228,7 @@ def plot_card(card: dict[str, Any], path: str | Path) -> Path:
         ax.scatter([n], [1.0], color="k", marker="x", label="unpruned")
         ax.set_xlabel("visual tokens per sample (all-layer average)")
         ax.set_ylabel("prefill speed-up (time to first token)")
-        ax.set_title(f"{mcard['name']}: {card['settings']['dtype']}, {card['settings']['threads']} thread(s)\n"
+        ax.set_title(f"{mcard['name']}: {mcard.get('dtype')}, {card['settings']['threads']} thread(s)\n"
                      "filled = measured, hollow = FLOP-ideal for its token counts", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -1167,11 +1272,11 @@ def print_card(card: dict[str, Any], console: Any = None) -> None:
     s = card["settings"]
     m = card["machine"]
     console.print(f"[bold]{m['cpu_model']}[/], {m['cores_logical']} logical cores, torch {m['torch']}, "
-                  f"transformers {m['transformers']}, {s['threads']} thread(s), dtype [bold]{s['dtype']}[/] "
+                  f"transformers {m['transformers']}, {s['threads']} thread(s), dtype [bold]{' + '.join(s['dtype'])}[/] on {s.get('device', 'cpu')} "
                   f"(bf16 matmul here: {m['bf16_matmul']['slowdown']:.2f}x the fp32 time), "
                   f"median of {s['repeats']} after {s['warmup']} warm-up, {s['decode_steps']} decode steps")
     for r in card["results"]:
-        t = Table(title=f"{r['model']}, batch {r['batch']} (prompt {r['prompt_tokens'][0]} tokens, "
+        t = Table(title=f"{r['model']} {r.get('dtype', '')}, batch {r['batch']} (prompt {r['prompt_tokens'][0]} tokens, "
                         f"{r['visual_tokens_unpruned']:.0f} visual)")
         cols = ("variant", "visual tok", "vision ms", "overhead ms (% prefill)", "prefill ms", "speed-up",
                 "FLOP-ideal", "vs ideal", "LLM speed-up / ideal", "decode tok/s", "KV MB", "peak mem MB")
@@ -1194,7 +1299,7 @@ def print_card(card: dict[str, Any], console: Any = None) -> None:
         console.print(t)
         pruned = [v for v in r["variants"] if v["method"] is not None and "overhead_score_s" in v["median"]]
         if pruned:
-            split = Table(title=f"{r['model']}, batch {r['batch']}: where the overhead goes (ms, median)")
+            split = Table(title=f"{r['model']} {r.get('dtype', '')}, batch {r['batch']}: where the overhead goes (ms, median)")
             for c in ("variant", "stage", *OVERHEAD_PARTS, "total"):
                 split.add_column(c, justify="left" if c in ("variant", "stage") else "right")
             for v in pruned:
@@ -1210,7 +1315,7 @@ def print_card(card: dict[str, Any], console: Any = None) -> None:
             continue
         how = (f"[green]MET[/] with {100 * tg['margin']:.1f} points to spare" if tg["met"] else
                f"[red]MISSED[/] by {-100 * tg['margin']:.1f} points")
-        console.print(f"  {tg['method']}: {tg['name']}: {how} (limit {100 * tg['threshold']:.0f}%); {tg['detail']}")
+        console.print(f"  {tg['method']} ({tg.get('dtype')}): {tg['name']}: {how} (limit {100 * tg['threshold']:.0f}%); {tg['detail']}")
     for note in card["notes"]:
         console.print(f"note: {note}")
 
