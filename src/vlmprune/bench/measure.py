@@ -792,7 +792,8 @@ def bf16_verdict(ratio: float, flags: dict[str, bool], what: str = "a bf16 matmu
     took = f"{what} took {ratio:.2f}x the fp32 time"
     if accelerated:
         where = f"{hardware} present" if hardware != "none" else "no amx_bf16 / avx512_bf16 flag"
-        note = f"this CPU accelerates bf16 ({where}): {took}; pass --dtype bf16 to time in bf16"
+        note = (f"this CPU accelerates bf16 ({where}): {took}; --dtype auto (the default) times bf16 and fp32 "
+                "side by side")
     elif hardware != "none":
         note = f"this CPU reports {hardware}, but {took}: this torch build does not accelerate bf16 here"
     else:
