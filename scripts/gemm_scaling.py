@@ -60,8 +60,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['dtype']:<10}{r['tokens']:>8}{r['median_s'] * 1e3:>10.3f}{r['speedup']:>9.2f}x"
               f"{r['flop_ratio']:>11.2f}x{100 * (r['speedup'] / r['flop_ratio'] - 1):>+9.1f}%")
-    out = {"command": "python scripts/gemm_scaling.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
-                                                                  if k != "out"),
+    out = {"command": "python scripts/gemm_scaling.py " + " ".join(
+               f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "rows": rows}
     from pathlib import Path
