@@ -392,3 +392,35 @@ def test_device_checks_and_timer_sync() -> None:
             M.check_device("cuda:0")
     sync = M.device_sync("cuda:1")  # built, not called: the GPU path synchronises that device
     assert sync.func is torch.cuda.synchronize and sync.args == (torch.device("cuda:1"),)
+
+
+def test_budgets_are_checked_on_every_model_before_measuring(monkeypatch) -> None:
+    def measured(*a, **k):
+        raise AssertionError("measurement started before every method was checked on every model")
+
+    monkeypatch.setattr(M, "_bench_config", measured)
+    with pytest.raises(M.BenchError, match="random"):
+        M.run_bench(models=["tiny", "scaled"], methods=["random:keep=9999"], batches=[1], repeats=1, warmup=0,
+                    new_tokens=2, memory=False, out=None, scaled=M.ScaledConfig(hidden=64, layers=2,
+                                                                                vision_hidden=32, vision_layers=1))
+
+
+def test_ctrl_c_keeps_the_finished_blocks(monkeypatch, tmp_path) -> None:
+    real = M._bench_config
+    calls = []
+
+    def second_is_interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "_bench_config", second_is_interrupted)
+    with pytest.raises(M.BenchInterrupted) as info:
+        M.run_bench(models=["tiny"], methods=["fastv"], batches=[1, 2], repeats=1, warmup=0, new_tokens=2,
+                    memory=False, out=tmp_path)
+    assert info.value.finished == 1 and info.value.path == tmp_path / "card.json"
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["run"]["status"] == "interrupted"
+    assert [(r["model"], r["batch"]) for r in card["results"]] == [("tiny", 1)]
+    assert (tmp_path / "speedup.png").exists()

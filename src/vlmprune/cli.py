@@ -124,6 +124,8 @@ def _run_all(writer, work: Callable[[], Any], describe: str = "methods") -> list
         work()
     except KeyboardInterrupt:
         if writer is None:
+            typer.secho(f"interrupted before any of the {describe} finished: nothing was written", err=True,
+                        fg=typer.colors.YELLOW)
             raise typer.Exit(130)
         md, js = writer.write("interrupted")
         typer.secho(f"interrupted: the {len(writer.results)} finished {describe} are in {js} and {md}", err=True,

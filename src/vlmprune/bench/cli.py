@@ -55,8 +55,8 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
     """Time a method against the unpruned model (same process, interleaved rounds) and write the card."""
-    from .measure import BenchError, ScaledConfig, check_batches, check_device, check_model_name, parse_dtypes, \
-        parse_methods, print_card, run_bench
+    from .measure import (BenchError, BenchInterrupted, ScaledConfig, check_batches, check_device, check_model_name,
+                          parse_dtypes, parse_methods, print_card, run_bench)
 
     from ..eval.report import run_folder
 
@@ -82,6 +82,11 @@ def bench(
     except BenchError as e:
         _fail(str(e))
         return
+    except BenchInterrupted as e:
+        where = (f"the {e.finished} finished (model, dtype, batch) blocks are in {e.path}" if e.path else
+                 "no (model, dtype, batch) block had finished: nothing was written")
+        typer.secho(f"interrupted: {where}", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130)
     print_card(card, console)
     console.print(f"wrote {out / 'card.json'} and {card['plot']}")
 

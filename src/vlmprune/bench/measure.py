@@ -77,6 +77,7 @@ from ..runinfo import cpu_model as _cpu_model
 
 __all__ = [
     "BenchError",
+    "BenchInterrupted",
     "CARD_FIELDS",
     "ScaledConfig",
     "TINY",
@@ -912,95 +913,119 @@ def run_bench(
         log(f"bf16 on this CPU: {bf16['note']}")
         dtypes = resolve_dtypes(dtype_choice, bool(bf16["accelerated"]))
         run = _run_block(models, variants, "+".join(dtypes), batches, new_tokens, seed)
-        model_cards, results = [], []
-        for name in models:
-            for dtype_name in dtypes:
-                log(f"[{name}] building / loading the model ({dtype_name}, {device})")
-                model, processor, desc = load_bench_model(name, parse_dtype(dtype_name)[1], scaled)
-                model = model.to(device)
-                cfg = flop_config(model)
-                prompt_desc = None
-                for batch in batches:
-                    inputs, pdesc = make_bench_inputs(model, processor, batch, seed)
-                    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-                    prompt_desc = prompt_desc or pdesc
-                    res = _bench_config(model, name, cfg, inputs, pdesc, variants, batch, repeats=repeats,
-                                        warmup=warmup, new_tokens=new_tokens, memory=memory,
-                                        dtype=dtype_name, device=device, threads=torch.get_num_threads(),
-                                        seed=seed, scaled=scaled, log=log)
-                    results.append({"model": res.pop("model"), "dtype": dtype_name, **res})
-                if name == "scaled":
-                    desc["scaled_config"] = asdict(scaled)
-                elif name == "tiny":
-                    desc["scaled_config"] = asdict(TINY)
-                model_cards.append({"name": name, "dtype": dtype_name, "kind": desc.pop("kind"), "config": desc,
-                                    "prompt": prompt_desc})
+        if len(models) > 1:  # budgets depend on the model: check every method on every model first
+            for name in models:
+                model, _, _ = load_bench_model(name, torch.float32, scaled)
+                for v in variants:
+                    handle = _apply(model, v)
+                    if handle is not None:
+                        handle.remove()
                 del model
-                gc.collect()
-        card = {
-            "schema": SCHEMA,
-            "command": command,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": _machine(bf16, load_before),
-            "settings": {
-                "dtype": dtypes, "dtype_requested": dtype_choice, "device": device, "batches": batches, "methods": [v.label for v in variants[1:]],
-                "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "decode_steps": new_tokens - 1,
-                "threads": torch.get_num_threads(), "memory": memory, "seed": seed,
-                "timing": ("one greedy generate(max_new_tokens=min_new_tokens=new_tokens) per run; variants "
-                           "interleaved, order rotated per round; warm-up rounds discarded; median of repeats"),
-                "ratios": ("ratios of medians vs the unpruned model in the same process: speed-ups = unpruned "
-                           "time / pruned time; decode_speedup = pruned tokens/s / unpruned tokens/s; "
-                           "kv/peak-memory ratios = pruned / unpruned; overhead_fraction = pruned overhead_s / "
-                           "unpruned ttft_s"),
-                "flop_ideal": ("vlmprune.cost.analytic of the same config: matmul FLOPs (2/MAC) of vision tower + "
-                               "projector (on the tokens it receives) + decoder (each sample's own per-layer "
-                               "tokens, no padding; lm_head on the last token); ideal speed-up = unpruned / "
-                               "pruned; 'llm' = decoder only"),
-                "memory_method": ("fresh subprocess per (model, batch, variant): warm-up generate, reset the peak "
-                                  "RSS mark (/proc/self/clear_refs=5), peak = VmHWM - VmRSS over one generate; "
-                                  "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the RSS"),
-                "kv_method": "sum of key/value tensor bytes of the cache after one prefill forward (padding included)",
-            },
-            "models": model_cards,
-            "results": results,
-            "targets": [],
-            "plot": None,
-            "run": {**run, "status": "complete", "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-            "notes": [
-                f"dtype {' and '.join(dtypes)} (asked: {', '.join(dtype_choice)}); {bf16['note']}",
-                "the acceptance targets apply to the scaled model at batch 1",
-                "prefill_vs_ideal = measured prefill speed-up / FLOP-ideal speed-up - 1 (0 = ideal)",
-            ],
-        }
-        card["targets"] = evaluate_targets(card)
+        model_cards, results = [], []
+        try:
+            _measure_all(models, dtypes, batches, variants, device, scaled, seed, repeats, warmup, new_tokens, memory,
+                         log, model_cards, results)
+        except KeyboardInterrupt:
+            if out is None or not results:
+                raise BenchInterrupted(None, len(results)) from None
+            card = _card(command, bf16, load_before, dtypes, dtype_choice, device, batches, variants, repeats,
+                         warmup, new_tokens, memory, seed, model_cards, results, run, "interrupted")
+            raise BenchInterrupted(_write_card(card, out), len(results)) from None
+        card = _card(command, bf16, load_before, dtypes, dtype_choice, device, batches, variants, repeats, warmup,
+                     new_tokens, memory, seed, model_cards, results, run, "complete")
         if out is not None:
-            out = Path(out)
-            out.mkdir(parents=True, exist_ok=True)
-            plot_path = out / "speedup.png"
-            plot_card(card, plot_path)
-            card["plot"] = str(plot_path)
-            (out / "card.json").write_text(json.dumps(_clean(card), indent=1, allow_nan=False) + "\n")
+            _write_card(card, out)
         return card
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _cuda_peak_memory(model, inputs: dict[str, Tensor], variant: Variant, new_tokens: int,
-                      device: str) -> dict[str, Any]:
-    """Peak CUDA allocator memory over one generate above what was allocated before it (in process)."""
-    handle = _apply(model, variant)
-    try:
-        _generate(model, inputs, new_tokens, device_sync(device))  # warm-up
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        _generate(model, inputs, new_tokens, device_sync(device))
-        peak = torch.cuda.max_memory_allocated(device)
-    finally:
-        if handle is not None:
-            handle.remove()
-    return {"peak_rss_delta_bytes": peak - base, "baseline_rss_bytes": base, "peak_rss_bytes": peak,
-            "method": "torch.cuda.max_memory_allocated - memory_allocated over one generate (same process)"}
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``run_bench``: ``path`` is the card holding the finished (model, dtype, batch)
+    blocks (status "interrupted"), or None when none had finished."""
+
+    def __init__(self, path: Path | None, finished: int) -> None:
+        super().__init__(str(path))
+        self.path, self.finished = path, finished
+
+
+def _write_card(card: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_path = out / "speedup.png"
+    plot_card(card, plot_path)
+    card["plot"] = str(plot_path)
+    path = out / "card.json"
+    path.write_text(json.dumps(_clean(card), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def _measure_all(models, dtypes, batches, variants, device, scaled, seed, repeats, warmup, new_tokens, memory, log,
+                 model_cards: list, results: list) -> None:
+    """Every (model, dtype, batch) block, appended to ``results`` as it finishes (its model card first)."""
+    for name in models:
+        for dtype_name in dtypes:
+            log(f"[{name}] building / loading the model ({dtype_name}, {device})")
+            model, processor, desc = load_bench_model(name, parse_dtype(dtype_name)[1], scaled)
+            model = model.to(device)
+            cfg = flop_config(model)
+            if name in SYNTHETIC_MODELS:
+                desc["scaled_config"] = asdict(scaled if name == "scaled" else TINY)
+            mcard = {"name": name, "dtype": dtype_name, "kind": desc.pop("kind"), "config": desc, "prompt": None}
+            model_cards.append(mcard)
+            for batch in batches:
+                inputs, pdesc = make_bench_inputs(model, processor, batch, seed)
+                inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+                mcard["prompt"] = mcard["prompt"] or pdesc
+                res = _bench_config(model, name, cfg, inputs, pdesc, variants, batch, repeats=repeats, warmup=warmup,
+                                    new_tokens=new_tokens, memory=memory, dtype=dtype_name, device=device,
+                                    threads=torch.get_num_threads(), seed=seed, scaled=scaled, log=log)
+                results.append({"model": res.pop("model"), "dtype": dtype_name, **res})
+            del model
+            gc.collect()
+
+
+def _card(command, bf16, load_before, dtypes, dtype_choice, device, batches, variants, repeats, warmup, new_tokens,
+          memory, seed, model_cards, results, run, status: str) -> dict[str, Any]:
+    """The efficiency card of the finished blocks (``status``: "complete" or "interrupted")."""
+    card = {
+        "schema": SCHEMA,
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(bf16, load_before),
+        "settings": {
+            "dtype": dtypes, "dtype_requested": dtype_choice, "device": device, "batches": batches,
+            "methods": [v.label for v in variants[1:]],
+            "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "decode_steps": new_tokens - 1,
+            "threads": torch.get_num_threads(), "memory": memory, "seed": seed,
+            "timing": ("one greedy generate(max_new_tokens=min_new_tokens=new_tokens) per run; variants "
+                       "interleaved, order rotated per round; warm-up rounds discarded; median of repeats"),
+            "ratios": ("ratios of medians vs the unpruned model in the same process: speed-ups = unpruned "
+                       "time / pruned time; decode_speedup = pruned tokens/s / unpruned tokens/s; "
+                       "kv/peak-memory ratios = pruned / unpruned; overhead_fraction = pruned overhead_s / "
+                       "unpruned ttft_s"),
+            "flop_ideal": ("vlmprune.cost.analytic of the same config: matmul FLOPs (2/MAC) of vision tower + "
+                           "projector (on the tokens it receives) + decoder (each sample's own per-layer "
+                           "tokens, no padding; lm_head on the last token); ideal speed-up = unpruned / "
+                           "pruned; 'llm' = decoder only"),
+            "memory_method": ("fresh subprocess per (model, batch, variant): warm-up generate, reset the peak "
+                              "RSS mark (/proc/self/clear_refs=5), peak = VmHWM - VmRSS over one generate; "
+                              "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the RSS"),
+            "kv_method": "sum of key/value tensor bytes of the cache after one prefill forward (padding included)",
+        },
+        "models": model_cards,
+        "results": results,
+        "targets": [],
+        "plot": None,
+        "run": {**run, "status": status, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "notes": [
+            f"dtype {' and '.join(dtypes)} (asked: {', '.join(dtype_choice)}); {bf16['note']}",
+            "the acceptance targets apply to the scaled model at batch 1",
+            "prefill_vs_ideal = measured prefill speed-up / FLOP-ideal speed-up - 1 (0 = ideal)",
+        ],
+    }
+    card["targets"] = evaluate_targets(card)
+    return card
 
 
 def _clean(x: Any) -> Any:
