@@ -59,6 +59,8 @@ class VisualLayout:
             ``visual``).
         positions: [B, L] long position ids in the family's form, or None (the model derives them).
         rotary: the language model's rotary function ``(hidden, position_ids) -> (cos, sin)``.
+        family_data: what the adapter needs to pack this batch's units again (its own type, e.g.
+            LLaVA-NeXT's per-image mosaics); the stages never read it.
     """
 
     units: tuple[VisualUnit, ...] = ()
@@ -68,6 +70,7 @@ class VisualLayout:
     rank: Tensor | None = None
     positions: Tensor | None = None
     rotary: Callable[..., Any] | None = None
+    family_data: Any = None
 
     @property
     def num_images(self) -> int:
