@@ -48,7 +48,7 @@ __all__ = [
 HANDLE_ATTR = "_vlmprune_handle"
 
 #: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
-_ADAPTER_MODULES = ("vlmprune.integrations.llava",)
+_ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next")
 
 
 class UnsupportedModelError(ValueError):
