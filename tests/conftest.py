@@ -42,6 +42,17 @@ def make_tiny_llava(*, image_size: int = 56, patch: int = 14, vision_layers: int
     return model
 
 
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (input_ids [B, L], attention_mask [B, L]), left-padded with PAD_ID."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
 def make_inputs(model, prefix_lens=(3,), suffix_lens=(5,), seed: int = 1):
     """A left-padded batch: [pad...] BOS prefix <image>*N suffix, with random pixel values."""
     cfg = model.config
@@ -52,12 +63,7 @@ def make_inputs(model, prefix_lens=(3,), suffix_lens=(5,), seed: int = 1):
         prefix = torch.randint(4, VOCAB, (p,), generator=g).tolist()
         suffix = torch.randint(4, VOCAB, (s,), generator=g).tolist()
         rows.append([BOS_ID] + prefix + [IMAGE_TOKEN_ID] * n_img + suffix)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD_ID)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
+    ids, mask = left_pad(rows)
     size = cfg.vision_config.image_size
     pixels = torch.randn(len(rows), 3, size, size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype)}
@@ -134,12 +140,7 @@ def make_next_inputs(model, image_sizes, prefix_lens, suffix_lens, seed: int = 1
         prefix = torch.randint(4, VOCAB, (p,), generator=g).tolist()
         suffix = torch.randint(4, VOCAB, (s,), generator=g).tolist()
         rows.append([BOS_ID] + prefix + [IMAGE_TOKEN_ID] * n + suffix)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD_ID)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
+    ids, mask = left_pad(rows)
     side = model.config.vision_config.image_size
     pixels = torch.randn(len(rows), 5, 3, side, side, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,

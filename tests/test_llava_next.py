@@ -9,7 +9,6 @@ rule, and a clear error for methods that cannot run on LLaVA-NeXT.
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ import torch
 import vlmprune
 from conftest import make_next_inputs, make_tiny_llava_next, next_image_tokens
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
-from vlmprune.registry import get_method
 
 # (H, W) per sample: 1x2 crops (one mosaic row survives unpadding), 2x2, 2x1, 1x2 (columns cut)
 SIZES = [(20, 90), (90, 90), (90, 40), (42, 42)]
@@ -104,15 +102,13 @@ def test_keep_all_gives_identical_logits_and_tokens(model, method, options):
 def test_packing_is_the_stock_packing_of_the_kept_patches(model, newlines):
     """sequential keep=k keeps patches 0..k-1 of every crop: the packed tokens are exactly the stock
     tokens of those patches (plus the newline rule), in stock order."""
-    from vlmprune.integrations import vision
-
     inputs = _inputs(model)
     stock = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
-    adapter = dataclasses.replace(get_adapter(model), newlines=newlines)
-    info = get_method("sequential")
+    adapter = get_adapter(model).configure(newlines=newlines)
     k = 2  # patches (0, 0) and (0, 1) of each 3x3 crop: crop rows 1 and 2 lose every token
-    handle = vision.attach(model, adapter, info, info.build(keep=k))
+    handle = vlmprune.apply(model, "sequential", keep=k, newlines=newlines)
     try:
+        assert handle.adapter.newlines == newlines
         ours = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
     finally:
         handle.remove()
@@ -198,3 +194,13 @@ def test_budget_is_per_crop(model):
     with vlmprune.pruned(model, "sequential", keep=9) as handle:  # every patch of every crop
         model(**inputs)
         assert handle.stats.last_kept == [16, 51, 33, 24]
+
+
+def test_family_options_and_support_listed():
+    listed = {m["name"]: m["families"] for m in vlmprune.list_methods()}
+    assert listed["prumerge+"] == {"llava": "yes", "llava-next": "yes"}
+    assert listed["atp"]["llava"] == "yes" and listed["atp"]["llava-next"].startswith("ATP's modules")
+    next_model = make_tiny_llava_next(text_layers=2, vision_layers=2)
+    with pytest.raises(ValueError, match="newlines must be 'keep' or 'rows', got 'all'"):
+        vlmprune.apply(next_model, "prumerge", newlines="all")
+    assert getattr(next_model, HANDLE_ATTR, None) is None

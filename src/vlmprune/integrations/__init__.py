@@ -11,14 +11,26 @@ from __future__ import annotations
 from typing import Any
 
 
-def attach(model: Any, info: Any, method_obj: Any):
+def family_options(model: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options of ``model``'s family (``ModelAdapter.family_options``) out of ``options``;
+    returns them ({} for a model no adapter handles: ``attach`` reports that)."""
+    from .base import UnsupportedModelError, get_adapter
+
+    try:
+        names = get_adapter(model).family_options
+    except UnsupportedModelError:
+        return {}
+    return {name: options.pop(name) for name in names if name in options}
+
+
+def attach(model: Any, info: Any, method_obj: Any, family: dict[str, Any] | None = None):
     from .base import HANDLE_ATTR, get_adapter
 
     existing = getattr(model, HANDLE_ATTR, None)
     if existing is not None:
         raise RuntimeError(f"this model is already pruned with {existing.method!r}; call handle.remove() "
                            "(or vlmprune.remove(model)) before applying another method")
-    adapter = get_adapter(model)
+    adapter = get_adapter(model).configure(**(family or {}))
     if problem := adapter.method_problem(info.name):
         raise ValueError(f"method {info.name!r} cannot run on {adapter.family} models yet: {problem}")
     check_budget(info, method_obj, adapter.budget_tokens(model, info.stage))

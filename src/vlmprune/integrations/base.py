@@ -112,6 +112,9 @@ class ModelAdapter:
     cls_index: int = 0
     #: ``(method, reason)`` pairs: methods that cannot run on this family (``method_problem``).
     unsupported_methods: tuple[tuple[str, str], ...] = ()
+    #: Names of the family's own options, which ``vlmprune.apply`` accepts next to the method's
+    #: (``configure``); e.g. LLaVA-NeXT's ``newlines``.
+    family_options: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:
@@ -205,6 +208,18 @@ class ModelAdapter:
         """The most visual tokens a budget may name: per tower pass for the vision stage, per
         image for the decoder stage."""
         return self.tokens_per_image(model)
+
+    def configure(self, **options: Any) -> "ModelAdapter":
+        """This adapter with the family options ``options`` set (a copy; ``self`` when none)."""
+        if not options:
+            return self
+        unknown = sorted(set(options) - set(self.family_options))
+        if unknown:
+            raise ValueError(f"{self.family} has no option {', '.join(unknown)}"
+                             + (f"; its options: {', '.join(self.family_options)}" if self.family_options else ""))
+        import dataclasses
+
+        return dataclasses.replace(self, **options)
 
     def method_problem(self, method: str) -> str | None:
         """Why ``method`` cannot run on this family, or None."""

@@ -18,8 +18,8 @@ token, which has no patch position) follow the mosaic.
 
 **``image_newline`` rule** (``newlines``): ``"keep"`` (default) keeps every row's newline token:
 newlines are layout, not prunable, and not counted in any budget; ``"rows"`` drops the newline of
-a mosaic row that lost all its tokens (the ``"rows"`` adapter is
-``dataclasses.replace(LLAVA_NEXT, newlines="rows")``, passed to ``vision.attach``).
+a mosaic row that lost all its tokens. It is a family option of ``vlmprune.apply``:
+``apply(model, "prumerge+", newlines="rows")``.
 
 **Decoder stage.** The decoder is Llama-like with 1-D positions, so the decoder-stage methods run
 unchanged; there every placeholder — newline tokens included — is a visual token.
@@ -62,6 +62,11 @@ class LlavaNextAdapter(ModelAdapter):
     grid_pinpoints_field: str = "image_grid_pinpoints"
     #: ``"keep"``: every newline token is kept; ``"rows"``: a mosaic row without kept tokens loses it.
     newlines: str = "keep"
+
+    def configure(self, **options: Any) -> "LlavaNextAdapter":
+        if "newlines" in options and options["newlines"] not in ("keep", "rows"):
+            raise ValueError(f"llava-next: newlines must be 'keep' or 'rows', got {options['newlines']!r}")
+        return super().configure(**options)
 
     def fixed_image_tokens(self, model: Any) -> int | None:
         return None
@@ -172,6 +177,7 @@ class LlavaNextAdapter(ModelAdapter):
 LLAVA_NEXT = register_adapter(LlavaNextAdapter(
     family="llava-next",
     model_classes=("LlavaNextForConditionalGeneration", "LlavaNextModel"),
+    family_options=("newlines",),
     unsupported_methods=(("atp", "ATP's modules are built for one square grid of N tokens per image; LLaVA-NeXT "
                                  "images are a base image plus a variable mosaic of crops"),),
 ))

@@ -284,15 +284,7 @@ class VisionHandle(PruneHandle):
         stock_signature = inspect.signature(self._stock_encode)
 
         def encode(*args: Any, **kwargs: Any) -> Any:
-            if args:  # positional arguments of the stock method -> keywords
-                bound = stock_signature.bind_partial(*args, **kwargs)
-                kwargs = {}
-                for name, value in bound.arguments.items():
-                    if stock_signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                        kwargs.update(value)
-                    else:
-                        kwargs[name] = value
-            return self._encode_images(**kwargs)
+            return self._encode_images(**_as_kwargs(stock_signature, args, kwargs))
 
         functools.update_wrapper(encode, self._stock_encode)  # same name, doc and signature as the stock method
         setattr(base, name, encode)  # instance attribute shadows the class method; generate() finds it too
@@ -362,7 +354,7 @@ class VisionHandle(PruneHandle):
 
     # ---------------------------------------------------------------- forward hook
     def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kw = self._as_kwargs(args, kwargs)
+        kw = _as_kwargs(self._signature, args, kwargs)
         key = self.adapter.image_modality
         if kw.get(K.PIXEL_VALUES) is not None:
             mm = dict(kw.get(K.MM_ENCODER_OUTPUTS) or {})
@@ -379,19 +371,6 @@ class VisionHandle(PruneHandle):
         if per_image is not None:
             return (), self._prefill(kw, per_image)
         return (), self._continue(kw)
-
-    def _as_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """Positional arguments of the model's forward -> keyword arguments."""
-        if not args:
-            return dict(kwargs)
-        bound = self._signature.bind_partial(*args, **kwargs)
-        kw: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                kw.update(value)
-            else:
-                kw[name] = value
-        return kw
 
     # ---------------------------------------------------------------- prefill
     def _prefill(self, kw: dict[str, Any], per_image: list[Tensor]) -> dict[str, Any]:
@@ -505,6 +484,20 @@ class VisionHandle(PruneHandle):
             return False
         head = mask[:, plan.offset:plan.offset + plan.orig_len]
         return not torch.equal(head, plan.orig_mask.to(head)) and torch.equal(head, plan.new_mask.to(head))
+
+
+def _as_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's positional arguments, bound with ``signature``, -> keyword arguments."""
+    if not args:
+        return dict(kwargs)
+    bound = signature.bind_partial(*args, **kwargs)
+    kw: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            kw.update(value)
+        else:
+            kw[name] = value
+    return kw
 
 
 def _cache_len(cache: Any) -> int:
