@@ -27,7 +27,7 @@ def test_llava_image_layout_one_unit_per_image_and_sequence_part():
     assert layout.units == (VisualUnit(image=0, grid=(4, 4), has_cls=True),
                             VisualUnit(image=1, grid=(4, 4), has_cls=True))
     assert layout.tokens_per_image == (16, 16) and layout.num_images == 2
-    seq = layout.with_sequence(inputs["input_ids"], IMAGE_TOKEN_ID, rotary=adapter.rotary(model))
+    seq = adapter.sequence_layout(model, inputs["input_ids"], layout)
     assert torch.equal(seq.visual, inputs["input_ids"] == IMAGE_TOKEN_ID)
     assert seq.image[seq.visual].tolist() == [0] * 16 + [1] * 16
     assert seq.rank[seq.visual].tolist() == list(range(16)) * 2

@@ -229,6 +229,16 @@ class ModelAdapter:
         """The language model's rotary function ``(hidden, position_ids) -> (cos, sin)``, or None."""
         return getattr(self.get_language_model(model), "rotary_emb", None)
 
+    def visual_columns(self, model: Any, input_ids: Tensor) -> Tensor:
+        """input_ids [B, L] -> [B, L] bool, the columns holding visual placeholders."""
+        return input_ids == self.image_token_id(model)
+
+    def sequence_layout(self, model: Any, input_ids: Tensor, layout: VisualLayout,
+                        position_ids: Tensor | None = None) -> VisualLayout:
+        """``layout`` (its images' placeholder counts) with the per-column part of ``input_ids``
+        [B, L] filled in: placeholder columns, their image and rank, positions, rotary."""
+        return layout.with_sequence(self.visual_columns(model, input_ids), position_ids, self.rotary(model))
+
     def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
                      strategy: str | None = None) -> VisualLayout:
         """The tower passes of ``pixel_values`` [I, 3, H, W]: one unit per image, every image with

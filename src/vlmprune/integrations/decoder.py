@@ -432,7 +432,7 @@ class DecoderHandle(PruneHandle):
         cache = get_cache(kwargs)
         st.pending_visual, st.pending_prompt_len = None, None
         if ids is not None:
-            visual = ids == self.image_token_id
+            visual = self.adapter.visual_columns(self.model, ids)
         elif embeds is not None:
             tok = self.embed(torch.tensor(self.image_token_id, device=embeds.device))
             visual = (embeds == tok.to(embeds.dtype)).all(-1)

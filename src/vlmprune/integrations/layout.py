@@ -80,10 +80,10 @@ class VisualLayout:
         """(h, w) of every unit, in tower order."""
         return [u.grid for u in self.units]
 
-    def with_sequence(self, input_ids: Tensor, image_token_id: int, position_ids: Tensor | None = None,
+    def with_sequence(self, visual: Tensor, position_ids: Tensor | None = None,
                       rotary: Callable[..., Any] | None = None) -> "VisualLayout":
-        """This layout with its per-column part filled from ``input_ids`` [B, L]."""
-        visual, image, rank = placeholder_runs(input_ids == image_token_id, self.tokens_per_image)
+        """This layout with its per-column part filled from the placeholder columns ``visual`` [B, L]."""
+        visual, image, rank = placeholder_runs(visual, self.tokens_per_image)
         return replace(self, visual=visual, image=image, rank=rank, positions=position_ids, rotary=rotary)
 
 

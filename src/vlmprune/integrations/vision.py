@@ -27,7 +27,7 @@ plain forward reaches through the pre-hook):
 
 **Prefill** (a forward whose ``mm_encoder_outputs`` carry such features; ``pixel_values`` are
 first encoded as above): image i's placeholder run (n_i copies of ``image_token_id`` in
-``input_ids``, found with ``layout.placeholder_runs``) keeps its first ``counts[i]`` slots; the other slots are deleted. Every sample is
+``input_ids``, found with ``adapter.sequence_layout``) keeps its first ``counts[i]`` slots; the other slots are deleted. Every sample is
 compacted and re-padded **on the left** to the new batch width L' = max_b(kept length), so every
 image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids`` (original
 position minus the number of slots deleted before it, so the survivors are consecutive, as
@@ -67,7 +67,7 @@ from ..methods.common import Reduction
 from ..methods.prumerge import cls_attention
 from .base import ModelAdapter, PruneHandle
 from .compat import K, get_cache
-from .layout import placeholder_runs
+from .layout import VisualLayout
 
 __all__ = ["VisionSignals", "VisionMethod", "VisionHandle", "Plan", "attach", "capture_signals", "signals_from_qk",
            "image_token_counts"]
@@ -387,13 +387,13 @@ class VisionHandle(PruneHandle):
         if input_ids is None:
             raise ValueError(f"vlmprune ({self.method}): a pruned model needs input_ids with the image placeholder "
                              "tokens (inputs_embeds alone are not supported)")
-        ph = input_ids == adapter.image_token_id(model)  # [B, L] placeholder slots
+        # which image owns each placeholder slot, and the slot's position within the image's run
+        seq = adapter.sequence_layout(model, input_ids, VisualLayout(tokens_per_image=tuple(runs)))
+        ph, img, rank = seq.visual, seq.image, seq.rank  # [B, L] each
         n_ph = int(ph.sum())
         if n_ph != sum(runs):
             raise ValueError(f"Image features and image tokens do not match: {n_ph} placeholder tokens in input_ids "
                              f"for {len(runs)} image(s) of {runs[0] if len(set(runs)) == 1 else runs} tokens")
-        # which image owns each placeholder slot, and the slot's position within the image's run
-        _, img, rank = placeholder_runs(ph, runs)  # [B, L] each
         keep = ~ph | (rank < torch.tensor(counts, device=input_ids.device)[img])  # [B, L]
 
         kw = dict(kw)
