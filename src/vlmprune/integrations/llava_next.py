@@ -126,8 +126,11 @@ class LlavaNextAdapter(ModelAdapter):
         NaN after the image's kept count. Returns the tensors and the kept counts."""
         h, w = self.patch_grid(model)
         newline = getattr(self.base_model(model), self.newline_param).to(projected)  # [D_text]
-        extra = reduction.extra.tolist() if reduction.extra is not None else [False] * len(counts)
-        indices = reduction.indices.cpu()
+        host = reduction.indices if reduction.extra is None else \
+            torch.cat([reduction.indices, reduction.extra[:, None].long()], dim=1)
+        host = host.cpu()  # one transfer: patch indices [U, M'] (and the extra flags)
+        indices = host[:, :reduction.indices.shape[1]]
+        extra = host[:, -1].bool().tolist() if reduction.extra is not None else [False] * len(counts)
         out, kept, u = [], [], 0
         for n_i, m in zip(layout.tokens_per_image, layout.family_data):
             parts = [projected[u, :counts[u]]]  # the base image, in the method's order
