@@ -48,8 +48,8 @@ def _inputs(model, n=4, seed=1):
 
 def _row(inputs, b):
     valid = inputs["attention_mask"][b].bool()
-    return {"input_ids": inputs["input_ids"][b:b + 1, valid], "attention_mask": inputs["attention_mask"][b:b + 1, valid],
-            "pixel_values": inputs["pixel_values"][b:b + 1], "image_sizes": inputs["image_sizes"][b:b + 1]}
+    return {"input_ids": inputs["input_ids"][b:b + 1, valid],
+            "attention_mask": inputs["attention_mask"][b:b + 1, valid], "pixel_values": inputs["pixel_values"][b:b + 1], "image_sizes": inputs["image_sizes"][b:b + 1]}
 
 
 def _is_stock(model) -> bool:

@@ -13,9 +13,9 @@ plain forward reaches through the pre-hook):
 1. The vision tower runs once over the U units (its own attention implementation). If the method
    needs [CLS] signals, forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are
    registered for the duration of this call only: they keep the [CLS] query row (at the
-   adapter's ``cls_index``) and ``k`` (all keys), raw linear outputs [U, 1+N, C]. Spec §1: that layer's input is the penultimate hidden
-   state, i.e. the very features LLaVA feeds the projector, and its keys are what the official
-   PruMerge code uses. Only the [CLS] row of the attention is computed (``cls_attention``).
+   adapter's ``cls_index``) and ``k`` (all keys), raw linear outputs [U, 1+N, C]. Spec §1: that
+   layer's input is the penultimate hidden state, i.e. the very features LLaVA feeds the
+   projector, and its keys are what the official PruMerge code uses. Only the [CLS] row of the attention is computed (``cls_attention``).
 2. The method reduces the pre-projector features [U, N, D] (every unit has the same grid) to a
    padded ``Reduction`` (tokens [U, M, D], counts [U]); the projector runs on the reduced tokens
    only.
@@ -27,9 +27,9 @@ plain forward reaches through the pre-hook):
 
 **Prefill** (a forward whose ``mm_encoder_outputs`` carry such features; ``pixel_values`` are
 first encoded as above): image i's placeholder run (n_i copies of ``image_token_id`` in
-``input_ids``, found with ``adapter.sequence_layout``) keeps its first ``counts[i]`` slots; the other slots are deleted. Every sample is
-compacted and re-padded **on the left** to the new batch width L' = max_b(kept length), so every
-image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids`` (original
+``input_ids``, found with ``adapter.sequence_layout``) keeps its first ``counts[i]`` slots; the
+other slots are deleted. Every sample is compacted and re-padded **on the left** to the new batch
+width L' = max_b(kept length), so every image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids`` (original
 position minus the number of slots deleted before it, so the survivors are consecutive, as
 LLaVA-PruMerge feeds them) and ``labels`` (-100 on new pads) are rewritten the same way, the NaN
 rows are sliced off, and the stock forward scatters the kept tokens into the kept placeholders.
@@ -145,7 +145,7 @@ def capture_signals(adapter: ModelAdapter, model: Any) -> Iterator[dict[str, Ten
         store["q_cls"] = out[:, ci:ci + 1].detach()  # [U, 1, C]
 
     def on_k(_module: Any, _inp: Any, out: Tensor) -> None:
-        store["k"] = out.detach()  # [I, 1+N, C]
+        store["k"] = out.detach()  # [U, 1+N, C]
 
     hooks = [q_proj.register_forward_hook(on_q), k_proj.register_forward_hook(on_k)]
     try:
@@ -338,7 +338,7 @@ class VisionHandle(PruneHandle):
         per_unit = features.shape[1]
         if method.needs_grid and per_unit != grid[0] * grid[1]:
             raise ValueError(f"method {self.method!r} needs the {grid[0]}x{grid[1]} patch grid, but the "
-                             f"tower gives {per_unit} tokens per image (select strategy {strategy!r})")
+                             f"tower gives {per_unit} tokens per pass (select strategy {strategy!r})")
 
         # 2. reduce, then project the kept tokens only; 3. the adapter packs them per image
         red = method.reduce(features, signals, grid)  # tokens [U, M, D], counts [U]
