@@ -52,3 +52,15 @@ def test_kept_ratio_over_images_of_different_sizes():
     stats.tokens_per_image = 10
     assert stats.mean_kept_ratio == pytest.approx(7.5 / 10)
     assert VisualLayout().num_images == 0
+
+
+def test_select_features_drops_cls_at_the_adapters_index():
+    import dataclasses
+
+    model = make_tiny_llava(image_size=56)
+    adapter = get_adapter(model)
+    h = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    assert torch.equal(adapter.select_features((h,), 0, "default"), h[:, 1:])
+    moved = dataclasses.replace(adapter, cls_index=2)
+    assert torch.equal(moved.select_features((h,), 0, "default"), h[:, [0, 1, 3, 4]])
+    assert torch.equal(moved.select_features((h,), 0, "full"), h)

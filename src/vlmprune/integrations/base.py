@@ -276,7 +276,9 @@ class ModelAdapter:
         layers = [layer] if isinstance(layer, int) else list(layer)
         pool = [hidden_states[i] for i in layers]  # each [B, 1 + N, D]
         if strategy in self.cls_dropping_strategies:
-            pool = [h[:, 1:] for h in pool]  # drop [CLS]: [B, N, D]
+            ci = self.cls_index
+            pool = [h[:, ci + 1:] if ci == 0 else torch.cat([h[:, :ci], h[:, ci + 1:]], dim=1)
+                    for h in pool]  # drop [CLS]: [B, N, D]
         return pool[0] if len(pool) == 1 else torch.cat(pool, dim=-1)
 
     def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
