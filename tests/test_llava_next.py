@@ -204,3 +204,16 @@ def test_family_options_and_support_listed():
     with pytest.raises(ValueError, match="newlines must be 'keep' or 'rows', got 'all'"):
         vlmprune.apply(next_model, "prumerge", newlines="all")
     assert getattr(next_model, HANDLE_ATTR, None) is None
+
+
+@pytest.mark.parametrize("method", ["prumerge+", "fastv"])
+def test_beam_search_batch_equals_single(model, method):
+    inputs = _inputs(model, n=3)
+    width = inputs["input_ids"].shape[1]
+    beams = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    with vlmprune.pruned(model, method):
+        out = model.generate(**inputs, **beams)
+        for b in range(3):
+            single = _row(inputs, b)
+            one = model.generate(**single, **beams)
+            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
