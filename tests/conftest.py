@@ -42,6 +42,17 @@ def make_tiny_llava(*, image_size: int = 56, patch: int = 14, vision_layers: int
     return model
 
 
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (input_ids [B, L], attention_mask [B, L]), left-padded with PAD_ID."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
 def make_inputs(model, prefix_lens=(3,), suffix_lens=(5,), seed: int = 1):
     """A left-padded batch: [pad...] BOS prefix <image>*N suffix, with random pixel values."""
     cfg = model.config
@@ -52,12 +63,7 @@ def make_inputs(model, prefix_lens=(3,), suffix_lens=(5,), seed: int = 1):
         prefix = torch.randint(4, VOCAB, (p,), generator=g).tolist()
         suffix = torch.randint(4, VOCAB, (s,), generator=g).tolist()
         rows.append([BOS_ID] + prefix + [IMAGE_TOKEN_ID] * n_img + suffix)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD_ID)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
+    ids, mask = left_pad(rows)
     size = cfg.vision_config.image_size
     pixels = torch.randn(len(rows), 3, size, size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype)}
@@ -84,3 +90,63 @@ def tiny_dir(tmp_path_factory):
     model.save_pretrained(d)
     proc.save_pretrained(d)
     return d
+
+
+NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84]]
+
+
+def make_tiny_llava_next(*, image_size: int = 42, patch: int = 14, vision_layers: int = 3, text_layers: int = 4,
+                         hidden: int = 32, heads: int = 4, seed: int = 0, attn: str = "sdpa"):
+    """A randomly initialised LlavaNextForConditionalGeneration: CLIP tower with [CLS] (3x3 patches
+    per crop at 42 px), any-res crops from ``NEXT_PINPOINTS`` (1x2, 2x1 or 2x2 crops plus the base
+    image), ``image_newline``, Llama decoder."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch, projection_dim=hidden)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=512, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=NEXT_PINPOINTS, image_seq_length=(image_size // patch) ** 2)
+    config.pad_token_id = PAD_ID
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.config._attn_implementation = attn
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = EOS_ID
+    model.eval()
+    return model
+
+
+def next_image_tokens(model, image_sizes) -> list[int]:
+    """Placeholder count of each image (H, W) in ``image_sizes``, from the stock model's own packing."""
+    cfg = model.config
+    side = cfg.vision_config.image_size
+    with torch.no_grad():
+        out = model.model.get_image_features(torch.zeros(len(image_sizes), 5, 3, side, side),
+                                             torch.tensor(image_sizes), return_dict=True)
+    return [int(t.shape[0]) for t in out.pooler_output]
+
+
+def make_next_inputs(model, image_sizes, prefix_lens, suffix_lens, seed: int = 1):
+    """A left-padded LLaVA-NeXT batch: [pad...] BOS prefix <image>*n_i suffix, one image (H, W) per
+    sample, pixel_values [B, 5, 3, S, S] (crops past an image's own count are random padding)."""
+    counts = next_image_tokens(model, image_sizes)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for p, s, n in zip(prefix_lens, suffix_lens, counts):
+        prefix = torch.randint(4, VOCAB, (p,), generator=g).tolist()
+        suffix = torch.randint(4, VOCAB, (s,), generator=g).tolist()
+        rows.append([BOS_ID] + prefix + [IMAGE_TOKEN_ID] * n + suffix)
+    ids, mask = left_pad(rows)
+    side = model.config.vision_config.image_size
+    pixels = torch.randn(len(rows), 5, 3, side, side, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+            "image_sizes": torch.tensor(image_sizes)}
+
+
+@pytest.fixture
+def tiny_llava_next():
+    return make_tiny_llava_next()

@@ -9,23 +9,31 @@ from . import registry
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """Every registered method with its stage, summary and options (name -> default)."""
+    """Every registered method with its stage, summary, options (name -> default) and ``families``
+    (model family -> ``"yes"``, or why the method cannot run on it)."""
+    from .integrations.base import adapters
+
+    known = adapters()
     out = []
     for name in registry.method_names():
         info = registry.get_method(name)
-        out.append({"name": name, "stage": info.stage, "summary": info.summary, "options": info.options()})
+        families = {a.family: a.method_problem(name) or "yes" for a in known}
+        out.append({"name": name, "stage": info.stage, "summary": info.summary, "options": info.options(),
+                    "families": families})
     return out
 
 
 def apply(model: Any, method: str, **options: Any):
     """Prune ``model`` in place with ``method``; returns a handle (``.stats``, ``.remove()``).
 
-    ``model`` is a transformers vision-language model (LLaVA family). ``method`` is a name or a
-    spec string ``"NAME:key=value,..."`` (``vlmprune.registry.SPEC_GRAMMAR``; keyword ``options``
-    override the spec's). Pruning stays active until ``handle.remove()``, which restores the model
+    ``model`` is a transformers vision-language model of a supported family (LLaVA-1.5,
+    LLaVA-NeXT). ``method`` is a name or a spec string ``"NAME:key=value,..."``
+    (``vlmprune.registry.SPEC_GRAMMAR``; keyword ``options`` override the spec's). ``options`` are
+    the method's, plus the model family's own (``ModelAdapter.family_options``, e.g. LLaVA-NeXT's
+    ``newlines="keep" | "rows"``). Pruning stays active until ``handle.remove()``, which restores the model
     exactly. Applying twice raises.
     """
-    from .integrations import attach
+    from .integrations import attach, family_options
 
     if isinstance(method, str) and ":" in method:
         name, spec_options = registry.parse_method_spec(method)
@@ -33,8 +41,10 @@ def apply(model: Any, method: str, **options: Any):
             raise ValueError(f"{method!r} names no method; to run unpruned, do not apply one")
         method, options = name, {**spec_options, **options}
     info = registry.get_method(method)
+    options = dict(options)
+    family = family_options(model, options)  # e.g. LLaVA-NeXT's newlines=; the rest are the method's
     method_obj = info.build(**options)
-    return attach(model, info, method_obj)
+    return attach(model, info, method_obj, family)
 
 
 @contextmanager

@@ -198,10 +198,11 @@ def methods_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON 
     from rich.table import Table
 
     t = Table(title="vlmprune methods")
-    for c in ("name", "stage", "summary", "options"):
+    for c in ("name", "stage", "summary", "options", "families"):
         t.add_column(c)
     for m in ms:
-        t.add_row(m["name"], m["stage"], m["summary"], ", ".join(f"{k}={v}" for k, v in m["options"].items()))
+        t.add_row(m["name"], m["stage"], m["summary"], ", ".join(f"{k}={v}" for k, v in m["options"].items()),
+                  ", ".join(f for f, ok in m["families"].items() if ok == "yes"))
     Console().print(t)
 
 

@@ -336,6 +336,15 @@ def load_bench_model(name: str, dtype: torch.dtype, scaled: ScaledConfig = Scale
     return model, processor, {"kind": kind, **_describe(model)}
 
 
+def _patches(model) -> tuple[int, bool]:
+    """(patches of one tower pass, whether the tower has a [CLS] token), from the model's adapter."""
+    from ..integrations.base import get_adapter
+
+    adapter = get_adapter(model)
+    h, w = adapter.patch_grid(model)
+    return h * w, adapter.tower_has_cls(model)
+
+
 def _describe(model) -> dict[str, Any]:
     c = model.config
     t, v = c.text_config, c.vision_config
@@ -345,7 +354,7 @@ def _describe(model) -> dict[str, Any]:
                     t.hidden_size // t.num_attention_heads, "intermediate": t.intermediate_size,
                     "vocab": t.vocab_size},
         "vision": {"type": v.model_type, "image_size": v.image_size, "patch_size": v.patch_size,
-                   "patches": (v.image_size // v.patch_size) ** 2, "layers": v.num_hidden_layers,
+                   "patches": _patches(model)[0], "layers": v.num_hidden_layers,
                    "hidden": v.hidden_size, "heads": v.num_attention_heads, "intermediate": v.intermediate_size,
                    "feature_layer": c.vision_feature_layer, "select_strategy": c.vision_feature_select_strategy},
         "projector": {"dims": [v.hidden_size, t.hidden_size, t.hidden_size]},
@@ -610,12 +619,14 @@ def _token_schedules(model, inputs: dict[str, Tensor], handle: Any) -> tuple[lis
         return sched, [float(x) for x in stats.visual_tokens_per_sample()], int(sum(ph))
     # vision stage: stats.last_kept lists the kept tokens of each image, in batch order
     kept = list(stats.last_kept)
-    per_image = cfg.image_seq_length
+    unpruned = stats.unpruned_per_image[-len(kept):] if kept else []
+    if len(unpruned) != len(kept):
+        unpruned = [cfg.image_seq_length] * len(kept)
     out, vis, k = [], [], 0
     for v, p in zip(valid, ph):
-        n_img = int(p) // per_image
-        kept_b = sum(kept[k:k + n_img])
-        k += n_img
+        kept_b = seen = 0
+        while seen < int(p) and k < len(kept):  # this sample's images: their placeholder runs add up to p
+            seen, kept_b, k = seen + unpruned[k], kept_b + kept[k], k + 1
         out.append([int(v) - int(p) + int(kept_b)] * layers)
         vis.append(float(kept_b))
     return out, vis, int(sum(kept))
@@ -627,15 +638,15 @@ def flop_config(model):
 
     c = model.config
     t, v = c.text_config, c.vision_config
-    patches = (v.image_size // v.patch_size) ** 2
+    patches, has_cls = _patches(model)
     return ModelConfig(
         name="bench", hidden_size=t.hidden_size, num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
         num_kv_heads=t.num_key_value_heads, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
         head_dim=getattr(t, "head_dim", None), tie_word_embeddings=bool(getattr(t, "tie_word_embeddings", False)),
         default_visual_tokens=patches, max_visual_tokens=patches,
         vision={"image_size": v.image_size, "patch_size": v.patch_size, "hidden_size": v.hidden_size,
-                "num_layers": v.num_hidden_layers, "intermediate_size": v.intermediate_size, "cls_token": True,
-                "tokens_per_image": patches + 1, "projector_rows_per_image": patches, "max_images_per_sample": 1},
+                "num_layers": v.num_hidden_layers, "intermediate_size": v.intermediate_size,
+                "cls_token": has_cls, "tokens_per_image": patches + int(has_cls), "projector_rows_per_image": patches, "max_images_per_sample": 1},
         projector={"dims": [v.hidden_size, t.hidden_size, t.hidden_size]},
     )
 

@@ -1,7 +1,8 @@
 """Integrations: everything that knows transformers lives here (one adapter per model family).
 
 ``attach(model, info, method_obj)`` is what ``vlmprune.apply`` calls: it finds the adapter for the
-model's family, refuses a model that is already pruned, and hands over to the stage's plumbing
+model's family, refuses a model that is already pruned or a method the family cannot run
+(``adapter.method_problem``), and hands over to the stage's plumbing
 (``vision.attach`` or ``decoder.attach``), which returns a handle (``base.PruneHandle``).
 """
 
@@ -10,15 +11,29 @@ from __future__ import annotations
 from typing import Any
 
 
-def attach(model: Any, info: Any, method_obj: Any):
+def family_options(model: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options of ``model``'s family (``ModelAdapter.family_options``) out of ``options``;
+    returns them ({} for a model no adapter handles: ``attach`` reports that)."""
+    from .base import UnsupportedModelError, get_adapter
+
+    try:
+        names = get_adapter(model).family_options
+    except UnsupportedModelError:
+        return {}
+    return {name: options.pop(name) for name in names if name in options}
+
+
+def attach(model: Any, info: Any, method_obj: Any, family: dict[str, Any] | None = None):
     from .base import HANDLE_ATTR, get_adapter
 
     existing = getattr(model, HANDLE_ATTR, None)
     if existing is not None:
         raise RuntimeError(f"this model is already pruned with {existing.method!r}; call handle.remove() "
                            "(or vlmprune.remove(model)) before applying another method")
-    adapter = get_adapter(model)
-    check_budget(info, method_obj, adapter.tokens_per_image(model))
+    adapter = get_adapter(model).configure(**(family or {}))
+    if problem := adapter.method_problem(info.name):
+        raise ValueError(f"method {info.name!r} cannot run on {adapter.family} models yet: {problem}")
+    check_budget(info, method_obj, adapter.budget_tokens(model, info.stage))
     if info.stage == "vision":
         from .vision import attach as attach_stage
     else:

@@ -8,6 +8,13 @@ are the same across LLaVA-like families (encode images, project, embed); a famil
 differ (LLaVA-NeXT's any-res tiling, Qwen2-VL's merged patches and M-RoPE) subclasses it in its
 own file (``llava_next.py``, ``qwen2_vl.py``) and registers an instance with ``register_adapter``.
 
+Everything the stages need to know about a family's visual tokens comes from the adapter:
+``image_layout`` (the tower passes of a batch's images and each image's placeholder count, a
+``layout.VisualLayout``), ``encode`` (pixels -> per-unit features), ``pack`` (a method's per-unit
+reduction -> the per-image tokens the LLM receives), ``cls_index`` (where a tower's [CLS] sits),
+``rotary`` (the language model's rotary function) and ``method_problem`` (methods that cannot run
+on the family, with the reason).
+
 A **handle** (``PruneHandle``) is what ``vlmprune.apply`` returns. It is attached to the model
 under ``HANDLE_ATTR`` (so applying twice is detected), owns every hook and patch the stage
 installed (``remove()`` undoes them in reverse order, idempotently, restoring the model exactly),
@@ -24,6 +31,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .layout import VisualLayout, VisualUnit
+
 __all__ = [
     "HANDLE_ATTR",
     "UnsupportedModelError",
@@ -39,7 +48,7 @@ __all__ = [
 HANDLE_ATTR = "_vlmprune_handle"
 
 #: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
-_ADAPTER_MODULES = ("vlmprune.integrations.llava",)
+_ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next")
 
 
 class UnsupportedModelError(ValueError):
@@ -99,6 +108,13 @@ class ModelAdapter:
     image_features_method: str = "get_image_features"
     #: Key of the image features in ``mm_encoder_outputs``.
     image_modality: str = "image"
+    #: Index of the [CLS] token in the tower's output sequence (when ``tower_has_cls``).
+    cls_index: int = 0
+    #: ``(method, reason)`` pairs: methods that cannot run on this family (``method_problem``).
+    unsupported_methods: tuple[tuple[str, str], ...] = ()
+    #: Names of the family's own options, which ``vlmprune.apply`` accepts next to the method's
+    #: (``configure``); e.g. LLaVA-NeXT's ``newlines``.
+    family_options: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:
@@ -170,17 +186,71 @@ class ModelAdapter:
         return getattr(self.vision_config(model), "model_type", None) in self.cls_vision_types
 
     def patch_grid(self, model: Any) -> tuple[int, int]:
-        """(H, W) of the patch grid of one image."""
+        """(H, W) of the patch grid of one tower pass (one image; one crop for any-res families)."""
         vc = self.vision_config(model)
         side = int(vc.image_size) // int(vc.patch_size)
         return side, side
 
     def tokens_per_image(self, model: Any, strategy: str | None = None) -> int:
-        """Image tokens the LLM receives per image when not pruned (N patches, +1 if CLS is kept)."""
+        """Tokens one tower pass contributes when not pruned (N patches, +1 if CLS is kept): the N
+        that vision-stage budgets (``keep``) refer to. For LLaVA-1.5 one pass is one image."""
         h, w = self.patch_grid(model)
         strategy = self.select_strategy(model) if strategy is None else strategy
         keeps_cls = self.tower_has_cls(model) and strategy not in self.cls_dropping_strategies
         return h * w + int(keeps_cls)
+
+    def fixed_image_tokens(self, model: Any) -> int | None:
+        """Placeholder tokens of every image when all images get the same count (LLaVA-1.5: N),
+        else None (any-res families: the count depends on the image size)."""
+        return self.tokens_per_image(model)
+
+    def budget_tokens(self, model: Any, stage: str) -> int:
+        """The most visual tokens a budget may name: per tower pass for the vision stage, per
+        image for the decoder stage."""
+        return self.tokens_per_image(model)
+
+    def configure(self, **options: Any) -> "ModelAdapter":
+        """This adapter with the family options ``options`` set (a copy; ``self`` when none)."""
+        if not options:
+            return self
+        unknown = sorted(set(options) - set(self.family_options))
+        if unknown:
+            raise ValueError(f"{self.family} has no option {', '.join(unknown)}"
+                             + (f"; its options: {', '.join(self.family_options)}" if self.family_options else ""))
+        import dataclasses
+
+        return dataclasses.replace(self, **options)
+
+    def method_problem(self, method: str) -> str | None:
+        """Why ``method`` cannot run on this family, or None."""
+        return dict(self.unsupported_methods).get(method)
+
+    def rotary(self, model: Any) -> Any:
+        """The language model's rotary function ``(hidden, position_ids) -> (cos, sin)``, or None."""
+        return getattr(self.get_language_model(model), "rotary_emb", None)
+
+    def visual_columns(self, model: Any, input_ids: Tensor) -> Tensor:
+        """input_ids [B, L] -> [B, L] bool, the columns holding visual placeholders."""
+        return input_ids == self.image_token_id(model)
+
+    def sequence_layout(self, model: Any, input_ids: Tensor, layout: VisualLayout,
+                        position_ids: Tensor | None = None) -> VisualLayout:
+        """``layout`` (its images' placeholder counts) with the per-column part of ``input_ids``
+        [B, L] filled in: placeholder columns, their image and rank, positions, rotary."""
+        return layout.with_sequence(self.visual_columns(model, input_ids), position_ids, self.rotary(model))
+
+    def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
+                     strategy: str | None = None) -> VisualLayout:
+        """The tower passes of ``pixel_values`` [I, 3, H, W]: one unit per image, every image with
+        ``tokens_per_image`` placeholders (LLaVA-1.5's rule). ``image_sizes`` is refused."""
+        if image_sizes is not None:
+            raise ValueError(f"vlmprune: image_sizes (variable-resolution towers) is not supported by the "
+                             f"{self.family} adapter")
+        n = self.tokens_per_image(model, strategy)
+        grid, has_cls = self.patch_grid(model), self.tower_has_cls(model)
+        units = tuple(VisualUnit(image=i, grid=grid, has_cls=has_cls, cls_index=self.cls_index)
+                      for i in range(pixel_values.shape[0]))
+        return VisualLayout(units=units, tokens_per_image=(n,) * len(units))
 
     def signal_problem(self, model: Any, strategy: str | None = None) -> str | None:
         """Why [CLS]-attention signals cannot be computed for this model, or None if they can."""
@@ -206,16 +276,38 @@ class ModelAdapter:
         layers = [layer] if isinstance(layer, int) else list(layer)
         pool = [hidden_states[i] for i in layers]  # each [B, 1 + N, D]
         if strategy in self.cls_dropping_strategies:
-            pool = [h[:, 1:] for h in pool]  # drop [CLS]: [B, N, D]
+            ci = self.cls_index
+            pool = [h[:, ci + 1:] if ci == 0 else torch.cat([h[:, :ci], h[:, ci + 1:]], dim=1)
+                    for h in pool]  # drop [CLS]: [B, N, D]
         return pool[0] if len(pool) == 1 else torch.cat(pool, dim=-1)
 
-    def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str) -> Tensor:
-        """pixel_values [B, 3, H, W] -> pre-projector features [B, N, D] (runs the whole tower).
+    def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
+               layout: VisualLayout | None = None) -> Tensor:
+        """pixel_values [U, 3, H, W] -> pre-projector features [U, N, D], one row per unit of
+        ``layout`` (runs the whole tower once).
 
         Any forward hooks on the tower's modules (e.g. signal capture) fire during this call.
         """
         out = self.get_vision_tower(model)(pixel_values, output_hidden_states=True, return_dict=True)
         return self.select_features(out.hidden_states, layer, strategy)
+
+    def pack(self, model: Any, projected: Tensor, reduction: Any, counts: list[int],
+             layout: VisualLayout) -> tuple[list[Tensor], list[int]]:
+        """A method's per-unit output -> per-image LLM tokens, NaN-padded to the unpruned count.
+
+        ``projected`` [U, M, D_text] are the projected kept tokens (unit u's first ``counts[u]``
+        rows valid, ``reduction.mask`` [U, M]); one unit per image here, so image i's tensor is
+        [tokens_per_image[i], D_text] with its kept tokens first and NaN after. Returns the
+        tensors and each image's kept count.
+        """
+        n_img, width = projected.shape[:2]
+        per_image = layout.tokens_per_image[0]
+        padded = projected.new_empty((n_img, per_image, projected.shape[-1]))  # [I, N, D_text]
+        padded[:, :width] = projected
+        padded[:, width:] = float("nan")
+        if min(counts) < width:  # ragged batch: each image's rows past its own count are padding too
+            padded[:, :width].masked_fill_(~reduction.mask[..., None], float("nan"))
+        return list(padded), counts
 
     def project(self, model: Any, features: Tensor) -> Tensor:
         """Pre-projector features [B, M, D] -> LLM-space tokens [B, M, D_text]."""
@@ -290,12 +382,16 @@ class PruneStats:
     prefills: int = 0
     kept_per_image: list[int] = field(default_factory=list)
     last_kept: list[int] = field(default_factory=list)
+    #: Unpruned placeholder count of each image in ``kept_per_image`` (filled by the vision stage).
+    unpruned_per_image: list[int] = field(default_factory=list)
 
-    def record(self, kept: list[int]) -> None:
-        """Add one prefill's per-image kept counts."""
+    def record(self, kept: list[int], unpruned: list[int] | None = None) -> None:
+        """Add one prefill's per-image kept counts (and, optionally, their unpruned counts)."""
         self.prefills += 1
         self.last_kept = list(kept)
         self.kept_per_image.extend(kept)
+        if unpruned is not None:
+            self.unpruned_per_image.extend(unpruned)
 
     def visual_tokens_per_sample(self) -> list[float]:
         """Visual tokens of each sample in the last prefill, averaged over the decoder layers."""
@@ -316,7 +412,11 @@ class PruneStats:
 
     @property
     def mean_kept_ratio(self) -> float:
-        """``mean_visual_tokens / tokens_per_image`` (nan when unknown)."""
+        """Kept / unpruned visual tokens over every image so far: ``mean_visual_tokens /
+        tokens_per_image``, or, when images differ in size, the ratio of the sums (nan when unknown)."""
+        if self.kept_per_image and len(self.unpruned_per_image) == len(self.kept_per_image) \
+                and not self.tokens_per_image:
+            return sum(self.kept_per_image) / sum(self.unpruned_per_image)
         if not self.tokens_per_image:
             return math.nan
         return self.mean_visual_tokens / self.tokens_per_image
@@ -325,6 +425,7 @@ class PruneStats:
         self.prefills = 0
         self.kept_per_image = []
         self.last_kept = []
+        self.unpruned_per_image = []
 
 
 class PruneHandle:

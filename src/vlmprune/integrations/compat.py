@@ -63,6 +63,17 @@ Assumptions, each with the test that guards it:
    ``self.loss_function(logits=, labels=, vocab_size=config.text_config.vocab_size)`` (shifted
    cross-entropy, -100 ignored) from ``labels`` (keyword ``K.LABELS``) aligned with its logits
    (``lm_loss``). Guarded by ``test_decoder.py::test_labels_are_gathered_like_the_logits``.
+10. **LLaVA-NeXT any-res packing** (``models/llava_next/modeling_llava_next.py``):
+    ``get_image_features(pixel_values [B, max_crops, 3, S, S], image_sizes [B, 2] (H, W))`` keeps
+    the first ``image_size_to_num_patches(size, image_grid_pinpoints, S)`` crops of each image
+    (crop 0 the base image, then the ``get_anyres_image_grid_shape`` (gh, gw) mosaic in raster
+    order), runs the tower on all of them at once, drops [CLS] ("default") and projects per token;
+    ``pack_image_features`` puts the base image's N tokens first, then the mosaic as a
+    (gh*h, gw*w) patch grid cut by ``unpad_image`` to the image's aspect ratio, row-major with the
+    ``image_newline`` parameter (on the base model, already in LLM space) after every row
+    (``anyres_crops``, ``unpad_window``). Guarded by
+    ``test_llava_next.py::test_keep_all_gives_identical_logits_and_tokens`` and
+    ``::test_layout_counts_match_stock_packing``.
 """
 
 from __future__ import annotations
@@ -73,7 +84,7 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
-           "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary"]
+           "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -169,3 +180,24 @@ def quiet_loading() -> None:
 def lm_loss(model: Any, logits: Any, labels: Any) -> Any:
     """The model's own causal-LM loss of ``logits`` [B, L, V] against ``labels`` [B, L] (assumption 9)."""
     return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.get_text_config().vocab_size)
+
+
+def anyres_crops(image_size: Any, pinpoints: Any, tile: int) -> tuple[int, int, int]:
+    """LLaVA-NeXT crops of an image of ``image_size`` (H, W): (crops incl. the base image, gh, gw)
+    with (gh, gw) the mosaic's crops per column / row (assumption 10)."""
+    from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
+                                                                     image_size_to_num_patches)
+
+    size = [int(x) for x in image_size]
+    gh, gw = get_anyres_image_grid_shape(size, pinpoints, tile)
+    return int(image_size_to_num_patches(size, pinpoints, tile)), int(gh), int(gw)
+
+
+def unpad_window(height: int, width: int, image_size: Any) -> Any:
+    """[H', W'] long: the mosaic's raster indices (of a ``height`` x ``width`` patch grid) that
+    LLaVA-NeXT's ``unpad_image`` keeps for an image of ``image_size`` (H, W) (assumption 10)."""
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    grid = torch.arange(height * width).view(1, height, width)
+    return unpad_image(grid, [int(x) for x in image_size])[0]

@@ -383,16 +383,17 @@ class DecoderHandle(PruneHandle):
                              f"(point p drops tokens from the input of decoder layer p)")
         if method_obj.positions not in ("original", "compact"):
             raise ValueError(f"positions must be 'original' or 'compact', got {method_obj.positions!r}")
-        if getattr(lm, "rotary_emb", None) is None:
+        rotary = adapter.rotary(model)
+        if rotary is None:
             raise ValueError(f"{type(lm).__name__} has no rotary_emb; decoder-stage pruning needs RoPE")
         super().__init__(model, adapter, method, method_obj, "decoder")  # marks the model as pruned
         self.state = DecoderState()
         self.base, self.lm, self.layers, self.num_layers = base, lm, layers, num_layers
-        self.rotary = lm.rotary_emb
+        self.rotary = rotary
         self.image_token_id = adapter.image_token_id(model)
         self.embed = adapter.get_input_embeddings(model)
         self.points = points
-        self.stats.tokens_per_image = adapter.tokens_per_image(model)
+        self.stats.tokens_per_image = adapter.fixed_image_tokens(model)
         attn0 = self.layers[0].self_attn
         self.num_heads = int(getattr(attn0.config, "num_attention_heads"))
         self.head_dim = int(attn0.head_dim)
@@ -431,7 +432,7 @@ class DecoderHandle(PruneHandle):
         cache = get_cache(kwargs)
         st.pending_visual, st.pending_prompt_len = None, None
         if ids is not None:
-            visual = ids == self.image_token_id
+            visual = self.adapter.visual_columns(self.model, ids)
         elif embeds is not None:
             tok = self.embed(torch.tensor(self.image_token_id, device=embeds.device))
             visual = (embeds == tok.to(embeds.dtype)).all(-1)

@@ -7,24 +7,29 @@ pre-hook. Nothing else is patched; the attention implementation (sdpa) is never 
 **Encoding images** (``get_image_features``, which ``generate()`` calls before the prefill and a
 plain forward reaches through the pre-hook):
 
-1. The vision tower runs once (its own attention implementation). If the method needs [CLS]
-   signals, forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are registered
-   for the duration of this call only: they keep ``q[:, :1]`` (the [CLS] query) and ``k`` (all
-   keys), raw linear outputs [I, 1+N, C]. Spec §1: that layer's input is the penultimate hidden
-   state, i.e. the very features LLaVA feeds the projector, and its keys are what the official
-   PruMerge code uses. Only the [CLS] row of the attention is computed (``cls_attention``).
-2. The method reduces the pre-projector features [I, N, D] to a padded ``Reduction``
-   (tokens [I, M, D], counts [I]); the projector runs on the reduced tokens only.
-3. The result keeps the stock layout, one [N, D_text] tensor per image, whose first ``counts[i]``
-   rows are the kept tokens and the rest NaN. The padding is self-describing: it survives what
+0. The family's adapter says what the images are (``adapter.image_layout``: a
+   ``layout.VisualLayout`` of U tower passes — one per image for LLaVA-1.5, base image + crops for
+   LLaVA-NeXT — each with its grid, [CLS] flag and index, and each image's placeholder count).
+1. The vision tower runs once over the U units (its own attention implementation). If the method
+   needs [CLS] signals, forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are
+   registered for the duration of this call only: they keep the [CLS] query row (at the
+   adapter's ``cls_index``) and ``k`` (all keys), raw linear outputs [U, 1+N, C]. Spec §1: that
+   layer's input is the penultimate hidden state, i.e. the very features LLaVA feeds the
+   projector, and its keys are what the official PruMerge code uses. Only the [CLS] row of the attention is computed (``cls_attention``).
+2. The method reduces the pre-projector features [U, N, D] (every unit has the same grid) to a
+   padded ``Reduction`` (tokens [U, M, D], counts [U]); the projector runs on the reduced tokens
+   only.
+3. The adapter packs the units into the stock layout (``adapter.pack``), one [n_i, D_text]
+   tensor per image (n_i its unpruned placeholder count), whose first ``counts[i]`` rows are the
+   kept tokens and the rest NaN. The padding is self-describing: it survives what
    ``generate()`` does to pre-encoded features (beam expansion by placeholder counting, device
    moves, re-use at every step without cache), and NaN can never be consumed silently.
 
 **Prefill** (a forward whose ``mm_encoder_outputs`` carry such features; ``pixel_values`` are
-first encoded as above): image i's placeholder run (N copies of ``image_token_id`` in
-``input_ids``) keeps its first ``counts[i]`` slots; the other slots are deleted. Every sample is
-compacted and re-padded **on the left** to the new batch width L' = max_b(kept length), so every
-image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids`` (original
+first encoded as above): image i's placeholder run (n_i copies of ``image_token_id`` in
+``input_ids``, found with ``adapter.sequence_layout``) keeps its first ``counts[i]`` slots; the
+other slots are deleted. Every sample is compacted and re-padded **on the left** to the new batch
+width L' = max_b(kept length), so every image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids`` (original
 position minus the number of slots deleted before it, so the survivors are consecutive, as
 LLaVA-PruMerge feeds them) and ``labels`` (-100 on new pads) are rewritten the same way, the NaN
 rows are sliced off, and the stock forward scatters the kept tokens into the kept placeholders.
@@ -62,6 +67,7 @@ from ..methods.common import Reduction
 from ..methods.prumerge import cls_attention
 from .base import ModelAdapter, PruneHandle
 from .compat import K, get_cache
+from .layout import VisualLayout
 
 __all__ = ["VisionSignals", "VisionMethod", "VisionHandle", "Plan", "attach", "capture_signals", "signals_from_qk",
            "image_token_counts"]
@@ -127,17 +133,19 @@ class VisionMethod:
 def capture_signals(adapter: ModelAdapter, model: Any) -> Iterator[dict[str, Tensor]]:
     """Forward hooks on the last vision layer's q_proj / k_proj, active inside the ``with``.
 
-    Yields a dict that receives ``"q_cls"`` [I, 1, C] (the [CLS] query row only) and ``"k"``
-    [I, 1+N, C] (all keys): raw linear outputs, bias included, before the 1/sqrt(d) scaling.
+    Yields a dict that receives ``"q_cls"`` [U, 1, C] (the [CLS] query row only, at the adapter's
+    ``cls_index``) and ``"k"`` [U, 1+N, C] (all keys): raw linear outputs, bias included, before
+    the 1/sqrt(d) scaling.
     """
     q_proj, k_proj = adapter.get_last_qk(model)
     store: dict[str, Tensor] = {}
+    ci = adapter.cls_index
 
     def on_q(_module: Any, _inp: Any, out: Tensor) -> None:
-        store["q_cls"] = out[:, :1].detach()  # [I, 1, C]
+        store["q_cls"] = out[:, ci:ci + 1].detach()  # [U, 1, C]
 
     def on_k(_module: Any, _inp: Any, out: Tensor) -> None:
-        store["k"] = out.detach()  # [I, 1+N, C]
+        store["k"] = out.detach()  # [U, 1+N, C]
 
     hooks = [q_proj.register_forward_hook(on_q), k_proj.register_forward_hook(on_k)]
     try:
@@ -147,8 +155,12 @@ def capture_signals(adapter: ModelAdapter, model: Any) -> Iterator[dict[str, Ten
             h.remove()
 
 
-def signals_from_qk(q_cls: Tensor, k: Tensor) -> VisionSignals:
-    """q_cls [I, 1, C], k [I, 1+N, C] -> VisionSignals (cls_attn [I, N] float32, keys [I, N, C])."""
+def signals_from_qk(q_cls: Tensor, k: Tensor, cls_index: int = 0) -> VisionSignals:
+    """q_cls [U, 1, C], k [U, 1+N, C] with the [CLS] key at ``cls_index`` -> VisionSignals
+    (cls_attn [U, N] float32, keys [U, N, C], both without the [CLS] column)."""
+    if cls_index:  # move [CLS] to the front: cls_attention expects it at index 0
+        order = [cls_index] + [j for j in range(k.shape[1]) if j != cls_index]
+        k = k[:, order]
     q = q_cls.expand_as(k)  # a view: cls_attention reads row 0 only
     return VisionSignals(cls_attn=cls_attention(q, k), keys=k[:, 1:])
 
@@ -259,7 +271,7 @@ class VisionHandle(PruneHandle):
         self.last_reduction: Reduction | None = None
         self._issued: list[tuple[weakref.ref, int]] = []  # (tensor, kept count) of the last encoding
         self.grid = adapter.patch_grid(model)
-        self.stats.tokens_per_image = adapter.tokens_per_image(model)
+        self.stats.tokens_per_image = adapter.fixed_image_tokens(model)
         self._signature = inspect.signature(model.forward)
         self._base = adapter.base_model(model)
         self._stock_encode = getattr(self._base, adapter.image_features_method)
@@ -269,8 +281,10 @@ class VisionHandle(PruneHandle):
         missing = object()
         previous = vars(base).get(name, missing)
 
+        stock_signature = inspect.signature(self._stock_encode)
+
         def encode(*args: Any, **kwargs: Any) -> Any:
-            return self._encode_images(*args, **kwargs)
+            return self._encode_images(**_as_kwargs(stock_signature, args, kwargs))
 
         functools.update_wrapper(encode, self._stock_encode)  # same name, doc and signature as the stock method
         setattr(base, name, encode)  # instance attribute shadows the class method; generate() finds it too
@@ -289,58 +303,58 @@ class VisionHandle(PruneHandle):
     def _encode_images(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None = None,
                        vision_feature_select_strategy: str | None = None, image_sizes: Tensor | None = None,
                        **kwargs: Any) -> Any:
-        """Replaces ``get_image_features``: pixel_values [I, 3, H, W] -> reduced, projected tokens.
+        """Replaces ``get_image_features``: pixel_values (the family's form; [I, 3, H, W] for
+        LLaVA-1.5) -> reduced, projected tokens.
 
         Returns the family's output type whose ``pooler_output`` is a list of I tensors
-        [n, D_text], n = placeholders per image; image i's kept tokens are the first
+        [n_i, D_text], n_i = placeholders of image i; image i's kept tokens are the first
         ``counts[i]`` rows and the rest are NaN (never consumed: the forward hook slices them
         off; were they ever fed to the LLM, the output would be NaN, not silently wrong).
         NaN padding survives whatever ``generate()`` does to the features (beam expansion,
         device moves) and tells the forward hook each image's count.
         """
         model, adapter, method = self.model, self.adapter, self.method_obj
-        if image_sizes is not None:
-            raise ValueError(f"vlmprune ({self.method}): image_sizes (variable-resolution towers) is not supported")
         layer = adapter.vision_feature_layer(model) if vision_feature_layer is None else vision_feature_layer
         strategy = (adapter.select_strategy(model) if vision_feature_select_strategy is None
                     else vision_feature_select_strategy)
         if method.needs_signals and (problem := adapter.signal_problem(model, strategy)):
             raise ValueError(f"method {self.method!r} cannot run on this model: {problem}")
 
-        # 1. vision tower (+ signal hooks only if the method needs them) -> features [I, N, D]
+        # 0. what the images are: U tower passes, each image's placeholder count
+        layout = adapter.image_layout(model, pixel_values, image_sizes, strategy)
+        grids = set(layout.grids())
+        if len(grids) != 1:
+            raise ValueError(f"vlmprune ({self.method}): the tower passes of one batch have different grids {grids}")
+        grid = grids.pop()
+
+        # 1. vision tower (+ signal hooks only if the method needs them) -> features [U, N, D]
         if method.needs_signals:
             with capture_signals(adapter, model) as store:
-                features = adapter.encode(model, pixel_values, layer, strategy)
-            signals = signals_from_qk(store["q_cls"], store["k"])
+                features = adapter.encode(model, pixel_values, layer, strategy, layout)
+            signals = signals_from_qk(store["q_cls"], store["k"], adapter.cls_index)
         else:
-            features = adapter.encode(model, pixel_values, layer, strategy)
+            features = adapter.encode(model, pixel_values, layer, strategy, layout)
             signals = None
-        n_img, per_image = features.shape[:2]
-        if method.needs_grid and per_image != self.grid[0] * self.grid[1]:
-            raise ValueError(f"method {self.method!r} needs the {self.grid[0]}x{self.grid[1]} patch grid, but the "
-                             f"tower gives {per_image} tokens per image (select strategy {strategy!r})")
+        per_unit = features.shape[1]
+        if method.needs_grid and per_unit != grid[0] * grid[1]:
+            raise ValueError(f"method {self.method!r} needs the {grid[0]}x{grid[1]} patch grid, but the "
+                             f"tower gives {per_unit} tokens per pass (select strategy {strategy!r})")
 
-        # 2. reduce, then project the kept tokens only
-        red = method.reduce(features, signals, self.grid)  # tokens [I, M, D], counts [I]
-        projected = adapter.project(model, red.tokens)  # [I, M, D_text]
+        # 2. reduce, then project the kept tokens only; 3. the adapter packs them per image
+        red = method.reduce(features, signals, grid)  # tokens [U, M, D], counts [U]
+        projected = adapter.project(model, red.tokens)  # [U, M, D_text]
         counts = [int(c) for c in red.counts.tolist()]  # the encoding's one host synchronisation
-        width = projected.shape[1]
-        padded = projected.new_empty((n_img, per_image, projected.shape[-1]))  # [I, N, D_text]
-        padded[:, :width] = projected
-        padded[:, width:] = float("nan")
-        if min(counts) < width:  # ragged batch: each image's rows past its own count are padding too
-            padded[:, :width].masked_fill_(~red.mask[..., None], float("nan"))
+        per_image_out, counts = adapter.pack(model, projected, red, counts, layout)
 
         self.last_reduction = red
-        self.stats.record(counts)
-        per_image_out = list(padded)
+        self.stats.record(counts, list(layout.tokens_per_image))
         self._issued = [(weakref.ref(t), c) for t, c in zip(per_image_out, counts)]
         out = adapter.image_output(per_image_out)
         return out if kwargs.get(K.RETURN_DICT, True) is not False else out.to_tuple()
 
     # ---------------------------------------------------------------- forward hook
     def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kw = self._as_kwargs(args, kwargs)
+        kw = _as_kwargs(self._signature, args, kwargs)
         key = self.adapter.image_modality
         if kw.get(K.PIXEL_VALUES) is not None:
             mm = dict(kw.get(K.MM_ENCODER_OUTPUTS) or {})
@@ -358,19 +372,6 @@ class VisionHandle(PruneHandle):
             return (), self._prefill(kw, per_image)
         return (), self._continue(kw)
 
-    def _as_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """Positional arguments of the model's forward -> keyword arguments."""
-        if not args:
-            return dict(kwargs)
-        bound = self._signature.bind_partial(*args, **kwargs)
-        kw: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                kw.update(value)
-            else:
-                kw[name] = value
-        return kw
-
     # ---------------------------------------------------------------- prefill
     def _prefill(self, kw: dict[str, Any], per_image: list[Tensor]) -> dict[str, Any]:
         """Rewrite a batch whose image features are in ``per_image`` (I tensors [n_i, D])."""
@@ -386,18 +387,14 @@ class VisionHandle(PruneHandle):
         if input_ids is None:
             raise ValueError(f"vlmprune ({self.method}): a pruned model needs input_ids with the image placeholder "
                              "tokens (inputs_embeds alone are not supported)")
-        ph = input_ids == adapter.image_token_id(model)  # [B, L] placeholder slots
+        # which image owns each placeholder slot, and the slot's position within the image's run
+        seq = adapter.sequence_layout(model, input_ids, VisualLayout(tokens_per_image=tuple(runs)))
+        ph, img, rank = seq.visual, seq.image, seq.rank  # [B, L] each
         n_ph = int(ph.sum())
         if n_ph != sum(runs):
             raise ValueError(f"Image features and image tokens do not match: {n_ph} placeholder tokens in input_ids "
                              f"for {len(runs)} image(s) of {runs[0] if len(set(runs)) == 1 else runs} tokens")
-        # which image owns each placeholder slot, and the slot's position within the image's run
-        dev = input_ids.device
-        ends = torch.tensor(runs, device=dev).cumsum(0)  # [I] exclusive run ends
-        rank = ph.flatten().long().cumsum(0).view_as(ph) - 1  # [B, L] placeholder rank in (batch, seq) order
-        img = torch.bucketize(rank.clamp(min=0), ends, right=True).clamp(max=len(runs) - 1)  # [B, L]
-        start = ends - torch.tensor(runs, device=dev)  # [I]
-        keep = ~ph | (rank - start[img] < torch.tensor(counts, device=dev)[img])  # [B, L]
+        keep = ~ph | (rank < torch.tensor(counts, device=input_ids.device)[img])  # [B, L]
 
         kw = dict(kw)
         past = _cache_len(get_cache(kw))
@@ -487,6 +484,20 @@ class VisionHandle(PruneHandle):
             return False
         head = mask[:, plan.offset:plan.offset + plan.orig_len]
         return not torch.equal(head, plan.orig_mask.to(head)) and torch.equal(head, plan.new_mask.to(head))
+
+
+def _as_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's positional arguments, bound with ``signature``, -> keyword arguments."""
+    if not args:
+        return dict(kwargs)
+    bound = signature.bind_partial(*args, **kwargs)
+    kw: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            kw.update(value)
+        else:
+            kw[name] = value
+    return kw
 
 
 def _cache_len(cache: Any) -> int:

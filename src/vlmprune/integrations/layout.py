@@ -1,0 +1,104 @@
+"""The per-sample visual layout of one prefill, as a value the family adapter produces.
+
+Both stages read their family facts from here instead of from model constants:
+
+* ``VisualUnit``: one pass of the vision tower — a whole image (LLaVA-1.5), or the base image /
+  one crop of an any-res image (LLaVA-NeXT). It says which image it belongs to, its crop index,
+  its patch grid ``(h, w)`` (the tower's output tokens, [CLS] excluded) and whether the tower's
+  sequence carries a [CLS] token (at ``cls_index``).
+* ``VisualLayout``: the units of a batch's images in tower order, each image's unpruned
+  placeholder count in the LLM sequence, and — once the prompt is known (``with_sequence``) — per
+  sample and column: whether the column is a visual placeholder, which image it belongs to and
+  its rank inside that image's run, the positions in the family's form (``[B, L]`` for Llama-style
+  rope) and the family's rotary function ``rotary(hidden, position_ids) -> (cos, sin)``.
+
+``placeholder_runs`` is the shared step that maps placeholder columns to images: image ``i`` owns
+the ``tokens_per_image[i]`` placeholders that follow image ``i - 1``'s, in (batch, sequence) order
+(the order in which transformers scatters image features into the placeholders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["VisualUnit", "VisualLayout", "placeholder_runs"]
+
+
+@dataclass(frozen=True)
+class VisualUnit:
+    """One pass of the vision tower: ``image`` index (batch order), ``crop`` (0 = the whole / base
+    image, 1.. = any-res crops in raster order), ``grid`` (h, w) of its patch tokens, ``has_cls``
+    (the tower's sequence has a [CLS] token at ``cls_index``, before the patches)."""
+
+    image: int
+    grid: tuple[int, int]
+    has_cls: bool
+    crop: int = 0
+    cls_index: int = 0
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """The visual layout of one prefill (see the module docstring).
+
+    Attributes:
+        units: every tower pass of the batch's images, in the order the tower runs them.
+        tokens_per_image: [I] unpruned placeholder count of each image in the LLM sequence.
+        visual: [B, L] bool, placeholder columns (None until ``with_sequence``).
+        image: [B, L] long, the image each placeholder column belongs to (clamped to [0, I-1] off
+            placeholders; read it where ``visual``).
+        rank: [B, L] long, each placeholder's index inside its image's run (meaningful where
+            ``visual``).
+        positions: [B, L] long position ids in the family's form, or None (the model derives them).
+        rotary: the language model's rotary function ``(hidden, position_ids) -> (cos, sin)``.
+        family_data: what the adapter needs to pack this batch's units again (its own type, e.g.
+            LLaVA-NeXT's per-image mosaics); the stages never read it.
+    """
+
+    units: tuple[VisualUnit, ...] = ()
+    tokens_per_image: tuple[int, ...] = ()
+    visual: Tensor | None = None
+    image: Tensor | None = None
+    rank: Tensor | None = None
+    positions: Tensor | None = None
+    rotary: Callable[..., Any] | None = None
+    family_data: Any = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.tokens_per_image)
+
+    def grids(self) -> list[tuple[int, int]]:
+        """(h, w) of every unit, in tower order."""
+        return [u.grid for u in self.units]
+
+    def with_sequence(self, visual: Tensor, position_ids: Tensor | None = None,
+                      rotary: Callable[..., Any] | None = None) -> "VisualLayout":
+        """This layout with its per-column part filled from the placeholder columns ``visual`` [B, L]."""
+        visual, image, rank = placeholder_runs(visual, self.tokens_per_image)
+        return replace(self, visual=visual, image=image, rank=rank, positions=position_ids, rotary=rotary)
+
+
+def placeholder_runs(visual: Tensor, tokens_per_image: tuple[int, ...] | list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """visual [B, L] bool placeholders, per-image run lengths [I] -> (visual, image [B, L], rank [B, L]).
+
+    ``image`` is the owning image of each placeholder (clamped into [0, I-1] elsewhere) and ``rank``
+    its index inside that image's run; no host synchronisation.
+    """
+    runs = torch.tensor(list(tokens_per_image), device=visual.device, dtype=torch.long)
+    if runs.numel() == 0:
+        zeros = torch.zeros(visual.shape, dtype=torch.long, device=visual.device)
+        return visual, zeros, zeros
+    ends = runs.cumsum(0)  # [I] exclusive run ends
+    order = visual.flatten().long().cumsum(0).view_as(visual) - 1  # [B, L] placeholder rank in (batch, seq) order
+    image = torch.bucketize(order.clamp(min=0), ends, right=True).clamp(max=runs.numel() - 1)  # [B, L]
+    rank = order - (ends - runs)[image]
+    return visual, image, rank
