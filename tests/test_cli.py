@@ -224,6 +224,12 @@ def test_interrupt_in_process_keeps_the_finished_methods(tiny_dir, tmp_path, mon
     assert doc["run"]["status"] == "interrupted" and [x["label"] for x in doc["results"]] == ["unpruned"]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so Python installs its handler even
+    when this test runs as a background job (which starts with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_eval_leaves_a_readable_partial_results_file(tiny_dir, tmp_path):
     js = tmp_path / "o" / "results.json"
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
@@ -231,7 +237,7 @@ def test_sigint_during_eval_leaves_a_readable_partial_results_file(tiny_dir, tmp
     p = subprocess.Popen([sys.executable, "-m", "vlmprune.cli", "eval", "-M", str(tiny_dir), "--families", "count",
                           "--n", "8", "--batch-size", "1", "--max-new-tokens", "4", "--no-progress", "--out",
                           str(tmp_path / "o"), *specs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env)
+                         env=env, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not js.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
