@@ -15,7 +15,9 @@ DEMO_SPECS: list[tuple[str, dict]] = [
     ("fastv", {}),
     ("sparsevlm", {"budget": 192}),
     ("sparsevlm", {"budget": 64}),
-]  # ATP joins once trained ATP weights ship with the testbed (`vlmprune train atp`).
+    ("atp", {"checkpoint": "testbed-144"}),  # the shipped ATP weights (paper targets 144 and 88)
+    ("atp", {"checkpoint": "testbed-88"}),
+]
 
 
 def demo_specs() -> list[tuple[str, str, dict]]:
@@ -23,5 +25,9 @@ def demo_specs() -> list[tuple[str, str, dict]]:
     from . import registry
     from .eval.harness import label_for
 
+    from .integrations.atp import shipped_checkpoints
+
     known = set(registry.method_names())
-    return [(label_for(name, opts), name, opts) for name, opts in DEMO_SPECS if name in known]
+    shipped = shipped_checkpoints()
+    return [(label_for(name, opts), name, opts) for name, opts in DEMO_SPECS
+            if name in known and (name != "atp" or opts["checkpoint"] in shipped)]

@@ -37,6 +37,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -425,10 +426,35 @@ def _load_pruner(path: str) -> A.ATPPruner:
         raise ValueError(f"atp: {path} holds incompatible ATP weights or config ({e})") from None
 
 
+#: Folder of the ATP checkpoints shipped with the package (one sub-folder per name, e.g. ``testbed-144``).
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "atp"
+
+
+def shipped_checkpoints() -> dict[str, Path]:
+    """Name -> folder of every ATP checkpoint shipped with the package (trained on the testbed)."""
+    if not SHIPPED_DIR.is_dir():
+        return {}
+    return {d.name: d for d in sorted(SHIPPED_DIR.iterdir()) if (d / A.CONFIG_NAME).is_file()}
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
+    """A checkpoint folder, or the name of a shipped one (``testbed-144``) -> its folder."""
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path):
+        return path
+    shipped = shipped_checkpoints()
+    if path in shipped:
+        return str(shipped[path])
+    names = ", ".join(shipped) or "none"
+    raise FileNotFoundError(f"atp: checkpoint directory {path!r} does not exist (train one with "
+                            f"`vlmprune train atp --out DIR`, or name a shipped one: {names})")
+
+
 def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int, ...] | list[int] | None = None,
               fixed_ratio: float | None = None, fixed_target: float | None = None) -> ATP:
     """ATP-LLaVA. ``checkpoint``: directory with ``atp_config.json`` + ``atp_weights.safetensors``
-    (written by ``vlmprune train atp``). Without it: untrained modules (initial thresholds keep every
+    (written by ``vlmprune train atp``), or the name of one shipped with the package
+    (``shipped_checkpoints()``: ``testbed-144``, ``testbed-88``, trained on the committed testbed). Without it: untrained modules (initial thresholds keep every
     token) at ``layers`` (default (2, 8, 14, 20, 26) of 32, scaled to the decoder's depth), or the
     fixed-ratio ablation: ``fixed_ratio`` (fraction of survivors each module keeps) or
     ``fixed_target`` (all-layer average visual tokens, solved for that ratio)."""
@@ -438,11 +464,7 @@ def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int,
         if given:
             raise ValueError(f"atp: {', '.join(given)} cannot be combined with checkpoint (the checkpoint's "
                              "config decides them)")
-        path = os.fspath(checkpoint)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"atp: checkpoint directory {path!r} does not exist (train one with "
-                                    "`vlmprune train atp --out DIR`)")
-        return ATP(_load_pruner(path))
+        return ATP(_load_pruner(resolve_checkpoint(checkpoint)))
     if fixed_ratio is not None and fixed_target is not None:
         raise ValueError("atp: pass only one of fixed_ratio, fixed_target")
     if fixed_ratio is not None and not (_is_real(fixed_ratio) and 0 < fixed_ratio <= 1):
