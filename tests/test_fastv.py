@@ -104,3 +104,15 @@ def test_score_all_runs_and_differs_from_last():
             m(**inputs)
             last_src = h.state.final_source.clone()
     assert all_src.shape == last_src.shape and not torch.equal(all_src, last_src)
+
+
+def test_budget_below_what_k_allows_is_a_clear_error():
+    """layers before k see all N tokens, so the all-layer average cannot go below (k N + L - k) / L."""
+    import vlmprune
+    from conftest import make_tiny_llava
+
+    model = make_tiny_llava(text_layers=4)  # N = 16 visual tokens
+    with pytest.raises(ValueError, match=r"fastv: budget=5 is below the lowest all-layer average reachable with "
+                                         r"k=2 on this 4-layer decoder \(8\.5"):
+        vlmprune.apply(model, "fastv", k=2, budget=5)
+    vlmprune.apply(model, "fastv", k=1, budget=5).remove()  # (16 + 3) / 4 = 4.75 <= 5

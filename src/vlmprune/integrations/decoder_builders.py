@@ -46,6 +46,13 @@ class FastV(DecoderMethodBase):
     def prune_layers(self, num_layers: int) -> list[int]:
         if self.k >= num_layers:
             raise ValueError(f"fastv: k={self.k} must be smaller than the decoder's {num_layers} layers")
+        n = getattr(self, "_num_tokens", None)  # set by check_budget, which attach calls first
+        if self.budget is not None and n is not None:
+            lowest = (self.k * n + (num_layers - self.k)) / num_layers  # one token kept from layer k on
+            if self.budget < lowest:
+                raise ValueError(f"fastv: budget={self.budget:g} is below the lowest all-layer average reachable "
+                                 f"with k={self.k} on this {num_layers}-layer decoder ({lowest:.1f}: layers before k "
+                                 f"see all {n} tokens); pass a smaller k or budget >= {lowest:.1f}")
         return [self.k]
 
     def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor]:
@@ -55,7 +62,9 @@ class FastV(DecoderMethodBase):
         return fv.pack_mask(view.prompt & view.valid)
 
     def check_budget(self, num_tokens: int) -> None:
-        """``count`` / ``budget`` must not exceed the model's visual tokens per image."""
+        """``count`` / ``budget`` must not exceed the model's visual tokens per image (remembered for the
+        budget's lower bound, checked in ``prune_layers`` once the decoder's depth is known)."""
+        self._num_tokens = num_tokens
         for name, value in (("count", self.count), ("budget", self.budget)):
             if value is not None and value > num_tokens:
                 raise ValueError(f"fastv: {name}={value:g} is more than the {num_tokens} visual tokens per image of "
