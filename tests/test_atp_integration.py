@@ -326,3 +326,31 @@ def test_range_term_pulls_saturated_thresholds_back_towards_the_scores(model):
     with attach_atp(model, pr2, mode="soft", tau=0.05) as handle, torch.no_grad():
         model(**inputs)
         assert all(float(t.max()) == 0.0 for t in handle.state.context.range_terms)
+
+
+def test_shipped_testbed_checkpoints_load_by_name_and_prune():
+    """testbed-144 / testbed-88 ship with the package: named by checkpoint=, they prune the testbed."""
+    from vlmprune.integrations.atp import shipped_checkpoints
+    from vlmprune.testbed import load
+
+    assert {"testbed-144", "testbed-88"} <= set(shipped_checkpoints())
+    testbed, processor = load()
+    from vlmprune.eval.data import shapesvqa_items
+    from vlmprune.eval.harness import PROMPT_TEMPLATE
+
+    items = shapesvqa_items("test", ["color", "count"], 1)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[it.image() for it in items], text=[PROMPT_TEMPLATE.format(question=it.question)
+                                                                  for it in items], padding=True, return_tensors="pt")
+    averages = {}
+    for name in ("testbed-144", "testbed-88"):
+        with torch.no_grad(), vlmprune.pruned(testbed, "atp", checkpoint=name) as h:
+            testbed(**inputs)
+            averages[name] = h.stats.visual_tokens_per_sample()
+    assert all(96 < v < 576 for vs in averages.values() for v in vs)
+    assert sum(averages["testbed-88"]) < sum(averages["testbed-144"])
+
+
+def test_unknown_checkpoint_name_lists_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match=r"does not exist .*name a shipped one: testbed-144, testbed-88"):
+        vlmprune.apply(make_tiny_llava(), "atp", checkpoint="testbed-1")

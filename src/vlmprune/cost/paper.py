@@ -2,7 +2,7 @@
 
 PruMerge (Shang et al., arXiv 2403.15388) Table 2: a roofline model of the LLaVA-1.5
 LLM decoder on a V100, computed with LLM-Viewer. Reconstruction (see
-``shared/specs/prumerge.md`` section 5 and ``docs/cost.md``): decoder only, batch 1,
+the PruMerge paper's Table 2 and ``docs/cost.md``): decoder only, batch 1,
 prefill, no FlashAttention, 2 ops per MAC, lm_head on the last token, prompt of
 700 tokens (original) vs 70 (PruMerge); "total memory" = bytes moved during prefill,
 "activation" = bytes of all activations written; INT4 = 4-bit weights, activations
@@ -184,7 +184,7 @@ ATP_PAPER = {"flops_reduction_pct": 78.1, "kv_reduction_pct": 75.0, "cuda_time_r
              "avg_visual_tokens": 144, "full_visual_tokens": 576}
 
 # A front-loaded per-layer schedule with ATP's default module positions (after layers
-# 2, 8, 14, 20, 26 of 32; shared/specs/atp.md section 1) whose all-layer average is
+# 2, 8, 14, 20, 26 of 32, as in the ATP-LLaVA paper) whose all-layer average is
 # exactly 144 visual tokens: 3x576, 6x248, 6x124, 6x62, 6x31, 5x18.
 ATP_SCHEDULE_144: tuple[int, ...] = (
     (576,) * 3 + (248,) * 6 + (124,) * 6 + (62,) * 6 + (31,) * 6 + (18,) * 5)

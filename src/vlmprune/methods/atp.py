@@ -2,7 +2,7 @@
 
 Model-agnostic tensor code (torch only). The decoder-stage machinery (``integrations/decoder.py``)
 computes head-averaged, post-softmax attention rows after a pruning layer and calls in here; this
-file never sees a model. Design: ``shared/specs/atp.md``; every choice the spec leaves open is a
+file never sees a model. Design: the ATP-LLaVA paper; every choice it leaves open is a
 config option of ``ATPConfig`` and is written down where it is implemented.
 
 Flow at a module sitting after decoder layer ``l`` (0-indexed)::

@@ -1,4 +1,4 @@
-"""The testbed's acceptance checks (see ``shared/specs/testbed.md``):
+"""The testbed's acceptance checks (``docs/testbed.md``):
 
 * unpruned accuracy per family on the test split;
 * accuracy with blank images (should fall to about chance);

@@ -1,6 +1,6 @@
 """``vlmprune train atp``: train ATP-LLaVA's threshold modules inside a LLaVA model, with ``accelerate``.
 
-What one step does (design: ``shared/specs/atp.md`` §5-6; machinery: ``integrations/atp.py``):
+What one step does (the paper's training objective; machinery: ``integrations/atp.py``):
 
 1. build a batch of ShapesVQA training conversations (scenes generated from step-indexed seeds,
    the testbed's prompt template; loss on the answer tokens only; right padding), together with
