@@ -27,7 +27,7 @@ def apply(model: Any, method: str, **options: Any):
     """Prune ``model`` in place with ``method``; returns a handle (``.stats``, ``.remove()``).
 
     ``model`` is a transformers vision-language model of a supported family (LLaVA-1.5,
-    LLaVA-NeXT). ``method`` is a name or a spec string ``"NAME:key=value,..."``
+    LLaVA-NeXT, Qwen2-VL; ``list_methods()`` says which method runs on which). ``method`` is a name or a spec string ``"NAME:key=value,..."``
     (``vlmprune.registry.SPEC_GRAMMAR``; keyword ``options`` override the spec's). ``options`` are
     the method's, plus the model family's own (``ModelAdapter.family_options``, e.g. LLaVA-NeXT's
     ``newlines="keep" | "rows"``). Pruning stays active until ``handle.remove()``, which restores the model

@@ -48,7 +48,8 @@ __all__ = [
 HANDLE_ATTR = "_vlmprune_handle"
 
 #: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
-_ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next")
+_ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next",
+                    "vlmprune.integrations.qwen2_vl")
 
 
 class UnsupportedModelError(ValueError):
@@ -115,6 +116,9 @@ class ModelAdapter:
     #: Names of the family's own options, which ``vlmprune.apply`` accepts next to the method's
     #: (``configure``); e.g. LLaVA-NeXT's ``newlines``.
     family_options: tuple[str, ...] = ()
+    #: Whether a decoder-stage method may renumber positions contiguously (``positions="compact"``);
+    #: when False the decoder stage keeps every survivor's original positions.
+    compact_positions: bool = True
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:
@@ -228,6 +232,27 @@ class ModelAdapter:
     def rotary(self, model: Any) -> Any:
         """The language model's rotary function ``(hidden, position_ids) -> (cos, sin)``, or None."""
         return getattr(self.get_language_model(model), "rotary_emb", None)
+
+    def lm_positions(self, position_ids: Tensor | None, bsz: int, length: int, device: Any) -> Tensor:
+        """The ``position_ids`` a language-model forward received -> the family's form, here
+        [B, L] long (Llama-style rope); None -> 0..L-1 (what the model derives on an empty cache)."""
+        if position_ids is None:
+            return torch.arange(length, device=device)[None, :].expand(bsz, length)
+        return position_ids.to(device).expand(bsz, length)
+
+    def layer_position_ids(self, positions: Tensor) -> Tensor | None:
+        """What a decoder layer receives as ``position_ids`` for ``positions`` in the family's form
+        (here the same [B, L] tensor)."""
+        return positions
+
+    def lm_layout(self, model: Any, visual: Tensor, position_ids: Tensor | None = None,
+                  rotary: Any = None) -> VisualLayout:
+        """The decoder stage's layout of one prefill: the visual columns ``visual`` [B, L] bool,
+        the positions in the family's form (``lm_positions`` of the language model's
+        ``position_ids``) and the rotary function (``rotary``, default ``self.rotary(model)``)."""
+        bsz, length = visual.shape
+        positions = self.lm_positions(position_ids, bsz, length, visual.device)
+        return VisualLayout().with_sequence(visual, positions, rotary if rotary is not None else self.rotary(model))
 
     def visual_columns(self, model: Any, input_ids: Tensor) -> Tensor:
         """input_ids [B, L] -> [B, L] bool, the columns holding visual placeholders."""

@@ -74,6 +74,21 @@ Assumptions, each with the test that guards it:
     (``anyres_crops``, ``unpad_window``). Guarded by
     ``test_llava_next.py::test_keep_all_gives_identical_logits_and_tokens`` and
     ``::test_layout_counts_match_stock_packing``.
+11. **Qwen2-VL M-RoPE** (``models/qwen2_vl/modeling_qwen2_vl.py``): the base model computes
+    ``position_ids`` [3, B, L] with ``get_rope_index(input_ids, mm_token_type_ids,
+    image_grid_thw, video_grid_thw, attention_mask)`` (vision tokens at (t, h, w) offsets, text
+    continuing after the largest vision position) and stores ``rope_deltas`` [B, 1] (max position
+    + 1 - unpadded length); ``generate`` passes [4, B, L] (row 0 the 1-D text positions) and
+    extends every row by one per step, so decoding continues after the unpruned maximum position
+    whatever the cache holds; a forward without ``position_ids`` on a filled cache uses layer 0's
+    cache length (or the mask's cumsum) + ``rope_deltas``. The language model's ``rotary_emb(x,
+    position_ids [3, B, L])`` returns (cos, sin) [B, L, Dh] (the ``mrope_section`` axes already
+    interleaved), which the attention applies with Llama's rotate-half (so ``attention_rows`` and
+    the cached keys need nothing else); decoder layers receive ``position_ids`` = the text row or
+    None, read by flash attention only (``mrope_positions``). Guarded by
+    ``test_qwen2_vl.py::test_survivors_keep_their_get_rope_index_positions``,
+    ``::test_fastv_k0_equals_stock_model_on_prepruned_sequence`` and
+    ``test_compat.py::test_qwen2_vl_rotary_is_llama_rotate_half``.
 """
 
 from __future__ import annotations
@@ -84,7 +99,8 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
-           "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window"]
+           "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
+           "mrope_positions"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -201,3 +217,22 @@ def unpad_window(height: int, width: int, image_size: Any) -> Any:
 
     grid = torch.arange(height * width).view(1, height, width)
     return unpad_image(grid, [int(x) for x in image_size])[0]
+
+
+def mrope_positions(position_ids: Any, bsz: int, length: int, device: Any) -> Any:
+    """The ``position_ids`` a Qwen2-VL language model received -> M-RoPE [3, B, L] long (assumption 11).
+
+    ``Qwen2VLTextModel.forward`` takes [3, B, L] (temporal, height, width), [4, B, L] (``generate``:
+    row 0 the text positions for the mask, rows 1-3 the M-RoPE ones), [1, B, L] or [B, L] (one
+    position for all three axes), or None (0..L-1 on an empty cache).
+    """
+    import torch
+
+    if position_ids is None:
+        return torch.arange(length, device=device).view(1, 1, length).expand(3, bsz, length)
+    pos = position_ids.to(device)
+    if pos.dim() == 2:
+        pos = pos[None]
+    if pos.shape[0] == 4:
+        pos = pos[1:]
+    return pos.expand(3, bsz, length)

@@ -1,0 +1,207 @@
+"""Qwen2-VL on a tiny random model: the decoder-stage guarantees with M-RoPE positions.
+
+keep-all == stock logits and tokens; FastV at layer 0 == the stock model fed the survivors with
+their own 3-D positions; survivors' positions == ``get_rope_index``'s; decoding continues after
+the unpruned maximum position; a ragged batch (different image sizes, so different token
+counts) == single samples; cached generate == uncached; remove() restores exactly; sdpa stays on;
+methods that cannot run yet fail with one clear line.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vlmprune
+from conftest import EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, make_qwen_inputs, make_tiny_qwen2_vl, qwen_row
+from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
+
+# patch grids (h, w) per sample: 4, 6, 2 and 9 merged tokens
+GRIDS = [(4, 4), (4, 6), (2, 4), (6, 6)]
+PREFIX, SUFFIX = (3, 1, 2, 4), (2, 5, 1, 3)
+# a random model may emit the placeholder ids (an uncached step would then see an image token too
+# many) or EOS (a single sample would stop before its batch row)
+GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, EOS_ID])
+ATOL = 2e-5
+DECODER = [("fastv", {"k": 1, "count": 2}), ("fastv", {"k": 2, "drop_ratio": 0.5}), ("sparsevlm", {})]
+
+
+def _hooks(model) -> dict[str, tuple[int, int]]:
+    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = make_tiny_qwen2_vl()
+    with torch.no_grad():  # transformers adds its own output-recording hooks on the first call
+        m.generate(**_inputs(n=1), max_new_tokens=2, do_sample=False)
+    m._test_stock_hooks = _hooks(m)
+    return m
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def _inputs(n=4, seed=1):
+    return make_qwen_inputs(GRIDS[:n], PREFIX[:n], SUFFIX[:n], seed=seed)
+
+
+def _is_stock(model) -> bool:
+    return getattr(model, HANDLE_ATTR, None) is None and _hooks(model) == model._test_stock_hooks
+
+
+def _rope_index(model, inputs):
+    pos, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                             inputs["image_grid_thw"], None, inputs["attention_mask"])
+    return pos, deltas  # [3, B, L], [B, 1]
+
+
+def test_adapter_and_layout(model):
+    adapter = get_adapter(model)
+    assert adapter.family == "qwen2-vl" and adapter.fixed_image_tokens(model) is None
+    inputs = _inputs()
+    visual = adapter.visual_columns(model, inputs["input_ids"])
+    assert visual.sum(1).tolist() == [h * w // 4 for h, w in GRIDS]
+    pos, _ = _rope_index(model, inputs)
+    layout = adapter.lm_layout(model, visual, torch.cat([pos[:1], pos]))  # generate's [4, B, L] form
+    assert torch.equal(layout.positions, pos) and layout.rotary is model.model.language_model.rotary_emb
+    assert torch.equal(adapter.lm_layout(model, visual).positions,
+                       torch.arange(visual.shape[1]).expand(3, 4, -1))
+
+
+def test_keep_all_gives_identical_logits_and_tokens(model):
+    inputs = _inputs()
+    ref = model(**inputs).logits
+    ref_gen = model.generate(**inputs, **GEN)
+    with vlmprune.pruned(model, "fastv", k=1, drop_ratio=0.0) as handle:
+        assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(model.generate(**inputs, **GEN), ref_gen)
+        assert handle.stats.visual_per_layer[0] == [4] * 4
+    assert _is_stock(model)
+
+
+def test_fastv_k0_equals_stock_model_on_prepruned_sequence(model):
+    """FastV at layer 0 == the untouched model fed only the survivors, each with its own 3-D
+    position from get_rope_index (gaps included)."""
+    inputs = _inputs()
+    seen = {}
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.update(x=k["inputs_embeds"]), with_kwargs=True)
+    model(**inputs)
+    hook.remove()
+    with vlmprune.pruned(model, "fastv", k=0, count=2) as h:
+        out = model(**inputs).logits
+        src = h.state.final_source.clone()
+    valid = src >= 0
+    idx = src.clamp(min=0)
+    x = seen["x"].gather(1, idx[:, :, None].expand(-1, -1, seen["x"].shape[-1]))
+    pos, _ = _rope_index(model, inputs)
+    pos = pos.gather(2, idx[None].expand(3, -1, -1))
+    ref = model(inputs_embeds=x, attention_mask=valid.long(), position_ids=pos).logits
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method,options", DECODER)
+def test_survivors_keep_their_get_rope_index_positions(model, method, options):
+    """Every pruned layout's positions are the survivors' own [3, B, L] positions from the
+    model's get_rope_index, its rotary tables are the rotary of those positions, and decoding
+    continues after each sample's unpruned maximum position."""
+    inputs = _inputs()
+    full, deltas = _rope_index(model, inputs)
+    seen = []
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True)
+    try:
+        with vlmprune.pruned(model, method, **options) as h:
+            model.generate(**inputs, **GEN)
+            pruned = [seg for seg in h.state.segments if not seg.identity]
+            assert pruned and h.positions == "original"
+            for seg in pruned:
+                ok = seg.valid & ~seg.recycled
+                expect = full.gather(2, seg.source.clamp(min=0)[None].expand(3, -1, -1))
+                assert seg.positions.shape[0] == 3
+                assert torch.equal(seg.positions[:, ok], expect[:, ok])
+                cos, sin = lm.rotary_emb(torch.zeros(1, 1, 1), position_ids=seg.positions)
+                assert torch.equal(seg.pos_emb[0].expand_as(cos), cos) and torch.equal(seg.pos_emb[1].expand_as(sin), sin)
+    finally:
+        hook.remove()
+    top = full.amax((0, 2))  # [B] unpruned maximum position of each sample
+    unpadded = inputs["attention_mask"].sum(1)
+    assert torch.equal(top + 1, unpadded + deltas[:, 0])
+    for step, pos in enumerate(seen[1:]):  # decode steps: [4, B, 1] from generate
+        assert torch.equal(pos[1:, :, -1], (top + 1 + step).expand(3, -1))
+
+
+@pytest.mark.parametrize("method,options", DECODER)
+def test_ragged_batch_equals_single_samples(model, method, options):
+    inputs = _inputs()
+    width = inputs["input_ids"].shape[1]
+    with vlmprune.pruned(model, method, **options) as handle:
+        out = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
+        batch_counts = handle.stats.visual_tokens_per_sample()
+        assert len(set(batch_counts)) > 1, batch_counts
+        for b in range(len(GRIDS)):
+            single = qwen_row(inputs, b)
+            one = model.generate(**single, **GEN, return_dict_in_generate=True, output_logits=True)
+            assert handle.stats.visual_tokens_per_sample() == [batch_counts[b]]
+            assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
+            for step_b, step_1 in zip(out.logits, one.logits):
+                torch.testing.assert_close(step_1[0], step_b[b], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,options", DECODER)
+def test_cached_generate_equals_uncached(model, method, options):
+    inputs = _inputs(n=3, seed=2)
+    with vlmprune.pruned(model, method, **options) as h:
+        cached = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
+        before = h.stats.prefills
+        uncached = model.generate(**inputs, **GEN, use_cache=False, return_dict_in_generate=True, output_logits=True)
+        assert h.stats.prefills - before == GEN["max_new_tokens"]  # re-pruned at every step
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm"])
+def test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch):
+    inputs = _inputs()
+    state = copy.deepcopy(model.state_dict())
+    ref = model(**inputs).logits
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(**inputs)
+    n_ref = len(calls)
+    impl = lambda: (model.config._attn_implementation, model.config.text_config._attn_implementation,  # noqa: E731
+                    model.config.vision_config._attn_implementation)
+    assert impl() == ("sdpa",) * 3
+    handle = vlmprune.apply(model, method)
+    calls.clear()
+    assert model(**inputs).logits.shape[1] < ref.shape[1]
+    assert len(calls) == n_ref  # every attention still runs sdpa, once
+    model.generate(**inputs, **GEN)
+    assert impl() == ("sdpa",) * 3
+    handle.remove()
+    handle.remove()  # idempotent
+    assert _is_stock(model) and impl() == ("sdpa",) * 3
+    assert torch.equal(model(**inputs).logits, ref)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("method,options", [("prumerge", {}), ("atp", {"fixed_ratio": 0.5})])
+def test_unsupported_method_is_one_clear_line(model, method, options):
+    with pytest.raises(ValueError, match=rf"^method '{method}' cannot run on qwen2-vl models yet: ") as err:
+        vlmprune.apply(model, method, **options)
+    assert "\n" not in str(err.value)
+    assert _is_stock(model)
+
+
+def test_support_listed():
+    listed = {m["name"]: m["families"] for m in vlmprune.list_methods()}
+    assert listed["fastv"]["qwen2-vl"] == "yes" and listed["sparsevlm"]["qwen2-vl"] == "yes"
+    assert listed["atp"]["qwen2-vl"].startswith("ATP's modules")
