@@ -18,8 +18,8 @@ import vlmprune
 from conftest import EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, make_qwen_inputs, make_tiny_qwen2_vl, qwen_row
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
-# patch grids (h, w) per sample: 4, 6, 2 and 9 merged tokens
-GRIDS = [(4, 4), (4, 6), (2, 4), (6, 6)]
+# patch grids (h, w) per sample: 4, 6, 8 and 9 merged tokens (the processor's smallest image has 4)
+GRIDS = [(4, 4), (4, 6), (8, 4), (6, 6)]
 PREFIX, SUFFIX = (3, 1, 2, 4), (2, 5, 1, 3)
 # a random model may emit the placeholder ids (an uncached step would then see an image token too
 # many) or EOS (a single sample would stop before its batch row)
@@ -72,6 +72,16 @@ def test_adapter_and_layout(model):
     assert torch.equal(layout.positions, pos) and layout.rotary is model.model.language_model.rotary_emb
     assert torch.equal(adapter.lm_layout(model, visual).positions,
                        torch.arange(visual.shape[1]).expand(3, 4, -1))
+    # one unit per image on the merged grid; merged token j sits at (j // w', j % w') of it, which
+    # is where get_rope_index puts the j-th placeholder of the image
+    units = adapter.image_layout(model, inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    assert [u.grid for u in units.units] == [(h // 2, w // 2) for h, w in GRIDS]
+    assert list(units.tokens_per_image) == [h * w // 4 for h, w in GRIDS] and not any(u.has_cls for u in units.units)
+    for b, u in enumerate(units.units):
+        cols = torch.nonzero(inputs["input_ids"][b] == IMAGE_TOKEN_ID).flatten()
+        p = pos[:, b, cols] - pos[:, b, cols[:1]]
+        j = torch.arange(u.num_patches)
+        assert torch.equal(p, torch.stack([torch.zeros_like(j), j // u.grid[1], j % u.grid[1]]))
 
 
 def test_keep_all_gives_identical_logits_and_tokens(model):
@@ -81,7 +91,7 @@ def test_keep_all_gives_identical_logits_and_tokens(model):
     with vlmprune.pruned(model, "fastv", k=1, drop_ratio=0.0) as handle:
         assert torch.equal(model(**inputs).logits, ref)
         assert torch.equal(model.generate(**inputs, **GEN), ref_gen)
-        assert handle.stats.visual_per_layer[0] == [4] * 4
+        assert handle.stats.visual_per_layer[0] == [4] * 4  # 4 decoder layers, 4 visual tokens
     assert _is_stock(model)
 
 
@@ -191,6 +201,106 @@ def test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch):
     assert _is_stock(model) and impl() == ("sdpa",) * 3
     assert torch.equal(model(**inputs).logits, ref)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+# ------------------------------------------------------------------------------------------ vision stage
+
+VISION = [("random", {"keep": 0.5, "seed": 2}), ("sequential", {"keep": 0.5}), ("spatial", {"keep": 0.5})]
+
+
+def _lm_inputs(model, inputs, **kw):
+    """What the language model received in a forward of ``inputs``: inputs_embeds, position_ids."""
+    seen = {}
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        out = model(**inputs, **kw)
+    finally:
+        hook.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("method", ["sequential", "random", "spatial"])
+def test_vision_keep_all_gives_identical_logits_and_tokens(model, method):
+    inputs = _inputs()
+    ref = model(**inputs).logits
+    ref_gen = model.generate(**inputs, **GEN)
+    with vlmprune.pruned(model, method, keep=1.0) as handle:
+        assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(model.generate(**inputs, **GEN), ref_gen)
+        assert handle.stats.last_kept == [h * w // 4 for h, w in GRIDS] and handle.stats.mean_kept_ratio == 1.0
+    assert _is_stock(model)
+
+
+@pytest.mark.parametrize("method,options", VISION)
+def test_vision_survivors_keep_their_positions(model, method, options):
+    """One decision per merged token: the LLM gets exactly the stock merged tokens of the kept
+    grid cells, each at its own placeholder with its own get_rope_index position, so the pruned
+    forward == the stock language model fed those columns with their original 3-D positions."""
+    inputs = _inputs()
+    _, stock = _lm_inputs(model, inputs)
+    full, _ = _rope_index(model, inputs)
+    with vlmprune.pruned(model, method, **options) as handle:
+        out, seen = _lm_inputs(model, inputs)
+        plan, red = handle.plan, handle.last_reduction
+    src = plan.src
+    valid = src >= 0
+    idx = src.clamp(min=0)
+    assert torch.equal(seen["position_ids"], full.gather(2, idx[None].expand(3, -1, -1)).masked_fill(~valid, 0))
+    x = stock["inputs_embeds"].gather(1, idx[:, :, None].expand(-1, -1, stock["inputs_embeds"].shape[-1]))
+    torch.testing.assert_close(seen["inputs_embeds"][valid], x[valid], atol=0, rtol=0)
+    ids = inputs["input_ids"]
+    for b, (h, w) in enumerate(GRIDS):  # the kept placeholders are the kept cells of the merged grid
+        run = torch.nonzero(ids[b] == IMAGE_TOKEN_ID).flatten()
+        kept = torch.isin(run, src[b])
+        assert torch.equal(torch.nonzero(kept).flatten(), red.indices[b, :red.counts[b]].sort().values)
+    ref = model(inputs_embeds=x, attention_mask=plan.new_mask, position_ids=seen["position_ids"]).logits
+    torch.testing.assert_close(out.logits[valid], ref[valid], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method,options", VISION)
+def test_vision_ragged_batch_equals_single_samples(model, method, options):
+    test_ragged_batch_equals_single_samples(model, method, options)
+
+
+@pytest.mark.parametrize("method,options", VISION)
+def test_vision_cached_generate_equals_uncached(model, method, options):
+    inputs = _inputs(n=3, seed=2)
+    with vlmprune.pruned(model, method, **options):
+        cached = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
+        uncached = model.generate(**inputs, **GEN, use_cache=False, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=ATOL, rtol=0)
+
+
+def test_vision_manual_decoding_continues_after_the_unpruned_positions(model):
+    """A forward loop without position_ids (the model derives them from its cache length and
+    rope_deltas) gives generate()'s logits: decoding continues after the unpruned maximum
+    position. (Without a mask: with one, the stock Qwen2-VL forward derives positions for the
+    whole mask, not for the new tokens, and needs position_ids from the caller.)"""
+    single = qwen_row(_inputs(), 3)
+    del single["attention_mask"]
+    with vlmprune.pruned(model, "spatial", keep=0.5) as handle:
+        gen = model.generate(**single, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True, suppress_tokens=GEN["suppress_tokens"])
+        out = model(**single, use_cache=True)
+        assert handle.plan.shrink > 0
+        cache = out.cache
+        torch.testing.assert_close(out.logits[:, -1], gen.logits[0], atol=ATOL, rtol=0)
+        width = single["input_ids"].shape[1]
+        for step in range(1, 3):
+            token = gen.sequences[:, width + step - 1:width + step]
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache = out.cache
+            torch.testing.assert_close(out.logits[:, -1], gen.logits[step], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["spatial"])
+def test_vision_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch):
+    test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------ refusals
 
 
 @pytest.mark.parametrize("method,options", [("prumerge", {}), ("atp", {"fixed_ratio": 0.5})])

@@ -119,6 +119,12 @@ class ModelAdapter:
     #: Whether a decoder-stage method may renumber positions contiguously (``positions="compact"``);
     #: when False the decoder stage keeps every survivor's original positions.
     compact_positions: bool = True
+    #: Keywords of ``image_features_method`` beyond the pixels that describe the images' geometry
+    #: (e.g. Qwen2-VL's ``image_grid_thw``); the vision stage passes them to ``image_layout``.
+    image_geometry: tuple[str, ...] = ()
+    #: Per-token [B, L] keywords of the model's forward that the vision stage's rewrite compacts
+    #: with ``input_ids`` (e.g. Qwen2-VL's ``mm_token_type_ids``).
+    sequence_inputs: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:
@@ -265,9 +271,10 @@ class ModelAdapter:
         return layout.with_sequence(self.visual_columns(model, input_ids), position_ids, self.rotary(model))
 
     def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
-                     strategy: str | None = None) -> VisualLayout:
+                     strategy: str | None = None, **geometry: Any) -> VisualLayout:
         """The tower passes of ``pixel_values`` [I, 3, H, W]: one unit per image, every image with
-        ``tokens_per_image`` placeholders (LLaVA-1.5's rule). ``image_sizes`` is refused."""
+        ``tokens_per_image`` placeholders (LLaVA-1.5's rule). ``image_sizes`` is refused;
+        ``geometry`` holds the family's ``image_geometry`` keywords (none here)."""
         if image_sizes is not None:
             raise ValueError(f"vlmprune: image_sizes (variable-resolution towers) is not supported by the "
                              f"{self.family} adapter")
@@ -333,6 +340,37 @@ class ModelAdapter:
         if min(counts) < width:  # ragged batch: each image's rows past its own count are padding too
             padded[:, :width].masked_fill_(~reduction.mask[..., None], float("nan"))
         return list(padded), counts
+
+    def encode_with_signals(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
+                            layout: VisualLayout) -> tuple[Tensor, Any]:
+        """``encode`` plus the importance signals the [CLS]-based methods read
+        (``vision.VisionSignals``: cls_attn [U, N], keys [U, N, C]): here the [CLS] row of the last
+        encoder layer's attention, from hooks on its q / k projections."""
+        from .vision import capture_signals, signals_from_qk
+
+        with capture_signals(self, model) as store:
+            features = self.encode(model, pixel_values, layer, strategy, layout)
+        return features, signals_from_qk(store["q_cls"], store["k"], self.cls_index)
+
+    def pack_slots(self, model: Any, projected: Tensor, reduction: Any, counts: list[int],
+                   layout: VisualLayout) -> tuple[list[Tensor], list[int], list[Tensor | None]]:
+        """``pack`` plus each image's kept placeholder slots: None = its first ``counts[i]``
+        (the kept tokens take the first placeholders), else [counts[i]] long row indices of its
+        finite rows (``vision.image_token_slots``)."""
+        per_image, counts = self.pack(model, projected, reduction, counts, layout)
+        return per_image, counts, [None] * len(per_image)
+
+    def prompt_positions(self, model: Any, kwargs: dict[str, Any]) -> Tensor | None:
+        """The position ids of the unpruned prompt in the forward's ``kwargs``, in the forward's own
+        form, for families whose survivors keep their positions (``compact_positions`` False);
+        None: the model derives them."""
+        return None
+
+    def after_rewrite(self, model: Any, plan: Any, positions: Tensor | None = None) -> None:
+        """Called once the vision stage rewrote a prefill (``vision.Plan``: what it deleted;
+        ``positions``: the unpruned prompt's, in the forward's form, or None), for state the family
+        keeps across calls (e.g. Qwen2-VL's ``rope_deltas``). Nothing here."""
+        return None
 
     def project(self, model: Any, features: Tensor) -> Tensor:
         """Pre-projector features [B, M, D] -> LLM-space tokens [B, M, D_text]."""

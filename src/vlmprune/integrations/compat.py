@@ -89,6 +89,14 @@ Assumptions, each with the test that guards it:
     ``test_qwen2_vl.py::test_survivors_keep_their_get_rope_index_positions``,
     ``::test_fastv_k0_equals_stock_model_on_prepruned_sequence`` and
     ``test_compat.py::test_qwen2_vl_rotary_is_llama_rotate_half``.
+12. **Qwen2-VL vision tower** (same file): ``model.visual(pixel_values, grid_thw=image_grid_thw)``
+    returns ``pooler_output`` [sum t*h*w/4, D_text], the ``PatchMerger`` output (already in LLM
+    space), image after image, each in raster order of its merged (h/2, w/2) grid — the order of
+    ``get_rope_index``'s vision positions and of the image's placeholders; ``get_image_features``
+    splits it per image into ``pooler_output`` and the forward scatters the concatenation into the
+    placeholders in order (``qwen_vision_tokens``, ``qwen_rope_index``). Guarded by
+    ``test_qwen2_vl.py::test_vision_keep_all_gives_identical_logits_and_tokens`` and
+    ``::test_vision_survivors_keep_their_positions``.
 """
 
 from __future__ import annotations
@@ -100,7 +108,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
            "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
-           "mrope_positions"]
+           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -236,3 +244,18 @@ def mrope_positions(position_ids: Any, bsz: int, length: int, device: Any) -> An
     if pos.shape[0] == 4:
         pos = pos[1:]
     return pos.expand(3, bsz, length)
+
+
+def qwen_rope_index(base: Any, input_ids: Any, mm_token_type_ids: Any, image_grid_thw: Any, video_grid_thw: Any,
+                    attention_mask: Any) -> tuple[Any, Any]:
+    """Qwen2-VL's own M-RoPE positions of a prompt: (position_ids [3, B, L], rope_deltas [B, 1])
+    from ``Qwen2VLModel.get_rope_index`` (assumption 11)."""
+    return base.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask)
+
+
+def qwen_vision_tokens(visual: Any, pixel_values: Any, grid_thw: Any) -> Any:
+    """Qwen2-VL's vision tower, merger included: pixel_values [sum patches, C*T*P*P], grid_thw
+    [I, 3] -> merged tokens [sum t*h*w/m^2, D_text], image by image, each in the raster order of
+    its merged (t*h/m, w/m) grid (assumption 12)."""
+    out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw, return_dict=True)
+    return out.pooler_output

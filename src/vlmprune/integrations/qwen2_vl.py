@@ -31,8 +31,21 @@ contiguous renumbering has no meaning for M-RoPE, so SparseVLM's ``positions="co
 LLaVA default) runs as ``"original"`` here (``handle.positions`` says which rule is in force);
 recycled tokens get the rounded mean of their members' positions, per axis.
 
-Not yet: vision-stage methods (they must select after the merger, one decision per merged token)
-and ATP; ``vlmprune.apply`` refuses them with the reason (``unsupported_methods``).
+**Vision stage, after the merger.** One ``VisualUnit`` per image with the *merged* grid
+(h / 2, w / 2) (``image_layout`` from ``image_grid_thw``); ``encode`` runs the whole tower,
+merger included (``compat.qwen_vision_tokens``), so a method makes one decision per merged LLM
+token (selecting inside the ViT, before the merger, would merge non-neighbours) and
+``project`` is the identity. Images of different sizes are reduced grid by grid. ``pack`` puts
+each kept token at its own placeholder slot (its merged-grid index), so every survivor keeps its
+own 3-D position: the prefill's positions are the unpruned prompt's ``get_rope_index``
+(``prompt_positions``), gathered with the survivors, and ``rope_deltas`` is raised by the
+deleted count (``after_rewrite``) so a forward that derives decode positions from the mask
+continues after the unpruned maximum position, as ``generate`` does. Budgets: a ratio ``keep``
+is per image; an int ``keep`` must not exceed any image's merged tokens (budgets are validated on
+a 16 x 16 merged grid, a 448 px image). The sampling baselines (random, sequential, spatial on the
+merged grid) run; [CLS]-based methods need the substitute score below.
+
+Not yet: ATP; ``vlmprune.apply`` refuses it with the reason (``unsupported_methods``).
 """
 
 from __future__ import annotations
@@ -40,15 +53,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .base import ModelAdapter, register_adapter
-from .compat import mrope_positions
+from .compat import K, mrope_positions, qwen_rope_index, qwen_vision_tokens
+from .layout import VisualLayout, VisualUnit
 
 __all__ = ["Qwen2VLAdapter", "QWEN2_VL"]
 
-_VISION_LATER = ("vision-stage selection after Qwen2-VL's 2x2 merger is not implemented yet; use a "
-                 "decoder-stage method (fastv, sparsevlm)")
+_VISION_LATER = ("Qwen2-VL has no [CLS] token and its substitute importance score is not implemented yet; "
+                 "use random, sequential, spatial or a decoder-stage method (fastv, sparsevlm)")
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,11 @@ class Qwen2VLAdapter(ModelAdapter):
     #: (12845056 = 16384 merged 28 x 28 px cells); the model config does not bound it.
     max_image_tokens: int = 16384
     compact_positions: bool = False
+    image_geometry: tuple[str, ...] = ("image_grid_thw",)
+    sequence_inputs: tuple[str, ...] = ("mm_token_type_ids",)
+    merge_field: str = "spatial_merge_size"
+    #: The merged grid budgets are validated on at ``apply`` (a 448 x 448 image).
+    reference_grid: tuple[int, int] = (16, 16)
 
     def tower_has_cls(self, model: Any) -> bool:
         return False
@@ -73,6 +93,20 @@ class Qwen2VLAdapter(ModelAdapter):
     def budget_tokens(self, model: Any, stage: str) -> int:
         return self.max_image_tokens
 
+    # ------------------------------------------------------------ config knowledge
+    def vision_feature_layer(self, model: Any) -> int:
+        return -1  # the merger's output; Qwen2-VL has no feature-layer choice
+
+    def select_strategy(self, model: Any) -> str:
+        return "full"  # no [CLS] to drop
+
+    def patch_grid(self, model: Any) -> tuple[int, int]:
+        """The reference merged grid (budgets are validated on it; images have their own)."""
+        return self.reference_grid
+
+    def merge_size(self, model: Any) -> int:
+        return int(getattr(self.vision_config(model), self.merge_field))
+
     def video_token_id(self, model: Any) -> int | None:
         value = getattr(self.config(model), self.video_token_id_field, None)
         return None if value is None else int(value)
@@ -82,6 +116,90 @@ class Qwen2VLAdapter(ModelAdapter):
         visual = input_ids == self.image_token_id(model)
         video = self.video_token_id(model)
         return visual if video is None else visual | (input_ids == video)
+
+    def sequence_layout(self, model: Any, input_ids: Tensor, layout: VisualLayout,
+                        position_ids: Tensor | None = None) -> VisualLayout:
+        """As the base rule, with image placeholders only (the vision stage reduces images)."""
+        return layout.with_sequence(input_ids == self.image_token_id(model), position_ids, self.rotary(model))
+
+    # ------------------------------------------------------------ vision stage
+    def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
+                     strategy: str | None = None, image_grid_thw: Tensor | None = None,
+                     **geometry: Any) -> VisualLayout:
+        """One unit per image of ``image_grid_thw`` [I, 3] (t, h, w) patches: the merged grid
+        (t * h / m, w / m) (m = ``spatial_merge_size``), t * h * w / m^2 placeholders.
+        ``family_data`` is ``image_grid_thw``."""
+        if image_grid_thw is None:
+            raise ValueError("vlmprune: Qwen2-VL needs image_grid_thw (the processor returns it)")
+        m = self.merge_size(model)
+        units, counts = [], []
+        for i, (t, h, w) in enumerate(image_grid_thw.tolist()):
+            units.append(VisualUnit(image=i, grid=(t * h // m, w // m), has_cls=False))
+            counts.append(t * h * w // (m * m))
+        return VisualLayout(units=tuple(units), tokens_per_image=tuple(counts), family_data=image_grid_thw)
+
+    def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
+               layout: VisualLayout | None = None) -> Tensor:
+        """pixel_values [sum patches, C*2*14*14] -> merged tokens [U, N_max, D_text] (already in
+        LLM space; unit u's first h_u * w_u rows are its tokens in merged-grid raster order, zeros
+        after)."""
+        tokens = qwen_vision_tokens(self.get_vision_tower(model), pixel_values, layout.family_data)
+        per_unit = torch.split(tokens, list(layout.tokens_per_image))
+        return torch.nn.utils.rnn.pad_sequence(list(per_unit), batch_first=True)
+
+    def project(self, model: Any, features: Tensor) -> Tensor:
+        """The identity: the merger inside ``visual`` already projected the tokens."""
+        return features
+
+    def pack(self, model: Any, projected: Tensor, reduction: Any, counts: list[int],
+             layout: VisualLayout) -> tuple[list[Tensor], list[int]]:
+        per_image, counts, _ = self.pack_slots(model, projected, reduction, counts, layout)
+        return per_image, counts
+
+    def pack_slots(self, model: Any, projected: Tensor, reduction: Any, counts: list[int],
+                   layout: VisualLayout) -> tuple[list[Tensor], list[int], list[Tensor | None]]:
+        """Each kept token at its own placeholder slot: image i's tensor is [n_i, D_text], NaN
+        except at the merged-grid indices of its kept tokens. PruMerge's extra token (no patch
+        index) takes the lowest slot no kept token uses. Returns the tensors, the kept counts and
+        the kept slots [counts[i]] long (ascending). One host transfer (the indices)."""
+        host = reduction.indices.cpu()
+        extra = reduction.extra.tolist() if reduction.extra is not None else [False] * len(counts)
+        out, slots = [], []
+        for i, n_i in enumerate(layout.tokens_per_image):
+            k = counts[i] - int(extra[i])
+            idx = host[i, :k]
+            if extra[i]:
+                free = torch.ones(n_i, dtype=torch.bool)
+                free[idx] = False
+                idx = torch.cat([idx, torch.nonzero(free).flatten()[:1]])
+            order = torch.argsort(idx)
+            slot = idx[order]
+            padded = projected.new_full((n_i, projected.shape[-1]), float("nan"))
+            padded[slot.to(padded.device)] = projected[i, :counts[i]][order.to(projected.device)]
+            out.append(padded)
+            slots.append(slot.to(projected.device))
+        return out, counts, slots
+
+    def prompt_positions(self, model: Any, kwargs: dict[str, Any]) -> Tensor | None:
+        """The unpruned prompt's M-RoPE positions [3, B, L] (``get_rope_index``), or None without
+        ``mm_token_type_ids`` / ``image_grid_thw`` (the stock model then refuses the input)."""
+        ids, types = kwargs.get(K.INPUT_IDS), kwargs.get("mm_token_type_ids")
+        if ids is None or types is None or kwargs.get("image_grid_thw") is None:
+            return None
+        pos, _ = qwen_rope_index(self.base_model(model), ids, types, kwargs.get("image_grid_thw"),
+                                 kwargs.get("video_grid_thw"), kwargs.get(K.ATTENTION_MASK))
+        return pos
+
+    def after_rewrite(self, model: Any, plan: Any, positions: Tensor | None = None) -> None:
+        """``rope_deltas`` of the rewritten prompt: the unpruned one (max position + 1 - unpadded
+        length) plus each sample's deleted count, so positions derived from the rewritten mask
+        (or cache length) continue after the unpruned maximum position."""
+        if positions is None:
+            return
+        pos = mrope_positions(positions, plan.keep.shape[0], plan.orig_len, plan.keep.device)
+        length = plan.orig_mask.sum(1) if plan.orig_mask is not None else torch.full_like(plan.dropped, plan.orig_len)
+        deltas = pos.amax((0, 2)) + 1 - length.to(pos.device) + plan.dropped.to(pos.device)
+        self.base_model(model).rope_deltas = deltas[:, None]
 
     def lm_positions(self, position_ids: Tensor | None, bsz: int, length: int, device: Any) -> Tensor:
         """Any position form the language model accepts -> M-RoPE [3, B, L] long."""
@@ -95,8 +213,7 @@ class Qwen2VLAdapter(ModelAdapter):
 QWEN2_VL = register_adapter(Qwen2VLAdapter(
     family="qwen2-vl",
     model_classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
-    unsupported_methods=tuple((m, _VISION_LATER) for m in
-                              ("random", "sequential", "spatial", "cls-topk", "prumerge", "prumerge+"))
+    unsupported_methods=tuple((m, _VISION_LATER) for m in ("cls-topk", "prumerge", "prumerge+"))
     + (("atp", "ATP's modules are built for one square grid of N tokens per image; Qwen2-VL images have "
                 "dynamic resolution"),),
 ))
