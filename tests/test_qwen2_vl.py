@@ -177,7 +177,7 @@ def test_cached_generate_equals_uncached(model, method, options):
 
 
 @pytest.mark.parametrize("method", ["fastv", "sparsevlm"])
-def test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch):
+def test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch, options=None):
     inputs = _inputs()
     state = copy.deepcopy(model.state_dict())
     ref = model(**inputs).logits
@@ -190,7 +190,7 @@ def test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch):
     impl = lambda: (model.config._attn_implementation, model.config.text_config._attn_implementation,  # noqa: E731
                     model.config.vision_config._attn_implementation)
     assert impl() == ("sdpa",) * 3
-    handle = vlmprune.apply(model, method)
+    handle = vlmprune.apply(model, method, **(options or {}))
     calls.clear()
     assert model(**inputs).logits.shape[1] < ref.shape[1]
     assert len(calls) == n_ref  # every attention still runs sdpa, once
@@ -206,6 +206,8 @@ def test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch):
 # ------------------------------------------------------------------------------------------ vision stage
 
 VISION = [("random", {"keep": 0.5, "seed": 2}), ("sequential", {"keep": 0.5}), ("spatial", {"keep": 0.5})]
+# (the adaptive IQR budgets keep the same few tokens of every tiny image: fixed budgets make the batch ragged)
+SCORED = [("cls-topk", {"keep": 0.5}), ("prumerge", {"keep": 0.5}), ("prumerge+", {"keep": 0.25})]
 
 
 def _lm_inputs(model, inputs, **kw):
@@ -220,19 +222,25 @@ def _lm_inputs(model, inputs, **kw):
     return out, seen
 
 
-@pytest.mark.parametrize("method", ["sequential", "random", "spatial"])
-def test_vision_keep_all_gives_identical_logits_and_tokens(model, method):
+KEEP_ALL = [("sequential", {"keep": 1.0}), ("random", {"keep": 1.0}), ("spatial", {"keep": 1.0}),
+            ("cls-topk", {"keep": 1.0, "order": "spatial"}),
+            ("prumerge", {"keep": 1.0, "k_neighbors": 0, "order": "spatial"}),
+            ("prumerge+", {"keep": 1.0, "k_neighbors": 0, "order": "spatial"})]
+
+
+@pytest.mark.parametrize("method,options", KEEP_ALL)
+def test_vision_keep_all_gives_identical_logits_and_tokens(model, method, options):
     inputs = _inputs()
     ref = model(**inputs).logits
     ref_gen = model.generate(**inputs, **GEN)
-    with vlmprune.pruned(model, method, keep=1.0) as handle:
+    with vlmprune.pruned(model, method, **options) as handle:
         assert torch.equal(model(**inputs).logits, ref)
         assert torch.equal(model.generate(**inputs, **GEN), ref_gen)
         assert handle.stats.last_kept == [h * w // 4 for h, w in GRIDS] and handle.stats.mean_kept_ratio == 1.0
     assert _is_stock(model)
 
 
-@pytest.mark.parametrize("method,options", VISION)
+@pytest.mark.parametrize("method,options", VISION + SCORED[:1])
 def test_vision_survivors_keep_their_positions(model, method, options):
     """One decision per merged token: the LLM gets exactly the stock merged tokens of the kept
     grid cells, each at its own placeholder with its own get_rope_index position, so the pruned
@@ -258,12 +266,12 @@ def test_vision_survivors_keep_their_positions(model, method, options):
     torch.testing.assert_close(out.logits[valid], ref[valid], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("method,options", VISION)
+@pytest.mark.parametrize("method,options", VISION + SCORED)
 def test_vision_ragged_batch_equals_single_samples(model, method, options):
     test_ragged_batch_equals_single_samples(model, method, options)
 
 
-@pytest.mark.parametrize("method,options", VISION)
+@pytest.mark.parametrize("method,options", VISION + SCORED)
 def test_vision_cached_generate_equals_uncached(model, method, options):
     inputs = _inputs(n=3, seed=2)
     with vlmprune.pruned(model, method, **options):
@@ -295,15 +303,70 @@ def test_vision_manual_decoding_continues_after_the_unpruned_positions(model):
             torch.testing.assert_close(out.logits[:, -1], gen.logits[step], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["spatial"])
-def test_vision_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch):
-    test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch)
+@pytest.mark.parametrize("method,options", [("spatial", {}), ("prumerge+", {"keep": 0.25})])
+def test_vision_remove_restores_exactly_and_sdpa_stays(model, method, options, monkeypatch):
+    test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch, options)
+
+
+def test_substitute_score_is_the_blocks_attention(model):
+    """The substitute [CLS] score is the attention each merged token receives in the last vision
+    block: recomputed here in float64 from the block's input, with probabilities whose output
+    (probs @ v, then attn.proj) is the block's own attention output, i.e. the very attention the
+    block computed; keys are the block's keys averaged over each 2x2 group."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    adapter = get_adapter(model)
+    inputs = _inputs()
+    layout = adapter.image_layout(model, inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    attn = model.model.visual.blocks[-1].attn
+    seen = {}
+    h1 = attn.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0], **k), with_kwargs=True)
+    h2 = attn.register_forward_hook(lambda m, a, k, out: seen.update(out=out), with_kwargs=True)
+    try:
+        _, signals = adapter.encode_with_signals(model, inputs["pixel_values"], -1, "full", layout)
+    finally:
+        h1.remove()
+        h2.remove()
+    x, heads = seen["x"].double(), attn.num_heads
+    q, k, v = (torch.nn.functional.linear(x, attn.qkv.weight.double(), attn.qkv.bias.double())
+               .reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0))
+    cos, sin = (t.double() for t in seen["position_embeddings"])
+    qr, kr = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    outs, start = [], 0
+    for b, n in enumerate(layout.tokens_per_image):
+        p = 4 * n
+        qq, kk, vv = (t[start:start + p].transpose(0, 1) for t in (qr.double(), kr.double(), v))
+        probs = torch.softmax(qq @ kk.transpose(1, 2) * attn.scaling, dim=-1)  # [H, P, P]
+        outs.append((probs @ vv).transpose(0, 1).reshape(p, -1))
+        received = probs.mean((0, 1)).view(n, 4).sum(-1)
+        torch.testing.assert_close(signals.cls_attn[b, :n].double(), received, atol=1e-6, rtol=0)
+        assert float(signals.cls_attn[b, :n].sum()) == pytest.approx(1.0, abs=1e-5)
+        assert not signals.cls_attn[b, n:].any()
+        torch.testing.assert_close(signals.keys[b, :n].double(), k[start:start + p].reshape(n, 4, -1).mean(1),
+                                   atol=1e-6, rtol=0)
+        start += p
+    mine = torch.nn.functional.linear(torch.cat(outs), attn.proj.weight.double(), attn.proj.bias.double())
+    torch.testing.assert_close(mine, seen["out"].double(), atol=1e-5, rtol=0)
+
+
+def test_scored_methods_select_by_the_substitute_score(model):
+    """cls-topk keeps each image's merged tokens with the highest substitute score."""
+    adapter = get_adapter(model)
+    inputs = _inputs()
+    layout = adapter.image_layout(model, inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    _, signals = adapter.encode_with_signals(model, inputs["pixel_values"], -1, "full", layout)
+    with vlmprune.pruned(model, "cls-topk", keep=0.5) as handle:
+        model(**inputs)
+        red = handle.last_reduction
+    for b, n in enumerate(layout.tokens_per_image):
+        top = signals.cls_attn[b, :n].topk(n // 2).indices.sort().values
+        assert torch.equal(red.indices[b, :red.counts[b]].sort().values, top)
 
 
 # ------------------------------------------------------------------------------------------ refusals
 
 
-@pytest.mark.parametrize("method,options", [("prumerge", {}), ("atp", {"fixed_ratio": 0.5})])
+@pytest.mark.parametrize("method,options", [("atp", {"fixed_ratio": 0.5})])
 def test_unsupported_method_is_one_clear_line(model, method, options):
     with pytest.raises(ValueError, match=rf"^method '{method}' cannot run on qwen2-vl models yet: ") as err:
         vlmprune.apply(model, method, **options)
@@ -315,3 +378,9 @@ def test_support_listed():
     listed = {m["name"]: m["families"] for m in vlmprune.list_methods()}
     assert listed["fastv"]["qwen2-vl"] == "yes" and listed["sparsevlm"]["qwen2-vl"] == "yes"
     assert listed["atp"]["qwen2-vl"].startswith("ATP's modules")
+    scores = {m["name"]: m.get("scores") for m in vlmprune.list_methods()}
+    for name in ("cls-topk", "prumerge", "prumerge+"):
+        assert listed[name]["qwen2-vl"] == "yes"
+        assert scores[name]["llava"].startswith("[CLS] attention")
+        assert scores[name]["qwen2-vl"].startswith("attention received in the last full-attention vision block")
+    assert scores["random"] is None and scores["fastv"] is None

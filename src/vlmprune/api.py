@@ -9,8 +9,10 @@ from . import registry
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """Every registered method with its stage, summary, options (name -> default) and ``families``
-    (model family -> ``"yes"``, or why the method cannot run on it)."""
+    """Every registered method with its stage, summary, options (name -> default), ``families``
+    (model family -> ``"yes"``, or why the method cannot run on it) and, for the vision methods
+    driven by [CLS] attention, ``scores`` (family -> the importance score it uses there, e.g. a
+    substitute on families without [CLS])."""
     from .integrations.base import adapters
 
     known = adapters()
@@ -18,8 +20,11 @@ def list_methods() -> list[dict[str, Any]]:
     for name in registry.method_names():
         info = registry.get_method(name)
         families = {a.family: a.method_problem(name) or "yes" for a in known}
-        out.append({"name": name, "stage": info.stage, "summary": info.summary, "options": info.options(),
-                    "families": families})
+        entry = {"name": name, "stage": info.stage, "summary": info.summary, "options": info.options(),
+                 "families": families}
+        if info.stage == "vision" and getattr(info.build(), "needs_signals", False):
+            entry["scores"] = {a.family: a.importance_score for a in known if families[a.family] == "yes"}
+        out.append(entry)
     return out
 
 

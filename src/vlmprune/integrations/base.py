@@ -125,6 +125,9 @@ class ModelAdapter:
     #: Per-token [B, L] keywords of the model's forward that the vision stage's rewrite compacts
     #: with ``input_ids`` (e.g. Qwen2-VL's ``mm_token_type_ids``).
     sequence_inputs: tuple[str, ...] = ()
+    #: What the [CLS]-based vision methods (cls-topk, prumerge, prumerge+) score tokens by on this
+    #: family (``encode_with_signals``; shown by ``list_methods()``).
+    importance_score: str = "[CLS] attention of the last vision layer"
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:

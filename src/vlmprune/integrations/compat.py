@@ -97,6 +97,12 @@ Assumptions, each with the test that guards it:
     placeholders in order (``qwen_vision_tokens``, ``qwen_rope_index``). Guarded by
     ``test_qwen2_vl.py::test_vision_keep_all_gives_identical_logits_and_tokens`` and
     ``::test_vision_survivors_keep_their_positions``.
+13. **Qwen2-VL vision attention** (same file; Qwen2.5-VL's is the same): a block's ``attn``
+    (``VisionAttention``) is called with ``cu_seqlens`` (second positional or keyword) and
+    ``position_embeddings`` (cos, sin) [S, Dh]; its fused ``qkv`` linear gives [S, 3 * C] read as
+    ``reshape(S, 3, heads, Dh)``; q, k are rotated by ``apply_rotary_pos_emb_vision``; scaling
+    ``attn.scaling``; attention is within each ``cu_seqlens`` segment, non-causal
+    (``qwen_vision_qk``). Guarded by ``test_qwen2_vl.py::test_substitute_score_is_the_blocks_attention``.
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
            "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
-           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens"]
+           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -259,3 +265,14 @@ def qwen_vision_tokens(visual: Any, pixel_values: Any, grid_thw: Any) -> Any:
     its merged (t*h/m, w/m) grid (assumption 12)."""
     out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw, return_dict=True)
     return out.pooler_output
+
+
+def qwen_vision_qk(qkv: Any, num_heads: int, position_embeddings: Any) -> tuple[Any, Any, Any]:
+    """A Qwen2-VL vision block's fused ``qkv`` output [S, 3 * C] and its (cos, sin) [S, Dh] ->
+    (q, k rotated as the block rotates them, k before rotary), each [S, heads, Dh] (assumption 13)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    q, k, _ = qkv.reshape(qkv.shape[0], 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q_rot, k_rot = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q_rot, k_rot, k

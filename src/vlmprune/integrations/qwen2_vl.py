@@ -43,7 +43,16 @@ deleted count (``after_rewrite``) so a forward that derives decode positions fro
 continues after the unpruned maximum position, as ``generate`` does. Budgets: a ratio ``keep``
 is per image; an int ``keep`` must not exceed any image's merged tokens (budgets are validated on
 a 16 x 16 merged grid, a 448 px image). The sampling baselines (random, sequential, spatial on the
-merged grid) run; [CLS]-based methods need the substitute score below.
+merged grid) run as they are.
+
+**Substitute [CLS] score** (cls-topk, prumerge, prumerge+; ``importance_score``). There is no
+[CLS] token, so a merged token's importance is the attention it *receives* in the last
+full-attention vision block (``score_block``): softmax(q k^T / sqrt(d)) with the block's own
+rotary q / k (hooked from its fused ``attn.qkv`` output and the block's ``position_embeddings`` /
+``cu_seqlens``; the tower's attention implementation is never changed), averaged over heads and
+over the image's queries, summed over the merged token's 2 x 2 patches, so each image's scores
+sum to 1 (like a [CLS] row). The keys PruMerge merges by are the block's (pre-rotary) keys,
+averaged over the 2 x 2 patches. Queries are processed in chunks: memory [H, chunk, P] per image.
 
 Not yet: ATP; ``vlmprune.apply`` refuses it with the reason (``unsupported_methods``).
 """
@@ -57,13 +66,10 @@ import torch
 from torch import Tensor
 
 from .base import ModelAdapter, register_adapter
-from .compat import K, mrope_positions, qwen_rope_index, qwen_vision_tokens
+from .compat import K, mrope_positions, qwen_rope_index, qwen_vision_qk, qwen_vision_tokens
 from .layout import VisualLayout, VisualUnit
 
 __all__ = ["Qwen2VLAdapter", "QWEN2_VL"]
-
-_VISION_LATER = ("Qwen2-VL has no [CLS] token and its substitute importance score is not implemented yet; "
-                 "use random, sequential, spatial or a decoder-stage method (fastv, sparsevlm)")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,10 @@ class Qwen2VLAdapter(ModelAdapter):
     merge_field: str = "spatial_merge_size"
     #: The merged grid budgets are validated on at ``apply`` (a 448 x 448 image).
     reference_grid: tuple[int, int] = (16, 16)
+    importance_score: str = ("attention received in the last full-attention vision block, head- and "
+                             "query-averaged, summed over each 2x2 merge group (no [CLS] token)")
+    #: Query rows per step of the substitute score (memory [heads, chunk, patches]).
+    score_chunk: int = 256
 
     def tower_has_cls(self, model: Any) -> bool:
         return False
@@ -201,6 +211,62 @@ class Qwen2VLAdapter(ModelAdapter):
         deltas = pos.amax((0, 2)) + 1 - length.to(pos.device) + plan.dropped.to(pos.device)
         self.base_model(model).rope_deltas = deltas[:, None]
 
+    # ------------------------------------------------------------ substitute [CLS] signals
+    def score_block(self, model: Any) -> int:
+        """Index of the vision block the substitute score reads: the last one (every Qwen2-VL
+        block attends over the whole image)."""
+        return len(self.get_vision_layers(model)) - 1
+
+    def tower_order(self, model: Any, grid_thw: Tensor) -> Tensor | None:
+        """[G] merge-group order inside the tower (tower row g holds group ``order[g]``), or None
+        when the tower keeps the merged-grid order (Qwen2-VL)."""
+        return None
+
+    def signal_problem(self, model: Any, strategy: str | None = None) -> str | None:
+        try:
+            block = self.get_vision_layers(model)[self.score_block(model)]
+            block.attn.qkv
+        except (AttributeError, IndexError, TypeError):
+            return f"cannot find attn.qkv of vision block {self.vision_layers[0]}[{self.score_block(model)}]"
+        return None
+
+    def encode_with_signals(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
+                            layout: VisualLayout) -> tuple[Tensor, Any]:
+        """``encode`` plus the substitute signals (see the module docstring): cls_attn [U, N_max]
+        float32 (each image's row sums to 1 over its N_u merged tokens, zeros after) and keys
+        [U, N_max, C] (the block's keys averaged over each 2 x 2 group)."""
+        from .vision import VisionSignals
+
+        attn = self.get_vision_layers(model)[self.score_block(model)].attn
+        store: dict[str, Any] = {}
+
+        def on_attn(_module: Any, args: tuple, kwargs: dict) -> None:
+            store["pe"] = kwargs.get("position_embeddings")
+            store["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+
+        def on_qkv(_module: Any, _inp: Any, out: Tensor) -> None:
+            store["qkv"] = out.detach()  # [S, 3 * C]
+
+        hooks = [attn.register_forward_pre_hook(on_attn, with_kwargs=True), attn.qkv.register_forward_hook(on_qkv)]
+        try:
+            features = self.encode(model, pixel_values, layer, strategy, layout)
+        finally:
+            for h in hooks:
+                h.remove()
+        q, k, k_raw = qwen_vision_qk(store["qkv"], int(attn.num_heads), store["pe"])  # [S, H, Dh] each
+        unit = self.merge_size(model) ** 2
+        received = _received_attention(q, k, store["cu"], float(attn.scaling), self.score_chunk)  # [S]
+        received = received.view(-1, unit).sum(-1)  # [G] per merge group, tower order
+        keys = k_raw.reshape(k_raw.shape[0] // unit, unit, -1).float().mean(1).to(k_raw.dtype)  # [G, C]
+        order = self.tower_order(model, layout.family_data)
+        if order is not None:  # back to the merged-grid order of each image
+            back = torch.argsort(order.to(received.device))
+            received, keys = received[back], keys[back]
+        sizes = list(layout.tokens_per_image)
+        pad = torch.nn.utils.rnn.pad_sequence
+        return features, VisionSignals(cls_attn=pad(list(torch.split(received, sizes)), batch_first=True),
+                                       keys=pad(list(torch.split(keys, sizes)), batch_first=True))
+
     def lm_positions(self, position_ids: Tensor | None, bsz: int, length: int, device: Any) -> Tensor:
         """Any position form the language model accepts -> M-RoPE [3, B, L] long."""
         return mrope_positions(position_ids, bsz, length, device)
@@ -210,10 +276,26 @@ class Qwen2VLAdapter(ModelAdapter):
         return None
 
 
+def _received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, scaling: float, chunk: int) -> Tensor:
+    """q, k [S, H, Dh] (rotated), ``cu_seqlens`` [I + 1] segment bounds (each segment attends to
+    itself) -> [S] float32: the attention each row receives, averaged over heads and over its
+    segment's query rows (so each segment sums to 1). Queries in chunks of ``chunk`` rows."""
+    out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        kk = k[a:b].transpose(0, 1).float()  # [H, P, Dh]
+        total = torch.zeros(b - a, dtype=torch.float32, device=q.device)
+        for s in range(a, b, chunk):
+            qq = q[s:min(s + chunk, b)].transpose(0, 1).float()  # [H, r, Dh]
+            probs = torch.softmax(torch.matmul(qq, kk.transpose(1, 2)) * scaling, dim=-1)  # [H, r, P]
+            total += probs.sum((0, 1))
+        out[a:b] = total / (q.shape[1] * (b - a))
+    return out
+
+
 QWEN2_VL = register_adapter(Qwen2VLAdapter(
     family="qwen2-vl",
     model_classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
-    unsupported_methods=tuple((m, _VISION_LATER) for m in ("cls-topk", "prumerge", "prumerge+"))
-    + (("atp", "ATP's modules are built for one square grid of N tokens per image; Qwen2-VL images have "
+    unsupported_methods=(("atp", "ATP's modules are built for one square grid of N tokens per image; Qwen2-VL images have "
                 "dynamic resolution"),),
 ))
