@@ -172,6 +172,12 @@ def make_tiny_qwen2_vl(*, vision_layers: int = 2, text_layers: int = 4, hidden: 
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if family == "qwen2_vl":
         vision["mlp_ratio"] = 2
+    else:  # 56 px windows (2x2 merged tokens); full attention in block 1 only (not the last)
+        del vision["embed_dim"]  # Qwen2.5-VL: hidden_size is the tower's width, out_hidden_size the LLM's
+        vision.update(out_hidden_size=hidden, intermediate_size=2 * hidden, window_size=56,
+                      fullatt_block_indexes=[1])
+        vision_layers = max(vision_layers, 3)
+        vision["depth"] = vision_layers
     text = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
@@ -221,3 +227,8 @@ def qwen_row(inputs, b):
 @pytest.fixture
 def tiny_qwen2_vl():
     return make_tiny_qwen2_vl()
+
+
+@pytest.fixture
+def tiny_qwen2_5_vl():
+    return make_tiny_qwen2_vl(family="qwen2_5_vl")

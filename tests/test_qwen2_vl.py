@@ -1,4 +1,4 @@
-"""Qwen2-VL on a tiny random model: the decoder-stage guarantees with M-RoPE positions.
+"""Qwen2-VL and Qwen2.5-VL on tiny random models (every test runs on both): both stages with M-RoPE.
 
 keep-all == stock logits and tokens; FastV at layer 0 == the stock model fed the survivors with
 their own 3-D positions; survivors' positions == ``get_rope_index``'s; decoding continues after
@@ -32,9 +32,13 @@ def _hooks(model) -> dict[str, tuple[int, int]]:
     return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
 
 
-@pytest.fixture(scope="module")
-def model():
-    m = make_tiny_qwen2_vl()
+FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def model(request):
+    m = make_tiny_qwen2_vl(family=request.param)
+    m._test_family = request.param
     with torch.no_grad():  # transformers adds its own output-recording hooks on the first call
         m.generate(**_inputs(n=1), max_new_tokens=2, do_sample=False)
     m._test_stock_hooks = _hooks(m)
@@ -56,14 +60,16 @@ def _is_stock(model) -> bool:
 
 
 def _rope_index(model, inputs):
-    pos, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                             inputs["image_grid_thw"], None, inputs["attention_mask"])
+    pos, deltas = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"],
+                                             attention_mask=inputs["attention_mask"])
     return pos, deltas  # [3, B, L], [B, 1]
 
 
 def test_adapter_and_layout(model):
     adapter = get_adapter(model)
-    assert adapter.family == "qwen2-vl" and adapter.fixed_image_tokens(model) is None
+    assert adapter.family == FAMILIES[model._test_family]
+    assert adapter.fixed_image_tokens(model) is None
     inputs = _inputs()
     visual = adapter.visual_columns(model, inputs["input_ids"])
     assert visual.sum(1).tolist() == [h * w // 4 for h, w in GRIDS]
@@ -318,7 +324,7 @@ def test_substitute_score_is_the_blocks_attention(model):
     adapter = get_adapter(model)
     inputs = _inputs()
     layout = adapter.image_layout(model, inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
-    attn = model.model.visual.blocks[-1].attn
+    attn = model.model.visual.blocks[adapter.score_block(model)].attn
     seen = {}
     h1 = attn.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0], **k), with_kwargs=True)
     h2 = attn.register_forward_hook(lambda m, a, k, out: seen.update(out=out), with_kwargs=True)
@@ -332,21 +338,45 @@ def test_substitute_score_is_the_blocks_attention(model):
                .reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0))
     cos, sin = (t.double() for t in seen["position_embeddings"])
     qr, kr = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    outs, start = [], 0
-    for b, n in enumerate(layout.tokens_per_image):
+    order = adapter.tower_order(model, inputs["image_grid_thw"])  # tower row g holds merge group order[g]
+    back = torch.arange(sum(layout.tokens_per_image)) if order is None else torch.argsort(order)
+    outs, received, start = [], [], 0
+    for n in layout.tokens_per_image:  # images stay contiguous in the tower (full-attention segments)
         p = 4 * n
         qq, kk, vv = (t[start:start + p].transpose(0, 1) for t in (qr.double(), kr.double(), v))
         probs = torch.softmax(qq @ kk.transpose(1, 2) * attn.scaling, dim=-1)  # [H, P, P]
         outs.append((probs @ vv).transpose(0, 1).reshape(p, -1))
-        received = probs.mean((0, 1)).view(n, 4).sum(-1)
-        torch.testing.assert_close(signals.cls_attn[b, :n].double(), received, atol=1e-6, rtol=0)
+        received.append(probs.mean((0, 1)).view(n, 4).sum(-1))  # per merge group, tower order
+        start += p
+    received = torch.cat(received)[back]
+    keys = k.reshape(-1, 4, k.shape[1] * k.shape[2]).mean(1)[back]
+    start = 0
+    for b, n in enumerate(layout.tokens_per_image):
+        torch.testing.assert_close(signals.cls_attn[b, :n].double(), received[start:start + n], atol=1e-6, rtol=0)
         assert float(signals.cls_attn[b, :n].sum()) == pytest.approx(1.0, abs=1e-5)
         assert not signals.cls_attn[b, n:].any()
-        torch.testing.assert_close(signals.keys[b, :n].double(), k[start:start + p].reshape(n, 4, -1).mean(1),
-                                   atol=1e-6, rtol=0)
-        start += p
+        torch.testing.assert_close(signals.keys[b, :n].double(), keys[start:start + n], atol=1e-6, rtol=0)
+        start += n
     mine = torch.nn.functional.linear(torch.cat(outs), attn.proj.weight.double(), attn.proj.bias.double())
     torch.testing.assert_close(mine, seen["out"].double(), atol=1e-5, rtol=0)
+
+
+def test_tower_order_is_the_mergers_order(model):
+    """tower_order is the order the tower itself undoes after its merger (Qwen2.5-VL's window
+    order, a real permutation on these images; Qwen2-VL: none)."""
+    adapter = get_adapter(model)
+    inputs = _inputs()
+    visual = model.model.visual
+    out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], return_dict=True)
+    order = adapter.tower_order(model, inputs["image_grid_thw"])
+    merged = visual.merger(out.last_hidden_state)  # tower order
+    if order is None:
+        assert adapter.family == "qwen2-vl"
+        assert torch.equal(merged, out.pooler_output)
+    else:
+        assert adapter.family == "qwen2.5-vl" and adapter.score_block(model) == 1 < len(visual.blocks) - 1
+        assert not torch.equal(order, torch.arange(len(order)))
+        assert torch.equal(merged[torch.argsort(order)], out.pooler_output)
 
 
 def test_scored_methods_select_by_the_substitute_score(model):
@@ -368,7 +398,8 @@ def test_scored_methods_select_by_the_substitute_score(model):
 
 @pytest.mark.parametrize("method,options", [("atp", {"fixed_ratio": 0.5})])
 def test_unsupported_method_is_one_clear_line(model, method, options):
-    with pytest.raises(ValueError, match=rf"^method '{method}' cannot run on qwen2-vl models yet: ") as err:
+    family = get_adapter(model).family
+    with pytest.raises(ValueError, match=rf"^method '{method}' cannot run on {family} models yet: ") as err:
         vlmprune.apply(model, method, **options)
     assert "\n" not in str(err.value)
     assert _is_stock(model)
@@ -376,11 +407,13 @@ def test_unsupported_method_is_one_clear_line(model, method, options):
 
 def test_support_listed():
     listed = {m["name"]: m["families"] for m in vlmprune.list_methods()}
-    assert listed["fastv"]["qwen2-vl"] == "yes" and listed["sparsevlm"]["qwen2-vl"] == "yes"
-    assert listed["atp"]["qwen2-vl"].startswith("ATP's modules")
     scores = {m["name"]: m.get("scores") for m in vlmprune.list_methods()}
-    for name in ("cls-topk", "prumerge", "prumerge+"):
-        assert listed[name]["qwen2-vl"] == "yes"
-        assert scores[name]["llava"].startswith("[CLS] attention")
-        assert scores[name]["qwen2-vl"].startswith("attention received in the last full-attention vision block")
+    for family in FAMILIES.values():
+        assert listed["fastv"][family] == "yes" and listed["sparsevlm"][family] == "yes"
+        assert listed["atp"][family].startswith("ATP's modules")
+        for name in ("random", "sequential", "spatial", "cls-topk", "prumerge", "prumerge+"):
+            assert listed[name][family] == "yes"
+        for name in ("cls-topk", "prumerge", "prumerge+"):
+            assert scores[name]["llava"].startswith("[CLS] attention")
+            assert scores[name][family].startswith("attention received in the last full-attention vision block")
     assert scores["random"] is None and scores["fastv"] is None

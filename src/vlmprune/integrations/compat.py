@@ -103,6 +103,15 @@ Assumptions, each with the test that guards it:
     ``reshape(S, 3, heads, Dh)``; q, k are rotated by ``apply_rotary_pos_emb_vision``; scaling
     ``attn.scaling``; attention is within each ``cu_seqlens`` segment, non-causal
     (``qwen_vision_qk``). Guarded by ``test_qwen2_vl.py::test_substitute_score_is_the_blocks_attention``.
+14. **Qwen2.5-VL's windowed tower** (``models/qwen2_5_vl/modeling_qwen2_5_vl.py``): as Qwen2-VL, but
+    the tower permutes the merge groups (2x2 patch rows, contiguous) into window order with
+    ``transformers.vision_utils.get_vision_window_index(grid_thw, spatial_merge_size, window_size,
+    patch_size)`` before the blocks, attends within windows except in
+    ``vision_config.fullatt_block_indexes`` (whole image, ``cu_seqlens``), and undoes the order
+    after the merger with ``argsort(window_index)`` (``qwen_window_index``); ``get_rope_index``
+    takes ``second_per_grid_ts`` before ``attention_mask``. Guarded by
+    ``test_qwen2_vl.py::test_tower_order_is_the_mergers_order`` and the whole module run on the
+    Qwen2.5-VL fixture.
 """
 
 from __future__ import annotations
@@ -114,7 +123,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
            "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
-           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk"]
+           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -256,7 +265,9 @@ def qwen_rope_index(base: Any, input_ids: Any, mm_token_type_ids: Any, image_gri
                     attention_mask: Any) -> tuple[Any, Any]:
     """Qwen2-VL's own M-RoPE positions of a prompt: (position_ids [3, B, L], rope_deltas [B, 1])
     from ``Qwen2VLModel.get_rope_index`` (assumption 11)."""
-    return base.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask)
+    # keywords: Qwen2.5-VL's signature has second_per_grid_ts before attention_mask
+    return base.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                               video_grid_thw=video_grid_thw, attention_mask=attention_mask)
 
 
 def qwen_vision_tokens(visual: Any, pixel_values: Any, grid_thw: Any) -> Any:
@@ -276,3 +287,14 @@ def qwen_vision_qk(qkv: Any, num_heads: int, position_embeddings: Any) -> tuple[
     cos, sin = position_embeddings
     q_rot, k_rot = apply_rotary_pos_emb_vision(q, k, cos, sin)
     return q_rot, k_rot, k
+
+
+def qwen_window_index(visual: Any, grid_thw: Any) -> Any:
+    """Qwen2.5-VL's window order of the merge groups inside its tower: [G] long, tower row g holds
+    merge group ``window_index[g]`` (groups numbered image by image in merged-grid raster order;
+    assumption 14)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    return window_index

@@ -54,6 +54,13 @@ over the image's queries, summed over the merged token's 2 x 2 patches, so each 
 sum to 1 (like a [CLS] row). The keys PruMerge merges by are the block's (pre-rotary) keys,
 averaged over the 2 x 2 patches. Queries are processed in chunks: memory [H, chunk, P] per image.
 
+**Qwen2.5-VL** (``Qwen2_5_VLForConditionalGeneration``; ``Qwen25VLAdapter``, family
+``qwen2.5-vl``): the same layout, positions and merger; its tower attends within windows except
+in ``vision_config.fullatt_block_indexes`` and keeps the merge groups in window order inside the
+tower (``compat.qwen_window_index``), so the substitute score reads the *last full-attention*
+block and is put back into merged-grid order with ``argsort(window_index)`` (``tower_order``),
+as the tower itself does after its merger.
+
 Not yet: ATP; ``vlmprune.apply`` refuses it with the reason (``unsupported_methods``).
 """
 
@@ -66,10 +73,10 @@ import torch
 from torch import Tensor
 
 from .base import ModelAdapter, register_adapter
-from .compat import K, mrope_positions, qwen_rope_index, qwen_vision_qk, qwen_vision_tokens
+from .compat import K, mrope_positions, qwen_rope_index, qwen_vision_qk, qwen_vision_tokens, qwen_window_index
 from .layout import VisualLayout, VisualUnit
 
-__all__ = ["Qwen2VLAdapter", "QWEN2_VL"]
+__all__ = ["Qwen2VLAdapter", "Qwen25VLAdapter", "QWEN2_VL", "QWEN2_5_VL"]
 
 
 @dataclass(frozen=True)
@@ -298,4 +305,25 @@ QWEN2_VL = register_adapter(Qwen2VLAdapter(
     model_classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
     unsupported_methods=(("atp", "ATP's modules are built for one square grid of N tokens per image; Qwen2-VL images have "
                 "dynamic resolution"),),
+))
+
+
+@dataclass(frozen=True)
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: Qwen2-VL plus the windowed vision tower (see the module docstring)."""
+
+    fullatt_field: str = "fullatt_block_indexes"
+
+    def score_block(self, model: Any) -> int:
+        """The last full-attention vision block (``vision_config.fullatt_block_indexes``)."""
+        return int(max(getattr(self.vision_config(model), self.fullatt_field)))
+
+    def tower_order(self, model: Any, grid_thw: Tensor) -> Tensor | None:
+        return qwen_window_index(self.get_vision_tower(model), grid_thw)
+
+
+QWEN2_5_VL = register_adapter(Qwen25VLAdapter(
+    family="qwen2.5-vl",
+    model_classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+    unsupported_methods=QWEN2_VL.unsupported_methods,
 ))
