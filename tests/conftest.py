@@ -110,14 +110,7 @@ def make_tiny_llava_next(*, image_size: int = 42, patch: int = 14, vision_layers
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              image_grid_pinpoints=NEXT_PINPOINTS, image_seq_length=(image_size // patch) ** 2)
-    config.pad_token_id = PAD_ID
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    model.config._attn_implementation = attn
-    model.generation_config.pad_token_id = PAD_ID
-    model.generation_config.eos_token_id = EOS_ID
-    model.eval()
-    return model
+    return build_tiny(LlavaNextForConditionalGeneration, config, seed=seed, attn=attn)
 
 
 def next_image_tokens(model, image_sizes) -> list[int]:
@@ -185,6 +178,11 @@ def make_tiny_qwen2_vl(*, vision_layers: int = 2, text_layers: int = 4, hidden: 
     config = config_class(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                           video_token_id=QWEN_VIDEO_ID, vision_start_token_id=QWEN_VISION_START,
                           vision_end_token_id=QWEN_VISION_END)
+    return build_tiny(model_class, config, seed=seed, attn=attn)
+
+
+def build_tiny(model_class, config, *, seed: int = 0, attn: str = "sdpa"):
+    """``model_class(config)`` seeded with ``seed``, attention ``attn``, PAD / EOS set, in eval mode."""
     config.pad_token_id = PAD_ID
     torch.manual_seed(seed)
     model = model_class(config)
@@ -193,6 +191,26 @@ def make_tiny_qwen2_vl(*, vision_layers: int = 2, text_layers: int = 4, hidden: 
     model.generation_config.eos_token_id = EOS_ID
     model.eval()
     return model
+
+
+def assert_ragged_batch_equals_singles(model, inputs, row, method, options, gen, atol=2e-5):
+    """Under ``method``, greedy ``generate`` on the batch ``inputs`` (samples keep different
+    visual counts) gives each sample the tokens and logits of its own single-sample run
+    (``row(inputs, b)``: sample b unpadded) and the same visual count."""
+    import vlmprune
+
+    width = inputs["input_ids"].shape[1]
+    with vlmprune.pruned(model, method, **options) as handle:
+        out = model.generate(**inputs, **gen, return_dict_in_generate=True, output_logits=True)
+        batch_counts = handle.stats.visual_tokens_per_sample()
+        assert len(set(batch_counts)) > 1, batch_counts
+        for b in range(inputs["input_ids"].shape[0]):
+            single = row(inputs, b)
+            one = model.generate(**single, **gen, return_dict_in_generate=True, output_logits=True)
+            assert handle.stats.visual_tokens_per_sample() == [batch_counts[b]]
+            assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
+            for step_b, step_1 in zip(out.logits, one.logits):
+                torch.testing.assert_close(step_1[0], step_b[b], atol=atol, rtol=1e-5)
 
 
 def make_qwen_inputs(grids, prefix_lens, suffix_lens, seed: int = 1):

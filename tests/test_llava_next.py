@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import make_next_inputs, make_tiny_llava_next, next_image_tokens
+from conftest import assert_ragged_batch_equals_singles, make_next_inputs, make_tiny_llava_next, next_image_tokens
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
 # (H, W) per sample: 1x2 crops (one mosaic row survives unpadding), 2x2, 2x1, 1x2 (columns cut)
@@ -136,19 +136,7 @@ def test_packing_is_the_stock_packing_of_the_kept_patches(model, newlines):
 @pytest.mark.parametrize("method,options", [("prumerge+", {}), ("cls-topk", {"keep": 4}), ("spatial", {"keep": 0.5}),
                                             ("fastv", {"k": 1, "count": 10}), ("sparsevlm", {})])
 def test_ragged_batch_equals_single_samples(model, method, options):
-    inputs = _inputs(model)
-    width = inputs["input_ids"].shape[1]
-    with vlmprune.pruned(model, method, **options) as handle:
-        out = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
-        batch_counts = handle.stats.visual_tokens_per_sample()
-        assert len(set(batch_counts)) > 1, batch_counts
-        for b in range(len(SIZES)):
-            single = _row(inputs, b)
-            one = model.generate(**single, **GEN, return_dict_in_generate=True, output_logits=True)
-            assert handle.stats.visual_tokens_per_sample() == [batch_counts[b]]
-            assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
-            for step_b, step_1 in zip(out.logits, one.logits):
-                torch.testing.assert_close(step_1[0], step_b[b], atol=2e-5, rtol=1e-5)
+    assert_ragged_batch_equals_singles(model, _inputs(model), _row, method, options, GEN)
 
 
 @pytest.mark.parametrize("method,options", [("prumerge", {}), ("random", {"keep": 3, "seed": 2}),

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, make_qwen_inputs, make_tiny_qwen2_vl, qwen_row
+from conftest import (EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
+                      make_qwen_inputs, make_tiny_qwen2_vl, qwen_row)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
 # patch grids (h, w) per sample: 4, 6, 8 and 9 merged tokens (the processor's smallest image has 4)
@@ -155,19 +156,7 @@ def test_survivors_keep_their_get_rope_index_positions(model, method, options):
 
 @pytest.mark.parametrize("method,options", DECODER)
 def test_ragged_batch_equals_single_samples(model, method, options):
-    inputs = _inputs()
-    width = inputs["input_ids"].shape[1]
-    with vlmprune.pruned(model, method, **options) as handle:
-        out = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
-        batch_counts = handle.stats.visual_tokens_per_sample()
-        assert len(set(batch_counts)) > 1, batch_counts
-        for b in range(len(GRIDS)):
-            single = qwen_row(inputs, b)
-            one = model.generate(**single, **GEN, return_dict_in_generate=True, output_logits=True)
-            assert handle.stats.visual_tokens_per_sample() == [batch_counts[b]]
-            assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
-            for step_b, step_1 in zip(out.logits, one.logits):
-                torch.testing.assert_close(step_1[0], step_b[b], atol=ATOL, rtol=1e-5)
+    assert_ragged_batch_equals_singles(model, _inputs(), qwen_row, method, options, GEN, atol=ATOL)
 
 
 @pytest.mark.parametrize("method,options", DECODER)
