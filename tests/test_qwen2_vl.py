@@ -154,6 +154,31 @@ def test_survivors_keep_their_get_rope_index_positions(model, method, options):
         assert torch.equal(pos[1:, :, -1], (top + 1 + step).expand(3, -1))
 
 
+@pytest.mark.parametrize("method,options", [("fastv", {"k": 0, "count": 3}), ("sparsevlm", {})])
+def test_manual_decoding_continues_after_the_unpruned_positions(model, method, options):
+    """A forward loop without position_ids after a decoder-stage prefill (layer 0 pruned too:
+    its cache is shorter than the prompt) gives generate()'s logits."""
+    _manual_decoding_matches_generate(model, method, options)
+
+
+def _manual_decoding_matches_generate(model, method, options):
+    single = qwen_row(_inputs(), 3)
+    del single["attention_mask"]  # with a mask the stock forward derives positions for the whole mask
+    with vlmprune.pruned(model, method, **options):
+        gen = model.generate(**single, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True, suppress_tokens=GEN["suppress_tokens"])
+        out = model(**single, use_cache=True)
+        cache = out.cache
+        assert cache.get_seq_length(len(model.model.language_model.layers) - 1) < single["input_ids"].shape[1]
+        torch.testing.assert_close(out.logits[:, -1], gen.logits[0], atol=ATOL, rtol=0)
+        width = single["input_ids"].shape[1]
+        for step in range(1, 3):
+            token = gen.sequences[:, width + step - 1:width + step]
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache = out.cache
+            torch.testing.assert_close(out.logits[:, -1], gen.logits[step], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("method,options", DECODER)
 def test_ragged_batch_equals_single_samples(model, method, options):
     assert_ragged_batch_equals_singles(model, _inputs(), qwen_row, method, options, GEN, atol=ATOL)
@@ -278,24 +303,9 @@ def test_vision_cached_generate_equals_uncached(model, method, options):
 
 def test_vision_manual_decoding_continues_after_the_unpruned_positions(model):
     """A forward loop without position_ids (the model derives them from its cache length and
-    rope_deltas) gives generate()'s logits: decoding continues after the unpruned maximum
-    position. (Without a mask: with one, the stock Qwen2-VL forward derives positions for the
-    whole mask, not for the new tokens, and needs position_ids from the caller.)"""
-    single = qwen_row(_inputs(), 3)
-    del single["attention_mask"]
-    with vlmprune.pruned(model, "spatial", keep=0.5) as handle:
-        gen = model.generate(**single, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True, suppress_tokens=GEN["suppress_tokens"])
-        out = model(**single, use_cache=True)
-        assert handle.plan.shrink > 0
-        cache = out.cache
-        torch.testing.assert_close(out.logits[:, -1], gen.logits[0], atol=ATOL, rtol=0)
-        width = single["input_ids"].shape[1]
-        for step in range(1, 3):
-            token = gen.sequences[:, width + step - 1:width + step]
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            cache = out.cache
-            torch.testing.assert_close(out.logits[:, -1], gen.logits[step], atol=ATOL, rtol=0)
+    rope_deltas, which the rewrite raised by the deleted count) gives generate()'s logits:
+    decoding continues after the unpruned maximum position."""
+    _manual_decoding_matches_generate(model, "spatial", {"keep": 0.5})
 
 
 @pytest.mark.parametrize("method,options", [("spatial", {}), ("prumerge+", {"keep": 0.25})])

@@ -444,6 +444,12 @@ class DecoderHandle(PruneHandle):
         mask = kwargs.get(K.ATTENTION_MASK)
         cache = get_cache(kwargs)
         st.pending_visual, st.pending_prompt_len = None, None
+        ref = ids if ids is not None else embeds
+        if (kwargs.get(K.POSITION_IDS) is None and ref is not None and cache is not None and st.cache_ref is not None
+                and st.cache_ref() is cache and ref.shape[0] == st.segments[0].source.shape[0]):
+            # a decode step on the pruned cache without positions: the base model would derive them
+            # from layer 0's (possibly pruned) cache length; give it the original continuation
+            return args, {**kwargs, K.POSITION_IDS: self._decode_positions(cache, ref.shape[1], ref.device)}
         if ids is not None:
             visual = self.adapter.visual_columns(self.model, ids)
         elif embeds is not None:
@@ -737,6 +743,14 @@ class DecoderHandle(PruneHandle):
         self.stats.record_layers(vis, tok, kept_at)
 
     # ---------------------------------------------------------------- decode
+    def _decode_positions(self, cache: Any, q_len: int, device: Any) -> Tensor:
+        """[*P, B, q_len] positions of the next decode tokens in the family's form: after the
+        original (unpruned) last position, counting the tokens appended since the prefill (read
+        from the last layer's cache, its own length)."""
+        st = self.state
+        past_new = cache.get_seq_length(self.num_layers - 1) - st.segments[st.layer_segment[-1]].length
+        return (st.last_pos.to(device) + 1 + past_new)[..., None] + torch.arange(q_len, device=device)
+
     def _begin_decode_step(self, args: tuple, kwargs: dict, embeds: Tensor, cache: Any):
         st = self.state
         q_len = embeds.shape[1]
@@ -753,8 +767,7 @@ class DecoderHandle(PruneHandle):
         pos = kwargs.get(K.POSITION_IDS)
         new_kwargs = None
         if pos is None:
-            # decoding continues after the original (unpruned) last position: [*P, B, q]
-            pos = (st.last_pos + 1 + past_new)[..., None] + torch.arange(q_len, device=dev)
+            pos = self._decode_positions(cache, q_len, dev)  # after the original last position, [*P, B, q]
             new_kwargs = dict(kwargs)
             new_kwargs[K.POSITION_IDS] = pos
         else:
