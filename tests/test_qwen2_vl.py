@@ -392,6 +392,34 @@ def test_scored_methods_select_by_the_substitute_score(model):
         assert torch.equal(red.indices[b, :red.counts[b]].sort().values, top)
 
 
+@pytest.mark.parametrize("method,options", [("spatial", {"keep": 0.5}), ("prumerge+", {"keep": 0.25}),
+                                            ("fastv", {"k": 1, "count": 2})])
+def test_beam_search_batch_equals_single(model, method, options):
+    """Beams: generate() expands the encoded images into new tensors, whose kept slots the
+    vision stage reads back from their NaN rows (image_token_slots)."""
+    inputs = _inputs(n=3)
+    width = inputs["input_ids"].shape[1]
+    beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=GEN["suppress_tokens"])
+    with vlmprune.pruned(model, method, **options):
+        out = model.generate(**inputs, **beams)
+        for b in range(3):
+            single = qwen_row(inputs, b)
+            one = model.generate(**single, **beams)
+            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+
+
+def test_image_token_slots_exact():
+    from vlmprune.integrations.vision import image_token_slots
+
+    nan = float("nan")
+    prefix = torch.tensor([[1.0, 2.0], [3.0, 4.0], [nan, nan]])
+    gaps = torch.tensor([[nan, nan], [1.0, 2.0], [nan, nan]])
+    full = torch.ones(2, 2)
+    counts, slots = image_token_slots([prefix, gaps, full, torch.empty(0, 2)])
+    assert counts == [2, 1, 2, 0]
+    assert slots[0] is None and torch.equal(slots[1], torch.tensor([1])) and slots[2] is None and slots[3] is None
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 

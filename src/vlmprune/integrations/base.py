@@ -13,7 +13,14 @@ Everything the stages need to know about a family's visual tokens comes from the
 ``layout.VisualLayout``), ``encode`` (pixels -> per-unit features), ``pack`` (a method's per-unit
 reduction -> the per-image tokens the LLM receives), ``cls_index`` (where a tower's [CLS] sits),
 ``rotary`` (the language model's rotary function) and ``method_problem`` (methods that cannot run
-on the family, with the reason).
+on the family, with the reason). Families whose positions are not Llama's ``[B, L]`` or whose
+tokens keep their own positions (Qwen2-VL's M-RoPE) also say: ``lm_positions`` /
+``layer_position_ids`` / ``lm_layout`` (the decoder stage's positions in the family's form),
+``compact_positions`` (whether survivors may be renumbered), ``pack_slots`` (which placeholder
+slot each kept token takes), ``prompt_positions`` / ``after_rewrite`` / ``sequence_inputs``
+(the vision stage's rewrite of positions and per-token inputs), ``image_geometry`` (keywords that
+describe the images, e.g. ``image_grid_thw``) and ``encode_with_signals`` / ``importance_score``
+(the score the [CLS]-based methods use).
 
 A **handle** (``PruneHandle``) is what ``vlmprune.apply`` returns. It is attached to the model
 under ``HANDLE_ATTR`` (so applying twice is detected), owns every hook and patch the stage

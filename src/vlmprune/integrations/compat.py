@@ -19,7 +19,7 @@ Assumptions, each with the test that guards it:
    ``test_integration_vision.py`` (which broke silently on 5.24 when the hooks read the old name).
 2. **Keyword names the hooks read or rewrite** (``K``): the multimodal model's forward takes
    ``input_ids``, ``inputs_embeds``, ``pixel_values``, ``attention_mask`` (2-D ``[B, L]`` from
-   ``generate``), ``position_ids`` (``[B, L]``), ``labels``, ``image_sizes``,
+   ``generate``), ``position_ids`` (``[B, L]``; M-RoPE families: assumption 11), ``labels``, ``image_sizes``,
    ``vision_feature_layer``, ``vision_feature_select_strategy`` and ``mm_encoder_outputs`` (a dict
    ``modality -> output of get_image_features``; ``generate`` encodes the images once and passes
    the result on every step); the language model's decoder layers take ``hidden_states`` (first

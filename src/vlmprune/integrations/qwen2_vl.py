@@ -179,8 +179,11 @@ class Qwen2VLAdapter(ModelAdapter):
         except at the merged-grid indices of its kept tokens. PruMerge's extra token (no patch
         index) takes the lowest slot no kept token uses. Returns the tensors, the kept counts and
         the kept slots [counts[i]] long (ascending). One host transfer (the indices)."""
-        host = reduction.indices.cpu()
-        extra = reduction.extra.tolist() if reduction.extra is not None else [False] * len(counts)
+        host = reduction.indices if reduction.extra is None else \
+            torch.cat([reduction.indices, reduction.extra[:, None].long()], dim=1)
+        host = host.cpu()  # one transfer: patch indices [U, M'] (and the extra flags)
+        extra = host[:, -1].bool().tolist() if reduction.extra is not None else [False] * len(counts)
+        host = host[:, :reduction.indices.shape[1]]
         out, slots = [], []
         for i, n_i in enumerate(layout.tokens_per_image):
             k = counts[i] - int(extra[i])

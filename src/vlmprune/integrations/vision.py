@@ -11,7 +11,9 @@ plain forward reaches through the pre-hook):
    ``layout.VisualLayout`` of U tower passes — one per image for LLaVA-1.5, base image + crops for
    LLaVA-NeXT — each with its grid, [CLS] flag and index, and each image's placeholder count).
 1. The vision tower runs once over the U units (its own attention implementation). If the method
-   needs [CLS] signals, forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are
+   needs [CLS] signals, the adapter computes them (``adapter.encode_with_signals``; a family
+   without [CLS] supplies a documented substitute, ``adapter.importance_score``). By default
+   forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are
    registered for the duration of this call only: they keep the [CLS] query row (at the
    adapter's ``cls_index``) and ``k`` (all keys), raw linear outputs [U, 1+N, C]. Spec §1: that
    layer's input is the penultimate hidden state, i.e. the very features LLaVA feeds the
@@ -274,14 +276,13 @@ def image_token_slots(per_image: list[Tensor]) -> tuple[list[int], list[Tensor |
         if shape[0] == 0:
             continue
         stacked = torch.stack([per_image[i] for i in idx])  # [G, n, D]
-        pad = torch.isnan(stacked).all(dim=-1)  # [G, n]
+        pad = torch.isnan(stacked).all(dim=-1).cpu()  # [G, n], the group's one transfer
         trailing = pad.flip(1).long().cumprod(1).sum(1)  # [G] trailing all-NaN rows
         kept = (~pad).sum(1)  # [G]
-        host = torch.stack([kept, shape[0] - trailing]).tolist()
-        for g, (i, c, prefix) in enumerate(zip(idx, host[0], host[1])):
-            counts[i] = int(c)
-            if c != prefix:  # NaN rows between kept rows: the tokens keep their own slots
-                slots[i] = torch.nonzero(~pad[g]).flatten()
+        for g, i in enumerate(idx):
+            counts[i] = int(kept[g])
+            if counts[i] != shape[0] - int(trailing[g]):  # NaN rows between kept rows: own slots
+                slots[i] = torch.nonzero(~pad[g]).flatten().to(per_image[i].device)
     return counts, slots
 
 
