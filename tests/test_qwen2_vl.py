@@ -408,6 +408,21 @@ def test_beam_search_batch_equals_single(model, method, options):
             assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
 
 
+def test_int_budgets(model):
+    """An int keep is validated on the 16x16 reference grid at apply(); an image with fewer merged
+    tokens than an int keep fails at its forward with a clear message (ratios always fit)."""
+    with pytest.raises(ValueError, match="keep=300 is more than the 256 visual tokens"):
+        vlmprune.apply(model, "sequential", keep=300)
+    assert _is_stock(model)
+    inputs = _inputs()
+    with vlmprune.pruned(model, "sequential", keep=4) as handle:
+        model(**inputs)
+        assert handle.stats.last_kept == [4, 4, 4, 4]
+    with vlmprune.pruned(model, "sequential", keep=5):
+        with pytest.raises(ValueError, match=r"n = 5 is more than the N = 4 patches"):
+            model(**inputs)
+
+
 def test_image_token_slots_exact():
     from vlmprune.integrations.vision import image_token_slots
 

@@ -108,6 +108,11 @@ class Qwen2VLAdapter(ModelAdapter):
         return None
 
     def budget_tokens(self, model: Any, stage: str) -> int:
+        """Decoder stage: the most placeholders an image can get; vision stage: the reference
+        grid's merged tokens (int budgets are validated on it)."""
+        if stage == "vision":
+            h, w = self.reference_grid
+            return h * w
         return self.max_image_tokens
 
     # ------------------------------------------------------------ config knowledge
