@@ -193,6 +193,20 @@ def build_tiny(model_class, config, *, seed: int = 0, attn: str = "sdpa"):
     return model
 
 
+def module_hooks(model) -> dict[str, tuple[int, int]]:
+    """Module name -> (forward pre-hooks, forward hooks) of every module of ``model``."""
+    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+
+
+def warm_up(model, inputs):
+    """Generate two tokens on ``inputs`` (transformers adds its own output-recording hooks on the
+    first call), then record the stock hooks as ``model._test_stock_hooks``; returns ``model``."""
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    model._test_stock_hooks = module_hooks(model)
+    return model
+
+
 def assert_ragged_batch_equals_singles(model, inputs, row, method, options, gen, atol=2e-5):
     """Under ``method``, greedy ``generate`` on the batch ``inputs`` (samples keep different
     visual counts) gives each sample the tokens and logits of its own single-sample run

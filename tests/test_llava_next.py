@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import assert_ragged_batch_equals_singles, make_next_inputs, make_tiny_llava_next, next_image_tokens
+from conftest import (assert_ragged_batch_equals_singles, make_next_inputs, make_tiny_llava_next, module_hooks,
+                      next_image_tokens, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
 # (H, W) per sample: 1x2 crops (one mosaic row survives unpadding), 2x2, 2x1, 1x2 (columns cut)
@@ -23,17 +24,10 @@ PREFIX, SUFFIX = (3, 1, 2, 4), (2, 5, 1, 3)
 GEN = dict(max_new_tokens=4, do_sample=False)
 
 
-def _hooks(model) -> dict[str, tuple[int, int]]:
-    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
-
-
 @pytest.fixture(scope="module")
 def model():
     m = make_tiny_llava_next()
-    with torch.no_grad():  # transformers adds its own output-recording hooks to the tower on the first call
-        m.generate(**_inputs(m, n=1), max_new_tokens=2, do_sample=False)
-    m._test_stock_hooks = _hooks(m)
-    return m
+    return warm_up(m, _inputs(m, n=1))
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +52,7 @@ def _is_stock(model) -> bool:
     base = adapter.base_model(model)
     return (getattr(model, HANDLE_ATTR, None) is None and not model._forward_pre_hooks and not q._forward_hooks
             and not k._forward_hooks and not base._forward_pre_hooks and "get_image_features" not in vars(base)
-            and _hooks(model) == model._test_stock_hooks)
+            and module_hooks(model) == model._test_stock_hooks)
 
 
 def test_layout_counts_match_stock_packing(model):

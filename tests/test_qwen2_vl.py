@@ -16,7 +16,7 @@ import torch
 
 import vlmprune
 from conftest import (EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
-                      make_qwen_inputs, make_tiny_qwen2_vl, qwen_row)
+                      make_qwen_inputs, make_tiny_qwen2_vl, module_hooks, qwen_row, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
 # patch grids (h, w) per sample: 4, 6, 8 and 9 merged tokens (the processor's smallest image has 4)
@@ -29,10 +29,6 @@ ATOL = 2e-5
 DECODER = [("fastv", {"k": 1, "count": 2}), ("fastv", {"k": 2, "drop_ratio": 0.5}), ("sparsevlm", {})]
 
 
-def _hooks(model) -> dict[str, tuple[int, int]]:
-    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
-
-
 FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
 
 
@@ -40,10 +36,7 @@ FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
 def model(request):
     m = make_tiny_qwen2_vl(family=request.param)
     m._test_family = request.param
-    with torch.no_grad():  # transformers adds its own output-recording hooks on the first call
-        m.generate(**_inputs(n=1), max_new_tokens=2, do_sample=False)
-    m._test_stock_hooks = _hooks(m)
-    return m
+    return warm_up(m, _inputs(n=1))
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +50,7 @@ def _inputs(n=4, seed=1):
 
 
 def _is_stock(model) -> bool:
-    return getattr(model, HANDLE_ATTR, None) is None and _hooks(model) == model._test_stock_hooks
+    return getattr(model, HANDLE_ATTR, None) is None and module_hooks(model) == model._test_stock_hooks
 
 
 def _rope_index(model, inputs):
