@@ -110,14 +110,7 @@ def make_tiny_llava_next(*, image_size: int = 42, patch: int = 14, vision_layers
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              image_grid_pinpoints=NEXT_PINPOINTS, image_seq_length=(image_size // patch) ** 2)
-    config.pad_token_id = PAD_ID
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    model.config._attn_implementation = attn
-    model.generation_config.pad_token_id = PAD_ID
-    model.generation_config.eos_token_id = EOS_ID
-    model.eval()
-    return model
+    return build_tiny(LlavaNextForConditionalGeneration, config, seed=seed, attn=attn)
 
 
 def next_image_tokens(model, image_sizes) -> list[int]:
@@ -150,3 +143,124 @@ def make_next_inputs(model, image_sizes, prefix_lens, suffix_lens, seed: int = 1
 @pytest.fixture
 def tiny_llava_next():
     return make_tiny_llava_next()
+
+
+# ------------------------------------------------------------------------------------------ Qwen2-VL
+
+QWEN_VIDEO_ID, QWEN_VISION_START, QWEN_VISION_END = 4, 5, 6
+QWEN_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14: one row of pixel_values
+
+
+def make_tiny_qwen2_vl(*, vision_layers: int = 2, text_layers: int = 4, hidden: int = 32, heads: int = 4,
+                       kv_heads: int = 2, seed: int = 0, attn: str = "sdpa", family: str = "qwen2_vl"):
+    """A randomly initialised Qwen2VLForConditionalGeneration (``family="qwen2_5_vl"``: its
+    Qwen2.5-VL sibling): a ``vision_layers``-block tower with the 2x2 merger, a Qwen2 decoder
+    with grouped-query heads and M-RoPE (head_dim 8, ``mrope_section`` [2, 1, 1])."""
+    import transformers
+
+    names = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+             "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}[family]
+    config_class, model_class = (getattr(transformers, n) for n in names)
+    vision = dict(depth=vision_layers, embed_dim=hidden, hidden_size=hidden, num_heads=heads, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if family == "qwen2_vl":
+        vision["mlp_ratio"] = 2
+    else:  # 56 px windows (2x2 merged tokens); full attention in block 1 only (not the last)
+        del vision["embed_dim"]  # Qwen2.5-VL: hidden_size is the tower's width, out_hidden_size the LLM's
+        vision.update(out_hidden_size=hidden, intermediate_size=2 * hidden, window_size=56,
+                      fullatt_block_indexes=[1])
+        vision_layers = max(vision_layers, 3)
+        vision["depth"] = vision_layers
+    text = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    config = config_class(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                          video_token_id=QWEN_VIDEO_ID, vision_start_token_id=QWEN_VISION_START,
+                          vision_end_token_id=QWEN_VISION_END)
+    return build_tiny(model_class, config, seed=seed, attn=attn)
+
+
+def build_tiny(model_class, config, *, seed: int = 0, attn: str = "sdpa"):
+    """``model_class(config)`` seeded with ``seed``, attention ``attn``, PAD / EOS set, in eval mode."""
+    config.pad_token_id = PAD_ID
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.config._attn_implementation = attn
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = EOS_ID
+    model.eval()
+    return model
+
+
+def module_hooks(model) -> dict[str, tuple[int, int]]:
+    """Module name -> (forward pre-hooks, forward hooks) of every module of ``model``."""
+    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+
+
+def warm_up(model, inputs):
+    """Generate two tokens on ``inputs`` (transformers adds its own output-recording hooks on the
+    first call), then record the stock hooks as ``model._test_stock_hooks``; returns ``model``."""
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    model._test_stock_hooks = module_hooks(model)
+    return model
+
+
+def assert_ragged_batch_equals_singles(model, inputs, row, method, options, gen, atol=2e-5):
+    """Under ``method``, greedy ``generate`` on the batch ``inputs`` (samples keep different
+    visual counts) gives each sample the tokens and logits of its own single-sample run
+    (``row(inputs, b)``: sample b unpadded) and the same visual count."""
+    import vlmprune
+
+    width = inputs["input_ids"].shape[1]
+    with vlmprune.pruned(model, method, **options) as handle:
+        out = model.generate(**inputs, **gen, return_dict_in_generate=True, output_logits=True)
+        batch_counts = handle.stats.visual_tokens_per_sample()
+        assert len(set(batch_counts)) > 1, batch_counts
+        for b in range(inputs["input_ids"].shape[0]):
+            single = row(inputs, b)
+            one = model.generate(**single, **gen, return_dict_in_generate=True, output_logits=True)
+            assert handle.stats.visual_tokens_per_sample() == [batch_counts[b]]
+            assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
+            for step_b, step_1 in zip(out.logits, one.logits):
+                torch.testing.assert_close(step_1[0], step_b[b], atol=atol, rtol=1e-5)
+
+
+def make_qwen_inputs(grids, prefix_lens, suffix_lens, seed: int = 1):
+    """A left-padded Qwen2-VL batch, one image per sample with patch grid (h, w) from ``grids``:
+    [pad...] BOS prefix <vision_start> <image>*(h*w/4) <vision_end> suffix; ``pixel_values``
+    [sum h*w, 1176], ``image_grid_thw`` [B, 3] = (1, h, w), ``mm_token_type_ids`` (1 at images)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for (h, w), p, s in zip(grids, prefix_lens, suffix_lens):
+        prefix = torch.randint(7, VOCAB, (p,), generator=g).tolist()
+        suffix = torch.randint(7, VOCAB, (s,), generator=g).tolist()
+        rows.append([BOS_ID] + prefix + [QWEN_VISION_START] + [IMAGE_TOKEN_ID] * (h * w // 4) + [QWEN_VISION_END]
+                    + suffix)
+    ids, mask = left_pad(rows)
+    pixels = torch.randn(sum(h * w for h, w in grids), QWEN_PATCH, generator=g)
+    thw = torch.tensor([[1, h, w] for h, w in grids])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": thw,
+            "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int()}
+
+
+def qwen_row(inputs, b):
+    """Sample ``b`` of a ``make_qwen_inputs`` batch, unpadded, with its own pixel rows."""
+    valid = inputs["attention_mask"][b].bool()
+    sizes = inputs["image_grid_thw"].prod(-1).tolist()
+    start = sum(sizes[:b])
+    return {"input_ids": inputs["input_ids"][b:b + 1, valid], "attention_mask": inputs["attention_mask"][b:b + 1, valid],
+            "pixel_values": inputs["pixel_values"][start:start + sizes[b]],
+            "image_grid_thw": inputs["image_grid_thw"][b:b + 1],
+            "mm_token_type_ids": inputs["mm_token_type_ids"][b:b + 1, valid]}
+
+
+@pytest.fixture
+def tiny_qwen2_vl():
+    return make_tiny_qwen2_vl()
+
+
+@pytest.fixture
+def tiny_qwen2_5_vl():
+    return make_tiny_qwen2_vl(family="qwen2_5_vl")

@@ -230,3 +230,29 @@ def test_layer_keys_are_the_rotated_keys():
     torch.testing.assert_close(keys, expected)
     assert compat.layer_keys(cache, 1, (bsz, shape[1], length - 1, shape[3])) is None  # other layout: ignored
     assert compat.layer_keys(None, 1, shape) is None and compat.layer_keys(cache, 99, shape) is None
+
+
+def test_qwen2_vl_rotary_is_llama_rotate_half():
+    """Assumption 11: Qwen2-VL's text attention applies rotary_emb's (cos, sin) [B, L, Dh] of
+    [3, B, L] positions with Llama's rotate-half; every accepted position form maps to [3, B, L]."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as q2
+
+    from conftest import make_tiny_qwen2_vl
+
+    lm = make_tiny_qwen2_vl(text_layers=1, vision_layers=1).model.language_model
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 20, (3, 2, 5), generator=g)
+    x = torch.randn(2, 5, 32, generator=g)
+    cos, sin = lm.rotary_emb(x, position_ids=pos)
+    assert cos.shape == (2, 5, 8)
+    q, k = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    q1, k1 = q2.apply_rotary_pos_emb(q, k, cos, sin)
+    q2_, k2 = compat.apply_rotary(q, k, cos, sin)
+    assert torch.equal(q1, q2_) and torch.equal(k1, k2)
+    text = pos[0]
+    assert torch.equal(compat.mrope_positions(torch.cat([text[None], pos]), 2, 5, "cpu"), pos)
+    assert torch.equal(compat.mrope_positions(pos, 2, 5, "cpu"), pos)
+    assert torch.equal(compat.mrope_positions(text, 2, 5, "cpu"), text.expand(3, 2, 5))
+    assert torch.equal(compat.mrope_positions(None, 2, 5, "cpu"), torch.arange(5).expand(3, 2, 5))
+    assert "position_ids" in inspect.signature(q2.Qwen2VLTextModel.forward).parameters
+    assert "mm_token_type_ids" in inspect.signature(q2.Qwen2VLModel.get_rope_index).parameters

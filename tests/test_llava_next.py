@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import make_next_inputs, make_tiny_llava_next, next_image_tokens
+from conftest import (assert_ragged_batch_equals_singles, make_next_inputs, make_tiny_llava_next, module_hooks,
+                      next_image_tokens, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
 # (H, W) per sample: 1x2 crops (one mosaic row survives unpadding), 2x2, 2x1, 1x2 (columns cut)
@@ -23,17 +24,10 @@ PREFIX, SUFFIX = (3, 1, 2, 4), (2, 5, 1, 3)
 GEN = dict(max_new_tokens=4, do_sample=False)
 
 
-def _hooks(model) -> dict[str, tuple[int, int]]:
-    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
-
-
 @pytest.fixture(scope="module")
 def model():
     m = make_tiny_llava_next()
-    with torch.no_grad():  # transformers adds its own output-recording hooks to the tower on the first call
-        m.generate(**_inputs(m, n=1), max_new_tokens=2, do_sample=False)
-    m._test_stock_hooks = _hooks(m)
-    return m
+    return warm_up(m, _inputs(m, n=1))
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +52,7 @@ def _is_stock(model) -> bool:
     base = adapter.base_model(model)
     return (getattr(model, HANDLE_ATTR, None) is None and not model._forward_pre_hooks and not q._forward_hooks
             and not k._forward_hooks and not base._forward_pre_hooks and "get_image_features" not in vars(base)
-            and _hooks(model) == model._test_stock_hooks)
+            and module_hooks(model) == model._test_stock_hooks)
 
 
 def test_layout_counts_match_stock_packing(model):
@@ -136,19 +130,7 @@ def test_packing_is_the_stock_packing_of_the_kept_patches(model, newlines):
 @pytest.mark.parametrize("method,options", [("prumerge+", {}), ("cls-topk", {"keep": 4}), ("spatial", {"keep": 0.5}),
                                             ("fastv", {"k": 1, "count": 10}), ("sparsevlm", {})])
 def test_ragged_batch_equals_single_samples(model, method, options):
-    inputs = _inputs(model)
-    width = inputs["input_ids"].shape[1]
-    with vlmprune.pruned(model, method, **options) as handle:
-        out = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
-        batch_counts = handle.stats.visual_tokens_per_sample()
-        assert len(set(batch_counts)) > 1, batch_counts
-        for b in range(len(SIZES)):
-            single = _row(inputs, b)
-            one = model.generate(**single, **GEN, return_dict_in_generate=True, output_logits=True)
-            assert handle.stats.visual_tokens_per_sample() == [batch_counts[b]]
-            assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
-            for step_b, step_1 in zip(out.logits, one.logits):
-                torch.testing.assert_close(step_1[0], step_b[b], atol=2e-5, rtol=1e-5)
+    assert_ragged_batch_equals_singles(model, _inputs(model), _row, method, options, GEN)
 
 
 @pytest.mark.parametrize("method,options", [("prumerge", {}), ("random", {"keep": 3, "seed": 2}),
@@ -198,7 +180,7 @@ def test_budget_is_per_crop(model):
 
 def test_family_options_and_support_listed():
     listed = {m["name"]: m["families"] for m in vlmprune.list_methods()}
-    assert listed["prumerge+"] == {"llava": "yes", "llava-next": "yes"}
+    assert listed["prumerge+"]["llava"] == "yes" and listed["prumerge+"]["llava-next"] == "yes"
     assert listed["atp"]["llava"] == "yes" and listed["atp"]["llava-next"].startswith("ATP's modules")
     next_model = make_tiny_llava_next(text_layers=2, vision_layers=2)
     with pytest.raises(ValueError, match="newlines must be 'keep' or 'rows', got 'all'"):

@@ -9,8 +9,10 @@ from . import registry
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """Every registered method with its stage, summary, options (name -> default) and ``families``
-    (model family -> ``"yes"``, or why the method cannot run on it)."""
+    """Every registered method with its stage, summary, options (name -> default), ``families``
+    (model family -> ``"yes"``, or why the method cannot run on it) and, for the vision methods
+    driven by [CLS] attention, ``scores`` (family -> the importance score it uses there, e.g. a
+    substitute on families without [CLS])."""
     from .integrations.base import adapters
 
     known = adapters()
@@ -18,8 +20,11 @@ def list_methods() -> list[dict[str, Any]]:
     for name in registry.method_names():
         info = registry.get_method(name)
         families = {a.family: a.method_problem(name) or "yes" for a in known}
-        out.append({"name": name, "stage": info.stage, "summary": info.summary, "options": info.options(),
-                    "families": families})
+        entry = {"name": name, "stage": info.stage, "summary": info.summary, "options": info.options(),
+                 "families": families}
+        if info.stage == "vision" and getattr(info.build(), "needs_signals", False):
+            entry["scores"] = {a.family: a.importance_score for a in known if families[a.family] == "yes"}
+        out.append(entry)
     return out
 
 
@@ -27,7 +32,7 @@ def apply(model: Any, method: str, **options: Any):
     """Prune ``model`` in place with ``method``; returns a handle (``.stats``, ``.remove()``).
 
     ``model`` is a transformers vision-language model of a supported family (LLaVA-1.5,
-    LLaVA-NeXT). ``method`` is a name or a spec string ``"NAME:key=value,..."``
+    LLaVA-NeXT, Qwen2-VL; ``list_methods()`` says which method runs on which). ``method`` is a name or a spec string ``"NAME:key=value,..."``
     (``vlmprune.registry.SPEC_GRAMMAR``; keyword ``options`` override the spec's). ``options`` are
     the method's, plus the model family's own (``ModelAdapter.family_options``, e.g. LLaVA-NeXT's
     ``newlines="keep" | "rows"``). Pruning stays active until ``handle.remove()``, which restores the model

@@ -13,7 +13,14 @@ Everything the stages need to know about a family's visual tokens comes from the
 ``layout.VisualLayout``), ``encode`` (pixels -> per-unit features), ``pack`` (a method's per-unit
 reduction -> the per-image tokens the LLM receives), ``cls_index`` (where a tower's [CLS] sits),
 ``rotary`` (the language model's rotary function) and ``method_problem`` (methods that cannot run
-on the family, with the reason).
+on the family, with the reason). Families whose positions are not Llama's ``[B, L]`` or whose
+tokens keep their own positions (Qwen2-VL's M-RoPE) also say: ``lm_positions`` /
+``layer_position_ids`` / ``lm_layout`` (the decoder stage's positions in the family's form),
+``compact_positions`` (whether survivors may be renumbered), ``pack_slots`` (which placeholder
+slot each kept token takes), ``prompt_positions`` / ``after_rewrite`` / ``sequence_inputs``
+(the vision stage's rewrite of positions and per-token inputs), ``image_geometry`` (keywords that
+describe the images, e.g. ``image_grid_thw``) and ``encode_with_signals`` / ``importance_score``
+(the score the [CLS]-based methods use).
 
 A **handle** (``PruneHandle``) is what ``vlmprune.apply`` returns. It is attached to the model
 under ``HANDLE_ATTR`` (so applying twice is detected), owns every hook and patch the stage
@@ -48,7 +55,8 @@ __all__ = [
 HANDLE_ATTR = "_vlmprune_handle"
 
 #: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
-_ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next")
+_ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next",
+                    "vlmprune.integrations.qwen2_vl")
 
 
 class UnsupportedModelError(ValueError):
@@ -115,6 +123,18 @@ class ModelAdapter:
     #: Names of the family's own options, which ``vlmprune.apply`` accepts next to the method's
     #: (``configure``); e.g. LLaVA-NeXT's ``newlines``.
     family_options: tuple[str, ...] = ()
+    #: Whether a decoder-stage method may renumber positions contiguously (``positions="compact"``);
+    #: when False the decoder stage keeps every survivor's original positions.
+    compact_positions: bool = True
+    #: Keywords of ``image_features_method`` beyond the pixels that describe the images' geometry
+    #: (e.g. Qwen2-VL's ``image_grid_thw``); the vision stage passes them to ``image_layout``.
+    image_geometry: tuple[str, ...] = ()
+    #: Per-token [B, L] keywords of the model's forward that the vision stage's rewrite compacts
+    #: with ``input_ids`` (e.g. Qwen2-VL's ``mm_token_type_ids``).
+    sequence_inputs: tuple[str, ...] = ()
+    #: What the [CLS]-based vision methods (cls-topk, prumerge, prumerge+) score tokens by on this
+    #: family (``encode_with_signals``; shown by ``list_methods()``).
+    importance_score: str = "[CLS] attention of the last vision layer"
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:
@@ -229,6 +249,27 @@ class ModelAdapter:
         """The language model's rotary function ``(hidden, position_ids) -> (cos, sin)``, or None."""
         return getattr(self.get_language_model(model), "rotary_emb", None)
 
+    def lm_positions(self, position_ids: Tensor | None, bsz: int, length: int, device: Any) -> Tensor:
+        """The ``position_ids`` a language-model forward received -> the family's form, here
+        [B, L] long (Llama-style rope); None -> 0..L-1 (what the model derives on an empty cache)."""
+        if position_ids is None:
+            return torch.arange(length, device=device)[None, :].expand(bsz, length)
+        return position_ids.to(device).expand(bsz, length)
+
+    def layer_position_ids(self, positions: Tensor) -> Tensor | None:
+        """What a decoder layer receives as ``position_ids`` for ``positions`` in the family's form
+        (here the same [B, L] tensor)."""
+        return positions
+
+    def lm_layout(self, model: Any, visual: Tensor, position_ids: Tensor | None = None,
+                  rotary: Any = None) -> VisualLayout:
+        """The decoder stage's layout of one prefill: the visual columns ``visual`` [B, L] bool,
+        the positions in the family's form (``lm_positions`` of the language model's
+        ``position_ids``) and the rotary function (``rotary``, default ``self.rotary(model)``)."""
+        bsz, length = visual.shape
+        positions = self.lm_positions(position_ids, bsz, length, visual.device)
+        return VisualLayout().with_sequence(visual, positions, rotary if rotary is not None else self.rotary(model))
+
     def visual_columns(self, model: Any, input_ids: Tensor) -> Tensor:
         """input_ids [B, L] -> [B, L] bool, the columns holding visual placeholders."""
         return input_ids == self.image_token_id(model)
@@ -240,9 +281,10 @@ class ModelAdapter:
         return layout.with_sequence(self.visual_columns(model, input_ids), position_ids, self.rotary(model))
 
     def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
-                     strategy: str | None = None) -> VisualLayout:
+                     strategy: str | None = None, **geometry: Any) -> VisualLayout:
         """The tower passes of ``pixel_values`` [I, 3, H, W]: one unit per image, every image with
-        ``tokens_per_image`` placeholders (LLaVA-1.5's rule). ``image_sizes`` is refused."""
+        ``tokens_per_image`` placeholders (LLaVA-1.5's rule). ``image_sizes`` is refused;
+        ``geometry`` holds the family's ``image_geometry`` keywords (none here)."""
         if image_sizes is not None:
             raise ValueError(f"vlmprune: image_sizes (variable-resolution towers) is not supported by the "
                              f"{self.family} adapter")
@@ -308,6 +350,37 @@ class ModelAdapter:
         if min(counts) < width:  # ragged batch: each image's rows past its own count are padding too
             padded[:, :width].masked_fill_(~reduction.mask[..., None], float("nan"))
         return list(padded), counts
+
+    def encode_with_signals(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
+                            layout: VisualLayout) -> tuple[Tensor, Any]:
+        """``encode`` plus the importance signals the [CLS]-based methods read
+        (``vision.VisionSignals``: cls_attn [U, N], keys [U, N, C]): here the [CLS] row of the last
+        encoder layer's attention, from hooks on its q / k projections."""
+        from .vision import capture_signals, signals_from_qk
+
+        with capture_signals(self, model) as store:
+            features = self.encode(model, pixel_values, layer, strategy, layout)
+        return features, signals_from_qk(store["q_cls"], store["k"], self.cls_index)
+
+    def pack_slots(self, model: Any, projected: Tensor, reduction: Any, counts: list[int],
+                   layout: VisualLayout) -> tuple[list[Tensor], list[int], list[Tensor | None]]:
+        """``pack`` plus each image's kept placeholder slots: None = its first ``counts[i]``
+        (the kept tokens take the first placeholders), else [counts[i]] long row indices of its
+        finite rows (``vision.image_token_slots``)."""
+        per_image, counts = self.pack(model, projected, reduction, counts, layout)
+        return per_image, counts, [None] * len(per_image)
+
+    def prompt_positions(self, model: Any, kwargs: dict[str, Any]) -> Tensor | None:
+        """The position ids of the unpruned prompt in the forward's ``kwargs``, in the forward's own
+        form, for families whose survivors keep their positions (``compact_positions`` False);
+        None: the model derives them."""
+        return None
+
+    def after_rewrite(self, model: Any, plan: Any, positions: Tensor | None = None) -> None:
+        """Called once the vision stage rewrote a prefill (``vision.Plan``: what it deleted;
+        ``positions``: the unpruned prompt's, in the forward's form, or None), for state the family
+        keeps across calls (e.g. Qwen2-VL's ``rope_deltas``). Nothing here."""
+        return None
 
     def project(self, model: Any, features: Tensor) -> Tensor:
         """Pre-projector features [B, M, D] -> LLM-space tokens [B, M, D_text]."""

@@ -19,7 +19,7 @@ Assumptions, each with the test that guards it:
    ``test_integration_vision.py`` (which broke silently on 5.24 when the hooks read the old name).
 2. **Keyword names the hooks read or rewrite** (``K``): the multimodal model's forward takes
    ``input_ids``, ``inputs_embeds``, ``pixel_values``, ``attention_mask`` (2-D ``[B, L]`` from
-   ``generate``), ``position_ids`` (``[B, L]``), ``labels``, ``image_sizes``,
+   ``generate``), ``position_ids`` (``[B, L]``; M-RoPE families: assumption 11), ``labels``, ``image_sizes``,
    ``vision_feature_layer``, ``vision_feature_select_strategy`` and ``mm_encoder_outputs`` (a dict
    ``modality -> output of get_image_features``; ``generate`` encodes the images once and passes
    the result on every step); the language model's decoder layers take ``hidden_states`` (first
@@ -74,6 +74,44 @@ Assumptions, each with the test that guards it:
     (``anyres_crops``, ``unpad_window``). Guarded by
     ``test_llava_next.py::test_keep_all_gives_identical_logits_and_tokens`` and
     ``::test_layout_counts_match_stock_packing``.
+11. **Qwen2-VL M-RoPE** (``models/qwen2_vl/modeling_qwen2_vl.py``): the base model computes
+    ``position_ids`` [3, B, L] with ``get_rope_index(input_ids, mm_token_type_ids,
+    image_grid_thw, video_grid_thw, attention_mask)`` (vision tokens at (t, h, w) offsets, text
+    continuing after the largest vision position) and stores ``rope_deltas`` [B, 1] (max position
+    + 1 - unpadded length); ``generate`` passes [4, B, L] (row 0 the 1-D text positions) and
+    extends every row by one per step, so decoding continues after the unpruned maximum position
+    whatever the cache holds; a forward without ``position_ids`` on a filled cache uses layer 0's
+    cache length (or the mask's cumsum) + ``rope_deltas``. The language model's ``rotary_emb(x,
+    position_ids [3, B, L])`` returns (cos, sin) [B, L, Dh] (the ``mrope_section`` axes already
+    interleaved), which the attention applies with Llama's rotate-half (so ``attention_rows`` and
+    the cached keys need nothing else); decoder layers receive ``position_ids`` = the text row or
+    None, read by flash attention only (``mrope_positions``). Guarded by
+    ``test_qwen2_vl.py::test_survivors_keep_their_get_rope_index_positions``,
+    ``::test_fastv_k0_equals_stock_model_on_prepruned_sequence`` and
+    ``test_compat.py::test_qwen2_vl_rotary_is_llama_rotate_half``.
+12. **Qwen2-VL vision tower** (same file): ``model.visual(pixel_values, grid_thw=image_grid_thw)``
+    returns ``pooler_output`` [sum t*h*w/4, D_text], the ``PatchMerger`` output (already in LLM
+    space), image after image, each in raster order of its merged (h/2, w/2) grid — the order of
+    ``get_rope_index``'s vision positions and of the image's placeholders; ``get_image_features``
+    splits it per image into ``pooler_output`` and the forward scatters the concatenation into the
+    placeholders in order (``qwen_vision_tokens``, ``qwen_rope_index``). Guarded by
+    ``test_qwen2_vl.py::test_vision_keep_all_gives_identical_logits_and_tokens`` and
+    ``::test_vision_survivors_keep_their_positions``.
+13. **Qwen2-VL vision attention** (same file; Qwen2.5-VL's is the same): a block's ``attn``
+    (``VisionAttention``) is called with ``cu_seqlens`` (second positional or keyword) and
+    ``position_embeddings`` (cos, sin) [S, Dh]; its fused ``qkv`` linear gives [S, 3 * C] read as
+    ``reshape(S, 3, heads, Dh)``; q, k are rotated by ``apply_rotary_pos_emb_vision``; scaling
+    ``attn.scaling``; attention is within each ``cu_seqlens`` segment, non-causal
+    (``qwen_vision_qk``). Guarded by ``test_qwen2_vl.py::test_substitute_score_is_the_blocks_attention``.
+14. **Qwen2.5-VL's windowed tower** (``models/qwen2_5_vl/modeling_qwen2_5_vl.py``): as Qwen2-VL, but
+    the tower permutes the merge groups (2x2 patch rows, contiguous) into window order with
+    ``transformers.vision_utils.get_vision_window_index(grid_thw, spatial_merge_size, window_size,
+    patch_size)`` before the blocks, attends within windows except in
+    ``vision_config.fullatt_block_indexes`` (whole image, ``cu_seqlens``), and undoes the order
+    after the merger with ``argsort(window_index)`` (``qwen_window_index``); ``get_rope_index``
+    takes ``second_per_grid_ts`` before ``attention_mask``. Guarded by
+    ``test_qwen2_vl.py::test_tower_order_is_the_mergers_order`` and the whole module run on the
+    Qwen2.5-VL fixture.
 """
 
 from __future__ import annotations
@@ -84,7 +122,8 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
-           "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window"]
+           "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
+           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -201,3 +240,61 @@ def unpad_window(height: int, width: int, image_size: Any) -> Any:
 
     grid = torch.arange(height * width).view(1, height, width)
     return unpad_image(grid, [int(x) for x in image_size])[0]
+
+
+def mrope_positions(position_ids: Any, bsz: int, length: int, device: Any) -> Any:
+    """The ``position_ids`` a Qwen2-VL language model received -> M-RoPE [3, B, L] long (assumption 11).
+
+    ``Qwen2VLTextModel.forward`` takes [3, B, L] (temporal, height, width), [4, B, L] (``generate``:
+    row 0 the text positions for the mask, rows 1-3 the M-RoPE ones), [1, B, L] or [B, L] (one
+    position for all three axes), or None (0..L-1 on an empty cache).
+    """
+    import torch
+
+    if position_ids is None:
+        return torch.arange(length, device=device).view(1, 1, length).expand(3, bsz, length)
+    pos = position_ids.to(device)
+    if pos.dim() == 2:
+        pos = pos[None]
+    if pos.shape[0] == 4:
+        pos = pos[1:]
+    return pos.expand(3, bsz, length)
+
+
+def qwen_rope_index(base: Any, input_ids: Any, mm_token_type_ids: Any, image_grid_thw: Any, video_grid_thw: Any,
+                    attention_mask: Any) -> tuple[Any, Any]:
+    """Qwen2-VL's own M-RoPE positions of a prompt: (position_ids [3, B, L], rope_deltas [B, 1])
+    from ``Qwen2VLModel.get_rope_index`` (assumption 11)."""
+    # keywords: Qwen2.5-VL's signature has second_per_grid_ts before attention_mask
+    return base.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                               video_grid_thw=video_grid_thw, attention_mask=attention_mask)
+
+
+def qwen_vision_tokens(visual: Any, pixel_values: Any, grid_thw: Any) -> Any:
+    """Qwen2-VL's vision tower, merger included: pixel_values [sum patches, C*T*P*P], grid_thw
+    [I, 3] -> merged tokens [sum t*h*w/m^2, D_text], image by image, each in the raster order of
+    its merged (t*h/m, w/m) grid (assumption 12)."""
+    out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw, return_dict=True)
+    return out.pooler_output
+
+
+def qwen_vision_qk(qkv: Any, num_heads: int, position_embeddings: Any) -> tuple[Any, Any, Any]:
+    """A Qwen2-VL vision block's fused ``qkv`` output [S, 3 * C] and its (cos, sin) [S, Dh] ->
+    (q, k rotated as the block rotates them, k before rotary), each [S, heads, Dh] (assumption 13)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    q, k, _ = qkv.reshape(qkv.shape[0], 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q_rot, k_rot = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q_rot, k_rot, k
+
+
+def qwen_window_index(visual: Any, grid_thw: Any) -> Any:
+    """Qwen2.5-VL's window order of the merge groups inside its tower: [G] long, tower row g holds
+    merge group ``window_index[g]`` (groups numbered image by image in merged-grid raster order;
+    assumption 14)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    return window_index

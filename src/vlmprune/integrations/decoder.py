@@ -19,7 +19,12 @@ The machinery then, per sample, gathers the survivors (original order; text is n
 left-pads the batch to the longest sample (ragged counts), and from layer ``p`` on feeds every
 layer its own ``attention_mask`` (causal + padding; None when a segment has no padding, so sdpa
 keeps its ``is_causal`` fast path), ``position_ids`` and rotary embeddings: survivors keep their
-**original** position ids by default (a method may ask for compacted positions). Each layer's KV
+**original** position ids by default (a method may ask for compacted positions, where the family
+allows it: ``adapter.compact_positions``). Positions and the rotary function come from the
+adapter's layout of the prefill (``adapter.lm_layout``: ``[B, L]`` for Llama-style rope, M-RoPE
+``[3, B, L]``, written ``[*P, B, L]`` here): every row is gathered with the survivors, and each
+layer's rotary tables are gathered from the previous layout's rows (or computed with the layout's
+rotary function from its positions). Each layer's KV
 cache therefore holds that layer's own length. During decoding each layer gets a mask over its own
 cache (its prefill slots' validity followed by the generated tokens) and, when positions were
 compacted, position ids shifted by its own offset, so decoding continues from the original
@@ -69,6 +74,7 @@ from torch import Tensor
 from ..methods.common import gather_rows
 from .base import ModelAdapter, PruneHandle, PruneStats
 from .compat import K, get_cache, layer_keys, output_cache
+from .layout import VisualLayout
 
 __all__ = [
     "LayerView",
@@ -105,7 +111,8 @@ class LayerView:
     after_image: Tensor  # [B, L] bool: a text token after the sample's last image token
     prompt: Tensor  # [B, L] bool: a token of the prompt (eligible as a scoring query)
     source: Tensor  # [B, L] long: index in the original (padded) input; -1 for padding / inserted
-    positions: Tensor  # [B, L] long: position ids the next layer uses
+    positions: Tensor  # [*P, B, L] long: position ids the next layer uses, in the family's form
+    # ([B, L] for Llama-style rope, [3, B, L] for M-RoPE: the adapter's ``lm_positions``)
     last: Tensor  # [B] long: column of each sample's last prompt token
     num_visual0: Tensor  # [B] long: visual tokens of each sample before any pruning
     context: Any = None  # what ``method.prepare`` returned for this prefill
@@ -120,7 +127,8 @@ class Decision:
     mask, whose ``log(m + 1e-6)`` is added to the attention logits of those keys in every later
     layer (the query's own position is never masked). ``extra`` [B, E, D] with ``extra_valid``
     [B, E]: tokens inserted right after each sample's last alive visual token (they count as
-    visual); ``extra_positions`` [B, E]: their position ids when positions are kept original.
+    visual); ``extra_positions`` [*P, B, E]: their position ids (the family's form, as
+    ``LayerView.positions``) when positions are kept original.
     ``info``: anything to record in ``handle.state.decisions`` (e.g. raters, cluster sizes); tensors
     there are turned into lists when the prefill ends (no host synchronisation mid-prefill).
     """
@@ -302,9 +310,9 @@ class Segment:
     recycled: Tensor  # [B, L] bool
     prompt: Tensor  # [B, L] bool
     after_image: Tensor  # [B, L] bool
-    positions: Tensor  # [B, L] long
+    positions: Tensor  # [*P, B, L] long, the family's form (see ``LayerView.positions``)
     soft: Tensor | None  # [B, L] cumulative soft keep (visual keys), or None
-    shift: Tensor  # [B] long: original position of the last token minus this layout's
+    shift: Tensor  # [*P, B] long: original position of the last token minus this layout's
     identity: bool  # the untouched input layout: the model's own mask / rotary apply
     mask: Any = None  # prefill attention mask for this layout (None -> is_causal)
     pos_emb: tuple[Tensor, Tensor] | None = None
@@ -338,7 +346,8 @@ class DecoderState:
     captured: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     pos_emb_used: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     context: Any = None
-    last_pos: Tensor | None = None  # [B] original position of each sample's last token
+    layout: VisualLayout | None = None  # the prefill's columns, positions and rotary (``adapter.lm_layout``)
+    last_pos: Tensor | None = None  # [*P, B] original position of each sample's last token
     num_visual0: Tensor | None = None  # [B] visual tokens of each sample before any pruning
     decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
     cache_ref: Any = None  # weakref to the prefill's cache
@@ -352,6 +361,7 @@ class DecoderState:
         self.captured = {}
         self.pos_emb_used = {}
         self.context = None
+        self.layout = None
         self.decisions = {}
         self.cache_ref = None
         self.final_source = None
@@ -390,6 +400,9 @@ class DecoderHandle(PruneHandle):
         self.state = DecoderState()
         self.base, self.lm, self.layers, self.num_layers = base, lm, layers, num_layers
         self.rotary = rotary
+        #: the position rule in force: the method's, unless the family keeps original positions only
+        #: (``adapter.compact_positions`` False, e.g. M-RoPE: survivors keep their own 3-D positions)
+        self.positions = method_obj.positions if adapter.compact_positions else "original"
         self.image_token_id = adapter.image_token_id(model)
         self.embed = adapter.get_input_embeddings(model)
         self.points = points
@@ -431,6 +444,12 @@ class DecoderHandle(PruneHandle):
         mask = kwargs.get(K.ATTENTION_MASK)
         cache = get_cache(kwargs)
         st.pending_visual, st.pending_prompt_len = None, None
+        ref = ids if ids is not None else embeds
+        if (kwargs.get(K.POSITION_IDS) is None and ref is not None and cache is not None and st.cache_ref is not None
+                and st.cache_ref() is cache and ref.shape[0] == st.segments[0].source.shape[0]):
+            # a decode step on the pruned cache without positions: the base model would derive them
+            # from layer 0's (possibly pruned) cache length; give it the original continuation
+            return args, {**kwargs, K.POSITION_IDS: self._decode_positions(cache, ref.shape[1], ref.device)}
         if ids is not None:
             visual = self.adapter.visual_columns(self.model, ids)
         elif embeds is not None:
@@ -512,20 +531,19 @@ class DecoderHandle(PruneHandle):
             valid = valid[:, -length:]
         source = torch.where(valid, cols[None, :], torch.full_like(cols[None, :], -1)).expand(bsz, length)
         visual = visual.to(dev) & valid
-        if position_ids is None:
-            positions = cols[None, :].expand(bsz, length)
-        else:
-            positions = position_ids.to(dev).expand(bsz, length)
+        # the family's positions ([B, L] or M-RoPE [3, B, L]) and rotary function, from the adapter
+        st.layout = self.adapter.lm_layout(self.model, visual, position_ids, self.rotary)
+        positions = st.layout.positions
         last_vis = torch.where(visual, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1)  # [B]
         after = valid & ~visual & (cols[None, :] > last_vis[:, None]) & (last_vis[:, None] >= 0)
         prompt = valid if prompt_len is None else valid & (cols[None, :] < prompt_len)
         root = Segment(first_layer=0, source=source, valid=valid, visual=visual,
                        recycled=torch.zeros_like(visual), prompt=prompt, after_image=after, positions=positions,
-                       soft=None, shift=torch.zeros(bsz, dtype=torch.long, device=dev), identity=True)
+                       soft=None, shift=torch.zeros_like(positions[..., -1]), identity=True)
         st.segments = [root]
         st.layer_segment = [0] * self.num_layers
         st.orig_len = length
-        st.last_pos = positions[:, -1].clone()
+        st.last_pos = positions[..., -1].clone()
         st.num_visual0 = visual.sum(1)
         if getattr(type(self.method_obj), "prepare", None) is not DecoderMethodBase.prepare:  # skip the no-op
             st.context = self.method_obj.prepare(embeds, self._view(0, embeds, root))
@@ -556,7 +574,7 @@ class DecoderHandle(PruneHandle):
         kwargs = dict(kwargs)
         kwargs[K.ATTENTION_MASK] = seg.mask
         kwargs[K.POSITION_EMBEDDINGS] = seg.pos_emb
-        kwargs[K.POSITION_IDS] = seg.positions
+        kwargs[K.POSITION_IDS] = self.adapter.layer_position_ids(seg.positions)
         if args:
             args = (hidden,) + tuple(args[1:])
         else:
@@ -640,7 +658,7 @@ class DecoderHandle(PruneHandle):
         key = torch.where(keep, cols[None, :] * 2, torch.full_like(cols[None, :], -1)).expand(bsz, length)
         cand = [hidden]
         source, valid, visual, recycled = [seg.source], [keep], [seg.visual], [seg.recycled]
-        prompt, after, positions = [seg.prompt], [seg.after_image], [seg.positions]
+        prompt, after, positions = [seg.prompt], [seg.after_image], [seg.positions]  # positions: [*P, B, *]
         softs = [soft] if soft is not None else None
         if n_extra:
             # insert after each sample's last visual token (of the layout before dropping)
@@ -657,7 +675,7 @@ class DecoderHandle(PruneHandle):
             if dec.extra_positions is not None:
                 positions.append(dec.extra_positions.to(dev).long())
             else:
-                positions.append(seg.positions.gather(1, last_vis.clamp(min=0)[:, None]).expand(bsz, n_extra))
+                positions.append(_take_positions(seg.positions, last_vis.clamp(min=0)[:, None].expand(bsz, n_extra)))
             if softs is not None:
                 softs.append(torch.ones(bsz, n_extra, dtype=torch.float32, device=dev))
         order = torch.sort(key, dim=1, stable=True).indices[:, -new_len:]  # pads (-1) first, then in order
@@ -671,19 +689,19 @@ class DecoderHandle(PruneHandle):
         new_valid = take(valid)
         new_source = torch.where(new_valid, take(source), -1)
         new_visual = take(visual) & new_valid
-        new_positions = take(positions)
-        if self.method_obj.positions == "compact":
-            base = torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, 1 << 40)).amin(1)
+        new_positions = _take_positions(torch.cat(positions, dim=-1) if n_extra else seg.positions, order)
+        if self.positions == "compact":
+            base = torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, 1 << 40)).amin(-1)  # [*P, B]
             base = torch.where(base == (1 << 40), 0, base)
-            new_positions = torch.where(new_valid, base[:, None] + new_valid.long().cumsum(1) - 1, base[:, None])
+            new_positions = torch.where(new_valid, base[..., None] + new_valid.long().cumsum(1) - 1, base[..., None])
         new = Segment(first_layer=p, source=new_source, valid=new_valid, visual=new_visual,
                       recycled=take(recycled) & new_valid, prompt=take(prompt) & new_valid,
                       after_image=take(after) & new_valid, positions=new_positions,
                       soft=take(softs) if softs is not None else None,
-                      shift=(self.state.last_pos - new_positions[:, -1]) if self.method_obj.positions == "compact"
+                      shift=(self.state.last_pos - new_positions[..., -1]) if self.positions == "compact"
                       else torch.zeros_like(seg.shift), identity=False)
         pos_emb = None
-        if n_extra == 0 and self.method_obj.positions == "original" and seg.pos_emb is not None:
+        if n_extra == 0 and self.positions == "original" and seg.pos_emb is not None:
             # survivors keep their positions, so their rotary rows are the old layout's rows
             pos_emb = tuple(gather_rows(t.expand(bsz, -1, -1), order) for t in seg.pos_emb)
         self._finish_segment(new, new_hidden, all_valid=min_len == new_len, pos_emb=pos_emb)
@@ -703,7 +721,7 @@ class DecoderHandle(PruneHandle):
                 seg.mask = causal[None, None] & seg.valid[:, None, None, :]
         else:
             seg.mask = _soft_mask(seg.valid, bias, hidden.dtype, q_len=length, past=0)
-        seg.pos_emb = pos_emb if pos_emb is not None else self.rotary(hidden, position_ids=seg.positions)
+        seg.pos_emb = pos_emb if pos_emb is not None else self.state.layout.rotary(hidden, position_ids=seg.positions)
 
     def _finish_prefill(self, output: Any) -> None:
         st = self.state
@@ -725,6 +743,14 @@ class DecoderHandle(PruneHandle):
         self.stats.record_layers(vis, tok, kept_at)
 
     # ---------------------------------------------------------------- decode
+    def _decode_positions(self, cache: Any, q_len: int, device: Any) -> Tensor:
+        """[*P, B, q_len] positions of the next decode tokens in the family's form: after the
+        original (unpruned) last position, counting the tokens appended since the prefill (read
+        from the last layer's cache, its own length)."""
+        st = self.state
+        past_new = cache.get_seq_length(self.num_layers - 1) - st.segments[st.layer_segment[-1]].length
+        return (st.last_pos.to(device) + 1 + past_new)[..., None] + torch.arange(q_len, device=device)
+
     def _begin_decode_step(self, args: tuple, kwargs: dict, embeds: Tensor, cache: Any):
         st = self.state
         q_len = embeds.shape[1]
@@ -741,10 +767,12 @@ class DecoderHandle(PruneHandle):
         pos = kwargs.get(K.POSITION_IDS)
         new_kwargs = None
         if pos is None:
-            pos = (st.last_pos + 1 + past_new)[:, None] + torch.arange(q_len, device=dev)[None, :]
+            pos = self._decode_positions(cache, q_len, dev)  # after the original last position, [*P, B, q]
             new_kwargs = dict(kwargs)
             new_kwargs[K.POSITION_IDS] = pos
-        st.step = {"q_len": q_len, "past_new": past_new, "tail": tail, "pos": pos.expand(bsz, q_len),
+        else:
+            pos = self.adapter.lm_positions(pos, bsz, q_len, dev)  # the family's form, [*P, B, q]
+        st.step = {"q_len": q_len, "past_new": past_new, "tail": tail, "pos": pos,
                    "mask": {}, "rot": {}}
         if new_kwargs is not None:
             return args, new_kwargs
@@ -774,19 +802,24 @@ class DecoderHandle(PruneHandle):
                                              past=seg.length + step["past_new"])
             if bool((seg.shift != 0).any()):
                 hidden = args[0] if args else kwargs[K.HIDDEN_STATES]
-                step["rot"][s] = self.rotary(hidden, position_ids=step["pos"] - seg.shift[:, None])
+                step["rot"][s] = st.layout.rotary(hidden, position_ids=step["pos"] - seg.shift[..., None])
             else:
                 step["rot"][s] = None
         kwargs = dict(kwargs)
         kwargs[K.ATTENTION_MASK] = step["mask"][s]
         if step["rot"][s] is not None:
             kwargs[K.POSITION_EMBEDDINGS] = step["rot"][s]
-            kwargs[K.POSITION_IDS] = step["pos"] - seg.shift[:, None]
+            kwargs[K.POSITION_IDS] = self.adapter.layer_position_ids(step["pos"] - seg.shift[..., None])
         return args, kwargs
 
     def remove(self) -> None:
         super().remove()
         self.state = DecoderState()
+
+
+def _take_positions(positions: Tensor, order: Tensor) -> Tensor:
+    """positions [*P, B, L] (any family form), columns order [B, L'] -> [*P, B, L'] (same columns per row)."""
+    return positions.gather(-1, order.expand(*positions.shape[:-2], *order.shape))
 
 
 def _last_true(mask: Tensor) -> Tensor:

@@ -91,7 +91,7 @@ class LlavaNextAdapter(ModelAdapter):
         return Mosaic(crops=crops, gh=gh, gw=gw, window=unpad_window(gh * h, gw * w, image_size))
 
     def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
-                     strategy: str | None = None) -> VisualLayout:
+                     strategy: str | None = None, **geometry: Any) -> VisualLayout:
         """Units: per image its base image (crop 0) and mosaic crops; placeholders per image:
         N + H' * (W' + 1) (one newline per mosaic row), or N + 1 for an image without mosaic."""
         if image_sizes is None:

@@ -11,27 +11,37 @@ plain forward reaches through the pre-hook):
    ``layout.VisualLayout`` of U tower passes — one per image for LLaVA-1.5, base image + crops for
    LLaVA-NeXT — each with its grid, [CLS] flag and index, and each image's placeholder count).
 1. The vision tower runs once over the U units (its own attention implementation). If the method
-   needs [CLS] signals, forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are
+   needs [CLS] signals, the adapter computes them (``adapter.encode_with_signals``; a family
+   without [CLS] supplies a documented substitute, ``adapter.importance_score``). By default
+   forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are
    registered for the duration of this call only: they keep the [CLS] query row (at the
    adapter's ``cls_index``) and ``k`` (all keys), raw linear outputs [U, 1+N, C]. Spec §1: that
    layer's input is the penultimate hidden state, i.e. the very features LLaVA feeds the
    projector, and its keys are what the official PruMerge code uses. Only the [CLS] row of the attention is computed (``cls_attention``).
-2. The method reduces the pre-projector features [U, N, D] (every unit has the same grid) to a
-   padded ``Reduction`` (tokens [U, M, D], counts [U]); the projector runs on the reduced tokens
-   only.
+2. The method reduces the features [U, N, D] to a padded ``Reduction`` (tokens [U, M, D], counts
+   [U]); units of different grids (dynamic-resolution families) are reduced group by group, one
+   call per grid, and the groups' results padded into one ``Reduction``. The projector runs on
+   the reduced tokens only.
 3. The adapter packs the units into the stock layout (``adapter.pack``), one [n_i, D_text]
-   tensor per image (n_i its unpruned placeholder count), whose first ``counts[i]`` rows are the
-   kept tokens and the rest NaN. The padding is self-describing: it survives what
+   tensor per image (n_i its unpruned placeholder count) whose finite rows are the kept tokens
+   and whose all-NaN rows are dropped slots: the kept rows are either the first ``counts[i]``
+   (the kept tokens take the first placeholders, LLaVA's rule) or, for a family whose tokens
+   keep their own positions, the rows of their own placeholder slots. The padding is
+   self-describing: it survives what
    ``generate()`` does to pre-encoded features (beam expansion by placeholder counting, device
    moves, re-use at every step without cache), and NaN can never be consumed silently.
 
 **Prefill** (a forward whose ``mm_encoder_outputs`` carry such features; ``pixel_values`` are
 first encoded as above): image i's placeholder run (n_i copies of ``image_token_id`` in
-``input_ids``, found with ``adapter.sequence_layout``) keeps its first ``counts[i]`` slots; the
+``input_ids``, found with ``adapter.sequence_layout``) keeps the slots of its finite rows; the
 other slots are deleted. Every sample is compacted and re-padded **on the left** to the new batch
 width L' = max_b(kept length), so every image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids`` (original
 position minus the number of slots deleted before it, so the survivors are consecutive, as
-LLaVA-PruMerge feeds them) and ``labels`` (-100 on new pads) are rewritten the same way, the NaN
+LLaVA-PruMerge feeds them; a family with ``compact_positions`` False instead keeps every
+survivor's original positions, in its own form, e.g. M-RoPE [3, B, L], computed on the unpruned
+prompt by ``adapter.prompt_positions`` when the caller passed none), the adapter's other per-token
+inputs (``adapter.sequence_inputs``, e.g. Qwen2-VL's ``mm_token_type_ids``) and ``labels`` (-100 on
+new pads) are rewritten the same way, the NaN
 rows are sliced off, and the stock forward scatters the kept tokens into the kept placeholders.
 Logits therefore have the rewritten length L'. The rewrite is remembered as a ``Plan`` on the
 handle until the next prefill.
@@ -40,7 +50,8 @@ handle until the next prefill.
 *original* coordinates, as ``generate()`` does — it extends the original ``attention_mask`` by one
 column per token and derives ``position_ids`` from it. The hook translates: the mask's prompt
 columns are compacted with the plan (the appended columns are kept), and ``position_ids`` are
-shifted down by the sample's deleted count. A mask that already has the cache's length (the
+shifted down by the sample's deleted count (families with ``compact_positions`` False keep them:
+decoding continues after the unpruned prompt's positions). A mask that already has the cache's length (the
 caller used the rewritten mask) passes unchanged. If ``generate`` dropped an all-ones mask, the
 hook rebuilds the rewritten one so the new left pads stay masked. So ``generate()`` works
 unchanged — greedy, sampling, beams, with or without cache (without cache every step is a
@@ -70,7 +81,7 @@ from .compat import K, get_cache
 from .layout import VisualLayout
 
 __all__ = ["VisionSignals", "VisionMethod", "VisionHandle", "Plan", "attach", "capture_signals", "signals_from_qk",
-           "image_token_counts"]
+           "image_token_counts", "image_token_slots"]
 
 
 # ------------------------------------------------------------------------------ method protocol
@@ -215,6 +226,14 @@ class Plan:
             pads = pads.view(*pads.shape, *tail)
         return x.gather(1, idx).masked_fill(pads, fill)
 
+    def compact_positions(self, positions: Tensor) -> Tensor:
+        """positions [*P, B, L] in original coordinates -> [*P, B, L'] (the survivors' own values;
+        0 on the new left pads). One gather along the last dim."""
+        idx = self.src.clamp(min=0).to(positions.device)  # [B, L']
+        pads = (self.src < 0).to(positions.device)
+        lead = positions.shape[:-2]
+        return positions.gather(-1, idx.expand(*lead, *idx.shape)).masked_fill(pads.expand(*lead, *pads.shape), 0)
+
 
 def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0) -> Plan:
     """keep [B, L] bool -> the left-re-padded compaction (see ``Plan``); one host sync (L')."""
@@ -237,25 +256,34 @@ def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0) -> P
 
 
 def image_token_counts(per_image: list[Tensor]) -> list[int]:
-    """Kept tokens of each NaN-padded image tensor [n, D]: rows after the last finite row are padding.
+    """Kept tokens of each NaN-padded image tensor [n, D] (its rows that are not all NaN)."""
+    return image_token_slots(per_image)[0]
+
+
+def image_token_slots(per_image: list[Tensor]) -> tuple[list[int], list[Tensor | None]]:
+    """Kept tokens of each NaN-padded image tensor [n, D]: (counts, slots). ``slots[i]`` is None
+    when image i's kept rows are its first ``counts[i]`` (the rest all NaN), else the [counts[i]]
+    long row indices of its rows that are not all NaN (the placeholder slots its tokens keep).
 
     Images of one shape are scanned together (one host synchronisation for the whole batch).
     """
-    counts: list[int | None] = [None] * len(per_image)
+    counts: list[int] = [0] * len(per_image)
+    slots: list[Tensor | None] = [None] * len(per_image)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(per_image):
         groups.setdefault((tuple(t.shape), t.device, t.dtype), []).append(i)
     for (shape, _, _), idx in groups.items():
         if shape[0] == 0:
-            for i in idx:
-                counts[i] = 0
             continue
         stacked = torch.stack([per_image[i] for i in idx])  # [G, n, D]
-        pad = torch.isnan(stacked).all(dim=-1)  # [G, n]
-        trailing = pad.flip(1).long().cumprod(1).sum(1)  # [G] trailing all-NaN rows = padding
-        for i, c in zip(idx, (shape[0] - trailing).tolist()):
-            counts[i] = int(c)
-    return [int(c) for c in counts]
+        pad = torch.isnan(stacked).all(dim=-1).cpu()  # [G, n], the group's one transfer
+        trailing = pad.flip(1).long().cumprod(1).sum(1)  # [G] trailing all-NaN rows
+        kept = (~pad).sum(1)  # [G]
+        for g, i in enumerate(idx):
+            counts[i] = int(kept[g])
+            if counts[i] != shape[0] - int(trailing[g]):  # NaN rows between kept rows: own slots
+                slots[i] = torch.nonzero(~pad[g]).flatten().to(per_image[i].device)
+    return counts, slots
 
 
 class VisionHandle(PruneHandle):
@@ -269,7 +297,8 @@ class VisionHandle(PruneHandle):
         super().__init__(model, adapter, method, method_obj, stage="vision")
         self.plan: Plan | None = None
         self.last_reduction: Reduction | None = None
-        self._issued: list[tuple[weakref.ref, int]] = []  # (tensor, kept count) of the last encoding
+        # (tensor, kept count, kept slots or None) of the last encoding (see image_token_slots)
+        self._issued: list[tuple[weakref.ref, int, Tensor | None]] = []
         self.grid = adapter.patch_grid(model)
         self.stats.tokens_per_image = adapter.fixed_image_tokens(model)
         self._signature = inspect.signature(model.forward)
@@ -320,35 +349,33 @@ class VisionHandle(PruneHandle):
         if method.needs_signals and (problem := adapter.signal_problem(model, strategy)):
             raise ValueError(f"method {self.method!r} cannot run on this model: {problem}")
 
-        # 0. what the images are: U tower passes, each image's placeholder count
-        layout = adapter.image_layout(model, pixel_values, image_sizes, strategy)
-        grids = set(layout.grids())
-        if len(grids) != 1:
-            raise ValueError(f"vlmprune ({self.method}): the tower passes of one batch have different grids {grids}")
-        grid = grids.pop()
+        # 0. what the images are: U tower passes, each image's placeholder count (the family's
+        #    geometry keywords, e.g. Qwen2-VL's image_grid_thw, go to the adapter)
+        geometry = {name: kwargs[name] for name in adapter.image_geometry if kwargs.get(name) is not None}
+        layout = adapter.image_layout(model, pixel_values, image_sizes, strategy, **geometry)
+        grids = layout.grids()
 
         # 1. vision tower (+ signal hooks only if the method needs them) -> features [U, N, D]
+        #    (N the largest unit's tokens when the grids differ; unit u's first h_u * w_u are real)
         if method.needs_signals:
-            with capture_signals(adapter, model) as store:
-                features = adapter.encode(model, pixel_values, layer, strategy, layout)
-            signals = signals_from_qk(store["q_cls"], store["k"], adapter.cls_index)
+            features, signals = adapter.encode_with_signals(model, pixel_values, layer, strategy, layout)
         else:
             features = adapter.encode(model, pixel_values, layer, strategy, layout)
             signals = None
         per_unit = features.shape[1]
-        if method.needs_grid and per_unit != grid[0] * grid[1]:
-            raise ValueError(f"method {self.method!r} needs the {grid[0]}x{grid[1]} patch grid, but the "
+        if method.needs_grid and len(set(grids)) == 1 and per_unit != grids[0][0] * grids[0][1]:
+            raise ValueError(f"method {self.method!r} needs the {grids[0][0]}x{grids[0][1]} patch grid, but the "
                              f"tower gives {per_unit} tokens per pass (select strategy {strategy!r})")
 
-        # 2. reduce, then project the kept tokens only; 3. the adapter packs them per image
-        red = method.reduce(features, signals, grid)  # tokens [U, M, D], counts [U]
+        # 2. reduce (one call per grid), then project the kept tokens only; 3. the adapter packs them
+        red = _reduce_by_grid(method, features, signals, grids)  # tokens [U, M, D], counts [U]
         projected = adapter.project(model, red.tokens)  # [U, M, D_text]
         counts = [int(c) for c in red.counts.tolist()]  # the encoding's one host synchronisation
-        per_image_out, counts = adapter.pack(model, projected, red, counts, layout)
+        per_image_out, counts, slots = adapter.pack_slots(model, projected, red, counts, layout)
 
         self.last_reduction = red
         self.stats.record(counts, list(layout.tokens_per_image))
-        self._issued = [(weakref.ref(t), c) for t, c in zip(per_image_out, counts)]
+        self._issued = [(weakref.ref(t), c, sl) for t, c, sl in zip(per_image_out, counts, slots)]
         out = adapter.image_output(per_image_out)
         return out if kwargs.get(K.RETURN_DICT, True) is not False else out.to_tuple()
 
@@ -363,7 +390,7 @@ class VisionHandle(PruneHandle):
             mm[key] = getattr(self._base, self.adapter.image_features_method)(**{
                 K.PIXEL_VALUES: kw[K.PIXEL_VALUES], K.FEATURE_LAYER: kw.get(K.FEATURE_LAYER),
                 K.SELECT_STRATEGY: kw.get(K.SELECT_STRATEGY), K.IMAGE_SIZES: kw.get(K.IMAGE_SIZES),
-                K.RETURN_DICT: True})
+                **{name: kw.get(name) for name in self.adapter.image_geometry}, K.RETURN_DICT: True})
             kw[K.PIXEL_VALUES] = None
             kw[K.MM_ENCODER_OUTPUTS] = mm
         mm = kw.get(K.MM_ENCODER_OUTPUTS) or {}
@@ -376,9 +403,11 @@ class VisionHandle(PruneHandle):
     def _prefill(self, kw: dict[str, Any], per_image: list[Tensor]) -> dict[str, Any]:
         """Rewrite a batch whose image features are in ``per_image`` (I tensors [n_i, D])."""
         adapter, model = self.adapter, self.model
-        counts = self._known_counts(per_image)
-        if counts is None:  # features this handle did not produce as they are (e.g. beam-expanded copies)
-            counts = image_token_counts(per_image)
+        known = self._known_counts(per_image)
+        if known is None:  # features this handle did not produce as they are (e.g. beam-expanded copies)
+            counts, slots = image_token_slots(per_image)
+        else:
+            counts, slots = known
         runs = [t.shape[0] for t in per_image]
         if counts == runs:  # nothing pruned (e.g. pre-encoded stock features): the stock path
             self.plan = None
@@ -394,9 +423,19 @@ class VisionHandle(PruneHandle):
         if n_ph != sum(runs):
             raise ValueError(f"Image features and image tokens do not match: {n_ph} placeholder tokens in input_ids "
                              f"for {len(runs)} image(s) of {runs[0] if len(set(runs)) == 1 else runs} tokens")
-        keep = ~ph | (rank < torch.tensor(counts, device=input_ids.device)[img])  # [B, L]
+        dev = input_ids.device
+        if all(sl is None for sl in slots):  # each image keeps its first counts[i] slots
+            keep = ~ph | (rank < torch.tensor(counts, device=dev)[img])  # [B, L]
+        else:  # some images keep their tokens' own slots: kept [I, n_max], looked up per placeholder
+            kept = torch.zeros(len(runs), max(runs), dtype=torch.bool, device=dev)
+            for i, (c, sl) in enumerate(zip(counts, slots)):
+                if sl is None:
+                    kept[i, :c] = True
+                else:
+                    kept[i, sl.to(dev)] = True
+            keep = ~ph | kept[img, rank.clamp(0, max(runs) - 1)]  # [B, L]
 
-        kw = dict(kw)
+        original, kw = kw, dict(kw)
         past = _cache_len(get_cache(kw))
         mask = kw.get(K.ATTENTION_MASK)
         if mask is not None and mask.ndim != 2:
@@ -414,29 +453,40 @@ class VisionHandle(PruneHandle):
         if mask is not None or bool(plan.new_mask.eq(0).any()):
             kw[K.ATTENTION_MASK] = plan.new_mask if prefix is None else torch.cat([prefix, plan.new_mask], dim=1)
         pos = kw.get(K.POSITION_IDS)
-        if pos is not None:
-            if pos.ndim != 2:
-                raise ValueError("vision-stage pruning supports 2-D position_ids [B, L] only")
-            dropped_before = (~keep).long().cumsum(dim=1)  # [B, L] slots deleted up to each slot
-            kw[K.POSITION_IDS] = plan.compact((pos - dropped_before).clamp(min=0), 0)
+        if adapter.compact_positions:  # survivors get consecutive positions
+            if pos is not None:
+                if pos.ndim != 2:
+                    raise ValueError("vision-stage pruning supports 2-D position_ids [B, L] only")
+                dropped_before = (~keep).long().cumsum(dim=1)  # [B, L] slots deleted up to each slot
+                kw[K.POSITION_IDS] = plan.compact((pos - dropped_before).clamp(min=0), 0)
+        else:  # survivors keep their own positions, in the family's form
+            if pos is None:
+                pos = adapter.prompt_positions(model, original)
+            if pos is not None:
+                kw[K.POSITION_IDS] = plan.compact_positions(pos)
+        for name in adapter.sequence_inputs:  # the family's other per-token inputs
+            if kw.get(name) is not None:
+                kw[name] = plan.compact(kw[name], 0)
         if kw.get(K.LABELS) is not None:
             kw[K.LABELS] = plan.compact(kw[K.LABELS], -100)
         mm = dict(kw[K.MM_ENCODER_OUTPUTS])  # new objects: generate() may pass the same features again
-        mm[adapter.image_modality] = adapter.image_output([t[:c] for t, c in zip(per_image, counts)])
+        mm[adapter.image_modality] = adapter.image_output(
+            [t[:c] if sl is None else t.index_select(0, sl.to(t.device)) for t, c, sl in zip(per_image, counts, slots)])
         kw[K.MM_ENCODER_OUTPUTS] = mm
+        adapter.after_rewrite(model, plan, pos)
         self.plan = plan
         return kw
 
-    def _known_counts(self, per_image: list[Tensor]) -> list[int] | None:
-        """Each image's kept count when ``per_image`` are exactly the tensors the last encoding
-        returned (what ``generate`` passes on), without reading them; else None."""
+    def _known_counts(self, per_image: list[Tensor]) -> tuple[list[int], list[Tensor | None]] | None:
+        """Each image's (kept count, kept slots) when ``per_image`` are exactly the tensors the
+        last encoding returned (what ``generate`` passes on), without reading them; else None."""
         issued = self._issued
         if len(issued) != len(per_image):
             return None
-        for (ref, _), t in zip(issued, per_image):
+        for (ref, _, _), t in zip(issued, per_image):
             if ref() is not t:
                 return None
-        return [c for _, c in issued]
+        return [c for _, c, _ in issued], [sl for _, _, sl in issued]
 
     # ---------------------------------------------------------------- decode steps
     def _continue(self, kw: dict[str, Any]) -> dict[str, Any]:
@@ -473,7 +523,7 @@ class VisionHandle(PruneHandle):
                              f"should have {past + q + plan.shrink} (original coordinates) or {past + q} "
                              "(rewritten coordinates)")
         pos = kw.get(K.POSITION_IDS)
-        if pos is not None and pos.ndim == 2:
+        if pos is not None and pos.ndim == 2 and self.adapter.compact_positions:
             kw[K.POSITION_IDS] = (pos - plan.dropped.to(pos.device)[:, None]).clamp(min=0)
         return kw
 
@@ -484,6 +534,46 @@ class VisionHandle(PruneHandle):
             return False
         head = mask[:, plan.offset:plan.offset + plan.orig_len]
         return not torch.equal(head, plan.orig_mask.to(head)) and torch.equal(head, plan.new_mask.to(head))
+
+
+def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSignals | None,
+                    grids: list[tuple[int, int]]) -> Reduction:
+    """features [U, N, D] (unit u's first h_u * w_u rows real) -> one padded ``Reduction`` [U, M, D].
+
+    One ``method.reduce`` call when every unit has the same grid (features passed as they are);
+    otherwise one call per distinct grid on its units' real rows, and the groups' outputs padded
+    to the widest (tokens 0, indices -1) in unit order.
+    """
+    if len(set(grids)) == 1:
+        return method.reduce(features, signals, grids[0])
+    groups: dict[tuple[int, int], list[int]] = {}
+    for u, g in enumerate(grids):
+        groups.setdefault(g, []).append(u)
+    dev = features.device
+    parts = []
+    for grid, units in groups.items():
+        n = grid[0] * grid[1]
+        idx = torch.tensor(units, device=dev)
+        sig = None if signals is None else VisionSignals(cls_attn=signals.cls_attn[idx, :n], keys=signals.keys[idx, :n])
+        parts.append((idx, method.reduce(features[idx, :n], sig, grid)))
+    width = max(r.tokens.shape[1] for _, r in parts)
+    iwidth = max(r.indices.shape[1] for _, r in parts)
+    n_units = len(grids)
+    first = parts[0][1]
+    tokens = first.tokens.new_zeros((n_units, width, first.tokens.shape[-1]))
+    counts = first.counts.new_zeros(n_units)
+    indices = first.indices.new_full((n_units, iwidth), -1)
+    extra = None if first.extra is None else first.extra.new_zeros(n_units)
+    num_att = None if first.num_attention is None else first.num_attention.new_zeros(n_units)
+    for idx, r in parts:
+        tokens[idx, :r.tokens.shape[1]] = r.tokens
+        counts[idx] = r.counts
+        indices[idx, :r.indices.shape[1]] = r.indices
+        if extra is not None:
+            extra[idx] = r.extra
+        if num_att is not None:
+            num_att[idx] = r.num_attention
+    return Reduction(tokens=tokens, counts=counts, indices=indices, extra=extra, num_attention=num_att)
 
 
 def _as_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -525,7 +615,7 @@ def attach(model: Any, adapter: ModelAdapter, info: Any, method_obj: VisionMetho
         raise TypeError(f"the vision stage drives VisionMethod objects, got {type(method_obj).__name__}")
     if method_obj.needs_signals and (problem := adapter.signal_problem(model)):
         raise ValueError(f"method {info.name!r} cannot run on this model: {problem}")
-    grid = adapter.patch_grid(model)
+    grid = adapter.patch_grid(model)  # dynamic-resolution families: the grid budgets are validated on
     per_image = adapter.tokens_per_image(model)
     if method_obj.needs_grid and per_image != grid[0] * grid[1]:
         raise ValueError(f"method {info.name!r} needs the {grid[0]}x{grid[1]} patch grid, but the LLM gets {per_image} "

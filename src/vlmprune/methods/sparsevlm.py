@@ -163,9 +163,9 @@ def recycle(hidden: Tensor, scores: Tensor, pruned: Tensor, positions: Tensor, *
             cluster_div: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Merge the best pruned tokens into cluster means.
 
-    hidden [B, L, D], scores [B, L], pruned [B, L] bool, positions [B, L] long ->
-    (tokens [B, C, D] in hidden's dtype, valid [B, C] bool, positions [B, C] long (rounded mean of
-    the members'), sizes [B, C] long). ``m = floor(ratio * n) + 1`` (capped at n) best pruned
+    hidden [B, L, D], scores [B, L], pruned [B, L] bool, positions [*P, B, L] long (any leading
+    dims, e.g. M-RoPE's 3 axes) -> (tokens [B, C, D] in hidden's dtype, valid [B, C] bool,
+    positions [*P, B, C] long (rounded mean of the members', per axis), sizes [B, C] long). ``m = floor(ratio * n) + 1`` (capped at n) best pruned
     tokens by score, ``c = floor(m / cluster_div) + 1`` clusters.
     """
     bsz, length, d = hidden.shape
@@ -175,12 +175,12 @@ def recycle(hidden: Tensor, scores: Tensor, pruned: Tensor, positions: Tensor, *
     sel = topk_visual(scores, pruned, m)  # [B, L]
     idx, valid = pack_mask(sel)  # [B, M]
     x = gather_rows(hidden, idx)
-    pos = positions.gather(1, idx)
+    pos = positions.gather(-1, idx.expand(*positions.shape[:-2], *idx.shape))  # [*P, B, M]
     assign = density_peak_clusters(x, valid, c)  # [B, M]
     c_max = max(int(c.max()), 1)
     onehot = (assign[:, :, None] == torch.arange(c_max, device=hidden.device)[None, None, :]).float()  # [B, M, C]
     sizes = onehot.sum(1)  # [B, C]
     tokens = torch.einsum("bmc,bmd->bcd", onehot, x.float()) / sizes.clamp(min=1)[:, :, None]
-    mpos = torch.round(torch.einsum("bmc,bm->bc", onehot.double(), pos.double()) / sizes.double().clamp(min=1)).long()
+    mpos = torch.round(torch.einsum("bmc,...bm->...bc", onehot.double(), pos.double()) / sizes.double().clamp(min=1)).long()
     cvalid = sizes > 0
     return tokens.to(hidden.dtype), cvalid, mpos, sizes.long()
