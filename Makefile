@@ -44,6 +44,8 @@ results: install
 	for t in 144 88; do mkdir -p src/vlmprune/data/atp/testbed-$$t && \
 	  cp runs/atp-$$t/atp_config.json runs/atp-$$t/atp_weights.safetensors src/vlmprune/data/atp/testbed-$$t/; done
 	$(BIN)/vlmprune eval $(ATP_EVAL) --n 100 --overwrite --out docs/results/atp-v14
+	$(BIN)/vlmprune eval -m fastv:k=1,budget=166.5 -m fastv:k=1,budget=137.9 -m prumerge+:keep=166 -m prumerge+:keep=138 \
+	  --n 100 --overwrite --out docs/results/atp-v14-matched
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M testbed -b 1 -b 8 --no-memory --overwrite --out docs/results/bench/testbed
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 1 -b 8 -m prumerge+ -m prumerge+:keep=144 -m fastv --no-memory \
 	  --overwrite --out docs/results/bench/scaled

@@ -61,3 +61,19 @@ def test_package_level_load_is_the_model_loader():
     assert tb.load is load
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         tb.nope  # noqa: B018
+
+
+def test_committed_results_name_the_shipped_testbed_weights():
+    """Every results file under docs/results/ that evaluated the testbed names its weights' sha256."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ckpt = root / "src" / "vlmprune" / "testbed" / "checkpoint" / "model.safetensors"
+    expected = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    files = sorted((root / "docs" / "results").rglob("results.json"))
+    assert files, "no results files under docs/results"
+    for f in files:
+        run = json.loads(f.read_text())["run"]
+        assert run["model"]["weights_files"] == {"model.safetensors": expected}, f
