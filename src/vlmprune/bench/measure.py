@@ -482,8 +482,12 @@ class _Probe:
                 self.acc[name] = self.acc.get(name, 0.0) + dt
         return hook
 
-    def _timed(self, fn: Callable[..., Any], key: str, exclude: tuple[str, ...] = ()) -> Callable[..., Any]:
-        """``fn`` adding its wall time to ``acc[key]``, minus what the ``exclude`` timers got meanwhile."""
+    def _timed(self, fn: Callable[..., Any], key: str | tuple[str, ...],
+               exclude: tuple[str, ...] = ()) -> Callable[..., Any]:
+        """``fn`` adding its wall time to ``acc[key]`` (each of several keys), minus what the
+        ``exclude`` timers got meanwhile."""
+        keys = (key,) if isinstance(key, str) else tuple(key)
+
         def wrapper(*a, **k):
             before = sum(self.acc.get(e, 0.0) for e in exclude)
             self.sync()
@@ -493,10 +497,11 @@ class _Probe:
             finally:
                 self.sync()
                 dt = time.perf_counter() - t0 - (sum(self.acc.get(e, 0.0) for e in exclude) - before)
-                self.acc[key] = self.acc.get(key, 0.0) + dt
+                for k_ in keys:
+                    self.acc[k_] = self.acc.get(k_, 0.0) + dt
         return wrapper
 
-    def _wrap_attr(self, obj: Any, name: str, key: str, exclude: tuple[str, ...] = ()) -> None:
+    def _wrap_attr(self, obj: Any, name: str, key: str | tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
         """Shadow ``obj.name`` (a bound method the hooks look up at call time) by a timed wrapper."""
         own = name in vars(obj)
         previous = vars(obj).get(name)
@@ -526,11 +531,10 @@ class _Probe:
             # image encoding minus the stock tower and projector inside it = signal capture, [CLS]
             # attention, the method's reduce, NaN padding; plus the placeholder rewrite of the batch
             self._wrap_attr(handle, "_encode_images", "overhead", exclude=("vision", "projector"))
-            self._wrap_attr(handle, "_prefill", "overhead")
+            self._wrap_attr(handle, "_prefill", ("overhead", "overhead_gather"))  # the rewrite is the gather part
             self._wrap_attr(handle, "_continue", "decode_overhead")
             self._wrap_attr(vision, "signals_from_qk", "overhead_score")
             self._wrap_attr(type(handle.method_obj), "reduce", "overhead_select")
-            self._wrap_attr(handle, "_prefill", "overhead_gather")
             return True
         if handle.stage == "decoder":
             for name in ("_begin_prefill", "_prefill_layer", "_finish_prefill"):

@@ -31,13 +31,14 @@ compacted, position ids shifted by its own offset, so decoding continues from th
 sequence length. Nothing is switched to eager attention: ``config._attn_implementation`` is never
 touched.
 
-How transformers drives this (``compat.py`` lists the assumptions and the releases checked; read in ``generation/utils.py``, ``masking_utils.py``,
-``models/llama/modeling_llama.py``): ``generate`` computes ``position_ids`` from the 2D attention
-mask (cumsum) over the *original* sequence and appends one per step, so positions continue from
-the original length by themselves; the model's own causal mask is sized from layer 0's cache
-(``DynamicCache.get_mask_sizes``), which is right only for layers that were not pruned — so every
-layer after a prune point gets its mask from here. A forward without ``position_ids`` on a pruned
-cache gets them from here too (``LlamaModel`` would derive them from layer 0's cache length).
+How transformers drives this (``compat.py`` lists the assumptions and the releases checked; read in
+``generation/utils.py``, ``masking_utils.py``, ``models/llama/modeling_llama.py``): ``generate``
+computes ``position_ids`` from the 2D attention mask (cumsum) over the *original* sequence and
+appends one per step, so positions continue from the original length by themselves; the model's own
+causal mask is sized from layer 0's cache (``DynamicCache.get_mask_sizes``), which is right only
+for layers that were not pruned — so every layer after a prune point gets its mask from here. A
+forward without ``position_ids`` on a pruned cache gets them from here too (``LlamaModel`` would
+derive them from layer 0's cache length).
 
 Everything that changes per prefill lives in a typed ``DecoderState`` on the handle, reset at the
 start of every prefill. The machinery only adds torch hooks (pre-hooks on the base model, the
@@ -228,8 +229,8 @@ def attention_rows(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Tensor
         nr = r.shape[1]
         rv = rows_valid[:, start:start + chunk]
         qr = gather_rows(q, r).view(bsz, nr, num_heads, head_dim)
-        cidx = r[:, :, None].expand(-1, -1, cos.shape[-1])
-        qr = _rope(qr.transpose(1, 2).float(), cos.gather(1, cidx).float(), sin.gather(1, cidx).float())  # [B, H, r, Dh]
+        cos_r, sin_r = gather_rows(cos, r).float(), gather_rows(sin, r).float()  # [B, r, Dh]
+        qr = _rope(qr.transpose(1, 2).float(), cos_r, sin_r)  # [B, H, r, Dh]
         # heads h = g * rep + j use key head g: group the query heads by their key head
         qg = qr.to(kk.dtype).reshape(bsz, num_kv_heads, rep * nr, head_dim)  # [B, Hkv, rep*r, Dh]
         # keys as the left operand: [L, Dh] x [Dh, rep*r] keeps the long, contiguous side as the GEMM's M
@@ -449,7 +450,8 @@ class DecoderHandle(PruneHandle):
                 and st.cache_ref() is cache and ref.shape[0] == st.segments[0].source.shape[0]):
             # a decode step on the pruned cache without positions: the base model would derive them
             # from layer 0's (possibly pruned) cache length; give it the original continuation
-            return args, {**kwargs, K.POSITION_IDS: self._decode_positions(cache, ref.shape[1], ref.device)}
+            positions = self._decode_positions(self._appended(cache), ref.shape[1], ref.device)
+            return args, {**kwargs, K.POSITION_IDS: positions}
         if ids is not None:
             visual = self.adapter.visual_columns(self.model, ids)
         elif embeds is not None:
@@ -534,7 +536,7 @@ class DecoderHandle(PruneHandle):
         # the family's positions ([B, L] or M-RoPE [3, B, L]) and rotary function, from the adapter
         st.layout = self.adapter.lm_layout(self.model, visual, position_ids, self.rotary)
         positions = st.layout.positions
-        last_vis = torch.where(visual, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1)  # [B]
+        last_vis = _last_true(visual)  # [B]
         after = valid & ~visual & (cols[None, :] > last_vis[:, None]) & (last_vis[:, None] >= 0)
         prompt = valid if prompt_len is None else valid & (cols[None, :] < prompt_len)
         root = Segment(first_layer=0, source=source, valid=valid, visual=visual,
@@ -662,7 +664,7 @@ class DecoderHandle(PruneHandle):
         softs = [soft] if soft is not None else None
         if n_extra:
             # insert after each sample's last visual token (of the layout before dropping)
-            last_vis = torch.where(seg.visual, cols[None, :], torch.full_like(cols[None, :], -1)).amax(1)
+            last_vis = _last_true(seg.visual)
             ekey = torch.where(ev, (last_vis * 2 + 1)[:, None].expand(bsz, n_extra), torch.full_like(ev, -1, dtype=torch.long))
             key = torch.cat([key, ekey], dim=1)
             cand.append(dec.extra.to(hidden.dtype))
@@ -743,21 +745,21 @@ class DecoderHandle(PruneHandle):
         self.stats.record_layers(vis, tok, kept_at)
 
     # ---------------------------------------------------------------- decode
-    def _decode_positions(self, cache: Any, q_len: int, device: Any) -> Tensor:
-        """[*P, B, q_len] positions of the next decode tokens in the family's form: after the
-        original (unpruned) last position, counting the tokens appended since the prefill (read
-        from the last layer's cache, its own length)."""
+    def _appended(self, cache: Any) -> int:
+        """Tokens appended since the prefill, read from the last layer's cache (its own length)."""
         st = self.state
-        past_new = cache.get_seq_length(self.num_layers - 1) - st.segments[st.layer_segment[-1]].length
-        return (st.last_pos.to(device) + 1 + past_new)[..., None] + torch.arange(q_len, device=device)
+        return cache.get_seq_length(self.num_layers - 1) - st.segments[st.layer_segment[-1]].length
+
+    def _decode_positions(self, past_new: int, q_len: int, device: Any) -> Tensor:
+        """[*P, B, q_len] positions of the next decode tokens in the family's form: after the
+        original (unpruned) last position, counting the ``past_new`` tokens appended since the prefill."""
+        return (self.state.last_pos.to(device) + 1 + past_new)[..., None] + torch.arange(q_len, device=device)
 
     def _begin_decode_step(self, args: tuple, kwargs: dict, embeds: Tensor, cache: Any):
         st = self.state
         q_len = embeds.shape[1]
         mask2d = kwargs.get(K.ATTENTION_MASK)
-        # tokens appended since the prefill, read from the last layer's cache (its own length)
-        last_seg = st.segments[st.layer_segment[-1]]
-        past_new = cache.get_seq_length(self.num_layers - 1) - last_seg.length
+        past_new = self._appended(cache)
         bsz = embeds.shape[0]
         dev = embeds.device
         if mask2d is not None and mask2d.dim() == 2 and mask2d.shape[1] == st.orig_len + past_new + q_len:
@@ -767,7 +769,7 @@ class DecoderHandle(PruneHandle):
         pos = kwargs.get(K.POSITION_IDS)
         new_kwargs = None
         if pos is None:
-            pos = self._decode_positions(cache, q_len, dev)  # after the original last position, [*P, B, q]
+            pos = self._decode_positions(past_new, q_len, dev)  # after the original last position, [*P, B, q]
             new_kwargs = dict(kwargs)
             new_kwargs[K.POSITION_IDS] = pos
         else:
