@@ -354,3 +354,39 @@ def test_shipped_testbed_checkpoints_load_by_name_and_prune():
 def test_unknown_checkpoint_name_lists_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match=r"does not exist .*name a shipped one: testbed-144, testbed-88"):
         vlmprune.apply(make_tiny_llava(), "atp", checkpoint="testbed-1")
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_positional_ablation_renumbers_survivors_and_stays_exact(model, positions):
+    """``positions="compact"`` (the paper's positional ablation) renumbers each sample's survivors
+    contiguously from its first position; ``"original"`` keeps their unpruned positions. Both keep the
+    equivalences: ragged batch == single samples, cached == uncached generation."""
+    inputs = make_inputs(model, prefix_lens=(3, 1, 5), suffix_lens=(5, 8, 2), seed=3)
+    with attach_atp(model, _pruning(model), positions=positions) as handle:
+        with torch.no_grad():
+            batch = model(**inputs).logits[:, -1]
+        first, seg = handle.state.segments[0], handle.state.segments[-1]
+        for b in range(3):
+            got = seg.positions[b][seg.valid[b]]
+            unpruned = first.positions[b][first.valid[b]]  # the unpruned layout's positions
+            want = (unpruned[0] + torch.arange(int(seg.valid[b].sum())) if positions == "compact"
+                    else first.positions[b][seg.source[b][seg.valid[b]]])
+            assert torch.equal(got, want), (positions, b)
+        assert seg.valid.sum() < inputs["attention_mask"].sum()  # something was pruned
+        singles = []
+        for b in range(3):
+            m = inputs["attention_mask"][b].bool()
+            one = {"input_ids": inputs["input_ids"][b:b + 1, m], "attention_mask": inputs["attention_mask"][b:b + 1, m],
+                   "pixel_values": inputs["pixel_values"][b:b + 1]}
+            with torch.no_grad():
+                singles.append(model(**one).logits[:, -1])
+        torch.testing.assert_close(batch, torch.cat(singles), atol=ATOL, rtol=0)
+        with torch.no_grad():
+            cached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=True)
+            uncached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_positions_option_is_checked():
+    with pytest.raises(ValueError, match="positions must be one of"):
+        build_atp(fixed_ratio=0.5, positions="renumber")

@@ -9,7 +9,8 @@ The tensor algorithm (scores, spatial grids, threshold MLPs, soft / hard keep ru
   instruction tokens T (S_cross), head-averaged and post-softmax over every current key, computed
   by the machinery from layer l's hooked q / k (sdpa stays on; never an L x L matrix);
 * ``mode="hard"`` (inference, the default): ``pruner.hard_step``; each sample keeps its own tokens,
-  survivors keep their original positions (the machinery's ``positions="original"``); works
+  survivors keep their original positions (the machinery's ``positions="original"``; ``positions="compact"``
+  renumbers them, the paper's positional ablation); works
   batched (ragged counts) and with ``generate()`` (only the prefill prunes);
 * ``mode="soft"`` (training): ``pruner.soft_step``; nothing is dropped, the cumulative mask enters
   every later layer's attention as ``log(M + 1e-6)`` on the visual keys through the machinery's
@@ -51,6 +52,7 @@ __all__ = ["ATP", "ATPContext", "ATPStats", "ATPHandle", "build_atp", "attach_at
 
 MODES = ("hard", "soft")
 BUDGET_COUNTS = ("st", "soft")
+POSITIONS = ("original", "compact")  # survivors keep their position ids | renumbered (the positional ablation)
 
 
 # ================================================================================ per-prefill state
@@ -158,7 +160,12 @@ class ATP(DecoderMethodBase):
 
     def __init__(self, pruner: A.ATPPruner | None = None, *, mode: str = "hard", tau: float | None = None,
                  budget_count: str = "st", layers: tuple[int, ...] | None = None,
-                 fixed_ratio: float | None = None, fixed_target: float | None = None) -> None:
+                 fixed_ratio: float | None = None, fixed_target: float | None = None,
+                 positions: str = "original") -> None:
+        if positions not in POSITIONS:
+            raise ValueError(f"atp: positions must be one of {POSITIONS} ('original': survivors keep their "
+                             f"positions, as in the paper; 'compact': renumbered, the positional ablation), "
+                             f"got {positions!r}")
         if mode not in MODES:
             raise ValueError(f"atp: mode must be one of {MODES}, got {mode!r}")
         if budget_count not in BUDGET_COUNTS:
@@ -170,6 +177,7 @@ class ATP(DecoderMethodBase):
         self.tau = tau
         self.budget_count = budget_count
         self._layers, self._fixed_ratio, self._fixed_target = layers, fixed_ratio, fixed_target
+        self.positions = positions
         self._instruction: Tensor | None = None
 
     handle_class: type  # set below (ATPHandle)
@@ -451,20 +459,26 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
 
 
 def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int, ...] | list[int] | None = None,
-              fixed_ratio: float | None = None, fixed_target: float | None = None) -> ATP:
+              fixed_ratio: float | None = None, fixed_target: float | None = None,
+              positions: str = "original") -> ATP:
     """ATP-LLaVA. ``checkpoint``: directory with ``atp_config.json`` + ``atp_weights.safetensors``
     (written by ``vlmprune train atp``), or the name of one shipped with the package
     (``shipped_checkpoints()``: ``testbed-144``, ``testbed-88``, trained on the committed testbed). Without it: untrained modules (initial thresholds keep every
     token) at ``layers`` (default (2, 8, 14, 20, 26) of 32, scaled to the decoder's depth), or the
     fixed-ratio ablation: ``fixed_ratio`` (fraction of survivors each module keeps) or
-    ``fixed_target`` (all-layer average visual tokens, solved for that ratio)."""
+    ``fixed_target`` (all-layer average visual tokens, solved for that ratio). ``positions``:
+    ``"original"`` (survivors keep their position ids; the paper) or ``"compact"`` (survivors
+    renumbered contiguously, decoding continues after the compacted length: the paper's
+    positional-information ablation)."""
+    if positions not in POSITIONS:
+        raise ValueError(f"atp: positions must be one of {POSITIONS}, got {positions!r}")
     if checkpoint is not None:
         given = [n for n, v in (("layers", layers), ("fixed_ratio", fixed_ratio), ("fixed_target", fixed_target))
                  if v is not None]
         if given:
             raise ValueError(f"atp: {', '.join(given)} cannot be combined with checkpoint (the checkpoint's "
                              "config decides them)")
-        return ATP(_load_pruner(resolve_checkpoint(checkpoint)))
+        return ATP(_load_pruner(resolve_checkpoint(checkpoint)), positions=positions)
     if fixed_ratio is not None and fixed_target is not None:
         raise ValueError("atp: pass only one of fixed_ratio, fixed_target")
     if fixed_ratio is not None and not (_is_real(fixed_ratio) and 0 < fixed_ratio <= 1):
@@ -482,13 +496,14 @@ def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int,
 
         warnings.warn(UNTRAINED_WARNING, UserWarning, stacklevel=4)
     return ATP(None, layers=layers, fixed_ratio=None if fixed_ratio is None else float(fixed_ratio),
-               fixed_target=None if fixed_target is None else float(fixed_target))
+               fixed_target=None if fixed_target is None else float(fixed_target), positions=positions)
 
 
 def attach_atp(model: Any, pruner: A.ATPPruner, *, mode: str = "hard", tau: float | None = None,
-               budget_count: str = "st") -> ATPHandle:
+               budget_count: str = "st", positions: str = "original") -> ATPHandle:
     """Attach an in-memory ``pruner`` (e.g. while training it) to ``model``; returns the ``ATPHandle``."""
     from . import attach
     from ..registry import get_method
 
-    return attach(model, get_method("atp"), ATP(pruner, mode=mode, tau=tau, budget_count=budget_count))
+    return attach(model, get_method("atp"), ATP(pruner, mode=mode, tau=tau, budget_count=budget_count,
+                                                positions=positions))
