@@ -27,8 +27,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = [
@@ -181,7 +179,8 @@ def test_checker_resolves_relative_imports_and_levels(tmp_path):
         "api.py": "from . import registry\n\ndef apply():\n    from .integrations import base\n",
         "registry.py": "",
         "integrations/__init__.py": "",
-        "integrations/base.py": "from ..methods.common import x\ntry:\n    from . import extra\nexcept ImportError:\n    pass\n",
+        "integrations/base.py": ("from ..methods.common import x\n"
+                                 "try:\n    from . import extra\nexcept ImportError:\n    pass\n"),
         "integrations/extra.py": "",
         "methods/__init__.py": "",
         "methods/common.py": "import vlmprune.registry\n",

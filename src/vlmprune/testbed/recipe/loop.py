@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .auxiliary import grounding_loss
 from .batch import llm_batch
 from .config import TrainConfig, resume_config
 from .dropout import sparse_image_batch
 from .guide import AttentionGuide
-from .auxiliary import grounding_loss
 from .projector import standardize_projector
 from .vision import VisionHeads, cls_loss, load_vision, mimetic_attention, sincos_positions, vision_batch, vision_loss
 
@@ -265,7 +265,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print, stop_after: int
             if run.state["stage"] == 2:  # ---- stage 2: projector + decoder, vision tower frozen
                 guide_layers = (tuple(cfg.guide_layers) + tuple(cfg.guide_read_layers or ())
                                 + (tuple(cfg.guide_position_layers) if cfg.guide_position else ()))
-                guide = AttentionGuide(model, guide_layers, cfg.guide_heads, cfg.guide_target) if cfg.guide_weight else None
+                guide = (AttentionGuide(model, guide_layers, cfg.guide_heads, cfg.guide_target)
+                         if cfg.guide_weight else None)
                 for p in vision.parameters():
                     p.requires_grad_(False)
                 model.train()
