@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
 from vlmprune.testbed.scenes import CENTER_SNAP, make_scene, patch_labels, split_seed
-from vlmprune.testbed.train import _pixel_values, mimetic_attention, sincos_positions
+from vlmprune.testbed.recipe.vision import mimetic_attention, pixel_values_of, sincos_positions
 
 
 def pixel_mlp(snap: int, n_scenes: int = 600, epochs: int = 30) -> None:
@@ -73,7 +73,7 @@ def tower(lr: float, steps: int, occupancy: bool, mimetic: bool, snap: int) -> N
         occ = [((sc.object_mask > 0).reshape(24, 7, 2, 24, 7, 2).mean((2, 5)) > 0.5).transpose(0, 2, 1, 3)
                .reshape(576, 49) for sc in scenes]
         shape = torch.as_tensor(np.stack([patch_labels(sc).shape for sc in scenes]))
-        return _pixel_values(processor, [sc.image for sc in scenes]), shape, torch.as_tensor(np.stack(occ)).float()
+        return pixel_values_of(processor, [sc.image for sc in scenes]), shape, torch.as_tensor(np.stack(occ)).float()
 
     start = time.time()
     for step in range(steps):

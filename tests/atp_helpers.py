@@ -14,7 +14,8 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     from vlmprune.testbed.model import SPECIAL_TOKENS
-    from vlmprune.testbed.questions import CORNERS, format_prompt
+    from vlmprune.testbed.prompt import format_prompt
+    from vlmprune.testbed.questions import CORNERS
     from vlmprune.testbed.scenes import CODE_ALPHABET, COLOR_NAMES, PLURALS, SHAPES
 
     words = list(COLOR_NAMES) + list(SHAPES) + list(PLURALS.values()) + list(CORNERS) + ["yes", "no"]

@@ -4,9 +4,9 @@ geometry, a meaningful [CLS] attention, and exact save/load round trips."""
 import pytest
 import torch
 
-from vlmprune.testbed.check import cls_attention_share
+from vlmprune.eval.testbed_check import cls_attention_share
 from vlmprune.testbed.model import CHECKPOINT_DIR, load
-from vlmprune.testbed.questions import format_prompt
+from vlmprune.testbed.prompt import format_prompt
 from vlmprune.testbed.scenes import make_scene
 
 

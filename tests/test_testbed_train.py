@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from vlmprune.testbed.model import load
-from vlmprune.testbed.train import (WORDS_GUIDE_ADDONS_OFF, TrainConfig, conversation, encode_conversation,
-                                    segment_attention_mask, train)
+from vlmprune.testbed.recipe.config import WORDS_GUIDE_ADDONS_OFF, TrainConfig
+from vlmprune.testbed.questions import conversation
+from vlmprune.testbed.prompt import encode_conversation
+from vlmprune.testbed.recipe.batch import segment_attention_mask
+from vlmprune.testbed.recipe.loop import train
 from vlmprune.testbed.scenes import make_scene
 
 TINY = dict(vision_overrides=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -112,8 +115,9 @@ def test_independent_turns_equal_single_turn_prompts():
     import random
 
     from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
-    from vlmprune.testbed.questions import format_prompt
-    from vlmprune.testbed.train import encode_independent_turns, segment_attention_mask
+    from vlmprune.testbed.prompt import format_prompt
+    from vlmprune.testbed.prompt import encode_independent_turns
+    from vlmprune.testbed.recipe.batch import segment_attention_mask
 
     tok = build_tokenizer()
     proc = build_processor(tok)
@@ -153,7 +157,7 @@ def test_segment_mask_small_case():
 def test_attention_guide_recomputes_the_real_attention():
     """The guide's probabilities for its heads equal the eager attention weights of the same forward pass."""
     from vlmprune.testbed.model import build_model, build_tokenizer
-    from vlmprune.testbed.train import AttentionGuide
+    from vlmprune.testbed.recipe.guide import AttentionGuide
 
     tok = build_tokenizer()
     model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
@@ -250,7 +254,7 @@ def test_cli_rejects_bad_override(tmp_path):
 def test_standardize_projector_feeds_standardised_features():
     """After the data-dependent init, linear_1(x) == W0 ((x - mean) / std) + b0 on the same statistics."""
     from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
-    from vlmprune.testbed.train import calibration_features, standardize_projector
+    from vlmprune.testbed.recipe.projector import calibration_features, standardize_projector
 
     tok = build_tokenizer()
     proc = build_processor(tok)
@@ -306,7 +310,7 @@ def test_patch_word_targets_name_each_patch():
 
     from vlmprune.testbed.model import build_tokenizer
     from vlmprune.testbed.scenes import CODE_ALPHABET, COLOR_NAMES, SHAPES, patch_labels
-    from vlmprune.testbed.train import patch_word_targets
+    from vlmprune.testbed.recipe.auxiliary import patch_word_targets
 
     tok = build_tokenizer()
     scene = make_scene(5, text=True)
@@ -327,7 +331,7 @@ def test_patch_word_targets_with_position_cycle_colour_shape_corner():
 
     from vlmprune.testbed.model import build_tokenizer
     from vlmprune.testbed.scenes import CODE_ALPHABET, COLOR_NAMES, CORNERS, GRID, SHAPES, corner_of, patch_labels
-    from vlmprune.testbed.train import patch_word_targets
+    from vlmprune.testbed.recipe.auxiliary import patch_word_targets
 
     tok = build_tokenizer()
     scene = make_scene(5, text=True)
@@ -361,7 +365,7 @@ def test_grounding_small_case():
     import numpy as np
 
     from vlmprune.testbed.scenes import PatchLabels
-    from vlmprune.testbed.train import grounding_loss, grounding_word_ids
+    from vlmprune.testbed.recipe.auxiliary import grounding_loss, grounding_word_ids
 
     words = {"color": torch.tensor([-100, 10, 11]), "shape": torch.tensor([-100, 20, 21]),
              "char": torch.tensor([-100, 30])}
@@ -384,7 +388,7 @@ def test_question_patches_name_the_asked_objects():
     import numpy as np
 
     from vlmprune.testbed.scenes import COLOR_NAMES, PatchLabels
-    from vlmprune.testbed.train import question_patches
+    from vlmprune.testbed.recipe.guide_targets import question_patches
 
     # patches: background, red circle, blue circle, red star, a code character
     lab = PatchLabels(color=np.array([0, 1, 2, 1, 0]), shape=np.array([0, 1, 1, 4, 0]), center=np.zeros(5),
@@ -401,33 +405,33 @@ def test_question_patches_name_the_asked_objects():
 def test_focus_guide_targets_each_answer_row(tmp_path):
     """guide_focus: every guided row's targets are image tokens showing what its own question names."""
     from vlmprune.testbed.model import build_processor, build_tokenizer
-    from vlmprune.testbed.train import _llm_batch
+    from vlmprune.testbed.recipe.batch import llm_batch
 
     cfg = tiny_config(guide_weight=0.1, guide_focus=True)
     processor = build_processor(build_tokenizer())
-    batch = _llm_batch(cfg, 0, processor)
+    batch = llm_batch(cfg, 0, processor)
     g = batch["guide"]
     image = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")
     assert g["targets"].shape == (2, *batch["input_ids"].shape[1:], batch["input_ids"].shape[1])
     assert g["rows"].any() and not (g["targets"] & ~image[:, None, :]).any()  # only image tokens are targets
     assert (g["targets"].any(-1) == g["rows"]).all()  # exactly the guided rows have targets
-    plain = _llm_batch(tiny_config(guide_weight=0.1), 0, processor)["guide"]
+    plain = llm_batch(tiny_config(guide_weight=0.1), 0, processor)["guide"]
     assert (g["rows"] <= plain["rows"]).all()  # focus only drops rows (questions naming nothing present)
 
 
 def test_patch_ce_object_term_small_case():
     """Uniform logits over C classes: CE is log C per patch; the object term adds log C once more."""
-    from vlmprune.testbed.train import _patch_ce
+    from vlmprune.testbed.recipe.vision import patch_ce
 
     logits = torch.zeros(1, 4, 3)
     target = torch.tensor([[0, 0, 2, 0]])
-    assert torch.isclose(_patch_ce(logits, target, False), torch.tensor(math.log(3)))
-    assert torch.isclose(_patch_ce(logits, target, True), torch.tensor(2 * math.log(3)))
+    assert torch.isclose(patch_ce(logits, target, False), torch.tensor(math.log(3)))
+    assert torch.isclose(patch_ce(logits, target, True), torch.tensor(2 * math.log(3)))
     # A confident right answer on the labelled patch removes the object term only.
     logits[0, 2] = torch.tensor([0.0, 0.0, 50.0])
-    assert torch.isclose(_patch_ce(logits, target, True), torch.tensor(3 * math.log(3) / 4), atol=1e-5)
+    assert torch.isclose(patch_ce(logits, target, True), torch.tensor(3 * math.log(3) / 4), atol=1e-5)
     # No labelled patch: the object term is zero (and still differentiable).
-    empty = _patch_ce(torch.zeros(1, 4, 3, requires_grad=True), torch.zeros(1, 4, dtype=torch.long), True)
+    empty = patch_ce(torch.zeros(1, 4, 3, requires_grad=True), torch.zeros(1, 4, dtype=torch.long), True)
     assert torch.isclose(empty, torch.tensor(math.log(3)))
     empty.backward()
 
@@ -435,7 +439,7 @@ def test_patch_ce_object_term_small_case():
 def test_sincos_positions_small_case():
     """2x2 grid, width 4: one frequency (1.0); row r, column c -> [sin r, cos r, sin c, cos c]; [CLS] row 0."""
     from vlmprune.testbed.model import build_model, build_tokenizer
-    from vlmprune.testbed.train import sincos_positions
+    from vlmprune.testbed.recipe.vision import sincos_positions
 
     model = build_model(build_tokenizer(), vision=dict(hidden_size=4, intermediate_size=8, num_hidden_layers=1,
                                                        num_attention_heads=1, image_size=28, patch_size=14,
@@ -450,7 +454,7 @@ def test_sincos_positions_small_case():
 
 def test_mimetic_attention_ties_queries_to_keys():
     from vlmprune.testbed.model import build_model, build_tokenizer
-    from vlmprune.testbed.train import mimetic_attention
+    from vlmprune.testbed.recipe.vision import mimetic_attention
 
     model = build_model(build_tokenizer(), vision=TINY["vision_overrides"], text=TINY["text_overrides"])
     vision = model.model.vision_tower
@@ -468,7 +472,7 @@ def test_mimetic_attention_ties_queries_to_keys():
 
 
 def test_background_keep_schedule_and_sample():
-    from vlmprune.testbed.train import background_keep, background_sample
+    from vlmprune.testbed.recipe.dropout import background_keep, background_sample
 
     cfg = TrainConfig(llm_steps=100, bg_keep=0.2, bg_ramp=(0.4, 0.6))
     assert [background_keep(cfg, s) for s in (0, 40, 50, 60, 99)] == [0.2, 0.2, pytest.approx(0.6), 1.0, 1.0]
@@ -498,13 +502,14 @@ def test_sparse_image_batch_keeps_original_positions():
     """All patches kept: same logits and loss as the ordinary forward; some dropped: equals the
     model run on the shortened sequence with gapped position ids."""
     from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
-    from vlmprune.testbed.train import _llm_batch, sparse_image_batch
+    from vlmprune.testbed.recipe.batch import llm_batch
+    from vlmprune.testbed.recipe.dropout import sparse_image_batch
 
     tok = build_tokenizer()
     processor = build_processor(tok)
     model = build_model(tok, seed=0, vision=TINY["vision_overrides"], text=TINY["text_overrides"]).eval()
     cfg = tiny_config(guide_weight=0.1, guide_rows="words")
-    batch = _llm_batch(cfg, 0, processor)
+    batch = llm_batch(cfg, 0, processor)
     words = batch.pop("patch_words")
     guide = batch.pop("guide")
     with torch.no_grad():
@@ -550,7 +555,8 @@ def test_word_guide_targets_small_case():
     """Question words naming a colour or shape point at the patches showing it; answers and absent words do not."""
     from vlmprune.testbed.model import build_tokenizer
     from vlmprune.testbed.scenes import COLOR_NAMES, SHAPES, patch_labels
-    from vlmprune.testbed.train import encode_turns, word_guide_targets
+    from vlmprune.testbed.prompt import encode_turns
+    from vlmprune.testbed.recipe.guide_targets import word_guide_targets
 
     tok = build_tokenizer()
     scene = make_scene(5, n_objects=3)
@@ -578,7 +584,8 @@ def test_count_guide_targets_small_case():
     """A count question's plural points at the sink (position 0) + each centre patch of that shape, as a uniform row."""
     from vlmprune.testbed.model import build_tokenizer
     from vlmprune.testbed.scenes import GRID, PLURALS, SHAPES, patch_labels
-    from vlmprune.testbed.train import count_guide_targets, encode_turns, word_guide_targets
+    from vlmprune.testbed.recipe.guide_targets import count_guide_targets, word_guide_targets
+    from vlmprune.testbed.prompt import encode_turns
 
     tok = build_tokenizer()
     scene = next(sc for sc in (make_scene(seed, n_objects=6) for seed in range(100))
@@ -637,7 +644,8 @@ def test_read_guide_targets_point_at_each_next_character():
     """Each row predicting a token of the code's answer targets the cell(s) of the character(s) that token spells."""
     from vlmprune.testbed.model import build_tokenizer
     from vlmprune.testbed.scenes import GRID, patch_labels
-    from vlmprune.testbed.train import encode_turns, read_guide_targets
+    from vlmprune.testbed.prompt import encode_turns
+    from vlmprune.testbed.recipe.guide_targets import read_guide_targets
 
     tok = build_tokenizer()
     scene = make_scene(7, text=True)
@@ -672,7 +680,8 @@ def test_read_stop_row_points_at_the_cell_after_the_code():
     """stop=True adds exactly one row: the one predicting the end token, aimed at the cell after the code."""
     from vlmprune.testbed.model import build_tokenizer
     from vlmprune.testbed.scenes import GRID, patch_labels
-    from vlmprune.testbed.train import encode_turns, read_guide_targets
+    from vlmprune.testbed.prompt import encode_turns
+    from vlmprune.testbed.recipe.guide_targets import read_guide_targets
 
     tok = build_tokenizer()
     scene = next(s for s in (make_scene(seed, text=True) for seed in range(50))
@@ -702,12 +711,12 @@ def test_read_stop_row_points_at_the_cell_after_the_code():
 
 def test_read_rows_go_to_their_own_layers():
     from vlmprune.testbed.model import build_processor, build_tokenizer
-    from vlmprune.testbed.train import _llm_batch
+    from vlmprune.testbed.recipe.batch import llm_batch
 
     processor = build_processor(build_tokenizer())
     cfg = tiny_config(guide_weight=0.1, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(2,),
                       text_prob=1.0, families=("read", "color"), turns=4)
-    g = _llm_batch(cfg, 0, processor)["guide"]
+    g = llm_batch(cfg, 0, processor)["guide"]
     words, read = g["layer_rows"][0], g["layer_rows"][2]
     assert words.any() and read.any() and not (words & read).any()
     assert torch.equal(words | read, g["rows"])
@@ -719,7 +728,8 @@ def test_read_rows_go_to_their_own_layers():
 def test_position_guide_targets_small_case():
     """A position question's answer row targets its shape words, one per head; other questions are not guided."""
     from vlmprune.testbed.model import build_tokenizer
-    from vlmprune.testbed.train import encode_turns, position_guide_targets
+    from vlmprune.testbed.prompt import encode_turns
+    from vlmprune.testbed.recipe.guide_targets import position_guide_targets
 
     tok = build_tokenizer()
     qa = [("What color is the star?", "red"), ("Is the star left of the square?", "no"),
@@ -745,13 +755,14 @@ def test_position_guide_targets_small_case():
 def test_position_guide_trains_with_background_dropout(tmp_path):
     """The position group survives the sparse batch (rows and targets still name the same tokens) and trains."""
     from vlmprune.testbed.model import build_model, build_processor, build_tokenizer
-    from vlmprune.testbed.train import _llm_batch, sparse_image_batch
+    from vlmprune.testbed.recipe.batch import llm_batch
+    from vlmprune.testbed.recipe.dropout import sparse_image_batch
 
     tok = build_tokenizer()
     processor = build_processor(tok)
     cfg = tiny_config(guide_weight=0.3, guide_rows="words", guide_layers=(0,), guide_heads=2, bg_keep=0.2,
                       guide_position=True, guide_position_layers=(1, 1), families=("position", "color"), turns=4)
-    batch = _llm_batch(cfg, 0, processor)
+    batch = llm_batch(cfg, 0, processor)
     group = batch["guide"]["extra"][0]
     assert group["rows"].any() and group["layer"] == 1
     assert batch["guide"]["layer_rows"][1].any()  # the shape words re-fetch their patches on layer 1
@@ -780,7 +791,7 @@ def test_position_guide_trains_with_background_dropout(tmp_path):
 def test_code_prev_targets_small_case():
     """Each code cell after the first targets the image token on its left; nothing else is touched."""
     from vlmprune.testbed.scenes import GRID
-    from vlmprune.testbed.train import code_prev_targets
+    from vlmprune.testbed.recipe.guide_targets import code_prev_targets
 
     scene = make_scene(7, text=True)
     n, first = len(scene.text.code), scene.text.row * GRID + scene.text.col
@@ -798,12 +809,12 @@ def test_code_prev_targets_small_case():
 
 def test_read_prev_rows_go_to_the_word_layers():
     from vlmprune.testbed.model import build_processor, build_tokenizer
-    from vlmprune.testbed.train import _llm_batch
+    from vlmprune.testbed.recipe.batch import llm_batch
 
     processor = build_processor(build_tokenizer())
     cfg = tiny_config(guide_weight=0.1, guide_rows="words+read", guide_layers=(0,), guide_read_layers=(2,),
                       text_prob=1.0, families=("read",), turns=2, guide_read_prev=True, bg_keep=0.2)
-    batch = _llm_batch(cfg, 0, processor)
+    batch = llm_batch(cfg, 0, processor)
     g = batch["guide"]
     image = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")
     prev = g["layer_rows"][0] & image

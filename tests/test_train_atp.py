@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import vlmprune
 from vlmprune.cli import app
-from vlmprune.testbed.questions import format_prompt
+from vlmprune.testbed.prompt import format_prompt
 from vlmprune.train.atp import ATPTrainConfig, make_batch, resolve_target
 
 from atp_helpers import make_tiny_testbed

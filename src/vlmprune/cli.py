@@ -253,7 +253,7 @@ def eval_cmd(
 
 
 def _prompt_template() -> str:
-    from .testbed.questions import PROMPT_TEMPLATE
+    from .testbed.prompt import PROMPT_TEMPLATE
 
     return PROMPT_TEMPLATE
 
@@ -341,7 +341,7 @@ def testbed_train(
                                    "e.g. --set guide_weight=0.1 --set 'guide_layers=[3]'"),
 ):
     """Train the testbed LLaVA from scratch (resumable; an estimated ~2.0 h on 2 otherwise idle CPU cores)."""
-    from .testbed.train import TrainConfig, train
+    from .testbed.recipe import TrainConfig, train
 
     if (vision_steps is not None and vision_steps < 1) or (llm_steps is not None and llm_steps < 1):
         _fail("--vision-steps and --llm-steps must be >= 1")
@@ -369,7 +369,7 @@ def testbed_check(
                                         help="a saved model folder to check (default: the committed testbed)"),
 ):
     """The testbed's acceptance checks: unpruned / blank-image / random-32 accuracy, [CLS] attention share."""
-    from .testbed.check import run_check
+    from .eval.testbed_check import run_check
 
     _at_least(n=(n, 1), blank_n=(blank_n, 1), batch_size=(batch_size, 1))
     loaded, processor = _load(model)

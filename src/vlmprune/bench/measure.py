@@ -378,7 +378,8 @@ def make_bench_inputs(model, processor, batch: int, seed: int = 0) -> tuple[dict
         desc = {"source": "synthetic LLaVA-1.5 layout", "system_tokens": N_SYSTEM, "question_tokens": N_QUESTION}
     else:
         from ..eval.data import shapesvqa_items
-        from ..testbed.questions import FAMILIES, PROMPT_TEMPLATE
+        from ..testbed.prompt import PROMPT_TEMPLATE
+        from ..testbed.questions import FAMILIES
 
         per_family = -(-batch // len(FAMILIES))
         items = shapesvqa_items("test", "all", per_family)

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..testbed.questions import PROMPT_TEMPLATE, normalize_answer
+from ..testbed.prompt import PROMPT_TEMPLATE
+from ..testbed.questions import normalize_answer
 from .data import EvalItem
 
 

@@ -1,4 +1,4 @@
-"""The testbed: ShapesVQA scenes and questions, and the small trained LLaVA shipped with vlmprune.
+"""The testbed: ShapesVQA scenes and questions, their prompt, and the small trained LLaVA shipped with vlmprune.
 
 ``vlmprune.testbed.load()`` returns ``(model, processor)`` for the committed checkpoint (or a
 path); it is imported lazily so that the scene generator does not pull in transformers.

@@ -23,7 +23,8 @@ TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_att
 
 def _tokenizer_corpus() -> list[str]:
     """Every kind of sentence the testbed uses, for training the BPE merges."""
-    from .questions import FAMILIES, ask, format_prompt
+    from .prompt import format_prompt
+    from .questions import FAMILIES, ask
     from .scenes import CODE_ALPHABET, make_scene
 
     rnd = random.Random(0)

@@ -1,4 +1,4 @@
-"""ShapesVQA questions: six families with short exact-match answers, and the prompt template."""
+"""ShapesVQA questions: six families with short exact-match answers, and conversations of several."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from .prompt import format_prompt
 from .scenes import COLOR_NAMES, IMAGE_SIZE, PLURALS, SHAPES, Scene, corner_of, make_scene, split_seed
 
 FAMILIES = ("exist", "color", "shape", "count", "position", "read")
 EXIST_NEGATIVES = ("random", "popular", "adversarial")
-PROMPT_TEMPLATE = "USER: <image>\n{question} Answer with one word. ASSISTANT:"
 CORNERS = ("topleft", "topright", "bottomleft", "bottomright")
 
 
@@ -26,11 +26,6 @@ class Question:
     @property
     def prompt(self) -> str:
         return format_prompt(self.question)
-
-
-def format_prompt(question: str) -> str:
-    """LLaVA-1.5 single-turn prompt for ``question``."""
-    return PROMPT_TEMPLATE.format(question=question)
 
 
 def normalize_answer(text: str) -> str:
@@ -82,18 +77,15 @@ def ask(scene: Scene, family: str, rnd: random.Random) -> Question | None:
             cands = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in pairs]
         c, s = rnd.choice(sorted(cands))
         return Question("exist", f"Is there {_article(c)} {c} {s}?", "no", scene.seed, kind)
-    if family == "color":
-        unique = [o for o in objs if shape_count[o.shape] == 1]
+    if family in ("color", "shape"):  # about an object named by its other attribute, unique in the scene
+        by = "shape" if family == "color" else "color"
+        counts = shape_count if by == "shape" else color_count
+        unique = [o for o in objs if counts[getattr(o, by)] == 1]
         if not unique:
             return None
         o = rnd.choice(unique)
-        return Question("color", f"What color is the {o.shape}?", o.color, scene.seed)
-    if family == "shape":
-        unique = [o for o in objs if color_count[o.color] == 1]
-        if not unique:
-            return None
-        o = rnd.choice(unique)
-        return Question("shape", f"What shape is the {o.color} object?", o.shape, scene.seed)
+        question = f"What color is the {o.shape}?" if family == "color" else f"What shape is the {o.color} object?"
+        return Question(family, question, getattr(o, family), scene.seed)
     if family == "count":
         # Mostly shapes that are present; sometimes an absent one (answer 0).
         s = rnd.choice(sorted(shape_count)) if rnd.random() < 0.85 else rnd.choice(SHAPES)
@@ -150,3 +142,26 @@ def build_questions(split: str, family: str, n: int, *, start: int = 0) -> list[
 def scene_for(question: Question) -> Scene:
     """Re-create the scene a question was asked about."""
     return make_scene(question.seed, text=True if question.family == "read" else None)
+
+
+def conversation(scene: Scene, rnd: random.Random, turns: int,
+                 families: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """Up to ``turns`` distinct (question, answer) pairs about ``scene``, in random order.
+
+    Without ``families``, every family the scene supports is asked at least once when ``turns``
+    allows, then further exist / count / position / colour / shape questions; with ``families``,
+    questions of those families only. Deterministic given ``rnd``'s state.
+    """
+    qa = []
+    if families:
+        fams = [rnd.choice(families) for _ in range(4 * turns)]
+    else:
+        fams = list(FAMILIES) + [rnd.choice(("exist", "count", "position", "color", "shape")) for _ in range(turns)]
+    for fam in fams:
+        q = ask(scene, fam, rnd)
+        if q is not None and all(q.question != prev for prev, _ in qa):
+            qa.append((q.question, q.answer))
+        if len(qa) >= turns:
+            break
+    rnd.shuffle(qa)
+    return qa

@@ -153,7 +153,7 @@ class ATPTrainConfig:
 def sample_conversation(scene: Any, rnd: random.Random, turns: int) -> list[tuple[str, str]]:
     """Question-answer turns about ``scene``; one turn = a question of a random supported family."""
     from ..testbed.questions import FAMILIES, ask
-    from ..testbed.train import conversation
+    from ..testbed.questions import conversation
 
     if turns > 1:
         return conversation(scene, rnd, turns)
@@ -166,7 +166,7 @@ def sample_conversation(scene: Any, rnd: random.Random, turns: int) -> list[tupl
 def encode_atp_conversation(tokenizer: Any, qa: list[tuple[str, str]], image_token_id: int,
                             num_image_tokens: int) -> tuple[list[int], list[int], list[bool]]:
     """Token ids, labels and instruction mask of a conversation: the testbed's ``encode_turns``."""
-    from ..testbed.train import encode_turns
+    from ..testbed.prompt import encode_turns
 
     return encode_turns(tokenizer, qa, image_token_id, num_image_tokens)
 
@@ -503,7 +503,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
 def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_size: int = 16,
                      split: str = "val", start: int = 500_000) -> dict[str, Any]:
     """Prefill ``n`` held-out single-turn prompts with hard pruning; average kept counts."""
-    from ..testbed.questions import format_prompt
+    from ..testbed.prompt import format_prompt
     from ..testbed.scenes import make_scene, split_seed
 
     tok = processor.tokenizer

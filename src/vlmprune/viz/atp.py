@@ -77,7 +77,7 @@ def complexity_scenes(n: int, split: str = "test", start: int = 800_000) -> list
 def run_scenes(model: Any, processor: Any, handle: Any, scenes: Sequence[tuple[Any, str]], *,
                batch_size: int = 16) -> list[SceneRecord]:
     """Prefill each (scene, question) with the ATP handle attached (hard mode); one record per scene."""
-    from ..testbed.questions import format_prompt
+    from ..testbed.prompt import format_prompt
 
     tok = processor.tokenizer
     tok.padding_side = "left"

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .scenes import make_scene, patch_labels, split_seed
+from ..testbed.scenes import make_scene, patch_labels, split_seed
 
 
 def cls_attention_share(model, processor, n_scenes: int = 200, split: str = "test", batch: int = 16) -> dict:
     """Mean share of the [CLS] row's patch attention mass on object (or text) patches.
 
-    The attention is the one PruMerge reads (``train.cls_attention``: last vision layer, q/k from
+    The attention is the one PruMerge reads (``recipe.vision.cls_attention``: last vision layer, q/k from
     the penultimate hidden state, softmax over all keys of the concatenated-head logits).
     """
     from ..integrations.base import get_adapter
-    from .train import cls_attention
+    from ..testbed.recipe.vision import cls_attention
 
     vt = get_adapter(model).get_vision_tower(model)
     shares, fractions = [], []
@@ -49,7 +49,7 @@ def chance_accuracy() -> float:
     """
     from collections import Counter
 
-    from .questions import FAMILIES, build_questions
+    from ..testbed.questions import FAMILIES, build_questions
 
     accs = []
     for fam in FAMILIES:
@@ -61,10 +61,10 @@ def chance_accuracy() -> float:
 def run_check(n: int = 300, out: Path = Path("out/testbed-check"), batch_size: int = 16, blank_n: int = 100,
               model=None, processor=None) -> dict:
     """Run every check on ``model``/``processor`` (default: the committed testbed)."""
-    from ..eval import report
-    from ..eval.data import shapesvqa_items
-    from ..eval.harness import evaluate
-    from .model import load
+    from ..testbed.model import load
+    from . import report
+    from .data import shapesvqa_items
+    from .harness import evaluate
 
     if model is None:
         model, processor = load()

@@ -1,15 +1,15 @@
 """Diagnostics of a testbed decoder under training (the figures of docs/testbed.md).
 
-    python -m vlmprune.testbed.diagnose MODEL_DIR answers    # exact answers on 1 / 2 / 5-object val scenes
-    python -m vlmprune.testbed.diagnose MODEL_DIR linear     # linear probe: object colour from the answer row
-    python -m vlmprune.testbed.diagnose MODEL_DIR corner     # linear probes: an object's corner at its patch / word / answer row
-    python -m vlmprune.testbed.diagnose MODEL_DIR attention  # answer-row attention share on object patches
-    python -m vlmprune.testbed.diagnose MODEL_DIR binding    # 2-object scenes: attention on the named vs the other object
-    python -m vlmprune.testbed.diagnose MODEL_DIR copying    # does an earlier turn's colour word leak into the answer?
-    python -m vlmprune.testbed.diagnose RUN_DIR vision       # stage-1 heads: accuracy on object/text patches
-    python -m vlmprune.testbed.diagnose RUN_A,RUN_B losses   # stage-2 answer loss, 50-step means, side by side
+    python -m vlmprune.eval.testbed_diagnose MODEL_DIR answers    # exact answers on 1 / 2 / 5-object val scenes
+    python -m vlmprune.eval.testbed_diagnose MODEL_DIR linear     # linear probe: object colour from the answer row
+    python -m vlmprune.eval.testbed_diagnose MODEL_DIR corner     # linear probes: an object's corner at its patch / word / answer row
+    python -m vlmprune.eval.testbed_diagnose MODEL_DIR attention  # answer-row attention share on object patches
+    python -m vlmprune.eval.testbed_diagnose MODEL_DIR binding    # 2-object scenes: attention on the named vs the other object
+    python -m vlmprune.eval.testbed_diagnose MODEL_DIR copying    # does an earlier turn's colour word leak into the answer?
+    python -m vlmprune.eval.testbed_diagnose RUN_DIR vision       # stage-1 heads: accuracy on object/text patches
+    python -m vlmprune.eval.testbed_diagnose RUN_A,RUN_B losses   # stage-2 answer loss, 50-step means, side by side
 
-``MODEL_DIR`` is a saved model folder; ``python -m vlmprune.testbed.diagnose RUN_DIR export OUT``
+``MODEL_DIR`` is a saved model folder; ``python -m vlmprune.eval.testbed_diagnose RUN_DIR export OUT``
 first writes one from a run's ``train_state.pt`` (mid-run evaluation).
 """
 
@@ -21,8 +21,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from .questions import ask, format_prompt
-from .scenes import COLOR_NAMES, make_scene, patch_pixels, split_seed
+from ..testbed.prompt import format_follow_up, format_prompt
+from ..testbed.questions import ask
+from ..testbed.scenes import COLOR_NAMES, make_scene, patch_pixels, split_seed
 
 
 def _load_run(run_dir: str):
@@ -31,7 +32,7 @@ def _load_run(run_dir: str):
 
     from transformers import PreTrainedTokenizerFast
 
-    from .model import build_model, build_processor
+    from ..testbed.model import build_model, build_processor
 
     if not (Path(run_dir) / "train_state.pt").exists() or not (Path(run_dir) / "tokenizer").exists():
         raise FileNotFoundError(f"{run_dir} is not a training run folder (train_state.pt and tokenizer/ expected); "
@@ -63,8 +64,8 @@ def vision_heads(run_dir: str, n: int = 64) -> dict:
     ``{"cls_attention_share": (sum, scenes)}``: the share of the [CLS] attention PruMerge reads
     that lands on object/text patches, summed over scenes.
     """
-    from .scenes import SHAPES, patch_labels
-    from .train import VisionHeads, _pixel_values, cls_attention
+    from ..testbed.scenes import SHAPES, patch_labels
+    from ..testbed.recipe.vision import VisionHeads, cls_attention, pixel_values_of
 
     model, processor, saved = _load_run(run_dir)
     heads = VisionHeads(model.config.vision_config.hidden_size)
@@ -78,7 +79,7 @@ def vision_heads(run_dir: str, n: int = 64) -> dict:
 
     for start in range(0, n, 16):
         scenes = [make_scene(split_seed("val", 500 + start + i), text=i % 2 == 0) for i in range(min(16, n - start))]
-        hidden = vision(_pixel_values(processor, [sc.image for sc in scenes]), output_hidden_states=True)
+        hidden = vision(pixel_values_of(processor, [sc.image for sc in scenes]), output_hidden_states=True)
         patches = hidden.hidden_states[-2][:, 1:]
         cls_att = cls_attention(vision, hidden.hidden_states[-2])  # [B, N]
         for b, scene in enumerate(scenes):
@@ -104,8 +105,8 @@ def answers(model, processor, n: int = 32, objects=(1, 2, 5), families=("color",
 
     Answered and scored by the evaluation harness (``run_items``: greedy, left-padded batches).
     """
-    from ..eval.data import EvalItem
-    from ..eval.harness import run_items
+    from .data import EvalItem
+    from .harness import run_items
 
     class SceneItem(EvalItem):  # an evaluation item whose image is a given scene's
         def __init__(self, scene, **fields):
@@ -177,8 +178,8 @@ def corner_probe(model, processor, n: int = 400, train: int = 300, steps: int = 
     question's shape word (``word``) and the answer row (``answer``). Returns held-out accuracy
     per hidden state (index 0 = decoder input) for each; chance is about 0.25.
     """
-    from .questions import CORNERS, corner_objects
-    from .scenes import GRID, corner_of
+    from ..testbed.questions import CORNERS, corner_objects
+    from ..testbed.scenes import GRID, corner_of
 
     image_id, feats, labels, i = model.config.image_token_id, {"patch": [], "word": [], "answer": []}, [], 0
     while len(labels) < n:
@@ -211,12 +212,14 @@ def corner_probe(model, processor, n: int = 400, train: int = 300, steps: int = 
 @torch.no_grad()
 def attention_share(model, processor, batch_size: int = 8, step: int = 7777) -> tuple[float, list[list[tuple]]]:
     """Per layer and head: (share on object/text patches, share on all image tokens) from answer rows."""
-    from .train import WORDS_GUIDE_ADDONS_OFF, AttentionGuide, TrainConfig, _llm_batch
+    from ..testbed.recipe.batch import llm_batch
+    from ..testbed.recipe.config import WORDS_GUIDE_ADDONS_OFF, TrainConfig
+    from ..testbed.recipe.guide import AttentionGuide
 
     # answer rows on full images (not the recipe's word / read rows or its background dropout)
     cfg = TrainConfig(guide_weight=1.0, guide_rows="answer", guide_read_layers=None, bg_keep=1.0,
                       llm_batch=batch_size, patch_words=0.0, patch_position=False, **WORDS_GUIDE_ADDONS_OFF)
-    batch = _llm_batch(cfg, step, processor)
+    batch = llm_batch(cfg, step, processor)
     g = batch.pop("guide")
     text = model.config.text_config
     guide = AttentionGuide(model, tuple(range(text.num_hidden_layers)), text.num_attention_heads)
@@ -261,7 +264,7 @@ def binding(model, processor, family: str = "color", n: int = 40) -> tuple[int, 
     a head that retrieves by the question puts more on the named object; one that reads the image
     as a whole splits between the two. Attention recomputed from q/k (sdpa stays on).
     """
-    from .train import AttentionGuide
+    from ..testbed.recipe.guide import AttentionGuide
 
     text = model.config.text_config
     items = _two_object_questions(family, n)
@@ -297,7 +300,7 @@ def copying(model, processor, n: int = 60) -> dict:
     def answer(scene, prior, q):
         text = format_prompt(prior[0] if prior else q)
         if prior:
-            text += f" {prior[1]}</s>USER: {q} Answer with one word. ASSISTANT:"
+            text += f" {prior[1]}</s>{format_follow_up(q)}"
         batch = processor(images=[scene.image], text=[text], return_tensors="pt")
         out = model.generate(**batch, max_new_tokens=3, do_sample=False)
         return tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip().lower()
@@ -339,7 +342,7 @@ def loss_table(runs: list[str], every: int = 50, key: str = "lm") -> list[tuple[
 
 
 def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions above
-    ap = argparse.ArgumentParser(prog="python -m vlmprune.testbed.diagnose", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m vlmprune.eval.testbed_diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path")
     ap.add_argument("what", choices=["answers", "linear", "corner", "attention", "binding", "copying", "vision", "export", "losses"])
@@ -380,7 +383,7 @@ def main(argv=None) -> None:  # pragma: no cover - thin CLI over the functions a
             else:
                 print(f"{key}: {right}/{total} = {right / max(total, 1):.3f}")
         return
-    from .model import load
+    from ..testbed.model import load
 
     model, processor = load(args.path)
     if args.what == "answers":

@@ -4,9 +4,9 @@ from dataclasses import asdict
 
 import torch
 
-from vlmprune.testbed import diagnose
+from vlmprune.eval import testbed_diagnose as diagnose
 from vlmprune.testbed.model import build_model, build_processor, build_tokenizer, load
-from vlmprune.testbed.train import TrainConfig
+from vlmprune.testbed.recipe.config import TrainConfig
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
@@ -48,7 +48,7 @@ def test_export_and_diagnostics(tmp_path):
 def test_vision_heads_counts_labelled_patches_only(tmp_path):
     """A shape head that always says "circle" is right exactly on the circle patches (background excluded)."""
     from vlmprune.testbed.scenes import SHAPES, make_scene, patch_labels, split_seed
-    from vlmprune.testbed.train import VisionHeads
+    from vlmprune.testbed.recipe.vision import VisionHeads
 
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path / "run" / "tokenizer")
