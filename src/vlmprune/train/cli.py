@@ -132,8 +132,10 @@ def lora_cmd(
 ):
     """Fine-tune LoRA adapters on the LLM with a vision-stage method applied (the PruMerge paper's Table 6);
     write adapters loadable with the method: `-m prumerge:lora=OUT`. Resumes from OUT/train_state.pt."""
+    from ..integrations.compat import quiet_loading
     from .lora import LoraTrainConfig, train_lora
 
+    quiet_loading()
     if dtype not in DTYPES and dtype not in DTYPES.values():
         _fail(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
     target_paths = None
