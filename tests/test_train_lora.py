@@ -191,7 +191,7 @@ def test_bad_inputs_are_one_line_errors(tiny, tmp_path):
         (["--lora-dropout", "1.5"], "dropout must be"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--targets", "self_attn.nope"], "no decoder layer"),
-        (["--model", str(tmp_path / "nope")], "could not load the model"),
+        (["--model", str(tmp_path / "nope")], "could not load model"),
         (["--dtype", "fp8"], "--dtype must be"),
     ]
     for args, msg in cases:

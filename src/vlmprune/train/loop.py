@@ -51,7 +51,7 @@ def load_model(model: str | None, dtype: str = "float32"):
     try:
         return load(model, dtype=DTYPES[dtype])
     except Exception as e:  # noqa: BLE001 -- a missing / corrupt model folder: name it
-        raise ValueError(f"could not load the model {model or '(testbed)'}: {e}") from None
+        raise ValueError(f"could not load model {model or '(testbed)'}: {e}") from None
 
 
 def read_state(out: str | os.PathLike, config_cls: type, cfg: Any, resumable: Iterable[str]) -> dict | None:
