@@ -37,7 +37,8 @@ ATP_EVAL = -m atp:checkpoint=testbed-144 -m atp:checkpoint=testbed-88 \
 
 # The results files in docs/results/ (the committed testbed v14 and this machine's benchmarks), in the
 # order they depend on each other: ~20 min of ATP training per target, ~25 min of evaluation, ~15 min
-# of benchmarks on 2 cores.
+# of benchmarks on 2 cores; PruMerge + LoRA: 48 steps per method (~4 min each on an idle core, ~30 min
+# next to other jobs) and ~12 min of evaluation.
 results: install
 	$(BIN)/vlmprune train atp --out runs/atp-144
 	$(BIN)/vlmprune train atp --out runs/atp-88 --paper-target 88
@@ -46,6 +47,14 @@ results: install
 	$(BIN)/vlmprune eval $(ATP_EVAL) --n 100 --overwrite --out docs/results/atp-v14
 	$(BIN)/vlmprune eval -m fastv:k=1,budget=166.5 -m fastv:k=1,budget=137.9 -m prumerge+:keep=166 -m prumerge+:keep=138 \
 	  --n 100 --overwrite --out docs/results/atp-v14-matched
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune train lora --method prumerge --out runs/lora-prumerge --steps 48 --warmup 4 --lr 1e-3
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune train lora --method prumerge+ --out runs/lora-prumerge+ --steps 48 --warmup 4 --lr 1e-3
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge -m prumerge+ --no-baseline --n 100 --overwrite \
+	  --out docs/results/lora-v14/training-free
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge:lora=runs/lora-prumerge --no-baseline --n 100 --overwrite \
+	  --out docs/results/lora-v14/prumerge-lora
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge+:lora=runs/lora-prumerge+ --no-baseline --n 100 --overwrite \
+	  --out docs/results/lora-v14/prumerge+-lora
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M testbed -b 1 -b 8 --no-memory --overwrite --out docs/results/bench/testbed
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 1 -b 8 -m prumerge+ -m prumerge+:keep=144 -m fastv --no-memory \
 	  --overwrite --out docs/results/bench/scaled

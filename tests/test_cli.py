@@ -180,7 +180,7 @@ def test_results_json_describes_the_run(tiny_dir, tmp_path):
                            "blank": False}
     assert run["generation"] == {**run["generation"], "max_new_tokens": 1, "do_sample": False, "batch_size": 16}
     assert [m["label"] for m in run["methods"]] == ["unpruned", "random keep=8", "fastv k=1,count=4"]
-    assert run["methods"][1]["resolved"] == {"keep": 8, "seed": 0}
+    assert run["methods"][1]["resolved"] == {"keep": 8, "seed": 0, "lora": None}
     assert run["methods"][2]["options"] == {"k": 1, "count": 4}
     assert run["methods"][2]["resolved"] == {"k": 1, "drop_ratio": None, "count": 4, "budget": None, "score": "last"}
     assert {"python", "torch", "transformers", "vlmprune"} <= set(run["versions"])

@@ -173,7 +173,7 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path):
         (["--target", "1"], "unreachable"),
         (["--layers", "0,a"], "--layers must be"),
         (["--layers", "0,3"], "layers"),
-        (["--model", str(tmp_path / "nope")], "could not load the model"),
+        (["--model", str(tmp_path / "nope")], "could not load model"),
     ]
     for args, msg in cases:
         r = _run("--out", str(tmp_path / "bad"), *(["--model", str(tiny)] if "--model" not in args else []),

@@ -135,6 +135,11 @@ class ModelAdapter:
     #: What the [CLS]-based vision methods (cls-topk, prumerge, prumerge+) score tokens by on this
     #: family (``encode_with_signals``; shown by ``list_methods()``).
     importance_score: str = "[CLS] attention of the last vision layer"
+    #: From one decoder layer to the linears LoRA adapts (``lora_target_modules``): the attention
+    #: and MLP projections of the language model, as in LLaVA's LoRA recipe (never the vision
+    #: tower or the projector).
+    lora_targets: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:
@@ -184,6 +189,25 @@ class ModelAdapter:
 
     def get_input_embeddings(self, model: Any) -> nn.Module:
         return self.base_model(model).get_input_embeddings()
+
+    def lora_target_modules(self, model: Any, targets: tuple[str, ...] | None = None) -> list[str]:
+        """Qualified names (from ``model``, as ``named_modules`` spells them) of the linears LoRA
+        adapts: ``targets`` (default ``lora_targets``; paths from one decoder layer) in every decoder
+        layer of the language model. A path no decoder layer has raises ``ValueError`` naming it."""
+        targets = self.lora_targets if targets is None else tuple(targets)
+        layers = self.get_decoder_layers(model)
+        prefix = {id(m): n for n, m in model.named_modules()}.get(id(layers))
+        if prefix is None:
+            raise ValueError(f"the decoder layers of this {self.family} model are not among its modules")
+        missing = [t for t in targets if not any(_has_path(layer, t) for layer in layers)]
+        if missing:
+            raise ValueError(f"no decoder layer of this {self.family} model has {', '.join(missing)}; LoRA targets "
+                             f"are paths inside a decoder layer, e.g. {', '.join(self.lora_targets[:2])}")
+        names = [f"{prefix}.{i}.{t}" for i, layer in enumerate(layers) for t in targets if _has_path(layer, t)]
+        bad = [n for n in names if not isinstance(_resolve(model, n), nn.Linear)]
+        if bad:
+            raise ValueError(f"LoRA adapts linear layers; {bad[0]} is a {type(_resolve(model, bad[0])).__name__}")
+        return names
 
     # ---------------------------------------------------------------- config knowledge
     def image_token_id(self, model: Any) -> int:

@@ -6,11 +6,17 @@ options (``list_methods()`` reads them from the signature). Options are checked 
 than the number of patches) are checked by a dry run when the method is attached.
 
 Budgets (``keep``): an int count in [1, N], or a float ratio in (0, 1] (floor(ratio * N)).
+
+Every vision-stage method also takes ``lora=DIR``: LoRA adapters on the language model (a folder
+written by ``vlmprune train lora``, see ``integrations/lora.py``), injected when the method is
+attached and removed with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import os
 from typing import Any
 
 import torch
@@ -52,7 +58,24 @@ def _check_bool(method: str, name: str, value: Any) -> None:
         raise ValueError(f"{method}: {name} must be True or False, got {value!r}")
 
 
-def build_random(*, keep: int | float = DEFAULT_KEEP, seed: int | None = 0) -> VisionMethod:
+def _with_lora(method: VisionMethod, lora: str | os.PathLike | None) -> VisionMethod:
+    """``method`` carrying the LoRA adapter folder ``lora`` (checked readable now), or as it is."""
+    if lora is None:
+        return method
+    from .lora import read_folder
+
+    if not isinstance(lora, (str, os.PathLike)) or not os.fspath(lora).strip():
+        raise ValueError(f"{method.name}: lora must be the folder of a LoRA adapter (from `vlmprune train lora "
+                         f"--out DIR`), got {lora!r}")
+    try:
+        read_folder(lora)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{method.name}: lora={os.fspath(lora)}: {e}") from None
+    return dataclasses.replace(method, lora=os.fspath(lora))
+
+
+def build_random(*, keep: int | float = DEFAULT_KEEP, seed: int | None = 0,
+                 lora: str | None = None) -> VisionMethod:
     """``random``: keep ``keep`` patches drawn uniformly per image (ascending order).
 
     ``seed``: the generator is re-seeded at every prefill (same batch -> same selection, so cached
@@ -68,23 +91,25 @@ def build_random(*, keep: int | float = DEFAULT_KEEP, seed: int | None = 0) -> V
             gen = torch.Generator(device=features.device).manual_seed(int(seed))
         return random_keep(features, keep, generator=gen)
 
-    return VisionMethod("random", fn, options={"keep": keep, "seed": seed})
+    return _with_lora(VisionMethod("random", fn, options={"keep": keep, "seed": seed}), lora)
 
 
-def build_sequential(*, keep: int | float = DEFAULT_KEEP) -> VisionMethod:
+def build_sequential(*, keep: int | float = DEFAULT_KEEP, lora: str | None = None) -> VisionMethod:
     """``sequential``: keep the first ``keep`` patches in raster order (``keep=1.0`` = no pruning)."""
     _check_keep("sequential", keep)
-    return VisionMethod("sequential", lambda f, s, g: sequential_keep(f, keep), options={"keep": keep})
+    return _with_lora(VisionMethod("sequential", lambda f, s, g: sequential_keep(f, keep), options={"keep": keep}),
+                      lora)
 
 
-def build_spatial(*, keep: int | float = DEFAULT_KEEP) -> VisionMethod:
+def build_spatial(*, keep: int | float = DEFAULT_KEEP, lora: str | None = None) -> VisionMethod:
     """``spatial``: keep a centred uniform 2-D lattice of about ``keep`` patches."""
     _check_keep("spatial", keep)
-    return VisionMethod("spatial", lambda f, s, g: spatial_keep(f, keep, grid_size=g), needs_grid=True,
-                        options={"keep": keep})
+    return _with_lora(VisionMethod("spatial", lambda f, s, g: spatial_keep(f, keep, grid_size=g), needs_grid=True,
+                                   options={"keep": keep}), lora)
 
 
-def build_cls_topk(*, keep: int | float | None = None, order: str = "attention") -> VisionMethod:
+def build_cls_topk(*, keep: int | float | None = None, order: str = "attention",
+                   lora: str | None = None) -> VisionMethod:
     """``cls-topk``: the patches with the highest [CLS] attention, unmerged.
 
     ``keep=None`` (default) uses PruMerge's adaptive IQR count (the paper's "AITS only"
@@ -99,11 +124,12 @@ def build_cls_topk(*, keep: int | float | None = None, order: str = "attention")
                             order=order, grid_size=grid)
         return cls_topk(signals.cls_attn, features, keep, order=order)
 
-    return VisionMethod("cls-topk", fn, needs_signals=True, needs_grid=True, options={"keep": keep, "order": order})
+    return _with_lora(VisionMethod("cls-topk", fn, needs_signals=True, needs_grid=True,
+                                   options={"keep": keep, "order": order}), lora)
 
 
 def _build_prumerge(name: str, plus: bool, *, k_neighbors: int, merge: str, extra_token: bool, grid: str,
-                    order: str, keep: int | float | None) -> VisionMethod:
+                    order: str, keep: int | float | None, lora: str | None = None) -> VisionMethod:
     if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, numbers.Integral) or k_neighbors < 0:
         raise ValueError(f"{name}: k_neighbors must be an int >= 0 (official: 32; 0 turns merging off), "
                          f"got {k_neighbors!r}")
@@ -121,11 +147,12 @@ def _build_prumerge(name: str, plus: bool, *, k_neighbors: int, merge: str, extr
         return prumerge(signals.cls_attn, signals.keys, features, plus=plus, k_neighbors=int(k_neighbors),
                         merge=merge, extra_token=extra_token, grid=grid, order=order, keep=keep, grid_size=grid_hw)
 
-    return VisionMethod(name, fn, needs_signals=True, needs_grid=True, options=options)
+    return _with_lora(VisionMethod(name, fn, needs_signals=True, needs_grid=True, options=options), lora)
 
 
 def build_prumerge(*, k_neighbors: int = 32, merge: str = "residual", extra_token: bool = True,
-                   order: str = "attention", keep: int | float | None = None) -> VisionMethod:
+                   order: str = "attention", keep: int | float | None = None,
+                   lora: str | None = None) -> VisionMethod:
     """``prumerge``: adaptive IQR selection + key-similarity merge + extra token (spec §2-3).
 
     Defaults reproduce the official code per image. ``keep`` fixes the number of centres instead
@@ -133,15 +160,15 @@ def build_prumerge(*, k_neighbors: int = 32, merge: str = "residual", extra_toke
     sorts the centres by patch index.
     """
     return _build_prumerge("prumerge", False, k_neighbors=k_neighbors, merge=merge, extra_token=extra_token,
-                           grid="raster", order=order, keep=keep)
+                           grid="raster", order=order, keep=keep, lora=lora)
 
 
 def build_prumerge_plus(*, k_neighbors: int = 32, merge: str = "residual", extra_token: bool = True,
                         grid: str = "raster", order: str = "attention",
-                        keep: int | float | None = None) -> VisionMethod:
+                        keep: int | float | None = None, lora: str | None = None) -> VisionMethod:
     """``prumerge+``: PruMerge plus a spatially uniform supplement of centres (spec §4).
 
     ``grid="raster"`` is the official stride sampling (column stripes); ``"2d"`` a true lattice.
     """
     return _build_prumerge("prumerge+", True, k_neighbors=k_neighbors, merge=merge, extra_token=extra_token,
-                           grid=grid, order=order, keep=keep)
+                           grid=grid, order=order, keep=keep, lora=lora)

@@ -107,7 +107,8 @@ class VisionMethod:
 
     ``fn(features [I, N, D], signals | None, grid (H, W)) -> Reduction`` does the work;
     ``needs_signals`` asks the plumbing for [CLS] attention and keys (hooks are only installed
-    then); ``needs_grid`` says that the N tokens must form the H x W patch grid.
+    then); ``needs_grid`` says that the N tokens must form the H x W patch grid; ``lora`` is the
+    folder of LoRA adapters injected into the language model while the method is attached.
     """
 
     name: str
@@ -115,6 +116,7 @@ class VisionMethod:
     needs_signals: bool = False
     needs_grid: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    lora: str | None = None
 
     def reduce(self, features: Tensor, signals: VisionSignals | None, grid: tuple[int, int]) -> Reduction:
         """features [I, N, D] -> Reduction (tokens [I, M, D], counts [I])."""
@@ -133,7 +135,7 @@ class VisionMethod:
         self.reduce(features, signals, grid)
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in {**self.options, **({"lora": self.lora} if self.lora else {})}.items())
         return f"VisionMethod({self.name}: {opts})"
 
 
@@ -624,4 +626,14 @@ def attach(model: Any, adapter: ModelAdapter, info: Any, method_obj: VisionMetho
     method_obj.validate(per_image, grid)  # bad budgets (e.g. keep > N) fail here, not at the first forward
     handle = VisionHandle(model, adapter, info.name, method_obj)
     handle._install()
+    if method_obj.lora is not None:
+        from .lora import load as load_lora
+
+        try:
+            injection = load_lora(model, method_obj.lora)
+        except Exception:
+            handle.remove()
+            raise
+        handle.add_undo(injection.remove)
+        handle.lora = injection
     return handle

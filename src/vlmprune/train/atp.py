@@ -40,15 +40,12 @@ import torch
 from torch import nn
 
 from ..methods import atp as A
+from .data import SCENE_BASE, encode_atp_conversation, make_batch, sample_conversation  # noqa: F401 (re-exported)
+from .loop import STATE_NAME, append_history, load_model, lr_factor, read_state, world_size_from_env, write_state
 
 TRAIN_MODES = ("llm-frozen", "lora")
-STATE_NAME = "train_state.pt"
 # fields that may change when a run is resumed (the rest must match the checkpoint)
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_n", "out", "stop_after")
-# ShapesVQA train-split scene indices used by ATP training (disjoint from the testbed's own ranges)
-SCENE_BASE = 600_000_000
-# LoRA on the LLM's attention and MLP projections (never the vision tower or the projector)
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def _opt(default: Any, help: str):
@@ -147,58 +144,7 @@ class ATPTrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# ================================================================================ data
-
-
-def sample_conversation(scene: Any, rnd: random.Random, turns: int) -> list[tuple[str, str]]:
-    """Question-answer turns about ``scene``; one turn = a question of a random supported family."""
-    from ..testbed.questions import FAMILIES, ask
-    from ..testbed.questions import conversation
-
-    if turns > 1:
-        return conversation(scene, rnd, turns)
-    while True:  # every scene supports "exist" and "count", so this ends
-        q = ask(scene, rnd.choice(FAMILIES), rnd)
-        if q is not None:
-            return [(q.question, q.answer)]
-
-
-def encode_atp_conversation(tokenizer: Any, qa: list[tuple[str, str]], image_token_id: int,
-                            num_image_tokens: int) -> tuple[list[int], list[int], list[bool]]:
-    """Token ids, labels and instruction mask of a conversation: the testbed's ``encode_turns``."""
-    from ..testbed.prompt import encode_turns
-
-    return encode_turns(tokenizer, qa, image_token_id, num_image_tokens)
-
-
-def make_batch(processor: Any, sample_indices: list[int], *, image_token_id: int, num_image_tokens: int,
-               turns: int = 1, text_prob: float = 0.5) -> dict[str, torch.Tensor]:
-    """A right-padded training batch (input_ids, attention_mask, labels, pixel_values, instruction)."""
-    from ..testbed.scenes import make_scene, split_seed
-
-    tok = processor.tokenizer
-    images, seqs = [], []
-    for index in sample_indices:
-        seed = split_seed("train", (SCENE_BASE + index) % 900_000_000)
-        rnd = random.Random(seed)
-        scene = make_scene(seed, text=rnd.random() < text_prob)
-        images.append(scene.image)
-        seqs.append(encode_atp_conversation(tok, sample_conversation(scene, rnd, turns), image_token_id,
-                                            num_image_tokens))
-    width = max(len(s[0]) for s in seqs)
-    bsz = len(seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((bsz, width), pad, dtype=torch.long)
-    labels = torch.full((bsz, width), -100, dtype=torch.long)
-    mask = torch.zeros((bsz, width), dtype=torch.long)
-    instruction = torch.zeros((bsz, width), dtype=torch.bool)
-    for b, (ids, lab, ins) in enumerate(seqs):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(lab)] = torch.tensor(lab)
-        mask[b, : len(ids)] = 1
-        instruction[b, : len(ins)] = torch.tensor(ins)
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixels, instruction=instruction)
+# ================================================================================ setup
 
 
 def resolve_target(cfg: ATPTrainConfig, layers: tuple[int, ...], num_layers: int, num_patches: int) -> float:
@@ -220,12 +166,6 @@ def build_pruner(cfg: ATPTrainConfig, num_layers: int, num_patches: int, grid: t
                          redundant=cfg.redundant, spatial=cfg.spatial, fixed_ratio=ratio)
     torch.manual_seed(cfg.seed)
     return A.ATPPruner(config)
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 # ================================================================================ the step module
@@ -273,65 +213,29 @@ def _trainable(named: Any) -> dict[str, torch.Tensor]:
     return {n: p for n, p in named if p.requires_grad}
 
 
-def _load_model(cfg: ATPTrainConfig):
-    from ..testbed.model import load
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    try:
-        return load(cfg.model, dtype=dtype)
-    except OSError as e:
-        raise FileNotFoundError(f"could not load the model {cfg.model or '(testbed)'}: {e}") from e
-
-
-def _world_size_from_env() -> int:
-    import os
-
-    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
-
-
 def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train (or resume) ATP modules per ``cfg``; returns the output folder with the final weights."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ..integrations.atp import attach_atp
     from ..integrations.base import get_adapter
 
     # several processes on a machine without CUDA (`accelerate launch --multi_gpu` / torchrun / mpirun
     # on CPUs): tell accelerate to use its multi-CPU (gloo) mode, which it only picks with cpu=True
-    multi_cpu = not torch.cuda.is_available() and _world_size_from_env() > 1
+    multi_cpu = not torch.cuda.is_available() and world_size_from_env() > 1
     accelerator = Accelerator(cpu=multi_cpu,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
     say = log if main else (lambda _msg: None)
     out = Path(cfg.out)
     state_path = out / STATE_NAME
-    saved = None
-    if state_path.exists():
-        try:
-            saved = torch.load(state_path, map_location="cpu", weights_only=False)
-            old = ATPTrainConfig.from_dict(saved["config"])
-        except Exception as e:  # noqa: BLE001 -- truncated / foreign files raise many kinds
-            raise ValueError(f"{state_path} is not a readable training state ({type(e).__name__}: {e}); delete it "
-                             "to start over, or choose a new --out") from None
-        diff = [f.name for f in fields(ATPTrainConfig)
-                if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(cfg, f.name)]
-        if diff:
-            raise ValueError(f"{state_path} was written with different options ({', '.join(diff)}: "
-                             f"{', '.join(f'{getattr(old, d)!r} -> {getattr(cfg, d)!r}' for d in diff)}); "
-                             "resume with the same options or choose a new --out")
+    saved = read_state(out, ATPTrainConfig, cfg, RESUMABLE_CHANGES)
+    if saved is not None:
         if saved["world_size"] != accelerator.num_processes:
             say(f"note: the checkpoint was written by {saved['world_size']} process(es), resuming on "
                 f"{accelerator.num_processes}: the data stream continues from the same sample index")
 
-    try:
-        model, processor = _load_model(cfg)
-    except Exception as e:  # noqa: BLE001 -- a missing / corrupt model folder: name it
-        raise ValueError(f"could not load model {cfg.model or '(testbed)'}: {e}") from None
+    model, processor = load_model(cfg.model, cfg.dtype)
     adapter = get_adapter(model)
     num_layers = len(adapter.get_decoder_layers(model))
     num_patches = adapter.tokens_per_image(model)
@@ -351,7 +255,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
-                          target_modules=LORA_TARGETS)
+                          target_modules=adapter.lora_target_modules(model))
         torch.manual_seed(cfg.seed + 1)
         peft_model = get_peft_model(model, lcfg)
         inner = peft_model.get_base_model()  # LoRA layers replace the projections in place: attach after
@@ -398,9 +302,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         if not main:
             history.clear()
             return
-        with open(out / "history.jsonl", "a") as fh:
-            for h in history:
-                fh.write(json.dumps(h) + "\n")
+        append_history(out, history)
         if history:
             recent = history[-10:]
             say(f"step {state['step']}: loss {sum(h['loss'] for h in recent) / len(recent):.4f}, "
@@ -413,9 +315,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
                    "pruner": pruner.state_dict(),
                    "lora": {n: p.detach().cpu() for n, p in lora_params.items()} if lora_params else None,
                    "opt": opt.state_dict() if opt is not None else None, "world_size": accelerator.num_processes}
-        tmp = out / (STATE_NAME + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(state_path)
+        write_state(out, payload)
         if peft_model is not None:
             peft_model.save_pretrained(out / "lora")
 
@@ -426,15 +326,15 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * world
-    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn()]
-    with Progress(*cols, disable=not (progress and main)) as bar:
+    from .loop import progress as progress_bar
+
+    with progress_bar(progress and main) as bar:
         task = bar.add_task("train atp", total=cfg.steps, completed=state["step"], info="")
         stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, state["step"] + cfg.stop_after)
         while state["step"] < stop:
             step = state["step"]
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * _lr_factor(step, cfg.steps, cfg.warmup)
+                g["lr"] = g["base_lr"] * lr_factor(step, cfg.steps, cfg.warmup)
             method.tau = pruner.tau_at(step, cfg.steps)
             torch.manual_seed(cfg.seed * 100003 + step)
             start = step * global_batch + rank * cfg.batch_size
@@ -503,7 +403,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
 def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_size: int = 16,
                      split: str = "val", start: int = 500_000) -> dict[str, Any]:
     """Prefill ``n`` held-out single-turn prompts with hard pruning; average kept counts."""
-    from ..testbed.prompt import format_prompt
+    from ..testbed.questions import format_prompt
     from ..testbed.scenes import make_scene, split_seed
 
     tok = processor.tokenizer

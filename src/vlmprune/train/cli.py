@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Train learnable pruning methods (ATP-LLaVA) with accelerate.")
+app = typer.Typer(no_args_is_help=True, help="Train learnable pruning methods (ATP-LLaVA, with accelerate) and LoRA adapters for a method.")
 
 
 def _fail(msg: str) -> None:
@@ -98,6 +98,59 @@ def atp_cmd(
                              checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=DTYPES.get(dtype, dtype),
                              save_merged=save_merged, stop_after=stop_after)
         final = train_atp(cfg, progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"done: {final}")
+
+
+@app.command("lora")
+def lora_cmd(
+    method: str = typer.Option("prumerge", "--method", "-m",
+                               help="vision-stage method spec applied while training: prumerge, prumerge+, "
+                                    "prumerge+:keep=144, ... (sequential:keep=1.0 = the no-pruning control)"),
+    out: Path = typer.Option(Path("runs/lora"), help="run folder (adapters, checkpoint; resumes if present)"),
+    model: Optional[str] = typer.Option(None, "--model", "-M", help="local LLaVA model folder (default: the testbed)"),
+    steps: int = typer.Option(250, help="optimizer steps (testbed, batch 8, prumerge: ~3 s/step on one thread)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),
+    lr: float = typer.Option(2e-4, help="peak learning rate (warm-up, then cosine to 0)"),
+    warmup: int = typer.Option(8, help="linear warm-up steps"),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay"),
+    max_grad_norm: float = typer.Option(1.0, help="gradient-norm clipping (0 = off)"),
+    lora_r: int = typer.Option(16, help="LoRA rank"),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: 2 x rank, LLaVA's recipe)"),
+    lora_dropout: float = typer.Option(0.05, help="LoRA dropout"),
+    targets: Optional[str] = typer.Option(None, help="comma-separated paths inside a decoder layer, e.g. "
+                                                     "self_attn.q_proj,self_attn.v_proj (default: the model "
+                                                     "family's attention + MLP projections)"),
+    turns: int = typer.Option(1, help="question-answer turns per training image"),
+    seed: int = typer.Option(0, help="seed of the data order, LoRA initialisation and dropout"),
+    checkpoint_every: int = typer.Option(25, help="save adapters + a resumable checkpoint every N steps"),
+    dtype: str = typer.Option("fp32", help="model weights: fp32 | bf16 | fp16"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N steps in this invocation (checkpointed; "
+                                                        "rerun the same command to resume)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+):
+    """Fine-tune LoRA adapters on the LLM with a vision-stage method applied (the PruMerge paper's Table 6);
+    write adapters loadable with the method: `-m prumerge:lora=OUT`. Resumes from OUT/train_state.pt."""
+    from ..integrations.compat import quiet_loading
+    from .lora import LoraTrainConfig, train_lora
+
+    quiet_loading()
+    if dtype not in DTYPES and dtype not in DTYPES.values():
+        _fail(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    target_paths = None
+    if targets is not None:
+        target_paths = tuple(t.strip() for t in targets.split(",") if t.strip())
+        if not target_paths:
+            _fail(f"--targets must name module paths, e.g. self_attn.q_proj,self_attn.v_proj; got {targets!r}")
+    try:
+        cfg = LoraTrainConfig(method=method, out=str(out), model=model, steps=steps, batch_size=batch_size, lr=lr,
+                              warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_r=lora_r,
+                              lora_alpha=float(2 * lora_r if lora_alpha is None else lora_alpha),
+                              lora_dropout=lora_dropout, lora_targets=target_paths, turns=turns, seed=seed,
+                              checkpoint_every=checkpoint_every, dtype=DTYPES.get(dtype, dtype),
+                              stop_after=stop_after)
+        final = train_lora(cfg, progress_bar=progress)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"done: {final}")
