@@ -264,3 +264,69 @@ def tiny_qwen2_vl():
 @pytest.fixture
 def tiny_qwen2_5_vl():
     return make_tiny_qwen2_vl(family="qwen2_5_vl")
+
+
+# ------------------------------------------------------------------------------------------ Video-LLaVA
+
+VIDEO_ID = 4  # Video-LLaVA's video placeholder (the image one is IMAGE_TOKEN_ID)
+
+
+def make_tiny_video_llava(*, image_size: int = 56, patch: int = 14, frames: int = 3, vision_layers: int = 2,
+                          text_layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0, attn: str = "sdpa",
+                          strategy: str = "default"):
+    """A randomly initialised VideoLlavaForConditionalGeneration: image and video CLIP towers with
+    [CLS] (4x4 patches at 56 px), one projector, Llama decoder; videos of ``frames`` frames get
+    frames * 17 placeholders (each frame's [CLS] and 16 patches)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch, projection_dim=hidden)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=512, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    n = (image_size // patch) ** 2
+    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                              video_token_index=VIDEO_ID, vision_feature_layer=-2,
+                              vision_feature_select_strategy=strategy, image_seq_length=n,
+                              video_seq_length=frames * (n + 1))
+    return build_tiny(VideoLlavaForConditionalGeneration, config, seed=seed, attn=attn)
+
+
+def make_video_llava_inputs(model, kinds, prefix_lens, suffix_lens, frames: int = 3, seed: int = 1):
+    """A left-padded Video-LLaVA batch, one visual input per sample: ``kinds[b]`` "image" ([pad...]
+    BOS prefix <image>*N suffix) or "video" (<video>*frames*(N+1)); ``pixel_values`` [images, 3, S,
+    S] and ``pixel_values_videos`` [videos, frames, 3, S, S] in batch order (None when absent)."""
+    cfg = model.config
+    side = cfg.vision_config.image_size
+    n = (side // cfg.vision_config.patch_size) ** 2
+    n_image = n + int(cfg.vision_feature_select_strategy == "full")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for kind, p, s in zip(kinds, prefix_lens, suffix_lens):
+        prefix = torch.randint(5, VOCAB, (p,), generator=g).tolist()
+        suffix = torch.randint(5, VOCAB, (s,), generator=g).tolist()
+        visual = [IMAGE_TOKEN_ID] * n_image if kind == "image" else [VIDEO_ID] * (frames * (n + 1))
+        rows.append([BOS_ID] + prefix + visual + suffix)
+    ids, mask = left_pad(rows)
+    images, videos = kinds.count("image"), kinds.count("video")
+    out = {"input_ids": ids, "attention_mask": mask}
+    if images:
+        out["pixel_values"] = torch.randn(images, 3, side, side, generator=g)
+    if videos:
+        out["pixel_values_videos"] = torch.randn(videos, frames, 3, side, side, generator=g)
+    return out
+
+
+def video_llava_row(inputs, b, kinds):
+    """Sample ``b`` of a ``make_video_llava_inputs`` batch, unpadded, with its own pixels."""
+    valid = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b:b + 1, valid], "attention_mask": inputs["attention_mask"][b:b + 1, valid]}
+    i = kinds[:b].count(kinds[b])
+    key = "pixel_values" if kinds[b] == "image" else "pixel_values_videos"
+    out[key] = inputs[key][i:i + 1]
+    return out
+
+
+@pytest.fixture
+def tiny_video_llava():
+    return make_tiny_video_llava()

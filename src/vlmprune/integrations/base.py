@@ -56,7 +56,7 @@ HANDLE_ATTR = "_vlmprune_handle"
 
 #: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
 _ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next",
-                    "vlmprune.integrations.qwen2_vl")
+                    "vlmprune.integrations.qwen2_vl", "vlmprune.integrations.video_llava")
 
 
 class UnsupportedModelError(ValueError):
@@ -116,6 +116,8 @@ class ModelAdapter:
     image_features_method: str = "get_image_features"
     #: Key of the image features in ``mm_encoder_outputs``.
     image_modality: str = "image"
+    #: Keyword of the forward (and of ``image_features_method``) that carries this modality's pixels.
+    pixel_values_field: str = "pixel_values"
     #: Index of the [CLS] token in the tower's output sequence (when ``tower_has_cls``).
     cls_index: int = 0
     #: ``(method, reason)`` pairs: methods that cannot run on this family (``method_problem``).
@@ -240,6 +242,14 @@ class ModelAdapter:
         import dataclasses
 
         return dataclasses.replace(self, **options)
+
+    def modality_views(self, model: Any) -> tuple["ModelAdapter", ...]:
+        """One adapter per visual modality the vision stage reduces, the image one first: each
+        names its ``image_features_method``, ``image_modality`` key, ``pixel_values_field``,
+        placeholder token (``image_token_id``) and ``image_geometry``, and its own layout /
+        encode / pack steps. Here images only (``(self,)``); families with video inputs add a
+        video view."""
+        return (self,)
 
     def method_problem(self, method: str) -> str | None:
         """Why ``method`` cannot run on this family, or None."""
