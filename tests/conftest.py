@@ -330,3 +330,41 @@ def video_llava_row(inputs, b, kinds):
 @pytest.fixture
 def tiny_video_llava():
     return make_tiny_video_llava()
+
+
+def make_qwen_mixed_inputs(items, prefix_lens, suffix_lens, seed: int = 1):
+    """A left-padded Qwen2-VL batch, one visual input per sample: ``items[b]`` is (t, h, w) patches,
+    a video when t > 1 (``video_token_id`` placeholders, ``mm_token_type_ids`` 2) else an image;
+    [pad...] BOS prefix <vision_start> <placeholder>*(t*h*w/4) <vision_end> suffix, with
+    ``pixel_values`` / ``image_grid_thw`` and ``pixel_values_videos`` / ``video_grid_thw`` in batch
+    order (absent when the batch has none of that kind)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for (t, h, w), p, s in zip(items, prefix_lens, suffix_lens):
+        prefix = torch.randint(7, VOCAB, (p,), generator=g).tolist()
+        suffix = torch.randint(7, VOCAB, (s,), generator=g).tolist()
+        token = QWEN_VIDEO_ID if t > 1 else IMAGE_TOKEN_ID
+        rows.append([BOS_ID] + prefix + [QWEN_VISION_START] + [token] * (t * h * w // 4) + [QWEN_VISION_END] + suffix)
+    ids, mask = left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask,
+           "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int() + 2 * (ids == QWEN_VIDEO_ID).int()}
+    for kind, keys in (("image", ("pixel_values", "image_grid_thw")), ("video", ("pixel_values_videos", "video_grid_thw"))):
+        grids = [thw for thw in items if (thw[0] > 1) == (kind == "video")]
+        if grids:
+            out[keys[0]] = torch.randn(sum(t * h * w for t, h, w in grids), QWEN_PATCH, generator=g)
+            out[keys[1]] = torch.tensor(grids)
+    return out
+
+
+def qwen_mixed_row(inputs, b, items):
+    """Sample ``b`` of a ``make_qwen_mixed_inputs`` batch, unpadded, with its own pixel rows."""
+    valid = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b:b + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    video = items[b][0] > 1
+    pix, grid = ("pixel_values_videos", "video_grid_thw") if video else ("pixel_values", "image_grid_thw")
+    same = [thw for thw in items[:b] if (thw[0] > 1) == video]
+    start = sum(t * h * w for t, h, w in same)
+    t, h, w = items[b]
+    out[pix] = inputs[pix][start:start + t * h * w]
+    out[grid] = inputs[grid][len(same):len(same) + 1]
+    return out

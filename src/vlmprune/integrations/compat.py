@@ -274,12 +274,14 @@ def mrope_positions(position_ids: Any, bsz: int, length: int, device: Any) -> An
 
 
 def qwen_rope_index(base: Any, input_ids: Any, mm_token_type_ids: Any, image_grid_thw: Any, video_grid_thw: Any,
-                    attention_mask: Any) -> tuple[Any, Any]:
+                    attention_mask: Any, second_per_grid_ts: Any = None) -> tuple[Any, Any]:
     """Qwen2-VL's own M-RoPE positions of a prompt: (position_ids [3, B, L], rope_deltas [B, 1])
-    from ``Qwen2VLModel.get_rope_index`` (assumption 11)."""
+    from ``Qwen2VLModel.get_rope_index`` (assumption 11; Qwen2.5-VL's videos also read
+    ``second_per_grid_ts``, the seconds per temporal slice, assumption 14)."""
     # keywords: Qwen2.5-VL's signature has second_per_grid_ts before attention_mask
+    extra = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
     return base.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
-                               video_grid_thw=video_grid_thw, attention_mask=attention_mask)
+                               video_grid_thw=video_grid_thw, attention_mask=attention_mask, **extra)
 
 
 def qwen_vision_tokens(visual: Any, pixel_values: Any, grid_thw: Any) -> Any:
