@@ -368,3 +368,35 @@ def qwen_mixed_row(inputs, b, items):
     out[pix] = inputs[pix][start:start + t * h * w]
     out[grid] = inputs[grid][len(same):len(same) + 1]
     return out
+
+
+def visual_kept_per_sample(handle, input_ids, visual_ids) -> list[int]:
+    """The visual tokens each sample fed the LLM at the last prefill (any visual placeholder id in
+    ``visual_ids``): the vision stage's plan, or the decoder stage's per-sample counts."""
+    if handle.stage == "decoder":
+        return [int(sum(layers)) for layers in handle.stats.visual_tokens_per_layer()]
+    visual = torch.isin(input_ids, torch.tensor(visual_ids))
+    keep = handle.plan.keep if handle.plan is not None else torch.ones_like(visual)
+    return (visual & keep).sum(1).tolist()
+
+
+def assert_mixed_batch_equals_singles(model, inputs, row, method, options, gen, visual_ids, atol=2e-5):
+    """Under ``method``, greedy ``generate`` on the batch ``inputs`` (samples with images or videos,
+    so different visual counts) gives each sample the tokens and logits, and the visual count, of
+    its own single-sample run (``row(inputs, b)``: sample b unpadded)."""
+    import vlmprune
+
+    width = inputs["input_ids"].shape[1]
+    with vlmprune.pruned(model, method, **options) as handle:
+        model(**inputs)
+        batch_counts = visual_kept_per_sample(handle, inputs["input_ids"], visual_ids)
+        assert len(set(batch_counts)) > 1, batch_counts
+        out = model.generate(**inputs, **gen, return_dict_in_generate=True, output_logits=True)
+        for b in range(inputs["input_ids"].shape[0]):
+            single = row(inputs, b)
+            model(**single)
+            assert visual_kept_per_sample(handle, single["input_ids"], visual_ids) == [batch_counts[b]]
+            one = model.generate(**single, **gen, return_dict_in_generate=True, output_logits=True)
+            assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
+            for step_b, step_1 in zip(out.logits, one.logits):
+                torch.testing.assert_close(step_1[0], step_b[b], atol=atol, rtol=1e-5)
