@@ -20,7 +20,9 @@ tokens keep their own positions (Qwen2-VL's M-RoPE) also say: ``lm_positions`` /
 slot each kept token takes), ``prompt_positions`` / ``after_rewrite`` / ``sequence_inputs``
 (the vision stage's rewrite of positions and per-token inputs), ``image_geometry`` (keywords that
 describe the images, e.g. ``image_grid_thw``) and ``encode_with_signals`` / ``importance_score``
-(the score the [CLS]-based methods use).
+(the score the [CLS]-based methods use). Families with video inputs also list one adapter view
+per modality (``modality_views``: the video view names ``get_video_features``, its pixels
+keyword, placeholder token and geometry).
 
 A **handle** (``PruneHandle``) is what ``vlmprune.apply`` returns. It is attached to the model
 under ``HANDLE_ATTR`` (so applying twice is detected), owns every hook and patch the stage

@@ -31,8 +31,8 @@ contiguous renumbering has no meaning for M-RoPE, so SparseVLM's ``positions="co
 LLaVA default) runs as ``"original"`` here (``handle.positions`` says which rule is in force);
 recycled tokens get the rounded mean of their members' positions, per axis.
 
-**Vision stage, after the merger.** One ``VisualUnit`` per image with the *merged* grid
-(h / 2, w / 2) (``image_layout`` from ``image_grid_thw``); ``encode`` runs the whole tower,
+**Vision stage, after the merger.** One ``VisualUnit`` per image (per temporal slice of a video)
+with the *merged* grid (h / 2, w / 2) (``image_layout`` from ``image_grid_thw``); ``encode`` runs the whole tower,
 merger included (``compat.qwen_vision_tokens``), so a method makes one decision per merged LLM
 token (selecting inside the ViT, before the merger, would merge non-neighbours) and
 ``project`` is the identity. Images of different sizes are reduced grid by grid. ``pack`` puts
@@ -60,6 +60,18 @@ in ``vision_config.fullatt_block_indexes`` and keeps the merge groups in window 
 tower (``compat.qwen_window_index``), so the substitute score reads the *last full-attention*
 block and is put back into merged-grid order with ``argsort(window_index)`` (``tower_order``),
 as the tower itself does after its merger.
+
+**Videos** (``pixel_values_videos`` [sum patches, C*2*14*14], ``video_grid_thw`` [V, 3] with t > 1
+temporal slices of 2 frames each, ``video_token_id`` placeholders, ``mm_token_type_ids`` 2): a
+second modality view (``modality_views``: ``get_video_features``, the ``"video"`` key) through the
+same steps. A video is one "image" of the layout with **one unit per temporal slice** (grid
+(h / 2, w / 2), ``frame`` = the slice): the tower attends within each slice (``cu_seqlens``), so
+each slice's substitute score sums to 1 as an image's does, and budgets are per slice, like
+Video-LLaVA's per frame (a count keeps that many merged tokens of every slice, a ratio that
+fraction of every slice). Kept tokens take their own placeholder slots (slice s, token j: slot
+s * h*w/4 + j), so they keep their ``get_rope_index`` positions (t, h, w) (Qwen2.5-VL's temporal
+axis spaced by ``second_per_grid_ts``, which ``prompt_positions`` passes on). Image and video
+inputs may be mixed in a batch; videos of different lengths and sizes too.
 
 Not yet: ATP; ``vlmprune.apply`` refuses it with the reason (``unsupported_methods``).
 """

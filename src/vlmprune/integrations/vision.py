@@ -4,8 +4,17 @@ Two things are installed on the model (both undone by ``handle.remove()``): the 
 ``get_image_features`` is shadowed by an instance attribute, and the user's model gets a forward
 pre-hook. Nothing else is patched; the attention implementation (sdpa) is never touched.
 
+**Modalities.** The adapter lists one view per visual modality (``adapter.modality_views``: images,
+and videos for families that take them), each naming its features method (``get_image_features``
+/ ``get_video_features``), its ``mm_encoder_outputs`` key, its pixels keyword and placeholder
+token. Every view's features method is shadowed the same way and the pre-hook encodes whichever
+pixels a forward carries; a prefill with images and videos is rewritten by one plan (the columns
+each modality keeps, intersected). A video counts as one "image" of its view's layout, its frames
+or temporal slices being the units. Stats record one entry per encoding (a batch with images
+and videos records its images, then its videos).
+
 **Encoding images** (``get_image_features``, which ``generate()`` calls before the prefill and a
-plain forward reaches through the pre-hook):
+plain forward reaches through the pre-hook; videos alike through their view):
 
 0. The family's adapter says what the images are (``adapter.image_layout``: a
    ``layout.VisualLayout`` of U tower passes — one per image for LLaVA-1.5, base image + crops for
@@ -289,8 +298,9 @@ def image_token_slots(per_image: list[Tensor]) -> tuple[list[int], list[Tensor |
 class VisionHandle(PruneHandle):
     """Handle of a vision-stage pruning. Besides the base API it exposes, for inspection:
 
-    ``last_reduction`` (the method's ``Reduction`` of the last image encoding: per-image counts,
-    kept patch ``indices``), ``plan`` (the last rewrite of a batch, see ``Plan``).
+    ``last_reduction`` (the method's ``Reduction`` of the last encoding: per-unit counts, kept
+    patch ``indices``; ``last_reductions[modality]`` the last one of each modality), ``plan`` (the
+    last rewrite of a batch, see ``Plan``).
     """
 
     def __init__(self, model: Any, adapter: ModelAdapter, method: str, method_obj: VisionMethod) -> None:
