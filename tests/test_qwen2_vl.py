@@ -644,6 +644,21 @@ def test_video_decoding_continues_with_the_unpruned_positions(model, method, opt
         assert not all(torch.equal(a, b) for a, b in zip(pruned, _decode_positions(model, single, manual=True)))
 
 
+@pytest.mark.parametrize("method,options", [("prumerge+", {"keep": 0.25}), ("fastv", {"k": 1, "count": 2})])
+def test_video_beam_search_batch_equals_single(model, method, options):
+    """Beams on a mixed image + video batch: generate() expands both modalities' encodings."""
+    items = ITEMS[:3]
+    inputs = _mixed(items)
+    width = inputs["input_ids"].shape[1]
+    beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=GEN["suppress_tokens"])
+    with vlmprune.pruned(model, method, **options):
+        out = model.generate(**inputs, **beams)
+        for b in range(3):
+            single = qwen_mixed_row(inputs, b, items)
+            one = model.generate(**single, **beams)
+            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+
+
 def test_video_substitute_score_sums_to_one_per_slice(model):
     """The tower attends within each temporal slice, so the substitute score of each slice (one
     unit) sums to 1 over its merged tokens."""

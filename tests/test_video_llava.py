@@ -265,6 +265,15 @@ def test_beam_search_batch_equals_single(model, method, options):
             assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
 
 
+def test_deprecated_pixel_values_images_is_pruned_too(model):
+    """The images' deprecated keyword pixel_values_images is encoded and rewritten like pixel_values."""
+    inputs = _inputs(model)
+    with vlmprune.pruned(model, "spatial", keep=0.25):
+        ref = model(**inputs).logits
+        inputs["pixel_values_images"] = inputs.pop("pixel_values")
+        torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
+
+
 def test_full_strategy_images(model):
     """With vision_feature_select_strategy="full" the images keep their [CLS] (N + 1 tokens): the
     sampling baselines that need no grid run, the grid methods refuse with one line."""

@@ -120,6 +120,9 @@ class ModelAdapter:
     image_modality: str = "image"
     #: Keyword of the forward (and of ``image_features_method``) that carries this modality's pixels.
     pixel_values_field: str = "pixel_values"
+    #: Other (deprecated) keywords of the forward that carry the same pixels (e.g. Video-LLaVA's
+    #: ``pixel_values_images``); the vision stage reads and clears them too.
+    pixel_values_aliases: tuple[str, ...] = ()
     #: Index of the [CLS] token in the tower's output sequence (when ``tower_has_cls``).
     cls_index: int = 0
     #: ``(method, reason)`` pairs: methods that cannot run on this family (``method_problem``).

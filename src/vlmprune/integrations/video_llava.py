@@ -61,6 +61,7 @@ class VideoLlavaAdapter(ModelAdapter):
     video_token_id_field: str = "video_token_id"
     video_features_method: str = "get_video_features"
     video_pixels_field: str = "pixel_values_videos"
+    pixel_values_aliases: tuple[str, ...] = ("pixel_values_images",)  # deprecated name of the images' pixels
     #: ``"keep"``: every frame keeps its [CLS] token (first in its run); ``"drop"``: none does.
     frame_cls: str = "keep"
     #: Whether this is the video view (``modality_views``).
@@ -78,7 +79,7 @@ class VideoLlavaAdapter(ModelAdapter):
             return (self,)
         video = dataclasses.replace(self, video=True, vision_tower=self.video_tower, image_modality="video",
                                     image_features_method=self.video_features_method,
-                                    pixel_values_field=self.video_pixels_field,
+                                    pixel_values_field=self.video_pixels_field, pixel_values_aliases=(),
                                     image_token_id_field=self.video_token_id_field)
         return (self, video)
 

@@ -412,9 +412,13 @@ class VisionHandle(PruneHandle):
         mm = dict(kw.get(K.MM_ENCODER_OUTPUTS) or {})
         encoded = False
         for view in self._views:  # encode each modality's pixels with the reducing encoder
-            pixels = kw.get(view.pixel_values_field)
+            fields = (view.pixel_values_field, *view.pixel_values_aliases)
+            pixels = next((kw[f] for f in fields if kw.get(f) is not None), None)
             if pixels is None:
                 continue
+            for f in fields[1:]:
+                if f in kw:
+                    kw[f] = None
             if mm.get(view.image_modality) is not None:
                 raise ValueError(f"pass either {view.pixel_values_field} or mm_encoder_outputs, not both")
             mm[view.image_modality] = getattr(self._base, view.image_features_method)(**{
