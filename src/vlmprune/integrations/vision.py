@@ -417,8 +417,7 @@ class VisionHandle(PruneHandle):
             if pixels is None:
                 continue
             for f in fields[1:]:
-                if f in kw:
-                    kw[f] = None
+                kw.pop(f, None)
             if mm.get(view.image_modality) is not None:
                 raise ValueError(f"pass either {view.pixel_values_field} or mm_encoder_outputs, not both")
             mm[view.image_modality] = getattr(self._base, view.image_features_method)(**{
