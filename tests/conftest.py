@@ -264,3 +264,139 @@ def tiny_qwen2_vl():
 @pytest.fixture
 def tiny_qwen2_5_vl():
     return make_tiny_qwen2_vl(family="qwen2_5_vl")
+
+
+# ------------------------------------------------------------------------------------------ Video-LLaVA
+
+VIDEO_ID = 4  # Video-LLaVA's video placeholder (the image one is IMAGE_TOKEN_ID)
+
+
+def make_tiny_video_llava(*, image_size: int = 56, patch: int = 14, frames: int = 3, vision_layers: int = 2,
+                          text_layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0, attn: str = "sdpa",
+                          strategy: str = "default"):
+    """A randomly initialised VideoLlavaForConditionalGeneration: image and video CLIP towers with
+    [CLS] (4x4 patches at 56 px), one projector, Llama decoder; videos of ``frames`` frames get
+    frames * 17 placeholders (each frame's [CLS] and 16 patches)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch, projection_dim=hidden)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=512, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    n = (image_size // patch) ** 2
+    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                              video_token_index=VIDEO_ID, vision_feature_layer=-2,
+                              vision_feature_select_strategy=strategy, image_seq_length=n,
+                              video_seq_length=frames * (n + 1))
+    return build_tiny(VideoLlavaForConditionalGeneration, config, seed=seed, attn=attn)
+
+
+def make_video_llava_inputs(model, kinds, prefix_lens, suffix_lens, frames: int = 3, seed: int = 1):
+    """A left-padded Video-LLaVA batch, one visual input per sample: ``kinds[b]`` "image" ([pad...]
+    BOS prefix <image>*N suffix) or "video" (<video>*frames*(N+1)); ``pixel_values`` [images, 3, S,
+    S] and ``pixel_values_videos`` [videos, frames, 3, S, S] in batch order (None when absent)."""
+    cfg = model.config
+    side = cfg.vision_config.image_size
+    n = (side // cfg.vision_config.patch_size) ** 2
+    n_image = n + int(cfg.vision_feature_select_strategy == "full")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for kind, p, s in zip(kinds, prefix_lens, suffix_lens):
+        prefix = torch.randint(5, VOCAB, (p,), generator=g).tolist()
+        suffix = torch.randint(5, VOCAB, (s,), generator=g).tolist()
+        visual = [IMAGE_TOKEN_ID] * n_image if kind == "image" else [VIDEO_ID] * (frames * (n + 1))
+        rows.append([BOS_ID] + prefix + visual + suffix)
+    ids, mask = left_pad(rows)
+    images, videos = kinds.count("image"), kinds.count("video")
+    out = {"input_ids": ids, "attention_mask": mask}
+    if images:
+        out["pixel_values"] = torch.randn(images, 3, side, side, generator=g)
+    if videos:
+        out["pixel_values_videos"] = torch.randn(videos, frames, 3, side, side, generator=g)
+    return out
+
+
+def video_llava_row(inputs, b, kinds):
+    """Sample ``b`` of a ``make_video_llava_inputs`` batch, unpadded, with its own pixels."""
+    valid = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b:b + 1, valid], "attention_mask": inputs["attention_mask"][b:b + 1, valid]}
+    i = kinds[:b].count(kinds[b])
+    key = "pixel_values" if kinds[b] == "image" else "pixel_values_videos"
+    out[key] = inputs[key][i:i + 1]
+    return out
+
+
+@pytest.fixture
+def tiny_video_llava():
+    return make_tiny_video_llava()
+
+
+def make_qwen_mixed_inputs(items, prefix_lens, suffix_lens, seed: int = 1):
+    """A left-padded Qwen2-VL batch, one visual input per sample: ``items[b]`` is (t, h, w) patches,
+    a video when t > 1 (``video_token_id`` placeholders, ``mm_token_type_ids`` 2) else an image;
+    [pad...] BOS prefix <vision_start> <placeholder>*(t*h*w/4) <vision_end> suffix, with
+    ``pixel_values`` / ``image_grid_thw`` and ``pixel_values_videos`` / ``video_grid_thw`` in batch
+    order (absent when the batch has none of that kind)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for (t, h, w), p, s in zip(items, prefix_lens, suffix_lens):
+        prefix = torch.randint(7, VOCAB, (p,), generator=g).tolist()
+        suffix = torch.randint(7, VOCAB, (s,), generator=g).tolist()
+        token = QWEN_VIDEO_ID if t > 1 else IMAGE_TOKEN_ID
+        rows.append([BOS_ID] + prefix + [QWEN_VISION_START] + [token] * (t * h * w // 4) + [QWEN_VISION_END] + suffix)
+    ids, mask = left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask,
+           "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int() + 2 * (ids == QWEN_VIDEO_ID).int()}
+    for kind, keys in (("image", ("pixel_values", "image_grid_thw")), ("video", ("pixel_values_videos", "video_grid_thw"))):
+        grids = [thw for thw in items if (thw[0] > 1) == (kind == "video")]
+        if grids:
+            out[keys[0]] = torch.randn(sum(t * h * w for t, h, w in grids), QWEN_PATCH, generator=g)
+            out[keys[1]] = torch.tensor(grids)
+    return out
+
+
+def qwen_mixed_row(inputs, b, items):
+    """Sample ``b`` of a ``make_qwen_mixed_inputs`` batch, unpadded, with its own pixel rows."""
+    valid = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b:b + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    video = items[b][0] > 1
+    pix, grid = ("pixel_values_videos", "video_grid_thw") if video else ("pixel_values", "image_grid_thw")
+    same = [thw for thw in items[:b] if (thw[0] > 1) == video]
+    start = sum(t * h * w for t, h, w in same)
+    t, h, w = items[b]
+    out[pix] = inputs[pix][start:start + t * h * w]
+    out[grid] = inputs[grid][len(same):len(same) + 1]
+    return out
+
+
+def visual_kept_per_sample(handle, input_ids, visual_ids) -> list[int]:
+    """The visual tokens each sample fed the LLM at the last prefill (any visual placeholder id in
+    ``visual_ids``): the vision stage's plan, or the decoder stage's per-sample counts."""
+    if handle.stage == "decoder":
+        return [int(sum(layers)) for layers in handle.stats.visual_tokens_per_layer()]
+    visual = torch.isin(input_ids, torch.tensor(visual_ids))
+    keep = handle.plan.keep if handle.plan is not None else torch.ones_like(visual)
+    return (visual & keep).sum(1).tolist()
+
+
+def assert_mixed_batch_equals_singles(model, inputs, row, method, options, gen, visual_ids, atol=2e-5):
+    """Under ``method``, greedy ``generate`` on the batch ``inputs`` (samples with images or videos,
+    so different visual counts) gives each sample the tokens and logits, and the visual count, of
+    its own single-sample run (``row(inputs, b)``: sample b unpadded)."""
+    import vlmprune
+
+    width = inputs["input_ids"].shape[1]
+    with vlmprune.pruned(model, method, **options) as handle:
+        model(**inputs)
+        batch_counts = visual_kept_per_sample(handle, inputs["input_ids"], visual_ids)
+        assert len(set(batch_counts)) > 1, batch_counts
+        out = model.generate(**inputs, **gen, return_dict_in_generate=True, output_logits=True)
+        for b in range(inputs["input_ids"].shape[0]):
+            single = row(inputs, b)
+            model(**single)
+            assert visual_kept_per_sample(handle, single["input_ids"], visual_ids) == [batch_counts[b]]
+            one = model.generate(**single, **gen, return_dict_in_generate=True, output_logits=True)
+            assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
+            for step_b, step_1 in zip(out.logits, one.logits):
+                torch.testing.assert_close(step_1[0], step_b[b], atol=atol, rtol=1e-5)

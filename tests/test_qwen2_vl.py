@@ -4,19 +4,23 @@ keep-all == stock logits and tokens; FastV at layer 0 == the stock model fed the
 their own 3-D positions; survivors' positions == ``get_rope_index``'s; decoding continues after
 the unpruned maximum position; a ragged batch (different image sizes, so different token
 counts) == single samples; cached generate == uncached; remove() restores exactly; sdpa stays on;
-methods that cannot run yet fail with one clear line.
+methods that cannot run yet fail with one clear line. Video inputs (``pixel_values_videos``,
+``video_grid_thw`` with t > 1), alone and mixed with images, get the same guarantees, with
+per-temporal-slice budgets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
 import vlmprune
-from conftest import (EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
-                      make_qwen_inputs, make_tiny_qwen2_vl, module_hooks, qwen_row, warm_up)
+from conftest import (EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_mixed_batch_equals_singles,
+                      assert_ragged_batch_equals_singles, make_qwen_inputs, make_qwen_mixed_inputs, make_tiny_qwen2_vl,
+                      module_hooks, qwen_mixed_row, qwen_row, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
 # patch grids (h, w) per sample: 4, 6, 8 and 9 merged tokens (the processor's smallest image has 4)
@@ -452,3 +456,255 @@ def test_support_listed():
             assert scores[name]["llava"].startswith("[CLS] attention")
             assert scores[name][family].startswith("attention received in the last full-attention vision block")
     assert scores["random"] is None and scores["fastv"] is None
+
+
+# ------------------------------------------------------------------------------------------ video inputs
+
+# (t, h, w) patches per sample: videos of 2 and 3 temporal slices (t > 1) and images (t = 1)
+ITEMS = [(2, 4, 4), (1, 4, 6), (3, 4, 6), (1, 8, 4)]
+VIDEOS = [(2, 4, 4), (3, 4, 6), (2, 6, 4)]  # a video-only batch: different frame counts and sizes
+VISUAL_IDS = [IMAGE_TOKEN_ID, QWEN_VIDEO_ID]
+
+
+def _mixed(items=ITEMS, seed=1):
+    n = len(items)
+    return make_qwen_mixed_inputs(items, PREFIX[:n], SUFFIX[:n], seed=seed)
+
+
+def _mixed_rope_index(model, inputs, **extra):
+    return model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                      image_grid_thw=inputs.get("image_grid_thw"),
+                                      video_grid_thw=inputs.get("video_grid_thw"),
+                                      attention_mask=inputs["attention_mask"], **extra)
+
+
+def _video_view(model):
+    views = get_adapter(model).modality_views(model)
+    assert [v.image_modality for v in views] == ["image", "video"]
+    return views[1]
+
+
+def test_video_layout_is_one_unit_per_temporal_slice(model):
+    """A video of t temporal slices is t units on the merged (h/2, w/2) grid; slice s's merged
+    token j is placeholder s * h*w/4 + j of the video, where get_rope_index puts (s, j // w', j % w')."""
+    inputs = _mixed(VIDEOS)
+    view = _video_view(model)
+    layout = view.image_layout(model, inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+    assert [(u.image, u.frame, u.grid) for u in layout.units] == \
+        [(i, f, (h // 2, w // 2)) for i, (t, h, w) in enumerate(VIDEOS) for f in range(t)]
+    assert list(layout.tokens_per_image) == [t * h * w // 4 for t, h, w in VIDEOS]
+    pos, _ = _mixed_rope_index(model, inputs)
+    # temporal step per slice: 1 (Qwen2-VL); tokens_per_second x 1 s (Qwen2.5-VL without second_per_grid_ts)
+    step = int(getattr(model.config.vision_config, "tokens_per_second", 1)) if model._test_family == "qwen2_5_vl" else 1
+    for b, (t, h, w) in enumerate(VIDEOS):
+        cols = torch.nonzero(inputs["input_ids"][b] == QWEN_VIDEO_ID).flatten()
+        p = pos[:, b, cols] - pos[:, b, cols[:1]]
+        j = torch.arange(h * w // 4)
+        grid = torch.stack([torch.zeros_like(j), j // (w // 2), j % (w // 2)])
+        assert torch.equal(p, torch.cat([grid + torch.tensor([[s * step], [0], [0]]) for s in range(t)], dim=1))
+    with pytest.raises(ValueError, match="Qwen2-VL needs video_grid_thw with its videos"):
+        view.image_layout(model, inputs["pixel_values_videos"])
+
+
+@pytest.mark.parametrize("method,options", KEEP_ALL)
+def test_video_keep_all_gives_identical_logits_and_tokens(model, method, options):
+    inputs = _mixed()
+    ref = model(**inputs).logits
+    ref_gen = model.generate(**inputs, **GEN)
+    with vlmprune.pruned(model, method, **options) as handle:
+        assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(model.generate(**inputs, **GEN), ref_gen)
+        assert handle.last_reductions["video"].counts.tolist() == [4] * 2 + [6] * 3
+    assert _is_stock(model)
+
+
+@pytest.mark.parametrize("method,options", VISION + SCORED[:1])
+def test_video_survivors_keep_their_positions(model, method, options):
+    """Per temporal slice, one decision per merged token: the LLM gets the stock merged tokens of
+    the kept cells of each slice at their own placeholders, with their own get_rope_index 3-D
+    positions, so the pruned forward == the stock language model fed those columns."""
+    inputs = _mixed()
+    _, stock = _lm_inputs(model, inputs)
+    full, _ = _mixed_rope_index(model, inputs)
+    with vlmprune.pruned(model, method, **options) as handle:
+        out, seen = _lm_inputs(model, inputs)
+        plan, red = handle.plan, handle.last_reductions["video"]
+    valid, idx = plan.src >= 0, plan.src.clamp(min=0)
+    assert torch.equal(seen["position_ids"], full.gather(2, idx[None].expand(3, -1, -1)).masked_fill(~valid, 0))
+    x = stock["inputs_embeds"].gather(1, idx[:, :, None].expand(-1, -1, stock["inputs_embeds"].shape[-1]))
+    torch.testing.assert_close(seen["inputs_embeds"][valid], x[valid], atol=0, rtol=0)
+    u = 0
+    for b, (t, h, w) in enumerate(ITEMS):
+        if t == 1:
+            continue
+        run = torch.nonzero(inputs["input_ids"][b] == QWEN_VIDEO_ID).flatten()
+        n = h * w // 4
+        expect = torch.cat([s * n + red.indices[u + s, :red.counts[u + s]].sort().values for s in range(t)])
+        assert torch.equal(torch.nonzero(torch.isin(run, plan.src[b])).flatten(), expect)
+        u += t
+    ref = model(inputs_embeds=x, attention_mask=plan.new_mask, position_ids=seen["position_ids"]).logits
+    torch.testing.assert_close(out.logits[valid], ref[valid], atol=ATOL, rtol=0)
+
+
+def test_video_budget_is_per_temporal_slice(model):
+    """Hand-checked: keep=2 keeps the first 2 merged tokens of every slice: the (2, 4, 4) video
+    (4 tokens per slice) keeps placeholders 0, 1, 4, 5; the (3, 4, 6) video (6 per slice) 0, 1, 6,
+    7, 12, 13; a ratio is per slice too."""
+    inputs = _mixed(VIDEOS[:2])
+    with vlmprune.pruned(model, "sequential", keep=2) as handle:
+        model(**inputs)
+        plan = handle.plan
+        assert handle.stats.last_kept == [4, 6]
+    for b, expect in enumerate([[0, 1, 4, 5], [0, 1, 6, 7, 12, 13]]):
+        run = torch.nonzero(inputs["input_ids"][b] == QWEN_VIDEO_ID).flatten()
+        assert torch.nonzero(plan.keep[b, run]).flatten().tolist() == expect
+    with vlmprune.pruned(model, "spatial", keep=0.5) as handle:
+        model(**inputs)
+        assert handle.last_reductions["video"].counts.tolist() == [2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("method,options", VISION[1:] + SCORED + DECODER)  # (random draws depend on the batch)
+def test_video_mixed_batch_equals_single_samples(model, method, options):
+    assert_mixed_batch_equals_singles(model, _mixed(), lambda inp, b: qwen_mixed_row(inp, b, ITEMS), method, options,
+                                      GEN, VISUAL_IDS, atol=ATOL)
+
+
+@pytest.mark.parametrize("method,options", [("prumerge+", {"keep": 0.25}), ("fastv", {"k": 1, "count": 3})])
+def test_videos_of_different_frame_counts_equal_single_samples(model, method, options):
+    assert_mixed_batch_equals_singles(model, _mixed(VIDEOS), lambda inp, b: qwen_mixed_row(inp, b, VIDEOS), method,
+                                      options, GEN, VISUAL_IDS, atol=ATOL)
+
+
+@pytest.mark.parametrize("method,options", VISION + SCORED + DECODER)
+def test_video_cached_generate_equals_uncached(model, method, options):
+    inputs = _mixed(ITEMS[:3], seed=2)
+    with vlmprune.pruned(model, method, **options):
+        cached = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
+        uncached = model.generate(**inputs, **GEN, use_cache=False, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=ATOL, rtol=0)
+
+
+def _decode_positions(model, inputs, method=None, options=None, manual=False):
+    """The language model's position_ids at every decode step of greedy generate() (or, with
+    ``manual``, of a forward loop without position_ids on sample-by-sample cache), under
+    ``method`` (None: the stock model)."""
+    seen = []
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True)
+    ctx = vlmprune.pruned(model, method, **(options or {})) if method else contextlib.nullcontext()
+    try:
+        with ctx:
+            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=GEN["suppress_tokens"])
+            if manual:
+                seen.clear()
+                out = model(**inputs, use_cache=True)
+                width = inputs["input_ids"].shape[1]
+                for step in range(1, 3):
+                    out = model(input_ids=gen[:, width + step - 1:width + step], cache=out.cache, use_cache=True)
+    finally:
+        hook.remove()
+    return [p[-3:, :, -1] for p in seen[1:]]  # the M-RoPE rows of the new token, per step
+
+
+@pytest.mark.parametrize("method,options", DECODER)
+def test_video_decoder_survivors_keep_their_get_rope_index_positions(model, method, options):
+    """Decoder stage on videos and images: every pruned segment's positions are the survivors'
+    own get_rope_index positions, and decoding continues with the stock model's positions."""
+    inputs = _mixed()
+    full, _ = _mixed_rope_index(model, inputs)
+    with vlmprune.pruned(model, method, **options) as h:
+        model.generate(**inputs, **GEN)
+        pruned = [seg for seg in h.state.segments if not seg.identity]
+        assert pruned
+        for seg in pruned:
+            ok = seg.valid & ~seg.recycled
+            expect = full.gather(2, seg.source.clamp(min=0)[None].expand(3, -1, -1))
+            assert torch.equal(seg.positions[:, ok], expect[:, ok])
+    stock = _decode_positions(model, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(_decode_positions(model, inputs, method, options), stock))
+
+
+@pytest.mark.parametrize("method,options", [("spatial", {"keep": 0.5}), ("prumerge+", {"keep": 0.25}),
+                                            ("fastv", {"k": 0, "count": 3})])
+@pytest.mark.parametrize("manual", [False, True])
+def test_video_decoding_continues_with_the_unpruned_positions(model, method, options, manual):
+    """A video prompt: the decode steps of generate() and of a forward loop without position_ids
+    (positions from the cache length and rope_deltas) get the stock model's positions. (On
+    Qwen2.5-VL videos the two differ in the stock model itself: generate continues after the last
+    prompt position, rope_deltas after the largest, a temporal one; the decoder stage's loop
+    continues as generate does there — a known difference, see docs/families.md.)"""
+    single = qwen_mixed_row(_mixed(), 2, ITEMS)
+    del single["attention_mask"]
+    decoder_loop = manual and method == "fastv"
+    stock = _decode_positions(model, single, manual=manual and not decoder_loop)
+    pruned = _decode_positions(model, single, method, options, manual=manual)
+    assert len(stock) == len(pruned) == 2 and all(torch.equal(a, b) for a, b in zip(pruned, stock))
+    if decoder_loop and model._test_family == "qwen2_5_vl":  # the stock loop itself differs from generate here
+        assert not all(torch.equal(a, b) for a, b in zip(pruned, _decode_positions(model, single, manual=True)))
+
+
+@pytest.mark.parametrize("method,options", [("prumerge+", {"keep": 0.25}), ("fastv", {"k": 1, "count": 2})])
+def test_video_beam_search_batch_equals_single(model, method, options):
+    """Beams on a mixed image + video batch: generate() expands both modalities' encodings."""
+    items = ITEMS[:3]
+    inputs = _mixed(items)
+    width = inputs["input_ids"].shape[1]
+    beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=GEN["suppress_tokens"])
+    with vlmprune.pruned(model, method, **options):
+        out = model.generate(**inputs, **beams)
+        for b in range(3):
+            single = qwen_mixed_row(inputs, b, items)
+            one = model.generate(**single, **beams)
+            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+
+
+def test_video_substitute_score_sums_to_one_per_slice(model):
+    """The tower attends within each temporal slice, so the substitute score of each slice (one
+    unit) sums to 1 over its merged tokens."""
+    inputs = _mixed(VIDEOS)
+    view = _video_view(model)
+    layout = view.image_layout(model, inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+    _, signals = view.encode_with_signals(model, inputs["pixel_values_videos"], -1, "full", layout)
+    for u, unit in enumerate(layout.units):
+        assert float(signals.cls_attn[u, :unit.num_patches].sum()) == pytest.approx(1.0, abs=1e-5)
+        assert not signals.cls_attn[u, unit.num_patches:].any()
+
+
+@pytest.mark.parametrize("method,options", [("spatial", {"keep": 0.5}), ("prumerge+", {"keep": 0.25}),
+                                            ("sparsevlm", {})])
+def test_video_remove_restores_exactly_and_sdpa_stays(model, method, options, monkeypatch):
+    inputs = _mixed()
+    state = copy.deepcopy(model.state_dict())
+    ref = model(**inputs).logits
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(**inputs)
+    n_ref = len(calls)
+    handle = vlmprune.apply(model, method, **options)
+    calls.clear()
+    assert model(**inputs).logits.shape[1] < ref.shape[1]
+    assert len(calls) == n_ref
+    handle.remove()
+    assert _is_stock(model) and "get_video_features" not in vars(model.model)
+    assert torch.equal(model(**inputs).logits, ref)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_qwen2_5_video_seconds_per_slice_positions():
+    """Qwen2.5-VL's videos space their temporal positions by second_per_grid_ts: survivors keep
+    the positions get_rope_index gives with it."""
+    model = make_tiny_qwen2_vl(family="qwen2_5_vl")
+    model._test_family = "qwen2_5_vl"
+    inputs = _mixed(VIDEOS)
+    inputs["second_per_grid_ts"] = torch.tensor([0.5, 2.0, 1.0])
+    full, _ = _mixed_rope_index(model, inputs, second_per_grid_ts=inputs["second_per_grid_ts"])
+    plain, _ = _mixed_rope_index(model, inputs)
+    assert not torch.equal(full, plain)
+    with vlmprune.pruned(model, "sequential", keep=2) as handle:
+        _, seen = _lm_inputs(model, inputs)
+        plan = handle.plan
+    valid, idx = plan.src >= 0, plan.src.clamp(min=0)
+    assert torch.equal(seen["position_ids"], full.gather(2, idx[None].expand(3, -1, -1)).masked_fill(~valid, 0))

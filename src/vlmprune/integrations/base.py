@@ -20,7 +20,9 @@ tokens keep their own positions (Qwen2-VL's M-RoPE) also say: ``lm_positions`` /
 slot each kept token takes), ``prompt_positions`` / ``after_rewrite`` / ``sequence_inputs``
 (the vision stage's rewrite of positions and per-token inputs), ``image_geometry`` (keywords that
 describe the images, e.g. ``image_grid_thw``) and ``encode_with_signals`` / ``importance_score``
-(the score the [CLS]-based methods use).
+(the score the [CLS]-based methods use). Families with video inputs also list one adapter view
+per modality (``modality_views``: the video view names ``get_video_features``, its pixels
+keyword, placeholder token and geometry).
 
 A **handle** (``PruneHandle``) is what ``vlmprune.apply`` returns. It is attached to the model
 under ``HANDLE_ATTR`` (so applying twice is detected), owns every hook and patch the stage
@@ -56,7 +58,7 @@ HANDLE_ATTR = "_vlmprune_handle"
 
 #: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
 _ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next",
-                    "vlmprune.integrations.qwen2_vl")
+                    "vlmprune.integrations.qwen2_vl", "vlmprune.integrations.video_llava")
 
 
 class UnsupportedModelError(ValueError):
@@ -116,6 +118,11 @@ class ModelAdapter:
     image_features_method: str = "get_image_features"
     #: Key of the image features in ``mm_encoder_outputs``.
     image_modality: str = "image"
+    #: Keyword of the forward (and of ``image_features_method``) that carries this modality's pixels.
+    pixel_values_field: str = "pixel_values"
+    #: Other (deprecated) keywords of the forward that carry the same pixels (e.g. Video-LLaVA's
+    #: ``pixel_values_images``); the vision stage reads and clears them too.
+    pixel_values_aliases: tuple[str, ...] = ()
     #: Index of the [CLS] token in the tower's output sequence (when ``tower_has_cls``).
     cls_index: int = 0
     #: ``(method, reason)`` pairs: methods that cannot run on this family (``method_problem``).
@@ -264,6 +271,14 @@ class ModelAdapter:
         import dataclasses
 
         return dataclasses.replace(self, **options)
+
+    def modality_views(self, model: Any) -> tuple["ModelAdapter", ...]:
+        """One adapter per visual modality the vision stage reduces, the image one first: each
+        names its ``image_features_method``, ``image_modality`` key, ``pixel_values_field``,
+        placeholder token (``image_token_id``) and ``image_geometry``, and its own layout /
+        encode / pack steps. Here images only (``(self,)``); families with video inputs add a
+        video view."""
+        return (self,)
 
     def method_problem(self, method: str) -> str | None:
         """Why ``method`` cannot run on this family, or None."""

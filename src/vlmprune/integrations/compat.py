@@ -112,6 +112,17 @@ Assumptions, each with the test that guards it:
     takes ``second_per_grid_ts`` before ``attention_mask``. Guarded by
     ``test_qwen2_vl.py::test_tower_order_is_the_mergers_order`` and the whole module run on the
     Qwen2.5-VL fixture.
+15. **Video-LLaVA inputs** (``models/video_llava/modeling_video_llava.py``): ``VideoLlavaModel`` holds
+    ``image_tower`` and ``video_tower`` (two CLIP vision models) and one ``multi_modal_projector``;
+    ``get_image_features(pixel_values [I, 3, S, S], vision_feature_layer,
+    vision_feature_select_strategy)`` is LLaVA-1.5's; ``get_video_features(pixel_values_videos [V, F,
+    3, S, S], vision_feature_layer)`` reshapes the videos to [V * F, 3, S, S] frames, runs the video
+    tower and projects the selected hidden states of every frame *with* its [CLS] token (no select
+    strategy): ``pooler_output`` [V * F, 1 + N, D_text]. The forward reads ``pooler_output`` as one
+    tensor (``.to(...)``, then ``flatten(0, 1)``) and scatters it into the ``image_token_id`` /
+    ``video_token_id`` placeholders in order (``video_llava_frames``). Guarded by
+    ``test_video_llava.py::test_vision_keep_all_gives_identical_logits_and_tokens`` and
+    ``::test_layout_counts_match_stock_features``.
 """
 
 from __future__ import annotations
@@ -123,7 +134,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
            "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
-           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index"]
+           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index",
+           "video_llava_frames"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -262,12 +274,14 @@ def mrope_positions(position_ids: Any, bsz: int, length: int, device: Any) -> An
 
 
 def qwen_rope_index(base: Any, input_ids: Any, mm_token_type_ids: Any, image_grid_thw: Any, video_grid_thw: Any,
-                    attention_mask: Any) -> tuple[Any, Any]:
+                    attention_mask: Any, second_per_grid_ts: Any = None) -> tuple[Any, Any]:
     """Qwen2-VL's own M-RoPE positions of a prompt: (position_ids [3, B, L], rope_deltas [B, 1])
-    from ``Qwen2VLModel.get_rope_index`` (assumption 11)."""
+    from ``Qwen2VLModel.get_rope_index`` (assumption 11; Qwen2.5-VL's videos also read
+    ``second_per_grid_ts``, the seconds per temporal slice, assumption 14)."""
     # keywords: Qwen2.5-VL's signature has second_per_grid_ts before attention_mask
+    extra = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
     return base.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
-                               video_grid_thw=video_grid_thw, attention_mask=attention_mask)
+                               video_grid_thw=video_grid_thw, attention_mask=attention_mask, **extra)
 
 
 def qwen_vision_tokens(visual: Any, pixel_values: Any, grid_thw: Any) -> Any:
@@ -298,3 +312,10 @@ def qwen_window_index(visual: Any, grid_thw: Any) -> Any:
     window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
                                               window_size=visual.window_size, patch_size=visual.patch_size)
     return window_index
+
+
+def video_llava_frames(pixel_values_videos: Any) -> Any:
+    """Video-LLaVA's videos [V, F, 3, S, S] -> the frames [V * F, 3, S, S] its video tower runs on,
+    video after video (assumption 15)."""
+    videos, frames = pixel_values_videos.shape[:2]
+    return pixel_values_videos.reshape(videos * frames, *pixel_values_videos.shape[2:])

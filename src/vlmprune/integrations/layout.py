@@ -2,10 +2,11 @@
 
 Both stages read their family facts from here instead of from model constants:
 
-* ``VisualUnit``: one pass of the vision tower — a whole image (LLaVA-1.5), or the base image /
-  one crop of an any-res image (LLaVA-NeXT). It says which image it belongs to, its crop index,
-  its patch grid ``(h, w)`` (the tower's output tokens, [CLS] excluded) and whether the tower's
-  sequence carries a [CLS] token (at ``cls_index``).
+* ``VisualUnit``: one pass of the vision tower — a whole image (LLaVA-1.5), the base image /
+  one crop of an any-res image (LLaVA-NeXT), or one frame / temporal slice of a video
+  (``frame``). It says which image it belongs to, its crop and frame index, its patch grid
+  ``(h, w)`` (the tower's output tokens, [CLS] excluded) and whether the tower's sequence
+  carries a [CLS] token (at ``cls_index``).
 * ``VisualLayout``: the units of a batch's images in tower order, each image's unpruned
   placeholder count in the LLM sequence, and — once the prompt is known (``with_sequence``) — per
   sample and column: whether the column is a visual placeholder, which image it belongs to and
@@ -30,8 +31,9 @@ __all__ = ["VisualUnit", "VisualLayout", "placeholder_runs"]
 
 @dataclass(frozen=True)
 class VisualUnit:
-    """One pass of the vision tower: ``image`` index (batch order), ``crop`` (0 = the whole / base
-    image, 1.. = any-res crops in raster order), ``grid`` (h, w) of its patch tokens, ``has_cls``
+    """One pass of the vision tower: ``image`` index (batch order; a video counts as one image),
+    ``crop`` (0 = the whole / base image, 1.. = any-res crops in raster order), ``frame`` (the
+    video frame or temporal slice, 0 for images), ``grid`` (h, w) of its patch tokens, ``has_cls``
     (the tower's sequence has a [CLS] token at ``cls_index``, before the patches)."""
 
     image: int
@@ -39,6 +41,8 @@ class VisualUnit:
     has_cls: bool
     crop: int = 0
     cls_index: int = 0
+    #: Frame (temporal slice) of a video this pass belongs to (0 for images).
+    frame: int = 0
 
     @property
     def num_patches(self) -> int:

@@ -31,8 +31,8 @@ contiguous renumbering has no meaning for M-RoPE, so SparseVLM's ``positions="co
 LLaVA default) runs as ``"original"`` here (``handle.positions`` says which rule is in force);
 recycled tokens get the rounded mean of their members' positions, per axis.
 
-**Vision stage, after the merger.** One ``VisualUnit`` per image with the *merged* grid
-(h / 2, w / 2) (``image_layout`` from ``image_grid_thw``); ``encode`` runs the whole tower,
+**Vision stage, after the merger.** One ``VisualUnit`` per image (per temporal slice of a video)
+with the *merged* grid (h / 2, w / 2) (``image_layout`` from ``image_grid_thw``); ``encode`` runs the whole tower,
 merger included (``compat.qwen_vision_tokens``), so a method makes one decision per merged LLM
 token (selecting inside the ViT, before the merger, would merge non-neighbours) and
 ``project`` is the identity. Images of different sizes are reduced grid by grid. ``pack`` puts
@@ -61,11 +61,24 @@ tower (``compat.qwen_window_index``), so the substitute score reads the *last fu
 block and is put back into merged-grid order with ``argsort(window_index)`` (``tower_order``),
 as the tower itself does after its merger.
 
+**Videos** (``pixel_values_videos`` [sum patches, C*2*14*14], ``video_grid_thw`` [V, 3] with t > 1
+temporal slices of 2 frames each, ``video_token_id`` placeholders, ``mm_token_type_ids`` 2): a
+second modality view (``modality_views``: ``get_video_features``, the ``"video"`` key) through the
+same steps. A video is one "image" of the layout with **one unit per temporal slice** (grid
+(h / 2, w / 2), ``frame`` = the slice): the tower attends within each slice (``cu_seqlens``), so
+each slice's substitute score sums to 1 as an image's does, and budgets are per slice, like
+Video-LLaVA's per frame (a count keeps that many merged tokens of every slice, a ratio that
+fraction of every slice). Kept tokens take their own placeholder slots (slice s, token j: slot
+s * h*w/4 + j), so they keep their ``get_rope_index`` positions (t, h, w) (Qwen2.5-VL's temporal
+axis spaced by ``second_per_grid_ts``, which ``prompt_positions`` passes on). Image and video
+inputs may be mixed in a batch; videos of different lengths and sizes too.
+
 Not yet: ATP; ``vlmprune.apply`` refuses it with the reason (``unsupported_methods``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +113,18 @@ class Qwen2VLAdapter(ModelAdapter):
                              "query-averaged, summed over each 2x2 merge group (no [CLS] token)")
     #: Query rows per step of the substitute score (memory [heads, chunk, patches]).
     score_chunk: int = 256
+    #: Whether this is the video view (``modality_views``).
+    video: bool = False
+
+    def modality_views(self, model: Any) -> tuple[ModelAdapter, ...]:
+        """(images, videos): the video view reads ``get_video_features``, ``pixel_values_videos``,
+        ``video_grid_thw`` and the ``video_token_id`` placeholders."""
+        if self.video:
+            return (self,)
+        video = dataclasses.replace(self, video=True, image_modality="video", image_features_method="get_video_features",
+                                    pixel_values_field="pixel_values_videos", image_token_id_field=self.video_token_id_field,
+                                    image_geometry=("video_grid_thw",))
+        return (self, video)
 
     def tower_has_cls(self, model: Any) -> bool:
         return False
@@ -146,27 +171,30 @@ class Qwen2VLAdapter(ModelAdapter):
 
     # ------------------------------------------------------------ vision stage
     def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
-                     strategy: str | None = None, image_grid_thw: Tensor | None = None,
-                     **geometry: Any) -> VisualLayout:
-        """One unit per image of ``image_grid_thw`` [I, 3] (t, h, w) patches: the merged grid
-        (t * h / m, w / m) (m = ``spatial_merge_size``), t * h * w / m^2 placeholders.
-        ``family_data`` is ``image_grid_thw``."""
-        if image_grid_thw is None:
-            raise ValueError("vlmprune: Qwen2-VL needs image_grid_thw (the processor returns it)")
+                     strategy: str | None = None, **geometry: Any) -> VisualLayout:
+        """One unit per temporal slice of each image / video of its grid ``geometry[image_geometry[0]]``
+        ([I, 3] (t, h, w) patches: ``image_grid_thw``, or ``video_grid_thw`` in the video view):
+        slice s has the merged grid (h / m, w / m) (m = ``spatial_merge_size``); t * h * w / m^2
+        placeholders per image / video. ``family_data`` is the grid tensor."""
+        name = self.image_geometry[0]
+        grid_thw = geometry.get(name)
+        if grid_thw is None:
+            raise ValueError(f"vlmprune: Qwen2-VL needs {name} with its "
+                             f"{'videos' if self.video else 'images'} (the processor returns it)")
         m = self.merge_size(model)
         units, counts = [], []
-        for i, (t, h, w) in enumerate(image_grid_thw.tolist()):
-            units.append(VisualUnit(image=i, grid=(t * h // m, w // m), has_cls=False))
+        for i, (t, h, w) in enumerate(grid_thw.tolist()):
+            units += [VisualUnit(image=i, grid=(h // m, w // m), has_cls=False, frame=f) for f in range(t)]
             counts.append(t * h * w // (m * m))
-        return VisualLayout(units=tuple(units), tokens_per_image=tuple(counts), family_data=image_grid_thw)
+        return VisualLayout(units=tuple(units), tokens_per_image=tuple(counts), family_data=grid_thw)
 
     def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
                layout: VisualLayout | None = None) -> Tensor:
         """pixel_values [sum patches, C*2*14*14] -> merged tokens [U, N_max, D_text] (already in
         LLM space; unit u's first h_u * w_u rows are its tokens in merged-grid raster order, zeros
-        after)."""
+        after; a video's units are its temporal slices, in order)."""
         tokens = qwen_vision_tokens(self.get_vision_tower(model), pixel_values, layout.family_data)
-        per_unit = torch.split(tokens, list(layout.tokens_per_image))
+        per_unit = torch.split(tokens, [u.num_patches for u in layout.units])
         return torch.nn.utils.rnn.pad_sequence(list(per_unit), batch_first=True)
 
     def project(self, model: Any, features: Tensor) -> Tensor:
@@ -181,38 +209,51 @@ class Qwen2VLAdapter(ModelAdapter):
     def pack_slots(self, model: Any, projected: Tensor, reduction: Any, counts: list[int],
                    layout: VisualLayout) -> tuple[list[Tensor], list[int], list[Tensor | None]]:
         """Each kept token at its own placeholder slot: image i's tensor is [n_i, D_text], NaN
-        except at the merged-grid indices of its kept tokens. PruMerge's extra token (no patch
-        index) takes the lowest slot no kept token uses. Returns the tensors, the kept counts and
-        the kept slots [counts[i]] long (ascending). One host transfer (the indices)."""
+        except at the slots of its kept tokens (unit u = slice s of image i: the first slot of the
+        slice plus the token's merged-grid index). PruMerge's extra token (no patch index) takes
+        the lowest slot of its slice no kept token uses. Returns the tensors, the per-image kept
+        counts and kept slots [counts_i] long (ascending). One host transfer (the indices)."""
         host = reduction.indices if reduction.extra is None else \
             torch.cat([reduction.indices, reduction.extra[:, None].long()], dim=1)
         host = host.cpu()  # one transfer: patch indices [U, M'] (and the extra flags)
         extra = host[:, -1].bool().tolist() if reduction.extra is not None else [False] * len(counts)
         host = host[:, :reduction.indices.shape[1]]
-        out, slots = [], []
+        units_of: list[list[int]] = [[] for _ in layout.tokens_per_image]
+        for u, unit in enumerate(layout.units):
+            units_of[unit.image].append(u)
+        out, kept, slots = [], [], []
         for i, n_i in enumerate(layout.tokens_per_image):
-            k = counts[i] - int(extra[i])
-            idx = host[i, :k]
-            if extra[i]:
-                free = torch.ones(n_i, dtype=torch.bool)
-                free[idx] = False
-                idx = torch.cat([idx, torch.nonzero(free).flatten()[:1]])
+            idx_parts, rows, start = [], [], 0
+            for u in units_of[i]:
+                n_u = layout.units[u].num_patches
+                idx = host[u, :counts[u] - int(extra[u])]
+                if extra[u]:
+                    free = torch.ones(n_u, dtype=torch.bool)
+                    free[idx] = False
+                    idx = torch.cat([idx, torch.nonzero(free).flatten()[:1]])
+                idx_parts.append(idx + start)
+                rows.append(projected[u, :counts[u]])
+                start += n_u
+            idx, tokens = torch.cat(idx_parts), torch.cat(rows)
             order = torch.argsort(idx)
             slot = idx[order]
             padded = projected.new_full((n_i, projected.shape[-1]), float("nan"))
-            padded[slot.to(padded.device)] = projected[i, :counts[i]][order.to(projected.device)]
+            padded[slot.to(padded.device)] = tokens[order.to(projected.device)]
             out.append(padded)
+            kept.append(int(slot.numel()))
             slots.append(slot.to(projected.device))
-        return out, counts, slots
+        return out, kept, slots
 
     def prompt_positions(self, model: Any, kwargs: dict[str, Any]) -> Tensor | None:
         """The unpruned prompt's M-RoPE positions [3, B, L] (``get_rope_index``), or None without
         ``mm_token_type_ids`` / ``image_grid_thw`` (the stock model then refuses the input)."""
         ids, types = kwargs.get(K.INPUT_IDS), kwargs.get("mm_token_type_ids")
-        if ids is None or types is None or kwargs.get("image_grid_thw") is None:
+        if ids is None or types is None or (kwargs.get("image_grid_thw") is None
+                                            and kwargs.get("video_grid_thw") is None):
             return None
         pos, _ = qwen_rope_index(self.base_model(model), ids, types, kwargs.get("image_grid_thw"),
-                                 kwargs.get("video_grid_thw"), kwargs.get(K.ATTENTION_MASK))
+                                 kwargs.get("video_grid_thw"), kwargs.get(K.ATTENTION_MASK),
+                                 second_per_grid_ts=kwargs.get("second_per_grid_ts"))
         return pos
 
     def after_rewrite(self, model: Any, plan: Any, positions: Tensor | None = None) -> None:
@@ -277,7 +318,7 @@ class Qwen2VLAdapter(ModelAdapter):
         if order is not None:  # back to the merged-grid order of each image
             back = torch.argsort(order.to(received.device))
             received, keys = received[back], keys[back]
-        sizes = list(layout.tokens_per_image)
+        sizes = [u.num_patches for u in layout.units]
         pad = torch.nn.utils.rnn.pad_sequence
         return features, VisionSignals(cls_attn=pad(list(torch.split(received, sizes)), batch_first=True),
                                        keys=pad(list(torch.split(keys, sizes)), batch_first=True))

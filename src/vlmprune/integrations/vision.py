@@ -4,8 +4,17 @@ Two things are installed on the model (both undone by ``handle.remove()``): the 
 ``get_image_features`` is shadowed by an instance attribute, and the user's model gets a forward
 pre-hook. Nothing else is patched; the attention implementation (sdpa) is never touched.
 
+**Modalities.** The adapter lists one view per visual modality (``adapter.modality_views``: images,
+and videos for families that take them), each naming its features method (``get_image_features``
+/ ``get_video_features``), its ``mm_encoder_outputs`` key, its pixels keyword and placeholder
+token. Every view's features method is shadowed the same way and the pre-hook encodes whichever
+pixels a forward carries; a prefill with images and videos is rewritten by one plan (the columns
+each modality keeps, intersected). A video counts as one "image" of its view's layout, its frames
+or temporal slices being the units. Stats record one entry per encoding (a batch with images
+and videos records its images, then its videos).
+
 **Encoding images** (``get_image_features``, which ``generate()`` calls before the prefill and a
-plain forward reaches through the pre-hook):
+plain forward reaches through the pre-hook; videos alike through their view):
 
 0. The family's adapter says what the images are (``adapter.image_layout``: a
    ``layout.VisualLayout`` of U tower passes — one per image for LLaVA-1.5, base image + crops for
@@ -291,33 +300,47 @@ def image_token_slots(per_image: list[Tensor]) -> tuple[list[int], list[Tensor |
 class VisionHandle(PruneHandle):
     """Handle of a vision-stage pruning. Besides the base API it exposes, for inspection:
 
-    ``last_reduction`` (the method's ``Reduction`` of the last image encoding: per-image counts,
-    kept patch ``indices``), ``plan`` (the last rewrite of a batch, see ``Plan``).
+    ``last_reduction`` (the method's ``Reduction`` of the last encoding: per-unit counts, kept
+    patch ``indices``; ``last_reductions[modality]`` the last one of each modality), ``plan`` (the
+    last rewrite of a batch, see ``Plan``).
     """
 
     def __init__(self, model: Any, adapter: ModelAdapter, method: str, method_obj: VisionMethod) -> None:
         super().__init__(model, adapter, method, method_obj, stage="vision")
         self.plan: Plan | None = None
         self.last_reduction: Reduction | None = None
-        # (tensor, kept count, kept slots or None) of the last encoding (see image_token_slots)
-        self._issued: list[tuple[weakref.ref, int, Tensor | None]] = []
+        #: The method's ``Reduction`` of the last encoding of each modality (``"image"``, ``"video"``).
+        self.last_reductions: dict[str, Reduction] = {}
+        # per modality: (tensor, kept count, kept slots or None) of its last encoding (see image_token_slots)
+        self._issued: dict[str, list[tuple[weakref.ref, int, Tensor | None]]] = {}
         self.grid = adapter.patch_grid(model)
         self.stats.tokens_per_image = adapter.fixed_image_tokens(model)
         self._signature = inspect.signature(model.forward)
         self._base = adapter.base_model(model)
+        #: One adapter view per visual modality (images first; ``adapter.modality_views``).
+        self._views = adapter.modality_views(model)
         self._stock_encode = getattr(self._base, adapter.image_features_method)
 
     def _install(self) -> None:
-        base, name = self._base, self.adapter.image_features_method
+        for view in self._views:
+            self._shadow(view)
+        self.add_hook(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+
+    def _shadow(self, view: ModelAdapter) -> None:
+        """Shadow the base model's ``view.image_features_method`` with the reducing encoder."""
+        base, name = self._base, view.image_features_method
         missing = object()
         previous = vars(base).get(name, missing)
-
-        stock_signature = inspect.signature(self._stock_encode)
+        stock = getattr(base, name)
+        stock_signature = inspect.signature(stock)
 
         def encode(*args: Any, **kwargs: Any) -> Any:
-            return self._encode_images(**_as_kwargs(stock_signature, args, kwargs))
+            kw = _as_kwargs(stock_signature, args, kwargs)
+            if view.pixel_values_field != K.PIXEL_VALUES:
+                kw[K.PIXEL_VALUES] = kw.pop(view.pixel_values_field)
+            return self._encode_images(view=view, **kw)
 
-        functools.update_wrapper(encode, self._stock_encode)  # same name, doc and signature as the stock method
+        functools.update_wrapper(encode, stock)  # same name, doc and signature as the stock method
         setattr(base, name, encode)  # instance attribute shadows the class method; generate() finds it too
 
         def restore() -> None:
@@ -328,12 +351,11 @@ class VisionHandle(PruneHandle):
                 setattr(base, name, previous)
 
         self.add_undo(restore)
-        self.add_hook(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
 
     # ---------------------------------------------------------------- image encoding
     def _encode_images(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None = None,
                        vision_feature_select_strategy: str | None = None, image_sizes: Tensor | None = None,
-                       **kwargs: Any) -> Any:
+                       view: ModelAdapter | None = None, **kwargs: Any) -> Any:
         """Replaces ``get_image_features``: pixel_values (the family's form; [I, 3, H, W] for
         LLaVA-1.5) -> reduced, projected tokens.
 
@@ -343,8 +365,12 @@ class VisionHandle(PruneHandle):
         off; were they ever fed to the LLM, the output would be NaN, not silently wrong).
         NaN padding survives whatever ``generate()`` does to the features (beam expansion,
         device moves) and tells the forward hook each image's count.
+
+        ``view`` is the modality's adapter view (``adapter.modality_views``; default the images'):
+        a video is one "image" whose units are its frames.
         """
-        model, adapter, method = self.model, self.adapter, self.method_obj
+        model, method = self.model, self.method_obj
+        adapter = self.adapter if view is None else view
         layer = adapter.vision_feature_layer(model) if vision_feature_layer is None else vision_feature_layer
         strategy = (adapter.select_strategy(model) if vision_feature_select_strategy is None
                     else vision_feature_select_strategy)
@@ -375,68 +401,71 @@ class VisionHandle(PruneHandle):
         counts = [int(c) for c in red.counts.tolist()]  # the encoding's one host synchronisation
         per_image_out, counts, slots = adapter.pack_slots(model, projected, red, counts, layout)
 
-        self.last_reduction = red
+        self.last_reduction = self.last_reductions[adapter.image_modality] = red
         self.stats.record(counts, list(layout.tokens_per_image))
-        self._issued = [(weakref.ref(t), c, sl) for t, c, sl in zip(per_image_out, counts, slots)]
+        self._issued[adapter.image_modality] = [(weakref.ref(t), c, sl)
+                                                for t, c, sl in zip(per_image_out, counts, slots)]
         out = adapter.image_output(per_image_out)
         return out if kwargs.get(K.RETURN_DICT, True) is not False else out.to_tuple()
 
     # ---------------------------------------------------------------- forward hook
     def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = _as_kwargs(self._signature, args, kwargs)
-        key = self.adapter.image_modality
-        if kw.get(K.PIXEL_VALUES) is not None:
-            mm = dict(kw.get(K.MM_ENCODER_OUTPUTS) or {})
-            if mm.get(key) is not None:
-                raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
-            mm[key] = getattr(self._base, self.adapter.image_features_method)(**{
-                K.PIXEL_VALUES: kw[K.PIXEL_VALUES], K.FEATURE_LAYER: kw.get(K.FEATURE_LAYER),
+        mm = dict(kw.get(K.MM_ENCODER_OUTPUTS) or {})
+        encoded = False
+        for view in self._views:  # encode each modality's pixels with the reducing encoder
+            fields = (view.pixel_values_field, *view.pixel_values_aliases)
+            pixels = next((kw[f] for f in fields if kw.get(f) is not None), None)
+            if pixels is None:
+                continue
+            for f in fields[1:]:
+                kw.pop(f, None)
+            if mm.get(view.image_modality) is not None:
+                raise ValueError(f"pass either {view.pixel_values_field} or mm_encoder_outputs, not both")
+            mm[view.image_modality] = getattr(self._base, view.image_features_method)(**{
+                view.pixel_values_field: pixels, K.FEATURE_LAYER: kw.get(K.FEATURE_LAYER),
                 K.SELECT_STRATEGY: kw.get(K.SELECT_STRATEGY), K.IMAGE_SIZES: kw.get(K.IMAGE_SIZES),
-                **{name: kw.get(name) for name in self.adapter.image_geometry}, K.RETURN_DICT: True})
-            kw[K.PIXEL_VALUES] = None
+                **{name: kw.get(name) for name in view.image_geometry}, K.RETURN_DICT: True})
+            kw[view.pixel_values_field] = None
+            encoded = True
+        if encoded:
             kw[K.MM_ENCODER_OUTPUTS] = mm
-        mm = kw.get(K.MM_ENCODER_OUTPUTS) or {}
-        per_image = self.adapter.image_tokens(mm[key]) if mm.get(key) is not None else None
-        if per_image is not None:
-            return (), self._prefill(kw, per_image)
+        features = {view.image_modality: view.image_tokens(mm[view.image_modality])
+                    for view in self._views if mm.get(view.image_modality) is not None}
+        features = {key: t for key, t in features.items() if t is not None}
+        if features:
+            return (), self._prefill(kw, features)
         return (), self._continue(kw)
 
     # ---------------------------------------------------------------- prefill
-    def _prefill(self, kw: dict[str, Any], per_image: list[Tensor]) -> dict[str, Any]:
-        """Rewrite a batch whose image features are in ``per_image`` (I tensors [n_i, D])."""
+    def _prefill(self, kw: dict[str, Any], features: dict[str, list[Tensor]]) -> dict[str, Any]:
+        """Rewrite a batch whose visual features are in ``features`` (modality key -> I tensors
+        [n_i, D]); every modality's placeholders are compacted by one plan."""
         adapter, model = self.adapter, self.model
-        known = self._known_counts(per_image)
-        if known is None:  # features this handle did not produce as they are (e.g. beam-expanded copies)
-            counts, slots = image_token_slots(per_image)
-        else:
-            counts, slots = known
-        runs = [t.shape[0] for t in per_image]
-        if counts == runs:  # nothing pruned (e.g. pre-encoded stock features): the stock path
+        input_ids = kw.get(K.INPUT_IDS)
+        keep, kept_rows = None, {}
+        for view in self._views:
+            key = view.image_modality
+            if key not in features:
+                continue
+            per_image = features[key]
+            known = self._known_counts(key, per_image)
+            if known is None:  # features this handle did not produce as they are (e.g. beam-expanded copies)
+                counts, slots = image_token_slots(per_image)
+            else:
+                counts, slots = known
+            runs = [t.shape[0] for t in per_image]
+            if counts == runs:  # nothing pruned (e.g. pre-encoded stock features): the stock path
+                continue
+            if input_ids is None:
+                raise ValueError(f"vlmprune ({self.method}): a pruned model needs input_ids with the image "
+                                 "placeholder tokens (inputs_embeds alone are not supported)")
+            keep_view = self._keep_columns(view, input_ids, runs, counts, slots)
+            keep = keep_view if keep is None else keep & keep_view
+            kept_rows[key] = (per_image, counts, slots)
+        if keep is None:
             self.plan = None
             return kw
-        input_ids = kw.get(K.INPUT_IDS)
-        if input_ids is None:
-            raise ValueError(f"vlmprune ({self.method}): a pruned model needs input_ids with the image placeholder "
-                             "tokens (inputs_embeds alone are not supported)")
-        # which image owns each placeholder slot, and the slot's position within the image's run
-        seq = adapter.sequence_layout(model, input_ids, VisualLayout(tokens_per_image=tuple(runs)))
-        ph, img, rank = seq.visual, seq.image, seq.rank  # [B, L] each
-        n_ph = int(ph.sum())
-        if n_ph != sum(runs):
-            raise ValueError(f"Image features and image tokens do not match: {n_ph} placeholder tokens in input_ids "
-                             f"for {len(runs)} image(s) of {runs[0] if len(set(runs)) == 1 else runs} tokens")
-        dev = input_ids.device
-        if all(sl is None for sl in slots):  # each image keeps its first counts[i] slots
-            keep = ~ph | (rank < torch.tensor(counts, device=dev)[img])  # [B, L]
-        else:  # some images keep their tokens' own slots: kept [I, n_max], looked up per placeholder
-            kept = torch.zeros(len(runs), max(runs), dtype=torch.bool, device=dev)
-            for i, (c, sl) in enumerate(zip(counts, slots)):
-                if sl is None:
-                    kept[i, :c] = True
-                else:
-                    kept[i, sl.to(dev)] = True
-            keep = ~ph | kept[img, rank.clamp(0, max(runs) - 1)]  # [B, L]
-
         original, kw = kw, dict(kw)
         past = _cache_len(get_cache(kw))
         mask = kw.get(K.ATTENTION_MASK)
@@ -472,17 +501,45 @@ class VisionHandle(PruneHandle):
         if kw.get(K.LABELS) is not None:
             kw[K.LABELS] = plan.compact(kw[K.LABELS], -100)
         mm = dict(kw[K.MM_ENCODER_OUTPUTS])  # new objects: generate() may pass the same features again
-        mm[adapter.image_modality] = adapter.image_output(
-            [t[:c] if sl is None else t.index_select(0, sl.to(t.device)) for t, c, sl in zip(per_image, counts, slots)])
+        for view in self._views:
+            if view.image_modality in kept_rows:
+                per_image, counts, slots = kept_rows[view.image_modality]
+                mm[view.image_modality] = view.image_output(
+                    [t[:c] if sl is None else t.index_select(0, sl.to(t.device))
+                     for t, c, sl in zip(per_image, counts, slots)])
         kw[K.MM_ENCODER_OUTPUTS] = mm
         adapter.after_rewrite(model, plan, pos)
         self.plan = plan
         return kw
 
-    def _known_counts(self, per_image: list[Tensor]) -> tuple[list[int], list[Tensor | None]] | None:
+    def _keep_columns(self, view: ModelAdapter, input_ids: Tensor, runs: list[int], counts: list[int],
+                      slots: list[Tensor | None]) -> Tensor:
+        """[B, L] bool: the columns that survive ``view``'s reduction (every column that is not one
+        of its placeholders, and the kept slots of each of its images' runs)."""
+        seq = view.sequence_layout(self.model, input_ids, VisualLayout(tokens_per_image=tuple(runs)))
+        ph, img, rank = seq.visual, seq.image, seq.rank  # [B, L] each
+        n_ph = int(ph.sum())
+        if n_ph != sum(runs):
+            raise ValueError(f"{view.image_modality.capitalize()} features and {view.image_modality} tokens do not "
+                             f"match: {n_ph} placeholder tokens in input_ids for {len(runs)} {view.image_modality}(s) "
+                             f"of {runs[0] if len(set(runs)) == 1 else runs} tokens")
+        dev = input_ids.device
+        if all(sl is None for sl in slots):  # each image keeps its first counts[i] slots
+            return ~ph | (rank < torch.tensor(counts, device=dev)[img])  # [B, L]
+        # some images keep their tokens' own slots: kept [I, n_max], looked up per placeholder
+        kept = torch.zeros(len(runs), max(runs), dtype=torch.bool, device=dev)
+        for i, (c, sl) in enumerate(zip(counts, slots)):
+            if sl is None:
+                kept[i, :c] = True
+            else:
+                kept[i, sl.to(dev)] = True
+        return ~ph | kept[img, rank.clamp(0, max(runs) - 1)]  # [B, L]
+
+    def _known_counts(self, key: str, per_image: list[Tensor]) -> tuple[list[int], list[Tensor | None]] | None:
         """Each image's (kept count, kept slots) when ``per_image`` are exactly the tensors the
-        last encoding returned (what ``generate`` passes on), without reading them; else None."""
-        issued = self._issued
+        last encoding of modality ``key`` returned (what ``generate`` passes on), without reading
+        them; else None."""
+        issued = self._issued.get(key, [])
         if len(issued) != len(per_image):
             return None
         for (ref, _, _), t in zip(issued, per_image):

@@ -1,0 +1,189 @@
+"""Video-LLaVA (transformers ``VideoLlavaForConditionalGeneration`` / ``VideoLlavaModel``): the adapter.
+
+Layout in transformers 5.x::
+
+    VideoLlavaForConditionalGeneration
+      .model: VideoLlavaModel
+        .image_tower: CLIPVisionModel       images
+        .video_tower: CLIPVisionModel       video frames (same config, its own weights)
+        .multi_modal_projector              shared by both, per token
+        .language_model: LlamaModel
+      .lm_head
+
+Inputs (``compat`` assumption 15): images ``pixel_values`` [I, 3, S, S] -> ``get_image_features``,
+N patch tokens each with the "default" ``vision_feature_select_strategy`` (N + 1 with "full"),
+``image_token_id`` placeholders; videos ``pixel_values_videos`` [V, F, 3, S, S] ->
+``get_video_features``, which runs every frame through the video tower and **always keeps each
+frame's [CLS]** (it takes no select strategy): F * (1 + N) ``video_token_id`` placeholders per
+video, frame after frame, each frame's [CLS] first (8 x 257 = 2056 for the released 224 px
+checkpoints).
+
+**Vision stage.** Images: one ``VisualUnit`` per image, as LLaVA-1.5. Videos: one unit per frame
+(``frame`` = its index; a video counts as one "image" of the layout), so every vision-stage
+method reduces each frame on its own patches and its own [CLS] signals (for the [CLS]-based
+methods: the last video-tower layer's [CLS] attention of that frame), as the PruMerge paper's
+Video-LLaVA experiment runs PruMerge per frame. Budgets (``keep``) are **per frame**: a count
+keeps that many of the frame's N patches, a ratio that fraction of every frame. The frames'
+[CLS] tokens are layout, not prunable, and outside every budget (family option ``frame_cls``:
+``"keep"``, the default, gives each frame its [CLS] first, then its kept tokens in the method's
+output order, as the stock packing does; ``"drop"`` removes every frame's [CLS]). A video's kept
+tokens take the first placeholders of its run (Llama positions, compacted like LLaVA-1.5).
+Mixed batches (some samples with an image, others with a video) are rewritten by one plan.
+
+**Decoder stage.** The Llama decoder with 1-D positions: FastV and SparseVLM run unchanged; image
+and video placeholders (frames' [CLS] included) are the visual tokens.
+
+ATP is refused (``unsupported_methods``): its modules are built for one image of N tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import ModelAdapter, register_adapter
+from .compat import video_llava_frames
+from .layout import VisualLayout, VisualUnit
+
+__all__ = ["VideoLlavaAdapter", "VIDEO_LLAVA"]
+
+
+@dataclass(frozen=True)
+class VideoLlavaAdapter(ModelAdapter):
+    """``ModelAdapter`` for Video-LLaVA (see the module docstring); ``video`` marks the video view."""
+
+    vision_tower: str = "image_tower"
+    video_tower: str = "video_tower"
+    video_token_id_field: str = "video_token_id"
+    video_features_method: str = "get_video_features"
+    video_pixels_field: str = "pixel_values_videos"
+    pixel_values_aliases: tuple[str, ...] = ("pixel_values_images",)  # deprecated name of the images' pixels
+    #: ``"keep"``: every frame keeps its [CLS] token (first in its run); ``"drop"``: none does.
+    frame_cls: str = "keep"
+    #: Whether this is the video view (``modality_views``).
+    video: bool = False
+
+    def configure(self, **options: Any) -> "VideoLlavaAdapter":
+        if "frame_cls" in options and options["frame_cls"] not in ("keep", "drop"):
+            raise ValueError(f"video-llava: frame_cls must be 'keep' or 'drop', got {options['frame_cls']!r}")
+        return super().configure(**options)
+
+    def modality_views(self, model: Any) -> tuple[ModelAdapter, ...]:
+        """(images, videos): the video view reads the video tower, ``get_video_features``,
+        ``pixel_values_videos`` and the video placeholders."""
+        if self.video:
+            return (self,)
+        video = dataclasses.replace(self, video=True, vision_tower=self.video_tower, image_modality="video",
+                                    image_features_method=self.video_features_method,
+                                    pixel_values_field=self.video_pixels_field, pixel_values_aliases=(),
+                                    image_token_id_field=self.video_token_id_field)
+        return (self, video)
+
+    # ------------------------------------------------------------ config knowledge
+    def video_token_id(self, model: Any) -> int:
+        return int(getattr(self.config(model), self.video_token_id_field))
+
+    def select_strategy(self, model: Any) -> str:
+        """Videos: "default" for the methods (they reduce a frame's patches; its [CLS] is layout)."""
+        return "default" if self.video else super().select_strategy(model)
+
+    def signal_problem(self, model: Any, strategy: str | None = None) -> str | None:
+        """Videos ignore the select strategy (their frames' [CLS] is layout, never scored)."""
+        return super().signal_problem(model, "default" if self.video else strategy)
+
+    def fixed_image_tokens(self, model: Any) -> int | None:
+        return None  # images and videos get different counts
+
+    def budget_tokens(self, model: Any, stage: str) -> int:
+        """Vision stage: N patches of one image / frame; decoder stage: the most visual tokens one
+        sample's image or video has (``video_seq_length``, F * (1 + N))."""
+        n = self.tokens_per_image(model)
+        if stage == "vision":
+            return n
+        return max(n, int(getattr(self.config(model), "video_seq_length", 0) or 0))
+
+    def visual_columns(self, model: Any, input_ids: Tensor) -> Tensor:
+        """input_ids [B, L] -> [B, L] bool: image and video placeholders (the decoder stage's)."""
+        return (input_ids == self.image_token_id(model)) | (input_ids == self.video_token_id(model))
+
+    def sequence_layout(self, model: Any, input_ids: Tensor, layout: VisualLayout,
+                        position_ids: Tensor | None = None) -> VisualLayout:
+        """The view's own placeholders only (images: ``image_token_id``; videos: ``video_token_id``)."""
+        return layout.with_sequence(input_ids == self.image_token_id(model), position_ids, self.rotary(model))
+
+    # ------------------------------------------------------------ vision stage (videos)
+    def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
+                     strategy: str | None = None, **geometry: Any) -> VisualLayout:
+        """Images: LLaVA-1.5's rule. Videos (``pixel_values`` [V, F, 3, S, S]): one unit per frame,
+        F * (1 + N) placeholders per video. ``family_data`` is a dict the encoding fills with the
+        frames' [CLS] features (``"cls"`` [V * F, 1, D])."""
+        if not self.video:
+            return super().image_layout(model, pixel_values, image_sizes, strategy, **geometry)
+        if pixel_values.dim() != 5:
+            raise ValueError(f"vlmprune: Video-LLaVA pixel_values_videos must be [videos, frames, 3, H, W], "
+                             f"got shape {tuple(pixel_values.shape)}")
+        videos, frames = pixel_values.shape[:2]
+        grid, n = self.patch_grid(model), self.tokens_per_image(model, "default")
+        units = tuple(VisualUnit(image=v, grid=grid, has_cls=True, frame=f, cls_index=self.cls_index)
+                      for v in range(videos) for f in range(frames))
+        return VisualLayout(units=units, tokens_per_image=(frames * (n + 1),) * videos,
+                            family_data={"frames": frames})
+
+    def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
+               layout: VisualLayout | None = None) -> Tensor:
+        """Videos: pixel_values [V, F, 3, S, S] -> patch features [V * F, N, D] (frame after frame);
+        the frames' [CLS] features go to ``layout.family_data["cls"]``. Images: LLaVA-1.5's."""
+        if not self.video:
+            return super().encode(model, pixel_values, layer, strategy, layout)
+        frames = video_llava_frames(pixel_values)  # [V * F, 3, S, S]
+        out = self.get_vision_tower(model)(frames, output_hidden_states=True, return_dict=True)
+        full = self.select_features(out.hidden_states, layer, "full")  # [V * F, 1 + N, D]
+        ci = self.cls_index
+        layout.family_data["cls"] = full[:, ci:ci + 1]
+        return torch.cat([full[:, :ci], full[:, ci + 1:]], dim=1)
+
+    def pack(self, model: Any, projected: Tensor, reduction: Any, counts: list[int],
+             layout: VisualLayout) -> tuple[list[Tensor], list[int]]:
+        """Videos: per-frame kept tokens [V * F, M, D_text] -> per video [F * (1 + N), D_text]: each
+        frame's [CLS] (``frame_cls="keep"``) then its kept tokens, frame after frame; NaN after
+        the video's kept count. Returns the tensors and the kept counts. Images: LLaVA-1.5's."""
+        if not self.video:
+            return super().pack(model, projected, reduction, counts, layout)
+        frames = layout.family_data["frames"]
+        cls = self.project(model, layout.family_data["cls"]) if self.frame_cls == "keep" else None  # [U, 1, D_text]
+        out, kept = [], []
+        for v, n_v in enumerate(layout.tokens_per_image):
+            parts = []
+            for u in range(v * frames, (v + 1) * frames):
+                if cls is not None:
+                    parts.append(cls[u])
+                parts.append(projected[u, :counts[u]])
+            tokens = torch.cat(parts)
+            padded = tokens.new_full((n_v, tokens.shape[-1]), float("nan"))
+            padded[:tokens.shape[0]] = tokens
+            out.append(padded)
+            kept.append(int(tokens.shape[0]))
+        return out, kept
+
+    def image_output(self, per_image: list[Tensor]) -> Any:
+        """Per-image (or per-video) tensors [n_i, D_text] -> ``BaseModelOutputWithPooling`` whose
+        ``pooler_output`` is a tensor, as the stock forward reads it (assumption 15): [I, n, D]
+        when every n_i is equal, else [1, sum n_i, D] (the rewritten, ragged prefill)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if len({tuple(t.shape) for t in per_image}) == 1:
+            return BaseModelOutputWithPooling(pooler_output=torch.stack(per_image))
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(per_image)[None])
+
+
+VIDEO_LLAVA = register_adapter(VideoLlavaAdapter(
+    family="video-llava",
+    model_classes=("VideoLlavaForConditionalGeneration", "VideoLlavaModel"),
+    family_options=("frame_cls",),
+    unsupported_methods=(("atp", "ATP's modules are built for one image of N tokens per sample; Video-LLaVA samples "
+                                 "are an image or a video of several frames"),),
+))
