@@ -23,13 +23,16 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import (IMAGE_TOKEN_ID, PAD_ID, QWEN_VIDEO_ID, QWEN_VISION_END, QWEN_VISION_START, make_inputs, make_next_inputs, make_qwen_inputs, make_tiny_llava, make_tiny_llava_next,
-                      make_tiny_qwen2_vl, module_hooks, qwen_row, warm_up)
+from conftest import (IMAGE_TOKEN_ID, PAD_ID, QWEN_VIDEO_ID, QWEN_VISION_END, QWEN_VISION_START, VIDEO_ID,
+                      make_inputs, make_next_inputs, make_qwen_inputs, make_qwen_mixed_inputs, make_tiny_llava,
+                      make_tiny_llava_next, make_tiny_qwen2_vl, make_tiny_video_llava, make_video_llava_inputs,
+                      module_hooks, qwen_mixed_row, qwen_row, video_llava_row, visual_kept_per_sample, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
 # random weights may emit a placeholder id, which a re-encoding step would take for an image slot
-GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START,
-                                                                QWEN_VISION_END])
+GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=sorted({IMAGE_TOKEN_ID, QWEN_VIDEO_ID, VIDEO_ID,
+                                                                       QWEN_VISION_START, QWEN_VISION_END}))
+VISUAL_IDS = sorted({IMAGE_TOKEN_ID, QWEN_VIDEO_ID, VIDEO_ID})
 ATOL = 2e-5
 
 
@@ -57,9 +60,27 @@ def _qwen(family):
     return build
 
 
-#: family name (as the adapters call it) -> builder of (model, ragged batch, row(inputs, b))
+def _qwen_video(family):
+    items = [(2, 4, 4), (1, 4, 6), (3, 4, 6)]  # a 2-slice video, an image, a 3-slice video
+
+    def build():
+        m = make_tiny_qwen2_vl(family=family)
+        return m, make_qwen_mixed_inputs(items, (2, 4, 1), (3, 1, 5)), lambda inp, b: qwen_mixed_row(inp, b, items)
+    return build
+
+
+def _video_llava():
+    kinds = ["video", "image", "video"]
+    m = make_tiny_video_llava()
+    return (m, make_video_llava_inputs(m, kinds, (3, 1, 5), (5, 8, 2)),
+            lambda inp, b: video_llava_row(inp, b, kinds))
+
+
+#: family name (as the adapters call it; "+video": the family's video inputs, batched with images)
+#: -> builder of (model, ragged batch, row(inputs, b))
 FAMILIES = {"llava-1.5": _llava, "llava-next": _llava_next, "qwen2-vl": _qwen("qwen2_vl"),
-            "qwen2.5-vl": _qwen("qwen2_5_vl")}
+            "qwen2.5-vl": _qwen("qwen2_5_vl"), "qwen2-vl+video": _qwen_video("qwen2_vl"),
+            "qwen2.5-vl+video": _qwen_video("qwen2_5_vl"), "video-llava+video": _video_llava}
 
 #: method -> (options that prune, options that keep everything or None)
 METHODS = {
@@ -84,9 +105,17 @@ _MODELS: dict[str, tuple] = {}
 def _family(name):
     if name not in _MODELS:
         model, inputs, row = FAMILIES[name]()
-        warm_up(model, row(inputs, 0))
+        warm_up(model, inputs)  # the whole batch: every modality path adds its stock hooks once
         _MODELS[name] = (model, inputs, row)
     return _MODELS[name]
+
+
+def _kept(handle, input_ids):
+    """Visual tokens per sample at the last prefill: the LLM's input (vision stage) or the all-layer
+    average (decoder stage)."""
+    if handle.stage == "decoder":
+        return handle.stats.visual_tokens_per_sample()
+    return visual_kept_per_sample(handle, input_ids, VISUAL_IDS)
 
 
 def _options(model, method, opts):
@@ -152,15 +181,17 @@ def _check_batch(model, inputs, row, method, opts):
     width = inputs["input_ids"].shape[1]
     handle = _apply(model, method, opts)
     try:
+        model(**inputs)
+        counts = _kept(handle, inputs["input_ids"])
         out = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
-        counts = handle.stats.visual_tokens_per_sample()
-        placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        placeholders = torch.isin(inputs["input_ids"], torch.tensor(VISUAL_IDS)).sum(1).tolist()
         assert len(counts) == len(placeholders) and all(c <= n for c, n in zip(counts, placeholders)), counts
         assert any(c < n for c, n in zip(counts, placeholders)), counts  # something was pruned
         for b in range(len(counts)):
             one_in = row(inputs, b)
+            model(**one_in)
+            assert _kept(handle, one_in["input_ids"]) == pytest.approx([counts[b]])
             one = model.generate(**one_in, **GEN, return_dict_in_generate=True, output_logits=True)
-            assert handle.stats.visual_tokens_per_sample() == pytest.approx([counts[b]])
             new = one.sequences[0, one_in["input_ids"].shape[1]:]  # may stop early at EOS
             assert torch.equal(new, out.sequences[b, width:width + new.numel()])
             assert (out.sequences[b, width + new.numel():] == PAD_ID).all()
