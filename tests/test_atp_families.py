@@ -191,6 +191,19 @@ def test_cached_generate_equals_uncached(model, checkpoint, options):
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=ATOL, rtol=0)
 
 
+def test_beam_search_batch_equals_single(model, checkpoint):
+    """Beams: generate() expands the encoded images; each sample's beams prune as its single run."""
+    inputs = _inputs(model, n=3)
+    width = inputs["input_ids"].shape[1]
+    beams = {**_gen(model), "max_new_tokens": 3, "num_beams": 2}
+    with vlmprune.pruned(model, "atp", checkpoint=checkpoint):
+        out = model.generate(**inputs, **beams)
+        for b in range(3):
+            single = _row(inputs, b)
+            one = model.generate(**single, **beams)
+            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+
+
 def test_remove_restores_exactly_and_sdpa_stays(model, checkpoint, monkeypatch):
     inputs = _inputs(model)
     state = copy.deepcopy(model.state_dict())

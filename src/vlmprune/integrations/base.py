@@ -300,7 +300,8 @@ class ModelAdapter:
         total = int(layout.visual.sum())
         if total != sum(counts):
             raise ValueError(f"vlmprune: the prompt holds {total} image placeholders but its images give "
-                             f"{sum(counts)} tokens ({list(counts)}); one placeholder per image token is needed")
+                             f"{sum(counts)} tokens ({list(counts)}); one placeholder per image token is needed (placeholders "
+                             "of other inputs, e.g. videos, are not supported here yet)")
         runs = replace(layout, tokens_per_image=tuple(counts)).with_sequence(layout.visual, layout.positions,
                                                                              layout.rotary)
         units, unit_of, patch_of = self.image_grids(model, runs, embeds)
