@@ -3,7 +3,7 @@
 keep-all == stock logits and tokens, packing == the stock packing restricted to the kept
 patches, a ragged batch (different image sizes, so different crop and token counts) == single
 samples, cached generate == uncached, remove() restores exactly, sdpa stays on, the newline
-rule, and a clear error for methods that cannot run on LLaVA-NeXT.
+rule, and the support listing (ATP's own tests: ``test_atp_families.py``).
 """
 
 from __future__ import annotations
@@ -162,13 +162,6 @@ def test_remove_restores_exactly_and_sdpa_stays(model, method):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-def test_unsupported_method_is_one_clear_line(model):
-    with pytest.raises(ValueError, match=r"^method 'atp' cannot run on llava-next models yet: ") as err:
-        vlmprune.apply(model, "atp", fixed_ratio=0.5)
-    assert "\n" not in str(err.value)
-    assert _is_stock(model)
-
-
 def test_budget_is_per_crop(model):
     with pytest.raises(ValueError, match="keep=10 is more than the 9"):
         vlmprune.apply(model, "sequential", keep=10)
@@ -181,7 +174,7 @@ def test_budget_is_per_crop(model):
 def test_family_options_and_support_listed():
     listed = {m["name"]: m["families"] for m in vlmprune.list_methods()}
     assert listed["prumerge+"]["llava"] == "yes" and listed["prumerge+"]["llava-next"] == "yes"
-    assert listed["atp"]["llava"] == "yes" and listed["atp"]["llava-next"].startswith("ATP's modules")
+    assert listed["atp"]["llava"] == "yes" and listed["atp"]["llava-next"] == "yes"
     next_model = make_tiny_llava_next(text_layers=2, vision_layers=2)
     with pytest.raises(ValueError, match="newlines must be 'keep' or 'rows', got 'all'"):
         vlmprune.apply(next_model, "prumerge", newlines="all")

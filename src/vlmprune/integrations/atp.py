@@ -28,6 +28,13 @@ value is the number of tokens the *hard* rule would keep with the current thresh
 budget loss drives the evaluated average, not the soft one, onto the target), its gradient that of
 the soft count; ``"soft"`` is the spec's plain soft count (sum of the cumulative soft mask).
 
+Grids. The machinery gives every visual column its grid unit and patch (``adapter.grid_layout``:
+LLaVA-1.5 one 24 x 24 unit per image, LLaVA-NeXT the base image + the unpadded mosaic with
+newlines on no grid, Qwen2-VL the merged grid of the image); the pruner decides per unit or per
+sample (``methods.atp`` / ``atp_units``; ``docs/atp.md``, "Other families"). Each sample holds
+exactly one image. With several grids, or a sample whose visual count differs from N, budgets
+count each sample against its own initial visual tokens (``ATPContext.initial``).
+
 Use: ``vlmprune.apply(model, "atp", checkpoint=DIR)`` (a directory written by
 ``ATPPruner.save`` / ``vlmprune train atp``); ``handle.stats`` is an ``ATPStats``.
 """
@@ -45,6 +52,7 @@ import torch
 from torch import Tensor
 
 from ..methods import atp as A
+from ..methods import atp_units as U
 from ..methods.fastv import pack_mask
 from .decoder import Decision, DecoderHandle, DecoderMethodBase, DecoderStats, LayerView
 
@@ -66,11 +74,18 @@ class ATPContext:
     (straight-through or soft, float, differentiable). ``soft_counts``: soft mode, the plain soft
     counts. ``keep_grids``: [B, N] bool per module, the patches alive after it (soft mode:
     cumulative soft mask > 0.5). ``masks``: soft mode, [B, N] cumulative soft mask (detached).
+    Both only when every sample is one unit on the module's grid (``single_grid``; LLaVA-1.5).
     """
 
     mode: str
     instruction0: Tensor  # [B, L0] bool over the input layout
-    patch0: Tensor  # [B, L0] long: grid index of each image token, -1 elsewhere
+    patch0: Tensor  # [B, L0] long: raster index of each visual token in its unit's grid, -1 elsewhere
+    unit0: Tensor | None = None  # [B, L0] long: grid unit of each visual token (-1 on no grid / elsewhere)
+    grids: tuple[tuple[int, int], ...] = ()  # (h, w) of every unit
+    unit_sample: Tensor | None = None  # [U] long: the sample of each unit
+    initial: Tensor | None = None  # [B] float visual tokens per sample before pruning; None = N for every sample
+    judged0: list[int] | None = None  # judged visual tokens per sample before pruning
+    single_grid: bool = True  # every sample: one unit on the module's grid, no token off it
     layers: list[int] = field(default_factory=list)
     counts: list[Tensor] = field(default_factory=list)
     soft_counts: list[Tensor] = field(default_factory=list)
@@ -94,7 +109,8 @@ class ATPStats(DecoderStats):
     sample keeps after each module. ``atp_average`` [B]: the all-layer average (the paper's
     "144*"), computed by ``ATPPruner.average_tokens`` — equal to ``visual_tokens_per_sample()``,
     which the machinery measures layer by layer. ``theta_r`` / ``theta_s`` [B][K] the predicted
-    thresholds (None for a disabled branch or fixed-ratio mode). In training (soft) prefills
+    thresholds (None for a disabled branch or fixed-ratio mode; with per-unit thresholds, the mean
+    over the sample's units). In training (soft) prefills
     ``soft_average`` [B] holds the differentiable budget's average instead.
     """
 
@@ -112,7 +128,7 @@ class ATPStats(DecoderStats):
         if not ctx.counts:
             return
         with torch.no_grad():
-            avg = pruner.average_tokens([c.detach().float() for c in ctx.counts])  # [B]
+            avg = pruner.average_tokens([c.detach().float() for c in ctx.counts], ctx.initial)  # [B]
         if ctx.mode == "soft":
             self.soft_average = avg.tolist()
             return
@@ -157,11 +173,12 @@ class ATP(DecoderMethodBase):
 
     name = "atp"
     positions = "original"
+    needs_grids = True
 
     def __init__(self, pruner: A.ATPPruner | None = None, *, mode: str = "hard", tau: float | None = None,
                  budget_count: str = "st", layers: tuple[int, ...] | None = None,
                  fixed_ratio: float | None = None, fixed_target: float | None = None,
-                 positions: str = "original") -> None:
+                 grid_options: dict[str, str] | None = None, positions: str = "original") -> None:
         if positions not in POSITIONS:
             raise ValueError(f"atp: positions must be one of {POSITIONS} ('original': survivors keep their "
                              f"positions, as in the paper; 'compact': renumbered, the positional ablation), "
@@ -178,6 +195,9 @@ class ATP(DecoderMethodBase):
         self.budget_count = budget_count
         self._layers, self._fixed_ratio, self._fixed_target = layers, fixed_ratio, fixed_target
         self.positions = positions
+        self._grid_options = dict(grid_options or {})  # thresholds / off_grid / resample over the config's
+        if pruner is not None and self._grid_options:
+            self.pruner = _with_grid_options(pruner, self._grid_options)
         self._instruction: Tensor | None = None
 
     handle_class: type  # set below (ATPHandle)
@@ -204,7 +224,8 @@ class ATP(DecoderMethodBase):
             if self._fixed_target is not None:
                 ratio = A.fixed_ratio_for_target(self._fixed_target, layers, num_layers, num_patches)
             self.pruner = A.ATPPruner(A.ATPConfig(num_layers=num_layers, layers=tuple(layers),
-                                                  num_patches=num_patches, grid=tuple(grid), fixed_ratio=ratio))
+                                                  num_patches=num_patches, grid=tuple(grid), fixed_ratio=ratio,
+                                                  **self._grid_options))
             return self.pruner
         c = self.pruner.config
         if max(c.layers) > num_layers - 2:
@@ -251,15 +272,38 @@ class ATP(DecoderMethodBase):
         pr = self.pruner
         if pr.spatial.device != embeds.device:
             pr.to(embeds.device)
-        n = pr.config.num_patches
-        bad = (view.num_visual0 != n).nonzero().flatten().tolist()
-        if bad:
-            got = view.num_visual0[bad[0]].item()
-            raise ValueError(f"atp: sample {bad[0]} has {got} image tokens; ATP needs exactly one image of {n} "
-                             "tokens per sample")
+        c = pr.config
+        lay = view.layout
+        if lay is None or lay.grid_unit is None:
+            raise RuntimeError("atp: the decoder stage gave no grid layout (the method sets needs_grids)")
         visual = view.visual & view.valid
-        patch0 = torch.where(visual, visual.long().cumsum(1) - 1, torch.full_like(visual, -1, dtype=torch.long))
-        return ATPContext(mode=self.mode, instruction0=self._instruction_mask(view), patch0=patch0)
+        none = torch.full_like(lay.grid_unit, -1)
+        unit0 = torch.where(visual, lay.grid_unit, none)
+        patch0 = torch.where(visual, lay.grid_patch, none)
+        big = len(lay.units) + 1
+        image = torch.where(visual, lay.image, none)
+        first = image.masked_fill(~visual, big).amin(1)
+        judged = visual & ((unit0 >= 0) | (c.off_grid == "score"))
+        off = visual & (unit0 < 0)
+        # the prepare's one host transfer: per sample its images (first, last), tokens, judged tokens
+        host = torch.stack([first, image.amax(1), view.num_visual0, judged.sum(1), off.sum(1)]).tolist()
+        for b, (lo, hi, n_vis) in enumerate(zip(*host[:3])):
+            if n_vis == 0 or lo != hi:
+                what = "no image tokens" if n_vis == 0 else f"{hi - lo + 1} images"
+                raise ValueError(f"atp: sample {b} has {what}; ATP needs exactly one image per sample")
+        rows = torch.arange(visual.shape[0], device=visual.device)[:, None].expand_as(visual)
+        unit_sample = torch.zeros(len(lay.units), dtype=torch.long, device=visual.device).scatter_(
+            0, unit0[unit0 >= 0], rows[unit0 >= 0])
+        grids = tuple(u.grid for u in lay.units)
+        per_sample = [0] * visual.shape[0]
+        for b in unit_sample.tolist():
+            per_sample[b] += 1
+        single = (all(k == 1 for k in per_sample) and all(g == tuple(c.grid) for g in grids)
+                  and not any(host[4]))
+        n0 = host[2]
+        initial = None if all(n == c.num_patches for n in n0) else view.num_visual0.float()
+        return ATPContext(mode=self.mode, instruction0=self._instruction_mask(view), patch0=patch0, unit0=unit0,
+                          grids=grids, unit_sample=unit_sample, initial=initial, judged0=host[3], single_grid=single)
 
     def _rows(self, view: LayerView) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ctx: ATPContext = view.context
@@ -296,7 +340,10 @@ class ATP(DecoderMethodBase):
             off = vlen
         if score != "self":
             attn_tv = attn[:, off:off + tlen].gather(2, cols_v[:, None, :].expand(bsz, tlen, vlen))  # [B, T, V]
-        patch = ctx.patch0.gather(1, view.source.gather(1, cols_v).clamp(min=0))  # [B, V]
+        src = view.source.gather(1, cols_v).clamp(min=0)
+        patch = ctx.patch0.gather(1, src)  # [B, V]
+        unit = torch.where(valid_v, ctx.unit0.gather(1, src), torch.full_like(patch, -1))
+        slots = pr.units(unit, patch, ctx.grids, ctx.unit_sample, valid_v, ctx.judged0)
         patch = torch.where(valid_v, patch, torch.zeros_like(patch))
         n = pr.config.num_patches
         patch_dump = torch.where(valid_v, patch, torch.full_like(patch, n))  # padding slots -> grid index N
@@ -308,60 +355,64 @@ class ATP(DecoderMethodBase):
             if prev is not None and tuple(prev.shape) != tuple(valid_v.shape):
                 raise RuntimeError("atp: the visual layout changed between soft modules (tokens were dropped in "
                                    "training mode)")
-            scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t, query_weight=prev)
-            step = pr.soft_step(layer, scores, patch, prev, tau=self.tau)
+            scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t, query_weight=prev, slots=slots)
+            step = pr.soft_step(layer, scores, patch, prev, tau=self.tau, slots=slots)
             ctx.prev = step.cumulative
             count = step.count
             if pr.config.learned and self.budget_count == "st":
-                th = step.thresholds
+                th = step.slot_thresholds
                 keep, _ = A.hard_keep(scores.s_r, step.s_s, None if th.theta_r is None else th.theta_r.detach(),
-                                      None if th.theta_s is None else th.theta_s.detach(), valid_v)
+                                      None if th.theta_s is None else th.theta_s.detach(), step.judged)
+                keep = keep | (valid_v & ~step.judged)
                 hard = keep if ctx.prev_hard is None else ctx.prev_hard & keep
                 ctx.prev_hard = hard
                 count = hard.sum(1).to(step.count.dtype) + (step.count - step.count.detach())
             ctx.counts.append(count)
             ctx.soft_counts.append(step.count)
             if pr.config.learned:
-                ctx.range_terms.append(self._range_term(scores.s_r, step.s_s, step.thresholds, valid_v))
-            ctx.thresholds.append(step.thresholds)
+                ctx.range_terms.append(self._range_term(scores.s_r, step.s_s, step.thresholds, slots))
+            ctx.thresholds.append(_per_sample(step.thresholds, slots, bsz))
             cum = step.cumulative.detach()
-            ctx.masks.append(torch.zeros(bsz, n + 1, device=cum.device).scatter(1, patch_dump, cum)[:, :n])
-            ctx.keep_grids.append(ctx.masks[-1] > 0.5)
+            if ctx.single_grid:
+                ctx.masks.append(torch.zeros(bsz, n + 1, device=cum.device).scatter(1, patch_dump, cum)[:, :n])
+                ctx.keep_grids.append(ctx.masks[-1] > 0.5)
             ones = torch.ones(bsz, length + 1, dtype=step.mask.dtype, device=step.mask.device)
             soft = ones.scatter(1, dump, torch.where(valid_v, step.mask, torch.ones_like(step.mask)))[:, :length]
             return Decision(soft=soft, info={"atp_layer": layer, "soft_count": step.count.detach()})
 
-        scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t)
-        step = pr.hard_step(layer, scores, patch)
+        scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t, slots=slots)
+        step = pr.hard_step(layer, scores, patch, slots=slots)
         keep = step.keep & valid_v
         cols_keep = torch.zeros(bsz, length + 1, dtype=torch.bool, device=keep.device).scatter(1, dump, keep)
-        grid = torch.zeros(bsz, n + 1, dtype=torch.bool, device=keep.device).scatter(1, patch_dump, keep)[:, :n]
         ctx.counts.append(step.counts)
-        ctx.thresholds.append(step.thresholds)
-        ctx.keep_grids.append(grid)
+        thresholds = _per_sample(step.thresholds, slots, bsz)
+        ctx.thresholds.append(thresholds)
+        if ctx.single_grid:
+            grid = torch.zeros(bsz, n + 1, dtype=torch.bool, device=keep.device).scatter(1, patch_dump, keep)[:, :n]
+            ctx.keep_grids.append(grid)
         info: dict[str, Any] = {"atp_layer": layer}
         for name in ("theta_r", "theta_s"):
-            t = getattr(step.thresholds, name)
+            t = getattr(thresholds, name)
             if t is not None:
                 info[name] = t.detach().float()
         return Decision(keep=cols_keep[:, :length], info=info)
 
-    def _range_term(self, s_r: Tensor, s_s: Tensor, th: A.Thresholds, valid: Tensor) -> Tensor:
-        """[B] how far each threshold lies outside [min score - m, max score + m], m = 2 tau.
+    def _range_term(self, s_r: Tensor, s_s: Tensor, th: A.Thresholds, slots: A.UnitSlots) -> Tensor:
+        """[B] how far each threshold lies outside [min score - m, max score + m], m = 2 tau (the
+        scores of its judging group; summed over a sample's groups).
 
         Outside that band every soft mask of the module is saturated (all ~1 or all ~0), so no
         gradient reaches the threshold and training can freeze it there; the band still contains
         both extremes of the hard rule (keep all: theta < min S; keep none: theta >= max S).
         """
         m = 2.0 * (self.tau if self.tau is not None else self.pruner.config.tau)
-        out = torch.zeros(valid.shape[0], device=valid.device)
+        out = torch.zeros(slots.num_groups, device=s_r.device)
         for s, t in ((s_r, th.theta_r), (s_s, th.theta_s)):
             if t is None:
                 continue
-            lo = s.float().masked_fill(~valid, math.inf).amin(1) - m
-            hi = s.float().masked_fill(~valid, -math.inf).amax(1) + m
-            out = out + torch.relu(lo - t) + torch.relu(t - hi)
-        return out
+            lo, hi = U.group_range(s, slots.group, slots.num_groups)
+            out = out + torch.relu((lo - m) - t) + torch.relu(t - (hi + m))
+        return torch.zeros(s_r.shape[0], device=s_r.device).index_add(0, slots.group_sample, out)
 
     def __repr__(self) -> str:
         if self.pruner is None:
@@ -391,6 +442,29 @@ class ATPHandle(DecoderHandle):
 
 
 ATP.handle_class = ATPHandle
+
+
+def _per_sample(th: A.Thresholds, slots: A.UnitSlots, batch: int) -> A.Thresholds:
+    """Thresholds of the judging groups [G] -> [B]: each sample's mean over its groups (its own
+    value when it has one)."""
+    def mean(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        g = slots.group_sample
+        total = torch.zeros(batch, dtype=t.dtype, device=t.device).index_add(0, g, t)
+        count = torch.zeros(batch, dtype=t.dtype, device=t.device).index_add(0, g, torch.ones_like(t))
+        return total / count.clamp_min(1.0)
+    return A.Thresholds(mean(th.theta_r), mean(th.theta_s))
+
+
+def _with_grid_options(pruner: A.ATPPruner, options: dict[str, str]) -> A.ATPPruner:
+    """``pruner`` with its config's grid options (thresholds / off_grid / resample) replaced (weights kept)."""
+    import dataclasses
+
+    config = dataclasses.replace(pruner.config, **options)
+    new = A.ATPPruner(config)
+    new.load_state_dict(pruner.state_dict())
+    return new
 
 
 # ================================================================================ builder
@@ -459,26 +533,35 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
 
 
 def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int, ...] | list[int] | None = None,
-              fixed_ratio: float | None = None, fixed_target: float | None = None,
-              positions: str = "original") -> ATP:
+              fixed_ratio: float | None = None, fixed_target: float | None = None, thresholds: str | None = None,
+              off_grid: str | None = None, resample: str | None = None, positions: str = "original") -> ATP:
     """ATP-LLaVA. ``checkpoint``: directory with ``atp_config.json`` + ``atp_weights.safetensors``
     (written by ``vlmprune train atp``), or the name of one shipped with the package
     (``shipped_checkpoints()``: ``testbed-144``, ``testbed-88``, trained on the committed testbed). Without it: untrained modules (initial thresholds keep every
     token) at ``layers`` (default (2, 8, 14, 20, 26) of 32, scaled to the decoder's depth), or the
     fixed-ratio ablation: ``fixed_ratio`` (fraction of survivors each module keeps) or
-    ``fixed_target`` (all-layer average visual tokens, solved for that ratio). ``positions``:
-    ``"original"`` (survivors keep their position ids; the paper) or ``"compact"`` (survivors
-    renumbered contiguously, decoding continues after the compacted length: the paper's
-    positional-information ablation)."""
+    ``fixed_target`` (all-layer average visual tokens, solved for that ratio). Samples with several
+    grids (LLaVA-NeXT, Qwen2-VL; ``docs/atp.md``): ``thresholds`` ``"unit"`` | ``"sample"``,
+    ``off_grid`` ``"keep"`` | ``"score"``, ``resample`` ``"area"`` | ``"bilinear"`` (default: the
+    checkpoint's config, else unit / keep / area). ``positions``: ``"original"`` (survivors keep
+    their position ids; the paper) or ``"compact"`` (survivors renumbered contiguously, decoding
+    continues after the compacted length: the paper's positional-information ablation)."""
     if positions not in POSITIONS:
         raise ValueError(f"atp: positions must be one of {POSITIONS}, got {positions!r}")
+    grid_options = {}
+    for name, value, choices in (("thresholds", thresholds, U.THRESHOLD_UNITS), ("off_grid", off_grid, U.OFF_GRID),
+                                 ("resample", resample, U.RESAMPLE)):
+        if value is not None:
+            if value not in choices:
+                raise ValueError(f"atp: {name} must be one of {', '.join(choices)}, got {value!r}")
+            grid_options[name] = value
     if checkpoint is not None:
         given = [n for n, v in (("layers", layers), ("fixed_ratio", fixed_ratio), ("fixed_target", fixed_target))
                  if v is not None]
         if given:
             raise ValueError(f"atp: {', '.join(given)} cannot be combined with checkpoint (the checkpoint's "
                              "config decides them)")
-        return ATP(_load_pruner(resolve_checkpoint(checkpoint)), positions=positions)
+        return ATP(_load_pruner(resolve_checkpoint(checkpoint)), grid_options=grid_options, positions=positions)
     if fixed_ratio is not None and fixed_target is not None:
         raise ValueError("atp: pass only one of fixed_ratio, fixed_target")
     if fixed_ratio is not None and not (_is_real(fixed_ratio) and 0 < fixed_ratio <= 1):
@@ -496,7 +579,8 @@ def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int,
 
         warnings.warn(UNTRAINED_WARNING, UserWarning, stacklevel=4)
     return ATP(None, layers=layers, fixed_ratio=None if fixed_ratio is None else float(fixed_ratio),
-               fixed_target=None if fixed_target is None else float(fixed_target), positions=positions)
+               fixed_target=None if fixed_target is None else float(fixed_target), grid_options=grid_options,
+               positions=positions)
 
 
 def attach_atp(model: Any, pruner: A.ATPPruner, *, mode: str = "hard", tau: float | None = None,

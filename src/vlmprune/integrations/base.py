@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -308,6 +308,61 @@ class ModelAdapter:
         bsz, length = visual.shape
         positions = self.lm_positions(position_ids, bsz, length, visual.device)
         return VisualLayout().with_sequence(visual, positions, rotary if rotary is not None else self.rotary(model))
+
+    def image_counts(self, model: Any, images: dict[str, Any]) -> tuple[int, ...] | None:
+        """Placeholder count of each image of a forward, from its image keywords ``images`` (the
+        base model's ``pixel_values`` with ``image_sizes`` / the ``image_geometry`` keywords, or the
+        encoder outputs ``generate`` passes as ``mm_encoder_outputs``); None when it has neither."""
+        from .compat import K
+
+        mm = images.get(K.MM_ENCODER_OUTPUTS) or {}
+        if mm.get(self.image_modality) is not None:
+            tokens = self.image_tokens(mm[self.image_modality])
+            if tokens is not None:
+                return tuple(int(t.shape[0]) for t in tokens)
+        pixels = images.get(K.PIXEL_VALUES)
+        if pixels is None:
+            return None
+        geometry = {n: images[n] for n in self.image_geometry if images.get(n) is not None}
+        return tuple(self.image_layout(model, pixels, images.get(K.IMAGE_SIZES), None, **geometry).tokens_per_image)
+
+    def grid_layout(self, model: Any, layout: VisualLayout, embeds: Tensor, images: dict[str, Any]) -> VisualLayout:
+        """The decoder stage's ``layout`` (``lm_layout``: visual columns, positions) with each
+        image's placeholder run and its grids: which unit's grid every placeholder lies on and
+        where (``VisualLayout.with_grids``; the family's rule is ``image_grids``). ``embeds``
+        [B, L, D] are the language model's input embeddings, ``images`` the forward's image
+        keywords (``image_counts``). One host transfer of the per-image counts."""
+        counts = self.image_counts(model, images)
+        if counts is None:
+            raise ValueError(f"vlmprune: cannot tell the {self.family} images' token counts in this forward "
+                             "(pass pixel_values with the processor's image keywords, or mm_encoder_outputs)")
+        total = int(layout.visual.sum())
+        if total != sum(counts):
+            raise ValueError(f"vlmprune: the prompt holds {total} image placeholders but its images give "
+                             f"{sum(counts)} tokens ({list(counts)}); one placeholder per image token is needed (placeholders "
+                             "of other inputs, e.g. videos, are not supported here yet)")
+        runs = replace(layout, tokens_per_image=tuple(counts)).with_sequence(layout.visual, layout.positions,
+                                                                             layout.rotary)
+        units, unit_of, patch_of = self.image_grids(model, runs, embeds)
+        return runs.with_grids(units, unit_of, patch_of)
+
+    def image_grids(self, model: Any, layout: VisualLayout, embeds: Tensor) -> tuple[tuple[VisualUnit, ...], Tensor, Tensor]:
+        """The grids of ``layout``'s images (their runs known) -> (units, unit_of [P], patch_of [P]):
+        the unit (index into units, -1 = on no grid) and raster patch of every placeholder, in
+        (batch, sequence) order. LLaVA-1.5's rule: one unit per image on ``patch_grid``; image
+        ``i``'s j-th placeholder is patch j (a kept [CLS], strategy ``"full"``, lies on no grid)."""
+        h, w = self.patch_grid(model)
+        units, unit_of, patch_of = [], [], []
+        for i, n in enumerate(layout.tokens_per_image):
+            lead = n - h * w
+            if lead not in (0, 1):
+                raise ValueError(f"vlmprune: image {i} has {n} placeholders; a {self.family} image has {h * w} "
+                                 f"patches on its {h} x {w} grid")
+            units.append(VisualUnit(image=i, grid=(h, w), has_cls=self.tower_has_cls(model), cls_index=self.cls_index))
+            j = torch.arange(n)
+            unit_of.append(torch.where(j >= lead, i, -1))
+            patch_of.append(torch.where(j >= lead, j - lead, -1))
+        return tuple(units), torch.cat(unit_of), torch.cat(patch_of)
 
     def visual_columns(self, model: Any, input_ids: Tensor) -> Tensor:
         """input_ids [B, L] -> [B, L] bool, the columns holding visual placeholders."""

@@ -117,6 +117,9 @@ class LayerView:
     last: Tensor  # [B] long: column of each sample's last prompt token
     num_visual0: Tensor  # [B] long: visual tokens of each sample before any pruning
     context: Any = None  # what ``method.prepare`` returned for this prefill
+    # the prefill's layout over the input columns (``adapter.lm_layout``; with its grids,
+    # ``adapter.grid_layout``, when the method sets ``needs_grids``)
+    layout: VisualLayout | None = None
 
 
 @dataclass
@@ -166,10 +169,13 @@ class DecoderMethodBase:
     ``score_rows(view)``: ([B, R] long columns, [B, R] bool valid) of the query rows whose attention
     to every current key is needed, or None when no attention is needed.
     ``select(view, attn [B, R, L] float32 or None)``: the ``Decision``.
+    ``needs_grids``: True when the method reads where each visual token lies on its image's grids
+    (``LayerView.layout.grid_unit`` / ``grid_patch``, from ``adapter.grid_layout``).
     """
 
     name = "decoder-method"
     positions = "original"
+    needs_grids = False
 
     def prune_layers(self, num_layers: int) -> list[int]:
         raise NotImplementedError
@@ -336,6 +342,7 @@ class DecoderState:
     # what the base-model pre-hook saw for the forward about to run
     pending_visual: Tensor | None = None
     pending_prompt_len: int | None = None
+    pending_images: dict[str, Any] | None = None  # the base forward's image keywords (``needs_grids``)
     # the last fresh prompt (for continuation detection without a cache)
     prompt_ids: Tensor | None = None
     prompt_mask: Tensor | None = None
@@ -464,6 +471,9 @@ class DecoderHandle(PruneHandle):
         if cache is not None and cache.get_seq_length() > 0:
             return None  # a continuation on a filled cache: not a prefill we prune
         st.pending_visual = visual
+        if getattr(self.method_obj, "needs_grids", False):
+            names = (K.PIXEL_VALUES, K.IMAGE_SIZES, K.MM_ENCODER_OUTPUTS, *self.adapter.image_geometry)
+            st.pending_images = {name: kwargs.get(name) for name in names}
         # continuation of the previous prompt without a cache (generate(use_cache=False))?
         image = _image_key(pixels, kwargs.get(K.MM_ENCODER_OUTPUTS))
         plen = None
@@ -486,13 +496,14 @@ class DecoderHandle(PruneHandle):
         st = self.state
         embeds = kwargs.get(K.INPUTS_EMBEDS)
         cache = get_cache(kwargs)
-        visual, plen = st.pending_visual, st.pending_prompt_len
-        st.pending_visual, st.pending_prompt_len = None, None
+        visual, plen, images = st.pending_visual, st.pending_prompt_len, st.pending_images
+        st.pending_visual, st.pending_prompt_len, st.pending_images = None, None, None
         if embeds is None:
             st.phase = "idle"
             return None
         if visual is not None and visual.shape == embeds.shape[:2] and (cache is None or cache.get_seq_length() == 0):
-            self._begin_prefill(embeds, kwargs.get(K.ATTENTION_MASK), kwargs.get(K.POSITION_IDS), visual, plen)
+            self._begin_prefill(embeds, kwargs.get(K.ATTENTION_MASK), kwargs.get(K.POSITION_IDS), visual, plen,
+                                images)
             return None
         if (st.cache_ref is not None and cache is not None and st.cache_ref() is cache
                 and embeds.shape[0] == st.segments[0].source.shape[0]):
@@ -522,7 +533,7 @@ class DecoderHandle(PruneHandle):
 
     # ---------------------------------------------------------------- prefill
     def _begin_prefill(self, embeds: Tensor, mask2d: Tensor | None, position_ids: Tensor | None,
-                       visual: Tensor, prompt_len: int | None) -> None:
+                       visual: Tensor, prompt_len: int | None, images: dict[str, Any] | None = None) -> None:
         st = self.state
         st.begin_prefill()
         bsz, length = embeds.shape[:2]
@@ -535,6 +546,8 @@ class DecoderHandle(PruneHandle):
         visual = visual.to(dev) & valid
         # the family's positions ([B, L] or M-RoPE [3, B, L]) and rotary function, from the adapter
         st.layout = self.adapter.lm_layout(self.model, visual, position_ids, self.rotary)
+        if getattr(self.method_obj, "needs_grids", False):
+            st.layout = self.adapter.grid_layout(self.model, st.layout, embeds, images or {})
         positions = st.layout.positions
         last_vis = _last_true(visual)  # [B]
         after = valid & ~visual & (cols[None, :] > last_vis[:, None]) & (last_vis[:, None] >= 0)
@@ -555,7 +568,8 @@ class DecoderHandle(PruneHandle):
         n0 = self.state.num_visual0
         return LayerView(layer=layer, num_layers=self.num_layers, hidden=hidden, valid=seg.valid, visual=seg.visual,
                          recycled=seg.recycled, after_image=seg.after_image, prompt=seg.prompt, source=seg.source,
-                         positions=seg.positions, last=last, num_visual0=n0, context=self.state.context)
+                         positions=seg.positions, last=last, num_visual0=n0, context=self.state.context,
+                         layout=self.state.layout)
 
     def _prefill_layer(self, idx: int, args: tuple, kwargs: dict):
         st = self.state

@@ -12,6 +12,11 @@ Both stages read their family facts from here instead of from model constants:
   sample and column: whether the column is a visual placeholder, which image it belongs to and
   its rank inside that image's run, the positions in the family's form (``[B, L]`` for Llama-style
   rope) and the family's rotary function ``rotary(hidden, position_ids) -> (cos, sin)``.
+* Its grids (``with_grids``, for decoder-stage methods that read each visual token's place on a
+  grid, ATP): ``grid_unit`` / ``grid_patch`` per column say on which unit's grid a placeholder
+  lies and where (raster index); a placeholder on no grid (LLaVA-NeXT's ``image_newline``) has
+  ``grid_unit = -1``. There a unit is one grid of placeholders in the LLM sequence (LLaVA-NeXT's
+  unpadded crop mosaic is one unit), built by the adapter's ``grid_layout``.
 
 ``placeholder_runs`` is the shared step that maps placeholder columns to images: image ``i`` owns
 the ``tokens_per_image[i]`` placeholders that follow image ``i - 1``'s, in (batch, sequence) order
@@ -65,6 +70,9 @@ class VisualLayout:
         rotary: the language model's rotary function ``(hidden, position_ids) -> (cos, sin)``.
         family_data: what the adapter needs to pack this batch's units again (its own type, e.g.
             LLaVA-NeXT's per-image mosaics); the stages never read it.
+        grid_unit: [B, L] long, the index in ``units`` of the grid each placeholder lies on, -1 for
+            placeholders on no grid and off placeholders (None until ``with_grids``).
+        grid_patch: [B, L] long, the placeholder's raster index in that unit's grid (-1 elsewhere).
     """
 
     units: tuple[VisualUnit, ...] = ()
@@ -75,6 +83,8 @@ class VisualLayout:
     positions: Tensor | None = None
     rotary: Callable[..., Any] | None = None
     family_data: Any = None
+    grid_unit: Tensor | None = None
+    grid_patch: Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -89,6 +99,16 @@ class VisualLayout:
         """This layout with its per-column part filled from the placeholder columns ``visual`` [B, L]."""
         visual, image, rank = placeholder_runs(visual, self.tokens_per_image)
         return replace(self, visual=visual, image=image, rank=rank, positions=position_ids, rotary=rotary)
+
+    def with_grids(self, units: tuple[VisualUnit, ...], unit_of: Tensor, patch_of: Tensor) -> "VisualLayout":
+        """This layout (``visual`` filled) with its grids: ``unit_of`` / ``patch_of`` [P] long give
+        the unit (index into ``units``, -1 = on no grid) and raster patch of every placeholder, in
+        (batch, sequence) order."""
+        unit = torch.full(self.visual.shape, -1, dtype=torch.long, device=self.visual.device)
+        patch = torch.full_like(unit, -1)
+        unit[self.visual] = unit_of.to(unit.device)
+        patch[self.visual] = patch_of.to(unit.device)
+        return replace(self, units=tuple(units), grid_unit=unit, grid_patch=patch)
 
 
 def placeholder_runs(visual: Tensor, tokens_per_image: tuple[int, ...] | list[int]) -> tuple[Tensor, Tensor, Tensor]:

@@ -22,9 +22,12 @@ a mosaic row that lost all its tokens. It is a family option of ``vlmprune.apply
 ``apply(model, "prumerge+", newlines="rows")``.
 
 **Decoder stage.** The decoder is Llama-like with 1-D positions, so the decoder-stage methods run
-unchanged; there every placeholder — newline tokens included — is a visual token.
-
-ATP needs one square grid of N tokens per image and is refused (``unsupported_methods``).
+unchanged; there every placeholder — newline tokens included — is a visual token. For methods that
+read grids (ATP), ``image_grids`` gives each image two units: the base image (its first N
+placeholders, on the crop grid) and the unpadded mosaic (H' x W', the rows of W' tokens each
+followed by its newline); the newline tokens lie on no grid. The mosaic's shape is read from where
+the ``image_newline`` tokens sit in the language model's input (exact copies of the parameter), so
+it needs neither ``image_sizes`` nor pixels (``generate`` passes neither to the prefill).
 """
 
 from __future__ import annotations
@@ -177,10 +180,48 @@ class LlavaNextAdapter(ModelAdapter):
         return [tokens[order.to(tokens.device)], *extras]
 
 
+    def image_grids(self, model: Any, layout: VisualLayout, embeds: Tensor) -> tuple[tuple[VisualUnit, ...], Tensor, Tensor]:
+        """Per image: the base image (unit on the h x w crop grid: its first N placeholders) and, for
+        an image with a mosaic, the unpadded mosaic (unit on its H' x W' grid, H' = the number of
+        newline tokens after the base image, each mosaic row's W' tokens followed by one newline);
+        newline tokens lie on no grid (-1). One host transfer (the newline flags)."""
+        h, w = self.patch_grid(model)
+        n = h * w
+        has_cls = self.tower_has_cls(model)
+        newline = getattr(self.base_model(model), self.newline_param)
+        flags = (embeds[layout.visual] == newline.to(embeds)).all(-1).cpu()  # [P] placeholder is a newline
+        units, unit_of, patch_of, start = [], [], [], 0
+        for i, n_i in enumerate(layout.tokens_per_image):
+            rest = flags[start + n:start + n_i]
+            start += n_i
+            u0 = len(units)
+            units.append(VisualUnit(image=i, grid=(h, w), has_cls=has_cls, crop=0, cls_index=self.cls_index))
+            uo = torch.full((n_i,), -1, dtype=torch.long)
+            po = torch.full((n_i,), -1, dtype=torch.long)
+            uo[:n], po[:n] = u0, torch.arange(n)
+            rows = int(rest.sum())
+            width = (n_i - n) // rows - 1 if rows else -1
+            expect = torch.zeros(n_i - n, dtype=torch.bool)
+            if rows and width >= 0:
+                expect[width::width + 1] = True
+            if n_i <= n or not (rows and rows * (width + 1) == n_i - n and torch.equal(rest, expect)):
+                raise ValueError(f"vlmprune: image {i} of this batch is not laid out as LLaVA-NeXT packs images "
+                                 f"(base image of {n} tokens, then rows of mosaic tokens each ending with the "
+                                 f"image_newline token); got {n_i} placeholders with {rows} newlines")
+            if width > 0:
+                units.append(VisualUnit(image=i, grid=(rows, width), has_cls=has_cls, crop=1, cls_index=self.cls_index))
+                j = torch.arange(n_i - n)
+                row, col = j // (width + 1), j % (width + 1)
+                on = col < width
+                uo[n:] = torch.where(on, u0 + 1, -1)
+                po[n:] = torch.where(on, row * width + col, -1)
+            unit_of.append(uo)
+            patch_of.append(po)
+        return tuple(units), torch.cat(unit_of), torch.cat(patch_of)
+
+
 LLAVA_NEXT = register_adapter(LlavaNextAdapter(
     family="llava-next",
     model_classes=("LlavaNextForConditionalGeneration", "LlavaNextModel"),
     family_options=("newlines",),
-    unsupported_methods=(("atp", "ATP's modules are built for one square grid of N tokens per image; LLaVA-NeXT "
-                                 "images are a base image plus a variable mosaic of crops"),),
 ))

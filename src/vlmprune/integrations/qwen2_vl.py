@@ -73,7 +73,12 @@ s * h*w/4 + j), so they keep their ``get_rope_index`` positions (t, h, w) (Qwen2
 axis spaced by ``second_per_grid_ts``, which ``prompt_positions`` passes on). Image and video
 inputs may be mixed in a batch; videos of different lengths and sizes too.
 
-Not yet: ATP; ``vlmprune.apply`` refuses it with the reason (``unsupported_methods``).
+
+**Grids for ATP** (``image_grids``): one unit per image (per frame when the temporal index
+varies) on its merged grid, read from the 3-D positions ``get_rope_index`` gave the image's
+placeholders: (t, row, col) = position - the image's first position, so merged token (row, col)
+is patch ``row * w' + col``. Video placeholders are not given grids yet (ATP refuses prompts
+with videos: their counts are not among the images').
 """
 
 from __future__ import annotations
@@ -323,6 +328,30 @@ class Qwen2VLAdapter(ModelAdapter):
         return features, VisionSignals(cls_attn=pad(list(torch.split(received, sizes)), batch_first=True),
                                        keys=pad(list(torch.split(keys, sizes)), batch_first=True))
 
+    def image_grids(self, model: Any, layout: VisualLayout, embeds: Tensor) -> tuple[tuple[VisualUnit, ...], Tensor, Tensor]:
+        """One unit per image and temporal index, on the merged grid its M-RoPE positions span
+        (see the module docstring); every placeholder lies on a grid. One host transfer (the
+        visual columns' positions)."""
+        pos = layout.positions[:, layout.visual].cpu()  # [3, P] in (batch, sequence) order
+        units, unit_of, patch_of, start = [], [], [], 0
+        for i, n_i in enumerate(layout.tokens_per_image):
+            rel = pos[:, start:start + n_i]
+            start += n_i
+            rel = rel - rel.amin(1, keepdim=True)
+            frames = torch.unique(rel[0])
+            rows, cols = int(rel[1].max()) + 1, int(rel[2].max()) + 1
+            patch = rel[1] * cols + rel[2]
+            frame = torch.searchsorted(frames, rel[0])
+            flat = frame * (rows * cols) + patch
+            if len(frames) * rows * cols != n_i or torch.unique(flat).numel() != n_i:
+                raise ValueError(f"vlmprune: cannot read the grid of image {i} from its M-RoPE positions ({n_i} "
+                                 f"tokens spanning {len(frames)} x {rows} x {cols}); pass the positions "
+                                 "get_rope_index gives (the model's own, when position_ids is None)")
+            unit_of.append(len(units) + frame)
+            patch_of.append(patch)
+            units += [VisualUnit(image=i, grid=(rows, cols), has_cls=False, crop=f) for f in range(len(frames))]
+        return tuple(units), torch.cat(unit_of), torch.cat(patch_of)
+
     def lm_positions(self, position_ids: Tensor | None, bsz: int, length: int, device: Any) -> Tensor:
         """Any position form the language model accepts -> M-RoPE [3, B, L] long."""
         return mrope_positions(position_ids, bsz, length, device)
@@ -352,8 +381,6 @@ def _received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, scaling: float
 QWEN2_VL = register_adapter(Qwen2VLAdapter(
     family="qwen2-vl",
     model_classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
-    unsupported_methods=(("atp", "ATP's modules are built for one square grid of N tokens per image; Qwen2-VL images have "
-                "dynamic resolution"),),
 ))
 
 
@@ -374,5 +401,4 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 QWEN2_5_VL = register_adapter(Qwen25VLAdapter(
     family="qwen2.5-vl",
     model_classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
-    unsupported_methods=QWEN2_VL.unsupported_methods,
 ))

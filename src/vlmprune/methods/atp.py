@@ -60,6 +60,14 @@ Decisions taken here (beyond the spec's [decision] items):
   (``target_reduction="sample"``) would pull every instance to the target and remove the
   adaptivity the method exists for.
 * Spatial grids: see ``default_strides`` and ``spatial_grids``.
+* Several grids per sample (LLaVA-NeXT, Qwen2-VL; ``UnitSlots``, helpers in ``atp_units``): each
+  slot's S_s is its unit's own spatial score; thresholds per unit (``thresholds="unit"``: each
+  unit is rescaled by its own max and its score maps, resampled onto the module's grid, feed the
+  MLP) or per sample (``"sample"``: rescaled over the sample, MLP input = the mean of its units'
+  resampled maps); off-grid tokens are always kept (``off_grid="keep"``) or judged by S_r with the
+  unit before them (``"score"``). One unit per sample on the module's grid gives the numbers of
+  the one-grid path exactly. Budgets then count each sample against its own initial visual
+  tokens (``budget_loss(initial=...)``).
 * Fixed-ratio mode (the paper's Table 2 ablation): no threshold MLPs; module k keeps
   ``max(1, round(N * r^k))`` tokens (every module keeps the same fraction r of the survivors),
   ranked by ``max(S_r, S_s)`` (just S_r / S_s when a branch is disabled), ties by S_r then slot.
@@ -81,6 +89,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import atp_units as U
+
 __all__ = [
     "DEFAULT_LAYERS",
     "DEFAULT_NUM_LAYERS",
@@ -93,6 +103,7 @@ __all__ = [
     "ATPConfig",
     "ATPModule",
     "ATPPruner",
+    "UnitSlots",
     "redundancy_scores",
     "default_strides",
     "spatial_grids",
@@ -164,11 +175,14 @@ def _valid_mask(valid: Tensor | None, batch: int, length: int, device: torch.dev
 
 
 def _per_sample(theta: Tensor | float | None, batch: int, device: torch.device, name: str) -> Tensor | None:
-    """A threshold given as a float, a [B] or a [B, 1] tensor -> [B, 1] float32 (None stays None)."""
+    """A threshold given as a float, a [B] or a [B, 1] tensor -> [B, 1] float32, or per slot [B, V]
+    -> [B, V] float32 (None stays None)."""
     if theta is None:
         return None
     if _is_real(theta):
         return torch.full((batch, 1), float(theta), device=device)
+    if isinstance(theta, Tensor) and theta.ndim == 2 and theta.shape[0] == batch and theta.shape[1] > 1:
+        return theta.to(device=device, dtype=torch.float32)
     if isinstance(theta, Tensor) and theta.numel() in (1, batch) and theta.ndim <= 2:
         return theta.reshape(-1, 1).expand(batch, 1).to(device=device, dtype=torch.float32)
     got = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
@@ -229,6 +243,7 @@ def redundancy_scores(
     mode: str = "both",
     causal: bool = True,
     query_weight: Tensor | None = None,
+    groups: tuple[Tensor, int] | None = None,
 ) -> ATPScores:
     """S_self, S_cross, S_r from head-averaged post-softmax attention rows over visual keys.
 
@@ -239,7 +254,8 @@ def redundancy_scores(
     the cumulative soft mask in training); 0 when no query sees i. ``S_cross(i) = mean over valid
     t of A[t, i]``. Both are divided by their per-sample max; ``S_r`` = their mean (``"both"``)
     or the single score (``"self"`` / ``"cross"``, the other is zeroed; its attention may be None).
-    Computed in float32.
+    ``groups`` = (group [B, V] long, G): divide by the max over each slot's judging group instead
+    (``atp_units.group_rescale``; slots with group -1 get 0). Computed in float32.
     """
     _check_choice(mode, "mode", SCORE_MODES)
     need_vv, need_tv = mode != "cross", mode != "self"
@@ -268,14 +284,14 @@ def redundancy_scores(
         num = (a * wq).sum(dim=1)  # [B, Vk]
         den = wq.sum(dim=1)  # [B, Vk] (weighted) number of queries that can see key i
         s_self = torch.where(den > 0, num / den.clamp_min(1e-12), zeros) * vf
-        s_self = _rescale(s_self, valid)
+        s_self = _rescale(s_self, valid) if groups is None else U.group_rescale(s_self, *groups)
 
     s_cross = zeros
     if need_tv:
         tmask = _valid_mask(text_mask, attn_tv.shape[0], attn_tv.shape[1], device, "text_mask").float()  # [B, T]
         n_text = tmask.sum(dim=1, keepdim=True)  # [B, 1]
         s_cross = (attn_tv.float() * tmask[:, :, None]).sum(dim=1) / n_text.clamp_min(1.0) * vf  # [B, V]
-        s_cross = _rescale(s_cross, valid)
+        s_cross = _rescale(s_cross, valid) if groups is None else U.group_rescale(s_cross, *groups)
 
     if mode == "both":
         s_r = 0.5 * (s_self + s_cross)
@@ -608,13 +624,14 @@ def scale_layers(num_layers: int, reference: Sequence[int] = DEFAULT_LAYERS,
 
 
 def average_tokens(counts: Sequence[Tensor | float] | Tensor, layers: Sequence[int], num_layers: int,
-                   num_patches: int) -> Tensor:
+                   num_patches: int | Tensor) -> Tensor:
     """[B] visual tokens averaged over all L decoder layers (the paper's "144*" / "88*").
 
     counts: kept count after each module (K [B] tensors / floats, or [B, K]), modules in layer
     order. Layers 0..l_1 see N tokens; module k after layer l_k sets the count of layers
     l_k + 1 .. l_{k+1} (the last module: up to L - 1):
     ``Nbar = ((l_1 + 1) N + sum_k N_k (l_{k+1} - l_k)) / L`` with l_{K+1} = L - 1. Differentiable.
+    ``num_patches`` may be a [B] tensor: each sample's own visual tokens before the first module.
     """
     layers = _check_layers(layers, num_layers)
     c = _stack_counts(counts, len(layers))  # [B, K]
@@ -664,20 +681,37 @@ class BudgetLoss:
     l_atp: Tensor
     l_target: Tensor
     average: Tensor  # [B]
+    fraction: Tensor | None = None  # [B] average / the sample's initial visual tokens
 
 
 def budget_loss(counts: Sequence[Tensor | float] | Tensor, layers: Sequence[int], num_layers: int, num_patches: int,
                 *, target: float | None = None, lambda_atp: float = 0.05, lambda_target: float = 1.0,
-                target_reduction: str = "batch") -> BudgetLoss:
+                target_reduction: str = "batch", initial: Tensor | None = None) -> BudgetLoss:
     """L_atp = mean_b sum_k (N_k / N)(l_k + 1) / L; L_target = |mean_b Nbar / N - target / N| (0 if no target).
 
     counts are the soft kept counts after each module ([B] each), so both terms are differentiable.
     ``target_reduction="sample"`` averages |Nbar_b / N - target / N| over samples instead.
+    ``initial`` [B]: each sample's own visual tokens before the first module (samples of different
+    sizes): N_k / N and Nbar / N become N_k / initial_b and Nbar_b / initial_b, the target stays a
+    fraction target / N of the module's grid.
     """
     _check_choice(target_reduction, "target_reduction", TARGET_REDUCTIONS)
     layers = _check_layers(layers, num_layers)
     c = _stack_counts(counts, len(layers))  # [B, K]
     depth = torch.tensor([(l + 1) / num_layers for l in layers], dtype=c.dtype, device=c.device)  # [K]
+    if initial is not None:
+        n0 = initial.to(device=c.device, dtype=c.dtype)  # [B]
+        l_atp = ((c / n0[:, None]) * depth).sum(dim=1).mean()
+        avg = average_tokens(c, layers, num_layers, n0)
+        frac = avg / n0
+        if target is None:
+            l_target = torch.zeros((), dtype=c.dtype, device=c.device)
+        elif target_reduction == "batch":
+            l_target = (frac.mean() - target / num_patches).abs()
+        else:
+            l_target = (frac - target / num_patches).abs().mean()
+        return BudgetLoss(total=lambda_atp * l_atp + lambda_target * l_target, l_atp=l_atp, l_target=l_target,
+                          average=avg, fraction=frac)
     l_atp = ((c / num_patches) * depth).sum(dim=1).mean()
     avg = average_tokens(c, layers, num_layers, num_patches)  # [B]
     if target is None:
@@ -687,7 +721,7 @@ def budget_loss(counts: Sequence[Tensor | float] | Tensor, layers: Sequence[int]
     else:
         l_target = (avg / num_patches - target / num_patches).abs().mean()
     return BudgetLoss(total=lambda_atp * l_atp + lambda_target * l_target, l_atp=l_atp, l_target=l_target,
-                      average=avg)
+                      average=avg, fraction=avg / num_patches)
 
 
 # --------------------------------------------------------------------------- threshold MLP
@@ -765,8 +799,13 @@ class ATPModule(nn.Module):
 
     def forward(self, s_self: Tensor, s_cross: Tensor, patch_index: Tensor | None = None,
                 valid: Tensor | None = None) -> Thresholds:
-        x = self.grid_input(s_self, s_cross, patch_index, valid)  # [B, 2N]
-        z = F.gelu(self.fc(x.to(self.fc.weight.dtype)))  # [B, hidden]
+        return self.head(self.grid_input(s_self, s_cross, patch_index, valid))  # input [B, 2N]
+
+    def head(self, x: Tensor) -> Thresholds:
+        """MLP input rows [R, 2N] (S_self map, then S_cross map, on the N patches) -> thresholds [R]."""
+        if x.ndim != 2 or x.shape[1] != 2 * self.num_patches:
+            raise ValueError(f"the threshold MLP takes [R, {2 * self.num_patches}] inputs, got {tuple(x.shape)}")
+        z = F.gelu(self.fc(x.to(self.fc.weight.dtype)))  # [R, hidden]
         span = self.hi - self.lo
 
         def head(h: nn.Linear | None) -> Tensor | None:
@@ -814,6 +853,11 @@ class ATPConfig:
     causal: bool = _opt(True, "S_self counts only the later visual queries (causal LLM)")
     detach_scores: bool = _opt(True, "treat scores as constants (gradients reach the thresholds only)")
     log_eps: float = _opt(1e-6, "eps of the additive log-mask log(M + eps)")
+    thresholds: str = _opt("unit", "samples with several grids: one threshold pair per unit (unit) or per "
+                                   "sample (sample)")
+    off_grid: str = _opt("keep", "visual tokens on no grid (LLaVA-NeXT newlines): always kept (keep) or judged "
+                                 "by S_r with the unit before them (score)")
+    resample: str = _opt("area", "how a unit's score map of another size reaches the MLP's grid: area | bilinear")
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_layers) or self.num_layers < 2:
@@ -855,6 +899,9 @@ class ATPConfig:
             v = getattr(self, name)
             if not (_is_real(v) and self.theta_range[0] < v < self.theta_range[1]):
                 raise ValueError(f"{name} = {v!r} must lie strictly inside theta_range {self.theta_range}")
+        _check_choice(self.thresholds, "thresholds", U.THRESHOLD_UNITS)
+        _check_choice(self.off_grid, "off_grid", U.OFF_GRID)
+        _check_choice(self.resample, "resample", U.RESAMPLE)
         if not (_is_real(self.log_eps) and self.log_eps > 0):
             raise ValueError(f"log_eps must be > 0, got {self.log_eps!r}")
         if self.target is not None:
@@ -893,6 +940,33 @@ class SoftStep:
     count: Tensor  # [B] soft number of surviving visual tokens (sum of cumulative)
     s_s: Tensor  # spatial score of each slot
     thresholds: Thresholds
+    slot_thresholds: Thresholds | None = None  # several grids: each slot's thresholds [B, V]
+    judged: Tensor | None = None  # several grids: [B, V] bool, the slots the rule decides (others kept)
+
+
+@dataclass
+class UnitSlots:
+    """Where a batch's alive visual slots lie (see ``atp_units``), for ``ATPPruner.units``.
+
+    ``unit`` [B, V] long: global unit of each grid slot (-1 off grid / padding); ``patch`` [B, V]
+    long: raster index in its unit's grid; ``grids``: (h, w) of each unit; ``unit_sample`` [U]
+    long: the sample of each unit; ``group`` [B, V] long: the judging group of each slot (-1: not
+    judged, always kept); ``group_sample`` [G] long; ``initial`` [B] long: judged slots of each
+    sample before the first module (fixed-ratio counts are fractions of it).
+    """
+
+    unit: Tensor
+    patch: Tensor
+    grids: tuple[tuple[int, int], ...]
+    unit_sample: Tensor
+    group: Tensor
+    group_sample: Tensor
+    initial: list[int]
+    per_sample: bool = False  # group b holds exactly sample b's judged slots (G = B)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_sample.numel())
 
 
 @dataclass
@@ -902,7 +976,7 @@ class HardStep:
     keep: Tensor  # [B, V] bool, at least one True per sample
     counts: Tensor  # [B] long, tokens alive after this module
     s_s: Tensor  # [B, V]
-    thresholds: Thresholds
+    thresholds: Thresholds  # [B]; several grids: [G], one per judging group
 
 
 class ATPPruner(nn.Module):
@@ -929,6 +1003,7 @@ class ATPPruner(nn.Module):
                              if config.fixed_ratio is not None else None)
         h, w = config.grid
         self.register_buffer("spatial", spatial_scores(h, w, config.spatial_strides), persistent=False)  # [N]
+        self._spatial_tables: dict[tuple[int, int], Tensor] = {}
 
     # ----- lookup
     def module_index(self, layer: int) -> int:
@@ -944,10 +1019,13 @@ class ATPPruner(nn.Module):
 
     # ----- scores
     def scores(self, attn_vv: Tensor | None, attn_tv: Tensor | None, valid: Tensor | None = None,
-               text_mask: Tensor | None = None, query_weight: Tensor | None = None) -> ATPScores:
-        """``redundancy_scores`` with the configured mode / causality, detached if configured."""
+               text_mask: Tensor | None = None, query_weight: Tensor | None = None,
+               slots: UnitSlots | None = None) -> ATPScores:
+        """``redundancy_scores`` with the configured mode / causality, detached if configured;
+        with ``slots``, rescaled per judging group."""
+        groups = None if slots is None else (slots.group, slots.num_groups)
         s = redundancy_scores(attn_vv, attn_tv, valid, text_mask, mode=self.config.score,
-                              causal=self.config.causal, query_weight=query_weight)
+                              causal=self.config.causal, query_weight=query_weight, groups=groups)
         return s.detach() if self.config.detach_scores else s
 
     def spatial_for(self, patch_index: Tensor | None, valid: Tensor) -> Tensor:
@@ -958,6 +1036,65 @@ class ATPPruner(nn.Module):
                 raise ValueError(f"patch_index is required when V = {valid.shape[1]} != N = {n}")
             return self.spatial[None, :].expand(valid.shape[0], n) * valid.float()
         return self.spatial[patch_index.long().clamp(0, n - 1)] * valid.float()
+
+    # ----- several grids per sample
+    def units(self, unit: Tensor, patch: Tensor, grids: Sequence[tuple[int, int]], unit_sample: Tensor,
+              valid: Tensor, initial: list[int] | None = None) -> UnitSlots:
+        """The ``UnitSlots`` of alive slots ``unit`` / ``patch`` [B, V] (judging groups by the config's
+        ``thresholds`` / ``off_grid``); ``initial`` defaults to the judged slots now."""
+        c = self.config
+        unit = torch.where(valid, unit, torch.full_like(unit, -1))
+        group, group_sample = U.judge_groups(unit, valid, unit_sample, per=c.thresholds, off_grid=c.off_grid)
+        if initial is None:
+            initial = (group >= 0).sum(1).tolist()
+        per_sample = c.thresholds == "sample" or unit_sample.tolist() == list(range(unit.shape[0]))
+        return UnitSlots(unit=unit, patch=patch, grids=tuple(tuple(g) for g in grids), unit_sample=unit_sample,
+                         group=group, group_sample=group_sample, initial=list(initial), per_sample=per_sample)
+
+    def spatial_table(self, grid: tuple[int, int]) -> Tensor:
+        """[h * w] S_s of a unit's grid: the configured strides on the module's grid, else
+        ``default_strides(h, w)`` (the strides scale with the grid)."""
+        grid = (int(grid[0]), int(grid[1]))
+        if grid == tuple(self.config.grid):
+            return self.spatial
+        if grid not in self._spatial_tables:
+            self._spatial_tables[grid] = spatial_scores(grid[0], grid[1]).to(self.spatial.device)
+        return self._spatial_tables[grid].to(self.spatial.device)
+
+    def spatial_units(self, slots: UnitSlots) -> Tensor:
+        """[B, V] each judged slot's S_s on its own unit's grid (0 off grid and where not judged)."""
+        tables = [self.spatial_table(g) for g in slots.grids]
+        return U.slot_lookup(tables, slots.unit, slots.patch) * (slots.group >= 0).float()
+
+    def unit_thresholds(self, layer: int, scores: ATPScores, slots: UnitSlots,
+                        prev: Tensor | None = None) -> Thresholds:
+        """theta_r, theta_s [G] of the module after ``layer``, one per judging group: MLP input =
+        the group's S_self / S_cross maps (x prev, if given) on the module's grid (``unit_maps``,
+        ``group_maps``)."""
+        if not self.config.learned:
+            raise ValueError("fixed-ratio mode (fixed_ratio set) has no learned thresholds")
+        self.module_index(layer)
+        c = self.config
+        on = ((slots.group >= 0) & (slots.unit >= 0)).float()
+        rows = []
+        for s in (scores.s_self, scores.s_cross):
+            v = s * on if prev is None else s * prev * on
+            maps = U.unit_maps(v, slots.unit, slots.patch, slots.grids, tuple(c.grid), c.resample)  # [U, N]
+            rows.append(U.group_maps(maps, slots.unit_sample, c.thresholds, scores.s_r.shape[0]))
+        return self.atp[str(layer)].head(torch.cat(rows, dim=1))
+
+    def _slot_thresholds(self, th: Thresholds, slots: UnitSlots) -> Thresholds:
+        """Group thresholds [G] -> each slot's: [B, 1] when the groups are the samples, else [B, V]."""
+        if slots.per_sample:
+            return Thresholds(None if th.theta_r is None else th.theta_r[:, None],
+                              None if th.theta_s is None else th.theta_s[:, None])
+        g = slots.group.clamp(min=0)
+        return Thresholds(None if th.theta_r is None else th.theta_r[g], None if th.theta_s is None else th.theta_s[g])
+
+    def _fixed_count(self, k: int, slots: UnitSlots) -> Tensor:
+        """[B] fixed-ratio count of module k for each sample: round(initial_b * r^k), at least 1."""
+        per = {n: fixed_ratio_counts(self.config.fixed_ratio, len(self.layers), n)[k] for n in set(slots.initial)}
+        return torch.tensor([per[n] for n in slots.initial], dtype=torch.long, device=slots.group.device)
 
     def thresholds(self, layer: int, scores: ATPScores, patch_index: Tensor | None = None,
                    prev: Tensor | None = None) -> Thresholds:
@@ -972,8 +1109,9 @@ class ATPPruner(nn.Module):
 
     # ----- training
     def soft_step(self, layer: int, scores: ATPScores, patch_index: Tensor | None = None,
-                  prev: Tensor | None = None, tau: float | None = None) -> SoftStep:
-        """Soft mask of the module after ``layer``; ``prev`` = cumulative mask so far ([B, V], None at the first)."""
+                  prev: Tensor | None = None, tau: float | None = None, slots: UnitSlots | None = None) -> SoftStep:
+        """Soft mask of the module after ``layer``; ``prev`` = cumulative mask so far ([B, V], None at the first).
+        ``slots``: the slots' grids (several per sample; ``patch_index`` is then unused)."""
         k = self.module_index(layer)
         c = self.config
         tau = c.tau if tau is None else tau
@@ -981,6 +1119,22 @@ class ATPPruner(nn.Module):
         if prev is not None and tuple(prev.shape) != tuple(valid.shape):
             raise ValueError(f"prev (cumulative mask) must have the scores' shape {tuple(valid.shape)}, "
                              f"got {tuple(prev.shape)}")
+        if slots is not None:
+            judged = slots.group >= 0
+            s_s = self.spatial_units(slots)
+            slot_th = None
+            if c.learned:
+                th = self.unit_thresholds(layer, scores, slots, prev)
+                slot_th = self._slot_thresholds(th, slots)
+                mask = soft_mask(scores.s_r, s_s, slot_th.theta_r, slot_th.theta_s, tau, judged, combine=c.combine)
+            else:
+                th = Thresholds(None, None)
+                prio = fixed_priority(scores.s_r, s_s, redundant=c.redundant, spatial=c.spatial)
+                mask = topk_soft_mask(prio, self._fixed_count(k, slots), tau, judged, prev)
+            mask = torch.where(valid & ~judged, torch.ones_like(mask), mask)  # unjudged tokens stay
+            cum = cumulative_mask(prev, mask)
+            return SoftStep(mask=mask, cumulative=cum, count=cum.sum(dim=1), s_s=s_s, thresholds=th,
+                            slot_thresholds=slot_th, judged=judged)
         s_s = self.spatial_for(patch_index, valid)
         if c.learned:
             th = self.thresholds(layer, scores, patch_index, prev)
@@ -996,11 +1150,27 @@ class ATPPruner(nn.Module):
         return log_mask(mask, self.config.log_eps)
 
     # ----- inference
-    def hard_step(self, layer: int, scores: ATPScores, patch_index: Tensor | None = None) -> HardStep:
-        """Keep mask over the alive slots of the module after ``layer`` (at least 1 per sample)."""
+    def hard_step(self, layer: int, scores: ATPScores, patch_index: Tensor | None = None,
+                  slots: UnitSlots | None = None) -> HardStep:
+        """Keep mask over the alive slots of the module after ``layer`` (at least 1 per sample).
+        ``slots``: the slots' grids (several per sample; ``patch_index`` is then unused): the
+        rule decides the judged slots, the others are kept."""
         k = self.module_index(layer)
         c = self.config
         valid = scores.valid
+        if slots is not None:
+            judged = slots.group >= 0
+            s_s = self.spatial_units(slots)
+            if c.learned:
+                th = self.unit_thresholds(layer, scores, slots)
+                slot_th = self._slot_thresholds(th, slots)
+                keep, _ = hard_keep(scores.s_r, s_s, slot_th.theta_r, slot_th.theta_s, judged)
+            else:
+                th = Thresholds(None, None)
+                prio = fixed_priority(scores.s_r, s_s, redundant=c.redundant, spatial=c.spatial)
+                keep, _ = topk_keep(prio, self._fixed_count(k, slots), judged, tiebreak=scores.s_r)
+            keep = keep | (valid & ~judged)
+            return HardStep(keep=keep, counts=keep.sum(dim=1), s_s=s_s, thresholds=th)
         s_s = self.spatial_for(patch_index, valid)
         if c.learned:
             th = self.thresholds(layer, scores, patch_index)
@@ -1012,17 +1182,20 @@ class ATPPruner(nn.Module):
         return HardStep(keep=keep, counts=counts, s_s=s_s, thresholds=th)
 
     # ----- budgets
-    def average_tokens(self, counts: Sequence[Tensor | float] | Tensor) -> Tensor:
-        return average_tokens(counts, self.layers, self.config.num_layers, self.config.num_patches)
+    def average_tokens(self, counts: Sequence[Tensor | float] | Tensor, initial: Tensor | None = None) -> Tensor:
+        """[B] all-layer average; ``initial`` [B]: each sample's visual tokens before the first module
+        (default: N)."""
+        n = self.config.num_patches if initial is None else initial
+        return average_tokens(counts, self.layers, self.config.num_layers, n)
 
     def per_layer_counts(self, counts: Sequence[Tensor | float] | Tensor) -> Tensor:
         return per_layer_counts(counts, self.layers, self.config.num_layers, self.config.num_patches)
 
-    def budget_loss(self, counts: Sequence[Tensor | float] | Tensor) -> BudgetLoss:
+    def budget_loss(self, counts: Sequence[Tensor | float] | Tensor, initial: Tensor | None = None) -> BudgetLoss:
         c = self.config
         return budget_loss(counts, self.layers, c.num_layers, c.num_patches, target=c.target,
                            lambda_atp=c.lambda_atp, lambda_target=c.lambda_target,
-                           target_reduction=c.target_reduction)
+                           target_reduction=c.target_reduction, initial=initial)
 
     # ----- persistence
     def save(self, directory: str | os.PathLike) -> None:

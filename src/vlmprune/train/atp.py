@@ -175,7 +175,11 @@ class ATPTrainStep(nn.Module):
     """One training forward: the model with ATP attached in soft mode -> (loss, parts).
 
     A module so that ``accelerate`` / DDP can wrap it: it owns the model (frozen, or with LoRA)
-    and the pruner (the trainable ATP modules), whose gradients DDP averages.
+    and the pruner (the trainable ATP modules), whose gradients DDP averages. ``images``: the
+    family's other image keywords of the model's forward (LLaVA-NeXT ``image_sizes``, Qwen2-VL
+    ``image_grid_thw`` and ``mm_token_type_ids``), passed through. With samples of different
+    visual counts (other families) the budget counts each sample against its own initial count
+    (``ATPContext.initial``).
     """
 
     def __init__(self, model: nn.Module, pruner: A.ATPPruner, handle: Any, lambda_range: float = 0.0) -> None:
@@ -185,21 +189,24 @@ class ATPTrainStep(nn.Module):
         self.pruner = pruner
         self._handle = handle  # plain attribute: the ATPHandle (hooks on the model's modules)
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values, instruction, mu: float = 0.0):
+    def forward(self, input_ids, attention_mask, labels, pixel_values, instruction, mu: float = 0.0, **images):
         method = self._handle.method_obj
         with method.instruction_rows(instruction):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             labels=labels, use_cache=False)
+                             labels=labels, use_cache=False, **images)
         ctx = self._handle.state.context
-        budget = self.pruner.budget_loss(ctx.counts)
+        budget = self.pruner.budget_loss(ctx.counts, ctx.initial)
         loss = out.loss + budget.total
         c = self.pruner.config
         if self.lambda_range and ctx.range_terms:
             loss = loss + self.lambda_range * torch.stack(ctx.range_terms, dim=1).sum(1).mean()
         if mu and c.target is not None:  # Lagrangian term of the constraint Nbar = target (mu from dual ascent)
-            loss = loss + mu * (budget.average.mean() - c.target) / c.num_patches
+            if ctx.initial is None:
+                loss = loss + mu * (budget.average.mean() - c.target) / c.num_patches
+            else:
+                loss = loss + mu * (budget.fraction.mean() - c.target / c.num_patches)
         with torch.no_grad():
-            soft_avg = self.pruner.average_tokens([c.detach() for c in ctx.soft_counts]).mean()
+            soft_avg = self.pruner.average_tokens([c.detach() for c in ctx.soft_counts], ctx.initial).mean()
             counts = torch.stack([c.detach().float() for c in ctx.counts], dim=1).mean(0)  # [K]
         parts = torch.cat([torch.stack([out.loss.detach(), budget.l_atp.detach(), budget.l_target.detach(),
                                         budget.average.detach().mean(), soft_avg]), counts])
@@ -237,6 +244,9 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
 
     model, processor = load_model(cfg.model, cfg.dtype)
     adapter = get_adapter(model)
+    if adapter.family != "llava":
+        raise ValueError(f"vlmprune train atp draws ShapesVQA batches with LLaVA-1.5 prompts; a {adapter.family} model "
+                         "needs its own batches: run vlmprune.train.atp.ATPTrainStep on them (docs/atp.md)")
     num_layers = len(adapter.get_decoder_layers(model))
     num_patches = adapter.tokens_per_image(model)
     grid = adapter.patch_grid(model)
