@@ -112,6 +112,14 @@ Assumptions, each with the test that guards it:
     takes ``second_per_grid_ts`` before ``attention_mask``. Guarded by
     ``test_qwen2_vl.py::test_tower_order_is_the_mergers_order`` and the whole module run on the
     Qwen2.5-VL fixture.
+15. **Configs and image geometry without a model** (the bench and the cost model): a multimodal
+    config is a ``transformers.PretrainedConfig`` whose ``model_type`` names the family
+    (``is_config``); ``AutoConfig.for_model(model_type, **fields)`` builds one from plain fields
+    (``config_for``); Qwen2-VL's processor resizes an (H, W) image with ``smart_resize(H, W,
+    factor=patch*merge, min_pixels, max_pixels)`` (its defaults: 56*56 and 28*28*1280 pixels) to the
+    patch grid it returns as ``image_grid_thw`` (``qwen_image_grid``). Guarded by
+    ``test_cost.py::test_qwen_geometry_matches_the_processor`` and
+    ``test_cost.py::test_next_geometry_matches_the_stock_packing``.
 """
 
 from __future__ import annotations
@@ -123,7 +131,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
            "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
-           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index"]
+           "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index",
+           "is_config", "config_for", "qwen_image_grid"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -298,3 +307,26 @@ def qwen_window_index(visual: Any, grid_thw: Any) -> Any:
     window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
                                               window_size=visual.window_size, patch_size=visual.patch_size)
     return window_index
+
+
+def is_config(obj: Any) -> bool:
+    """Whether ``obj`` is a transformers config (not a model) (assumption 15)."""
+    return isinstance(obj, transformers.PretrainedConfig)
+
+
+def config_for(model_type: str, **fields: Any) -> Any:
+    """A transformers config of ``model_type`` built from plain fields (nested configs as dicts)
+    (assumption 15)."""
+    return transformers.AutoConfig.for_model(model_type, **fields)
+
+
+def qwen_image_grid(height: int, width: int, patch: int, merge: int, min_pixels: int | None = None,
+                    max_pixels: int | None = None) -> tuple[int, int]:
+    """(h, w) patches Qwen2-VL's image processor gives an image of ``height`` x ``width`` px:
+    ``smart_resize`` to multiples of ``patch * merge`` within [min_pixels, max_pixels] (the
+    processor's defaults when None), divided by ``patch`` (assumption 15)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    h, w = smart_resize(int(height), int(width), factor=patch * merge, **bounds)
+    return h // patch, w // patch
