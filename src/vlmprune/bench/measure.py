@@ -1390,6 +1390,16 @@ def plot_card(card: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def flop_config_from_card(mcard: dict[str, Any]):
+    """The decoder ``ModelConfig`` of a card's model entry (its ``config.decoder``)."""
+    from ..cost.analytic import ModelConfig
+
+    d = mcard["config"]["decoder"]
+    return ModelConfig(name=mcard["name"], hidden_size=d["hidden"], num_layers=d["layers"], num_heads=d["heads"],
+                       num_kv_heads=d["kv_heads"], intermediate_size=d["intermediate"], vocab_size=d["vocab"],
+                       head_dim=d["head_dim"])
+
+
 def _cfg_from_card(mcard: dict[str, Any]):
     from ..cost.analytic import ModelConfig
 
