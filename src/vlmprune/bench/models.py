@@ -7,7 +7,8 @@ that its share of the prefill FLOPs stays close to the 7B's (it is never pruned)
 is the family's own (``SCALED``):
 
 * ``scaled-llava-next`` — LLaVA-NeXT-7B (vicuna): Llama decoder 32 x 256 (4 heads of 64, MLP
-  11008/4096), CLIP tower 6 x 256 (2.4 % of the prefill FLOPs; the 7B's: 4.5 %); any-res with the tile halved (168 px, 12 x 12 patches per
+  11008/4096), CLIP tower 6 x 128 (2 heads of 64; half the decoder's width as in the LLaVA-1.5
+  ``scaled`` model: ~3 % of the prefill FLOPs, the 7B's ~4.5 %); any-res with the tile halved (168 px, 12 x 12 patches per
   crop) and llava-v1.6's pinpoints halved, so a 336 x 336 image is, as a 672 x 672 image on the
   7B, the base image plus a 2 x 2 mosaic with a newline per mosaic row: 144 + 24 * 25 = 744 tokens.
 * ``scaled-qwen2-vl`` — Qwen2-VL-7B: Qwen2 decoder 28 x 448 (7 query heads of 64, 1 key/value
@@ -64,8 +65,8 @@ def build_llava_next(seed: int = 0):
     """The scaled LLaVA-NeXT-7B (see the module docstring)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-                              image_size=168, patch_size=14, projection_dim=256)
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2,
+                              image_size=168, patch_size=14, projection_dim=128)
     text = LlamaConfig(vocab_size=32064, hidden_size=256, intermediate_size=int(256 * 11008 / 4096),
                        num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
