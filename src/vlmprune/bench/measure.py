@@ -74,6 +74,7 @@ import torch
 from torch import Tensor
 
 from ..integrations.compat import output_cache
+from .models import SCALED as _SCALED_FAMILIES
 from ..runinfo import cpu_model as _cpu_model
 
 __all__ = [
@@ -105,8 +106,8 @@ __all__ = [
 
 SCHEMA = "vlmprune.efficiency-card/1"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-#: Scaled random models of the other families (``vlmprune.bench.models.SCALED``).
-FAMILY_MODELS = ("scaled-llava-next", "scaled-qwen2-vl")
+#: Scaled random models of the other families (``vlmprune.bench.models.SCALED``; a new one is added there).
+FAMILY_MODELS = tuple(_SCALED_FAMILIES)
 SYNTHETIC_MODELS = ("scaled", "tiny", *FAMILY_MODELS)
 MODEL_CHOICES = ("testbed", "scaled", "tiny", *FAMILY_MODELS)
 
