@@ -531,3 +531,12 @@ def test_scaled_family_models(name, passes, visual, layers, heads, kv, head_dim)
     assert desc["image_tokens"] == visual and inputs["input_ids"].shape[0] == 2
     assert int((inputs["input_ids"] == adapter.image_token_id(model)).sum()) == 2 * visual
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_family_memory_probe_in_a_fresh_process(tmp_path_factory) -> None:
+    """The memory probe rebuilds a saved Qwen2-VL folder and its synthetic prompt in a subprocess."""
+    from conftest import make_tiny_qwen2_vl
+
+    folder = _saved(tmp_path_factory, make_tiny_qwen2_vl)
+    mem = M.probe_memory(folder, M.parse_methods(["prumerge+"])[1], 2, new_tokens=2)
+    assert mem["peak_rss_delta_bytes"] > 0 and mem["peak_rss_bytes"] >= mem["baseline_rss_bytes"]
