@@ -484,6 +484,11 @@ def test_family_geometry_tokens_and_flops(family_cards, family) -> None:
         else:  # Qwen2-VL: the merger is part of the tower
             assert pm["flops"]["projector"] == base["flops"]["projector"]
         assert pm["median"]["overhead_score_s"] > 0  # the family's score function is timed
+        # padding to the batch's longest sample: ideal unchanged when the counts are equal, lower when ragged
+        for v in (base, fv):
+            assert v["ratios"]["flop_ideal_padded_speedup"] == pytest.approx(v["ratios"]["flop_ideal_speedup"])
+        counts = pm["visual_tokens_per_sample"]
+        assert (pm["ratios"]["flop_ideal_padded_speedup"] < pm["ratios"]["flop_ideal_speedup"]) == (len(set(counts)) > 1)
         assert pm["median"]["overhead_s"] >= pm["median"]["overhead_score_s"]
     assert card["plot"] is None
 
