@@ -424,3 +424,124 @@ def test_ctrl_c_keeps_the_finished_blocks(monkeypatch, tmp_path) -> None:
     assert card["run"]["status"] == "interrupted"
     assert [(r["model"], r["batch"]) for r in card["results"]] == [("tiny", 1)]
     assert (tmp_path / "speedup.png").exists()
+
+
+# ------------------------------------------------------------------------------ other families
+
+
+def _saved(tmp_path_factory, build):
+    d = tmp_path_factory.mktemp("family")
+    build().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def family_cards(tmp_path_factory):
+    """Cards of tiny LLaVA-NeXT and Qwen2-VL models saved without a processor (synthetic prompts
+    of a 336 x 336 image, geometry from the adapter)."""
+    from conftest import make_tiny_llava_next, make_tiny_qwen2_vl
+
+    out = {}
+    for family, build in (("llava-next", make_tiny_llava_next), ("qwen2-vl", make_tiny_qwen2_vl)):
+        folder = _saved(tmp_path_factory, build)
+        out[family] = M.run_bench(models=[folder], methods=["prumerge+", "fastv"], batches=[1, 2], repeats=1,
+                                  warmup=0, new_tokens=2, threads=None, memory=False, out=None)
+    return out
+
+
+# hand counts for a 336 x 336 image: NeXT (42 px tiles of 3x3 patches, pinpoints up to 84 x 84): the base
+# image + a 2x2 mosaic, 9 + 6 * (6 + 1 newline) = 51 placeholders, 5 tower passes of 9 patches + [CLS];
+# Qwen2-VL: 24 x 24 patches -> 144 merged tokens, wrapped in <vision_start> ... <vision_end>.
+FAMILY_COUNTS = {"llava-next": dict(visual=51, prompt=35 + 51 + 24, units=[(10, 9)] * 5),
+                 "qwen2-vl": dict(visual=144, prompt=35 + 146 + 24, units=[(576, 144)])}
+
+
+@pytest.mark.parametrize("family", ["llava-next", "qwen2-vl"])
+def test_family_geometry_tokens_and_flops(family_cards, family) -> None:
+    from vlmprune.cost.analytic import vision_tower_flops
+
+    card, want = family_cards[family], FAMILY_COUNTS[family]
+    mc = card["models"][0]
+    assert mc["config"]["family"] == family and mc["prompt"]["image_tokens"] == want["visual"]
+    shape = mc["config"]["vision"]["shape"]
+    cfg = M.flop_config_from_card(mc)
+    layers = mc["config"]["decoder"]["layers"]
+    for res in card["results"]:
+        b = res["batch"]
+        assert res["prompt_tokens"] == [want["prompt"]] * b and res["visual_tokens_unpruned"] == want["visual"]
+        by = {v["label"]: v for v in res["variants"]}
+        base, pm, fv = by["unpruned"], by["prumerge+"], by["fastv"]
+        assert base["layer_tokens"] == [[want["prompt"]] * layers] * b
+        assert base["flops"]["vision_tower"] == pytest.approx(vision_tower_flops(shape, want["units"] * b)["vision_tower"])
+        for v in res["variants"]:  # the tower is never pruned; decoder FLOPs are each sample's own
+            assert v["flops"]["vision_tower"] == base["flops"]["vision_tower"]
+            assert v["flops"]["decoder"] == pytest.approx(sum(M._decoder_flops(cfg, s) for s in v["layer_tokens"]))
+        assert pm["layer_tokens"] == [[want["prompt"] - want["visual"] + int(k)] * layers
+                                      for k in pm["visual_tokens_per_sample"]]
+        assert fv["layer_tokens"][0][:2] == [want["prompt"]] * 2 and fv["layer_tokens"][0][2] < want["prompt"]
+        if shape["projector_after_pruning"]:  # NeXT: the projector sees the kept tokens only
+            assert pm["flops"]["projector"] < base["flops"]["projector"]
+        else:  # Qwen2-VL: the merger is part of the tower
+            assert pm["flops"]["projector"] == base["flops"]["projector"]
+        assert pm["median"]["overhead_score_s"] > 0  # the family's score function is timed
+        # padding to the batch's longest sample: ideal unchanged when the counts are equal, lower when ragged
+        for v in (base, fv):
+            assert v["ratios"]["flop_ideal_padded_speedup"] == pytest.approx(v["ratios"]["flop_ideal_speedup"])
+        counts = pm["visual_tokens_per_sample"]
+        assert (pm["ratios"]["flop_ideal_padded_speedup"] < pm["ratios"]["flop_ideal_speedup"]) == (len(set(counts)) > 1)
+        assert pm["median"]["overhead_s"] >= pm["median"]["overhead_score_s"]
+    assert card["plot"] is None
+
+
+def test_family_projector_inside_the_tower_is_not_subtracted_twice(family_cards) -> None:
+    """Qwen2-VL's merger runs inside ``visual``: the vision time includes it."""
+    for res in family_cards["qwen2-vl"]["results"]:
+        for v in res["variants"]:
+            assert v["median"]["vision_s"] >= v["median"]["projector_s"] > 0
+
+
+def test_family_targets_use_issue_17_limits(family_cards) -> None:
+    card = json.loads(json.dumps(family_cards["qwen2-vl"]))
+    for r in card["results"]:
+        r["model"] = "scaled-qwen2-vl"
+    card["models"][0]["name"] = "scaled-qwen2-vl"
+    targets = M.card_targets(card)
+    assert {(t["model"], t["batch"]) for t in targets} == {("scaled-qwen2-vl", 1), ("scaled-qwen2-vl", 2)}
+    for t in targets:
+        assert t["threshold"] == (M.FAMILY_SPEEDUP_TOL if "FLOP-ideal" in t["name"] else M.FAMILY_OVERHEAD)
+        assert t["met"] == (abs(t["measured"]) <= t["threshold"] if "FLOP-ideal" in t["name"]
+                            else t["measured"] <= t["threshold"])
+    assert sum("within 10%" in t["name"] for t in targets) == 4 and sum("<= 3%" in t["name"] for t in targets) == 4
+
+
+@pytest.mark.parametrize("name, passes, visual, layers, heads, kv, head_dim", [
+    ("scaled-llava-next", 5, 144 + 24 * 25, 32, 4, 4, 64),  # 336 px = base + 2x2 mosaic of 12x12 crops
+    ("scaled-qwen2-vl", 1, 144, 28, 7, 1, 64),  # 336 px = 24x24 patches; the 7B's 28 : 4 heads
+])
+def test_scaled_family_models(name, passes, visual, layers, heads, kv, head_dim) -> None:
+    """The scaled models' shapes and prompts (built on the meta device: no weights)."""
+    from vlmprune.bench.models import SCALED, build, synthetic_inputs
+    from vlmprune.integrations.base import get_adapter
+
+    assert M.check_model_name(name) == name and name in M.MODEL_CHOICES
+    with torch.device("meta"):
+        model = build(name)
+    adapter = get_adapter(model)
+    t = adapter.text_config(model)
+    assert (t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (layers, heads, kv)
+    assert t.hidden_size // t.num_attention_heads == head_dim
+    layout = adapter.size_layout(model, SCALED[name].image_size)
+    assert (len(layout.units), sum(layout.tokens_per_image)) == (passes, visual)
+    inputs, desc = synthetic_inputs(model, 2, SCALED[name].image_size)
+    assert desc["image_tokens"] == visual and inputs["input_ids"].shape[0] == 2
+    assert int((inputs["input_ids"] == adapter.image_token_id(model)).sum()) == 2 * visual
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_family_memory_probe_in_a_fresh_process(tmp_path_factory) -> None:
+    """The memory probe rebuilds a saved Qwen2-VL folder and its synthetic prompt in a subprocess."""
+    from conftest import make_tiny_qwen2_vl
+
+    folder = _saved(tmp_path_factory, make_tiny_qwen2_vl)
+    mem = M.probe_memory(folder, M.parse_methods(["prumerge+"])[1], 2, new_tokens=2)
+    assert mem["peak_rss_delta_bytes"] > 0 and mem["peak_rss_bytes"] >= mem["baseline_rss_bytes"]

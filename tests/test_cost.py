@@ -358,3 +358,96 @@ def test_estimate_notes_a_prompt_beyond_the_context():
     assert "exceed llava-1.5-7b's context of 4096 tokens" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["estimate", "--model", "llava-1.5-7b"])
     assert res.exit_code == 0 and "context" not in res.output
+
+
+# ------------------------------------------------------------------ family geometry (adapters)
+
+from vlmprune.cost.geometry import image_geometry  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["llava-next-7b", "llava-next-mistral-7b"])
+@pytest.mark.parametrize("size, passes, tokens", [
+    ((672, 672), 5, 576 + 48 * (48 + 1)),   # 2x2 mosaic of 24x24 crops, nothing unpadded, a newline per row
+    ((336, 672), 3, 576 + 24 * (48 + 1)),   # 1x2 mosaic (pinpoint 336x672)
+    ((400, 1000), 4, 576 + 24 * (60 + 1)),  # 1x3 mosaic 24x72, unpadded to 60 columns (72 * 1000/400 ... = 24*2.5)
+])
+def test_next_geometry_hand_counts(name, size, passes, tokens) -> None:
+    g = image_geometry(A.load_model(name), size)
+    assert (g.family, g.passes, g.visual_tokens) == ("llava-next", passes, tokens)
+    assert g.tower_tokens == (577,) * passes and g.projector_rows == (576,) * passes
+    one = A.vision_encoder_flops(A.load_model(name), images=1)
+    assert g.vision_flops["vision_tower"] == pytest.approx(passes * one["vision_tower"])
+    assert g.vision_flops["projector"] == pytest.approx(passes * one["projector"])
+
+
+@pytest.mark.parametrize("size, grid, tokens", [((448, 448), (32, 32), 256), ((672, 672), (48, 48), 576),
+                                                 ((1000, 500), (72, 36), 648)])  # 1008 x 504 px after the resize
+def test_qwen_geometry_hand_counts(size, grid, tokens) -> None:
+    cfg = A.load_model("qwen2-vl-7b")
+    g = image_geometry(cfg, size)
+    assert (g.family, g.passes, g.visual_tokens) == ("qwen2-vl", 1, tokens)
+    assert g.tower_tokens == (grid[0] * grid[1],) and g.projector_rows == (tokens,)
+    assert g.grids == ((grid[0] // 2, grid[1] // 2),)
+    assert image_geometry(cfg, grid_thw=(1, *grid)).visual_tokens == tokens
+
+
+def test_qwen_geometry_matches_the_processor() -> None:
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    proc = Qwen2VLImageProcessorPil()
+    cfg = A.load_model("qwen2-vl-7b")
+    for h, w in ((1000, 500), (300, 777)):
+        out = proc(images=[Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8))], return_tensors="pt")
+        t, gh, gw = out["image_grid_thw"][0].tolist()
+        assert image_geometry(cfg, (h, w)).visual_tokens == t * gh * gw // 4
+
+
+def test_next_geometry_matches_the_stock_packing() -> None:
+    """The adapter's count for an image size == the stock model's packing, on a tiny NeXT model."""
+    from conftest import make_tiny_llava_next, next_image_tokens
+    from vlmprune.integrations.base import get_adapter
+
+    model = make_tiny_llava_next()
+    adapter = get_adapter(model.config)
+    for size in ((42, 42), (42, 84), (84, 42), (84, 84), (50, 120)):
+        assert adapter.size_layout(model.config, size).tokens_per_image == tuple(next_image_tokens(model, [size]))
+
+
+def test_vision_tower_flops_hand_computed() -> None:
+    shape = {"hidden": 2, "layers": 1, "intermediate": 4, "mlp_matrices": 2, "patch_in": 1,
+             "projector_dims": [2, 3], "projector_after_pruning": True}
+    # layer: 2*3*(4*2*2 + 2*2*4) = 192; attention 4*3*3*2 = 72; patch embedding 2*3*2*1 = 12
+    f = A.vision_tower_flops(shape, [(3, 3)])
+    assert f == {"vision_tower": 276.0, "projector": 2 * 3 * 2 * 3}
+    assert A.vision_tower_flops(shape, [(3, 3)], projector_rows=1)["projector"] == 2 * 1 * 2 * 3
+    inside = {**shape, "projector_after_pruning": False}  # a merger inside the tower sees every token
+    assert A.vision_tower_flops(inside, [(3, 3)], projector_rows=1)["projector"] == 36
+    windowed = {**shape, "layers": 2, "window_tokens": 1, "full_layers": [1]}
+    # 2 linear layers (384) + full layer 72 + windowed layer 4*3*1*2 = 24 + patch 12
+    assert A.vision_tower_flops(windowed, [(3, 3)])["vision_tower"] == 384 + 72 + 24 + 12
+
+
+def test_cli_estimate_image_size(tmp_path) -> None:
+    out = tmp_path / "q.json"
+    res = runner.invoke(app, ["estimate", "--model", "qwen2-vl-7b", "--image-size", "448x448", "--text-tokens", "20",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["visual_tokens_per_layer"] == [256] * 28 and data["image_geometry"]["visual_tokens"] == 256
+    assert "256 visual tokens in the LLM" in res.output
+    res = runner.invoke(app, ["estimate", "--model", "llava-next-7b", "--image-size", "672x672", "--tokens", "100",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["full_model_summary"]["tflops"] > 0 and "vs 2928 visual" in res.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "llava-1.5-7b", "--grid-thw", "1,4,4"], "takes no patch grid"),
+    (["--model", "qwen2-vl-7b", "--image-size", "big"], "HEIGHTxWIDTH"),
+    (["--model", "qwen2-vl-7b", "--image-size", "4x4", "--grid-thw", "1,4,4"], "not both"),
+])
+def test_cli_estimate_geometry_bad_input(args, needle) -> None:
+    res = runner.invoke(app, ["estimate", *args])
+    assert res.exit_code == 2 and needle in res.output

@@ -174,3 +174,72 @@ def test_accelerate_two_processes_match_single(tiny_dir, tmp_path):
     assert one["extra"]["processes"] == 1 and two["extra"]["processes"] == 2
     assert [i["id"] for i in two["items"]] == [i["id"] for i in one["items"]]
     assert [i["prediction"] for i in two["items"]] == [i["prediction"] for i in one["items"]]
+
+
+# ------------------------------------------------------------------ chat templates
+
+CHAT = ("<s>{% for m in messages %}[{{ m['role'] }}] {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tiny_dir, tmp_path_factory):
+    """The tiny saved model again, its processor carrying a chat template."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    d = tmp_path_factory.mktemp("tiny_chat")
+    shutil.copytree(tiny_dir, d, dirs_exist_ok=True)
+    proc = AutoProcessor.from_pretrained(d)
+    proc.chat_template = CHAT
+    proc.save_pretrained(d)
+    return d
+
+
+def test_prompt_style_rules(tiny, chat_dir):
+    from vlmprune.eval.prompts import prompt_style
+    from vlmprune.testbed.questions import PROMPT_TEMPLATE
+
+    _, proc = tiny  # the testbed's processor has no chat template: the ShapesVQA template
+    style = prompt_style(proc)
+    assert not style.chat and style.description == PROMPT_TEMPLATE and style.add_special_tokens
+    assert style.build("How many?") == PROMPT_TEMPLATE.format(question="How many?")
+    _, chat = load(chat_dir)
+    style = prompt_style(chat)
+    assert style.chat and not style.add_special_tokens and "chat template" in style.description
+    text = style.build("How many?")
+    assert text == "<s>[user] <image>\nHow many?[assistant]"  # (the newline after a block tag is trimmed)
+    ids = chat(images=[shapesvqa_items("test", "count", 1)[0].image()], text=[text], add_special_tokens=False,
+               return_tensors="pt")["input_ids"][0].tolist()
+    tok = chat.tokenizer
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # the template's BOS, once
+    assert ids.count(tok.convert_tokens_to_ids("<image>")) == 576
+    assert prompt_style(chat, "Q: <image> {question} A:").build("x") == "Q: <image> x A:"  # explicit wins
+
+
+def test_chat_template_prompts_are_what_eval_feeds(chat_dir, tmp_path):
+    """run_items with the chat template == run_items with that rendered prompt as the template."""
+    model, chat = load(chat_dir)
+    items = shapesvqa_items("test", "exist", 2)
+    auto, _ = run_items(model, chat, items, batch_size=2, max_new_tokens=3, progress=False)
+    # the same prompt written as a plain template (no BOS in it: the processor adds its own)
+    manual, _ = run_items(model, chat, items, batch_size=2, max_new_tokens=3, progress=False,
+                          prompt_template="[user] <image>\n{question}[assistant]")
+    assert [r.prediction for r in auto] == [r.prediction for r in manual]
+
+
+def test_cli_eval_jsonl_with_chat_template(chat_dir, tmp_path):
+    items = shapesvqa_items("test", "color", 2)
+    lines = []
+    for k, it in enumerate(items):
+        it.image().save(tmp_path / f"img{k}.png")
+        lines.append(json.dumps({"image": f"img{k}.png", "question": it.question, "answer": it.answer}))
+    data = _write_jsonl(tmp_path, lines)
+    r = _cli("eval", "--model", str(chat_dir), "--data", str(data), "--max-new-tokens", "2", "--no-progress",
+             "--no-baseline", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert out["results"][0]["n"] == 2
+    assert "chat template" in out["run"]["generation"]["prompt_template"]

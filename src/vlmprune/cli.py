@@ -242,7 +242,7 @@ def eval_cmd(
         specs = [("unpruned", None, {})] + specs
     run = new_run("eval", model=_model_info(model, m), data=data_info,
                   generation={"max_new_tokens": max_new_tokens, "do_sample": False, "batch_size": batch_size,
-                              "prompt_template": _prompt_template()})
+                              "prompt_template": _prompt_template(processor)})
     writer = _writer(out, "results", overwrite, run)
     results = _run_all(writer, _add_each(writer, _evaluate_specs(m, processor, items, specs, batch_size=batch_size,
                                                                  max_new_tokens=max_new_tokens,
@@ -252,10 +252,12 @@ def eval_cmd(
     finish()
 
 
-def _prompt_template() -> str:
+def _prompt_template(processor=None) -> str:
+    """How eval builds prompts: the processor's chat template when it has one, else ShapesVQA's."""
+    from .eval.prompts import prompt_style
     from .testbed.prompt import PROMPT_TEMPLATE
 
-    return PROMPT_TEMPLATE
+    return PROMPT_TEMPLATE if processor is None else prompt_style(processor).description
 
 
 @app.command("tables")

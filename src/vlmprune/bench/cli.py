@@ -27,7 +27,11 @@ def _fail(message: str) -> None:
 def bench(
     model: list[str] = typer.Option(["testbed", "scaled"], "--model", "-M",
                                     help="testbed (the committed checkpoint), scaled (LLaVA-1.5-shaped, random "
-                                         "weights), tiny (plumbing check) or a saved model folder; repeat for several"),
+                                         "weights), scaled-llava-next / scaled-qwen2-vl (LLaVA-NeXT-7B- / "
+                                         "Qwen2-VL-7B-shaped, random weights; docs/efficiency.md), tiny (plumbing "
+                                         "check) or a saved model folder of any supported family (with a processor: "
+                                         "ShapesVQA questions; without: synthetic prompts of a 336x336 image); "
+                                         "repeat for several"),
     method: list[str] = typer.Option(["prumerge+", "fastv"], "--method", "-m",
                                      help="method spec NAME[:key=value,...] (see `vlmprune methods`); repeat for "
                                           "several; the unpruned model is always measured"),

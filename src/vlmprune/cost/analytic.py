@@ -99,6 +99,7 @@ __all__ = [
     "parse_layer_tokens",
     "prefill_cost",
     "vision_encoder_flops",
+    "vision_tower_flops",
 ]
 
 GB = 1e9  # decimal gigabyte: the unit of the papers' tables (and of LLM-Viewer)
@@ -137,6 +138,9 @@ class ModelConfig:
     vision: dict[str, Any] = field(default_factory=dict, compare=False)
     projector: dict[str, Any] = field(default_factory=dict, compare=False)
     note: str = field(default="", compare=False)
+    #: The transformers config fields of the model's family (``model_type`` first), from which
+    #: ``vlmprune.cost.geometry`` asks the family's adapter for image geometry; {} = unknown.
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -204,6 +208,7 @@ class ModelConfig:
             vision=dict(data.get("vision", {})),
             projector=dict(data.get("projector", {})),
             note=data.get("note", ""),
+            hf_config=dict(data.get("hf_config", {})),
         )
 
 
@@ -759,6 +764,40 @@ def vision_encoder_flops(cfg: ModelConfig, images: int | None = None) -> dict[st
     # projector input rows: CLS dropped (LLaVA); for Qwen2-VL's merger 4 patches are
     # concatenated into one 4*D row, so rows = merged tokens.
     rows = n_img * int(v.get("projector_rows_per_image", n - (1 if v.get("cls_token") else 0)))
+    proj = sum(2 * rows * a * b for a, b in zip(dims, dims[1:]))
+    return {"vision_tower": float(tower), "projector": float(proj)}
+
+
+def vision_tower_flops(shape: dict[str, Any], units: Sequence[tuple[int, int]],
+                       projector_rows: int | None = None) -> dict[str, float]:
+    """Matmul FLOPs (2 per MAC) of the vision tower and projector for the tower passes ``units``
+    (each ``(n, rows)``: ``n`` tokens in the tower's sequence, ``rows`` projector rows unpruned).
+
+    ``shape`` is an adapter's ``vision_shape``: width ``hidden`` = D, ``layers``, MLP width
+    ``intermediate`` = M with ``mlp_matrices`` (2: fc1/fc2, 3: SwiGLU), ``patch_in`` inputs per
+    patch, ``window_tokens`` / ``full_layers`` (windowed attention), ``projector_dims`` and
+    ``projector_after_pruning``. Per pass: layers x ``2*n*(4*D^2 + mats*D*M)``, attention
+    ``4*n*a*D`` per layer (``a = n``, or ``min(n, window_tokens)`` in a windowed layer), patch
+    embedding ``2*n*D*patch_in``. Projector: ``2*rows*a*b`` per layer of ``projector_dims``, on
+    ``projector_rows`` rows when the projector runs after pruning and the count is given, else on
+    every unpruned row."""
+    d, m, layers = int(shape["hidden"]), int(shape["intermediate"]), int(shape["layers"])
+    mats, patch_in = int(shape.get("mlp_matrices", 2)), int(shape["patch_in"])
+    window, full = shape.get("window_tokens"), shape.get("full_layers")
+    tower = 0.0
+    for n, _ in units:
+        n = int(n)
+        linear = 2 * n * (4 * d * d + mats * d * m)
+        if window:
+            n_full = len(set(full or []))
+            attention = 4 * n * d * (n_full * n + (layers - n_full) * min(n, int(window)))
+        else:
+            attention = layers * 4 * n * n * d
+        tower += layers * linear + attention + 2 * n * d * patch_in
+    rows = sum(int(r) for _, r in units)
+    if projector_rows is not None and shape.get("projector_after_pruning", True):
+        rows = int(projector_rows)
+    dims = [int(x) for x in shape.get("projector_dims", [])]
     proj = sum(2 * rows * a * b for a, b in zip(dims, dims[1:]))
     return {"vision_tower": float(tower), "projector": float(proj)}
 

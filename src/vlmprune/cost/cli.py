@@ -7,6 +7,7 @@ as ``python -m vlmprune.cost.cli``.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -115,6 +116,14 @@ def estimate(
         help="visual tokens per decoder layer, comma list (COUNTxREPEAT allowed, e.g. 576x3,99x29)"),
     text_tokens: Optional[int] = typer.Option(None, "--text-tokens",
                                               help="text tokens per sequence (default: the model's, 124 -> a 700-token LLaVA-1.5 prompt)"),
+    image_size: Optional[str] = typer.Option(
+        None, "--image-size",
+        help="HEIGHTxWIDTH px of the image: the visual tokens and vision FLOPs come from the model family's "
+             "adapter (LLaVA-NeXT: base + any-res crops, newlines included; Qwen2-VL: the processor's resize and "
+             "the 2x2 merger); the default --tokens becomes that count"),
+    grid_thw: Optional[str] = typer.Option(None, "--grid-thw",
+                                           help="T,H,W patches of the image (Qwen2-VL's image_grid_thw), instead "
+                                                "of --image-size"),
     batch: int = typer.Option(1, "--batch-size", "--batch", "-b", help="sequences per batch"),
     conventions: str = typer.Option("physical", "--conventions",
                                     help="physical (default) or llm-viewer (PruMerge Table 2 quirks)"),
@@ -138,13 +147,22 @@ def estimate(
         if batch < 1:
             raise CostModelError(f"--batch-size must be >= 1, got {batch}")
         text = cfg.default_text_tokens if text_tokens is None else text_tokens
+        geo = None
+        if image_size is not None or grid_thw is not None:
+            from .geometry import image_geometry, parse_grid_thw, parse_image_size
+
+            if image_size is not None and grid_thw is not None:
+                raise CostModelError("give either --image-size or --grid-thw, not both")
+            geo = image_geometry(cfg, parse_image_size(image_size) if image_size is not None else None,
+                                 parse_grid_thw(grid_thw) if grid_thw is not None else None)
+        full_visual = cfg.default_visual_tokens if geo is None else geo.visual_tokens
         if layer_tokens is not None:
             visual: int | list[int] = parse_layer_tokens(layer_tokens, cfg.num_layers)
         else:
-            visual = cfg.default_visual_tokens if tokens is None else tokens
+            visual = full_visual if tokens is None else tokens
         schedule = layer_token_schedule(visual, text, cfg.num_layers)
         cost = prefill_cost(cfg, schedule, g, prec, batch=batch, conventions=conv)
-        full = prefill_cost(cfg, cfg.default_visual_tokens + text, g, prec, batch=batch,
+        full = prefill_cost(cfg, full_visual + text, g, prec, batch=batch,
                             conventions=conv)
     except CostModelError as e:
         _fail(str(e))
@@ -164,12 +182,18 @@ def estimate(
              f"(W{prec.weight_bits:g}A{prec.act_bits:g}KV{prec.kv_bits:g}, {prec.compute_kind} peak) | "
              f"batch {batch} | conventions {conv.name}")
     console.print(f"[bold]{title}[/]")
+    if geo is not None:
+        what = f"{geo.image_size[0]}x{geo.image_size[1]} px" if geo.image_size else f"grid {grid_thw}"
+        console.print(f"image ({what}, {geo.family} adapter): {geo.passes} tower pass(es) of grids "
+                      f"{', '.join(f'{h}x{w}' for h, w in sorted(set(geo.grids)))} "
+                      f"({sum(geo.tower_tokens)} tower tokens, {sum(geo.projector_rows)} projector rows) -> "
+                      f"{geo.visual_tokens} visual tokens in the LLM")
     console.print(f"tokens per layer: visual avg {avg_vis:.1f} (min {min(vis)}, max {max(vis)}) "
-                  f"+ {text} text; full model = {cfg.default_visual_tokens} visual")
+                  f"+ {text} text; full model = {full_visual} visual")
     t = Table(title="prefill, LLM decoder")
     t.add_column("quantity")
     t.add_column("value", justify="right")
-    t.add_column(f"vs {cfg.default_visual_tokens} visual", justify="right")
+    t.add_column(f"vs {full_visual} visual", justify="right")
 
     def ratio(key: str) -> str:
         return f"{s[key] / f[key] * 100:.1f}%" if f[key] else "-"
@@ -186,10 +210,11 @@ def estimate(
     t.add_row("peak activation (largest layer)", _fmt_bytes(cost.peak_activation_bytes), ratio("peak_activation_gb"))
     t.add_row("memory footprint (weights+KV+peak act)", f"{s['memory_footprint_gb']:.3f} GB", "")
     console.print(t)
-    vf = vision_encoder_flops(cfg)
+    vf = vision_encoder_flops(cfg) if geo is None else geo.vision_flops
+    views = cfg.vision.get('max_images_per_sample', 1) if geo is None else geo.passes
     console.print(f"vision tower (not pruned, not in the totals above): "
                   f"{_fmt_ops(vf['vision_tower'])}FLOPs + projector {_fmt_ops(vf['projector'])}FLOPs "
-                  f"({cfg.vision.get('name', '')}, {cfg.vision.get('max_images_per_sample', 1)} view(s))")
+                  f"({cfg.vision.get('name', '')}, {views} view(s))")
     if per_layer:
         lt = Table(title="per decoder layer")
         for col in ("layer", "tokens", "ops", "bytes", "act written", "KV", "time ms"):
@@ -210,7 +235,8 @@ def estimate(
     if out is not None:
         data = cost.to_dict(per_layer=True)
         data.update(model_config=cfg.name, visual_tokens_per_layer=vis, text_tokens=text,
-                    full_model_summary=f, vision_encoder_flops=vf)
+                    full_model_summary=f, vision_encoder_flops=vf,
+                    image_geometry=None if geo is None else asdict(geo))
         _write_json(out, data, console)
 
 

@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import torch
 
-from ..testbed.prompt import PROMPT_TEMPLATE
 from ..testbed.questions import normalize_answer
 from .data import EvalItem
 
@@ -97,15 +96,19 @@ def _visual_tokens_per_sample(handle, input_ids: torch.Tensor, image_token_id: i
 
 
 def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch_size: int = 8,
-              max_new_tokens: int = 8, prompt_template: str = PROMPT_TEMPLATE, progress: bool = True,
+              max_new_tokens: int = 8, prompt_template: str | None = None, progress: bool = True,
               description: str = "eval") -> tuple[list[ItemResult], float]:
-    """Answer ``items`` with greedy decoding; returns per-item results and the seconds spent."""
+    """Answer ``items`` with greedy decoding; returns per-item results and the seconds spent.
+
+    Prompts: ``prompt_template`` when given, else the processor's chat template when it has one,
+    else the ShapesVQA template (``eval.prompts.prompt_style``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .prompts import prompt_style
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if "{question}" not in prompt_template or "<image>" not in prompt_template:
-        raise ValueError("prompt_template must contain '{question}' and '<image>', e.g. " + repr(PROMPT_TEMPLATE))
+    style = prompt_style(processor, prompt_template)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     image_token_id = model.config.image_token_id
@@ -117,9 +120,10 @@ def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             images = [it.image() for it in batch]
-            prompts = [prompt_template.format(question=it.question) for it in batch]
+            prompts = [style.build(it.question) for it in batch]
             t0 = time.perf_counter()
-            inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+            inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt",
+                               add_special_tokens=style.add_special_tokens)
             inputs = {k: v.to(model.device) for k, v in inputs.items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -146,7 +150,7 @@ def label_for(method: str | None, options: dict[str, Any]) -> str:
 
 def evaluate(model, processor, items: Sequence[EvalItem], *, method: str | None = None,
              method_options: dict | None = None, label: str | None = None, baseline: EvalResult | None = None,
-             batch_size: int = 8, max_new_tokens: int = 8, prompt_template: str = PROMPT_TEMPLATE,
+             batch_size: int = 8, max_new_tokens: int = 8, prompt_template: str | None = None,
              progress: bool = True) -> EvalResult:
     """Evaluate ``model`` (optionally pruned with ``method``) on ``items``; shards under accelerate."""
     import vlmprune

@@ -24,6 +24,14 @@ describe the images, e.g. ``image_grid_thw``) and ``encode_with_signals`` / ``im
 per modality (``modality_views``: the video view names ``get_video_features``, its pixels
 keyword, placeholder token and geometry).
 
+For the bench and the cost model, the adapter also answers from the **config alone** (every
+config-only method accepts a ``transformers`` config in place of the model; ``get_adapter`` takes
+one too, by ``config_types``): ``size_layout`` (the layout of an image of (H, W) pixels as the
+family's processor prepares it), ``unit_tokens`` (each tower pass's sequence length and projector
+rows), ``vision_shape`` (the tower's and projector's widths, for FLOP counts), and, for a random
+prompt of the family's form, ``image_prompt_ids``, ``random_image_inputs`` and
+``sequence_extras``; ``score_functions`` names where the importance score is computed (timers).
+
 A **handle** (``PruneHandle``) is what ``vlmprune.apply`` returns. It is attached to the model
 under ``HANDLE_ATTR`` (so applying twice is detected), owns every hook and patch the stage
 installed (``remove()`` undoes them in reverse order, idempotently, restoring the model exactly),
@@ -147,10 +155,20 @@ class ModelAdapter:
     #: tower or the projector).
     lora_targets: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    #: ``model_type``s of the multimodal configs of this family (``get_adapter`` on a config).
+    config_types: tuple[str, ...] = ()
+    #: ``(module, function)`` names where the [CLS]-based methods' importance score is computed
+    #: (the bench times them as the overhead's score part; looked up at call time).
+    score_functions: tuple[tuple[str, str], ...] = (("vlmprune.integrations.vision", "signals_from_qk"),)
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:
-        """Whether this adapter handles ``model`` (its class, or its base model's class)."""
+        """Whether this adapter handles ``model`` (its class, or its base model's class; a config:
+        its ``model_type``)."""
+        from .compat import is_config
+
+        if is_config(model):
+            return getattr(model, "model_type", None) in self.config_types
         if type(model).__name__ in self.model_classes:
             return True
         return any(_has_path(model, p) and type(_resolve(model, p)).__name__ in self.model_classes
@@ -167,7 +185,10 @@ class ModelAdapter:
                                     f"in {type(model).__name__}")
 
     def config(self, model: Any) -> Any:
-        return self.base_model(model).config
+        """The multimodal config of ``model`` (``model`` itself when it is a config)."""
+        from .compat import is_config
+
+        return model if is_config(model) else self.base_model(model).config
 
     def get_vision_tower(self, model: Any) -> nn.Module:
         return _resolve(self.base_model(model), self.vision_tower)
@@ -406,6 +427,63 @@ class ModelAdapter:
                     f"[-1].{self.q_proj}")
         return None
 
+    # ---------------------------------------------------------------- geometry (bench, cost model)
+    def size_layout(self, model: Any, image_size: Any) -> VisualLayout:
+        """The layout of one image of ``image_size`` (H, W) px as the family's processor prepares
+        it (model or config). Here every image is resized to one tower pass of ``tokens_per_image``
+        placeholders, whatever its size."""
+        grid, has_cls = self.patch_grid(model), self.tower_has_cls(model)
+        return VisualLayout(units=(VisualUnit(image=0, grid=grid, has_cls=has_cls, cls_index=self.cls_index),),
+                            tokens_per_image=(self.tokens_per_image(model),))
+
+    def geometry_inputs(self, model: Any, image_sizes: list[tuple[int, int]]) -> dict[str, Any]:
+        """The geometry keywords of the model's forward for images of ``image_sizes`` (H, W) px
+        (none here: every image is one fixed-size pass)."""
+        return {}
+
+    def unit_tokens(self, model: Any, layout: VisualLayout) -> list[tuple[int, int]]:
+        """Per unit of ``layout``: (tokens in the tower's sequence, rows the projector gets when
+        nothing is pruned). Here: the patches (+ [CLS]) and the patches."""
+        return [(u.num_patches + int(u.has_cls), u.num_patches) for u in layout.units]
+
+    def vision_shape(self, model: Any) -> dict[str, Any]:
+        """The tower's and projector's shapes for FLOP counts (model or config): ``hidden``,
+        ``layers``, ``heads``, ``intermediate``, ``mlp_matrices`` (2: fc1/fc2; 3: SwiGLU),
+        ``patch_in`` (inputs of the patch embedding per patch), ``window_tokens`` / ``full_layers``
+        (windowed attention: patches per window and the full-attention layers; None: every layer
+        full), ``projector_dims`` and ``projector_after_pruning`` (whether the projector sees
+        the kept tokens only, or is part of the tower and sees every token)."""
+        vc, tc = self.vision_config(model), self.text_config(model)
+        layer = self.vision_feature_layer(model)
+        n_layers = 1 if isinstance(layer, int) else len(layer)
+        return {"type": getattr(vc, "model_type", None), "hidden": int(vc.hidden_size),
+                "layers": int(vc.num_hidden_layers), "heads": int(vc.num_attention_heads),
+                "intermediate": int(vc.intermediate_size), "mlp_matrices": 2,
+                "patch_size": int(vc.patch_size), "image_size": getattr(vc, "image_size", None),
+                "patch_in": int(getattr(vc, "num_channels", 3)) * int(vc.patch_size) ** 2,
+                "window_tokens": None, "full_layers": None,
+                "projector_dims": [int(vc.hidden_size) * n_layers, int(tc.hidden_size), int(tc.hidden_size)],
+                "projector_after_pruning": True}
+
+    def image_prompt_ids(self, model: Any, count: int) -> list[int]:
+        """The token ids one image of ``count`` placeholders occupies in a prompt (here the
+        placeholders alone)."""
+        return [self.image_token_id(model)] * int(count)
+
+    def random_image_inputs(self, model: Any, image_sizes: list[tuple[int, int]], generator: Any,
+                            dtype: Any = None) -> dict[str, Any]:
+        """Random pixels (and the geometry keywords) of images of ``image_sizes`` (H, W) px, in
+        the family's input form: here ``pixel_values`` [I, 3, S, S]."""
+        vc = self.vision_config(model)
+        side = int(vc.image_size)
+        pixels = torch.randn(len(image_sizes), int(getattr(vc, "num_channels", 3)), side, side, generator=generator)
+        return {"pixel_values": pixels.to(dtype or torch.float32), **self.geometry_inputs(model, image_sizes)}
+
+    def sequence_extras(self, model: Any, input_ids: Tensor) -> dict[str, Tensor]:
+        """Per-token inputs of the model's forward besides ids and mask, for a prompt ``input_ids``
+        [B, L] (none here)."""
+        return {}
+
     # ---------------------------------------------------------------- shared steps
     def select_features(self, hidden_states: tuple[Tensor, ...], layer: int | list[int], strategy: str) -> Tensor:
         """Vision hidden states -> pre-projector features [B, N(+1), D * n_layers] (LLaVA's rule)."""
@@ -513,13 +591,17 @@ def adapters() -> list[ModelAdapter]:
 
 
 def get_adapter(model: Any) -> ModelAdapter:
-    """The adapter for ``model``'s family; ``UnsupportedModelError`` names the supported ones."""
+    """The adapter for ``model``'s family (a model, or its multimodal config);
+    ``UnsupportedModelError`` names the supported ones."""
     known = adapters()
     for adapter in known:
         if adapter.matches(model):
             return adapter
     supported = "; ".join(f"{a.family} ({', '.join(a.model_classes)})" for a in known)
-    raise UnsupportedModelError(f"vlmprune does not support {type(model).__name__}; supported model families: "
+    from .compat import is_config
+
+    what = f"config model_type {model.model_type!r}" if is_config(model) else type(model).__name__
+    raise UnsupportedModelError(f"vlmprune does not support {what}; supported model families: "
                                 f"{supported}")
 
 

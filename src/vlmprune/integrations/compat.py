@@ -123,6 +123,14 @@ Assumptions, each with the test that guards it:
     ``video_token_id`` placeholders in order (``video_llava_frames``). Guarded by
     ``test_video_llava.py::test_vision_keep_all_gives_identical_logits_and_tokens`` and
     ``::test_layout_counts_match_stock_features``.
+16. **Configs and image geometry without a model** (the bench and the cost model): a multimodal
+    config is a ``transformers.PretrainedConfig`` whose ``model_type`` names the family
+    (``is_config``); ``AutoConfig.for_model(model_type, **fields)`` builds one from plain fields
+    (``config_for``); Qwen2-VL's processor resizes an (H, W) image with ``smart_resize(H, W,
+    factor=patch*merge, min_pixels, max_pixels)`` (its defaults: 56*56 and 28*28*1280 pixels) to the
+    patch grid it returns as ``image_grid_thw`` (``qwen_image_grid``). Guarded by
+    ``test_cost.py::test_qwen_geometry_matches_the_processor`` and
+    ``test_cost.py::test_next_geometry_matches_the_stock_packing``.
 """
 
 from __future__ import annotations
@@ -135,7 +143,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
            "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
            "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index",
-           "video_llava_frames"]
+           "video_llava_frames", "is_config", "config_for", "qwen_image_grid"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -319,3 +327,26 @@ def video_llava_frames(pixel_values_videos: Any) -> Any:
     video after video (assumption 15)."""
     videos, frames = pixel_values_videos.shape[:2]
     return pixel_values_videos.reshape(videos * frames, *pixel_values_videos.shape[2:])
+
+
+def is_config(obj: Any) -> bool:
+    """Whether ``obj`` is a transformers config (not a model) (assumption 16)."""
+    return isinstance(obj, transformers.PretrainedConfig)
+
+
+def config_for(model_type: str, **fields: Any) -> Any:
+    """A transformers config of ``model_type`` built from plain fields (nested configs as dicts)
+    (assumption 16)."""
+    return transformers.AutoConfig.for_model(model_type, **fields)
+
+
+def qwen_image_grid(height: int, width: int, patch: int, merge: int, min_pixels: int | None = None,
+                    max_pixels: int | None = None) -> tuple[int, int]:
+    """(h, w) patches Qwen2-VL's image processor gives an image of ``height`` x ``width`` px:
+    ``smart_resize`` to multiples of ``patch * merge`` within [min_pixels, max_pixels] (the
+    processor's defaults when None), divided by ``patch`` (assumption 16)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    h, w = smart_resize(int(height), int(width), factor=patch * merge, **bounds)
+    return h // patch, w // patch

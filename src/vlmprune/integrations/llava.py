@@ -21,4 +21,5 @@ from .base import ModelAdapter, register_adapter
 LLAVA = register_adapter(ModelAdapter(
     family="llava",
     model_classes=("LlavaForConditionalGeneration", "LlavaModel"),
+    config_types=("llava",),
 ))

@@ -114,6 +114,26 @@ class LlavaNextAdapter(ModelAdapter):
             mosaics.append(m)
         return VisualLayout(units=tuple(units), tokens_per_image=tuple(counts), family_data=tuple(mosaics))
 
+    def size_layout(self, model: Any, image_size: Any) -> VisualLayout:
+        """One image of ``image_size`` (H, W) px: its base image and mosaic crops, N + H' * (W' + 1)
+        placeholders (``image_layout``); model or config."""
+        return self.image_layout(model, None, image_sizes=[list(image_size)])
+
+    def geometry_inputs(self, model: Any, image_sizes: list[tuple[int, int]]) -> dict[str, Any]:
+        """``image_sizes`` [I, 2] long (H, W), as the processor returns it."""
+        return {"image_sizes": torch.tensor([list(map(int, s)) for s in image_sizes], dtype=torch.long)}
+
+    def random_image_inputs(self, model: Any, image_sizes: list[tuple[int, int]], generator: Any,
+                            dtype: Any = None) -> dict[str, Any]:
+        """``pixel_values`` [I, max_crops, 3, S, S] (crops past an image's own count are padding,
+        as the processor pads them) and ``image_sizes``."""
+        vc = self.vision_config(model)
+        side = int(vc.image_size)
+        crops = max(self.mosaic(model, size).crops for size in image_sizes)
+        pixels = torch.randn(len(image_sizes), crops, int(getattr(vc, "num_channels", 3)), side, side,
+                             generator=generator)
+        return {"pixel_values": pixels.to(dtype or torch.float32), **self.geometry_inputs(model, image_sizes)}
+
     def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
                layout: VisualLayout | None = None) -> Tensor:
         """pixel_values [B, max_crops, 3, S, S] (or [U, 3, S, S]) -> features [U, N, D], one row
@@ -223,5 +243,6 @@ class LlavaNextAdapter(ModelAdapter):
 LLAVA_NEXT = register_adapter(LlavaNextAdapter(
     family="llava-next",
     model_classes=("LlavaNextForConditionalGeneration", "LlavaNextModel"),
+    config_types=("llava_next",),
     family_options=("newlines",),
 ))

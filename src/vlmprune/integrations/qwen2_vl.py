@@ -91,7 +91,8 @@ import torch
 from torch import Tensor
 
 from .base import ModelAdapter, register_adapter
-from .compat import K, mrope_positions, qwen_rope_index, qwen_vision_qk, qwen_vision_tokens, qwen_window_index
+from .compat import (K, mrope_positions, qwen_image_grid, qwen_rope_index, qwen_vision_qk, qwen_vision_tokens,
+                     qwen_window_index)
 from .layout import VisualLayout, VisualUnit
 
 __all__ = ["Qwen2VLAdapter", "Qwen25VLAdapter", "QWEN2_VL", "QWEN2_5_VL"]
@@ -130,6 +131,10 @@ class Qwen2VLAdapter(ModelAdapter):
                                     pixel_values_field="pixel_values_videos", image_token_id_field=self.video_token_id_field,
                                     image_geometry=("video_grid_thw",))
         return (self, video)
+    vision_start_field: str = "vision_start_token_id"
+    vision_end_field: str = "vision_end_token_id"
+    score_functions: tuple[tuple[str, str], ...] = (("vlmprune.integrations.qwen2_vl", "qwen_vision_qk"),
+                                                    ("vlmprune.integrations.qwen2_vl", "_received_attention"))
 
     def tower_has_cls(self, model: Any) -> bool:
         return False
@@ -192,6 +197,58 @@ class Qwen2VLAdapter(ModelAdapter):
             units += [VisualUnit(image=i, grid=(h // m, w // m), has_cls=False, frame=f) for f in range(t)]
             counts.append(t * h * w // (m * m))
         return VisualLayout(units=tuple(units), tokens_per_image=tuple(counts), family_data=grid_thw)
+
+    # ------------------------------------------------------------ geometry (bench, cost model)
+    def size_layout(self, model: Any, image_size: Any) -> VisualLayout:
+        """One image of ``image_size`` (H, W) px as the processor resizes it (``smart_resize`` with
+        its default pixel bounds): patch grid (h, w), h * w / m^2 placeholders; model or config."""
+        return self.image_layout(model, None, image_grid_thw=self.geometry_inputs(model, [image_size])["image_grid_thw"])
+
+    def geometry_inputs(self, model: Any, image_sizes: list[tuple[int, int]]) -> dict[str, Any]:
+        """``image_grid_thw`` [I, 3] = (1, h, w) patches of each image (one frame)."""
+        patch, m = int(self.vision_config(model).patch_size), self.merge_size(model)
+        grids = [(1, *qwen_image_grid(int(hh), int(ww), patch, m)) for hh, ww in image_sizes]
+        return {"image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+    def unit_tokens(self, model: Any, layout: VisualLayout) -> list[tuple[int, int]]:
+        """(patches in the tower, merged tokens out of the merger) per image."""
+        m2 = self.merge_size(model) ** 2
+        return [(u.num_patches * m2, u.num_patches) for u in layout.units]
+
+    def vision_shape(self, model: Any) -> dict[str, Any]:
+        """The ViT (``embed_dim`` wide, ``depth`` blocks, fc1/fc2 MLP of ``mlp_ratio``) and the merger
+        (4 * D -> 4 * D -> D_text), which is part of the tower: it sees every token."""
+        vc = self.vision_config(model)
+        width, m2 = int(vc.embed_dim), self.merge_size(model) ** 2
+        return {"type": getattr(vc, "model_type", None), "hidden": width, "layers": int(vc.depth),
+                "heads": int(vc.num_heads), "intermediate": int(width * vc.mlp_ratio), "mlp_matrices": 2,
+                "patch_size": int(vc.patch_size), "image_size": None,
+                "patch_in": int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2,
+                "window_tokens": None, "full_layers": None,
+                "projector_dims": [width * m2, width * m2, int(vc.hidden_size)], "projector_after_pruning": False}
+
+    def image_prompt_ids(self, model: Any, count: int) -> list[int]:
+        """<vision_start> <image> * count <vision_end>, as the chat template writes an image."""
+        cfg = self.config(model)
+        return ([int(getattr(cfg, self.vision_start_field))] + [self.image_token_id(model)] * int(count)
+                + [int(getattr(cfg, self.vision_end_field))])
+
+    def random_image_inputs(self, model: Any, image_sizes: list[tuple[int, int]], generator: Any,
+                            dtype: Any = None) -> dict[str, Any]:
+        """``pixel_values`` [sum of patches, C * T * P * P] and ``image_grid_thw``."""
+        vc = self.vision_config(model)
+        geo = self.geometry_inputs(model, image_sizes)
+        rows = int(geo["image_grid_thw"].prod(-1).sum())
+        width = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
+        return {"pixel_values": torch.randn(rows, width, generator=generator).to(dtype or torch.float32), **geo}
+
+    def sequence_extras(self, model: Any, input_ids: Tensor) -> dict[str, Tensor]:
+        """``mm_token_type_ids`` [B, L]: 1 at image placeholders, 2 at video ones, 0 elsewhere."""
+        types = (input_ids == self.image_token_id(model)).int()
+        video = self.video_token_id(model)
+        if video is not None:
+            types = types + 2 * (input_ids == video).int()
+        return {"mm_token_type_ids": types}
 
     def encode(self, model: Any, pixel_values: Tensor, layer: int | list[int], strategy: str,
                layout: VisualLayout | None = None) -> Tensor:
@@ -381,6 +438,7 @@ def _received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, scaling: float
 QWEN2_VL = register_adapter(Qwen2VLAdapter(
     family="qwen2-vl",
     model_classes=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
+    config_types=("qwen2_vl",),
 ))
 
 
@@ -397,8 +455,23 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     def tower_order(self, model: Any, grid_thw: Tensor) -> Tensor | None:
         return qwen_window_index(self.get_vision_tower(model), grid_thw)
 
+    def vision_shape(self, model: Any) -> dict[str, Any]:
+        """As Qwen2-VL with the 2.5 tower: ``hidden_size`` wide, SwiGLU MLP of ``intermediate_size``,
+        windows of (window_size / patch)^2 patches except in ``fullatt_block_indexes``, merger to
+        ``out_hidden_size``."""
+        vc = self.vision_config(model)
+        width, m2 = int(vc.hidden_size), self.merge_size(model) ** 2
+        return {"type": getattr(vc, "model_type", None), "hidden": width, "layers": int(vc.depth),
+                "heads": int(vc.num_heads), "intermediate": int(vc.intermediate_size), "mlp_matrices": 3,
+                "patch_size": int(vc.patch_size), "image_size": None,
+                "patch_in": int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2,
+                "window_tokens": (int(vc.window_size) // int(vc.patch_size)) ** 2,
+                "full_layers": [int(i) for i in getattr(vc, self.fullatt_field)],
+                "projector_dims": [width * m2, width * m2, int(vc.out_hidden_size)], "projector_after_pruning": False}
+
 
 QWEN2_5_VL = register_adapter(Qwen25VLAdapter(
     family="qwen2.5-vl",
     model_classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+    config_types=("qwen2_5_vl",),
 ))

@@ -1,0 +1,59 @@
+"""How a question becomes a prompt: the processor's chat template when it has one, else a text template.
+
+``prompt_style(processor, template)`` returns a ``PromptStyle``: ``build(question)`` -> the prompt
+text (the image placeholder included), a description for the results file, and whether the
+processor should add the tokenizer's special tokens (a chat template writes its own, e.g. BOS).
+The rule: an explicit ``template`` wins; else the processor's ``chat_template`` (one user turn: the
+image, then the question; the generation prompt added); else the ShapesVQA template
+(``testbed.questions.PROMPT_TEMPLATE``), which is what the testbed, which has no chat template, is
+trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["PromptStyle", "prompt_style", "prompt_builder", "has_chat_template"]
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """``build(question) -> prompt``; ``description`` for the results; ``add_special_tokens``."""
+
+    build: Callable[[str], str]
+    description: str
+    add_special_tokens: bool = True
+    chat: bool = False
+
+
+def has_chat_template(processor: Any) -> bool:
+    """Whether ``processor`` (a multimodal processor) carries a chat template."""
+    return bool(getattr(processor, "chat_template", None))
+
+
+def prompt_style(processor: Any, template: str | None = None) -> PromptStyle:
+    """The prompt rule for ``processor`` (see the module docstring). ``template`` must contain
+    ``{question}`` and ``<image>``."""
+    if template is not None:
+        if "{question}" not in template or "<image>" not in template:
+            from ..testbed.questions import PROMPT_TEMPLATE
+
+            raise ValueError("prompt_template must contain '{question}' and '<image>', e.g. " + repr(PROMPT_TEMPLATE))
+        return PromptStyle(lambda q: template.format(question=q), template)
+    if has_chat_template(processor):
+        def build(question: str) -> str:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        return PromptStyle(build, "the processor's chat template (user turn: image, question; generation prompt)",
+                           add_special_tokens=False, chat=True)
+    from ..testbed.questions import PROMPT_TEMPLATE
+
+    return PromptStyle(lambda q: PROMPT_TEMPLATE.format(question=q), PROMPT_TEMPLATE)
+
+
+def prompt_builder(processor: Any) -> tuple[Callable[[str], str], str]:
+    """(build, description) of ``prompt_style(processor)`` (the bench's prompts)."""
+    style = prompt_style(processor)
+    return style.build, style.description
