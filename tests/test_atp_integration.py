@@ -336,7 +336,7 @@ def test_shipped_testbed_checkpoints_load_by_name_and_prune():
     assert {"testbed-144", "testbed-88"} <= set(shipped_checkpoints())
     testbed, processor = load()
     from vlmprune.eval.data import shapesvqa_items
-    from vlmprune.eval.harness import PROMPT_TEMPLATE
+    from vlmprune.testbed.prompt import PROMPT_TEMPLATE
 
     items = shapesvqa_items("test", ["color", "count"], 1)
     processor.tokenizer.padding_side = "left"

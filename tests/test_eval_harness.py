@@ -200,7 +200,7 @@ def chat_dir(tiny_dir, tmp_path_factory):
 
 def test_prompt_style_rules(tiny, chat_dir):
     from vlmprune.eval.prompts import prompt_style
-    from vlmprune.testbed.questions import PROMPT_TEMPLATE
+    from vlmprune.testbed.prompt import PROMPT_TEMPLATE
 
     _, proc = tiny  # the testbed's processor has no chat template: the ShapesVQA template
     style = prompt_style(proc)

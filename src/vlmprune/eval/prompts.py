@@ -5,7 +5,7 @@ text (the image placeholder included), a description for the results file, and w
 processor should add the tokenizer's special tokens (a chat template writes its own, e.g. BOS).
 The rule: an explicit ``template`` wins; else the processor's ``chat_template`` (one user turn: the
 image, then the question; the generation prompt added); else the ShapesVQA template
-(``testbed.questions.PROMPT_TEMPLATE``), which is what the testbed, which has no chat template, is
+(``testbed.prompt.PROMPT_TEMPLATE``), which is what the testbed, which has no chat template, is
 trained on.
 """
 
@@ -37,7 +37,7 @@ def prompt_style(processor: Any, template: str | None = None) -> PromptStyle:
     ``{question}`` and ``<image>``."""
     if template is not None:
         if "{question}" not in template or "<image>" not in template:
-            from ..testbed.questions import PROMPT_TEMPLATE
+            from ..testbed.prompt import PROMPT_TEMPLATE
 
             raise ValueError("prompt_template must contain '{question}' and '<image>', e.g. " + repr(PROMPT_TEMPLATE))
         return PromptStyle(lambda q: template.format(question=q), template)
@@ -48,7 +48,7 @@ def prompt_style(processor: Any, template: str | None = None) -> PromptStyle:
 
         return PromptStyle(build, "the processor's chat template (user turn: image, question; generation prompt)",
                            add_special_tokens=False, chat=True)
-    from ..testbed.questions import PROMPT_TEMPLATE
+    from ..testbed.prompt import PROMPT_TEMPLATE
 
     return PromptStyle(lambda q: PROMPT_TEMPLATE.format(question=q), PROMPT_TEMPLATE)
 
