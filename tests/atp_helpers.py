@@ -60,3 +60,26 @@ def make_tiny_testbed(folder: str | Path, *, text_layers: int = 4, image_size: i
     model.save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
+
+
+def set_constant_thresholds(pruner, theta_r=None, theta_s=None):
+    """Make every module of ``pruner`` predict constant thresholds: head weights zeroed, biases so
+    that theta = ``theta_r`` / ``theta_s`` (a number, or one per module; None leaves that head);
+    fixed-ratio pruners (no learned modules) are left as they are. Returns ``pruner``."""
+    import math
+
+    import torch
+
+    cfg = pruner.config
+    lo, hi = cfg.theta_range
+    for k, layer in enumerate(cfg.layers):
+        mod = pruner.atp[str(layer)] if cfg.learned else None
+        for head, theta in ((getattr(mod, "head_r", None), theta_r), (getattr(mod, "head_s", None), theta_s)):
+            if head is None or theta is None:
+                continue
+            t = theta[k] if isinstance(theta, (tuple, list)) else theta
+            p = (t - lo) / (hi - lo)
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.fill_(math.log(p / (1 - p)))
+    return pruner

@@ -207,6 +207,42 @@ def warm_up(model, inputs):
     return model
 
 
+def assert_remove_restores_and_sdpa_stays(model, inputs, method, options, monkeypatch, is_stock, gen=None):
+    """Under ``method`` the prefill is shorter, every attention still runs sdpa (as often as on the
+    stock model) and ``generate(**gen)`` works; ``remove()`` (twice: idempotent) leaves
+    ``is_stock(model)``, the stock logits and the same weights, with sdpa still configured."""
+    import copy
+
+    import vlmprune
+
+    state = copy.deepcopy(model.state_dict())
+    ref = model(**inputs).logits
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(**inputs)
+    n_ref = len(calls)
+    cfg = model.config
+    impl = lambda: (cfg._attn_implementation, cfg.text_config._attn_implementation,  # noqa: E731
+                    cfg.vision_config._attn_implementation)
+    assert impl() == ("sdpa",) * 3
+    handle = vlmprune.apply(model, method, **(options or {}))
+    try:
+        calls.clear()
+        assert model(**inputs).logits.shape[1] < ref.shape[1]
+        assert len(calls) == n_ref  # every attention still runs sdpa, once
+        if gen is not None:
+            model.generate(**inputs, **gen)
+        assert impl() == ("sdpa",) * 3
+    finally:
+        handle.remove()
+    handle.remove()  # idempotent
+    assert is_stock(model) and impl() == ("sdpa",) * 3
+    assert torch.equal(model(**inputs).logits, ref)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
 def assert_ragged_batch_equals_singles(model, inputs, row, method, options, gen, atol=2e-5):
     """Under ``method``, greedy ``generate`` on the batch ``inputs`` (samples keep different
     visual counts) gives each sample the tokens and logits of its own single-sample run

@@ -12,13 +12,13 @@ saved, reloaded by ``atp:checkpoint=DIR`` and run with generate.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 
 import vlmprune
-from conftest import (EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
+from atp_helpers import set_constant_thresholds
+from conftest import (assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
                       make_next_inputs, make_qwen_inputs, make_tiny_llava_next, make_tiny_qwen2_vl, module_hooks,
                       qwen_row, warm_up)
 from vlmprune.integrations.atp import attach_atp
@@ -80,19 +80,7 @@ def _pruner(model, *, theta_r=None, theta_s=None, seed=0, **kw) -> ATPPruner:
     layers = len(adapter.get_decoder_layers(model))
     torch.manual_seed(seed)
     cfg = ATPConfig(num_layers=layers, layers=(0, 1, 2), num_patches=grid[0] * grid[1], grid=grid, hidden=16, **kw)
-    pr = ATPPruner(cfg)
-    lo, hi = cfg.theta_range
-    for k, layer in enumerate(cfg.layers):
-        mod = pr.atp[str(layer)]
-        for head, theta in ((mod.head_r, theta_r), (mod.head_s, theta_s)):
-            if head is None or theta is None:
-                continue
-            t = theta[k] if isinstance(theta, (tuple, list)) else theta
-            p = (t - lo) / (hi - lo)
-            with torch.no_grad():
-                head.weight.zero_()
-                head.bias.fill_(math.log(p / (1 - p)))
-    return pr
+    return set_constant_thresholds(ATPPruner(cfg), theta_r, theta_s)
 
 
 def _pruning(model, **kw) -> ATPPruner:
@@ -205,29 +193,9 @@ def test_beam_search_batch_equals_single(model, checkpoint):
 
 
 def test_remove_restores_exactly_and_sdpa_stays(model, checkpoint, monkeypatch):
-    inputs = _inputs(model)
-    state = copy.deepcopy(model.state_dict())
-    ref = model(**inputs).logits
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    model(**inputs)
-    n_ref = len(calls)
-    impl = lambda: (model.config._attn_implementation, model.config.text_config._attn_implementation,  # noqa: E731
-                    model.config.vision_config._attn_implementation)
-    handle = vlmprune.apply(model, "atp", checkpoint=checkpoint)
-    try:
-        calls.clear()
-        assert model(**inputs).logits.shape[1] < ref.shape[1]
-        assert len(calls) == n_ref
-        model.generate(**inputs, **_gen(model))
-    finally:
-        handle.remove()
-    handle.remove()
-    assert _is_stock(model) and impl() == ("sdpa",) * 3
-    assert torch.equal(model(**inputs).logits, ref)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert_remove_restores_and_sdpa_stays(model, _inputs(model), "atp", {"checkpoint": checkpoint}, monkeypatch, _is_stock,
+                                          _gen(model))
+
 
 
 def test_survivors_keep_their_unpruned_positions(model, checkpoint):

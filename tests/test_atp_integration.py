@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import vlmprune
 from vlmprune.integrations.atp import ATPStats, attach_atp, build_atp
 from vlmprune.methods.atp import ATPConfig, ATPPruner
 
+from atp_helpers import set_constant_thresholds
 from conftest import make_inputs, make_tiny_llava
 
 ATOL = 2e-5
@@ -26,19 +26,14 @@ def _pruner(model, *, layers=(0, 1, 2), theta_r=None, theta_s=None, seed=0, **kw
     torch.manual_seed(seed)
     cfg = ATPConfig(num_layers=model.config.text_config.num_hidden_layers, layers=layers, num_patches=16,
                     hidden=16, **kw)
-    pr = ATPPruner(cfg)
-    lo, hi = cfg.theta_range
-    for k, layer in enumerate(cfg.layers):
-        mod = pr.atp[str(layer)] if cfg.learned else None
-        for head, theta in ((getattr(mod, "head_r", None), theta_r), (getattr(mod, "head_s", None), theta_s)):
-            if head is None or theta is None:
-                continue
-            t = theta[k] if isinstance(theta, (tuple, list)) else theta
-            p = (t - lo) / (hi - lo)
-            with torch.no_grad():
-                head.weight.zero_()
-                head.bias.fill_(math.log(p / (1 - p)))
-    return pr
+    return set_constant_thresholds(ATPPruner(cfg), theta_r, theta_s)
+
+
+def _single(inputs, b):
+    """Sample ``b`` of a ``make_inputs`` batch, unpadded."""
+    m = inputs["attention_mask"][b].bool()
+    return {"input_ids": inputs["input_ids"][b:b + 1, m], "attention_mask": inputs["attention_mask"][b:b + 1, m],
+            "pixel_values": inputs["pixel_values"][b:b + 1]}
 
 
 def _pruning(model):
@@ -159,11 +154,8 @@ def test_batch_equals_single_samples_with_ragged_counts(model):
         counts = handle.stats.module_counts
         singles, single_counts = [], []
         for b in range(3):
-            m = inputs["attention_mask"][b].bool()
-            one = {"input_ids": inputs["input_ids"][b:b + 1, m], "attention_mask": inputs["attention_mask"][b:b + 1, m],
-                   "pixel_values": inputs["pixel_values"][b:b + 1]}
             with torch.no_grad():
-                singles.append(model(**one).logits[:, -1])
+                singles.append(model(**_single(inputs, b)).logits[:, -1])
             single_counts += handle.stats.module_counts
     assert len({tuple(c) for c in counts}) > 1, counts  # samples keep different numbers of tokens
     assert counts == single_counts
@@ -375,11 +367,8 @@ def test_positional_ablation_renumbers_survivors_and_stays_exact(model, position
         assert seg.valid.sum() < inputs["attention_mask"].sum()  # something was pruned
         singles = []
         for b in range(3):
-            m = inputs["attention_mask"][b].bool()
-            one = {"input_ids": inputs["input_ids"][b:b + 1, m], "attention_mask": inputs["attention_mask"][b:b + 1, m],
-                   "pixel_values": inputs["pixel_values"][b:b + 1]}
             with torch.no_grad():
-                singles.append(model(**one).logits[:, -1])
+                singles.append(model(**_single(inputs, b)).logits[:, -1])
         torch.testing.assert_close(batch, torch.cat(singles), atol=ATOL, rtol=0)
         with torch.no_grad():
             cached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=True)

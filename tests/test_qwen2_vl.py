@@ -12,13 +12,12 @@ per-temporal-slice budgets.
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import pytest
 import torch
 
 import vlmprune
-from conftest import (EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_mixed_batch_equals_singles,
+from conftest import (assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_mixed_batch_equals_singles,
                       assert_ragged_batch_equals_singles, make_qwen_inputs, make_qwen_mixed_inputs, make_tiny_qwen2_vl,
                       module_hooks, qwen_mixed_row, qwen_row, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
@@ -195,29 +194,8 @@ def test_cached_generate_equals_uncached(model, method, options):
 
 @pytest.mark.parametrize("method", ["fastv", "sparsevlm"])
 def test_remove_restores_exactly_and_sdpa_stays(model, method, monkeypatch, options=None):
-    inputs = _inputs()
-    state = copy.deepcopy(model.state_dict())
-    ref = model(**inputs).logits
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    model(**inputs)
-    n_ref = len(calls)
-    impl = lambda: (model.config._attn_implementation, model.config.text_config._attn_implementation,  # noqa: E731
-                    model.config.vision_config._attn_implementation)
-    assert impl() == ("sdpa",) * 3
-    handle = vlmprune.apply(model, method, **(options or {}))
-    calls.clear()
-    assert model(**inputs).logits.shape[1] < ref.shape[1]
-    assert len(calls) == n_ref  # every attention still runs sdpa, once
-    model.generate(**inputs, **GEN)
-    assert impl() == ("sdpa",) * 3
-    handle.remove()
-    handle.remove()  # idempotent
-    assert _is_stock(model) and impl() == ("sdpa",) * 3
-    assert torch.equal(model(**inputs).logits, ref)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert_remove_restores_and_sdpa_stays(model, _inputs(), method, options, monkeypatch, _is_stock, GEN)
+
 
 
 # ------------------------------------------------------------------------------------------ vision stage
@@ -665,23 +643,9 @@ def test_video_substitute_score_sums_to_one_per_slice(model):
 @pytest.mark.parametrize("method,options", [("spatial", {"keep": 0.5}), ("prumerge+", {"keep": 0.25}),
                                             ("sparsevlm", {})])
 def test_video_remove_restores_exactly_and_sdpa_stays(model, method, options, monkeypatch):
-    inputs = _mixed()
-    state = copy.deepcopy(model.state_dict())
-    ref = model(**inputs).logits
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    model(**inputs)
-    n_ref = len(calls)
-    handle = vlmprune.apply(model, method, **options)
-    calls.clear()
-    assert model(**inputs).logits.shape[1] < ref.shape[1]
-    assert len(calls) == n_ref
-    handle.remove()
-    assert _is_stock(model) and "get_video_features" not in vars(model.model)
-    assert torch.equal(model(**inputs).logits, ref)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert_remove_restores_and_sdpa_stays(model, _mixed(), method, options, monkeypatch, _is_stock)
+    assert "get_video_features" not in vars(model.model)
+
 
 
 def test_qwen2_5_video_seconds_per_slice_positions():

@@ -10,13 +10,12 @@ fed the survivors; one clear error line for what cannot run.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 import vlmprune
-from conftest import (EOS_ID, IMAGE_TOKEN_ID, VIDEO_ID, assert_mixed_batch_equals_singles, make_tiny_video_llava,
+from conftest import (assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, VIDEO_ID, assert_mixed_batch_equals_singles, make_tiny_video_llava,
                       make_video_llava_inputs, module_hooks, video_llava_row, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
@@ -206,29 +205,8 @@ def test_cached_generate_equals_uncached(model, method, options):
 @pytest.mark.parametrize("method,options", [("prumerge+", {}), ("spatial", {}), ("fastv", {"k": 1, "count": 8}),
                                             ("sparsevlm", {})])
 def test_remove_restores_exactly_and_sdpa_stays(model, method, options, monkeypatch):
-    inputs = _inputs(model)
-    state = copy.deepcopy(model.state_dict())
-    ref = model(**inputs).logits
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    model(**inputs)
-    n_ref = len(calls)
-    impl = lambda: (model.config._attn_implementation, model.config.text_config._attn_implementation,  # noqa: E731
-                    model.config.vision_config._attn_implementation)
-    assert impl() == ("sdpa",) * 3
-    handle = vlmprune.apply(model, method, **options)
-    calls.clear()
-    assert model(**inputs).logits.shape[1] < ref.shape[1]
-    assert len(calls) == n_ref  # every attention (both towers, the decoder) still runs sdpa, once
-    model.generate(**inputs, **GEN)
-    assert impl() == ("sdpa",) * 3
-    handle.remove()
-    handle.remove()  # idempotent
-    assert _is_stock(model) and impl() == ("sdpa",) * 3
-    assert torch.equal(model(**inputs).logits, ref)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert_remove_restores_and_sdpa_stays(model, _inputs(model), method, options, monkeypatch, _is_stock, GEN)
+
 
 
 def test_fastv_k0_equals_stock_model_on_prepruned_sequence(model):
