@@ -38,7 +38,8 @@ from vlmprune import apply, runinfo
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.decoder import Decision, DecoderMethodBase, attach as attach_decoder
 from vlmprune.testbed.model import CHECKPOINT_DIR, load as load_testbed
-from vlmprune.testbed.questions import PROMPT_TEMPLATE, SHAPES, Question, build_questions, normalize_answer, scene_for
+from vlmprune.testbed.prompt import PROMPT_TEMPLATE
+from vlmprune.testbed.questions import PLURALS, SHAPES, Question, build_questions, normalize_answer, scene_for
 from vlmprune.testbed.scenes import GRID, patch_pixels
 
 FAMILIES = ("read", "count", "position")
@@ -64,7 +65,7 @@ def relevant_patches(q: Question) -> np.ndarray:
         rel[t.row * GRID + t.col + np.arange(len(t.code))] = True
         return rel
     words = q.question.lower().replace("?", " ").split()
-    named = {s for s in SHAPES if s in words or (s + "s") in words or any(w.startswith(s) for w in words)}
+    named = {s for s in SHAPES if s in words or PLURALS[s] in words}
     pix = patch_pixels(scene.object_mask)  # [N, P*P]
     rel = np.zeros(n, bool)
     for i, o in enumerate(scene.objects):

@@ -118,10 +118,6 @@ def _kept(handle, input_ids):
     return visual_kept_per_sample(handle, input_ids, VISUAL_IDS)
 
 
-def _options(model, method, opts):
-    return dict(opts)
-
-
 def _apply(model, method, opts):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # untrained-module notices
@@ -154,7 +150,7 @@ def _no_grad():
 def test_cell(family, method, guarantee):
     model, inputs, row = _family(family)
     if (family, method) in INPUT_REFUSALS:
-        handle = _apply(model, method, _options(model, method, METHODS[method][0]))
+        handle = _apply(model, method, dict(METHODS[method][0]))
         try:
             with pytest.raises(ValueError) as err:
                 model(**inputs)
@@ -165,20 +161,20 @@ def test_cell(family, method, guarantee):
         pytest.skip(f"refused: {INPUT_REFUSALS[family, method]}")
     if problem := _refusal(model, method):
         with pytest.raises(ValueError) as err:
-            _apply(model, method, _options(model, method, METHODS[method][0]))
+            _apply(model, method, dict(METHODS[method][0]))
         msg = str(err.value)
         assert "\n" not in msg and method in msg and problem in msg
         assert _is_stock(model)
         pytest.skip(f"refused: {problem}")
     prune, keep_all = METHODS[method]
     if guarantee == "keep_all":
-        _check_keep_all(model, inputs, method, _options(model, method, keep_all))
+        _check_keep_all(model, inputs, method, dict(keep_all))
     elif guarantee == "batch":
-        _check_batch(model, inputs, row, method, _options(model, method, prune))
+        _check_batch(model, inputs, row, method, dict(prune))
     elif guarantee == "cache":
-        _check_cache(model, inputs, method, _options(model, method, prune))
+        _check_cache(model, inputs, method, dict(prune))
     else:
-        _check_remove(model, inputs, method, _options(model, method, prune))
+        _check_remove(model, inputs, method, dict(prune))
 
 
 def _check_keep_all(model, inputs, method, opts):
