@@ -243,6 +243,20 @@ def assert_remove_restores_and_sdpa_stays(model, inputs, method, options, monkey
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
+def assert_beam_batch_equals_singles(model, inputs, row, method, options, beams):
+    """Under ``method``, beam search (``generate(**beams)``) on the batch gives each sample the
+    tokens of its own single-sample run (``row(inputs, b)``: sample b unpadded)."""
+    import vlmprune
+
+    width = inputs["input_ids"].shape[1]
+    with vlmprune.pruned(model, method, **(options or {})):
+        out = model.generate(**inputs, **beams)
+        for b in range(inputs["input_ids"].shape[0]):
+            single = row(inputs, b)
+            one = model.generate(**single, **beams)
+            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+
+
 def assert_ragged_batch_equals_singles(model, inputs, row, method, options, gen, atol=2e-5):
     """Under ``method``, greedy ``generate`` on the batch ``inputs`` (samples keep different
     visual counts) gives each sample the tokens and logits of its own single-sample run

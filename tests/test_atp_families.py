@@ -18,7 +18,7 @@ import torch
 
 import vlmprune
 from atp_helpers import set_constant_thresholds
-from conftest import (assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
+from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
                       make_next_inputs, make_qwen_inputs, make_tiny_llava_next, make_tiny_qwen2_vl, module_hooks,
                       qwen_row, warm_up)
 from vlmprune.integrations.atp import attach_atp
@@ -182,14 +182,8 @@ def test_cached_generate_equals_uncached(model, checkpoint, options):
 def test_beam_search_batch_equals_single(model, checkpoint):
     """Beams: generate() expands the encoded images; each sample's beams prune as its single run."""
     inputs = _inputs(model, n=3)
-    width = inputs["input_ids"].shape[1]
     beams = {**_gen(model), "max_new_tokens": 3, "num_beams": 2}
-    with vlmprune.pruned(model, "atp", checkpoint=checkpoint):
-        out = model.generate(**inputs, **beams)
-        for b in range(3):
-            single = _row(inputs, b)
-            one = model.generate(**single, **beams)
-            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+    assert_beam_batch_equals_singles(model, inputs, _row, "atp", {"checkpoint": checkpoint}, beams)
 
 
 def test_remove_restores_exactly_and_sdpa_stays(model, checkpoint, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import (assert_ragged_batch_equals_singles, make_next_inputs, make_tiny_llava_next, module_hooks,
+from conftest import (assert_beam_batch_equals_singles, assert_ragged_batch_equals_singles, make_next_inputs, make_tiny_llava_next, module_hooks,
                       next_image_tokens, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
@@ -184,11 +184,5 @@ def test_family_options_and_support_listed():
 @pytest.mark.parametrize("method", ["prumerge+", "fastv"])
 def test_beam_search_batch_equals_single(model, method):
     inputs = _inputs(model, n=3)
-    width = inputs["input_ids"].shape[1]
     beams = dict(max_new_tokens=4, num_beams=2, do_sample=False)
-    with vlmprune.pruned(model, method):
-        out = model.generate(**inputs, **beams)
-        for b in range(3):
-            single = _row(inputs, b)
-            one = model.generate(**single, **beams)
-            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+    assert_beam_batch_equals_singles(model, inputs, _row, method, {}, beams)

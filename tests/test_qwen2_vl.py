@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import (assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_mixed_batch_equals_singles,
+from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_mixed_batch_equals_singles,
                       assert_ragged_batch_equals_singles, make_qwen_inputs, make_qwen_mixed_inputs, make_tiny_qwen2_vl,
                       module_hooks, qwen_mixed_row, qwen_row, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
@@ -373,14 +373,8 @@ def test_beam_search_batch_equals_single(model, method, options):
     """Beams: generate() expands the encoded images into new tensors, whose kept slots the
     vision stage reads back from their NaN rows (image_token_slots)."""
     inputs = _inputs(n=3)
-    width = inputs["input_ids"].shape[1]
     beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=GEN["suppress_tokens"])
-    with vlmprune.pruned(model, method, **options):
-        out = model.generate(**inputs, **beams)
-        for b in range(3):
-            single = qwen_row(inputs, b)
-            one = model.generate(**single, **beams)
-            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+    assert_beam_batch_equals_singles(model, inputs, qwen_row, method, options, beams)
 
 
 def test_int_budgets(model):
@@ -618,14 +612,8 @@ def test_video_beam_search_batch_equals_single(model, method, options):
     """Beams on a mixed image + video batch: generate() expands both modalities' encodings."""
     items = ITEMS[:3]
     inputs = _mixed(items)
-    width = inputs["input_ids"].shape[1]
     beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=GEN["suppress_tokens"])
-    with vlmprune.pruned(model, method, **options):
-        out = model.generate(**inputs, **beams)
-        for b in range(3):
-            single = qwen_mixed_row(inputs, b, items)
-            one = model.generate(**single, **beams)
-            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+    assert_beam_batch_equals_singles(model, inputs, lambda inp, b: qwen_mixed_row(inp, b, items), method, options, beams)
 
 
 def test_video_substitute_score_sums_to_one_per_slice(model):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import (assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, VIDEO_ID, assert_mixed_batch_equals_singles, make_tiny_video_llava,
+from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, VIDEO_ID, assert_mixed_batch_equals_singles, make_tiny_video_llava,
                       make_video_llava_inputs, module_hooks, video_llava_row, warm_up)
 from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
 
@@ -233,14 +233,9 @@ def test_beam_search_batch_equals_single(model, method, options):
     counts the vision stage reads back from their NaN rows."""
     kinds = KINDS[:3]
     inputs = _inputs(model, kinds=kinds)
-    width = inputs["input_ids"].shape[1]
     beams = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=GEN["suppress_tokens"])
-    with vlmprune.pruned(model, method, **options):
-        out = model.generate(**inputs, **beams)
-        for b in range(3):
-            single = video_llava_row(inputs, b, kinds)
-            one = model.generate(**single, **beams)
-            assert torch.equal(one[0, single["input_ids"].shape[1]:], out[b, width:])
+    assert_beam_batch_equals_singles(model, inputs, lambda inp, b: video_llava_row(inp, b, kinds), method, options,
+                                     beams)
 
 
 def test_deprecated_pixel_values_images_is_pruned_too(model):
