@@ -85,11 +85,11 @@ def build_random(*, keep: int | float = DEFAULT_KEEP, seed: int | None = 0,
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
         raise ValueError(f"random: seed must be an int >= 0 or None, got {seed!r}")
 
-    def fn(features: Tensor, signals: VisionSignals | None, grid: tuple[int, int]) -> Reduction:
+    def fn(features: Tensor, signals: VisionSignals | None, grid: tuple[int, int], fetch=None) -> Reduction:
         gen = None
         if seed is not None:
             gen = torch.Generator(device=features.device).manual_seed(int(seed))
-        return random_keep(features, keep, generator=gen)
+        return random_keep(features, keep, generator=gen, fetch=fetch)
 
     return _with_lora(VisionMethod("random", fn, options={"keep": keep, "seed": seed}), lora)
 
@@ -97,15 +97,19 @@ def build_random(*, keep: int | float = DEFAULT_KEEP, seed: int | None = 0,
 def build_sequential(*, keep: int | float = DEFAULT_KEEP, lora: str | None = None) -> VisionMethod:
     """``sequential``: keep the first ``keep`` patches in raster order (``keep=1.0`` = no pruning)."""
     _check_keep("sequential", keep)
-    return _with_lora(VisionMethod("sequential", lambda f, s, g: sequential_keep(f, keep), options={"keep": keep}),
-                      lora)
+    def fn(features: Tensor, signals: VisionSignals | None, grid: tuple[int, int], fetch=None) -> Reduction:
+        return sequential_keep(features, keep, fetch=fetch)
+
+    return _with_lora(VisionMethod("sequential", fn, options={"keep": keep}), lora)
 
 
 def build_spatial(*, keep: int | float = DEFAULT_KEEP, lora: str | None = None) -> VisionMethod:
     """``spatial``: keep a centred uniform 2-D lattice of about ``keep`` patches."""
     _check_keep("spatial", keep)
-    return _with_lora(VisionMethod("spatial", lambda f, s, g: spatial_keep(f, keep, grid_size=g), needs_grid=True,
-                                   options={"keep": keep}), lora)
+    def fn(features: Tensor, signals: VisionSignals | None, grid: tuple[int, int], fetch=None) -> Reduction:
+        return spatial_keep(features, keep, grid_size=grid, fetch=fetch)
+
+    return _with_lora(VisionMethod("spatial", fn, needs_grid=True, options={"keep": keep}), lora)
 
 
 def build_cls_topk(*, keep: int | float | None = None, order: str = "attention",
@@ -118,11 +122,11 @@ def build_cls_topk(*, keep: int | float | None = None, order: str = "attention",
     _check_keep("cls-topk", keep, allow_none=True)
     _check_choice("cls-topk", "order", order, ("attention", "spatial"))
 
-    def fn(features: Tensor, signals: VisionSignals | None, grid: tuple[int, int]) -> Reduction:
+    def fn(features: Tensor, signals: VisionSignals | None, grid: tuple[int, int], fetch=None) -> Reduction:
         if keep is None:
             return prumerge(signals.cls_attn, signals.keys, features, k_neighbors=0, extra_token=False,
-                            order=order, grid_size=grid)
-        return cls_topk(signals.cls_attn, features, keep, order=order)
+                            order=order, grid_size=grid, fetch=fetch)
+        return cls_topk(signals.cls_attn, features, keep, order=order, fetch=fetch)
 
     return _with_lora(VisionMethod("cls-topk", fn, needs_signals=True, needs_grid=True,
                                    options={"keep": keep, "order": order}), lora)
@@ -143,9 +147,10 @@ def _build_prumerge(name: str, plus: bool, *, k_neighbors: int, merge: str, extr
     if plus:
         options["grid"] = grid
 
-    def fn(features: Tensor, signals: VisionSignals | None, grid_hw: tuple[int, int]) -> Reduction:
+    def fn(features: Tensor, signals: VisionSignals | None, grid_hw: tuple[int, int], fetch=None) -> Reduction:
         return prumerge(signals.cls_attn, signals.keys, features, plus=plus, k_neighbors=int(k_neighbors),
-                        merge=merge, extra_token=extra_token, grid=grid, order=order, keep=keep, grid_size=grid_hw)
+                        merge=merge, extra_token=extra_token, grid=grid, order=order, keep=keep, grid_size=grid_hw,
+                        fetch=fetch)
 
     return _with_lora(VisionMethod(name, fn, needs_signals=True, needs_grid=True, options=options), lora)
 

@@ -72,7 +72,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..methods.common import gather_rows
+from ..methods.common import gather_rows, to_host_lists
 from .base import ModelAdapter, PruneHandle, PruneStats
 from .compat import K, get_cache, layer_keys, output_cache
 from .layout import VisualLayout
@@ -275,15 +275,15 @@ class DecoderStats(PruneStats):
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     kept_at: dict[int, list[int]] = field(default_factory=dict)
 
-    def record_layers(self, visual_in: Tensor, tokens_in: Tensor, kept_at: dict[int, list[int]]) -> None:
-        """Record one prefill: visual_in / tokens_in [B, num_layers] long."""
-        self.num_layers = visual_in.shape[1]
-        self.visual_per_layer = visual_in.tolist()
-        out = torch.cat([visual_in[:, 1:], visual_in[:, -1:]], dim=1)  # the last layer's output is never pruned
-        self.visual_after_layer = out.tolist()
-        self.tokens_per_layer = tokens_in.tolist()
+    def record_layers(self, visual_in: list[list[int]], tokens_in: list[list[int]],
+                      kept_at: dict[int, list[int]]) -> None:
+        """Record one prefill: visual_in / tokens_in [B][num_layers] counts (host lists)."""
+        self.num_layers = len(visual_in[0]) if visual_in else 0
+        self.visual_per_layer = [list(r) for r in visual_in]
+        self.visual_after_layer = [r[1:] + r[-1:] for r in visual_in]  # the last layer's output is never pruned
+        self.tokens_per_layer = [list(r) for r in tokens_in]
         self.kept_at = dict(kept_at)
-        self.record(visual_in.float().mean(1).tolist())
+        self.record([sum(r) / len(r) for r in visual_in])
 
     def visual_tokens_per_sample(self) -> list[float]:
         """All-layer average visual tokens of each sample in the last prefill (processed counts)."""
@@ -323,6 +323,13 @@ class Segment:
     identity: bool  # the untouched input layout: the model's own mask / rotary apply
     mask: Any = None  # prefill attention mask for this layout (None -> is_causal)
     pos_emb: tuple[Tensor, Tensor] | None = None
+    counts: tuple[list[int], list[int]] | None = None  # (visual, valid) tokens per row, on the host once read
+    shifted: bool | None = None  # whether ``shift`` is non-zero anywhere, once read (decode rotary)
+
+    @property
+    def all_valid(self) -> bool | None:
+        """No padding in this layout (from the host counts), or None when they are not read yet."""
+        return None if self.counts is None else all(v == self.length for v in self.counts[1])
 
     @property
     def length(self) -> int:
@@ -466,8 +473,10 @@ class DecoderHandle(PruneHandle):
             visual = (embeds == tok.to(embeds.dtype)).all(-1)
         else:
             return None
-        if visual.shape[1] <= 1 or not bool(visual.any()):
+        if visual.shape[1] <= 1:
             return None
+        if _image_key(pixels, kwargs.get(K.MM_ENCODER_OUTPUTS)) is None and not bool(visual.any()):
+            return None  # no image passed and no placeholder (with images, the model checks the placeholders)
         if cache is not None and cache.get_seq_length() > 0:
             return None  # a continuation on a filled cache: not a prefill we prune
         st.pending_visual = visual
@@ -635,14 +644,15 @@ class DecoderHandle(PruneHandle):
             attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device), cache)
         st.captured.pop(p - 1, None)  # free the projections
         dec = self.method_obj.select(view, attn)
-        new_hidden, new_seg = self._apply_decision(p, hidden, seg, dec)
-        st.decisions[p] = dict(dec.info)
+        new_hidden, new_seg, info = self._apply_decision(p, hidden, seg, dec)
+        st.decisions[p] = {**dec.info, **info, "kept": new_seg.counts[0]}
         if new_seg is not seg:
             st.segments.append(new_seg)
-        st.decisions[p]["kept"] = new_seg.visual.sum(1)  # a tensor until the prefill ends (no sync here)
         return new_hidden
 
-    def _apply_decision(self, p: int, hidden: Tensor, seg: Segment, dec: Decision) -> tuple[Tensor, Segment]:
+    def _apply_decision(self, p: int, hidden: Tensor, seg: Segment,
+                        dec: Decision) -> tuple[Tensor, Segment, dict[str, Any]]:
+        """Apply ``dec`` at prune point ``p``: (new hidden, new segment, ``dec.info``'s tensors as host lists)."""
         bsz, length = seg.source.shape
         dev = hidden.device
         keep = seg.valid.clone() if dec.keep is None else (seg.valid & (dec.keep.to(dev).bool() | ~seg.visual))
@@ -659,16 +669,26 @@ class DecoderHandle(PruneHandle):
             ev = dec.extra_valid.to(dev).bool() if dec.extra_valid is not None else \
                 torch.ones(bsz, n_extra, dtype=torch.bool, device=dev)
         n_new = keep.sum(1) + (ev.sum(1) if n_extra else 0)  # [B] tokens of the new layout
-        # the prune point's one host synchronisation: new width, narrowest sample, anything dropped
-        new_len, min_len, dropped = torch.stack([n_new.max(), n_new.min(), (seg.valid & ~keep).any().long()]).tolist()
+        vis_new = (keep & seg.visual).sum(1) + (ev.sum(1) if n_extra else 0)  # [B] visual tokens of the new layout
+        # the prune point's one host synchronisation: new width, narrowest sample, anything dropped, the
+        # new layout's counts (and the first layout's), and the method's recorded tensors
+        names = [k for k, v in dec.info.items() if isinstance(v, Tensor)]
+        first = [seg.visual.sum(1), seg.valid.sum(1)] if seg.counts is None else []
+        host = to_host_lists([torch.stack([n_new.max(), n_new.min(), (seg.valid & ~keep).any().long()]),
+                              vis_new, n_new, *first, *(dec.info[k] for k in names)])
+        (new_len, min_len, dropped), counts = host[0], (host[1], host[2])
+        if first:
+            seg.counts = (host[3], host[4])
+        info = dict(zip(names, host[3 + len(first):]))
         if not dropped and n_extra == 0:
             if soft is seg.soft:
-                return hidden, seg
+                return hidden, seg, info
             new = Segment(first_layer=p, source=seg.source, valid=seg.valid, visual=seg.visual,
                           recycled=seg.recycled, prompt=seg.prompt, after_image=seg.after_image,
-                          positions=seg.positions, soft=soft, shift=seg.shift, identity=False)
+                          positions=seg.positions, soft=soft, shift=seg.shift, identity=False, counts=counts,
+                          shifted=seg.shifted)
             self._finish_segment(new, hidden)
-            return hidden, new
+            return hidden, new, info
 
         cols = torch.arange(length, device=dev)
         key = torch.where(keep, cols[None, :] * 2, torch.full_like(cols[None, :], -1)).expand(bsz, length)
@@ -715,13 +735,14 @@ class DecoderHandle(PruneHandle):
                       after_image=take(after) & new_valid, positions=new_positions,
                       soft=take(softs) if softs is not None else None,
                       shift=(self.state.last_pos - new_positions[..., -1]) if self.positions == "compact"
-                      else torch.zeros_like(seg.shift), identity=False)
+                      else torch.zeros_like(seg.shift), identity=False, counts=counts,
+                      shifted=None if self.positions == "compact" else False)
         pos_emb = None
         if n_extra == 0 and self.positions == "original" and seg.pos_emb is not None:
             # survivors keep their positions, so their rotary rows are the old layout's rows
             pos_emb = tuple(gather_rows(t.expand(bsz, -1, -1), order) for t in seg.pos_emb)
         self._finish_segment(new, new_hidden, all_valid=min_len == new_len, pos_emb=pos_emb)
-        return new_hidden, new
+        return new_hidden, new, info
 
     def _finish_segment(self, seg: Segment, hidden: Tensor, all_valid: bool | None = None,
                         pos_emb: tuple[Tensor, Tensor] | None = None) -> None:
@@ -747,14 +768,15 @@ class DecoderHandle(PruneHandle):
         st.captured = {}
         st.pos_emb_used = {}
         st.final_source = st.current.source
-        # per-segment counts, one small transfer: [2, S, B] -> per layer through layer_segment
-        counts = torch.stack([torch.stack([seg.visual.sum(1), seg.valid.sum(1)]) for seg in st.segments], 1).cpu()
-        index = torch.tensor(st.layer_segment)
-        vis, tok = counts[0, index].T, counts[1, index].T  # [B, layers]
-        for d in st.decisions.values():  # tensors recorded during the prefill -> lists, now the work is done
-            for key, value in d.items():
-                if isinstance(value, torch.Tensor):
-                    d[key] = value.tolist()
+        # per-segment counts, read at the prune points' synchronisations (one transfer if no point ran)
+        missing = [seg for seg in st.segments if seg.counts is None]
+        if missing:
+            host = to_host_lists([t for seg in missing for t in (seg.visual.sum(1), seg.valid.sum(1))])
+            for i, seg in enumerate(missing):
+                seg.counts = (host[2 * i], host[2 * i + 1])
+        per_layer = [st.segments[s].counts for s in st.layer_segment]
+        vis = [[c[0][b] for c in per_layer] for b in range(len(per_layer[0][0]))]  # [B][layers]
+        tok = [[c[1][b] for c in per_layer] for b in range(len(per_layer[0][0]))]
         kept_at = {p: d["kept"] for p, d in st.decisions.items()}
         self.stats.record_layers(vis, tok, kept_at)
 
@@ -778,8 +800,10 @@ class DecoderHandle(PruneHandle):
         dev = embeds.device
         if mask2d is not None and mask2d.dim() == 2 and mask2d.shape[1] == st.orig_len + past_new + q_len:
             tail = mask2d[:, st.orig_len:].to(dev).bool()
+            tail_full = None  # read once, at the step's first pruned layer that can use it
         else:
             tail = torch.ones(bsz, past_new + q_len, dtype=torch.bool, device=dev)
+            tail_full = True
         pos = kwargs.get(K.POSITION_IDS)
         new_kwargs = None
         if pos is None:
@@ -788,7 +812,7 @@ class DecoderHandle(PruneHandle):
             new_kwargs[K.POSITION_IDS] = pos
         else:
             pos = self.adapter.lm_positions(pos, bsz, q_len, dev)  # the family's form, [*P, B, q]
-        st.step = {"q_len": q_len, "past_new": past_new, "tail": tail, "pos": pos,
+        st.step = {"q_len": q_len, "past_new": past_new, "tail": tail, "tail_full": tail_full, "pos": pos,
                    "mask": {}, "rot": {}}
         if new_kwargs is not None:
             return args, new_kwargs
@@ -804,7 +828,7 @@ class DecoderHandle(PruneHandle):
         if s not in step["mask"]:
             key_valid = torch.cat([seg.valid, step["tail"]], dim=1)
             bias = seg.key_bias()
-            if bias is None and step["q_len"] == 1 and bool(key_valid.all()):
+            if bias is None and step["q_len"] == 1 and self._no_padding(seg, step):
                 step["mask"][s] = None
             elif bias is None:
                 q_len, kv = step["q_len"], key_valid.shape[1]
@@ -816,7 +840,9 @@ class DecoderHandle(PruneHandle):
                 step["mask"][s] = _soft_mask(key_valid, full_bias, args[0].dtype if args else
                                              kwargs[K.HIDDEN_STATES].dtype, q_len=step["q_len"],
                                              past=seg.length + step["past_new"])
-            if bool((seg.shift != 0).any()):
+            if seg.shifted is None:
+                seg.shifted = bool((seg.shift != 0).any())  # once per layout, not per step
+            if seg.shifted:
                 hidden = args[0] if args else kwargs[K.HIDDEN_STATES]
                 step["rot"][s] = st.layout.rotary(hidden, position_ids=step["pos"] - seg.shift[..., None])
             else:
@@ -827,6 +853,19 @@ class DecoderHandle(PruneHandle):
             kwargs[K.POSITION_EMBEDDINGS] = step["rot"][s]
             kwargs[K.POSITION_IDS] = self.adapter.layer_position_ids(step["pos"] - seg.shift[..., None])
         return args, kwargs
+
+    @staticmethod
+    def _no_padding(seg: Segment, step: dict[str, Any]) -> bool:
+        """No padding among a decode step's keys of ``seg``: the layout's (host counts) and the new tokens'
+        (the step's mask tail, read at most once per step)."""
+        valid = seg.all_valid
+        if valid is None:
+            valid = bool(seg.valid.all())
+        if not valid:
+            return False
+        if step["tail_full"] is None:
+            step["tail_full"] = bool(step["tail"].all())
+        return step["tail_full"]
 
     def remove(self) -> None:
         super().remove()

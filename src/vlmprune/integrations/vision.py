@@ -83,7 +83,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..methods.common import Reduction
+from ..methods.common import Fetch, Reduction, to_host_lists
 from ..methods.prumerge import cls_attention
 from .base import ModelAdapter, PruneHandle
 from .compat import K, get_cache
@@ -114,24 +114,26 @@ class VisionSignals:
 class VisionMethod:
     """A configured vision-stage method, as built by ``integrations.builders``.
 
-    ``fn(features [I, N, D], signals | None, grid (H, W)) -> Reduction`` does the work;
+    ``fn(features [I, N, D], signals | None, grid (H, W), fetch) -> Reduction`` does the work
+    (``fetch``: how it brings its counts to the host, once; see ``methods.common.Fetch``);
     ``needs_signals`` asks the plumbing for [CLS] attention and keys (hooks are only installed
     then); ``needs_grid`` says that the N tokens must form the H x W patch grid; ``lora`` is the
     folder of LoRA adapters injected into the language model while the method is attached.
     """
 
     name: str
-    fn: Callable[[Tensor, VisionSignals | None, tuple[int, int]], Reduction]
+    fn: Callable[..., Reduction]
     needs_signals: bool = False
     needs_grid: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     lora: str | None = None
 
-    def reduce(self, features: Tensor, signals: VisionSignals | None, grid: tuple[int, int]) -> Reduction:
-        """features [I, N, D] -> Reduction (tokens [I, M, D], counts [I])."""
+    def reduce(self, features: Tensor, signals: VisionSignals | None, grid: tuple[int, int],
+               fetch: Fetch | None = None) -> Reduction:
+        """features [I, N, D] -> Reduction (tokens [I, M, D], counts [I], host_counts)."""
         if self.needs_signals and signals is None:
             raise RuntimeError(f"method {self.name!r} needs [CLS] signals but none were captured")
-        return self.fn(features, signals, grid)
+        return self.fn(features, signals, grid, fetch)
 
     def validate(self, num_tokens: int, grid: tuple[int, int]) -> None:
         """Dry-run on tiny dummy inputs of the model's N, so bad budgets fail at ``apply()``."""
@@ -246,11 +248,13 @@ class Plan:
         return positions.gather(-1, idx.expand(*lead, *idx.shape)).masked_fill(pads.expand(*lead, *pads.shape), 0)
 
 
-def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0) -> Plan:
-    """keep [B, L] bool -> the left-re-padded compaction (see ``Plan``); one host sync (L')."""
+def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0, new_len: int | None = None) -> Plan:
+    """keep [B, L] bool -> the left-re-padded compaction (see ``Plan``); ``new_len`` = max kept per
+    row when the caller knows it on the host, else read from the device (one host sync)."""
     bsz, length = keep.shape
     kept_len = keep.sum(dim=1)  # [B]
-    new_len = int(kept_len.max())
+    if new_len is None:
+        new_len = int(kept_len.max())
     dest = (new_len - kept_len)[:, None] + keep.long().cumsum(dim=1) - 1  # [B, L]; valid where keep
     cols = torch.arange(length, device=keep.device).expand(bsz, length)
     # dropped slots write to a dump column L' that is cut off
@@ -297,6 +301,45 @@ def image_token_slots(per_image: list[Tensor]) -> tuple[list[int], list[Tensor |
     return counts, slots
 
 
+class _BatchedFetch:
+    """A ``Fetch`` that brings ``pending`` device values (name -> 1-D integer tensor) to the host in
+    the same transfer as the first values it is asked for; later calls transfer on their own.
+    ``values[name]`` holds the pending values once fetched."""
+
+    def __init__(self, pending: dict[str, Tensor] | None = None) -> None:
+        self.pending = dict(pending or {})
+        self.values: dict[str, list[int]] = {}
+
+    def __call__(self, values: Tensor) -> list:
+        if not self.pending:
+            return values.tolist()
+        names = list(self.pending)
+        parts = [values.reshape(-1).long()] + [self.pending[k].reshape(-1).long().to(values.device) for k in names]
+        flat = torch.cat(parts).tolist()
+        start = values.numel()
+        for k in names:
+            n = self.pending[k].numel()
+            self.values[k] = flat[start:start + n]
+            start += n
+        self.pending = {}
+        return flat[:values.numel()]
+
+
+def _removed_per_row(rows: list[int], runs: list[int], counts: list[int]) -> list[int] | None:
+    """Placeholders each row loses: ``rows[b]`` placeholders in row b, filled by the images' runs in
+    order (image i: ``runs[i]`` placeholders, ``counts[i]`` kept). None when an image's run does not
+    end inside its row (the caller then reads the lengths from the device)."""
+    removed, i = [0] * len(rows), 0
+    for b, n in enumerate(rows):
+        while n > 0:
+            if i >= len(runs) or runs[i] > n:
+                return None
+            removed[b] += runs[i] - counts[i]
+            n -= runs[i]
+            i += 1
+    return removed if i == len(runs) else None
+
+
 class VisionHandle(PruneHandle):
     """Handle of a vision-stage pruning. Besides the base API it exposes, for inspection:
 
@@ -320,6 +363,8 @@ class VisionHandle(PruneHandle):
         #: One adapter view per visual modality (images first; ``adapter.modality_views``).
         self._views = adapter.modality_views(model)
         self._stock_encode = getattr(self._base, adapter.image_features_method)
+        #: this forward's fetch: carries each modality's placeholders per row into the encoding's transfer
+        self._fetch: _BatchedFetch | None = None
 
     def _install(self) -> None:
         for view in self._views:
@@ -396,9 +441,11 @@ class VisionHandle(PruneHandle):
                              f"tower gives {per_unit} tokens per pass (select strategy {strategy!r})")
 
         # 2. reduce (one call per grid), then project the kept tokens only; 3. the adapter packs them
-        red = _reduce_by_grid(method, features, signals, grids)  # tokens [U, M, D], counts [U]
+        fetch = self._fetch or _BatchedFetch()
+        red = _reduce_by_grid(method, features, signals, grids, fetch)  # tokens [U, M, D], counts [U]
         projected = adapter.project(model, red.tokens)  # [U, M, D_text]
-        counts = [int(c) for c in red.counts.tolist()]  # the encoding's one host synchronisation
+        # the encoding's one host synchronisation (made by the method; it brings the rows' placeholder counts too)
+        counts = red.host_counts if red.host_counts is not None else [int(c) for c in fetch(red.counts)]
         per_image_out, counts, slots = adapter.pack_slots(model, projected, red, counts, layout)
 
         self.last_reduction = self.last_reductions[adapter.image_modality] = red
@@ -413,6 +460,12 @@ class VisionHandle(PruneHandle):
         kw = _as_kwargs(self._signature, args, kwargs)
         mm = dict(kw.get(K.MM_ENCODER_OUTPUTS) or {})
         encoded = False
+        input_ids = kw.get(K.INPUT_IDS)
+        with_pixels = [view for view in self._views if any(kw.get(f) is not None for f in
+                                                           (view.pixel_values_field, *view.pixel_values_aliases))]
+        self._fetch = _BatchedFetch({  # each modality's placeholders per row, to bring with the counts
+            view.image_modality: view.sequence_layout(self.model, input_ids, VisualLayout()).visual.sum(dim=1)
+            for view in with_pixels if input_ids is not None})
         for view in self._views:  # encode each modality's pixels with the reducing encoder
             fields = (view.pixel_values_field, *view.pixel_values_aliases)
             pixels = next((kw[f] for f in fields if kw.get(f) is not None), None)
@@ -433,17 +486,23 @@ class VisionHandle(PruneHandle):
         features = {view.image_modality: view.image_tokens(mm[view.image_modality])
                     for view in self._views if mm.get(view.image_modality) is not None}
         features = {key: t for key, t in features.items() if t is not None}
+        rows = self._fetch.values if encoded else {}  # placeholders per row, fetched with the counts
+        self._fetch = None
         if features:
-            return (), self._prefill(kw, features)
+            return (), self._prefill(kw, features, rows)
         return (), self._continue(kw)
 
     # ---------------------------------------------------------------- prefill
-    def _prefill(self, kw: dict[str, Any], features: dict[str, list[Tensor]]) -> dict[str, Any]:
+    def _prefill(self, kw: dict[str, Any], features: dict[str, list[Tensor]],
+                 rows: dict[str, list[int]] | None = None) -> dict[str, Any]:
         """Rewrite a batch whose visual features are in ``features`` (modality key -> I tensors
-        [n_i, D]); every modality's placeholders are compacted by one plan."""
+        [n_i, D]); every modality's placeholders are compacted by one plan. ``rows``: each
+        modality's placeholders per row on the host, when known (then no host synchronisation)."""
         adapter, model = self.adapter, self.model
         input_ids = kw.get(K.INPUT_IDS)
+        rows = rows or {}
         keep, kept_rows = None, {}
+        todo = []  # (view, per-image features, kept counts, kept slots, runs) of each pruned modality
         for view in self._views:
             key = view.image_modality
             if key not in features:
@@ -460,8 +519,19 @@ class VisionHandle(PruneHandle):
             if input_ids is None:
                 raise ValueError(f"vlmprune ({self.method}): a pruned model needs input_ids with the image "
                                  "placeholder tokens (inputs_embeds alone are not supported)")
-            keep_view = self._keep_columns(view, input_ids, runs, counts, slots)
+            todo.append((view, per_image, counts, slots, runs))
+        missing = [view for view, *_ in todo if view.image_modality not in rows]
+        if missing:  # e.g. generate() encoded the images before the prompt was seen: one transfer for all
+            host = to_host_lists([view.sequence_layout(model, input_ids, VisualLayout()).visual.sum(dim=1)
+                                  for view in missing])
+            rows = {**rows, **{view.image_modality: r for view, r in zip(missing, host)}}
+        removed: list[int] | None = [0] * input_ids.shape[0] if todo else None
+        for view, per_image, counts, slots, runs in todo:
+            key = view.image_modality
+            keep_view = self._keep_columns(view, input_ids, runs, counts, slots, rows[key])
             keep = keep_view if keep is None else keep & keep_view
+            lost = _removed_per_row(rows[key], runs, counts)
+            removed = None if lost is None or removed is None else [a + b for a, b in zip(removed, lost)]
             kept_rows[key] = (per_image, counts, slots)
         if keep is None:
             self.plan = None
@@ -479,9 +549,11 @@ class VisionHandle(PruneHandle):
                              "supported: pass the mask in the cache's coordinates or start a new cache")
         if mask is not None and past:
             prefix, mask = mask[:, :past], mask[:, past:]  # continuing a cache: rewrite only the new part
-        plan = make_plan(keep, mask, offset=past if prefix is not None else 0)
+        kept_len = None if removed is None else [input_ids.shape[1] - r for r in removed]
+        plan = make_plan(keep, mask, offset=past if prefix is not None else 0,
+                         new_len=None if kept_len is None else max(kept_len))
         kw[K.INPUT_IDS] = plan.compact(input_ids, _pad_id(model, adapter))
-        if mask is not None or bool(plan.new_mask.eq(0).any()):
+        if mask is not None or (len(set(kept_len)) > 1 if kept_len is not None else bool(plan.new_mask.eq(0).any())):
             kw[K.ATTENTION_MASK] = plan.new_mask if prefix is None else torch.cat([prefix, plan.new_mask], dim=1)
         pos = kw.get(K.POSITION_IDS)
         if adapter.compact_positions:  # survivors get consecutive positions
@@ -513,12 +585,13 @@ class VisionHandle(PruneHandle):
         return kw
 
     def _keep_columns(self, view: ModelAdapter, input_ids: Tensor, runs: list[int], counts: list[int],
-                      slots: list[Tensor | None]) -> Tensor:
+                      slots: list[Tensor | None], rows: list[int] | None = None) -> Tensor:
         """[B, L] bool: the columns that survive ``view``'s reduction (every column that is not one
-        of its placeholders, and the kept slots of each of its images' runs)."""
+        of its placeholders, and the kept slots of each of its images' runs). ``rows``: the
+        placeholders per row on the host, when known (else counted on the device)."""
         seq = view.sequence_layout(self.model, input_ids, VisualLayout(tokens_per_image=tuple(runs)))
         ph, img, rank = seq.visual, seq.image, seq.rank  # [B, L] each
-        n_ph = int(ph.sum())
+        n_ph = sum(rows) if rows is not None else int(ph.sum())
         if n_ph != sum(runs):
             raise ValueError(f"{view.image_modality.capitalize()} features and {view.image_modality} tokens do not "
                              f"match: {n_ph} placeholder tokens in input_ids for {len(runs)} {view.image_modality}(s) "
@@ -596,7 +669,7 @@ class VisionHandle(PruneHandle):
 
 
 def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSignals | None,
-                    grids: list[tuple[int, int]]) -> Reduction:
+                    grids: list[tuple[int, int]], fetch: Fetch | None = None) -> Reduction:
     """features [U, N, D] (unit u's first h_u * w_u rows real) -> one padded ``Reduction`` [U, M, D].
 
     One ``method.reduce`` call when every unit has the same grid (features passed as they are);
@@ -604,7 +677,7 @@ def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSigna
     to the widest (tokens 0, indices -1) in unit order.
     """
     if len(set(grids)) == 1:
-        return method.reduce(features, signals, grids[0])
+        return method.reduce(features, signals, grids[0], fetch)
     groups: dict[tuple[int, int], list[int]] = {}
     for u, g in enumerate(grids):
         groups.setdefault(g, []).append(u)
@@ -614,7 +687,7 @@ def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSigna
         n = grid[0] * grid[1]
         idx = torch.tensor(units, device=dev)
         sig = None if signals is None else VisionSignals(cls_attn=signals.cls_attn[idx, :n], keys=signals.keys[idx, :n])
-        parts.append((idx, method.reduce(features[idx, :n], sig, grid)))
+        parts.append((idx, method.reduce(features[idx, :n], sig, grid, fetch)))
     width = max(r.tokens.shape[1] for _, r in parts)
     iwidth = max(r.indices.shape[1] for _, r in parts)
     n_units = len(grids)
@@ -624,7 +697,13 @@ def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSigna
     indices = first.indices.new_full((n_units, iwidth), -1)
     extra = None if first.extra is None else first.extra.new_zeros(n_units)
     num_att = None if first.num_attention is None else first.num_attention.new_zeros(n_units)
-    for idx, r in parts:
+    host: list[int] | None = [0] * n_units
+    for (grid, units), (idx, r) in zip(groups.items(), parts):
+        if host is not None and r.host_counts is not None:
+            for u, c in zip(units, r.host_counts):
+                host[u] = c
+        else:
+            host = None
         tokens[idx, :r.tokens.shape[1]] = r.tokens
         counts[idx] = r.counts
         indices[idx, :r.indices.shape[1]] = r.indices
@@ -632,7 +711,8 @@ def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSigna
             extra[idx] = r.extra
         if num_att is not None:
             num_att[idx] = r.num_attention
-    return Reduction(tokens=tokens, counts=counts, indices=indices, extra=extra, num_attention=num_att)
+    return Reduction(tokens=tokens, counts=counts, indices=indices, extra=extra, num_attention=num_att,
+                     host_counts=host)
 
 
 def _as_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -12,15 +12,14 @@ import torch
 from torch import Tensor
 
 from .common import (
+    Fetch,
     Reduction,
     check_choice,
-    check_finite,
     check_floating,
     grid_shape,
     lattice_mask,
-    order_chosen,
-    pack_selection,
     resolve_budget,
+    select_chosen,
 )
 
 __all__ = ["random_keep", "sequential_keep", "spatial_keep", "cls_topk"]
@@ -34,29 +33,30 @@ def _check_features(features: object) -> tuple[int, int]:
     return batch, num_tokens
 
 
-def random_keep(features: Tensor, n: int | float | Tensor, *, generator: torch.Generator | None = None) -> Reduction:
-    """n patches per sample drawn uniformly without replacement, in ascending patch order."""
+def random_keep(features: Tensor, n: int | float | Tensor, *, generator: torch.Generator | None = None,
+                fetch: Fetch | None = None) -> Reduction:
+    """n patches per sample drawn uniformly without replacement, in ascending patch order.
+
+    ``fetch`` (every method here takes one): how the counts reach the host, see ``common.Fetch``."""
     batch, num_tokens = _check_features(features)
     counts = resolve_budget(n, num_tokens, batch, features.device, "n")
     noise = torch.rand(batch, num_tokens, generator=generator, device=features.device)  # [B, N]
     order = noise.argsort(dim=1)  # [B, N] a uniform random permutation per sample
     positions = torch.arange(num_tokens, device=features.device).expand(batch, num_tokens)
     rank = torch.empty_like(order).scatter_(1, order, positions)  # [B, N] rank of each patch
-    chosen = rank < counts[:, None]
-    idx, valid, counts = order_chosen(positions, chosen)
-    return pack_selection(features, idx, valid, counts)
+    return select_chosen(features, positions, rank < counts[:, None], num_tokens, fetch)
 
 
-def sequential_keep(features: Tensor, n: int | float | Tensor) -> Reduction:
+def sequential_keep(features: Tensor, n: int | float | Tensor, *, fetch: Fetch | None = None) -> Reduction:
     """The first n patches in raster order (the paper's "sequential" sampling ablation)."""
     batch, num_tokens = _check_features(features)
     counts = resolve_budget(n, num_tokens, batch, features.device, "n")
     positions = torch.arange(num_tokens, device=features.device).expand(batch, num_tokens)
-    idx, valid, counts = order_chosen(positions, positions < counts[:, None])
-    return pack_selection(features, idx, valid, counts)
+    return select_chosen(features, positions, positions < counts[:, None], num_tokens, fetch)
 
 
-def spatial_keep(features: Tensor, n: int | float | Tensor, grid_size: int | tuple[int, int] | None = None) -> Reduction:
+def spatial_keep(features: Tensor, n: int | float | Tensor, grid_size: int | tuple[int, int] | None = None, *,
+                 fetch: Fetch | None = None) -> Reduction:
     """A centred, uniform r x c lattice with r * c as close to n as the grid allows (~n tokens).
 
     r, c minimise |r c - n|, then the aspect mismatch with the grid, then r (e.g. n = 40 on 24 x 24
@@ -68,11 +68,11 @@ def spatial_keep(features: Tensor, n: int | float | Tensor, grid_size: int | tup
     height, width = grid_shape(num_tokens, grid_size)
     counts = resolve_budget(n, num_tokens, batch, features.device, "n")
     positions = torch.arange(num_tokens, device=features.device).expand(batch, num_tokens)
-    idx, valid, counts = order_chosen(positions, lattice_mask(counts, height, width))
-    return pack_selection(features, idx, valid, counts)
+    return select_chosen(features, positions, lattice_mask(counts, height, width), num_tokens, fetch)
 
 
-def cls_topk(cls_attn: Tensor, features: Tensor, n: int | float | Tensor, *, order: str = "attention") -> Reduction:
+def cls_topk(cls_attn: Tensor, features: Tensor, n: int | float | Tensor, *, order: str = "attention",
+             fetch: Fetch | None = None) -> Reduction:
     """The n patches with the highest [CLS] attention, no merge (the paper's "AITS only").
 
     ``order="attention"`` (default, PruMerge's order): descending attention, ties to the lower
@@ -87,11 +87,9 @@ def cls_topk(cls_attn: Tensor, features: Tensor, n: int | float | Tensor, *, ord
             f"got {tuple(cls_attn.shape)}"
         )
     check_choice(order, "order", ("attention", "spatial"))
-    check_finite(cls_attn, "cls_attn")
     counts = resolve_budget(n, num_tokens, batch, features.device, "n")
     ranked = torch.sort(cls_attn.float(), dim=1, descending=True, stable=True).indices  # [B, N]
     positions = torch.arange(num_tokens, device=features.device).expand(batch, num_tokens)
     rank = torch.empty_like(ranked).scatter_(1, ranked, positions)  # [B, N]
     key = rank if order == "attention" else positions
-    idx, valid, counts = order_chosen(key, rank < counts[:, None])
-    return pack_selection(features, idx, valid, counts)
+    return select_chosen(features, key, rank < counts[:, None], num_tokens, fetch, finite=cls_attn)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,25 @@ __all__ = [
     "order_chosen",
     "gather_rows",
     "pack_selection",
+    "select_chosen",
     "topk_indices",
+    "Fetch",
+    "to_host",
+    "fetch_counts",
+    "to_host_lists",
 ]
+
+Fetch = Callable[[Tensor], list]
+"""Brings a 1-D integer tensor's values to the host as a list: the one place a method synchronises.
+
+A method calls its ``fetch`` at most once per call. The default is ``Tensor.tolist``; a caller that
+needs device values of its own (e.g. the vision stage's placeholder counts) passes a ``fetch`` that
+brings them in the same transfer."""
+
+
+def to_host(values: Tensor) -> list:
+    """The default ``Fetch``: ``values.tolist()`` (one host synchronisation on an accelerator)."""
+    return values.tolist()
 
 @dataclass
 class Reduction:
@@ -46,6 +64,8 @@ class Reduction:
         num_attention: [B] long or None. For PruMerge(+): how many of the centres were chosen by
             [CLS] attention (they come first in the default order); the other centres come from
             the spatial grid.
+        host_counts: ``counts`` as a list of B ints on the host (the methods fill it from their
+            one synchronisation, so callers need not read ``counts`` again), or None.
     """
 
     tokens: Tensor
@@ -53,6 +73,7 @@ class Reduction:
     indices: Tensor
     extra: Tensor | None = None
     num_attention: Tensor | None = None
+    host_counts: list[int] | None = None
 
     @property
     def mask(self) -> Tensor:
@@ -69,7 +90,8 @@ class Reduction:
 
     def unpad(self) -> list[Tensor]:
         """Per-sample list of [counts[b], D] tensors (convenience for callers; loops over B)."""
-        return [self.tokens[b, : int(c)] for b, c in enumerate(self.counts.tolist())]
+        counts = self.host_counts if self.host_counts is not None else self.counts.tolist()
+        return [self.tokens[b, : int(c)] for b, c in enumerate(counts)]
 
 
 # --------------------------------------------------------------------------- validation
@@ -102,6 +124,56 @@ def check_finite(x: Tensor, name: str) -> None:
         )
 
 
+def to_host_lists(tensors: list[Tensor]) -> list:
+    """Several tensors (any shapes, dtypes, one device) -> their ``tolist()`` values, in one host
+    transfer. The values travel as float64, exact for every integer below 2**53 and every float32 /
+    bfloat16 / float16 value; integer and bool tensors come back as ints / bools."""
+    if not tensors:
+        return []
+    dev = tensors[0].device
+    flat = torch.cat([t.detach().reshape(-1).to(dev, torch.float64) for t in tensors]).tolist()
+    out, start = [], 0
+    for t in tensors:
+        vals = flat[start:start + t.numel()]
+        start += t.numel()
+        if t.dtype == torch.bool:
+            vals = [v != 0 for v in vals]
+        elif not t.is_floating_point():
+            vals = [int(v) for v in vals]
+        out.append(_nest(vals, tuple(t.shape)))
+    return out
+
+
+def _nest(vals: list, shape: tuple[int, ...]):
+    """Flat values -> the nested lists ``tolist()`` gives for ``shape``."""
+    if not shape:
+        return vals[0]
+    if len(shape) == 1:
+        return vals
+    step = math.prod(shape[1:])
+    return [_nest(vals[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def fetch_counts(counts: Tensor, fetch: Fetch | None = None, *, finite: Tensor | None = None,
+                 name: str = "cls_attn") -> list[int]:
+    """counts [B] integer -> their values on the host, in one ``fetch``.
+
+    ``finite``: a tensor that must hold no NaN / infinity (checked in the same transfer; raises
+    ValueError naming it ``name``), so that a method checks its input and reads its counts with a
+    single host synchronisation.
+    """
+    parts = [counts.reshape(-1).long()]
+    if finite is not None:
+        parts.append((~torch.isfinite(finite).all()).long().reshape(1))
+    values = (fetch or to_host)(torch.cat(parts) if len(parts) > 1 else parts[0])
+    if finite is not None and values[-1]:
+        raise ValueError(
+            f"{name} contains NaN or infinite values; pass finite scores "
+            f"(check the upstream computation, e.g. an fp16 overflow)"
+        )
+    return [int(v) for v in values[: counts.numel()]]
+
+
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)
@@ -130,7 +202,7 @@ def resolve_budget(
         else:
             if tuple(n.shape) != (batch,):
                 raise ValueError(f"{name} as a tensor must have shape [{batch}], got {tuple(n.shape)}; {hint}")
-            lo, hi = int(n.min()), int(n.max())
+            lo, hi = torch.stack([n.min(), n.max()]).tolist()  # one host synchronisation
             if lo < 1 or hi > num_tokens:
                 raise ValueError(
                     f"{name} holds counts in [{lo}, {hi}], outside [1, {num_tokens}] "
@@ -252,16 +324,18 @@ def spread_priority(height: int, width: int, device: torch.device | None = None)
 # --------------------------------------------------------------------------- packing
 
 
-def order_chosen(key: Tensor, chosen: Tensor, span: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def order_chosen(key: Tensor, chosen: Tensor, span: int | None = None, *,
+                 width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Chosen patches of every sample, sorted by ``key``, padded to the batch maximum.
 
     ``key`` [B, N] integer (lower comes first), ``chosen`` [B, N] bool; ``span``: an upper bound
-    of ``key.max() - key.min() + 1`` when the caller knows one (saves a host synchronisation).
+    of ``key.max() - key.min() + 1`` when the caller knows one, ``width``: max(counts) when the
+    caller has it on the host (each saves a host synchronisation).
     Returns ``(idx, valid, counts)``: idx [B, M] long patch indices in output order (padding slots
     hold arbitrary but in-range indices), valid [B, M] bool, counts [B] long, M = max(counts).
     """
     counts = chosen.sum(dim=1)  # [B]
-    m = int(counts.max())
+    m = int(counts.max()) if width is None else width
     if span is None:
         span = int(key.max() - key.min()) + 1
     shifted = torch.where(chosen, key, key + span)  # every unchosen key sorts after every chosen
@@ -299,6 +373,18 @@ def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     batch, num_tokens, dim = x.shape
     flat = idx + torch.arange(batch, device=idx.device)[:, None] * num_tokens  # [B, M] rows of x.view(B*N, D)
     return x.reshape(batch * num_tokens, dim).index_select(0, flat.reshape(-1)).view(batch, -1, dim)
+
+
+def select_chosen(features: Tensor, key: Tensor, chosen: Tensor, span: int, fetch: Fetch | None = None, *,
+                  finite: Tensor | None = None) -> Reduction:
+    """Reduction holding the ``chosen`` [B, N] rows of ``features`` [B, N, D] unchanged, in ``key``
+    order (no merge, no extra token); one ``fetch`` for the counts (and ``finite``'s check)."""
+    counts = chosen.sum(dim=1)  # [B]
+    host = fetch_counts(counts, fetch, finite=finite)
+    idx, valid, counts = order_chosen(key, chosen, span, width=max(host))
+    red = pack_selection(features, idx, valid, counts)
+    red.host_counts = host
+    return red
 
 
 def pack_selection(features: Tensor, idx: Tensor, valid: Tensor, counts: Tensor) -> Reduction:

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import (
+    Fetch,
     Reduction,
     check_choice,
-    check_finite,
     check_floating,
+    fetch_counts,
     grid_shape,
     lattice_mask,
     order_chosen,
@@ -158,11 +159,10 @@ def _even_fill(in_s: Tensor, need: Tensor) -> Tensor:
     n = torch.arange(num_tokens, device=in_s.device)[None, :]
     complement = torch.argsort(torch.where(in_s, n + num_tokens, n), dim=1)  # [B, N] ascending, S last
     free = num_tokens - in_s.sum(dim=1)  # [B] |P| >= need
-    g = int(need.max())
-    i = torch.arange(g, device=in_s.device)[None, :]  # [1, G]
+    i = torch.arange(num_tokens, device=in_s.device)[None, :]  # [1, N]: need <= N, no host read of max(need)
     pos = (i * free[:, None]) // need.clamp(min=1)[:, None]  # [B, G] < free where valid
     valid = i < need[:, None]
-    picked = complement.gather(1, pos.clamp(max=num_tokens - 1))  # [B, G]
+    picked = complement.gather(1, pos.clamp(max=num_tokens - 1))  # [B, N]
     picked = torch.where(valid, picked, num_tokens)  # invalid -> dump column
     out = torch.zeros(batch, num_tokens + 1, dtype=torch.bool, device=in_s.device)
     return out.scatter_(1, picked, True)[:, :num_tokens]
@@ -194,6 +194,7 @@ def prumerge(
     order: str = "attention",
     keep: int | float | Tensor | None = None,
     grid_size: int | tuple[int, int] | None = None,
+    fetch: Fetch | None = None,
 ) -> Reduction:
     """PruMerge / PruMerge+ token reduction; defaults reproduce the official code per image.
 
@@ -224,6 +225,8 @@ def prumerge(
             and the rest filled with exactly as many patches outside S, evenly spaced in raster
             order ("raster") or on a 2-D lattice topped up in coarse-to-fine order ("2d").
         grid_size: (H, W) or side of the patch grid, for ``grid="2d"`` when N is not square.
+        fetch: how the centre counts (and the finiteness check of ``cls_attn``) reach the host,
+            called once (``common.Fetch``; default ``tolist``).
 
     Returns:
         ``Reduction`` with tokens [B, M, D] (input dtype), counts [B], indices [B, M'] of the
@@ -275,7 +278,6 @@ def prumerge(
     check_choice(merge, "merge", ("residual", "average"))
     check_choice(grid, "grid", ("raster", "2d"))
     check_choice(order, "order", ("attention", "spatial"))
-    check_finite(cls_attn, "cls_attn")
     hw = None
     if grid_size is not None or (plus and grid == "2d"):
         hw = grid_shape(num_tokens, grid_size)
@@ -297,7 +299,8 @@ def prumerge(
     # ---- 2. centres in output order, padded to the batch maximum Mc
     if not plus and order == "attention":  # centres = S in descending attention: a prefix of `desc`
         n_centres = k_attn
-        mc = int(n_centres.max())
+        host = fetch_counts(n_centres, fetch, finite=cls_attn)  # the call's one host synchronisation
+        mc = max(host)
         centres = desc.indices[:, :mc]  # [B, Mc]
         valid = torch.arange(mc, device=device)[None, :] < n_centres[:, None]  # [B, Mc]
         is_centre = torch.zeros_like(a, dtype=torch.bool).scatter_(1, torch.where(valid, centres, centres[:, :1]), True)
@@ -323,8 +326,9 @@ def prumerge(
             key = torch.where(in_s, rank, n + num_tokens)  # S by attention, then grid ascending
         else:
             key = n.expand(batch, num_tokens)  # ascending patch index
-        centres, valid, n_centres = order_chosen(key, is_centre, span=2 * num_tokens)  # keys in [0, 2N)
-        mc = centres.shape[1]
+        host = fetch_counts(is_centre.sum(dim=1), fetch, finite=cls_attn)  # the call's one host synchronisation
+        mc = max(host)
+        centres, valid, n_centres = order_chosen(key, is_centre, span=2 * num_tokens, width=mc)  # keys in [0, 2N)
 
     # ---- 3. merge: each centre absorbs its k_neighbors most key-similar other patches.
     # The output buffer holds Mc centre rows plus one slot for the extra token; it is filled by one
@@ -364,10 +368,11 @@ def prumerge(
     # ---- 4. extra token e = sum over the non-centre patches of a_j y_j, appended last
     if not extra_token:
         return Reduction(
-            tokens=tokens.to(features.dtype), counts=n_centres, indices=indices, extra=None, num_attention=k_attn
+            tokens=tokens.to(features.dtype), counts=n_centres, indices=indices, extra=None, num_attention=k_attn,
+            host_counts=host,
         )
-    pruned = ~is_centre  # [B, N]
-    has_extra = pruned.any(dim=1)  # [B]
+    has_extra = n_centres < num_tokens  # [B]: some patch is not a centre (is_centre holds n_centres patches)
+    host = [c + (c < num_tokens) for c in host]
     e = torch.bmm(a.masked_fill(is_centre, 0)[:, None, :], y)  # [B, 1, D]
     counts = n_centres + has_extra.long()
     # samples with fewer centres: their slot n_centres[b] < Mc is padding (already zero); the last
@@ -375,9 +380,10 @@ def prumerge(
     tokens[:, mc].zero_()
     slot = n_centres[:, None, None].expand(-1, 1, dim)
     tokens.scatter_(1, slot, e.masked_fill_(~has_extra[:, None, None], 0))
-    m = int(counts.max())
+    m = max(host)
     if m < mc + 1:
         tokens = tokens[:, :m].contiguous()
     return Reduction(
-        tokens=tokens.to(features.dtype), counts=counts, indices=indices, extra=has_extra, num_attention=k_attn
+        tokens=tokens.to(features.dtype), counts=counts, indices=indices, extra=has_extra, num_attention=k_attn,
+        host_counts=host,
     )
