@@ -36,9 +36,12 @@ ATP_EVAL = -m atp:checkpoint=testbed-144 -m atp:checkpoint=testbed-88 \
   -m sparsevlm:budget=128 -m sparsevlm:budget=64
 
 # The results files in docs/results/ (the committed testbed v14 and this machine's benchmarks), in the
-# order they depend on each other: ~20 min of ATP training per target, ~25 min of evaluation, ~15 min
-# of benchmarks on 2 cores; PruMerge + LoRA: 48 steps per method (~4 min each on an idle core, ~30 min
-# next to other jobs) and ~12 min of evaluation.
+# order they depend on each other. Wall time on 2 cores, one job at a time (measured step by step):
+# ATP training ~20 min per checkpoint (7: two targets, five ablations), evaluations ~10-15 min per
+# command (~2 h in all), the three v14 tables ~1 h 40 min, LoRA 2 x ~4 min of training, benchmarks
+# ~45 min: about 6 hours.
+ATP_ABLATIONS = fixed:--fixed-ratio noredundant:--no-redundant nospatial:--no-spatial self:--score=self cross:--score=cross
+
 results: install
 	$(BIN)/vlmprune train atp --out runs/atp-144
 	$(BIN)/vlmprune train atp --out runs/atp-88 --paper-target 88
@@ -47,26 +50,30 @@ results: install
 	$(BIN)/vlmprune eval $(ATP_EVAL) --n 100 --overwrite --out docs/results/atp-v14
 	$(BIN)/vlmprune eval -m fastv:k=1,budget=166.5 -m fastv:k=1,budget=137.9 -m prumerge+:keep=166 -m prumerge+:keep=138 \
 	  --n 100 --overwrite --out docs/results/atp-v14-matched
+	$(BIN)/vlmprune eval -m atp:checkpoint=testbed-144,positions=compact -m atp:checkpoint=testbed-88,positions=compact \
+	  --n 100 --overwrite --out docs/results/atp-v14-positions
+	for a in $(ATP_ABLATIONS); do $(BIN)/vlmprune train atp --out runs/atp-144-$${a%%:*} $${a#*:}; done
+	$(BIN)/vlmprune eval $(foreach a,$(ATP_ABLATIONS),-m atp:checkpoint=runs/atp-144-$(firstword $(subst :, ,$(a)))) \
+	  --no-baseline --n 100 --overwrite --out docs/results/atp-v14-ablations
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune train lora --method prumerge --out runs/lora-prumerge --steps 48 --warmup 4 --lr 1e-3
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune train lora --method prumerge+ --out runs/lora-prumerge+ --steps 48 --warmup 4 --lr 1e-3
-	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge -m prumerge+ --no-baseline --n 100 --overwrite \
-	  --out docs/results/lora-v14/training-free
-	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge:lora=runs/lora-prumerge --no-baseline --n 100 --overwrite \
-	  --out docs/results/lora-v14/prumerge-lora
-	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge+:lora=runs/lora-prumerge+ --no-baseline --n 100 --overwrite \
-	  --out docs/results/lora-v14/prumerge+-lora
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge:lora=runs/lora-prumerge -m prumerge+:lora=runs/lora-prumerge+ \
+	  -m prumerge -m prumerge+ --n 100 --overwrite --out docs/results/lora-v14
+	for t in vision budgets order; do OMP_NUM_THREADS=1 $(BIN)/vlmprune tables $$t --n 100 --overwrite \
+	  --out docs/results/tables-v14 || exit 1; done
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/why_losses.py --n 50 --out docs/results/why-v14
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M testbed -b 1 -b 8 --no-memory --overwrite --out docs/results/bench/testbed
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 1 -b 8 -m prumerge+ -m prumerge+:keep=144 -m fastv --no-memory \
 	  --overwrite --out docs/results/bench/scaled
+	for f in scaled-llava-next scaled-qwen2-vl; do OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M $$f -b 1 -b 8 -m prumerge+ \
+	  -m prumerge+:keep=0.25 -m fastv --dtype fp32 --no-memory --repeats 3 --new-tokens 4 --overwrite \
+	  --out docs/results/bench/$$f || exit 1; done
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/gemm_scaling.py --out docs/results/gemm_scaling.json
 
 # The figures of docs/results.md's earlier tables and docs/atp.md (measured on testbed v11 / v4; not yet
 # re-run on v14), written to out/ and runs/.
 results-earlier: install
 	$(BIN)/vlmprune testbed check --n 300 --blank-n 100 --out out/testbed-check
-	$(BIN)/vlmprune tables vision --n 100 --out out/tables
-	$(BIN)/vlmprune tables budgets --n 100 --out out/tables
-	$(BIN)/vlmprune tables order --n 100 --out out/tables
 	$(BIN)/vlmprune train atp --out runs/atp-144-fixed --fixed-ratio
 	$(BIN)/vlmprune train atp --out runs/atp-144-noredundant --no-redundant
 	$(BIN)/vlmprune train atp --out runs/atp-144-nospatial --no-spatial

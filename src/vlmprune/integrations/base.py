@@ -558,6 +558,12 @@ class ModelAdapter:
         """Pre-projector features [B, M, D] -> LLM-space tokens [B, M, D_text]."""
         return self.get_projector(model)(features)
 
+    def project_kept(self, model: Any, tokens: Tensor, layout: VisualLayout) -> Tensor:
+        """A method's kept tokens [U, M, D] -> [U, M, D_text]. A family whose units carry other tower
+        rows to the LLM (Video-LLaVA's frame [CLS]) projects them in the same call, so that keeping
+        every token runs the projector on the stock shape."""
+        return self.project(model, tokens)
+
     def image_output(self, per_image: list[Tensor]) -> Any:
         """Per-image token tensors [n_i, D_text] -> what ``image_features_method`` returns."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling

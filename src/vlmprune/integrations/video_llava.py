@@ -146,6 +146,18 @@ class VideoLlavaAdapter(ModelAdapter):
         layout.family_data["cls"] = full[:, ci:ci + 1]
         return torch.cat([full[:, :ci], full[:, ci + 1:]], dim=1)
 
+    def project_kept(self, model: Any, tokens: Tensor, layout: VisualLayout) -> Tensor:
+        """Videos with ``frame_cls="keep"``: each frame's [CLS] row and its kept tokens in one projector
+        call ([U, 1 + M, D], the stock [U, 1 + N, D] when every token is kept); the projected [CLS]
+        rows go to ``layout.family_data["cls_projected"]``."""
+        if not self.video or self.frame_cls != "keep":
+            return super().project_kept(model, tokens, layout)
+        ci = self.cls_index
+        cls = layout.family_data["cls"]  # [U, 1, D]
+        both = self.project(model, torch.cat([tokens[:, :ci], cls, tokens[:, ci:]], dim=1))
+        layout.family_data["cls_projected"] = both[:, ci:ci + 1]
+        return torch.cat([both[:, :ci], both[:, ci + 1:]], dim=1)
+
     def pack(self, model: Any, projected: Tensor, reduction: Any, counts: list[int],
              layout: VisualLayout) -> tuple[list[Tensor], list[int]]:
         """Videos: per-frame kept tokens [V * F, M, D_text] -> per video [F * (1 + N), D_text]: each
@@ -154,7 +166,9 @@ class VideoLlavaAdapter(ModelAdapter):
         if not self.video:
             return super().pack(model, projected, reduction, counts, layout)
         frames = layout.family_data["frames"]
-        cls = self.project(model, layout.family_data["cls"]) if self.frame_cls == "keep" else None  # [U, 1, D_text]
+        cls = layout.family_data.get("cls_projected") if self.frame_cls == "keep" else None  # [U, 1, D_text]
+        if cls is None and self.frame_cls == "keep":
+            cls = self.project(model, layout.family_data["cls"])
         out, kept = [], []
         for v, n_v in enumerate(layout.tokens_per_image):
             parts = []

@@ -443,7 +443,7 @@ class VisionHandle(PruneHandle):
         # 2. reduce (one call per grid), then project the kept tokens only; 3. the adapter packs them
         fetch = self._fetch or _BatchedFetch()
         red = _reduce_by_grid(method, features, signals, grids, fetch)  # tokens [U, M, D], counts [U]
-        projected = adapter.project(model, red.tokens)  # [U, M, D_text]
+        projected = adapter.project_kept(model, red.tokens, layout)  # [U, M, D_text]
         # the encoding's one host synchronisation (made by the method; it brings the rows' placeholder counts too)
         counts = red.host_counts if red.host_counts is not None else [int(c) for c in fetch(red.counts)]
         per_image_out, counts, slots = adapter.pack_slots(model, projected, red, counts, layout)
