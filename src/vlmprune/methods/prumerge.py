@@ -31,18 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (
-    Reduction,
-    check_choice,
-    check_finite,
-    check_floating,
-    grid_shape,
-    lattice_mask,
-    order_chosen,
-    resolve_budget,
-    spread_priority,
-    topk_indices,
-)
+from .common import (Reduction, check_choice, check_finite, check_tensor, grid_shape, lattice_mask, order_chosen,
+                     resolve_budget, spread_priority, topk_indices)
 
 __all__ = [
     "cls_attention",
@@ -65,8 +55,8 @@ def cls_attention(q: Tensor, k: Tensor, *, num_heads: int | None = None) -> Tens
     dropped. Only row 0 is computed (O(N C), never the (N+1)^2 matrix). Always float32: bf16
     scores would tie and change the IQR count.
     """
-    check_floating(q, "q", 3, "[B, N+1, C]")
-    check_floating(k, "k", 3, "[B, N+1, C]")
+    check_tensor(q, "q", 3, "[B, N+1, C]")
+    check_tensor(k, "k", 3, "[B, N+1, C]")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape [B, N+1, C], got {tuple(q.shape)} and {tuple(k.shape)}")
     batch, seq, dim = k.shape
@@ -251,9 +241,9 @@ def prumerge(
       in key similarity at the k_neighbors boundary are broken arbitrarily (as with torch.topk
       in the official code).
     """
-    check_floating(cls_attn, "cls_attn", 2, "[B, N]")
-    check_floating(keys, "keys", 3, "[B, N, Dk]")
-    check_floating(features, "features", 3, "[B, N, D]")
+    check_tensor(cls_attn, "cls_attn", 2, "[B, N]")
+    check_tensor(keys, "keys", 3, "[B, N, Dk]")
+    check_tensor(features, "features", 3, "[B, N, D]")
     batch, num_tokens = cls_attn.shape
     if batch < 1 or num_tokens < 1:
         raise ValueError(f"cls_attn must have B >= 1 and N >= 1, got shape {tuple(cls_attn.shape)}")
