@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import units as U
-from .budget import average_tokens, budget_loss, fixed_ratio_counts, per_layer_counts
+from .budget import BudgetLoss, average_tokens, budget_loss, fixed_ratio_counts, per_layer_counts
 from .config import CONFIG_NAME, FORMAT, WEIGHTS_NAME, ATPConfig, read_config, write_config
 from .hard import fixed_priority, hard_keep, topk_keep
 from .scores import ATPScores, redundancy_scores
