@@ -194,7 +194,7 @@ class ModelAdapter:
         raise AttributeError(f"{type(tower).__name__} has none of {self.vision_layers}")
 
     def get_last_qk(self, model: Any) -> tuple[nn.Module, nn.Module]:
-        """The last vision encoder layer's (q_proj, k_proj) linears (spec §1: the signals' source)."""
+        """The last vision encoder layer's (q_proj, k_proj) linears (the source of the [CLS] signals)."""
         last = self.get_vision_layers(model)[-1]
         return _resolve(last, self.q_proj), _resolve(last, self.k_proj)
 

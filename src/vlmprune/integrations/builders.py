@@ -152,7 +152,7 @@ def _build_prumerge(name: str, plus: bool, *, k_neighbors: int, merge: str, extr
 def build_prumerge(*, k_neighbors: int = 32, merge: str = "residual", extra_token: bool = True,
                    order: str = "attention", keep: int | float | None = None,
                    lora: str | None = None) -> VisionMethod:
-    """``prumerge``: adaptive IQR selection + key-similarity merge + extra token (spec §2-3).
+    """``prumerge``: adaptive IQR selection + key-similarity merge + extra token.
 
     Defaults reproduce the official code per image. ``keep`` fixes the number of centres instead
     of the adaptive count; ``merge="average"`` is the paper's weighted average; ``order="spatial"``
@@ -165,7 +165,7 @@ def build_prumerge(*, k_neighbors: int = 32, merge: str = "residual", extra_toke
 def build_prumerge_plus(*, k_neighbors: int = 32, merge: str = "residual", extra_token: bool = True,
                         grid: str = "raster", order: str = "attention",
                         keep: int | float | None = None, lora: str | None = None) -> VisionMethod:
-    """``prumerge+``: PruMerge plus a spatially uniform supplement of centres (spec §4).
+    """``prumerge+``: PruMerge plus a spatially uniform supplement of centres.
 
     ``grid="raster"`` is the official stride sampling (column stripes); ``"2d"`` a true lattice.
     """
