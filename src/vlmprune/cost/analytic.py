@@ -66,19 +66,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from .specs import (
-    GB,
-    PHYSICAL,
-    Conventions,
-    CostModelError,
-    GPUSpec,
-    ModelConfig,
-    Precision,
-    get_conventions,
-    get_precision,
-    load_gpu,
-    load_model,
-)
+from .specs import (GB, PHYSICAL, Conventions, CostModelError, GPUSpec, ModelConfig, Precision, get_conventions,
+                    get_precision, load_gpu, load_model)
 # imported from here by bench/ (ModelConfig, GPUSpec above too)
 from .vision import vision_encoder_flops, vision_tower_flops  # noqa: F401
 
