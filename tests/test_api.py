@@ -9,7 +9,8 @@ import torch
 
 import vlmprune
 from conftest import make_inputs, make_tiny_llava
-from vlmprune.integrations.base import HANDLE_ATTR, PruneStats, UnsupportedModelError, get_adapter
+from vlmprune.integrations.base import UnsupportedModelError, get_adapter
+from vlmprune.integrations.handle import HANDLE_ATTR, PruneStats
 from vlmprune.integrations.vision import VisionHandle, VisionMethod
 
 VISION_METHODS = ("random", "sequential", "spatial", "cls-topk", "prumerge", "prumerge+")

@@ -22,7 +22,8 @@ from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_a
                       make_next_inputs, make_qwen_inputs, make_tiny_llava_next, make_tiny_qwen2_vl, module_hooks,
                       qwen_row, warm_up)
 from vlmprune.integrations.atp import attach_atp
-from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
+from vlmprune.integrations.base import get_adapter
+from vlmprune.integrations.handle import HANDLE_ATTR
 from vlmprune.methods.atp import ATPConfig, ATPPruner
 
 NEXT_SIZES = [(20, 90), (90, 90), (90, 40), (42, 42)]

@@ -12,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from vlmprune.cost import analytic as A
-from vlmprune.integrations.compat import output_cache
-from vlmprune.cost.analytic import (
+from vlmprune.cost.analytic import lm_head_op, prefill_cost
+from vlmprune.cost.specs import (
     LLM_VIEWER,
     PHYSICAL,
     Conventions,
@@ -22,8 +21,14 @@ from vlmprune.cost.analytic import (
     GPUSpec,
     ModelConfig,
     Precision,
-    prefill_cost,
+    get_precision,
+    load_gpu,
+    load_model,
+    with_overrides,
 )
+from vlmprune.cost.tokens import layer_token_schedule, parse_layer_tokens
+from vlmprune.cost.vision import vision_encoder_flops, vision_tower_flops
+from vlmprune.integrations.compat import output_cache
 from vlmprune.cost.cli import app
 from vlmprune.cost.paper import (
     ATP_SCHEDULE_144,
@@ -190,10 +195,10 @@ def test_per_layer_pruning_matches_flop_counter() -> None:
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=4000), min_size=32, max_size=32))
 def test_per_layer_decomposition(tokens: list[int]) -> None:
-    cfg = A.load_model("llava-1.5-7b")
+    cfg = load_model("llava-1.5-7b")
     c = prefill_cost(cfg, tokens, "a100", "fp16")
-    parts = [prefill_cost(A.with_overrides(cfg, num_layers=1), [s], "a100", "fp16") for s in tokens]
-    lm = A.lm_head_op(cfg, tokens[-1], A.get_precision("fp16"))
+    parts = [prefill_cost(with_overrides(cfg, num_layers=1), [s], "a100", "fp16") for s in tokens]
+    lm = lm_head_op(cfg, tokens[-1], get_precision("fp16"))
     assert c.total_ops == pytest.approx(sum(p.total_ops - lm.ops for p in parts) + lm.ops)
     assert c.kv_cache_bytes == pytest.approx(sum(p.kv_cache_bytes for p in parts))
     assert c.prefill_time_s == pytest.approx(
@@ -203,7 +208,7 @@ def test_per_layer_decomposition(tokens: list[int]) -> None:
 @settings(max_examples=30, deadline=None)
 @given(st.integers(min_value=1, max_value=3000), st.integers(min_value=1, max_value=3000))
 def test_monotone_and_continuous(a: int, b: int) -> None:
-    cfg = A.load_model("qwen2-vl-7b")
+    cfg = load_model("qwen2-vl-7b")
     lo, hi = sorted((a, b))
     c_lo, c_hi = prefill_cost(cfg, lo, "h100", "int8"), prefill_cost(cfg, hi, "h100", "int8")
     assert c_lo.total_ops <= c_hi.total_ops
@@ -226,15 +231,15 @@ def test_uniform_list_equals_scalar() -> None:
     ("llava-next-mistral-7b", 7.24), ("qwen2-vl-7b", 7.62),
 ])
 def test_shipped_model_configs(name: str, params_b: float) -> None:
-    cfg = A.load_model(name)
+    cfg = load_model(name)
     assert cfg.num_params() / 1e9 == pytest.approx(params_b, abs=0.01)
     assert cfg.note and cfg.vision
-    vf = A.vision_encoder_flops(cfg)
+    vf = vision_encoder_flops(cfg)
     assert vf["vision_tower"] > 0 and vf["projector"] > 0
 
 
 def test_shipped_gpus() -> None:
-    v, a, h = A.load_gpu("v100"), A.load_gpu("A100"), A.load_gpu("h100")
+    v, a, h = load_gpu("v100"), load_gpu("A100"), load_gpu("h100")
     assert (v.fp16_tflops, v.int8_tops, v.bandwidth_gbs) == (112, 62, 900)
     assert (a.fp16_tflops, a.int8_tops, a.bandwidth_gbs) == (312, 624, 2039)
     assert (h.fp16_tflops, h.int8_tops, h.bandwidth_gbs) == (989, 1979, 3350)
@@ -243,13 +248,13 @@ def test_shipped_gpus() -> None:
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: A.load_model("llava-9b"), "valid models: .*llava-1.5-7b"),
-    (lambda: A.load_gpu("tpu"), "valid GPUs: v100, a100, h100"),
-    (lambda: A.get_precision("fp8"), "valid precisions: fp16"),
-    (lambda: A.parse_layer_tokens("576,-3"), ">= 0"),
-    (lambda: A.parse_layer_tokens("576,abc"), "cannot parse"),
-    (lambda: A.parse_layer_tokens("576x3", 32), "32 decoder layers"),
-    (lambda: A.layer_token_schedule([1, 2], 0, 32), "expected 32"),
+    (lambda: load_model("llava-9b"), "valid models: .*llava-1.5-7b"),
+    (lambda: load_gpu("tpu"), "valid GPUs: v100, a100, h100"),
+    (lambda: get_precision("fp8"), "valid precisions: fp16"),
+    (lambda: parse_layer_tokens("576,-3"), ">= 0"),
+    (lambda: parse_layer_tokens("576,abc"), "cannot parse"),
+    (lambda: parse_layer_tokens("576x3", 32), "32 decoder layers"),
+    (lambda: layer_token_schedule([1, 2], 0, 32), "expected 32"),
     (lambda: prefill_cost("llava-1.5-7b", 0, "v100"), "positive"),
     (lambda: prefill_cost("llava-1.5-7b", 10, "v100", batch=0), "batch"),
 ])
@@ -259,7 +264,7 @@ def test_bad_input(call, match) -> None:
 
 
 def test_parse_layer_tokens_repeat() -> None:
-    assert A.parse_layer_tokens("576x3, 99*2,5") == [576, 576, 576, 99, 99, 5]
+    assert parse_layer_tokens("576x3, 99*2,5") == [576, 576, 576, 99, 99, 5]
 
 
 # --------------------------------------------------------------------------- papers
@@ -372,10 +377,10 @@ from vlmprune.cost.geometry import image_geometry  # noqa: E402
     ((400, 1000), 4, 576 + 24 * (60 + 1)),  # 1x3 mosaic 24x72, unpadded to 60 columns (72 * 1000/400 ... = 24*2.5)
 ])
 def test_next_geometry_hand_counts(name, size, passes, tokens) -> None:
-    g = image_geometry(A.load_model(name), size)
+    g = image_geometry(load_model(name), size)
     assert (g.family, g.passes, g.visual_tokens) == ("llava-next", passes, tokens)
     assert g.tower_tokens == (577,) * passes and g.projector_rows == (576,) * passes
-    one = A.vision_encoder_flops(A.load_model(name), images=1)
+    one = vision_encoder_flops(load_model(name), images=1)
     assert g.vision_flops["vision_tower"] == pytest.approx(passes * one["vision_tower"])
     assert g.vision_flops["projector"] == pytest.approx(passes * one["projector"])
 
@@ -383,7 +388,7 @@ def test_next_geometry_hand_counts(name, size, passes, tokens) -> None:
 @pytest.mark.parametrize("size, grid, tokens", [((448, 448), (32, 32), 256), ((672, 672), (48, 48), 576),
                                                  ((1000, 500), (72, 36), 648)])  # 1008 x 504 px after the resize
 def test_qwen_geometry_hand_counts(size, grid, tokens) -> None:
-    cfg = A.load_model("qwen2-vl-7b")
+    cfg = load_model("qwen2-vl-7b")
     g = image_geometry(cfg, size)
     assert (g.family, g.passes, g.visual_tokens) == ("qwen2-vl", 1, tokens)
     assert g.tower_tokens == (grid[0] * grid[1],) and g.projector_rows == (tokens,)
@@ -397,7 +402,7 @@ def test_qwen_geometry_matches_the_processor() -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     proc = Qwen2VLImageProcessorPil()
-    cfg = A.load_model("qwen2-vl-7b")
+    cfg = load_model("qwen2-vl-7b")
     for h, w in ((1000, 500), (300, 777)):
         out = proc(images=[Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8))], return_tensors="pt")
         t, gh, gw = out["image_grid_thw"][0].tolist()
@@ -419,14 +424,14 @@ def test_vision_tower_flops_hand_computed() -> None:
     shape = {"hidden": 2, "layers": 1, "intermediate": 4, "mlp_matrices": 2, "patch_in": 1,
              "projector_dims": [2, 3], "projector_after_pruning": True}
     # layer: 2*3*(4*2*2 + 2*2*4) = 192; attention 4*3*3*2 = 72; patch embedding 2*3*2*1 = 12
-    f = A.vision_tower_flops(shape, [(3, 3)])
+    f = vision_tower_flops(shape, [(3, 3)])
     assert f == {"vision_tower": 276.0, "projector": 2 * 3 * 2 * 3}
-    assert A.vision_tower_flops(shape, [(3, 3)], projector_rows=1)["projector"] == 2 * 1 * 2 * 3
+    assert vision_tower_flops(shape, [(3, 3)], projector_rows=1)["projector"] == 2 * 1 * 2 * 3
     inside = {**shape, "projector_after_pruning": False}  # a merger inside the tower sees every token
-    assert A.vision_tower_flops(inside, [(3, 3)], projector_rows=1)["projector"] == 36
+    assert vision_tower_flops(inside, [(3, 3)], projector_rows=1)["projector"] == 36
     windowed = {**shape, "layers": 2, "window_tokens": 1, "full_layers": [1]}
     # 2 linear layers (384) + full layer 72 + windowed layer 4*3*1*2 = 24 + patch 12
-    assert A.vision_tower_flops(windowed, [(3, 3)])["vision_tower"] == 384 + 72 + 24 + 12
+    assert vision_tower_flops(windowed, [(3, 3)])["vision_tower"] == 384 + 72 + 24 + 12
 
 
 def test_cli_estimate_image_size(tmp_path) -> None:

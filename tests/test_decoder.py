@@ -7,7 +7,8 @@ import torch
 
 import vlmprune
 from vlmprune.integrations.compat import output_cache
-from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
+from vlmprune.integrations.base import get_adapter
+from vlmprune.integrations.handle import HANDLE_ATTR
 from vlmprune.integrations.decoder import Decision, DecoderMethodBase, attach, attention_rows
 from vlmprune.methods.fastv import pack_mask, row_scores, topk_visual
 

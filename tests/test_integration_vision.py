@@ -14,7 +14,8 @@ import torch
 
 import vlmprune
 from conftest import IMAGE_TOKEN_ID, PAD_ID, make_inputs, make_tiny_llava
-from vlmprune.integrations.base import HANDLE_ATTR, UnsupportedModelError, get_adapter
+from vlmprune.integrations.base import UnsupportedModelError, get_adapter
+from vlmprune.integrations.handle import HANDLE_ATTR
 from vlmprune.integrations.vision import image_token_counts, signals_from_qk
 from vlmprune.methods.prumerge import prumerge
 

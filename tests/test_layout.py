@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import IMAGE_TOKEN_ID, make_inputs, make_tiny_llava
-from vlmprune.integrations.base import PruneStats, get_adapter
+from vlmprune.integrations.base import get_adapter
+from vlmprune.integrations.handle import PruneStats
 from vlmprune.integrations.layout import VisualLayout, VisualUnit, placeholder_runs
 from vlmprune.integrations.vision import signals_from_qk
 

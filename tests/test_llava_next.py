@@ -16,7 +16,8 @@ import torch
 import vlmprune
 from conftest import (assert_beam_batch_equals_singles, assert_ragged_batch_equals_singles, make_next_inputs, make_tiny_llava_next, module_hooks,
                       next_image_tokens, warm_up)
-from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
+from vlmprune.integrations.base import get_adapter
+from vlmprune.integrations.handle import HANDLE_ATTR
 
 # (H, W) per sample: 1x2 crops (one mosaic row survives unpadding), 2x2, 2x1, 1x2 (columns cut)
 SIZES = [(20, 90), (90, 90), (90, 40), (42, 42)]

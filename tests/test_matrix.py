@@ -27,7 +27,8 @@ from conftest import (IMAGE_TOKEN_ID, PAD_ID, QWEN_VIDEO_ID, QWEN_VISION_END, QW
                       make_inputs, make_next_inputs, make_qwen_inputs, make_qwen_mixed_inputs, make_tiny_llava,
                       make_tiny_llava_next, make_tiny_qwen2_vl, make_tiny_video_llava, make_video_llava_inputs,
                       module_hooks, qwen_mixed_row, qwen_row, video_llava_row, visual_kept_per_sample, warm_up)
-from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
+from vlmprune.integrations.base import get_adapter
+from vlmprune.integrations.handle import HANDLE_ATTR
 
 # random weights may emit a placeholder id, which a re-encoding step would take for an image slot
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=sorted({IMAGE_TOKEN_ID, QWEN_VIDEO_ID, VIDEO_ID,

@@ -1,4 +1,4 @@
-"""ATP with several grids per sample (methods/atp_units.py and ATPPruner's slots path): hand-worked
+"""ATP with several grids per sample (methods/atp/units.py and ATPPruner's slots path): hand-worked
 cases, and the one-unit-per-sample path == the one-grid path exactly."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlmprune.methods import atp as A
-from vlmprune.methods import atp_units as U
+from vlmprune.methods.atp import units as U
 
 
 def test_judge_groups_hand_case():

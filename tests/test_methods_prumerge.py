@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from vlmprune.methods.common import Reduction
 from vlmprune.methods.prumerge import cls_attention, iqr_outlier_count, prumerge, raster_grid_mask
 
+from prumerge_reference import peaked_inputs, prumerge_reference
+
 T = torch.tensor
 
 
@@ -340,12 +342,10 @@ def test_output_dtype_follows_input(dtype):
 
 
 def test_matches_per_token_loop_reference():
-    from vlmprune.bench.reduction import make_inputs, prumerge_loop
-
-    a, keys, feats = make_inputs(3, 64, 24, 16, salient=6, seed=11)
+    a, keys, feats = peaked_inputs(3, 64, 24, 16, salient=6, seed=11)
     for plus in (False, True):
         fast = prumerge(a, keys, feats, plus=plus)
-        slow = prumerge_loop(a, keys, feats, plus=plus)
+        slow = prumerge_reference(a, keys, feats, plus=plus)
         assert fast.counts.tolist() == [len(t) for t in slow]
         for got, want in zip(fast.unpad(), slow):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

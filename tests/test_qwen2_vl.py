@@ -20,7 +20,8 @@ import vlmprune
 from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_mixed_batch_equals_singles,
                       assert_ragged_batch_equals_singles, make_qwen_inputs, make_qwen_mixed_inputs, make_tiny_qwen2_vl,
                       module_hooks, qwen_mixed_row, qwen_row, warm_up)
-from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
+from vlmprune.integrations.base import get_adapter
+from vlmprune.integrations.handle import HANDLE_ATTR
 
 # patch grids (h, w) per sample: 4, 6, 8 and 9 merged tokens (the processor's smallest image has 4)
 GRIDS = [(4, 4), (4, 6), (8, 4), (6, 6)]

@@ -17,7 +17,8 @@ import torch
 import vlmprune
 from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, VIDEO_ID, assert_mixed_batch_equals_singles, make_tiny_video_llava,
                       make_video_llava_inputs, module_hooks, video_llava_row, warm_up)
-from vlmprune.integrations.base import HANDLE_ATTR, get_adapter
+from vlmprune.integrations.base import get_adapter
+from vlmprune.integrations.handle import HANDLE_ATTR
 
 FRAMES, N = 3, 16  # 3 frames of 4 x 4 patches (+ [CLS] each: 51 video placeholders)
 KINDS = ["video", "image", "video", "image"]

@@ -64,7 +64,7 @@ def pruned(model: Any, method: str, **options: Any) -> Iterator[Any]:
 
 def remove(model: Any) -> bool:
     """Undo the pruning applied to ``model``, if any; returns whether there was one to remove."""
-    from .integrations.base import HANDLE_ATTR
+    from .integrations.handle import HANDLE_ATTR
 
     handle = getattr(model, HANDLE_ATTR, None)
     if handle is None:

@@ -342,7 +342,7 @@ def testbed_train(
     set_: list[str] = typer.Option([], "--set", help="override any TrainConfig field: --set key=value (repeatable), "
                                    "e.g. --set guide_weight=0.1 --set 'guide_layers=[3]'"),
 ):
-    """Train the testbed LLaVA from scratch (resumable; an estimated ~2.0 h on 2 otherwise idle CPU cores)."""
+    """Train the testbed LLaVA from scratch (resumable)."""
     from .testbed.recipe import TrainConfig, train
 
     if (vision_steps is not None and vision_steps < 1) or (llm_steps is not None and llm_steps < 1):

@@ -15,22 +15,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .analytic import (
+from .analytic import prefill_cost
+from .paper import ATP_PAPER, TABLE2_METRICS, atp_reduction, reproduce_table2
+from .specs import (
     CONVENTIONS,
     PRECISIONS,
     CostModelError,
     get_conventions,
     get_precision,
-    layer_token_schedule,
     list_gpus,
     list_models,
     load_gpu,
     load_model,
-    parse_layer_tokens,
-    prefill_cost,
-    vision_encoder_flops,
 )
-from .paper import ATP_PAPER, TABLE2_METRICS, atp_reduction, reproduce_table2
+from .tokens import layer_token_schedule, parse_layer_tokens
+from .vision import vision_encoder_flops
 
 app = typer.Typer(
     name="cost",

@@ -6,7 +6,7 @@ A shipped config's ``hf_config`` block holds the transformers config fields of i
 what an image becomes: its tower passes (LLaVA-NeXT: base image + mosaic crops; Qwen2-VL: one
 pass of t*h*w patches), its placeholders in the LLM sequence (NeXT: newlines included; Qwen2-VL:
 the merged tokens) and the vision tower's / projector's FLOPs. The arithmetic stays in
-``analytic.vision_tower_flops``; nothing here knows a family.
+``vision.vision_tower_flops``; nothing here knows a family.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .analytic import CostModelError, ModelConfig, vision_tower_flops
+from .specs import CostModelError, ModelConfig
+from .vision import vision_tower_flops
 
 __all__ = ["ImageGeometry", "family_config", "image_geometry", "parse_image_size", "parse_grid_thw"]
 

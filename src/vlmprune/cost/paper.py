@@ -18,17 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .analytic import (
-    LLM_VIEWER,
-    PHYSICAL,
-    Conventions,
-    ModelConfig,
-    PrefillCost,
-    get_precision,
-    layer_ops,
-    load_model,
-    prefill_cost,
-)
+from .analytic import PrefillCost, layer_ops, prefill_cost
+from .specs import LLM_VIEWER, PHYSICAL, Conventions, ModelConfig, get_precision, load_model
 
 TABLE2_METRICS: dict[str, str] = {
     "tflops": "FLOPs (T)",
@@ -51,25 +42,20 @@ class Table2Row:
     flops_scale: float = 1.0  # the paper's INT4 FLOPs = FP16 FLOPs x 4/16, by hand
 
 
-TABLE2: tuple[Table2Row, ...] = (
-    Table2Row("7B FP16 LLaVA-1.5", "llava-1.5-7b", "fp16", "LLaVA-1.5", 700,
-              {"tflops": "9.3", "prefill_ms": "88.6", "total_memory_gb": "23.3",
-               "activation_gb": "4.60"}),
-    Table2Row("7B FP16 +PruMerge", "llava-1.5-7b", "fp16", "PruMerge", 70,
-              {"tflops": "0.91", "prefill_ms": "15.3", "total_memory_gb": "13.7",
-               "activation_gb": "0.28"}),
-    Table2Row("13B FP16 LLaVA-1.5", "llava-1.5-13b", "fp16", "LLaVA-1.5", 700,
-              {"tflops": "18.2", "prefill_ms": "170.5", "total_memory_gb": "41.6",
-               "activation_gb": "7.30"}),
-    Table2Row("13B FP16 +PruMerge", "llava-1.5-13b", "fp16", "PruMerge", 70,
-              {"tflops": "1.80", "prefill_ms": "29.5", "total_memory_gb": "26.6",
-               "activation_gb": "0.44"}),
-    Table2Row("7B INT4 LLaVA-1.5", "llava-1.5-7b", "int4", "LLaVA-1.5", 700,
-              {"tflops": "2.3", "prefill_ms": "151.6", "total_memory_gb": "5.9",
-               "activation_gb": "1.20"}, flops_scale=4 / 16),
-    Table2Row("7B INT4 +PruMerge", "llava-1.5-7b", "int4", "PruMerge", 70,
-              {"tflops": "0.28", "prefill_ms": "14.9", "total_memory_gb": "3.5",
-               "activation_gb": "0.07"}, flops_scale=4 / 16),
+def _table2(*rows: tuple) -> tuple[Table2Row, ...]:
+    """Rows ``(label, model, precision, method, prompt_tokens, (the four figures as printed),
+    flops_scale)`` -> ``Table2Row``s (figures keyed by ``TABLE2_METRICS``)."""
+    return tuple(Table2Row(label, model, precision, method, tokens, dict(zip(TABLE2_METRICS, figures)), scale)
+                 for label, model, precision, method, tokens, figures, scale in rows)
+
+
+TABLE2: tuple[Table2Row, ...] = _table2(
+    ("7B FP16 LLaVA-1.5", "llava-1.5-7b", "fp16", "LLaVA-1.5", 700, ("9.3", "88.6", "23.3", "4.60"), 1.0),
+    ("7B FP16 +PruMerge", "llava-1.5-7b", "fp16", "PruMerge", 70, ("0.91", "15.3", "13.7", "0.28"), 1.0),
+    ("13B FP16 LLaVA-1.5", "llava-1.5-13b", "fp16", "LLaVA-1.5", 700, ("18.2", "170.5", "41.6", "7.30"), 1.0),
+    ("13B FP16 +PruMerge", "llava-1.5-13b", "fp16", "PruMerge", 70, ("1.80", "29.5", "26.6", "0.44"), 1.0),
+    ("7B INT4 LLaVA-1.5", "llava-1.5-7b", "int4", "LLaVA-1.5", 700, ("2.3", "151.6", "5.9", "1.20"), 4 / 16),
+    ("7B INT4 +PruMerge", "llava-1.5-7b", "int4", "PruMerge", 70, ("0.28", "14.9", "3.5", "0.07"), 4 / 16),
 )
 
 # Known reasons for figures that do not match at the table's rounding.

@@ -3,7 +3,7 @@
 ``attach(model, info, method_obj)`` is what ``vlmprune.apply`` calls: it finds the adapter for the
 model's family, refuses a model that is already pruned or a method the family cannot run
 (``adapter.method_problem``), and hands over to the stage's plumbing
-(``vision.attach`` or ``decoder.attach``), which returns a handle (``base.PruneHandle``).
+(``vision.attach`` or ``decoder.attach``), which returns a handle (``handle.PruneHandle``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ def family_options(model: Any, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def attach(model: Any, info: Any, method_obj: Any, family: dict[str, Any] | None = None):
-    from .base import HANDLE_ATTR, get_adapter
+    from .base import get_adapter
+    from .handle import check_not_pruned
 
-    existing = getattr(model, HANDLE_ATTR, None)
-    if existing is not None:
-        raise RuntimeError(f"this model is already pruned with {existing.method!r}; call handle.remove() "
-                           "(or vlmprune.remove(model)) before applying another method")
+    check_not_pruned(model)
     adapter = get_adapter(model).configure(**(family or {}))
     if problem := adapter.method_problem(info.name):
         raise ValueError(f"method {info.name!r} cannot run on {adapter.family} models yet: {problem}")

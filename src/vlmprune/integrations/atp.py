@@ -1,39 +1,36 @@
 """ATP-LLaVA on the decoder-stage machinery: learned, per-instance, per-layer visual-token pruning.
 
-The tensor algorithm (scores, spatial grids, threshold MLPs, soft / hard keep rules, budget) is
-``vlmprune.methods.atp``; this file wires an ``ATPPruner`` into ``integrations.decoder``:
+The tensor algorithm (scores, spatial grids, threshold MLPs, soft / hard keep rules, budget,
+straight-through count, range hinge) is ``vlmprune.methods.atp``; this file wires an
+``ATPPruner`` into ``integrations.decoder``:
 
 * an ATP module "after decoder layer l" is the machinery's prune point ``p = l + 1`` (tokens are
   dropped from the input of layer l + 1, ranked by layer l's attention);
 * at each point it asks for the attention rows of the alive visual tokens (S_self) and of the
   instruction tokens T (S_cross), head-averaged and post-softmax over every current key, computed
-  by the machinery from layer l's hooked q / k (sdpa stays on; never an L x L matrix);
+  by the machinery from layer l's hooked q / k;
 * ``mode="hard"`` (inference, the default): ``pruner.hard_step``; each sample keeps its own tokens,
-  survivors keep their original positions (the machinery's ``positions="original"``; ``positions="compact"``
-  renumbers them, the paper's positional ablation); works
-  batched (ragged counts) and with ``generate()`` (only the prefill prunes);
+  survivors keep their original positions (``positions="compact"`` renumbers them, the paper's
+  positional ablation); works batched (ragged counts) and with ``generate()`` (only the prefill
+  prunes);
 * ``mode="soft"`` (training): ``pruner.soft_step``; nothing is dropped, the cumulative mask enters
-  every later layer's attention as ``log(M + 1e-6)`` on the visual keys through the machinery's
-  soft-mask path (a float sdpa mask, differentiable); the counts for the budget loss are kept in
-  the per-prefill ``ATPContext`` (``handle.state.context``).
+  every later layer's attention as ``log(M + eps)`` on the visual keys through the machinery's
+  soft-mask path (a float sdpa mask, differentiable); the counts for the budget loss and the range
+  hinge terms are kept in the per-prefill ``ATPContext`` (``handle.state.context``).
 
-Instruction rows T. At inference T = the prompt's text tokens after the image (LLaVA-1.5: the
-question and "ASSISTANT:"; the system prompt precedes the image and is excluded). In training the
-sequence also holds the answers (and possibly later turns), so the trainer passes T explicitly
-with ``ATP.instruction_rows(mask)`` (the first turn's tokens after the image, up to its
-"ASSISTANT:"): the same rows inference sees, so training and inference decide alike.
+Instruction rows T: at inference, the prompt's text tokens after the image (LLaVA-1.5: the
+question and "ASSISTANT:"). A trainer whose sequences also hold answers passes T explicitly with
+``ATP.instruction_rows(mask)`` [B, L] bool over ``input_ids``.
 
-Budget counts in training (``budget_count``): ``"st"`` (default) is a straight-through count: its
-value is the number of tokens the *hard* rule would keep with the current thresholds (so the
-budget loss drives the evaluated average, not the soft one, onto the target), its gradient that of
-the soft count; ``"soft"`` is the spec's plain soft count (sum of the cumulative soft mask).
+Budget counts in training (``budget_count``): ``"st"`` (default) is the straight-through count
+(``ATPPruner.straight_through``: value = tokens the hard rule keeps, gradient = the soft count's);
+``"soft"`` is the plain soft count (sum of the cumulative soft mask).
 
-Grids. The machinery gives every visual column its grid unit and patch (``adapter.grid_layout``:
-LLaVA-1.5 one 24 x 24 unit per image, LLaVA-NeXT the base image + the unpadded mosaic with
-newlines on no grid, Qwen2-VL the merged grid of the image); the pruner decides per unit or per
-sample (``methods.atp`` / ``atp_units``; ``docs/atp.md``, "Other families"). Each sample holds
-exactly one image. With several grids, or a sample whose visual count differs from N, budgets
-count each sample against its own initial visual tokens (``ATPContext.initial``).
+Grids: the machinery gives every visual column its grid unit and patch (``adapter.grid_layout``);
+the pruner decides per unit or per sample (``methods.atp.units``; ``docs/atp.md``, "Other
+families"). Each sample holds exactly one image. With several grids, or a sample whose visual
+count differs from N, budgets count each sample against its own initial visual tokens
+(``ATPContext.initial``).
 
 Use: ``vlmprune.apply(model, "atp", checkpoint=DIR)`` (a directory written by
 ``ATPPruner.save`` / ``vlmprune train atp``); ``handle.stats`` is an ``ATPStats``.
@@ -52,7 +49,8 @@ import torch
 from torch import Tensor
 
 from ..methods import atp as A
-from ..methods import atp_units as U
+from ..methods.atp import units as U
+from ..methods.common import is_real
 from ..methods.fastv import pack_mask
 from .decoder import Decision, DecoderHandle, DecoderMethodBase, DecoderStats, LayerView
 
@@ -360,18 +358,13 @@ class ATP(DecoderMethodBase):
             ctx.prev = step.cumulative
             count = step.count
             if pr.config.learned and self.budget_count == "st":
-                th = step.slot_thresholds
-                keep, _ = A.hard_keep(scores.s_r, step.s_s, None if th.theta_r is None else th.theta_r.detach(),
-                                      None if th.theta_s is None else th.theta_s.detach(), step.judged)
-                keep = keep | (valid_v & ~step.judged)
-                hard = keep if ctx.prev_hard is None else ctx.prev_hard & keep
-                ctx.prev_hard = hard
-                count = hard.sum(1).to(step.count.dtype) + (step.count - step.count.detach())
+                count, ctx.prev_hard = pr.straight_through(scores, step, ctx.prev_hard)
             ctx.counts.append(count)
             ctx.soft_counts.append(step.count)
             if pr.config.learned:
-                ctx.range_terms.append(self._range_term(scores.s_r, step.s_s, step.thresholds, slots))
-            ctx.thresholds.append(_per_sample(step.thresholds, slots, bsz))
+                margin = 2.0 * (self.tau if self.tau is not None else pr.config.tau)
+                ctx.range_terms.append(A.range_hinge(scores.s_r, step.s_s, step.thresholds, slots, margin))
+            ctx.thresholds.append(A.per_sample_thresholds(step.thresholds, slots, bsz))
             cum = step.cumulative.detach()
             if ctx.single_grid:
                 ctx.masks.append(torch.zeros(bsz, n + 1, device=cum.device).scatter(1, patch_dump, cum)[:, :n])
@@ -385,7 +378,7 @@ class ATP(DecoderMethodBase):
         keep = step.keep & valid_v
         cols_keep = torch.zeros(bsz, length + 1, dtype=torch.bool, device=keep.device).scatter(1, dump, keep)
         ctx.counts.append(step.counts)
-        thresholds = _per_sample(step.thresholds, slots, bsz)
+        thresholds = A.per_sample_thresholds(step.thresholds, slots, bsz)
         ctx.thresholds.append(thresholds)
         if ctx.single_grid:
             grid = torch.zeros(bsz, n + 1, dtype=torch.bool, device=keep.device).scatter(1, patch_dump, keep)[:, :n]
@@ -396,23 +389,6 @@ class ATP(DecoderMethodBase):
             if t is not None:
                 info[name] = t.detach().float()
         return Decision(keep=cols_keep[:, :length], info=info)
-
-    def _range_term(self, s_r: Tensor, s_s: Tensor, th: A.Thresholds, slots: A.UnitSlots) -> Tensor:
-        """[B] how far each threshold lies outside [min score - m, max score + m], m = 2 tau (the
-        scores of its judging group; summed over a sample's groups).
-
-        Outside that band every soft mask of the module is saturated (all ~1 or all ~0), so no
-        gradient reaches the threshold and training can freeze it there; the band still contains
-        both extremes of the hard rule (keep all: theta < min S; keep none: theta >= max S).
-        """
-        m = 2.0 * (self.tau if self.tau is not None else self.pruner.config.tau)
-        out = torch.zeros(slots.num_groups, device=s_r.device)
-        for s, t in ((s_r, th.theta_r), (s_s, th.theta_s)):
-            if t is None:
-                continue
-            lo, hi = U.group_range(s, slots.group, slots.num_groups)
-            out = out + torch.relu((lo - m) - t) + torch.relu(t - (hi + m))
-        return torch.zeros(s_r.shape[0], device=s_r.device).index_add(0, slots.group_sample, out)
 
     def __repr__(self) -> str:
         if self.pruner is None:
@@ -444,19 +420,6 @@ class ATPHandle(DecoderHandle):
 ATP.handle_class = ATPHandle
 
 
-def _per_sample(th: A.Thresholds, slots: A.UnitSlots, batch: int) -> A.Thresholds:
-    """Thresholds of the judging groups [G] -> [B]: each sample's mean over its groups (its own
-    value when it has one)."""
-    def mean(t: Tensor | None) -> Tensor | None:
-        if t is None:
-            return None
-        g = slots.group_sample
-        total = torch.zeros(batch, dtype=t.dtype, device=t.device).index_add(0, g, t)
-        count = torch.zeros(batch, dtype=t.dtype, device=t.device).index_add(0, g, torch.ones_like(t))
-        return total / count.clamp_min(1.0)
-    return A.Thresholds(mean(th.theta_r), mean(th.theta_s))
-
-
 def _with_grid_options(pruner: A.ATPPruner, options: dict[str, str]) -> A.ATPPruner:
     """``pruner`` with its config's grid options (thresholds / off_grid / resample) replaced (weights kept)."""
     import dataclasses
@@ -468,12 +431,6 @@ def _with_grid_options(pruner: A.ATPPruner, options: dict[str, str]) -> A.ATPPru
 
 
 # ================================================================================ builder
-
-
-def _is_real(x: object) -> bool:
-    import numbers
-
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 #: Said (as a ``UserWarning``) when ``atp`` is built with neither a checkpoint nor a fixed ratio / target.
@@ -564,10 +521,10 @@ def build_atp(*, checkpoint: str | os.PathLike | None = None, layers: tuple[int,
         return ATP(_load_pruner(resolve_checkpoint(checkpoint)), grid_options=grid_options, positions=positions)
     if fixed_ratio is not None and fixed_target is not None:
         raise ValueError("atp: pass only one of fixed_ratio, fixed_target")
-    if fixed_ratio is not None and not (_is_real(fixed_ratio) and 0 < fixed_ratio <= 1):
+    if fixed_ratio is not None and not (is_real(fixed_ratio) and 0 < fixed_ratio <= 1):
         raise ValueError(f"atp: fixed_ratio is the fraction of survivors each module keeps, in (0, 1]; "
                          f"got {fixed_ratio!r}")
-    if fixed_target is not None and not (_is_real(fixed_target) and fixed_target > 0):
+    if fixed_target is not None and not (is_real(fixed_target) and fixed_target > 0):
         raise ValueError(f"atp: fixed_target is an all-layer average token count > 0, got {fixed_target!r}")
     if layers is not None:
         if not (isinstance(layers, (tuple, list)) and layers and all(isinstance(l, int) and l >= 0 for l in layers)

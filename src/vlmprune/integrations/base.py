@@ -1,4 +1,4 @@
-"""What every integration shares: the per-family adapter, the handle, and its stats.
+"""The per-family adapter: where a model family keeps its parts, and the steps shared by the families.
 
 An **adapter** is per-family knowledge written as data: where the vision tower, its encoder
 layers (and the last layer's ``q_proj`` / ``k_proj``), the projector, the language model and its
@@ -32,37 +32,29 @@ rows), ``vision_shape`` (the tower's and projector's widths, for FLOP counts), a
 prompt of the family's form, ``image_prompt_ids``, ``random_image_inputs`` and
 ``sequence_extras``; ``score_functions`` names where the importance score is computed (timers).
 
-A **handle** (``PruneHandle``) is what ``vlmprune.apply`` returns. It is attached to the model
-under ``HANDLE_ATTR`` (so applying twice is detected), owns every hook and patch the stage
-installed (``remove()`` undoes them in reverse order, idempotently, restoring the model exactly),
-and carries typed statistics (``PruneStats``).
+The handle that ``vlmprune.apply`` returns and its stats are in ``handle.py``.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+# PruneHandle / PruneStats stay importable from here: vision.py and decoder.py import them from base.
+from .handle import PruneHandle, PruneStats  # noqa: F401
 from .layout import VisualLayout, VisualUnit
 
 __all__ = [
-    "HANDLE_ATTR",
     "UnsupportedModelError",
     "ModelAdapter",
     "register_adapter",
     "get_adapter",
     "adapters",
-    "PruneStats",
-    "PruneHandle",
 ]
-
-#: Attribute set on a pruned model; holds its ``PruneHandle`` (absent when the model is not pruned).
-HANDLE_ATTR = "_vlmprune_handle"
 
 #: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
 _ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next",
@@ -202,7 +194,7 @@ class ModelAdapter:
         raise AttributeError(f"{type(tower).__name__} has none of {self.vision_layers}")
 
     def get_last_qk(self, model: Any) -> tuple[nn.Module, nn.Module]:
-        """The last vision encoder layer's (q_proj, k_proj) linears (spec §1: the signals' source)."""
+        """The last vision encoder layer's (q_proj, k_proj) linears (the source of the [CLS] signals)."""
         last = self.get_vision_layers(model)[-1]
         return _resolve(last, self.q_proj), _resolve(last, self.k_proj)
 
@@ -609,140 +601,3 @@ def get_adapter(model: Any) -> ModelAdapter:
     what = f"config model_type {model.model_type!r}" if is_config(model) else type(model).__name__
     raise UnsupportedModelError(f"vlmprune does not support {what}; supported model families: "
                                 f"{supported}")
-
-
-# ------------------------------------------------------------------------------ stats and handle
-
-
-@dataclass
-class PruneStats:
-    """Counts of visual tokens fed to the LLM, accumulated over every image-bearing forward.
-
-    ``kept_per_image`` lists, in order, the visual tokens each image contributed to the LLM's
-    input since ``apply`` (or the last ``reset()``); ``last_kept`` those of the most recent
-    prefill only. ``tokens_per_image`` is the unpruned count N. The decoder stage extends this
-    class with per-layer counts, and there ``last_kept`` / ``kept_per_image`` hold per-sample
-    all-layer averages (floats).
-
-    Read the same way for both stages: ``visual_tokens_per_sample()`` (the last prefill's visual
-    tokens per sample, averaged over the decoder layers) and ``visual_tokens_per_layer()``
-    ([B][num_layers]: the visual tokens each decoder layer processed). A vision-stage method feeds
-    every layer the same count, so its per-sample value is the kept count of the sample's image
-    (LLaVA: one image per sample).
-    """
-
-    method: str
-    tokens_per_image: int | None = None
-    num_layers: int = 0
-    prefills: int = 0
-    kept_per_image: list[int] = field(default_factory=list)
-    last_kept: list[int] = field(default_factory=list)
-    #: Unpruned placeholder count of each image in ``kept_per_image`` (filled by the vision stage).
-    unpruned_per_image: list[int] = field(default_factory=list)
-
-    def record(self, kept: list[int], unpruned: list[int] | None = None) -> None:
-        """Add one prefill's per-image kept counts (and, optionally, their unpruned counts)."""
-        self.prefills += 1
-        self.last_kept = list(kept)
-        self.kept_per_image.extend(kept)
-        if unpruned is not None:
-            self.unpruned_per_image.extend(unpruned)
-
-    def visual_tokens_per_sample(self) -> list[float]:
-        """Visual tokens of each sample in the last prefill, averaged over the decoder layers."""
-        return [float(v) for v in self.last_kept]
-
-    def visual_tokens_per_layer(self) -> list[list[int]]:
-        """[B][num_layers]: visual tokens each decoder layer processed in the last prefill."""
-        return [[int(v)] * self.num_layers for v in self.last_kept]
-
-    @property
-    def images(self) -> int:
-        return len(self.kept_per_image)
-
-    @property
-    def mean_visual_tokens(self) -> float:
-        """Mean visual tokens per image fed to the LLM (nan before the first image)."""
-        return sum(self.kept_per_image) / len(self.kept_per_image) if self.kept_per_image else math.nan
-
-    @property
-    def mean_kept_ratio(self) -> float:
-        """Kept / unpruned visual tokens over every image so far: ``mean_visual_tokens /
-        tokens_per_image``, or, when images differ in size, the ratio of the sums (nan when unknown)."""
-        if self.kept_per_image and len(self.unpruned_per_image) == len(self.kept_per_image) \
-                and not self.tokens_per_image:
-            return sum(self.kept_per_image) / sum(self.unpruned_per_image)
-        if not self.tokens_per_image:
-            return math.nan
-        return self.mean_visual_tokens / self.tokens_per_image
-
-    def reset(self) -> None:
-        self.prefills = 0
-        self.kept_per_image = []
-        self.last_kept = []
-        self.unpruned_per_image = []
-
-
-class PruneHandle:
-    """A pruning applied to one model: ``.method``, ``.stats``, ``.remove()``, context manager.
-
-    Stages subclass it and register their undo actions with ``add_undo`` / ``add_hook``
-    (torch hook handles); ``remove()`` runs them in reverse order exactly once.
-    """
-
-    stats_class: type[PruneStats] = PruneStats
-
-    def __init__(self, model: Any, adapter: ModelAdapter, method: str, method_obj: Any, stage: str) -> None:
-        existing = getattr(model, HANDLE_ATTR, None)
-        if existing is not None:
-            raise RuntimeError(f"this model is already pruned with {existing.method!r}; call handle.remove() "
-                               "(or vlmprune.remove(model)) before applying another method")
-        self.model = model
-        self.adapter = adapter
-        self.method = method
-        self.method_obj = method_obj
-        self.stage = stage
-        self.stats = self.stats_class(method=method)
-        self._undo: list[Callable[[], None]] = []
-        self._active = True
-        setattr(model, HANDLE_ATTR, self)
-
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    def add_undo(self, fn: Callable[[], None]) -> None:
-        """Register an action that ``remove()`` runs (in reverse registration order)."""
-        self._undo.append(fn)
-
-    def add_hook(self, hook_handle: Any) -> Any:
-        """Register a torch ``RemovableHandle`` to be removed by ``remove()``; returns it."""
-        self._undo.append(hook_handle.remove)
-        return hook_handle
-
-    def remove(self) -> None:
-        """Undo every change to the model; idempotent. The model is then exactly the stock model."""
-        if not self._active:
-            return
-        self._active = False
-        errors = []
-        while self._undo:
-            fn = self._undo.pop()
-            try:
-                fn()
-            except Exception as exc:  # keep undoing the rest; report at the end
-                errors.append(exc)
-        if getattr(self.model, HANDLE_ATTR, None) is self:
-            delattr(self.model, HANDLE_ATTR)
-        if errors:
-            raise RuntimeError(f"errors while removing the pruning: {errors!r}")
-
-    def __enter__(self) -> "PruneHandle":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        state = "active" if self._active else "removed"
-        return f"<{type(self).__name__} method={self.method!r} stage={self.stage!r} {state}>"

@@ -15,7 +15,6 @@ attached and removed with it.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..methods.baselines import cls_topk, random_keep, sequential_keep, spatial_keep
-from ..methods.common import Reduction
+from ..methods.common import Reduction, is_int, is_real
 from ..methods.prumerge import prumerge
 from .vision import VisionMethod, VisionSignals
 
@@ -39,9 +38,9 @@ def _check_keep(method: str, keep: Any, *, allow_none: bool = False) -> None:
         if allow_none:
             return
         raise ValueError(f"{method}: keep is required; pass {hint}")
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+    if not is_real(keep):
         raise ValueError(f"{method}: keep must be {hint}, got {keep!r}")
-    if isinstance(keep, numbers.Integral):
+    if is_int(keep):
         if keep < 1:
             raise ValueError(f"{method}: keep = {keep} keeps no token; pass {hint}")
     elif not 0.0 < float(keep) <= 1.0:
@@ -82,7 +81,7 @@ def build_random(*, keep: int | float = DEFAULT_KEEP, seed: int | None = 0,
     and uncached generation agree); ``None`` draws from torch's global RNG.
     """
     _check_keep("random", keep)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise ValueError(f"random: seed must be an int >= 0 or None, got {seed!r}")
 
     def fn(features: Tensor, signals: VisionSignals | None, grid: tuple[int, int], fetch=None) -> Reduction:
@@ -134,7 +133,7 @@ def build_cls_topk(*, keep: int | float | None = None, order: str = "attention",
 
 def _build_prumerge(name: str, plus: bool, *, k_neighbors: int, merge: str, extra_token: bool, grid: str,
                     order: str, keep: int | float | None, lora: str | None = None) -> VisionMethod:
-    if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, numbers.Integral) or k_neighbors < 0:
+    if not is_int(k_neighbors) or k_neighbors < 0:
         raise ValueError(f"{name}: k_neighbors must be an int >= 0 (official: 32; 0 turns merging off), "
                          f"got {k_neighbors!r}")
     _check_choice(name, "merge", merge, ("residual", "average"))
@@ -158,7 +157,7 @@ def _build_prumerge(name: str, plus: bool, *, k_neighbors: int, merge: str, extr
 def build_prumerge(*, k_neighbors: int = 32, merge: str = "residual", extra_token: bool = True,
                    order: str = "attention", keep: int | float | None = None,
                    lora: str | None = None) -> VisionMethod:
-    """``prumerge``: adaptive IQR selection + key-similarity merge + extra token (spec §2-3).
+    """``prumerge``: adaptive IQR selection + key-similarity merge + extra token.
 
     Defaults reproduce the official code per image. ``keep`` fixes the number of centres instead
     of the adaptive count; ``merge="average"`` is the paper's weighted average; ``order="spatial"``
@@ -171,7 +170,7 @@ def build_prumerge(*, k_neighbors: int = 32, merge: str = "residual", extra_toke
 def build_prumerge_plus(*, k_neighbors: int = 32, merge: str = "residual", extra_token: bool = True,
                         grid: str = "raster", order: str = "attention",
                         keep: int | float | None = None, lora: str | None = None) -> VisionMethod:
-    """``prumerge+``: PruMerge plus a spatially uniform supplement of centres (spec §4).
+    """``prumerge+``: PruMerge plus a spatially uniform supplement of centres.
 
     ``grid="raster"`` is the official stride sampling (column stripes); ``"2d"`` a true lattice.
     """

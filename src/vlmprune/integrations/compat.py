@@ -16,7 +16,7 @@ Assumptions, each with the test that guards it:
    (``get_cache``); outputs are read by the installed field name only (``output_cache``), which
    never triggers the deprecation warning. Guarded by ``test_compat.py::test_cache_name_*``,
    ``test_cache_under_each_name_*`` and the cached == uncached tests of ``test_decoder.py`` /
-   ``test_integration_vision.py`` (which broke silently on 5.24 when the hooks read the old name).
+   ``test_integration_vision.py``.
 2. **Keyword names the hooks read or rewrite** (``K``): the multimodal model's forward takes
    ``input_ids``, ``inputs_embeds``, ``pixel_values``, ``attention_mask`` (2-D ``[B, L]`` from
    ``generate``), ``position_ids`` (``[B, L]``; M-RoPE families: assumption 11), ``labels``, ``image_sizes``,

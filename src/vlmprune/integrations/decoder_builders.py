@@ -9,7 +9,6 @@ saying what to pass.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
@@ -17,17 +16,10 @@ from torch import Tensor
 
 from ..methods import fastv as fv
 from ..methods import sparsevlm as sv
+from ..methods.common import is_int, is_real
 from .decoder import Decision, DecoderMethodBase, LayerView
 
 __all__ = ["FastV", "SparseVLM", "build_fastv", "build_sparsevlm"]
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 # ================================================================================ FastV
@@ -97,16 +89,16 @@ def build_fastv(*, k: int = 2, drop_ratio: float | None = None, count: int | Non
     ``drop_ratio`` (the paper's R, fraction dropped, default 0.5), ``count`` (visual tokens kept),
     ``budget`` (all-layer average visual tokens, e.g. 192 / 128 / 64). ``score``: "last" (official
     code: the last prompt token's row) or "all" (paper text: mean over all prompt rows)."""
-    if not _is_int(k) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"fastv: k must be an int >= 0 (the layer whose input is pruned), got {k!r}")
     given = [n for n, v in (("drop_ratio", drop_ratio), ("count", count), ("budget", budget)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"fastv: pass only one of drop_ratio, count, budget (got {', '.join(given)})")
-    if drop_ratio is not None and (not _is_real(drop_ratio) or not 0.0 <= drop_ratio < 1.0):
+    if drop_ratio is not None and (not is_real(drop_ratio) or not 0.0 <= drop_ratio < 1.0):
         raise ValueError(f"fastv: drop_ratio is the fraction of visual tokens dropped, in [0, 1); got {drop_ratio!r}")
-    if count is not None and (not _is_int(count) or count < 1):
+    if count is not None and (not is_int(count) or count < 1):
         raise ValueError(f"fastv: count is the number of visual tokens kept, an int >= 1; got {count!r}")
-    if budget is not None and (not _is_real(budget) or budget <= 0):
+    if budget is not None and (not is_real(budget) or budget <= 0):
         raise ValueError(f"fastv: budget is the all-layer average of visual tokens, a number > 0; got {budget!r}")
     if score not in ("last", "all"):
         raise ValueError(f"fastv: score must be 'last' (official code) or 'all' (paper text), got {score!r}")
@@ -187,14 +179,14 @@ def build_sparsevlm(*, budget: int = 192, schedule: tuple[int, ...] | list[int] 
                              f"got {budget!r}; pass schedule=(...) for other counts")
         schedule = sv.V15_SCHEDULES[budget]
     else:
-        if not isinstance(schedule, (tuple, list)) or not schedule or not all(_is_int(c) and c >= 1 for c in schedule):
+        if not isinstance(schedule, (tuple, list)) or not schedule or not all(is_int(c) and c >= 1 for c in schedule):
             raise ValueError(f"sparsevlm: schedule must be a non-empty list of ints >= 1, got {schedule!r}")
         if max(schedule) > sv.REFERENCE_TOKENS:
             raise ValueError(f"sparsevlm: schedule counts are visual tokens kept out of {sv.REFERENCE_TOKENS} "
                              f"(scaled to the model's count); {max(schedule)} is more than {sv.REFERENCE_TOKENS} — "
                              f"pass counts <= {sv.REFERENCE_TOKENS}, e.g. schedule=[300,200,110]")
     if layers is not None:
-        if not isinstance(layers, (tuple, list)) or not all(_is_int(l) and l >= 0 for l in layers) \
+        if not isinstance(layers, (tuple, list)) or not all(is_int(l) and l >= 0 for l in layers) \
                 or list(layers) != sorted(set(layers)):
             raise ValueError(f"sparsevlm: layers must be strictly increasing ints >= 0, got {layers!r}")
         if len(layers) != len(schedule):

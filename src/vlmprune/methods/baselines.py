@@ -11,22 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import (
-    Fetch,
-    Reduction,
-    check_choice,
-    check_floating,
-    grid_shape,
-    lattice_mask,
-    resolve_budget,
-    select_chosen,
-)
+from .common import (Fetch, Reduction, check_choice, check_tensor, grid_shape, lattice_mask, resolve_budget,
+                     select_chosen)
 
 __all__ = ["random_keep", "sequential_keep", "spatial_keep", "cls_topk"]
 
 
 def _check_features(features: object) -> tuple[int, int]:
-    check_floating(features, "features", 3, "[B, N, D]")
+    check_tensor(features, "features", 3, "[B, N, D]")
     batch, num_tokens, _ = features.shape
     if batch < 1 or num_tokens < 1:
         raise ValueError(f"features must have B >= 1 and N >= 1, got shape {tuple(features.shape)}")
@@ -80,7 +72,7 @@ def cls_topk(cls_attn: Tensor, features: Tensor, n: int | float | Tensor, *, ord
     ``prumerge(..., k_neighbors=0, extra_token=False)``, which is exactly that.
     """
     batch, num_tokens = _check_features(features)
-    check_floating(cls_attn, "cls_attn", 2, "[B, N]")
+    check_tensor(cls_attn, "cls_attn", 2, "[B, N]")
     if tuple(cls_attn.shape) != (batch, num_tokens):
         raise ValueError(
             f"cls_attn must have shape [B, N] = {(batch, num_tokens)} to match features, "

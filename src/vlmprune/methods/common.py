@@ -1,4 +1,5 @@
-"""Shared result type and tensor helpers for the vision-stage token-reduction methods.
+"""Helpers shared by the pruning methods: argument validators, the vision-stage result type and its
+tensor helpers.
 
 Everything here is pure torch, vectorised over batch and tokens. Ragged per-sample results
 (every image keeps its own number of tokens) are represented by padding to the batch maximum:
@@ -19,6 +20,10 @@ from torch import Tensor
 
 __all__ = [
     "Reduction",
+    "is_int",
+    "is_real",
+    "check_tensor",
+    "check_choice",
     "resolve_budget",
     "grid_shape",
     "lattice_mask",
@@ -97,31 +102,29 @@ class Reduction:
 # --------------------------------------------------------------------------- validation
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """An integer that is not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def check_floating(x: object, name: str, ndim: int, what: str) -> Tensor:
-    """Raise ValueError unless ``x`` is a floating tensor with ``ndim`` dims (``what`` names them)."""
+def is_real(x: object) -> bool:
+    """A real number (int or float) that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_tensor(x: object, name: str, ndim: int, what: str, *, floating: bool = True) -> Tensor:
+    """Raise ValueError unless ``x`` is a tensor with ``ndim`` dims (``what`` names them), floating
+    point unless ``floating=False``; returns ``x``."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {what}, got {type(x).__name__}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must have shape {what}, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
+    if floating and not x.is_floating_point():
         raise ValueError(
             f"{name} must be a floating-point tensor, got dtype {x.dtype}; "
             f"convert it with {name}.float()"
         )
     return x
-
-
-def check_finite(x: Tensor, name: str) -> None:
-    """Raise ValueError if ``x`` holds NaN or infinity."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            f"{name} contains NaN or infinite values; pass finite scores "
-            f"(check the upstream computation, e.g. an fp16 overflow)"
-        )
 
 
 def to_host_lists(tensors: list[Tensor]) -> list:
@@ -175,6 +178,7 @@ def fetch_counts(counts: Tensor, fetch: Fetch | None = None, *, finite: Tensor |
 
 
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices`` (the message lists them)."""
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
@@ -209,13 +213,13 @@ def resolve_budget(
                     f"(N = {num_tokens} patches); {hint}"
                 )
             return n.to(device=device, dtype=torch.long)
-    if _is_int(n):
+    if is_int(n):
         count = int(n)
         if count < 1:
             raise ValueError(f"{name} = {count} keeps no token; {hint}")
         if count > num_tokens:
             raise ValueError(f"{name} = {count} is more than the N = {num_tokens} patches; {hint}")
-    elif isinstance(n, numbers.Real) and not isinstance(n, bool):
+    elif is_real(n):
         ratio = float(n)
         if math.isnan(ratio):
             raise ValueError(f"{name} is NaN; {hint}")
@@ -232,29 +236,32 @@ def resolve_budget(
     return torch.full((batch,), count, dtype=torch.long, device=device)
 
 
-def grid_shape(num_tokens: int, grid_size: object = None) -> tuple[int, int]:
-    """(H, W) of the patch grid: ``grid_size`` (int side or (H, W)) or sqrt(N) when square."""
+def grid_shape(num_tokens: int, grid_size: object = None, name: str = "grid_size") -> tuple[int, int]:
+    """(H, W) of the patch grid: ``grid_size`` (int side or (H, W)) or sqrt(N) when square.
+
+    ``name`` is the argument's name in the error messages.
+    """
     if grid_size is None:
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
             raise ValueError(
-                f"N = {num_tokens} patches is not a square grid; pass grid_size=(H, W) with "
+                f"N = {num_tokens} patches is not a square grid; pass {name}=(H, W) with "
                 f"H * W == {num_tokens}"
             )
         return side, side
-    if _is_int(grid_size):
+    if is_int(grid_size):
         h = w = int(grid_size)
     elif (
         isinstance(grid_size, (tuple, list))
         and len(grid_size) == 2
-        and all(_is_int(s) for s in grid_size)
+        and all(is_int(s) for s in grid_size)
     ):
         h, w = int(grid_size[0]), int(grid_size[1])
     else:
-        raise ValueError(f"grid_size must be an int or a pair of ints (H, W), got {grid_size!r}")
+        raise ValueError(f"{name} must be an int or a pair of ints (H, W), got {grid_size!r}")
     if h < 1 or w < 1 or h * w != num_tokens:
         raise ValueError(
-            f"grid_size {(h, w)} does not match N = {num_tokens} patches; "
+            f"{name} {(h, w)} does not match N = {num_tokens} patches; "
             f"pass (H, W) with H * W == {num_tokens}"
         )
     return h, w

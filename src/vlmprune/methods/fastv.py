@@ -1,25 +1,21 @@
 """FastV (arXiv 2403.06764) as pure tensor code: rank visual tokens by attention, keep the top k.
 
-What the official code (pkunlp-icler/FastV) computes, and what this module provides
-(``specs/decoder-methods.md``):
+The decoder machinery (``vlmprune.integrations.decoder``) captures the attention rows and applies
+the decision; this module only ranks and counts:
 
 * Layers 0..K-1 see every token; the ranking uses layer K-1's post-softmax attention; tokens are
-  dropped from the input of layer K (default K = 2). The decoder machinery
-  (``vlmprune.integrations.decoder``) captures the attention rows; this module only ranks.
+  dropped from the input of layer K (default K = 2; K = 0 ranks by layer 0's attention computed
+  from its input).
 * Score ``"last"`` (the official code): ``a_j = mean_h A[h, last, j]``, the last prompt token's
   row. Score ``"all"`` (the paper's text, "attention received from all tokens"): the mean over
-  every prompt query row of the head-averaged attention to column j (softmax over all keys, causal,
-  so later columns are seen by fewer queries — exactly as the text defines it).
+  every prompt query row of the head-averaged attention to column j (softmax over all keys,
+  causal, so later columns are seen by fewer queries).
 * Keep count: ``k = round(N * (1 - R))`` per sample (N = that sample's visual tokens, R the drop
   ratio, 50% by default), or an explicit count, or an all-layer average budget
   ``B = (K * N + (L - K) * k) / L`` solved for k.
 * Survivors stay in their original order; ties in the ranking go to the lower index (a stable sort).
 
-Deviations from the official code (all deliberate): any batch size with per-sample counts
-(official: batch 1), sdpa with side-computed rows (official: eager attention for the whole model),
-image span found from the image token ids (official: hard-coded offset 35 and 576 tokens), each
-layer's KV cache at its own length (official: layer K-1's cache duplicated / later layers reusing
-layer K's). K = 0 is allowed: the ranking then uses layer 0's attention computed from its input.
+How this differs from the official code, and why: ``docs/design/decoder-methods.md``.
 
 Shapes: B batch, L tokens of the current layout (left-padded), R query rows.
 """

@@ -1,26 +1,23 @@
 """PruMerge and PruMerge+ (arXiv 2403.15388) as batched, vectorised tensor code.
 
-Follows ``specs/prumerge.md``, i.e. what the authors' code computes, per image:
+Per image, with the defaults (what the authors' code computes):
 
 1. ``cls_attention``: a = softmax(q_cls K^T / sqrt(C)) over all N+1 keys, [CLS] column dropped.
-2. Adaptive selection (AITS): k = #{a_i > Q3 + 1.5 (Q3 - Q1)}; the kept set S = top-k by a,
-   in descending attention order.
-3. PruMerge+ only: raster grid G = arange(0, N-1, floor(floor(N/k)/3)); centres S+ = [S; G \\ S].
+2. Adaptive selection (AITS): k = #{a_i > Q3 + 1.5 (Q3 - Q1)} (at least 1); the kept set S =
+   top-k by a, in descending attention order.
+3. PruMerge+ only: raster grid G = arange(0, N-1, max(1, floor(floor(N/k)/3))); centres
+   S+ = [S; G \\ S].
 4. Token supplement (TS): every centre i gets y_i + sum_{j in N_i} a_j y_j where N_i are the
    k_neighbors patches (any other patch, kept or not) with the most similar L2-normalised keys.
-5. An extra token e = sum_{j not a centre} a_j y_j is appended last.
+5. An extra token e = sum_{j not a centre} a_j y_j is appended last (when some patch is not a
+   centre).
 
 Everything is vectorised over batch and tokens: ragged per-image counts are padded to the batch
 maximum (see ``common.Reduction``). Internal maths is float32; the output has the input dtype.
+Where this differs from the authors' code (which runs at batch size 1 only) is listed on
+``prumerge``; the reasons are in ``docs/design/vision-methods.md``.
 
-Behaviour where the official code crashes or differs (all documented on ``prumerge``):
-
-* IQR is computed per image (official: one IQR over the whole batch; equal at batch size 1).
-* k = 0 (no outlier, e.g. flat attention): fall back to k = 1, the single top-attention patch.
-* k > N/3 (grid step 0): step is clamped to 1. With the IQR rule only N <= 2 gets there.
-* empty G \\ S: PruMerge+ reduces to PruMerge for that image.
-* k_neighbors >= N: clamped to N - 1 (all other patches).
-* no pruned patch left (every patch is a centre): no extra token for that image.
+Shapes: ``B`` images, ``N`` patches ([CLS] excluded), ``C`` / ``Dk`` key width, ``D`` feature width.
 """
 
 from __future__ import annotations
@@ -31,19 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (
-    Fetch,
-    Reduction,
-    check_choice,
-    check_floating,
-    fetch_counts,
-    grid_shape,
-    lattice_mask,
-    order_chosen,
-    resolve_budget,
-    spread_priority,
-    topk_indices,
-)
+from .common import (Fetch, Reduction, check_choice, check_tensor, fetch_counts, grid_shape, lattice_mask,
+                     order_chosen, resolve_budget, spread_priority, topk_indices)
 
 __all__ = [
     "cls_attention",
@@ -59,15 +45,15 @@ __all__ = [
 def cls_attention(q: Tensor, k: Tensor, *, num_heads: int | None = None) -> Tensor:
     """[CLS] attention over the patches: q, k [B, N+1, C] (raw q_proj / k_proj outputs) -> [B, N].
 
-    Default (``num_heads=None``, spec §1, what PruMerge uses): one softmax over the concatenated
+    Default (``num_heads=None``, what PruMerge uses): one softmax over the concatenated
     heads, ``softmax(q_0 K^T / sqrt(C))`` over all N+1 keys including [CLS], then the [CLS]
     column is dropped without renormalising (rows sum to < 1). With ``num_heads=h`` it is the
     usual per-head attention of row 0, ``mean_h softmax(q_0h K_h^T / sqrt(C/h))``, [CLS] column
     dropped. Only row 0 is computed (O(N C), never the (N+1)^2 matrix). Always float32: bf16
     scores would tie and change the IQR count.
     """
-    check_floating(q, "q", 3, "[B, N+1, C]")
-    check_floating(k, "k", 3, "[B, N+1, C]")
+    check_tensor(q, "q", 3, "[B, N+1, C]")
+    check_tensor(k, "k", 3, "[B, N+1, C]")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape [B, N+1, C], got {tuple(q.shape)} and {tuple(k.shape)}")
     batch, seq, dim = k.shape
@@ -112,7 +98,7 @@ def _quartile_fence(descending: Tensor) -> Tensor:
 
 
 def iqr_outlier_count(cls_attn: Tensor) -> Tensor:
-    """[B, N] scores -> [B] long k = #{a_i > Q3 + 1.5 (Q3 - Q1)} per row (spec §2, no k = 0 fallback).
+    """[B, N] scores -> [B] long k = #{a_i > Q3 + 1.5 (Q3 - Q1)} per row (no k = 0 fallback).
 
     Quartiles in float32 with linear interpolation, strict comparison in float32.
     """
@@ -205,7 +191,7 @@ def prumerge(
         features: [B, N, D] patch features to reduce (LLaVA: penultimate layer, before projector).
             keys and features are not scanned for NaN (a full pass over them would cost about as
             much as the reduction); a NaN there propagates to the output.
-        plus: PruMerge+ — add the spatial grid to the centres (spec §4).
+        plus: PruMerge+ — add the spatial grid to the centres.
         k_neighbors: neighbours merged into each centre (official: 32; clamped to N - 1; 0 turns
             the merge off, i.e. the paper's "AITS only" selection).
         merge: "residual" (official: y_i + sum a_j y_j, unnormalised) or "average" (paper:
@@ -233,30 +219,23 @@ def prumerge(
         centres in output order (the extra token has no index), extra [B] bool (None when
         ``extra_token=False``) and num_attention [B].
 
-    Behaviour that differs from the official code (which runs only at batch size 1):
+    Behaviour that differs from the official code (``docs/design/vision-methods.md``):
 
-    * IQR per image instead of over the pooled batch (identical at batch size 1), so a result
-      never depends on batch-mates.
-    * k = 0 (no attention outlier, e.g. a flat map): the single top-attention patch is kept
-      (k = 1). Official PruMerge would return only the extra token (no patch-anchored token and
-      nothing at all with ``extra_token=False``), official PruMerge+ divides by zero; k = 1 keeps
-      the most salient patch, gives PruMerge+ its coarsest grid (step N/3) and every image at
-      least one indexed token.
-    * k > N/3 (official PruMerge+: step 0, crash): step clamped to 1. With the IQR rule
-      k <= N/4 + 1/2, so only N <= 2 gets there; ``keep`` does not use the step formula.
-    * G \\ S empty (official: float/long concat error): no grid centre is added for that image.
-    * k_neighbors >= N (official: topk error): every other patch is a neighbour.
-    * every patch a centre (only possible with ``keep``): no extra token (it would be zero);
-      ``extra[b]`` is False.
-    * Official keeps ``int(N * (k / N))`` tokens, which loses one for some N (e.g. N = 729, k = 1),
-      and its step ``int(1 / r)`` can differ from floor(N / k) (N = 729, k = 3); here both are
-      exact integers (identical for N = 576). Exact ties in attention go to the lower patch index; exact ties
-      in key similarity at the k_neighbors boundary are broken arbitrarily (as with torch.topk
-      in the official code).
+    * the IQR fence is computed per image, not over the pooled batch (equal at batch size 1);
+    * k = 0 (no attention outlier, e.g. a flat map): k = 1, the top-attention patch;
+    * a PruMerge+ grid step of 0 (k > N/3, only for N <= 2 with the IQR rule) is clamped to 1;
+      ``keep`` does not use the step formula;
+    * G \\ S empty: no grid centre is added for that image;
+    * k_neighbors >= N: every other patch is a neighbour (clamped to N - 1);
+    * every patch a centre (only possible with ``keep``): no extra token, ``extra[b]`` is False;
+    * counts and the grid step are exact integers: N * (k / N) = k and floor(N / k) (the official
+      float arithmetic loses one for some N, e.g. N = 729; identical for N = 576);
+    * exact ties in attention go to the lower patch index; exact ties in key similarity at the
+      k_neighbors boundary are broken arbitrarily (as with torch.topk in the official code).
     """
-    check_floating(cls_attn, "cls_attn", 2, "[B, N]")
-    check_floating(keys, "keys", 3, "[B, N, Dk]")
-    check_floating(features, "features", 3, "[B, N, D]")
+    check_tensor(cls_attn, "cls_attn", 2, "[B, N]")
+    check_tensor(keys, "keys", 3, "[B, N, Dk]")
+    check_tensor(features, "features", 3, "[B, N, D]")
     batch, num_tokens = cls_attn.shape
     if batch < 1 or num_tokens < 1:
         raise ValueError(f"cls_attn must have B >= 1 and N >= 1, got shape {tuple(cls_attn.shape)}")

@@ -1,40 +1,31 @@
 """SparseVLM (arXiv 2410.04417, v1.5 schedule) as pure tensor code: text raters, ranking, recycling.
 
-What the official code (Gumpest/SparseVLMs) computes (``specs/decoder-methods.md``) and how it
-maps here; the decoder machinery captures the attention rows and applies the decision.
+The decoder machinery captures the attention rows and applies the decision; this module computes:
 
 1. **Raters** (once per prefill, ``select_raters``): from the decoder input embeddings X, V = image
    tokens, T = text tokens after the image; ``M = softmax_T(V T^T)`` (no 1/sqrt(d));
-   ``r = mean_V M``; raters = text tokens with ``r_t > mean(r)``.
+   ``r = mean_V M``; raters = text tokens with ``r_t > mean(r)``. When every ``r_t`` is equal
+   (e.g. a single text token after the image) every text token after the image is a rater; with
+   no text after the image, the last prompt token is.
 2. **Pruning layers**: v1.5 prunes the *output* of layers {2, 6, 15} of a 32-layer decoder (layer
    l and its cache hold every token). ``scale_layers`` maps them to shallower decoders.
 3. **Score** at a pruning layer: mean over raters of the head-averaged post-softmax attention of
    that layer to each current visual token (``fastv.row_scores`` on the rater rows).
-4. **How many survive**: the v1.5 fixed schedule (``V15_SCHEDULES``), each capped at the current
-   visual count - 1 (``schedule_count``).
+4. **How many survive**: the v1.5 fixed schedule (``V15_SCHEDULES``, for 576 visual tokens; for N
+   tokens each count is ``round(count * N / 576)``), each capped at the current visual count - 1
+   (``schedule_count``).
 5. **Recycling** (``recycle``): of the pruned tokens take the top ``m = floor(0.3 n) + 1`` by score,
-   cluster them into ``c = floor(m / 10) + 1`` clusters by density-peak clustering, and insert each
-   cluster's unweighted mean right after the kept visual tokens.
+   cluster them into ``c = floor(m / 10) + 1`` clusters by density-peak clustering
+   (``density_peak_clusters``: density ``exp(-mean squared distance to the c nearest other
+   tokens)``, deterministic ties), and insert each cluster's unweighted mean right after the kept
+   visual tokens. Recycled tokens are visual tokens afterwards (a later layer may rank and drop
+   them; ``handle.stats`` counts them); with original positions one takes the rounded mean of its
+   members' positions.
 6. **Positions**: compacted after pruning by default (text shifts left, decoding continues from
    each layer's own length), original positions optional.
 
-Deviations from the official code, all documented here:
-
-* **Layer scaling** for decoders shallower than 32 layers: pruning point ``p = l + 1`` (the input of
-  the next layer) becomes ``round(p * L / 32)``, forced into [1, L - 1] and strictly increasing
-  (6 layers: outputs of layers 0, 1, 2; 32 layers: 2, 6, 15 exactly).
-* **Counts for other image sizes**: the schedule is for 576 visual tokens; for N tokens per sample
-  each count is ``round(count * N / 576)`` (exact for N = 576).
-* **Density**: ``exp(-mean of squared distances to the c nearest other tokens)`` (self excluded;
-  with one token the density is 1). The official code adds random noise to break ties; here ties
-  are broken deterministically: among equal densities the lower index counts as denser, equal
-  centre scores go to the lower index, equal distances to the lower-ranked centre.
-* **Recycled tokens** count as visual tokens afterwards (they can be ranked and dropped again at a
-  later layer, and ``handle.stats`` counts them). With original positions a recycled token takes the
-  rounded mean of its members' positions.
-* **No rater** (every ``r_t`` equal, e.g. a single text token after the image): every text token
-  after the image is a rater; no text after the image: the last prompt token is the rater.
-* Any batch size (official: 1); the v1 adaptive rank-based count is not implemented.
+Any batch size. How this differs from the official code, and why:
+``docs/design/decoder-methods.md``.
 
 Shapes: B batch, L tokens (left-padded layout), D hidden size.
 """

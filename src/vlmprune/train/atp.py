@@ -10,7 +10,7 @@ What one step does (the paper's training objective; machinery: ``integrations/at
    module's cumulative soft mask enters every later layer's attention as ``log(M + 1e-6)`` on the
    visual keys (a float sdpa mask; the model is never switched to eager attention);
 3. ``loss = task + lambda_atp * L_atp + lambda_target * L_target`` on the all-layer average
-   token count (straight-through hard count by default, see ``integrations/atp.py``); tau is
+   token count (straight-through hard count by default, ``ATPPruner.straight_through``); tau is
    annealed from ``tau`` to ``tau_final``;
 4. update the ATP modules (``--train llm-frozen``, the default) or also LoRA adapters on the LLM's
    attention and MLP projections (``--train lora``, ``peft``).
@@ -21,9 +21,9 @@ by DDP over a wrapper module holding the model and the pruner. Checkpoints every
 ``checkpoint_every`` steps hold only the trainable tensors and the optimizer
 (``train_state.pt``), plus the ATP weights themselves, so a run resumes exactly where it
 stopped and a half-trained run is already loadable by ``vlmprune.apply(model, "atp",
-checkpoint=OUT)``. At the end the ATP weights are written to ``OUT`` (a few hundred KB on the
-testbed), LoRA adapters to ``OUT/lora`` and, with LoRA, the merged model to ``OUT/model``;
-``summary.json`` reports the evaluated (hard-pruned) average token count on held-out scenes.
+checkpoint=OUT)``. At the end the ATP weights are written to ``OUT``, LoRA adapters to
+``OUT/lora`` and, with LoRA, the merged model to ``OUT/model``; ``summary.json`` reports the
+evaluated (hard-pruned) average token count on held-out scenes.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ATPTrainConfig:
                                             "model by equivalent_target(); ignored when target is set")
     target: float | None = _opt(None, "target all-layer average visual tokens on this model, literally")
     layers: tuple[int, ...] | None = _opt(None, "decoder layers the modules follow; None = scale_layers()")
-    steps: int = _opt(300, "optimizer steps (testbed: ~3.3 s/step at batch 8 on 2 cores, ~5 s on 1)")
+    steps: int = _opt(300, "optimizer steps")
     batch_size: int = _opt(8, "samples per process per step")
     lr: float = _opt(3e-4, "learning rate of the ATP modules (AdamW); faster rates overshoot the target "
                            "and can saturate the thresholds")
@@ -88,7 +88,7 @@ class ATPTrainConfig:
     budget_count: str = _opt("st", "count in the budget loss: st (hard value, soft gradient) | soft")
     target_control: str = _opt("dual", "dual: add mu * (Nbar - target) / N with mu adapted by dual ascent "
                                        "on the measured average (lands on the target whatever the task "
-                                       "loss pulls); fixed: only the spec's lambda_target * |.| term")
+                                       "loss pulls); fixed: only the lambda_target * |.| term")
     lambda_range: float = _opt(1.0, "weight of the hinge keeping each threshold within 2 tau of its scores' "
                                     "range, where its soft mask still has a gradient (0 = off)")
     dual_lr: float = _opt(0.05, "dual ascent rate: mu += dual_lr * (batch average - target) / target per step, "

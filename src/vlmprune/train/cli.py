@@ -8,7 +8,7 @@ Also runnable on its own, which is how ``accelerate launch`` starts it on severa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
@@ -20,8 +20,24 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-#: The one dtype spelling of the CLI (fp32 / bf16 / fp16) -> ATPTrainConfig's.
+#: The one dtype spelling of the CLI (fp32 / bf16 / fp16) -> the training configs'.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(dtype: str) -> str:
+    """``--dtype`` (fp32 / bf16 / fp16, or the torch spelling) -> the training configs' spelling."""
+    if dtype not in DTYPES and dtype not in DTYPES.values():
+        _fail(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    return DTYPES.get(dtype, dtype)
+
+
+def _train(make_config: Callable[[], Any], train: Callable[[Any], Path]) -> None:
+    """Build the config and train; a ``ValueError`` / ``FileNotFoundError`` of either is a CLI error."""
+    try:
+        final = train(make_config())
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"done: {final}")
 
 
 def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -43,7 +59,7 @@ def atp_cmd(
                                                    "model (testbed: 144 -> 178.8, 88 -> 127.3); unused with --target"),
     layers: Optional[str] = typer.Option(None, help="decoder layers the modules follow, e.g. 0,1,2,3,4 "
                                                     "(default: 2,8,14,20,26 of 32 scaled to the model)"),
-    steps: int = typer.Option(300, help="optimizer steps (testbed: 300 x batch 8 ~ 17-25 min on this 2-core machine)"),
+    steps: int = typer.Option(300, help="optimizer steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="samples per process per step"),
     lr: float = typer.Option(3e-4, help="learning rate of the ATP modules"),
     train: str = typer.Option("llm-frozen", help="llm-frozen (ATP modules only) | lora (also LoRA on the LLM)"),
@@ -61,7 +77,7 @@ def atp_cmd(
     lambda_target: float = typer.Option(1.0, help="weight of L_target"),
     budget_count: str = typer.Option("st", help="count in the budget loss: st (hard value, soft gradient) | soft"),
     target_control: str = typer.Option("dual", help="dual: adapt a multiplier on (average - target) until the "
-                                                    "measured average sits on the target | fixed: spec's loss only"),
+                                                    "measured average sits on the target | fixed: the budget loss only"),
     dual_lr: float = typer.Option(0.05, help="dual ascent rate of that multiplier"),
     lambda_range: float = typer.Option(1.0, help="weight of the hinge keeping thresholds near their scores "
                                                  "(against saturated, frozen thresholds; 0 = off)"),
@@ -80,27 +96,19 @@ def atp_cmd(
     vlmprune.apply(model, "atp", checkpoint=OUT) or `-m atp:checkpoint=OUT`. Resumes from OUT/train_state.pt."""
     from .atp import ATPTrainConfig, train_atp
 
-    if dtype not in DTYPES and dtype not in DTYPES.values():
-        _fail(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    dtype = _dtype(dtype)
     if lora:
         if train not in ("llm-frozen", "lora"):
             _fail(f"--lora conflicts with --train {train}")
         train = "lora"
-    try:
-        cfg = ATPTrainConfig(out=str(out), model=model, paper_target=paper_target, target=target,
-                             layers=_layers(layers), steps=steps, batch_size=batch_size, lr=lr, train=train,
-                             lora_r=lora_r, lora_alpha=2 * lora_r, lora_lr=lora_lr, fixed_ratio=fixed_ratio,
-                             score=score, redundant=redundant, spatial=spatial, tau=tau,
-                             tau_final=tau_final if tau_final > 0 else None, lambda_atp=lambda_atp,
-                             lambda_target=lambda_target, budget_count=budget_count,
-                             target_control=target_control, dual_lr=dual_lr, lambda_range=lambda_range,
-                             turns=turns, seed=seed,
-                             checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=DTYPES.get(dtype, dtype),
-                             save_merged=save_merged, stop_after=stop_after)
-        final = train_atp(cfg, progress=progress)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    typer.echo(f"done: {final}")
+    _train(lambda: ATPTrainConfig(
+        out=str(out), model=model, paper_target=paper_target, target=target, layers=_layers(layers), steps=steps,
+        batch_size=batch_size, lr=lr, train=train, lora_r=lora_r, lora_alpha=2 * lora_r, lora_lr=lora_lr,
+        fixed_ratio=fixed_ratio, score=score, redundant=redundant, spatial=spatial, tau=tau,
+        tau_final=tau_final if tau_final > 0 else None, lambda_atp=lambda_atp, lambda_target=lambda_target,
+        budget_count=budget_count, target_control=target_control, dual_lr=dual_lr, lambda_range=lambda_range,
+        turns=turns, seed=seed, checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
+        save_merged=save_merged, stop_after=stop_after), lambda cfg: train_atp(cfg, progress=progress))
 
 
 @app.command("lora")
@@ -110,7 +118,7 @@ def lora_cmd(
                                     "prumerge+:keep=144, ... (sequential:keep=1.0 = the no-pruning control)"),
     out: Path = typer.Option(Path("runs/lora"), help="run folder (adapters, checkpoint; resumes if present)"),
     model: Optional[str] = typer.Option(None, "--model", "-M", help="local LLaVA model folder (default: the testbed)"),
-    steps: int = typer.Option(250, help="optimizer steps (testbed, batch 8, prumerge: ~3 s/step on one thread)"),
+    steps: int = typer.Option(250, help="optimizer steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),
     lr: float = typer.Option(2e-4, help="peak learning rate (warm-up, then cosine to 0)"),
     warmup: int = typer.Option(8, help="linear warm-up steps"),
@@ -136,24 +144,18 @@ def lora_cmd(
     from .lora import LoraTrainConfig, train_lora
 
     quiet_loading()
-    if dtype not in DTYPES and dtype not in DTYPES.values():
-        _fail(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    dtype = _dtype(dtype)
     target_paths = None
     if targets is not None:
         target_paths = tuple(t.strip() for t in targets.split(",") if t.strip())
         if not target_paths:
             _fail(f"--targets must name module paths, e.g. self_attn.q_proj,self_attn.v_proj; got {targets!r}")
-    try:
-        cfg = LoraTrainConfig(method=method, out=str(out), model=model, steps=steps, batch_size=batch_size, lr=lr,
-                              warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_r=lora_r,
-                              lora_alpha=float(2 * lora_r if lora_alpha is None else lora_alpha),
-                              lora_dropout=lora_dropout, lora_targets=target_paths, turns=turns, seed=seed,
-                              checkpoint_every=checkpoint_every, dtype=DTYPES.get(dtype, dtype),
-                              stop_after=stop_after)
-        final = train_lora(cfg, progress_bar=progress)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    typer.echo(f"done: {final}")
+    _train(lambda: LoraTrainConfig(
+        method=method, out=str(out), model=model, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_r=lora_r,
+        lora_alpha=float(2 * lora_r if lora_alpha is None else lora_alpha), lora_dropout=lora_dropout,
+        lora_targets=target_paths, turns=turns, seed=seed, checkpoint_every=checkpoint_every, dtype=dtype,
+        stop_after=stop_after), lambda cfg: train_lora(cfg, progress_bar=progress))
 
 
 @app.command("atp-viz")

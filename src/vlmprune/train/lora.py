@@ -14,8 +14,8 @@ step:
    AdamW with linear warm-up and a cosine schedule to 0 (LLaVA's recipe).
 
 Single process. Every ``checkpoint_every`` steps (and at the end) the run folder gets the
-adapters (peft format: ``adapter_config.json`` + ``adapter_model.safetensors``, a few hundred KB
-on the testbed), ``train_state.pt`` (the LoRA tensors, the optimizer, the step, the training
+adapters (peft format: ``adapter_config.json`` + ``adapter_model.safetensors``),
+``train_state.pt`` (the LoRA tensors, the optimizer, the step, the training
 seconds) and ``history.jsonl``; rerunning the same command resumes where it stopped, and the data
 stream and dropout continue exactly (seeded per step), so an interrupted run ends bit-identical to
 an uninterrupted one. ``summary.json`` is written when the run finishes. Evaluate with the method

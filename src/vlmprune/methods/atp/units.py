@@ -3,8 +3,7 @@
 A *unit* is one grid of visual tokens of a sample (LLaVA-1.5: the image's 24 x 24 patches;
 LLaVA-NeXT: the base image and the unpadded crop mosaic; Qwen2-VL: the merged grid of an
 image). Visual slots that lie on no grid (LLaVA-NeXT's ``image_newline`` tokens) are *off grid*.
-``ATPPruner`` (``methods/atp.py``) uses these helpers; the rules they implement are written down
-in ``docs/atp.md`` ("Other families").
+``ATPPruner`` (``pruner.py``) uses these helpers; ``UnitSlots`` holds where a batch's slots lie.
 
 Shapes: ``B`` samples, ``V`` alive visual slots per sample (padded; ``valid`` [B, V] bool),
 ``U`` units of the batch (global index, in batch order), ``G`` judging groups (a group shares
@@ -15,14 +14,15 @@ that unit's grid (read only where ``unit >= 0``), ``grids`` the (h, w) of every 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["THRESHOLD_UNITS", "OFF_GRID", "RESAMPLE", "judge_groups", "group_rescale", "slot_lookup",
-           "unit_maps", "group_maps", "group_range"]
+__all__ = ["THRESHOLD_UNITS", "OFF_GRID", "RESAMPLE", "UnitSlots", "judge_groups", "group_rescale", "slot_lookup",
+           "unit_maps", "group_maps", "group_range", "sample_mean"]
 
 #: ``thresholds`` option: one threshold pair per unit, or one per sample.
 THRESHOLD_UNITS = ("unit", "sample")
@@ -30,6 +30,31 @@ THRESHOLD_UNITS = ("unit", "sample")
 OFF_GRID = ("keep", "score")
 #: How a unit's score map is brought onto the module's grid.
 RESAMPLE = ("area", "bilinear")
+
+
+@dataclass
+class UnitSlots:
+    """Where a batch's alive visual slots lie, for ``ATPPruner.units``.
+
+    ``unit`` [B, V] long: global unit of each grid slot (-1 off grid / padding); ``patch`` [B, V]
+    long: raster index in its unit's grid; ``grids``: (h, w) of each unit; ``unit_sample`` [U]
+    long: the sample of each unit; ``group`` [B, V] long: the judging group of each slot (-1: not
+    judged, always kept); ``group_sample`` [G] long; ``initial`` [B] long: judged slots of each
+    sample before the first module (fixed-ratio counts are fractions of it).
+    """
+
+    unit: Tensor
+    patch: Tensor
+    grids: tuple[tuple[int, int], ...]
+    unit_sample: Tensor
+    group: Tensor
+    group_sample: Tensor
+    initial: list[int]
+    per_sample: bool = False  # group b holds exactly sample b's judged slots (G = B)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_sample.numel())
 
 
 def judge_groups(unit: Tensor, valid: Tensor, unit_sample: Tensor, *, per: str = "unit",
@@ -123,10 +148,16 @@ def group_maps(maps: Tensor, unit_sample: Tensor, per: str, batch: int) -> Tenso
     sample's mean over its units (``per="sample"``, [B, X])."""
     if per == "unit":
         return maps
-    total = torch.zeros(batch, maps.shape[1], dtype=maps.dtype, device=maps.device).index_add(0, unit_sample, maps)
-    count = torch.zeros(batch, dtype=maps.dtype, device=maps.device).index_add(
-        0, unit_sample, torch.ones_like(unit_sample, dtype=maps.dtype))
-    return total / count.clamp_min(1.0)[:, None]
+    return sample_mean(maps, unit_sample, batch)
+
+
+def sample_mean(rows: Tensor, sample: Tensor, batch: int) -> Tensor:
+    """Rows [R, ...] of samples ``sample`` [R] long -> [B, ...] each sample's mean row (0 for a
+    sample with no row)."""
+    total = rows.new_zeros((batch, *rows.shape[1:])).index_add(0, sample, rows)
+    count = rows.new_zeros(batch).index_add(0, sample, torch.ones(sample.shape[0], dtype=rows.dtype,
+                                                                  device=rows.device))
+    return total / count.clamp_min(1.0).view(batch, *([1] * (rows.ndim - 1)))
 
 
 def group_range(s: Tensor, group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,114 @@
+"""ATP's redundancy scores of the alive visual tokens, from one layer's attention.
+
+Inputs are head-averaged, post-softmax attention rows over the visual keys: ``attn_vv`` [B, V, V]
+(visual query slot j, visual key slot i) and ``attn_tv`` [B, T, V] (instruction query rows).
+``B`` samples, ``V`` alive visual slots per sample in sequence order, padded (``valid`` [B, V]
+bool), ``T`` instruction rows, padded (``text_mask`` [B, T] bool). Outputs are [B, V] float32,
+0 on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..common import check_choice, check_tensor
+from .inputs import valid_mask
+from .units import group_rescale
+
+__all__ = ["SCORE_MODES", "ATPScores", "redundancy_scores"]
+
+#: ``score`` option: S_r from both scores, or one of them (ablations).
+SCORE_MODES = ("both", "self", "cross")
+
+
+@dataclass
+class ATPScores:
+    """Redundancy scores of the alive visual tokens, padded; all [B, V] float32, 0 on padding.
+
+    ``s_self`` and ``s_cross`` are rescaled per sample to [0, 1] (divided by their max);
+    ``s_r`` is the redundant-pruning score for the configured ``mode``.
+    """
+
+    s_self: Tensor
+    s_cross: Tensor
+    s_r: Tensor
+    valid: Tensor  # [B, V] bool
+
+    def detach(self) -> "ATPScores":
+        return ATPScores(self.s_self.detach(), self.s_cross.detach(), self.s_r.detach(), self.valid)
+
+
+def _rescale(s: Tensor, valid: Tensor) -> Tensor:
+    """Divide each row by its max over valid slots ([B, V] -> [B, V] in [0, 1]); all-zero stays 0."""
+    s = s.masked_fill(~valid, 0.0)
+    top = s.amax(dim=1, keepdim=True)  # [B, 1]
+    return torch.where(top > 0, s / top.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+
+
+def redundancy_scores(
+    attn_vv: Tensor | None,
+    attn_tv: Tensor | None,
+    valid: Tensor | None = None,
+    text_mask: Tensor | None = None,
+    *,
+    mode: str = "both",
+    causal: bool = True,
+    query_weight: Tensor | None = None,
+    groups: tuple[Tensor, int] | None = None,
+) -> ATPScores:
+    """S_self, S_cross, S_r from head-averaged post-softmax attention rows over visual keys.
+
+    attn_vv [B, V, V]: row j = visual query slot j, column i = visual key slot i (alive visual
+    tokens only, in sequence order). attn_tv [B, T, V]: instruction query rows over the same keys.
+    ``S_self(i) = sum_{j sees i, j != i} w_j A[j, i] / sum_{j sees i, j != i} w_j`` where "j sees
+    i" is j > i (``causal``) or j != i, and w_j is 1 for valid slots (times ``query_weight``, e.g.
+    the cumulative soft mask in training); 0 when no query sees i. ``S_cross(i) = mean over valid
+    t of A[t, i]``. Both are divided by their per-sample max; ``S_r`` = their mean (``"both"``)
+    or the single score (``"self"`` / ``"cross"``, the other is zeroed; its attention may be None).
+    ``groups`` = (group [B, V] long, G): divide by the max over each slot's judging group instead
+    (``units.group_rescale``; slots with group -1 get 0). Computed in float32.
+    """
+    check_choice(mode, "mode", SCORE_MODES)
+    need_vv, need_tv = mode != "cross", mode != "self"
+    if need_vv:
+        check_tensor(attn_vv, "attn_vv", 3, "[B, V, V]")
+        if attn_vv.shape[1] != attn_vv.shape[2]:
+            raise ValueError(f"attn_vv must be square over the visual slots [B, V, V], got {tuple(attn_vv.shape)}")
+    if need_tv:
+        check_tensor(attn_tv, "attn_tv", 3, "[B, T, V]")
+    ref = attn_vv if need_vv else attn_tv
+    batch, vlen, device = ref.shape[0], ref.shape[-1], ref.device
+    if need_vv and need_tv and (attn_tv.shape[0] != batch or attn_tv.shape[2] != vlen):
+        raise ValueError(f"attn_tv {tuple(attn_tv.shape)} does not match attn_vv {tuple(attn_vv.shape)}: "
+                         "expected [B, T, V] with the same B and V")
+    valid = valid_mask(valid, batch, vlen, device)
+    vf = valid.float()  # [B, V]
+    zeros = torch.zeros(batch, vlen, device=device)
+
+    s_self = zeros
+    if need_vv:
+        a = attn_vv.float()
+        w = vf if query_weight is None else vf * check_tensor(query_weight, "query_weight", 2, "[B, V]").float()
+        slots = torch.arange(vlen, device=device)
+        sees = slots[:, None] > slots[None, :] if causal else slots[:, None] != slots[None, :]  # [Vq, Vk]
+        wq = w[:, :, None] * sees[None].float()  # [B, Vq, Vk] weight of query j for key i
+        num = (a * wq).sum(dim=1)  # [B, Vk]
+        den = wq.sum(dim=1)  # [B, Vk] (weighted) number of queries that can see key i
+        s_self = torch.where(den > 0, num / den.clamp_min(1e-12), zeros) * vf
+        s_self = _rescale(s_self, valid) if groups is None else group_rescale(s_self, *groups)
+
+    s_cross = zeros
+    if need_tv:
+        tmask = valid_mask(text_mask, attn_tv.shape[0], attn_tv.shape[1], device, "text_mask").float()  # [B, T]
+        n_text = tmask.sum(dim=1, keepdim=True)  # [B, 1]
+        s_cross = (attn_tv.float() * tmask[:, :, None]).sum(dim=1) / n_text.clamp_min(1.0) * vf  # [B, V]
+        s_cross = _rescale(s_cross, valid) if groups is None else group_rescale(s_cross, *groups)
+
+    if mode == "both":
+        s_r = 0.5 * (s_self + s_cross)
+    else:
+        s_r = s_self if mode == "self" else s_cross
+    return ATPScores(s_self=s_self, s_cross=s_cross, s_r=s_r, valid=valid)
