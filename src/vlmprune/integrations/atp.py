@@ -54,6 +54,7 @@ from torch import Tensor
 from ..methods import atp as A
 from ..methods import atp_units as U
 from ..methods.fastv import pack_mask
+from .base import in_phase
 from .decoder import Decision, DecoderHandle, DecoderMethodBase, DecoderStats, LayerView
 
 __all__ = ["ATP", "ATPContext", "ATPStats", "ATPHandle", "build_atp", "attach_atp", "MODES", "BUDGET_COUNTS"]
@@ -434,6 +435,7 @@ class ATPHandle(DecoderHandle):
         self.pruner = pruner
         self.stats.module_layers = list(pruner.layers)
 
+    @in_phase("prefill")
     def _finish_prefill(self, output: Any) -> None:
         super()._finish_prefill(output)
         ctx = self.state.context

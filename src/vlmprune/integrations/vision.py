@@ -85,7 +85,7 @@ from torch import Tensor
 
 from ..methods.common import Reduction
 from ..methods.prumerge import cls_attention
-from .base import ModelAdapter, PruneHandle
+from .base import ModelAdapter, PruneHandle, in_phase
 from .compat import K, get_cache
 from .layout import VisualLayout
 
@@ -353,6 +353,7 @@ class VisionHandle(PruneHandle):
         self.add_undo(restore)
 
     # ---------------------------------------------------------------- image encoding
+    @in_phase("prefill")
     def _encode_images(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None = None,
                        vision_feature_select_strategy: str | None = None, image_sizes: Tensor | None = None,
                        view: ModelAdapter | None = None, **kwargs: Any) -> Any:
@@ -386,7 +387,8 @@ class VisionHandle(PruneHandle):
         # 1. vision tower (+ signal hooks only if the method needs them) -> features [U, N, D]
         #    (N the largest unit's tokens when the grids differ; unit u's first h_u * w_u are real)
         if method.needs_signals:
-            features, signals = adapter.encode_with_signals(model, pixel_values, layer, strategy, layout)
+            with self.phase("score"):
+                features, signals = adapter.encode_with_signals(model, pixel_values, layer, strategy, layout)
         else:
             features = adapter.encode(model, pixel_values, layer, strategy, layout)
             signals = None
@@ -396,7 +398,8 @@ class VisionHandle(PruneHandle):
                              f"tower gives {per_unit} tokens per pass (select strategy {strategy!r})")
 
         # 2. reduce (one call per grid), then project the kept tokens only; 3. the adapter packs them
-        red = _reduce_by_grid(method, features, signals, grids)  # tokens [U, M, D], counts [U]
+        with self.phase("select"):
+            red = _reduce_by_grid(method, features, signals, grids)  # tokens [U, M, D], counts [U]
         projected = adapter.project(model, red.tokens)  # [U, M, D_text]
         counts = [int(c) for c in red.counts.tolist()]  # the encoding's one host synchronisation
         per_image_out, counts, slots = adapter.pack_slots(model, projected, red, counts, layout)
@@ -438,6 +441,8 @@ class VisionHandle(PruneHandle):
         return (), self._continue(kw)
 
     # ---------------------------------------------------------------- prefill
+    @in_phase("prefill")
+    @in_phase("gather")
     def _prefill(self, kw: dict[str, Any], features: dict[str, list[Tensor]]) -> dict[str, Any]:
         """Rewrite a batch whose visual features are in ``features`` (modality key -> I tensors
         [n_i, D]); every modality's placeholders are compacted by one plan."""
@@ -548,6 +553,7 @@ class VisionHandle(PruneHandle):
         return [c for _, c, _ in issued], [sl for _, _, sl in issued]
 
     # ---------------------------------------------------------------- decode steps
+    @in_phase("decode")
     def _continue(self, kw: dict[str, Any]) -> dict[str, Any]:
         past = _cache_len(get_cache(kw))
         plan = self.plan
