@@ -1,8 +1,8 @@
 """``vlmprune bench``: measured efficiency of pruning methods, with a JSON efficiency card and a plot.
 
 Mounted by the main CLI as ``app.add_typer(bench_app, name="bench")``; also runnable as
-``python -m vlmprune.bench.cli``. The measurement is documented in ``vlmprune.bench.measure``
-and ``docs/efficiency.md``.
+``python -m vlmprune.bench.cli``. The measurement is ``vlmprune.bench.measure.run_bench``; its
+fields are defined in ``docs/efficiency.md``.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
     """Time a method against the unpruned model (same process, interleaved rounds) and write the card."""
-    from .measure import (BenchError, BenchInterrupted, ScaledConfig, check_batches, check_device, check_model_name,
-                          parse_dtypes, parse_methods, print_card, run_bench)
+    from .measure import BenchInterrupted, run_bench
+    from .models import ScaledConfig, check_model_name
+    from .report import print_card
+    from .spec import BenchError, check_batches, check_device, parse_dtypes, parse_methods
 
     from ..eval.report import run_folder
 

@@ -37,9 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -47,9 +44,10 @@ import torch
 import vlmprune
 from vlmprune.integrations.compat import cache_kwargs
 
-__all__ = ["make_model", "make_prompt", "oracle_prefill", "main"]
+from .models import N_QUESTION, N_SYSTEM
+from .timing import PhaseClock, loadavg, machine_info, own_time, summarise, time_call
 
-N_SYSTEM, N_QUESTION = 35, 24
+__all__ = ["make_model", "make_prompt", "oracle_prefill", "main"]
 
 
 def make_model(*, hidden: int = 512, layers: int = 32, vision_hidden: int = 128, vision_layers: int = 2,
@@ -112,22 +110,6 @@ def oracle_prefill(model, inputs: dict[str, torch.Tensor], kept: torch.Tensor, k
     return model.lm_head(lm.norm(h[:, -1:]))
 
 
-def _timed(fn: Callable[..., Any], acc: list[float]) -> Callable[..., Any]:
-    def wrapper(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            acc[0] += time.perf_counter() - t0
-    return wrapper
-
-
-def _time(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -179,16 +161,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def run(name: str) -> float:
         v = variants[name]
         if callable(v):
-            return _time(v)
+            return time_call(v)
         method, opt = v
         kwargs = {"k": args.k, "drop_ratio": 1 - opt} if method == "fastv" else {"budget": opt}
         h = vlmprune.apply(model, method, **kwargs)
-        self_time = [0.0]
-        for attr in ("_begin_prefill", "_prefill_layer", "_finish_prefill"):  # the machinery's own work
-            setattr(h, attr, _timed(getattr(h, attr), self_time))
+        h.phase_timer = clock = PhaseClock()  # the machinery's own work, by phase
         try:
-            t = _time(stock)  # the stock call, with the pruning hooks installed
-            selftimes.setdefault(name, []).append(self_time[0])
+            t = time_call(stock)  # the stock call, with the pruning hooks installed
+            selftimes.setdefault(name, []).append(own_time(clock))
             if method == "sparsevlm":
                 info[name]["visual_tokens_avg"] = h.stats.avg_visual_tokens
                 info[name]["visual_tokens_avg_output"] = h.stats.avg_visual_tokens_output
@@ -209,10 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     rows = []
     for name, ts in times.items():
-        rows.append({"variant": name, "median_s": statistics.median(ts), "min_s": min(ts),
-                     "q1_s": statistics.quantiles(ts, n=4)[0] if len(ts) > 1 else ts[0],
-                     "q3_s": statistics.quantiles(ts, n=4)[2] if len(ts) > 1 else ts[0], "times_s": ts,
-                     **info.get(name, {})})
+        st = summarise(ts, method="exclusive")
+        rows.append({"variant": name, "median_s": st["median"], "min_s": st["min"], "q1_s": st["q1"],
+                     "q3_s": st["q3"], "times_s": ts, **info.get(name, {})})
     by = {r["variant"]: r for r in rows}
     for r in rows:
         r["speedup_vs_unpruned"] = by["unpruned"]["median_s"] / r["median_s"]
@@ -221,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r["overhead_vs_oracle_median"] = r["median_s"] / o["median_s"] - 1
             r["overhead_vs_oracle_min"] = r["min_s"] / o["min_s"] - 1
         if r["variant"] in selftimes:
-            r["machinery_self_s"] = statistics.median(selftimes[r["variant"]])
+            r["machinery_self_s"] = summarise(selftimes[r["variant"]])["median"]
             base = by.get("oracle" + r["variant"][len("fastv"):], r) if r["variant"].startswith("fastv") else r
             r["machinery_self_fraction"] = r["machinery_self_s"] / base["median_s"]
 
@@ -232,8 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "prompt_tokens": int(inputs["input_ids"].shape[1]), "batch": args.batch, "dtype": "float32",
                   "attn_implementation": model.config._attn_implementation, "weights": "random"},
         "fastv_k": args.k, "threads": args.threads, "repeats": args.repeats,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "loadavg": os.getloadavg(), "torch": torch.__version__},
+        "machine": {**machine_info(), "loadavg": loadavg()},
         "note": "fp32: bf16 is only fast where the CPU accelerates it (see vlmprune bench's machine.bf16_matmul)",
         "rows": rows,
     }
@@ -258,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "" if ov is None else f"{100 * ov:+.1f}% (min {100 * r['overhead_vs_oracle_min']:+.1f}%)",
                       "" if st is None else f"{1000 * st:.1f} ms ({100 * r['machinery_self_fraction']:.2f}%)")
     Console().print(table)
-    print(f"load average {os.getloadavg()}; wrote {args.out}")
+    print(f"load average {loadavg()}; wrote {args.out}")
     return result
 
 

@@ -1,43 +1,45 @@
-"""Scaled random models of each family for ``vlmprune bench``, and their prompts.
+"""The models ``vlmprune bench`` measures and their prompts.
 
-Each model is the family's real 7B shape scaled to a CPU (random weights, fp32, sdpa), built in
-code: the decoder keeps the 7B's layer count, head size 64, grouped-query ratio and MLP ratio at a
-smaller width; the vision tower is narrowed and shortened like the LLaVA-1.5 ``scaled`` model's so
-that its share of the prefill FLOPs stays close to the 7B's (it is never pruned); the image geometry
-is the family's own (``SCALED``):
+* Model names (``check_model_name``): ``testbed`` (the committed checkpoint), ``scaled`` /
+  ``tiny`` (LLaVA-1.5-shaped, random weights: ``ScaledConfig``, ``TINY``), the scaled models of
+  the other families (``SCALED``) and saved folders; ``load_bench_model`` builds or loads one and
+  describes its shapes.
+* ``SCALED``: each family's 7B shape scaled to a CPU (random weights, fp32, sdpa). The decoder keeps
+  the 7B's layer count, head size 64, query : key/value head ratio and MLP ratio at a smaller
+  width; the vision tower is narrowed and shortened; the image geometry is the family's own:
 
-* ``scaled-llava-next`` — LLaVA-NeXT-7B (vicuna): Llama decoder 32 x 256 (4 heads of 64, MLP
-  11008/4096), CLIP tower 6 x 128 (2 heads of 64; half the decoder's width as in the LLaVA-1.5
-  ``scaled`` model: ~3 % of the prefill FLOPs, the 7B's ~4.5 %); any-res with the tile halved (168 px, 12 x 12 patches per
-  crop) and llava-v1.6's pinpoints halved, so a 336 x 336 image is, as a 672 x 672 image on the
-  7B, the base image plus a 2 x 2 mosaic with a newline per mosaic row: 144 + 24 * 25 = 744 tokens.
-* ``scaled-qwen2-vl`` — Qwen2-VL-7B: Qwen2 decoder 28 x 448 (7 query heads of 64, 1 key/value
-  head: the 7B's 28 : 4 ratio; MLP 18944/3584; vocabulary 152064; M-RoPE sections [8, 12, 12],
-  the 7B's [16, 24, 24] at half the head size), ViT 6 x 320 (5 heads, MLP ratio 4) with the 2 x 2
-  merger (its share of the prefill FLOPs: ~20 %, as the 7B's at this image size); a 336 x 336
-  image: 24 x 24 patches, 144 merged tokens.
+  - ``scaled-llava-next`` (LLaVA-NeXT-7B, vicuna): Llama decoder 32 x 256 (4 heads of 64, MLP
+    11008/4096), CLIP tower 6 x 128 (2 heads), any-res with 168 px tiles (12 x 12 patches per
+    crop) and llava-v1.6's pinpoints halved: a 336 x 336 image is the base image plus a 2 x 2
+    mosaic with a newline per mosaic row, 144 + 24 * 25 = 744 tokens in 5 tower passes;
+  - ``scaled-qwen2-vl`` (Qwen2-VL-7B): Qwen2 decoder 28 x 448 (7 query heads of 64, 1 key/value
+    head, MLP 18944/3584, vocabulary 152064, M-RoPE sections [8, 12, 12]), ViT 6 x 320 (5 heads,
+    MLP ratio 4) with the 2 x 2 merger: a 336 x 336 image is 24 x 24 patches, 144 merged tokens.
 
-The widths are below the LLaVA-1.5 ``scaled`` model's 512 so that a card (batch 1 and 8, four
-variants) runs in minutes on a shared 2-core machine; a narrower model makes the pruning's fixed
-costs a *larger* share of the prefill, not a smaller one. 448 is the narrowest width with the
-7B's 7 : 1 query : key/value heads at head size 64.
+* Prompts (``make_bench_inputs``): synthetic models get 35 system tokens, one image, 24
+  question tokens, random ids and pixels, in LLaVA-1.5's layout (``bench.decoder.make_prompt``)
+  or the family's own (``synthetic_inputs``: placeholders, pixels, geometry keywords and extra
+  per-token inputs all come from the family's adapter); the testbed and saved models with a
+  processor get ShapesVQA test questions through it.
 
-The prompt (``synthetic_inputs``) is the LLaVA-1.5 bench's: 35 system tokens, one image per
-sample, 24 question tokens, random ids and pixels; everything family-shaped in it comes from the
-family's adapter (``size_layout``: the placeholder count; ``image_prompt_ids``: how an image sits
-in the prompt; ``random_image_inputs``: pixels and geometry keywords; ``sequence_extras``: e.g.
-``mm_token_type_ids``), so a new family needs a builder here and nothing else in the bench.
+The choice of widths is explained in ``docs/efficiency.md`` ("Other families").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["ScaledFamily", "SCALED", "build", "synthetic_inputs", "N_SYSTEM", "N_QUESTION"]
+from .spec import BenchError
+
+__all__ = ["DEFAULT_IMAGE_SIZE", "FAMILY_MODELS", "MODEL_CHOICES", "N_QUESTION", "N_SYSTEM", "SCALED",
+           "SYNTHETIC_MODELS", "TINY", "ScaledConfig", "ScaledFamily", "bench_image_size", "build",
+           "check_model_name", "describe", "load_bench_model", "make_bench_inputs", "synthetic_inputs",
+           "tower_patches"]
 
 N_SYSTEM, N_QUESTION = 35, 24
 
@@ -62,7 +64,7 @@ def _finish(model):
 
 
 def build_llava_next(seed: int = 0):
-    """The scaled LLaVA-NeXT-7B (see the module docstring)."""
+    """The scaled LLaVA-NeXT-7B (``scaled-llava-next``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2,
@@ -79,7 +81,7 @@ def build_llava_next(seed: int = 0):
 
 
 def build_qwen2_vl(seed: int = 0):
-    """The scaled Qwen2-VL-7B (see the module docstring)."""
+    """The scaled Qwen2-VL-7B (``scaled-qwen2-vl``)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     vision = dict(depth=6, embed_dim=320, hidden_size=448, num_heads=5, mlp_ratio=4, patch_size=14,
@@ -108,7 +110,7 @@ def synthetic_inputs(model, batch: int, image_size: tuple[int, int], seed: int =
                      ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A batch of ``batch`` equal-length prompts (35 system tokens, one image of ``image_size``
     (H, W) px, 24 question tokens; random ids other than the family's special ids, random pixels) in
-    the family's input form, and its description (see the module docstring)."""
+    the family's input form, and its description (token counts, image size, tower passes)."""
     from ..integrations.base import get_adapter
 
     adapter = get_adapter(model)
@@ -131,4 +133,187 @@ def synthetic_inputs(model, batch: int, image_size: tuple[int, int], seed: int =
     desc = {"source": f"synthetic {adapter.family} layout (vlmprune.bench.models.synthetic_inputs)",
             "system_tokens": N_SYSTEM, "question_tokens": N_QUESTION, "image_size": list(image_size),
             "image_tokens": count, "tower_passes_per_image": len(layout.units)}
+    return inputs, desc
+
+
+# ================================================================================ the bench's model names
+
+#: The scaled random models of the other families (a new one is added to ``SCALED``).
+FAMILY_MODELS = tuple(SCALED)
+SYNTHETIC_MODELS = ("scaled", "tiny", *FAMILY_MODELS)
+MODEL_CHOICES = ("testbed", "scaled", "tiny", *FAMILY_MODELS)
+#: Image size (H, W) px of the synthetic prompts of a saved model without a processor.
+DEFAULT_IMAGE_SIZE = (336, 336)
+
+
+@dataclass(frozen=True)
+class ScaledConfig:
+    """The LLaVA-1.5-shaped model scaled to a CPU (random weights).
+
+    Decoder: LLaVA-1.5-7B's 32 Llama layers, head_dim 64, MLP ratio 11008/4096, vocab 32064,
+    width ``hidden`` (7B: 4096). Vision: CLIP-L/14 geometry (336 px, patch 14 -> 576 patches +
+    [CLS], features from layer -2) with ``vision_layers`` layers of width ``vision_hidden`` (CLIP-L:
+    24 x 1024). Built by ``vlmprune.bench.decoder.make_model``.
+    """
+
+    hidden: int = 512
+    layers: int = 32
+    vision_hidden: int = 256
+    vision_layers: int = 6
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "vision_hidden", "vision_layers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise BenchError(f"scaled model: {name} must be an int >= 1, got {v!r}")
+        for name in ("hidden", "vision_hidden"):
+            if getattr(self, name) % 64 and getattr(self, name) > 64:
+                raise BenchError(f"scaled model: {name} must be a multiple of 64 (head size 64), "
+                                 f"got {getattr(self, name)}")
+
+
+#: The tiny synthetic model (plumbing checks, tests): same geometry, 4 layers of width 64.
+TINY = ScaledConfig(hidden=64, layers=4, vision_hidden=32, vision_layers=2)
+
+
+def check_model_name(name: str) -> str:
+    """``testbed`` (the committed checkpoint), ``scaled``, ``tiny``, a ``SCALED`` family model or a
+    local model folder (with a ``config.json``)."""
+    if name in SYNTHETIC_MODELS:
+        return name
+    if name == "testbed":
+        from ..testbed.model import CHECKPOINT_DIR
+
+        if not (CHECKPOINT_DIR / "config.json").exists():
+            raise BenchError(f"the testbed checkpoint is missing from {CHECKPOINT_DIR}; train it with "
+                             "`vlmprune testbed train --install`, or benchmark --model scaled")
+        return name
+    if Path(name).is_dir() and (Path(name) / "config.json").exists():
+        return name
+    raise BenchError(f"unknown model {name!r}; use one of {', '.join(MODEL_CHOICES)} or a local folder with a "
+                     "saved model of a supported family (config.json)")
+
+
+def bench_image_size(name: str, image_size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The image size of a model's synthetic prompts: ``image_size`` if given, else a scaled
+    family model's own (``SCALED``), else ``DEFAULT_IMAGE_SIZE`` for a saved folder; None for
+    ``scaled`` / ``tiny`` / ``testbed`` (LLaVA-1.5's fixed layout, or real questions)."""
+    if name in ("scaled", "tiny", "testbed"):
+        return None
+    if image_size is not None:
+        return tuple(image_size)
+    if name in FAMILY_MODELS:
+        return SCALED[name].image_size
+    return DEFAULT_IMAGE_SIZE
+
+
+def _has_processor(folder: str | Path) -> bool:
+    return any((Path(folder) / f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
+
+
+def load_bench_model(name: str, dtype: torch.dtype, scaled: ScaledConfig = ScaledConfig()):
+    """(model, processor or None, config description) for a model name (see ``check_model_name``)."""
+    if name in FAMILY_MODELS:
+        model, processor = build(name), None
+        kind = f"synthetic (random weights, {SCALED[name].shape_of} scaled; vlmprune.bench.models)"
+    elif name in SYNTHETIC_MODELS:
+        from .decoder import make_model
+
+        cfg = scaled if name == "scaled" else TINY
+        model = make_model(hidden=cfg.hidden, layers=cfg.layers, vision_hidden=cfg.vision_hidden,
+                           vision_layers=cfg.vision_layers)
+        model.config.pad_token_id = 0
+        model.generation_config.pad_token_id = 0
+        model.generation_config.eos_token_id = 2
+        model.generation_config.bos_token_id = 1
+        processor = None
+        kind = "synthetic (random weights, vlmprune.bench.decoder.make_model)"
+    elif name != "testbed" and not _has_processor(name):  # a saved model alone: synthetic prompts
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation="sdpa").eval()
+        processor, kind = None, f"local folder {name} (no processor: synthetic prompts)"
+    else:
+        from ..testbed.model import load
+
+        model, processor = load(None if name == "testbed" else name)
+        kind = "testbed checkpoint" if name == "testbed" else f"local folder {name}"
+    model = model.to(dtype).eval()
+    return model, processor, {"kind": kind, **describe(model)}
+
+
+def tower_patches(model) -> tuple[int, bool]:
+    """(patches of one tower pass, whether the tower has a [CLS] token), from the model's adapter."""
+    from ..integrations.base import get_adapter
+
+    adapter = get_adapter(model)
+    h, w = adapter.patch_grid(model)
+    return h * w, adapter.tower_has_cls(model)
+
+
+def describe(model) -> dict[str, Any]:
+    """The card's ``config`` of a model: family, decoder / vision / projector shapes, parameters,
+    dtype and attention implementation."""
+    from ..integrations.base import get_adapter
+
+    adapter = get_adapter(model)
+    c = model.config
+    t = adapter.text_config(model)
+    shape = adapter.vision_shape(model)
+    return {
+        "family": adapter.family,
+        "decoder": {"layers": t.num_hidden_layers, "hidden": t.hidden_size, "heads": t.num_attention_heads,
+                    "kv_heads": t.num_key_value_heads, "head_dim": getattr(t, "head_dim", None) or
+                    t.hidden_size // t.num_attention_heads, "intermediate": t.intermediate_size,
+                    "vocab": t.vocab_size},
+        "vision": {"type": shape["type"], "image_size": shape["image_size"], "patch_size": shape["patch_size"],
+                   "patches": tower_patches(model)[0], "layers": shape["layers"],
+                   "hidden": shape["hidden"], "heads": shape["heads"], "intermediate": shape["intermediate"],
+                   "feature_layer": adapter.vision_feature_layer(model),
+                   "select_strategy": adapter.select_strategy(model),
+                   "fixed_image_tokens": adapter.fixed_image_tokens(model), "shape": shape},
+        "projector": {"dims": shape["projector_dims"], "after_pruning": shape["projector_after_pruning"]},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "attn_implementation": getattr(t, "_attn_implementation", None) or c._attn_implementation,
+    }
+
+
+def make_bench_inputs(model, processor, batch: int, seed: int = 0,
+                      image_size: tuple[int, int] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A batch of ``batch`` prompts and its description.
+
+    Synthetic models: with ``image_size``, the family's own layout of one image of that size
+    (``synthetic_inputs``); without, LLaVA-1.5's layout (35 system tokens, 576 image tokens, 24
+    question tokens; ``vlmprune.bench.decoder.make_prompt``); random ids and pixels. Testbed /
+    saved models: real ShapesVQA test questions (families round-robin) through the model's
+    processor, left-padded, with the processor's chat template when it has one (``eval.prompts``).
+    """
+    if processor is None and image_size is not None:
+        inputs, desc = synthetic_inputs(model, batch, image_size, seed)
+    elif processor is None:
+        from .decoder import make_prompt
+
+        inputs = make_prompt(model, batch=batch, seed=seed + 1)
+        desc = {"source": "synthetic LLaVA-1.5 layout", "system_tokens": N_SYSTEM, "question_tokens": N_QUESTION}
+    else:
+        from ..eval.data import shapesvqa_items
+        from ..eval.prompts import prompt_builder
+        from ..testbed.questions import FAMILIES
+
+        per_family = -(-batch // len(FAMILIES))
+        items = shapesvqa_items("test", "all", per_family)
+        by_family = [items[i * per_family:(i + 1) * per_family] for i in range(len(FAMILIES))]
+        chosen = [by_family[j % len(FAMILIES)][j // len(FAMILIES)] for j in range(batch)]
+        processor.tokenizer.padding_side = "left"
+        build_prompt, template = prompt_builder(processor)
+        enc = processor(images=[it.image() for it in chosen], text=[build_prompt(it.question) for it in chosen],
+                        padding=True, return_tensors="pt")
+        inputs = dict(enc)
+        desc = {"source": "ShapesVQA test questions via the processor", "items": [it.id for it in chosen],
+                "template": template}
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    mask = inputs.get("attention_mask")
+    lengths = (mask.sum(1) if mask is not None else torch.full((batch,), inputs["input_ids"].shape[1])).tolist()
+    desc.update(tokens_per_sample=[int(x) for x in lengths], padded_length=int(inputs["input_ids"].shape[1]))
     return inputs, desc

@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -33,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmprune.methods.prumerge import prumerge
+
+from .timing import loadavg, machine_info, summarise, time_call
 
 __all__ = ["prumerge_loop", "make_inputs", "main"]
 
@@ -117,27 +115,22 @@ def _time_interleaved(
     per_round = -(-args.repeats // args.loop_repeats)
     t_fast, t_slow = [], []
     for _ in range(args.loop_repeats):
-        start = time.perf_counter()
-        slow()
-        t_slow.append((time.perf_counter() - start) * 1e3)
+        t_slow.append(time_call(slow) * 1e3)
         for _ in range(per_round):
-            start = time.perf_counter()
-            fast()
-            t_fast.append((time.perf_counter() - start) * 1e3)
+            t_fast.append(time_call(fast) * 1e3)
     return t_fast, t_slow
 
 
-def _quartiles(times: list[float]) -> tuple[float, float, float]:
-    if len(times) < 2:
-        return times[0], times[0], times[0]
-    q1, q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return q1, q2, q3
+def _ms(times: list[float]) -> dict[str, float]:
+    """median, q1, q3, min and repeats of timings in ms."""
+    st = summarise(times)
+    return {"median": st["median"], "q1": st["q1"], "q3": st["q3"], "min": st["min"], "repeats": st["n"]}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = loadavg()
     rows = []
     for plus in (False, True):
         method = "prumerge+" if plus else "prumerge"
@@ -154,8 +147,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 t_fast, t_slow = _time_interleaved(
                     lambda: prumerge(a, k, y, plus=plus), lambda: prumerge_loop(a, k, y, plus=plus), args
                 )
-            f1, f2, f3 = _quartiles(t_fast)
-            s1, s2, s3 = _quartiles(t_slow)
+            fast_ms, loop_ms = _ms(t_fast), _ms(t_slow)
             rows.append(
                 {
                     "method": method,
@@ -163,9 +155,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "tokens_per_image": fast.counts.tolist(),
                     "mean_tokens": float(fast.counts.float().mean()),
                     "attention_tokens": fast.num_attention.tolist(),
-                    "vectorised_ms": {"median": f2, "q1": f1, "q3": f3, "min": min(t_fast), "repeats": len(t_fast)},
-                    "loop_ms": {"median": s2, "q1": s1, "q3": s3, "min": min(t_slow), "repeats": len(t_slow)},
-                    "speedup": s2 / f2,
+                    "vectorised_ms": fast_ms,
+                    "loop_ms": loop_ms,
+                    "speedup": loop_ms["median"] / fast_ms["median"],
                     "speedup_of_min": min(t_slow) / min(t_fast),
                     "same_counts": same_counts,
                     "max_abs_diff": max_diff,
@@ -177,14 +169,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "token-reduction step only (inputs precomputed); vectorised and loop runs interleaved; "
             "median (and quartiles, min) of repeats after warm-up; speedup = loop median / vectorised median"
         ),
-        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "load_average_1m_before": load_before,
-        "load_average_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": loadavg()},
         "config": {
             "tokens": args.tokens,
             "dim": args.dim,
@@ -208,7 +194,7 @@ def _print_table(report: dict) -> None:
     table = Table(
         title=(
             f"PruMerge token reduction, N={report['config']['tokens']}, D={report['config']['dim']}, "
-            f"Dk={report['config']['key_dim']}, torch {report['torch']}, {report['threads']} threads"
+            f"Dk={report['config']['key_dim']}, torch {report['machine']['torch']}, {report['threads']} threads"
         )
     )
     columns = ("method", "B", "mean tokens", "vectorised ms", "loop ms", "speedup", "(of min)", "max |diff|")

@@ -52,6 +52,7 @@ from ..methods import atp as A
 from ..methods.atp import units as U
 from ..methods.common import is_real
 from ..methods.fastv import pack_mask
+from .base import in_phase
 from .decoder import Decision, DecoderHandle, DecoderMethodBase, DecoderStats, LayerView
 
 __all__ = ["ATP", "ATPContext", "ATPStats", "ATPHandle", "build_atp", "attach_atp", "MODES", "BUDGET_COUNTS"]
@@ -410,6 +411,7 @@ class ATPHandle(DecoderHandle):
         self.pruner = pruner
         self.stats.module_layers = list(pruner.layers)
 
+    @in_phase("prefill")
     def _finish_prefill(self, output: Any) -> None:
         super()._finish_prefill(output)
         ctx = self.state.context

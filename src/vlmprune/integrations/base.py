@@ -30,7 +30,7 @@ one too, by ``config_types``): ``size_layout`` (the layout of an image of (H, W)
 family's processor prepares it), ``unit_tokens`` (each tower pass's sequence length and projector
 rows), ``vision_shape`` (the tower's and projector's widths, for FLOP counts), and, for a random
 prompt of the family's form, ``image_prompt_ids``, ``random_image_inputs`` and
-``sequence_extras``; ``score_functions`` names where the importance score is computed (timers).
+``sequence_extras``.
 
 The handle that ``vlmprune.apply`` returns and its stats are in ``handle.py``.
 """
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 # PruneHandle / PruneStats stay importable from here: vision.py and decoder.py import them from base.
-from .handle import PruneHandle, PruneStats  # noqa: F401
+from .handle import PHASES, PruneHandle, PruneStats, in_phase  # noqa: F401
 from .layout import VisualLayout, VisualUnit
 
 __all__ = [
@@ -149,9 +149,6 @@ class ModelAdapter:
                                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     #: ``model_type``s of the multimodal configs of this family (``get_adapter`` on a config).
     config_types: tuple[str, ...] = ()
-    #: ``(module, function)`` names where the [CLS]-based methods' importance score is computed
-    #: (the bench times them as the overhead's score part; looked up at call time).
-    score_functions: tuple[tuple[str, str], ...] = (("vlmprune.integrations.vision", "signals_from_qk"),)
 
     # ---------------------------------------------------------------- finding the parts
     def matches(self, model: Any) -> bool:

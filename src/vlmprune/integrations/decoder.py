@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from ..methods.common import gather_rows, to_host_lists
-from .base import ModelAdapter, PruneHandle, PruneStats
+from .base import ModelAdapter, PruneHandle, PruneStats, in_phase
 from .compat import K, get_cache, layer_keys, output_cache
 from .layout import VisualLayout
 
@@ -541,6 +541,7 @@ class DecoderHandle(PruneHandle):
         return hook
 
     # ---------------------------------------------------------------- prefill
+    @in_phase("prefill")
     def _begin_prefill(self, embeds: Tensor, mask2d: Tensor | None, position_ids: Tensor | None,
                        visual: Tensor, prompt_len: int | None, images: dict[str, Any] | None = None) -> None:
         st = self.state
@@ -580,6 +581,7 @@ class DecoderHandle(PruneHandle):
                          positions=seg.positions, last=last, num_visual0=n0, context=self.state.context,
                          layout=self.state.layout)
 
+    @in_phase("prefill")
     def _prefill_layer(self, idx: int, args: tuple, kwargs: dict):
         st = self.state
         hidden = args[0] if args else kwargs[K.HIDDEN_STATES]
@@ -606,6 +608,7 @@ class DecoderHandle(PruneHandle):
             kwargs[K.HIDDEN_STATES] = hidden
         return args, kwargs
 
+    @in_phase("score")
     def _scores(self, p: int, hidden: Tensor, seg: Segment, rows: Tensor, rows_valid: Tensor,
                 cache: Any = None) -> Tensor:
         """[B, R, L] head-mean attention of layer p-1 (or layer 0 on its input when p == 0).
@@ -643,13 +646,15 @@ class DecoderHandle(PruneHandle):
             rows, rows_valid = req
             attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device), cache)
         st.captured.pop(p - 1, None)  # free the projections
-        dec = self.method_obj.select(view, attn)
+        with self.phase("select"):
+            dec = self.method_obj.select(view, attn)
         new_hidden, new_seg, info = self._apply_decision(p, hidden, seg, dec)
         st.decisions[p] = {**dec.info, **info, "kept": new_seg.counts[0]}
         if new_seg is not seg:
             st.segments.append(new_seg)
         return new_hidden
 
+    @in_phase("gather")
     def _apply_decision(self, p: int, hidden: Tensor, seg: Segment,
                         dec: Decision) -> tuple[Tensor, Segment, dict[str, Any]]:
         """Apply ``dec`` at prune point ``p``: (new hidden, new segment, ``dec.info``'s tensors as host lists)."""
@@ -744,6 +749,7 @@ class DecoderHandle(PruneHandle):
         self._finish_segment(new, new_hidden, all_valid=min_len == new_len, pos_emb=pos_emb)
         return new_hidden, new, info
 
+    @in_phase("masks")
     def _finish_segment(self, seg: Segment, hidden: Tensor, all_valid: bool | None = None,
                         pos_emb: tuple[Tensor, Tensor] | None = None) -> None:
         """Prefill attention mask and rotary tables of a new layout (``all_valid``: no padding, if
@@ -760,6 +766,7 @@ class DecoderHandle(PruneHandle):
             seg.mask = _soft_mask(seg.valid, bias, hidden.dtype, q_len=length, past=0)
         seg.pos_emb = pos_emb if pos_emb is not None else self.state.layout.rotary(hidden, position_ids=seg.positions)
 
+    @in_phase("prefill")
     def _finish_prefill(self, output: Any) -> None:
         st = self.state
         cache = output_cache(output)
@@ -791,6 +798,7 @@ class DecoderHandle(PruneHandle):
         original (unpruned) last position, counting the ``past_new`` tokens appended since the prefill."""
         return (self.state.last_pos.to(device) + 1 + past_new)[..., None] + torch.arange(q_len, device=device)
 
+    @in_phase("decode")
     def _begin_decode_step(self, args: tuple, kwargs: dict, embeds: Tensor, cache: Any):
         st = self.state
         q_len = embeds.shape[1]
@@ -818,6 +826,7 @@ class DecoderHandle(PruneHandle):
             return args, new_kwargs
         return None
 
+    @in_phase("decode")
     def _decode_layer(self, idx: int, args: tuple, kwargs: dict):
         st = self.state
         s = st.layer_segment[idx]

@@ -9,9 +9,11 @@ and decoder stages subclass both.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, TypeVar
 
 __all__ = ["HANDLE_ATTR", "check_not_pruned", "PruneStats", "PruneHandle"]
 
@@ -96,14 +98,51 @@ class PruneStats:
         self.unpruned_per_image = []
 
 
+#: The phases of a handle's own work that its stages report to ``PruneHandle.phase_timer``:
+#: ``prefill`` / ``decode`` (everything the stage does at the prompt / at a decode step besides
+#: running the stock modules) and, nested inside ``prefill``, the parts ``score`` (the importance
+#: signal), ``select`` (the method's decision: selection, merging), ``gather`` (building the
+#: reduced sequence) and ``masks`` (its attention mask and rotary tables, inside ``gather``).
+PHASES = ("prefill", "decode", "score", "select", "gather", "masks")
+
+_NO_PHASE = contextlib.nullcontext()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def in_phase(name: str) -> Callable[[_F], _F]:
+    """Decorator of a ``PruneHandle`` method: the call runs inside ``self.phase_timer(name)``
+    when a timer is set (a plain call otherwise)."""
+
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def timed(self: "PruneHandle", *args: Any, **kwargs: Any) -> Any:
+            timer = self.phase_timer
+            if timer is None:
+                return fn(self, *args, **kwargs)
+            with timer(name):
+                return fn(self, *args, **kwargs)
+
+        return timed  # type: ignore[return-value]
+
+    return decorate
+
+
 class PruneHandle:
     """A pruning applied to one model: ``.method``, ``.stats``, ``.remove()``, context manager.
+
+    ``phase_timer`` is a timing hook: None by default; a benchmark sets it to a ``name -> context
+    manager`` callable, and the stages' own work runs inside ``phase_timer(name)`` for the names in
+    ``PHASES`` (``in_phase`` decorates a handle method with one phase, ``phase`` opens one around a
+    few lines).
 
     Stages subclass it and register their undo actions with ``add_undo`` / ``add_hook``
     (torch hook handles); ``remove()`` runs them in reverse order exactly once.
     """
 
     stats_class: type[PruneStats] = PruneStats
+    #: Timing hook: ``phase_timer(name)`` returns a context manager entered around each phase of
+    #: the handle's own work (``PHASES``); None (the default) times nothing.
+    phase_timer: Callable[[str], ContextManager[Any]] | None = None
 
     def __init__(self, model: Any, adapter: Any, method: str, method_obj: Any, stage: str) -> None:
         """``adapter``: the family's ``base.ModelAdapter``; ``stage``: ``"vision"`` or ``"decoder"``."""
@@ -121,6 +160,10 @@ class PruneHandle:
     @property
     def active(self) -> bool:
         return self._active
+
+    def phase(self, name: str) -> ContextManager[Any]:
+        """``phase_timer(name)``, or a no-op context manager when no timer is set."""
+        return _NO_PHASE if self.phase_timer is None else self.phase_timer(name)
 
     def add_undo(self, fn: Callable[[], None]) -> None:
         """Register an action that ``remove()`` runs (in reverse registration order)."""

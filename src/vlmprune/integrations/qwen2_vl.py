@@ -133,8 +133,6 @@ class Qwen2VLAdapter(ModelAdapter):
         return (self, video)
     vision_start_field: str = "vision_start_token_id"
     vision_end_field: str = "vision_end_token_id"
-    score_functions: tuple[tuple[str, str], ...] = (("vlmprune.integrations.qwen2_vl", "qwen_vision_qk"),
-                                                    ("vlmprune.integrations.qwen2_vl", "_received_attention"))
 
     def tower_has_cls(self, model: Any) -> bool:
         return False

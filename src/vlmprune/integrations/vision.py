@@ -85,7 +85,7 @@ from torch import Tensor
 
 from ..methods.common import Fetch, Reduction, to_host_lists
 from ..methods.prumerge import cls_attention
-from .base import ModelAdapter, PruneHandle
+from .base import ModelAdapter, PruneHandle, in_phase
 from .compat import K, get_cache
 from .layout import VisualLayout
 
@@ -398,6 +398,7 @@ class VisionHandle(PruneHandle):
         self.add_undo(restore)
 
     # ---------------------------------------------------------------- image encoding
+    @in_phase("prefill")
     def _encode_images(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None = None,
                        vision_feature_select_strategy: str | None = None, image_sizes: Tensor | None = None,
                        view: ModelAdapter | None = None, **kwargs: Any) -> Any:
@@ -431,7 +432,8 @@ class VisionHandle(PruneHandle):
         # 1. vision tower (+ signal hooks only if the method needs them) -> features [U, N, D]
         #    (N the largest unit's tokens when the grids differ; unit u's first h_u * w_u are real)
         if method.needs_signals:
-            features, signals = adapter.encode_with_signals(model, pixel_values, layer, strategy, layout)
+            with self.phase("score"):
+                features, signals = adapter.encode_with_signals(model, pixel_values, layer, strategy, layout)
         else:
             features = adapter.encode(model, pixel_values, layer, strategy, layout)
             signals = None
@@ -442,7 +444,8 @@ class VisionHandle(PruneHandle):
 
         # 2. reduce (one call per grid), then project the kept tokens only; 3. the adapter packs them
         fetch = self._fetch or _BatchedFetch()
-        red = _reduce_by_grid(method, features, signals, grids, fetch)  # tokens [U, M, D], counts [U]
+        with self.phase("select"):
+            red = _reduce_by_grid(method, features, signals, grids, fetch)  # tokens [U, M, D], counts [U]
         projected = adapter.project_kept(model, red.tokens, layout)  # [U, M, D_text]
         # the encoding's one host synchronisation (made by the method; it brings the rows' placeholder counts too)
         counts = red.host_counts if red.host_counts is not None else [int(c) for c in fetch(red.counts)]
@@ -493,6 +496,8 @@ class VisionHandle(PruneHandle):
         return (), self._continue(kw)
 
     # ---------------------------------------------------------------- prefill
+    @in_phase("prefill")
+    @in_phase("gather")
     def _prefill(self, kw: dict[str, Any], features: dict[str, list[Tensor]],
                  rows: dict[str, list[int]] | None = None) -> dict[str, Any]:
         """Rewrite a batch whose visual features are in ``features`` (modality key -> I tensors
@@ -621,6 +626,7 @@ class VisionHandle(PruneHandle):
         return [c for _, c, _ in issued], [sl for _, _, sl in issued]
 
     # ---------------------------------------------------------------- decode steps
+    @in_phase("decode")
     def _continue(self, kw: dict[str, Any]) -> dict[str, Any]:
         past = _cache_len(get_cache(kw))
         plan = self.plan

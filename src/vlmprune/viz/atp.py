@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..plotting import pyplot, save_figure
+
 __all__ = ["SceneRecord", "easy_and_cluttered", "complexity_scenes", "run_scenes", "plot_overlays",
            "plot_complexity", "run_viz"]
 
@@ -100,19 +102,10 @@ def run_scenes(model: Any, processor: Any, handle: Any, scenes: Sequence[tuple[A
     return records
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_overlays(scenes: Sequence[tuple[Any, str]], records: Sequence[SceneRecord], grid: tuple[int, int],
                   path: str | Path, *, title: str = "") -> Path:
     """Rows = scenes, columns = the image and the patches alive after each module (dropped ones dimmed)."""
-    plt = _plt()
+    plt = pyplot()
     k = len(records[0].module_counts)
     fig, axes = plt.subplots(len(records), k + 1, figsize=(2.1 * (k + 1), 2.3 * len(records)), squeeze=False)
     h, w = grid
@@ -135,24 +128,14 @@ def plot_overlays(scenes: Sequence[tuple[Any, str]], records: Sequence[SceneReco
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path: str | Path) -> Path:
-    """Lay out, write (creating the folder) and close a figure."""
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def plot_complexity(records: Sequence[SceneRecord], path: str | Path, *, target: float | None = None,
                     title: str = "") -> Path:
     """Left: all-layer average kept tokens vs number of objects (text / no text, mean and std, every
     scene as a dot). Right: mean kept count after each module vs number of objects."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     rng = np.random.default_rng(0)
     for has_text, color, label in ((False, "tab:blue", "no text"), (True, "tab:orange", "with text")):
@@ -182,7 +165,7 @@ def plot_complexity(records: Sequence[SceneRecord], path: str | Path, *, target:
     ax2.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(plt, fig, path)
+    return save_figure(fig, path, dpi=130)
 
 
 def run_viz(checkpoint: str | Path, *, model: str | None = None, out: str | Path = "out/atp-viz",
