@@ -50,6 +50,8 @@ class EvalResult:
     retention: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     items: list[ItemResult] = field(default_factory=list)
+    #: 95% interval of ``retention`` (paired bootstrap over the questions, see ``retention_interval``)
+    retention_ci: list[float] | None = None
 
     def to_json(self, with_items: bool = True) -> dict[str, Any]:
         d = asdict(self)
@@ -69,6 +71,39 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def retention_interval(items: Sequence[ItemResult], baseline: Sequence[ItemResult], *, rounds: int = 4000,
+                       seed: int = 0, level: float = 0.95) -> list[float] | None:
+    """95% interval of the retention (mean over families of the accuracy, relative to the baseline's)
+    by a paired bootstrap: the questions of each family are resampled with replacement, the same
+    draw for the method and the baseline (they answered the same questions, matched by ``id``).
+    None when the two runs do not share every question, or when over 1% of the draws give the baseline
+    no correct answer (those draws are left out otherwise).
+    """
+    import numpy as np
+
+    base = {(r.family, r.id): r.correct for r in baseline}
+    fams: dict[str, list[tuple[bool, bool]]] = {}
+    for r in items:
+        if (r.family, r.id) not in base:
+            return None
+        fams.setdefault(r.family, []).append((r.correct, base[(r.family, r.id)]))
+    if not fams or len(base) != sum(len(v) for v in fams.values()):
+        return None
+    rng = np.random.default_rng(seed)
+    acc_m, acc_b = np.zeros(rounds), np.zeros(rounds)
+    for pairs in fams.values():
+        arr = np.array(pairs, dtype=float)  # [n, 2]: method, baseline
+        idx = rng.integers(0, len(arr), size=(rounds, len(arr)))
+        acc_m += arr[idx, 0].mean(1)
+        acc_b += arr[idx, 1].mean(1)
+    ok = acc_b > 0
+    if ok.mean() < 0.99:  # a baseline this weak has no meaningful retention
+        return None
+    ratio = acc_m[ok] / acc_b[ok]
+    tail = (1 - level) / 2
+    return [float(np.quantile(ratio, tail)), float(np.quantile(ratio, 1 - tail))]
+
+
 def summarize(label: str, method: str | None, options: dict, results: Sequence[ItemResult], seconds: float,
               baseline: EvalResult | None = None) -> EvalResult:
     fams: dict[str, list[ItemResult]] = {}
@@ -85,6 +120,7 @@ def summarize(label: str, method: str | None, options: dict, results: Sequence[I
                      len(results) / seconds if seconds > 0 else float("nan"), len(results), items=list(results))
     if baseline is not None and baseline.mean_accuracy > 0:
         res.retention = mean_acc / baseline.mean_accuracy
+        res.retention_ci = retention_interval(res.items, baseline.items)
     return res
 
 

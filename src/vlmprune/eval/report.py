@@ -32,9 +32,17 @@ def rows(results: Sequence[EvalResult]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in results:
         body.append([r.label, f"{r.mean_visual_tokens:.1f}"] + [_cell(r, f) for f in fams] +
-                    [f"{100 * r.mean_accuracy:.1f}", "-" if r.retention is None else f"{100 * r.retention:.1f}%",
-                     f"{r.questions_per_s:.2f}"])
+                    [f"{100 * r.mean_accuracy:.1f}", _retention(r), f"{r.questions_per_s:.2f}"])
     return header, body
+
+
+def _retention(r: EvalResult) -> str:
+    if r.retention is None:
+        return "-"
+    ci = getattr(r, "retention_ci", None)
+    if not ci or r.retention == 1.0 and r.method is None:
+        return f"{100 * r.retention:.1f}%"
+    return f"{100 * r.retention:.1f}% [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]"
 
 
 def _n(results: Sequence[EvalResult], fam: str) -> int:
@@ -47,7 +55,8 @@ def markdown(results: Sequence[EvalResult]) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in body]
     note = ("\nAccuracy % per family with a 95% Wilson interval in brackets; mean = unweighted mean over "
             "families; tokens = mean visual tokens fed to the LLM (all-layer average for decoder-stage "
-            "methods); retention = mean accuracy relative to the unpruned run; q/s = questions per second "
+            "methods); retention = mean accuracy relative to the unpruned run, with a 95% paired-bootstrap "
+            "interval over the questions; q/s = questions per second "
             "(this machine, this run).")
     return "\n".join(lines) + "\n" + note + "\n"
 
@@ -90,7 +99,22 @@ def header(run: dict[str, Any]) -> str:
              f"- methods (resolved options): {methods}",
              f"- versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]),
              f"- machine: {run['machine']['cpu_model']}, {run['machine']['cores_logical']} logical cores"]
+    lines += [f"- derived later: {d}" for d in run.get("derived", [])]
     return "\n".join(lines) + "\n\n"
+
+
+def load(path: str | Path) -> tuple[dict[str, Any], list[EvalResult]]:
+    """A ``results.json`` written by ``write`` -> (its run block, its results)."""
+    from .harness import FamilyScore, ItemResult
+
+    payload = json.loads(Path(path).read_text())
+    results = []
+    for d in payload["results"]:
+        d = dict(d)
+        d["families"] = [FamilyScore(**f) for f in d["families"]]
+        d["items"] = [ItemResult(**i) for i in d.get("items", [])]
+        results.append(EvalResult(**d))
+    return payload["run"], results
 
 
 def write(results: Sequence[EvalResult], out_dir: str | Path, name: str = "results",
