@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from vlmprune import apply, runinfo
+from vlmprune.eval.report import header
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.decoder import Decision, DecoderMethodBase, attach as attach_decoder
 from vlmprune.testbed.model import CHECKPOINT_DIR, load as load_testbed
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     run_block = runinfo.new_run("why-losses", model=runinfo.model_info(CHECKPOINT_DIR),
                                 data=runinfo.shapesvqa_data("test", FAMILIES, args.n),
                                 generation={"max_new_tokens": 8, "do_sample": False, "batch_size": args.batch_size})
+    run_block["command"] = "python scripts/why_losses.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows: list[dict] = []
     path = args.out / "why.json"
 
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                            batch_size=args.batch_size), point=point, count=count, positions=positions, mode=mode)
     run_block.update(status="complete", finished=runinfo.now())
     path.write_text(json.dumps({"schema": runinfo.RESULTS_SCHEMA, "run": run_block, "results": rows}, indent=1))
-    (args.out / "why.md").write_text(_markdown(rows))
+    (args.out / "why.md").write_text(header(run_block) + _markdown(rows))
     print(f"wrote {path} and {args.out / 'why.md'}")
     return 0
 
