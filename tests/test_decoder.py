@@ -10,7 +10,8 @@ from vlmprune.integrations.compat import output_cache
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.handle import HANDLE_ATTR
 from vlmprune.integrations.decoder import Decision, DecoderMethodBase, attach, attention_rows
-from vlmprune.methods.fastv import pack_mask, row_scores, topk_visual
+from vlmprune.methods.common import pack_mask
+from vlmprune.methods.fastv import row_scores, topk_visual
 
 from conftest import make_inputs, make_tiny_llava
 

@@ -8,6 +8,7 @@ import torch
 import vlmprune
 from vlmprune.integrations.decoder_builders import build_fastv
 from vlmprune.methods import fastv as fv
+from vlmprune.methods.common import pack_mask
 
 from conftest import make_inputs, make_tiny_llava
 
@@ -23,8 +24,11 @@ def test_topk_visual_per_sample_counts_and_ties():
 
 def test_pack_mask_and_row_scores():
     mask = torch.tensor([[False, True, False, True], [False, False, False, True]])
-    idx, valid = fv.pack_mask(mask)
+    idx, valid = pack_mask(mask)
     assert idx.tolist() == [[1, 3], [3, 0]] and valid.tolist() == [[True, True], [True, False]]
+    wide, wide_valid = pack_mask(mask, width=3)  # a host-known width: the same columns, more padding
+    assert wide.tolist() == [[1, 3, 0], [3, 0, 0]] and wide_valid.tolist() == [[True, True, False], [True, False, False]]
+    assert [t.shape for t in pack_mask(torch.zeros(2, 4, dtype=torch.bool))] == [(2, 1), (2, 1)]
     attn = torch.arange(16.0).view(2, 2, 4)
     s = fv.row_scores(attn, valid)
     assert torch.equal(s[0], (attn[0, 0] + attn[0, 1]) / 2) and torch.equal(s[1], attn[1, 0])

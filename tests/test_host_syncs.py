@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import vlmprune
+from atp_helpers import set_constant_thresholds
 from conftest import make_inputs, make_tiny_llava
 from sync_counter import SyncCounter
+from vlmprune.integrations.atp import attach_atp
+from vlmprune.methods.atp import ATPConfig, ATPPruner
 
 VISION = [("prumerge", {}), ("prumerge+", {}), ("prumerge+", {"keep": 6}), ("prumerge", {"keep": 0.25}),
           ("cls-topk", {}), ("cls-topk", {"keep": 5}), ("random", {"keep": 5}), ("sequential", {"keep": 5}),
@@ -88,8 +91,51 @@ def test_fastv_synchronises_once_per_prune_point(model, inputs, options, call):
     assert excess <= 1, where
 
 
-@pytest.mark.xfail(strict=True, reason="SparseVLM still reads its packed widths per layer (pack_mask, cluster "
-                                       "counts): 21 host reads for 3 prune points; see docs/efficiency.md")
-def test_sparsevlm_synchronises_once_per_prune_point(model, inputs):
-    excess, where = _excess(model, inputs, "sparsevlm", {"schedule": (8, 6, 4)}, _forward)
-    assert excess <= 3, where
+@pytest.mark.parametrize("call", [_forward, _generate], ids=["forward", "generate"])
+@pytest.mark.parametrize("options", [{"schedule": (8, 6, 4)}, {"schedule": (8, 6, 4), "recycle": False},
+                                     {"schedule": (10, 5, 2), "positions": "original"}],
+                         ids=["recycle", "no-recycle", "original-positions"])
+def test_sparsevlm_synchronises_at_most_once_per_prune_point(model, inputs, options, call):
+    """SparseVLM (3 prune points): two host reads, both before the first layer (the rows' visual / text
+    counts with the machinery's counts of the input layout; then the raters per row); every later
+    count follows on the host, so the prune points and the decode steps read nothing."""
+    excess, where = _excess(model, inputs, "sparsevlm", options, call)
+    assert excess <= 2, where
+
+
+def test_sparsevlm_prompt_ending_with_its_image_reads_at_each_prune_point(model):
+    """A prompt that ends with its image: the recycled tokens become its last prompt token, so the raters per
+    row change from layer to layer: one read before the first layer, then two per prune point (the raters'
+    width, the point's counts)."""
+    ends = make_inputs(model, prefix_lens=(3, 1), suffix_lens=(0, 4), seed=4)
+    excess, where = _excess(model, ends, "sparsevlm", {"schedule": (8, 6, 4)}, _forward)
+    assert excess <= 1 + 2 * 3, where
+
+
+ATP = {"learned": dict(theta_r=(0.8, 0.85, 0.9), theta_s=0.9),
+       "fixed-ratio": dict(fixed_ratio=0.6),
+       "compact": dict(theta_r=(0.8, 0.85, 0.9), theta_s=0.9, positions="compact"),
+       "soft": dict(theta_r=(0.8, 0.85, 0.9), theta_s=0.9, mode="soft")}
+
+
+@pytest.mark.parametrize("call", [_forward, _generate], ids=["forward", "generate"])
+@pytest.mark.parametrize("kind", list(ATP))
+def test_atp_synchronises_once_per_module_and_once_before(model, inputs, kind, call):
+    """ATP (3 modules): one host read before the first module (each sample's image, judged and instruction
+    tokens, the units' samples, with the machinery's counts of the input layout), then one per module (its
+    counts and thresholds; the last one also brings the all-layer average); none at the end, none per
+    decode step."""
+    opts = dict(ATP[kind])
+    theta_r, theta_s = opts.pop("theta_r", None), opts.pop("theta_s", None)
+    attach = {k: opts.pop(k) for k in ("positions", "mode") if k in opts}
+    torch.manual_seed(0)
+    cfg = ATPConfig(num_layers=model.config.text_config.num_hidden_layers, layers=(0, 1, 2), num_patches=16,
+                    hidden=16, **opts)
+    pruner = set_constant_thresholds(ATPPruner(cfg), theta_r, theta_s)
+    stock = _syncs(lambda: call(model, inputs))
+    handle = attach_atp(model, pruner, **attach)
+    try:
+        pruned = _syncs(lambda: call(model, inputs))
+    finally:
+        handle.remove()
+    assert pruned.count - stock.count <= 3 + 1, dict(pruned.where - stock.where)

@@ -65,3 +65,15 @@ def test_select_features_drops_cls_at_the_adapters_index():
     moved = dataclasses.replace(adapter, cls_index=2)
     assert torch.equal(moved.select_features((h,), 0, "default"), h[:, [0, 1, 3, 4]])
     assert torch.equal(moved.select_features((h,), 0, "full"), h)
+
+
+def test_with_grids_places_each_placeholder_and_check_placeholders():
+    visual = torch.tensor([[0, 1, 1, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    layout = VisualLayout(tokens_per_image=(2, 3, 1)).with_sequence(visual)
+    unit_of, patch_of = torch.tensor([0, 0, 1, 1, -1, 2]), torch.tensor([0, 1, 0, 1, -1, 0])
+    lay = layout.with_grids((), unit_of, patch_of)
+    assert lay.grid_unit[visual].tolist() == unit_of.tolist() and lay.grid_patch[visual].tolist() == patch_of.tolist()
+    assert (lay.grid_unit[~visual] == -1).all() and (lay.grid_patch[~visual] == -1).all()
+    layout.check_placeholders(6)
+    with pytest.raises(ValueError, match="holds 5 image placeholders but its images give 6 tokens"):
+        layout.check_placeholders(5)

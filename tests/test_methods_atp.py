@@ -194,6 +194,8 @@ def test_hard_keep_properties(batch, vlen, theta_r, theta_s, seed):
     valid[:, 0] = True
     keep, n = hard_keep(s_r, s_s, theta_r, theta_s, valid)
     assert bool((keep <= valid).all()) and bool((n >= 1).all()) and n.tolist() == keep.sum(1).tolist()
+    unchecked = hard_keep(s_r, s_s, theta_r, theta_s, valid, check=False)  # the caller vouches: no host read
+    assert torch.equal(unchecked[0], keep) and torch.equal(unchecked[1], n)
     plain = ((s_r > theta_r) | (s_s > theta_s)) & valid
     assert bool(((keep == plain) | ~plain.any(1, keepdim=True)).all())  # rule, unless rescued
 

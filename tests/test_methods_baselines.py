@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlmprune.methods.baselines import cls_topk, random_keep, sequential_keep, spatial_keep
-from vlmprune.methods.common import lattice_mask, spread_priority
+from vlmprune.methods.common import lattice_mask, rank_of, scale_layers, spread_priority
 from vlmprune.methods.prumerge import prumerge
 
 T = torch.tensor
@@ -160,3 +160,23 @@ def test_bad_inputs(call, message):
     f, a = torch.randn(2, 16, 3), torch.rand(2, 16)
     with pytest.raises(ValueError, match=message):
         call(f, a)
+
+
+def test_rank_of_inverts_a_permutation():
+    order = torch.tensor([[2, 0, 3, 1], [0, 1, 2, 3]])
+    rank = rank_of(order)
+    assert rank.tolist() == [[1, 3, 0, 2], [0, 1, 2, 3]]
+    assert torch.equal(rank.gather(1, order), torch.arange(4).expand(2, 4))
+    assert rank_of(torch.tensor([1, 2, 0])).tolist() == [2, 0, 1]  # any number of leading dims
+
+
+def test_scale_layers_rounding_and_collisions():
+    # (l + 1) * 6 / 32 for l = 2, 6, 15: 0.5625, 1.3125, 3.0 -> 1, 1, 3 layers before -> layers 0, 0, 2
+    assert scale_layers((2, 6, 15), 6, 32, collide="drop") == [0, 2]
+    assert scale_layers((2, 6, 15), 6, 32, collide="shift") == [0, 1, 2]
+    # a tie: (l + 1) * 48 / 32 = 4.5 for l = 2 -> 4 (half to even) or 5 (half up)
+    assert scale_layers((2,), 48, 32, ties="even") == [3] and scale_layers((2,), 48, 32, ties="up") == [4]
+    # "shift" leaves room for the layers still to come: 4 layers of 32 onto a 5-layer decoder
+    assert scale_layers((27, 28, 29, 30), 5, 32) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="collide"):
+        scale_layers((2,), 6, 32, collide="merge")

@@ -156,3 +156,54 @@ def test_sparsevlm_cannot_keep_every_token_and_rejects_counts_beyond_576():
     assert not torch.equal(out, ref)
     with pytest.raises(ValueError, match="1000 is more than 576"):
         build_sparsevlm(schedule=[1000, 500, 10])
+
+
+def test_host_counts_follow_the_device():
+    """The prune points read nothing: what they take on the host (each layout's visual / valid counts, k, the
+    clusters, whether compacted positions end before the original last one) is what the device holds."""
+    m = make_tiny_llava(image_size=84, text_layers=6, seed=1)  # 36 visual tokens
+    for seed, (prefix, suffix) in enumerate([((2, 5, 1), (6, 3, 9)), ((4,), (2,)), ((1, 3, 6, 2), (8, 1, 4, 5))]):
+        inputs = make_inputs(m, prefix_lens=prefix, suffix_lens=suffix, seed=seed)
+        for options in ({"budget": 192}, {"budget": 64}, {"schedule": (30, 20, 10, 5), "layers": (0, 1, 2, 3)},
+                        {"budget": 128, "recycle": False}, {"budget": 64, "positions": "original"}):
+            with torch.no_grad(), vlmprune.pruned(m, "sparsevlm", **options) as h:
+                m(**inputs)
+                st = h.state
+            assert st.context["rater_counts"] is not None  # the read-free path was taken
+            for seg in st.segments:
+                assert seg.counts == (seg.visual.sum(1).tolist(), seg.valid.sum(1).tolist())
+                if not seg.identity:
+                    assert seg.shifted == bool((seg.shift != 0).any())
+            n0 = st.segments[0].visual.sum(1)
+            for target, p in zip(h.method_obj.schedule, st.decisions):
+                before = st.segments[st.layer_segment[p - 1]]  # the layout the point pruned
+                k = sv.schedule_count(target, before.visual.sum(1), n0)
+                assert st.decisions[p]["k"] == k.tolist()
+            first = st.decisions[min(st.decisions)]
+            assert first["raters"] == st.context["raters"].sum(1).tolist()
+            if "clusters" in first:
+                assert first["clusters"] == st.segments[1].recycled.sum(1).tolist()
+
+
+def test_host_counts_equal_the_tensor_arithmetic():
+    """``host_counts`` (k, recycle's m and c on the host) against ``schedule_count`` and ``recycle``'s own
+    counts, over every count up to 600 and targets with exact half-way ties (576 * t / 576 ... .5)."""
+    n = torch.arange(0, 601)
+    for target in (1, 17, 36, 110, 192, 288, 300, 575, 576):
+        for n0 in (n, torch.full_like(n, 576), torch.full_like(n, 36), n + 3):
+            ks, ms, cs = sv.host_counts(target, n.tolist(), n0.tolist())
+            k = sv.schedule_count(target, n, n0)
+            assert ks == k.tolist()
+            pruned = n - torch.minimum(k, n)
+            m = torch.where(pruned > 0, torch.minimum(torch.floor(pruned.double() * 0.3).long() + 1, pruned), 0)
+            c = torch.where(m > 0, torch.minimum(m // 10 + 1, m), 0)
+            assert ms == m.tolist() and cs == c.tolist()
+    # the counts recycle itself takes: m best pruned tokens, c clusters
+    hidden = torch.randn(3, 40, 4, generator=torch.Generator().manual_seed(0))
+    pruned = torch.arange(40)[None, :] < torch.tensor([[37], [3], [0]])
+    _, ms, cs = sv.host_counts(1, [38, 4, 1], [576, 576, 576])
+    tok, valid, _, sizes = sv.recycle(hidden, torch.rand(3, 40), pruned, torch.arange(40)[None].expand(3, 40),
+                                      widths=(max(ms), max(cs)))
+    assert sizes.sum(1).tolist() == ms and valid.sum(1).tolist() == cs
+    ref = sv.recycle(hidden, torch.rand(3, 40), pruned, torch.arange(40)[None].expand(3, 40))
+    assert ref[0].shape == tok.shape

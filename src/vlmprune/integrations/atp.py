@@ -50,8 +50,7 @@ from torch import Tensor
 
 from ..methods import atp as A
 from ..methods.atp import units as U
-from ..methods.common import is_real
-from ..methods.fastv import pack_mask
+from ..methods.common import is_real, pack_mask, to_host_lists
 from .base import in_phase
 from .decoder import Decision, DecoderHandle, DecoderMethodBase, DecoderStats, LayerView
 
@@ -95,6 +94,9 @@ class ATPContext:
     prev: Tensor | None = None  # soft: cumulative soft mask over the visual slots [B, V]
     prev_hard: Tensor | None = None  # soft: cumulative hard keep [B, V] (straight-through count)
     pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # rows of the current point
+    text_width: int | None = None  # most instruction rows of a sample (constant: text is never dropped)
+    samples_in_order: bool | None = None  # unit u belongs to sample u (one unit per sample, in order)
+    checked: bool = False  # every sample keeps a judged slot at every module (hard_keep need not check)
 
 
 # ================================================================================ stats
@@ -122,26 +124,27 @@ class ATPStats(DecoderStats):
     module_counts_per_image: list[list[int]] = field(default_factory=list)
     atp_average_per_image: list[float] = field(default_factory=list)
 
-    def record_atp(self, ctx: ATPContext, pruner: A.ATPPruner) -> None:
+    def record_atp(self, ctx: ATPContext, decisions: dict[int, dict[str, Any]]) -> None:
+        """Record one prefill from what its prune points brought to the host (``handle.state.decisions``:
+        per module the kept counts, thresholds and, at the last one, the all-layer average)."""
         self.module_layers = list(ctx.layers)
         if not ctx.counts:
             return
-        with torch.no_grad():
-            avg = pruner.average_tokens([c.detach().float() for c in ctx.counts], ctx.initial)  # [B]
+        rows = [decisions[layer + 1] for layer in ctx.layers]  # module after layer l = prune point l + 1
+        average = list(rows[-1]["atp_average"])  # [B]
         if ctx.mode == "soft":
-            self.soft_average = avg.tolist()
+            self.soft_average = average
             return
-        counts = torch.stack([c.detach() for c in ctx.counts], dim=1).long()  # [B, K]
-        self.module_counts = counts.tolist()
-        self.atp_average = avg.tolist()
+        self.module_counts = [list(r) for r in zip(*(d["atp_kept"] for d in rows))]  # [B][K]
+        self.atp_average = average
         self.module_counts_per_image.extend(self.module_counts)
         self.atp_average_per_image.extend(self.atp_average)
 
         def thetas(name: str) -> list[list[float]] | None:
-            vals = [getattr(t, name) for t in ctx.thresholds]
-            if not vals or any(v is None for v in vals):
+            vals = [d.get(name) for d in rows]
+            if any(v is None for v in vals):
                 return None
-            return torch.stack([v.detach().float() for v in vals], dim=1).tolist()
+            return [list(r) for r in zip(*vals)]
 
         self.theta_r, self.theta_s = thetas("theta_r"), thetas("theta_s")
 
@@ -283,33 +286,51 @@ class ATP(DecoderMethodBase):
         image = torch.where(visual, lay.image, none)
         first = image.masked_fill(~visual, big).amin(1)
         judged = visual & ((unit0 >= 0) | (c.off_grid == "score"))
-        off = visual & (unit0 < 0)
-        # the prepare's one host transfer: per sample its images (first, last), tokens, judged tokens
-        host = torch.stack([first, image.amax(1), view.num_visual0, judged.sum(1), off.sum(1)]).tolist()
-        for b, (lo, hi, n_vis) in enumerate(zip(*host[:3])):
-            if n_vis == 0 or lo != hi:
-                what = "no image tokens" if n_vis == 0 else f"{hi - lo + 1} images"
-                raise ValueError(f"atp: sample {b} has {what}; ATP needs exactly one image per sample")
+        grid = visual & (unit0 >= 0)
+        instruction0 = self._instruction_mask(view)
+        units = len(lay.units)
         rows = torch.arange(visual.shape[0], device=visual.device)[:, None].expand_as(visual)
-        unit_sample = torch.zeros(len(lay.units), dtype=torch.long, device=visual.device).scatter_(
-            0, unit0[unit0 >= 0], rows[unit0 >= 0])
+        unit_sample = torch.zeros(units + 1, dtype=torch.long, device=visual.device).scatter_(
+            0, torch.where(grid, unit0, units).flatten(), rows.flatten())[:units]  # other slots -> a dump entry
+        # the prefill's one host read before the first module (the machinery's counts of the input layout, its
+        # visual tokens per sample, come in the same transfer): per sample its images (first, last), judged /
+        # on-grid / off-grid visual tokens and instruction rows (their packed width: text is never dropped),
+        # and the sample of each unit
+        tensors = [first, image.amax(1), judged.sum(1), grid.sum(1), (visual & ~grid).sum(1), instruction0.sum(1),
+                   unit_sample]
+        if view.fetch is not None:
+            lo, hi, judged0, grid0, off0, text0, samples = view.fetch(tensors)
+            n0 = view.counts[0]
+        else:
+            lo, hi, judged0, grid0, off0, text0, samples, n0 = to_host_lists([*tensors, view.num_visual0])
+        lay.check_placeholders(sum(n0))
+        for b, (a, z, n_vis) in enumerate(zip(lo, hi, n0)):
+            if n_vis == 0 or a != z:
+                what = "no image tokens" if n_vis == 0 else f"{z - a + 1} images"
+                raise ValueError(f"atp: sample {b} has {what}; ATP needs exactly one image per sample")
         grids = tuple(u.grid for u in lay.units)
         per_sample = [0] * visual.shape[0]
-        for b in unit_sample.tolist():
+        for b in samples:
             per_sample[b] += 1
         single = (all(k == 1 for k in per_sample) and all(g == tuple(c.grid) for g in grids)
-                  and not any(host[4]))
-        n0 = host[2]
+                  and not any(off0))
         initial = None if all(n == c.num_patches for n in n0) else view.num_visual0.float()
-        return ATPContext(mode=self.mode, instruction0=self._instruction_mask(view), patch0=patch0, unit0=unit0,
-                          grids=grids, unit_sample=unit_sample, initial=initial, judged0=host[3], single_grid=single)
+        # hard_keep's check (every sample has a judged slot) holds at every module when each sample starts with
+        # an on-grid token: the rule keeps one judged slot per sample, and judged slots stay judged (except
+        # off-grid ones judged with their unit's grid slots, off_grid="score" with per-unit thresholds)
+        checked = all(g > 0 for g in grid0) and (c.off_grid == "keep" or c.thresholds == "sample")
+        return ATPContext(mode=self.mode, instruction0=instruction0, patch0=patch0, unit0=unit0,
+                          grids=grids, unit_sample=unit_sample, initial=initial, judged0=judged0, single_grid=single,
+                          text_width=max(text0), samples_in_order=samples == list(range(visual.shape[0])),
+                          checked=checked)
 
     def _rows(self, view: LayerView) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ctx: ATPContext = view.context
         src = view.source.clamp(min=0)
         instr = ctx.instruction0.gather(1, src) & (view.source >= 0) & view.valid & ~view.visual
-        cols_v, valid_v = pack_mask(view.visual & view.valid)  # [B, V]
-        cols_t, valid_t = pack_mask(instr)  # [B, T]
+        width = None if view.counts is None else max(view.counts[0])  # known from the last host read
+        cols_v, valid_v = pack_mask(view.visual & view.valid, width)  # [B, V]
+        cols_t, valid_t = pack_mask(instr, ctx.text_width)  # [B, T]
         return cols_v, valid_v, cols_t, valid_t
 
     def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor]:
@@ -342,7 +363,8 @@ class ATP(DecoderMethodBase):
         src = view.source.gather(1, cols_v).clamp(min=0)
         patch = ctx.patch0.gather(1, src)  # [B, V]
         unit = torch.where(valid_v, ctx.unit0.gather(1, src), torch.full_like(patch, -1))
-        slots = pr.units(unit, patch, ctx.grids, ctx.unit_sample, valid_v, ctx.judged0)
+        slots = pr.units(unit, patch, ctx.grids, ctx.unit_sample, valid_v, ctx.judged0,
+                         samples_in_order=ctx.samples_in_order)
         patch = torch.where(valid_v, patch, torch.zeros_like(patch))
         n = pr.config.num_patches
         patch_dump = torch.where(valid_v, patch, torch.full_like(patch, n))  # padding slots -> grid index N
@@ -359,7 +381,7 @@ class ATP(DecoderMethodBase):
             ctx.prev = step.cumulative
             count = step.count
             if pr.config.learned and self.budget_count == "st":
-                count, ctx.prev_hard = pr.straight_through(scores, step, ctx.prev_hard)
+                count, ctx.prev_hard = pr.straight_through(scores, step, ctx.prev_hard, check=not ctx.checked)
             ctx.counts.append(count)
             ctx.soft_counts.append(step.count)
             if pr.config.learned:
@@ -372,10 +394,12 @@ class ATP(DecoderMethodBase):
                 ctx.keep_grids.append(ctx.masks[-1] > 0.5)
             ones = torch.ones(bsz, length + 1, dtype=step.mask.dtype, device=step.mask.device)
             soft = ones.scatter(1, dump, torch.where(valid_v, step.mask, torch.ones_like(step.mask)))[:, :length]
-            return Decision(soft=soft, info={"atp_layer": layer, "soft_count": step.count.detach()})
+            info = {"atp_layer": layer, "soft_count": step.count.detach()}
+            self._last_module_average(ctx, layer, info)
+            return Decision(soft=soft, info=info)
 
         scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t, slots=slots)
-        step = pr.hard_step(layer, scores, patch, slots=slots)
+        step = pr.hard_step(layer, scores, patch, slots=slots, check=not ctx.checked)
         keep = step.keep & valid_v
         cols_keep = torch.zeros(bsz, length + 1, dtype=torch.bool, device=keep.device).scatter(1, dump, keep)
         ctx.counts.append(step.counts)
@@ -384,12 +408,21 @@ class ATP(DecoderMethodBase):
         if ctx.single_grid:
             grid = torch.zeros(bsz, n + 1, dtype=torch.bool, device=keep.device).scatter(1, patch_dump, keep)[:, :n]
             ctx.keep_grids.append(grid)
-        info: dict[str, Any] = {"atp_layer": layer}
+        info: dict[str, Any] = {"atp_layer": layer, "atp_kept": step.counts}
         for name in ("theta_r", "theta_s"):
             t = getattr(thresholds, name)
             if t is not None:
                 info[name] = t.detach().float()
+        self._last_module_average(ctx, layer, info)
         return Decision(keep=cols_keep[:, :length], info=info)
+
+    def _last_module_average(self, ctx: ATPContext, layer: int, info: dict[str, Any]) -> None:
+        """At the last module: the all-layer average of the kept counts, into ``info`` (so it comes to the host
+        in that prune point's read, for ``ATPStats``)."""
+        if layer == self.pruner.layers[-1]:
+            with torch.no_grad():
+                info["atp_average"] = self.pruner.average_tokens([c.detach().float() for c in ctx.counts],
+                                                                 ctx.initial)
 
     def __repr__(self) -> str:
         if self.pruner is None:
@@ -416,7 +449,7 @@ class ATPHandle(DecoderHandle):
         super()._finish_prefill(output)
         ctx = self.state.context
         if isinstance(ctx, ATPContext):
-            self.stats.record_atp(ctx, self.pruner)
+            self.stats.record_atp(ctx, self.state.decisions)
 
 
 ATP.handle_class = ATPHandle

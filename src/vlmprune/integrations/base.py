@@ -341,16 +341,13 @@ class ModelAdapter:
         image's placeholder run and its grids: which unit's grid every placeholder lies on and
         where (``VisualLayout.with_grids``; the family's rule is ``image_grids``). ``embeds``
         [B, L, D] are the language model's input embeddings, ``images`` the forward's image
-        keywords (``image_counts``). One host transfer of the per-image counts."""
+        keywords (``image_counts``, from their shapes). The prompt's placeholder count is checked
+        against the images' (``VisualLayout.check_placeholders``) where the device is read anyway: by
+        the family's ``image_grids`` when it reads, else by the method (ATP's start-of-prefill read)."""
         counts = self.image_counts(model, images)
         if counts is None:
             raise ValueError(f"vlmprune: cannot tell the {self.family} images' token counts in this forward "
                              "(pass pixel_values with the processor's image keywords, or mm_encoder_outputs)")
-        total = int(layout.visual.sum())
-        if total != sum(counts):
-            raise ValueError(f"vlmprune: the prompt holds {total} image placeholders but its images give "
-                             f"{sum(counts)} tokens ({list(counts)}); one placeholder per image token is needed (placeholders "
-                             "of other inputs, e.g. videos, are not supported here yet)")
         runs = replace(layout, tokens_per_image=tuple(counts)).with_sequence(layout.visual, layout.positions,
                                                                              layout.rotary)
         units, unit_of, patch_of = self.image_grids(model, runs, embeds)

@@ -67,7 +67,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -120,6 +120,12 @@ class LayerView:
     # the prefill's layout over the input columns (``adapter.lm_layout``; with its grids,
     # ``adapter.grid_layout``, when the method sets ``needs_grids``)
     layout: VisualLayout | None = None
+    # (visual, valid) tokens of each row of this layout, on the host once read (None before the
+    # prefill's first host read)
+    counts: tuple[list[int], list[int]] | None = None
+    # in ``prepare`` only: ``fetch(tensors) -> their tolist() values``, the method's start-of-prefill
+    # host read, which brings the input layout's ``counts`` in the same transfer
+    fetch: Callable[[list[Tensor]], list] | None = None
 
 
 @dataclass
@@ -134,7 +140,12 @@ class Decision:
     visual); ``extra_positions`` [*P, B, E]: their position ids (the family's form, as
     ``LayerView.positions``) when positions are kept original.
     ``info``: anything to record in ``handle.state.decisions`` (e.g. raters, cluster sizes); tensors
-    there are turned into lists when the prefill ends (no host synchronisation mid-prefill).
+    there come to the host as lists in the prune point's one host read.
+    ``counts``: per row, on the host, the visual tokens of the layout that ``keep`` keeps and the valid
+    ``extra`` tokens, when the method knows them without reading the device; with the layout's own
+    counts known (``LayerView.counts``) and no tensor in ``info``, the prune point then makes no host
+    read. The method guarantees them, and that no row's last prompt token is a visual token it drops
+    (the machinery keeps that token).
     """
 
     keep: Tensor | None = None
@@ -143,6 +154,7 @@ class Decision:
     extra_valid: Tensor | None = None
     extra_positions: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    counts: tuple[list[int], list[int]] | None = None
 
 
 @runtime_checkable
@@ -364,6 +376,7 @@ class DecoderState:
     layout: VisualLayout | None = None  # the prefill's columns, positions and rotary (``adapter.lm_layout``)
     last_pos: Tensor | None = None  # [*P, B] original position of each sample's last token
     num_visual0: Tensor | None = None  # [B] visual tokens of each sample before any pruning
+    span: list[int] | None = None  # compacted positions: each row's last position minus its first, once read
     decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
     cache_ref: Any = None  # weakref to the prefill's cache
     final_source: Tensor | None = None  # [B, L_final] input index of each output column (-1: pad/inserted)
@@ -377,6 +390,7 @@ class DecoderState:
         self.pos_emb_used = {}
         self.context = None
         self.layout = None
+        self.span = None
         self.decisions = {}
         self.cache_ref = None
         self.final_source = None
@@ -564,14 +578,31 @@ class DecoderHandle(PruneHandle):
         prompt = valid if prompt_len is None else valid & (cols[None, :] < prompt_len)
         root = Segment(first_layer=0, source=source, valid=valid, visual=visual,
                        recycled=torch.zeros_like(visual), prompt=prompt, after_image=after, positions=positions,
-                       soft=None, shift=torch.zeros_like(positions[..., -1]), identity=True)
+                       soft=None, shift=torch.zeros_like(positions[..., -1]), identity=True, shifted=False)
         st.segments = [root]
         st.layer_segment = [0] * self.num_layers
         st.orig_len = length
         st.last_pos = positions[..., -1].clone()
         st.num_visual0 = visual.sum(1)
         if getattr(type(self.method_obj), "prepare", None) is not DecoderMethodBase.prepare:  # skip the no-op
-            st.context = self.method_obj.prepare(embeds, self._view(0, embeds, root))
+            view = self._view(0, embeds, root)
+            view.fetch = self._start_fetch(root, view)
+            st.context = self.method_obj.prepare(embeds, view)
+
+    def _start_fetch(self, root: Segment, view: LayerView) -> Callable[[list[Tensor]], list]:
+        """``LayerView.fetch`` for ``prepare``: the method's tensors, the input layout's counts and (with
+        compacted positions) each row's last position minus its first, in one host transfer."""
+        def fetch(tensors: list[Tensor]) -> list:
+            own = [root.visual.sum(1), root.valid.sum(1)]
+            span = self.positions == "compact" and root.positions.dim() == 2
+            if span:
+                own.append(self.state.last_pos - _first_position(root))
+            host = to_host_lists([*own, *tensors])
+            root.counts = view.counts = (host[0], host[1])
+            if span:
+                self.state.span = host[2]
+            return host[len(own):]
+        return fetch
 
     def _view(self, layer: int, hidden: Tensor, seg: Segment) -> LayerView:
         last = _last_true(seg.prompt).clamp(min=0)
@@ -579,7 +610,7 @@ class DecoderHandle(PruneHandle):
         return LayerView(layer=layer, num_layers=self.num_layers, hidden=hidden, valid=seg.valid, visual=seg.visual,
                          recycled=seg.recycled, after_image=seg.after_image, prompt=seg.prompt, source=seg.source,
                          positions=seg.positions, last=last, num_visual0=n0, context=self.state.context,
-                         layout=self.state.layout)
+                         layout=self.state.layout, counts=seg.counts)
 
     @in_phase("prefill")
     def _prefill_layer(self, idx: int, args: tuple, kwargs: dict):
@@ -673,18 +704,35 @@ class DecoderHandle(PruneHandle):
         if n_extra:
             ev = dec.extra_valid.to(dev).bool() if dec.extra_valid is not None else \
                 torch.ones(bsz, n_extra, dtype=torch.bool, device=dev)
-        n_new = keep.sum(1) + (ev.sum(1) if n_extra else 0)  # [B] tokens of the new layout
-        vis_new = (keep & seg.visual).sum(1) + (ev.sum(1) if n_extra else 0)  # [B] visual tokens of the new layout
-        # the prune point's one host synchronisation: new width, narrowest sample, anything dropped, the
-        # new layout's counts (and the first layout's), and the method's recorded tensors
+        compact = self.positions == "compact"
+        base = _first_position(seg) if compact else None  # [*P, B]
         names = [k for k, v in dec.info.items() if isinstance(v, Tensor)]
-        first = [seg.visual.sum(1), seg.valid.sum(1)] if seg.counts is None else []
-        host = to_host_lists([torch.stack([n_new.max(), n_new.min(), (seg.valid & ~keep).any().long()]),
-                              vis_new, n_new, *first, *(dec.info[k] for k in names)])
-        (new_len, min_len, dropped), counts = host[0], (host[1], host[2])
-        if first:
-            seg.counts = (host[3], host[4])
-        info = dict(zip(names, host[3 + len(first):]))
+        if (dec.counts is not None and seg.counts is not None and not names
+                and (not compact or self.state.span is not None)):
+            # the method's host counts: no host read at this point
+            kept, inserted = dec.counts
+            counts = ([k + e for k, e in zip(kept, inserted)],
+                      [t - v + k + e for t, v, k, e in zip(seg.counts[1], seg.counts[0], kept, inserted)])
+            new_len, min_len = max(counts[1]), min(counts[1])
+            dropped = any(k < v for k, v in zip(kept, seg.counts[0]))
+            shifted = compact and any(s != max(n - 1, 0) for s, n in zip(self.state.span, counts[1]))
+            info = {}
+        else:
+            n_new = keep.sum(1) + (ev.sum(1) if n_extra else 0)  # [B] tokens of the new layout
+            vis_new = (keep & seg.visual).sum(1) + (ev.sum(1) if n_extra else 0)  # [B] visual tokens of the new layout
+            # the prune point's one host synchronisation: new width, narrowest sample, anything dropped, whether
+            # compacted positions end before the original last one (decode rotary), the new layout's counts (and
+            # the first layout's), and the method's recorded tensors
+            flags = [n_new.max(), n_new.min(), (seg.valid & ~keep).any().long()]
+            if compact:  # the new layout's last position is base + n_new - 1 (its last column is valid)
+                flags.append((self.state.last_pos - base - (n_new - 1).clamp(min=0) != 0).any().long())
+            first = [seg.visual.sum(1), seg.valid.sum(1)] if seg.counts is None else []
+            host = to_host_lists([torch.stack(flags), vis_new, n_new, *first, *(dec.info[k] for k in names)])
+            (new_len, min_len, dropped), counts = host[0][:3], (host[1], host[2])
+            shifted = compact and bool(host[0][3])
+            if first:
+                seg.counts = (host[3], host[4])
+            info = dict(zip(names, host[3 + len(first):]))
         if not dropped and n_extra == 0:
             if soft is seg.soft:
                 return hidden, seg, info
@@ -731,17 +779,14 @@ class DecoderHandle(PruneHandle):
         new_source = torch.where(new_valid, take(source), -1)
         new_visual = take(visual) & new_valid
         new_positions = _take_positions(torch.cat(positions, dim=-1) if n_extra else seg.positions, order)
-        if self.positions == "compact":
-            base = torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, 1 << 40)).amin(-1)  # [*P, B]
-            base = torch.where(base == (1 << 40), 0, base)
+        if compact:
             new_positions = torch.where(new_valid, base[..., None] + new_valid.long().cumsum(1) - 1, base[..., None])
         new = Segment(first_layer=p, source=new_source, valid=new_valid, visual=new_visual,
                       recycled=take(recycled) & new_valid, prompt=take(prompt) & new_valid,
                       after_image=take(after) & new_valid, positions=new_positions,
                       soft=take(softs) if softs is not None else None,
-                      shift=(self.state.last_pos - new_positions[..., -1]) if self.positions == "compact"
-                      else torch.zeros_like(seg.shift), identity=False, counts=counts,
-                      shifted=None if self.positions == "compact" else False)
+                      shift=(self.state.last_pos - new_positions[..., -1]) if compact
+                      else torch.zeros_like(seg.shift), identity=False, counts=counts, shifted=shifted)
         pos_emb = None
         if n_extra == 0 and self.positions == "original" and seg.pos_emb is not None:
             # survivors keep their positions, so their rotary rows are the old layout's rows
@@ -884,6 +929,12 @@ class DecoderHandle(PruneHandle):
 def _take_positions(positions: Tensor, order: Tensor) -> Tensor:
     """positions [*P, B, L] (any family form), columns order [B, L'] -> [*P, B, L'] (same columns per row)."""
     return positions.gather(-1, order.expand(*positions.shape[:-2], *order.shape))
+
+
+def _first_position(seg: Segment) -> Tensor:
+    """[*P, B] each row's smallest position over the layout's valid tokens (0 for a row with none)."""
+    base = torch.where(seg.valid, seg.positions, torch.full_like(seg.positions, 1 << 40)).amin(-1)
+    return torch.where(base == (1 << 40), 0, base)
 
 
 def _last_true(mask: Tensor) -> Tensor:

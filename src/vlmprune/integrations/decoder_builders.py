@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..methods import fastv as fv
 from ..methods import sparsevlm as sv
-from ..methods.common import is_int, is_real
+from ..methods.common import is_int, is_real, pack_mask, to_host
 from .decoder import Decision, DecoderMethodBase, LayerView
 
 __all__ = ["FastV", "SparseVLM", "build_fastv", "build_sparsevlm"]
@@ -47,11 +47,12 @@ class FastV(DecoderMethodBase):
                                  f"see all {n} tokens); pass a smaller k or budget >= {lowest:.1f}")
         return [self.k]
 
-    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor]:
+    def score_rows(self, view: LayerView, width: int | None = None) -> tuple[Tensor, Tensor]:
+        """The last prompt token's row, or every prompt row (``width``: their most per sample, if known)."""
         if self.score == "last":
             rows = view.last[:, None]
             return rows, torch.ones_like(rows, dtype=torch.bool)
-        return fv.pack_mask(view.prompt & view.valid)
+        return pack_mask(view.prompt & view.valid, width)
 
     def check_budget(self, num_tokens: int) -> None:
         """``count`` / ``budget`` must not exceed the model's visual tokens per image (remembered for the
@@ -71,7 +72,7 @@ class FastV(DecoderMethodBase):
         return fv.keep_count_ratio(n, self.drop_ratio)
 
     def select(self, view: LayerView, attn: Tensor | None) -> Decision:
-        _, rows_valid = self.score_rows(view)
+        _, rows_valid = self.score_rows(view, attn.shape[1])
         scores = fv.row_scores(attn, rows_valid)
         k = self.keep_counts(view)
         return Decision(keep=fv.topk_visual(scores, view.visual, k), info={"k": k})
@@ -135,30 +136,56 @@ class SparseVLM(DecoderMethodBase):
         self._points = points
         return points
 
-    def prepare(self, embeds: Tensor, view: LayerView) -> dict[str, Tensor]:
-        raters = sv.select_raters(embeds, view.visual, view.after_image & view.prompt, view.last)
-        return {"raters": raters}  # [B, L0] over the input layout
+    def prepare(self, embeds: Tensor, view: LayerView) -> dict[str, Any]:
+        """The raters, with two host reads before the first layer: the rows' visual / text counts (the
+        packed widths; the machinery's counts of the input layout come in the same transfer) and the
+        raters per row (their packed width at every prune point: raters are text, never dropped)."""
+        text = view.after_image & view.prompt
+        if view.fetch is None:  # not driven by the decoder machinery: every width read where needed
+            return {"raters": sv.select_raters(embeds, view.visual, text, view.last), "visual0": None,
+                    "rater_counts": None}
+        last_visual = view.visual.gather(1, view.last[:, None])[:, 0]  # the machinery keeps that token
+        n_text, last_visual = view.fetch([text.sum(1), last_visual])
+        visual0 = view.counts[0]
+        raters = sv.select_raters(embeds, view.visual, text, view.last, widths=(max(visual0), max(n_text)))
+        # a prompt that ends with an image: the recycled tokens land after that last token and become the last
+        # prompt token, so the raters per row change from layer to layer: their width is read at every point
+        rater_counts = None if any(last_visual) else to_host(raters.sum(1))
+        return {"raters": raters, "visual0": visual0, "rater_counts": rater_counts}  # raters: [B, L0], input layout
 
-    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor]:
-        raters0 = view.context["raters"]
+    def score_rows(self, view: LayerView, width: int | None = None) -> tuple[Tensor, Tensor]:
+        """The raters' rows in the current layout (``width``: their most per sample, if known)."""
+        ctx = view.context
         src = view.source.clamp(min=0)
-        cur = raters0.gather(1, src) & (view.source >= 0)
-        return fv.pack_mask(cur)
+        cur = ctx["raters"].gather(1, src) & (view.source >= 0)
+        if width is None and ctx["rater_counts"] is not None:
+            width = max(ctx["rater_counts"])
+        return pack_mask(cur, width)
 
     def select(self, view: LayerView, attn: Tensor | None) -> Decision:
-        _, rows_valid = self.score_rows(view)
+        ctx = view.context
+        _, rows_valid = self.score_rows(view, attn.shape[1])
         scores = sv.rater_scores(attn, rows_valid)
-        step = self._points.index(view.layer)
-        n = view.visual.sum(1)
-        k = sv.schedule_count(self.schedule[step], n, view.num_visual0)
+        target = self.schedule[self._points.index(view.layer)]
+        k = sv.schedule_count(target, view.visual.sum(1), view.num_visual0)
         keep = fv.topk_visual(scores, view.visual, k)
-        info: dict[str, Any] = {"k": k, "raters": rows_valid.sum(1)}
-        if not self.recycle:
-            return Decision(keep=keep, info=info)
-        pruned = view.visual & ~keep
-        tokens, valid, pos, sizes = sv.recycle(view.hidden, scores, pruned, view.positions)
-        info["clusters"] = valid.sum(1)
-        return Decision(keep=keep, extra=tokens, extra_valid=valid, extra_positions=pos, info=info)
+        # the counts follow on the host from the layout's visual counts (topk_visual keeps min(k, N) tokens: the
+        # scores are finite); with the raters per row known too, the prune point reads nothing
+        host = view.counts is not None and ctx["visual0"] is not None
+        ks, ms, cs = sv.host_counts(target, view.counts[0], ctx["visual0"]) if host else (None, None, None)
+        direct = host and ctx["rater_counts"] is not None
+        info: dict[str, Any] = {"k": ks if direct else k, "raters": ctx["rater_counts"] if direct else rows_valid.sum(1)}
+        extra: dict[str, Tensor] = {}
+        if self.recycle:
+            tokens, valid, pos, _ = sv.recycle(view.hidden, scores, view.visual & ~keep, view.positions,
+                                               widths=(max(ms), max(cs)) if host else None)
+            info["clusters"] = cs if direct else valid.sum(1)  # every cluster holds its centre
+            extra = {"extra": tokens, "extra_valid": valid, "extra_positions": pos}
+        counts = None
+        if direct:
+            kept = [min(a, b) for a, b in zip(ks, view.counts[0])]
+            counts = (kept, cs if self.recycle else [0] * len(kept))
+        return Decision(keep=keep, info=info, counts=counts, **extra)
 
     def __repr__(self) -> str:
         return (f"SparseVLM(schedule={self.schedule}, layers={self.layers or 'v1.5 scaled'}, "

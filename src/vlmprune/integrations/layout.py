@@ -103,12 +103,26 @@ class VisualLayout:
     def with_grids(self, units: tuple[VisualUnit, ...], unit_of: Tensor, patch_of: Tensor) -> "VisualLayout":
         """This layout (``visual`` filled) with its grids: ``unit_of`` / ``patch_of`` [P] long give
         the unit (index into ``units``, -1 = on no grid) and raster patch of every placeholder, in
-        (batch, sequence) order."""
-        unit = torch.full(self.visual.shape, -1, dtype=torch.long, device=self.visual.device)
+        (batch, sequence) order, P = ``sum(tokens_per_image)``. No host read: a prompt with another
+        number of placeholders gets arbitrary grids (``check_placeholders`` says so)."""
+        dev = self.visual.device
+        unit = torch.full(self.visual.shape, -1, dtype=torch.long, device=dev)
         patch = torch.full_like(unit, -1)
-        unit[self.visual] = unit_of.to(unit.device)
-        patch[self.visual] = patch_of.to(unit.device)
+        if unit_of.numel():
+            # each placeholder's index in (batch, sequence) order
+            order = (self.visual.flatten().long().cumsum(0) - 1).clamp(0, unit_of.numel() - 1).view_as(unit)
+            unit = torch.where(self.visual, unit_of.to(dev)[order], unit)
+            patch = torch.where(self.visual, patch_of.to(dev)[order], patch)
         return replace(self, units=tuple(units), grid_unit=unit, grid_patch=patch)
+
+    def check_placeholders(self, total: int) -> None:
+        """Raise ValueError unless ``total``, the prompt's placeholder count (read on the host by the
+        caller), is what the images give (``sum(tokens_per_image)``)."""
+        if total != sum(self.tokens_per_image):
+            raise ValueError(f"vlmprune: the prompt holds {total} image placeholders but its images give "
+                             f"{sum(self.tokens_per_image)} tokens ({list(self.tokens_per_image)}); one placeholder "
+                             "per image token is needed (placeholders of other inputs, e.g. videos, are not "
+                             "supported here yet)")
 
 
 def placeholder_runs(visual: Tensor, tokens_per_image: tuple[int, ...] | list[int]) -> tuple[Tensor, Tensor, Tensor]:

@@ -210,6 +210,7 @@ class LlavaNextAdapter(ModelAdapter):
         has_cls = self.tower_has_cls(model)
         newline = getattr(self.base_model(model), self.newline_param)
         flags = (embeds[layout.visual] == newline.to(embeds)).all(-1).cpu()  # [P] placeholder is a newline
+        layout.check_placeholders(flags.numel())
         units, unit_of, patch_of, start = [], [], [], 0
         for i, n_i in enumerate(layout.tokens_per_image):
             rest = flags[start + n:start + n_i]

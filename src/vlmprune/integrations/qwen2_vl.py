@@ -388,6 +388,7 @@ class Qwen2VLAdapter(ModelAdapter):
         (see the module docstring); every placeholder lies on a grid. One host transfer (the
         visual columns' positions)."""
         pos = layout.positions[:, layout.visual].cpu()  # [3, P] in (batch, sequence) order
+        layout.check_placeholders(pos.shape[1])
         units, unit_of, patch_of, start = [], [], [], 0
         for i, n_i in enumerate(layout.tokens_per_image):
             rel = pos[:, start:start + n_i]

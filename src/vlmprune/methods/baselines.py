@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import (Fetch, Reduction, check_choice, check_tensor, grid_shape, lattice_mask, resolve_budget,
-                     select_chosen)
+from .common import (Fetch, Reduction, check_choice, check_tensor, grid_shape, lattice_mask, rank_of,
+                     resolve_budget, select_chosen)
 
 __all__ = ["random_keep", "sequential_keep", "spatial_keep", "cls_topk"]
 
@@ -35,7 +35,7 @@ def random_keep(features: Tensor, n: int | float | Tensor, *, generator: torch.G
     noise = torch.rand(batch, num_tokens, generator=generator, device=features.device)  # [B, N]
     order = noise.argsort(dim=1)  # [B, N] a uniform random permutation per sample
     positions = torch.arange(num_tokens, device=features.device).expand(batch, num_tokens)
-    rank = torch.empty_like(order).scatter_(1, order, positions)  # [B, N] rank of each patch
+    rank = rank_of(order)  # [B, N] rank of each patch
     return select_chosen(features, positions, rank < counts[:, None], num_tokens, fetch)
 
 

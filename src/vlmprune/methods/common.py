@@ -33,6 +33,9 @@ __all__ = [
     "pack_selection",
     "select_chosen",
     "topk_indices",
+    "pack_mask",
+    "rank_of",
+    "scale_layers",
     "Fetch",
     "to_host",
     "fetch_counts",
@@ -322,10 +325,43 @@ def spread_priority(height: int, width: int, device: torch.device | None = None)
     rev = torch.zeros_like(code)
     for b in range(2 * bits):  # reverse the 2*bits bits
         rev |= ((code >> b) & 1) << (2 * bits - 1 - b)
-    order = torch.argsort(rev)  # rev values are distinct
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=device)
-    return rank
+    return rank_of(torch.argsort(rev))  # rev values are distinct
+
+
+def rank_of(order: Tensor) -> Tensor:
+    """A permutation along the last dim (``order[..., i]`` = the item at position i, e.g. a sort's
+    indices) -> [..., N] long, the position of each item (the inverse permutation)."""
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def scale_layers(layers: tuple[int, ...] | list[int], num_layers: int, reference: int, *, ties: str = "even",
+                 collide: str = "shift") -> list[int]:
+    """Decoder-layer indices of a ``reference``-layer model mapped to a ``num_layers``-layer one.
+
+    The number of layers that run up to and including layer l scales proportionally:
+    ``l' = round((l + 1) * num_layers / reference) - 1``, rounded half to even (``ties="even"``,
+    Python's ``round``) or half up (``"up"``), then kept in [0, num_layers - 2] (a layer with
+    none after it is never a pruning layer) and strictly increasing: ``collide="shift"`` moves a
+    colliding layer later and leaves room for the layers still to come (every layer is kept; the
+    caller checks that ``len(layers) <= num_layers - 1``), ``"drop"`` drops it. ``layers`` are
+    taken in increasing order.
+    """
+    check_choice(ties, "ties", ("even", "up"))
+    check_choice(collide, "collide", ("shift", "drop"))
+    out: list[int] = []
+    layers = sorted(layers)
+    for i, l in enumerate(layers):
+        x = (l + 1) * num_layers / reference
+        before = int(round(x)) if ties == "even" else int(math.floor(x + 0.5))
+        layer = min(max(before - 1, 0), num_layers - 2)
+        if collide == "shift":
+            layer = max(layer, out[-1] + 1 if out else 0)
+            layer = min(layer, num_layers - 1 - (len(layers) - i))  # leave room for the remaining layers
+        elif out and layer <= out[-1]:
+            continue
+        out.append(layer)
+    return out
 
 
 # --------------------------------------------------------------------------- packing
@@ -373,6 +409,19 @@ def topk_indices(x: Tensor, k: int, *, block: int = 4) -> Tensor:
     cand = (top_blocks[..., None] * block + torch.arange(block, device=x.device)).reshape(*lead, k * block)
     pick = x.gather(-1, cand).topk(k, dim=-1, sorted=False).indices  # [..., k] into cand
     return cand.gather(-1, pick)
+
+
+def pack_mask(mask: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """[B, L] bool -> (columns [B, R] long, valid [B, R] bool): each row's True columns in order,
+    then padding (column 0, not valid). R = the largest row count (at least 1): ``width``, when the
+    caller has that count on the host (no host synchronisation), else read from ``mask``."""
+    n = mask.sum(1)
+    if width is None:
+        width = int(n.max()) if mask.numel() else 0
+    width = max(width, 1)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < n[:, None]
+    return torch.where(valid, order, 0), valid
 
 
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:

@@ -25,16 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pack_mask", "topk_visual", "row_scores", "keep_count_ratio", "keep_count_budget"]
+from .common import rank_of
 
-
-def pack_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, L] bool -> (columns [B, R] long, valid [B, R] bool), R = max count; True columns in order."""
-    n = mask.sum(1)
-    width = max(int(n.max()) if mask.numel() else 0, 1)
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=mask.device)[None, :] < n[:, None]
-    return torch.where(valid, order, 0), valid
+__all__ = ["topk_visual", "row_scores", "keep_count_ratio", "keep_count_budget"]
 
 
 def row_scores(attn: Tensor, rows_valid: Tensor) -> Tensor:
@@ -50,10 +43,8 @@ def topk_visual(scores: Tensor, visual: Tensor, k: Tensor) -> Tensor:
     tokens). Ties go to the lower column (stable descending sort), so the result is deterministic.
     """
     masked = torch.where(visual, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices  # [B, L]
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    k = torch.minimum(k.to(order.device), visual.sum(1))
+    rank = rank_of(torch.sort(masked, dim=1, descending=True, stable=True).indices)  # [B, L]
+    k = torch.minimum(k.to(rank.device), visual.sum(1))
     return visual & (rank < k[:, None])
 
 

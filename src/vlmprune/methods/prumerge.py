@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import (Fetch, Reduction, check_choice, check_tensor, fetch_counts, grid_shape, lattice_mask,
-                     order_chosen, resolve_budget, spread_priority, topk_indices)
+                     order_chosen, rank_of, resolve_budget, spread_priority, topk_indices)
 
 __all__ = [
     "cls_attention",
@@ -128,15 +128,9 @@ def raster_grid_mask(k: Tensor, num_tokens: int) -> Tensor:
     return (n % step[:, None] == 0) & (n < num_tokens - 1)
 
 
-def _rank_of(order: Tensor) -> Tensor:
-    """[B, N] permutation (patch at each position) -> [B, N] position of each patch."""
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
-
-
 def _rank(a: Tensor, descending: bool = True) -> Tensor:
     """[B, N] -> [B, N] long position of each patch in sorted-score order (ties: lower index first)."""
-    return _rank_of(torch.sort(a, dim=1, descending=descending, stable=True).indices)
+    return rank_of(torch.sort(a, dim=1, descending=descending, stable=True).indices)
 
 
 def _even_fill(in_s: Tensor, need: Tensor) -> Tensor:
@@ -285,7 +279,7 @@ def prumerge(
         is_centre = torch.zeros_like(a, dtype=torch.bool).scatter_(1, torch.where(valid, centres, centres[:, :1]), True)
     else:
         n = torch.arange(num_tokens, device=device)[None, :]  # [1, N]
-        rank = _rank_of(desc.indices)  # [B, N] position of each patch in descending-attention order
+        rank = rank_of(desc.indices)  # [B, N] position of each patch in descending-attention order
         in_s = rank < k_attn[:, None]  # [B, N]
         if not plus:
             in_g = torch.zeros_like(in_s)

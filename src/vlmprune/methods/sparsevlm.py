@@ -32,14 +32,17 @@ Shapes: B batch, L tokens (left-padded layout), D hidden size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .common import gather_rows
-from .fastv import pack_mask, row_scores, topk_visual
+from .common import gather_rows, pack_mask
+from .common import scale_layers as common_scale_layers
+from .fastv import row_scores, topk_visual
 
 __all__ = ["V15_SCHEDULES", "V15_LAYERS", "REFERENCE_LAYERS", "REFERENCE_TOKENS", "scale_layers",
-           "select_raters", "rater_scores", "schedule_count", "density_peak_clusters", "recycle"]
+           "select_raters", "rater_scores", "schedule_count", "host_counts", "density_peak_clusters", "recycle"]
 
 #: v1.5 visual tokens kept after layers 2 / 6 / 15 for each budget (LLaVA-1.5-7B, 576 tokens).
 V15_SCHEDULES: dict[int, tuple[int, int, int]] = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -52,32 +55,27 @@ REFERENCE_TOKENS = 576
 def scale_layers(layers: tuple[int, ...] | list[int], num_layers: int, reference: int = REFERENCE_LAYERS) -> list[int]:
     """Prune points (drop from the input of layer p = l + 1) for a ``num_layers`` decoder.
 
-    ``p = round((l + 1) * num_layers / reference)``, then forced strictly increasing and into
-    [1, num_layers - 1]. Raises ValueError when the decoder is too shallow for that many points.
+    ``p = round((l + 1) * num_layers / reference)`` (half to even), then forced strictly increasing
+    and into [1, num_layers - 1] (``common.scale_layers``, colliding points move later). Raises
+    ValueError when the decoder is too shallow for that many points.
     """
     if len(layers) > num_layers - 1:
         raise ValueError(f"{len(layers)} pruning layers do not fit a {num_layers}-layer decoder "
                          f"(at most {num_layers - 1}); pass fewer layers")
-    points: list[int] = []
-    for i, l in enumerate(sorted(layers)):
-        p = int(round((l + 1) * num_layers / reference)) if num_layers != reference else l + 1
-        p = max(p, 1, points[-1] + 1 if points else 1)
-        p = min(p, num_layers - (len(layers) - i))  # leave room for the remaining points
-        points.append(p)
-    return points
+    return [l + 1 for l in common_scale_layers(layers, num_layers, reference, ties="even", collide="shift")]
 
 
-def _pack_rows(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather the True rows of x [B, L, D] -> ([B, R, D], valid [B, R])."""
-    idx, valid = pack_mask(mask)
-    return gather_rows(x, idx), valid
+def select_raters(embeds: Tensor, visual: Tensor, text_after: Tensor, last: Tensor, *,
+                  widths: tuple[int, int] | None = None) -> Tensor:
+    """Rater text tokens. embeds [B, L, D]; visual / text_after [B, L] bool; last [B] -> [B, L] bool.
 
-
-def select_raters(embeds: Tensor, visual: Tensor, text_after: Tensor, last: Tensor) -> Tensor:
-    """Rater text tokens. embeds [B, L, D]; visual / text_after [B, L] bool; last [B] -> [B, L] bool."""
+    ``widths``: the largest row counts of ``visual`` and ``text_after``, when the caller has them on
+    the host (``pack_mask``; else two host reads)."""
     x = embeds.float()
-    v, vv = _pack_rows(x, visual)  # [B, Nv, D]
-    t_idx, tv = pack_mask(text_after)  # [B, Nt]
+    nv, nt = widths if widths is not None else (None, None)
+    v_idx, vv = pack_mask(visual, nv)  # [B, Nv]
+    v = gather_rows(x, v_idx)
+    t_idx, tv = pack_mask(text_after, nt)  # [B, Nt]
     t = gather_rows(x, t_idx)
     logits = torch.matmul(v, t.transpose(1, 2))  # [B, Nv, Nt]  (no 1/sqrt(d), as the official code)
     logits = logits.masked_fill(~tv[:, None, :], float("-inf"))
@@ -90,8 +88,8 @@ def select_raters(embeds: Tensor, visual: Tensor, text_after: Tensor, last: Tens
     raters = torch.zeros(visual.shape, dtype=torch.long, device=visual.device)
     raters = raters.scatter_add(1, t_idx, chosen.long()) > 0  # padded columns add 0
     none = ~raters.any(1)
-    raters[none, last[none]] = True
-    return raters
+    cols = torch.arange(raters.shape[1], device=raters.device)
+    return raters | (none[:, None] & (cols[None, :] == last[:, None]))
 
 
 def rater_scores(attn: Tensor, rows_valid: Tensor) -> Tensor:
@@ -106,11 +104,29 @@ def schedule_count(target: int, num_visual: Tensor, num_visual0: Tensor, referen
     return torch.maximum(k, num_visual.clamp(max=1))
 
 
-def density_peak_clusters(x: Tensor, valid: Tensor, num_clusters: Tensor) -> Tensor:
+def host_counts(target: int, num_visual: list[int], num_visual0: list[int], *, reference: int = REFERENCE_TOKENS,
+                ratio: float = 0.3, cluster_div: int = 10) -> tuple[list[int], list[int], list[int]]:
+    """One pruning layer's counts per row on the host, from host visual counts (the arithmetic of
+    ``schedule_count`` and ``recycle``, in float64 and half-to-even rounding as there) ->
+    (k: ``schedule_count``; m: pruned tokens ``recycle`` merges, of the ``N - min(k, N)`` pruned;
+    c: its clusters)."""
+    ks, ms, cs = [], [], []
+    for n, n0 in zip(num_visual, num_visual0):
+        k = max(min(round(n0 * target / reference), n - 1), min(n, 1))
+        pruned = n - min(k, n)
+        m = min(math.floor(pruned * ratio) + 1, pruned) if pruned > 0 else 0
+        ks.append(k)
+        ms.append(m)
+        cs.append(min(m // cluster_div + 1, m) if m > 0 else 0)
+    return ks, ms, cs
+
+
+def density_peak_clusters(x: Tensor, valid: Tensor, num_clusters: Tensor, *, width: int | None = None) -> Tensor:
     """Density-peak clustering (DPC-kNN), batched with ragged sizes and deterministic ties.
 
     x [B, M, D] float, valid [B, M] bool, num_clusters [B] long (c <= valid count) ->
     assignment [B, M] long in [0, c) (cluster ids ranked by centre score), -1 where invalid.
+    ``width``: ``max(num_clusters)`` when the caller has it on the host (else one host read).
     """
     bsz, m, d = x.shape
     dev = x.device
@@ -138,7 +154,7 @@ def density_peak_clusters(x: Tensor, valid: Tensor, num_clusters: Tensor) -> Ten
     delta = torch.where(torch.isfinite(delta), delta, far)
     score = torch.where(valid, rho * delta, torch.full_like(rho, float("-inf")))
     order = torch.sort(score, dim=1, descending=True, stable=True).indices  # centres = first c
-    c_max = max(int(num_clusters.max()), 1)
+    c_max = max(int(num_clusters.max()) if width is None else width, 1)
     centres = order[:, :c_max]  # [B, C]
     cvalid = torch.arange(c_max, device=dev)[None, :] < num_clusters[:, None]
     cdist = dist.gather(2, centres[:, None, :].expand(bsz, m, c_max))  # [B, M, C]
@@ -151,24 +167,26 @@ def density_peak_clusters(x: Tensor, valid: Tensor, num_clusters: Tensor) -> Ten
 
 
 def recycle(hidden: Tensor, scores: Tensor, pruned: Tensor, positions: Tensor, *, ratio: float = 0.3,
-            cluster_div: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            cluster_div: int = 10, widths: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Merge the best pruned tokens into cluster means.
 
     hidden [B, L, D], scores [B, L], pruned [B, L] bool, positions [*P, B, L] long (any leading
     dims, e.g. M-RoPE's 3 axes) -> (tokens [B, C, D] in hidden's dtype, valid [B, C] bool,
     positions [*P, B, C] long (rounded mean of the members', per axis), sizes [B, C] long). ``m = floor(ratio * n) + 1`` (capped at n) best pruned
-    tokens by score, ``c = floor(m / cluster_div) + 1`` clusters.
+    tokens by score, ``c = floor(m / cluster_div) + 1`` clusters. ``widths``: (max m, max c) over the
+    rows when the caller has them on the host (``host_counts``; else two host reads).
     """
     bsz, length, d = hidden.shape
     n = pruned.sum(1)
     m = torch.where(n > 0, torch.minimum(torch.floor(n.double() * ratio).long() + 1, n), torch.zeros_like(n))
     c = torch.where(m > 0, torch.minimum(m // cluster_div + 1, m), torch.zeros_like(m))
     sel = topk_visual(scores, pruned, m)  # [B, L]
-    idx, valid = pack_mask(sel)  # [B, M]
+    m_max, c_max = widths if widths is not None else (None, None)
+    idx, valid = pack_mask(sel, m_max)  # [B, M]
     x = gather_rows(hidden, idx)
     pos = positions.gather(-1, idx.expand(*positions.shape[:-2], *idx.shape))  # [*P, B, M]
-    assign = density_peak_clusters(x, valid, c)  # [B, M]
-    c_max = max(int(c.max()), 1)
+    assign = density_peak_clusters(x, valid, c, width=c_max)  # [B, M]
+    c_max = max(int(c.max()) if c_max is None else c_max, 1)
     onehot = (assign[:, :, None] == torch.arange(c_max, device=hidden.device)[None, None, :]).float()  # [B, M, C]
     sizes = onehot.sum(1)  # [B, C]
     tokens = torch.einsum("bmc,bmd->bcd", onehot, x.float()) / sizes.clamp(min=1)[:, :, None]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..common import check_choice, is_int
+from ..common import scale_layers as common_scale_layers
 
 __all__ = ["DEFAULT_LAYERS", "DEFAULT_NUM_LAYERS", "TARGET_REDUCTIONS", "check_layers", "scale_layers",
            "average_tokens", "per_layer_counts", "min_average_tokens", "equivalent_target", "BudgetLoss",
@@ -47,20 +48,15 @@ def scale_layers(num_layers: int, reference: Sequence[int] = DEFAULT_LAYERS,
     """Map module positions of a ``reference_num_layers`` model to one with ``num_layers`` layers.
 
     The number of layers that run before each module scales proportionally: l -> round((l + 1) * L
-    / L_ref) - 1 (half up), clamped to [0, L - 2], duplicates dropped. (2, 8, 14, 20, 26) of 32:
+    / L_ref) - 1 (half up), clamped to [0, L - 2], duplicates dropped (``common.scale_layers``).
+    (2, 8, 14, 20, 26) of 32:
     for 32 -> unchanged; 6 -> (0, 1, 2, 3, 4) (3/32*6 = 0.56 -> 1 layer before the first module,
     9/32*6 = 1.69 -> 2, 2.81 -> 3, 3.94 -> 4, 5.06 -> 5); 4 -> (0, 1, 2); 2 -> (0,).
     """
     if not is_int(num_layers) or num_layers < 2:
         raise ValueError(f"num_layers must be an int >= 2, got {num_layers!r}")
     ref = check_layers(reference, reference_num_layers)
-    out: list[int] = []
-    for l in ref:
-        before = int(math.floor((l + 1) * num_layers / reference_num_layers + 0.5))
-        layer = min(max(before - 1, 0), num_layers - 2)
-        if not out or layer > out[-1]:
-            out.append(layer)
-    return tuple(out)
+    return tuple(common_scale_layers(ref, num_layers, reference_num_layers, ties="up", collide="drop"))
 
 
 def average_tokens(counts: Sequence[Tensor | float] | Tensor, layers: Sequence[int], num_layers: int,

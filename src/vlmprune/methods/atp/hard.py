@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..common import check_tensor
+from ..common import check_tensor, rank_of
 from .inputs import count_per_sample, threshold_column, valid_mask
 
 __all__ = ["hard_keep", "fixed_priority", "topk_keep"]
@@ -24,18 +24,21 @@ def hard_keep(
     theta_r: Tensor | float | None,
     theta_s: Tensor | float | None,
     valid: Tensor | None = None,
+    *,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Inference rule: keep iff S_r > theta_r or S_s > theta_s. Returns (keep [B, V] bool, counts [B] long).
 
     A None threshold disables its branch. At least one token is kept per sample: if none passes,
-    the valid slot with the largest margin max(S_r - theta_r, S_s - theta_s) is kept.
+    the valid slot with the largest margin max(S_r - theta_r, S_s - theta_s) is kept. Every sample
+    needs a valid slot: ``check=False`` when the caller knows it (the check is a host read).
     """
     check_tensor(s_r, "s_r", 2, "[B, V]")
     batch, vlen = s_r.shape
     if tuple(s_s.shape) != (batch, vlen):
         raise ValueError(f"s_s must have the shape of s_r {tuple(s_r.shape)}, got {tuple(s_s.shape)}")
     valid = valid_mask(valid, batch, vlen, s_r.device)
-    if not bool(valid.any(dim=1).all()):
+    if check and not bool(valid.any(dim=1).all()):
         raise ValueError("every sample needs at least one valid visual slot (a row of `valid` is all False)")
     th_r = threshold_column(theta_r, batch, s_r.device, "theta_r")
     th_s = threshold_column(theta_s, batch, s_r.device, "theta_s")
@@ -69,10 +72,7 @@ def _rank(priority: Tensor, valid: Tensor, tiebreak: Tensor | None) -> Tensor:
     if tiebreak is not None:
         order = torch.argsort(tiebreak.float().masked_fill(~valid, -math.inf), dim=1, descending=True, stable=True)
     key = priority.float().masked_fill(~valid, -math.inf).gather(1, order)
-    order = order.gather(1, torch.argsort(key, dim=1, descending=True, stable=True))
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return rank
+    return rank_of(order.gather(1, torch.argsort(key, dim=1, descending=True, stable=True)))
 
 
 def topk_keep(priority: Tensor, count: int | Tensor, valid: Tensor | None = None,

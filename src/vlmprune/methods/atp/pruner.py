@@ -118,15 +118,19 @@ class ATPPruner(nn.Module):
 
     # ----- several grids per sample
     def units(self, unit: Tensor, patch: Tensor, grids: Sequence[tuple[int, int]], unit_sample: Tensor,
-              valid: Tensor, initial: list[int] | None = None) -> UnitSlots:
+              valid: Tensor, initial: list[int] | None = None, *, samples_in_order: bool | None = None) -> UnitSlots:
         """The ``UnitSlots`` of alive slots ``unit`` / ``patch`` [B, V] (judging groups by the config's
-        ``thresholds`` / ``off_grid``); ``initial`` defaults to the judged slots now."""
+        ``thresholds`` / ``off_grid``); ``initial`` defaults to the judged slots now. ``samples_in_order``:
+        whether ``unit_sample`` is 0..B-1 (one unit per sample), when the caller knows it on the host
+        (else read from ``unit_sample``)."""
         c = self.config
         unit = torch.where(valid, unit, torch.full_like(unit, -1))
         group, group_sample = U.judge_groups(unit, valid, unit_sample, per=c.thresholds, off_grid=c.off_grid)
         if initial is None:
             initial = (group >= 0).sum(1).tolist()
-        per_sample = c.thresholds == "sample" or unit_sample.tolist() == list(range(unit.shape[0]))
+        if samples_in_order is None:
+            samples_in_order = unit_sample.tolist() == list(range(unit.shape[0]))
+        per_sample = c.thresholds == "sample" or samples_in_order
         return UnitSlots(unit=unit, patch=patch, grids=tuple(tuple(g) for g in grids), unit_sample=unit_sample,
                          group=group, group_sample=group_sample, initial=list(initial), per_sample=per_sample)
 
@@ -225,21 +229,22 @@ class ATPPruner(nn.Module):
         cum = cumulative_mask(prev, mask)
         return SoftStep(mask=mask, cumulative=cum, count=cum.sum(dim=1), s_s=s_s, thresholds=th)
 
-    def straight_through(self, scores: ATPScores, step: SoftStep,
-                         prev_hard: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def straight_through(self, scores: ATPScores, step: SoftStep, prev_hard: Tensor | None = None, *,
+                         check: bool = True) -> tuple[Tensor, Tensor]:
         """The straight-through budget count of a soft step -> (count [B], hard [B, V] bool).
 
         ``hard`` is what the hard rule would keep with the step's thresholds (detached; slots the
         rule does not judge are kept), cumulated with ``prev_hard`` (the previous module's
         ``hard``, None at the first); ``count`` has the value ``hard.sum(1)`` and the gradient of
-        ``step.count`` (``straight_through_count``). Learned thresholds only.
+        ``step.count`` (``straight_through_count``). Learned thresholds only. ``check=False``: the
+        caller knows every sample has a slot to judge (``hard_keep``'s host read is skipped).
         """
         if not self.config.learned:
             raise ValueError("fixed-ratio mode (fixed_ratio set) has no thresholds to count with")
         th = step.slot_thresholds if step.slot_thresholds is not None else step.thresholds
         judged = step.judged if step.judged is not None else scores.valid
         keep, _ = hard_keep(scores.s_r, step.s_s, None if th.theta_r is None else th.theta_r.detach(),
-                            None if th.theta_s is None else th.theta_s.detach(), judged)
+                            None if th.theta_s is None else th.theta_s.detach(), judged, check=check)
         keep = keep | (scores.valid & ~judged)
         hard = keep if prev_hard is None else prev_hard & keep
         return straight_through_count(hard, step.count), hard
@@ -250,10 +255,11 @@ class ATPPruner(nn.Module):
 
     # ----- inference
     def hard_step(self, layer: int, scores: ATPScores, patch_index: Tensor | None = None,
-                  slots: UnitSlots | None = None) -> HardStep:
+                  slots: UnitSlots | None = None, *, check: bool = True) -> HardStep:
         """Keep mask over the alive slots of the module after ``layer`` (at least 1 per sample).
         ``slots``: the slots' grids (several per sample; ``patch_index`` is then unused): the
-        rule decides the judged slots, the others are kept."""
+        rule decides the judged slots, the others are kept. ``check=False``: the caller knows every
+        sample has a slot to judge (``hard_keep``'s check, a host read, is skipped)."""
         k = self.module_index(layer)
         c = self.config
         valid = scores.valid
@@ -263,7 +269,7 @@ class ATPPruner(nn.Module):
             if c.learned:
                 th = self.unit_thresholds(layer, scores, slots)
                 slot_th = self._slot_thresholds(th, slots)
-                keep, _ = hard_keep(scores.s_r, s_s, slot_th.theta_r, slot_th.theta_s, judged)
+                keep, _ = hard_keep(scores.s_r, s_s, slot_th.theta_r, slot_th.theta_s, judged, check=check)
             else:
                 th = Thresholds(None, None)
                 prio = fixed_priority(scores.s_r, s_s, redundant=c.redundant, spatial=c.spatial)
@@ -273,7 +279,7 @@ class ATPPruner(nn.Module):
         s_s = self.spatial_for(patch_index, valid)
         if c.learned:
             th = self.thresholds(layer, scores, patch_index)
-            keep, counts = hard_keep(scores.s_r, s_s, th.theta_r, th.theta_s, valid)
+            keep, counts = hard_keep(scores.s_r, s_s, th.theta_r, th.theta_s, valid, check=check)
         else:
             th = Thresholds(None, None)
             prio = fixed_priority(scores.s_r, s_s, redundant=c.redundant, spatial=c.spatial)

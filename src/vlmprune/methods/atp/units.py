@@ -120,18 +120,18 @@ def unit_maps(values: Tensor, unit: Tensor, patch: Tensor, grids: Sequence[tuple
     """
     h_out, w_out = out_grid
     n_out = h_out * w_out
-    on = unit >= 0
-    u_slot, p_slot, v_slot = unit[on], patch[on], values[on].float()
+    on = (unit >= 0).flatten()
+    u_slot, p_slot, v_slot = unit.flatten().clamp(min=0), patch.flatten(), values.flatten().float()
     out = torch.zeros(len(grids), n_out, device=values.device)
     for shape in sorted(set(grids)):
         members = [u for u, g in enumerate(grids) if g == shape]
         h, w = shape
+        size = len(members) * h * w
         row = torch.full((len(grids),), -1, dtype=torch.long, device=values.device)
         row[torch.tensor(members, device=values.device)] = torch.arange(len(members), device=values.device)
-        r = row[u_slot]
-        take = r >= 0
-        flat = torch.zeros(len(members) * h * w, device=values.device).scatter_add(
-            0, r[take] * (h * w) + p_slot[take], v_slot[take]).view(len(members), h * w)
+        r = torch.where(on, row[u_slot], -1)
+        cell = torch.where(r >= 0, r * (h * w) + p_slot, size)  # slots off these grids -> a dump cell
+        flat = torch.zeros(size + 1, device=values.device).scatter_add(0, cell, v_slot)[:size].view(len(members), h * w)
         if (h, w) != (h_out, w_out):
             img = flat.view(len(members), 1, h, w)
             if resample == "area":
