@@ -450,3 +450,96 @@ def assert_mixed_batch_equals_singles(model, inputs, row, method, options, gen, 
             assert torch.equal(one.sequences[0, single["input_ids"].shape[1]:], out.sequences[b, width:])
             for step_b, step_1 in zip(out.logits, one.logits):
                 torch.testing.assert_close(step_1[0], step_b[b], atol=atol, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-OneVision
+
+#: LLaVA-NeXT's pinpoints plus a 1x3 mosaic; with ``anyres_max_2`` a 2x2 or 1x3 mosaic is resized
+ONEVISION_PINPOINTS = NEXT_PINPOINTS + [[42, 126]]
+ONEVISION_VIDEO_ID = VIDEO_ID
+
+
+def make_tiny_llava_onevision(*, image_size: int = 42, patch: int = 14, vision_layers: int = 2, text_layers: int = 4,
+                              hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0, attn: str = "sdpa",
+                              aspect: str = "anyres_max_2", tower: str = "siglip"):
+    """A randomly initialised LlavaOnevisionForConditionalGeneration: SigLIP tower without [CLS]
+    (3x3 patches per crop at 42 px, strategy "full"; ``tower="clip"``: a CLIP tower with [CLS] and
+    strategy "default"), any-res crops from ``ONEVISION_PINPOINTS``, the ``aspect`` resize of large
+    mosaics, ``image_newline``, a Qwen2 decoder with grouped-query heads; videos pool each frame
+    to 2x2 tokens (frames * 4 + 1 placeholders)."""
+    from transformers import (CLIPVisionConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              Qwen2Config, SiglipVisionConfig)
+
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers,
+                  num_attention_heads=heads, image_size=image_size, patch_size=patch)
+    vision = (SiglipVisionConfig(**common, vision_use_head=False) if tower == "siglip"
+              else CLIPVisionConfig(**common, projection_dim=hidden))
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=512, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                                  video_token_index=ONEVISION_VIDEO_ID, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full" if tower == "siglip" else "default",
+                                  image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio=aspect)
+    return build_tiny(LlavaOnevisionForConditionalGeneration, config, seed=seed, attn=attn)
+
+
+def onevision_visual_tokens(model, items, frames: int = 3) -> list[int]:
+    """Placeholders of each item (an image (H, W), or ``"video"`` of ``frames`` frames), from the
+    stock model's own features."""
+    side = model.config.vision_config.image_size
+    with torch.no_grad():
+        out = []
+        for item in items:
+            if item == "video":
+                v = model.model.get_video_features(torch.zeros(1, frames, 3, side, side), return_dict=True)
+                out.append(int(v.pooler_output.shape[1]))
+            else:
+                f = model.model.get_image_features(torch.zeros(1, 5, 3, side, side), torch.tensor([item]),
+                                                   return_dict=True)
+                out.append(int(f.pooler_output[0].shape[0]))
+    return out
+
+
+def make_onevision_inputs(model, items, prefix_lens, suffix_lens, frames: int = 3, seed: int = 1):
+    """A left-padded LLaVA-OneVision batch, one visual input per sample: ``items[b]`` an image size
+    (H, W) ([pad...] BOS prefix <image>*n suffix) or ``"video"`` (<video>*(frames*4+1)); text ids
+    avoid the placeholder ids. ``pixel_values`` [images, 5, 3, S, S] with ``image_sizes``, and
+    ``pixel_values_videos`` [videos, frames, 3, S, S], in batch order (absent when none)."""
+    counts = onevision_visual_tokens(model, items, frames)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for item, p, s, n in zip(items, prefix_lens, suffix_lens, counts):
+        prefix = torch.randint(7, VOCAB, (p,), generator=g).tolist()
+        suffix = torch.randint(7, VOCAB, (s,), generator=g).tolist()
+        token = ONEVISION_VIDEO_ID if item == "video" else IMAGE_TOKEN_ID
+        rows.append([BOS_ID] + prefix + [token] * n + suffix)
+    ids, mask = left_pad(rows)
+    side = model.config.vision_config.image_size
+    sizes = [list(item) for item in items if item != "video"]
+    out = {"input_ids": ids, "attention_mask": mask}
+    if sizes:
+        out["pixel_values"] = torch.randn(len(sizes), 5, 3, side, side, generator=g)
+        out["image_sizes"] = torch.tensor(sizes)
+    if len(sizes) < len(items):
+        out["pixel_values_videos"] = torch.randn(len(items) - len(sizes), frames, 3, side, side, generator=g)
+    return out
+
+
+def onevision_row(inputs, b, items):
+    """Sample ``b`` of a ``make_onevision_inputs`` batch, unpadded, with its own pixels."""
+    valid = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b:b + 1, valid], "attention_mask": inputs["attention_mask"][b:b + 1, valid]}
+    video = items[b] == "video"
+    i = sum((item == "video") == video for item in items[:b])
+    if video:
+        out["pixel_values_videos"] = inputs["pixel_values_videos"][i:i + 1]
+    else:
+        out["pixel_values"] = inputs["pixel_values"][i:i + 1]
+        out["image_sizes"] = inputs["image_sizes"][i:i + 1]
+    return out
+
+
+@pytest.fixture
+def tiny_llava_onevision():
+    return make_tiny_llava_onevision()

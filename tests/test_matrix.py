@@ -24,9 +24,10 @@ import torch
 
 import vlmprune
 from conftest import (IMAGE_TOKEN_ID, PAD_ID, QWEN_VIDEO_ID, QWEN_VISION_END, QWEN_VISION_START, VIDEO_ID,
-                      make_inputs, make_next_inputs, make_qwen_inputs, make_qwen_mixed_inputs, make_tiny_llava,
-                      make_tiny_llava_next, make_tiny_qwen2_vl, make_tiny_video_llava, make_video_llava_inputs,
-                      module_hooks, qwen_mixed_row, qwen_row, video_llava_row, visual_kept_per_sample, warm_up)
+                      make_inputs, make_next_inputs, make_onevision_inputs, make_qwen_inputs, make_qwen_mixed_inputs,
+                      make_tiny_llava, make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_qwen2_vl,
+                      make_tiny_video_llava, make_video_llava_inputs, module_hooks, onevision_row, qwen_mixed_row,
+                      qwen_row, video_llava_row, visual_kept_per_sample, warm_up)
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.handle import HANDLE_ATTR
 
@@ -77,11 +78,20 @@ def _video_llava():
             lambda inp, b: video_llava_row(inp, b, kinds))
 
 
+def _onevision(items):
+    def build():
+        m = make_tiny_llava_onevision()
+        return m, make_onevision_inputs(m, items, (3, 1, 2), (2, 5, 1)), lambda inp, b: onevision_row(inp, b, items)
+    return build
+
+
 #: family name (as the adapters call it; "+video": the family's video inputs, batched with images)
 #: -> builder of (model, ragged batch, row(inputs, b))
 FAMILIES = {"llava-1.5": _llava, "llava-next": _llava_next, "qwen2-vl": _qwen("qwen2_vl"),
             "qwen2.5-vl": _qwen("qwen2_5_vl"), "qwen2-vl+video": _qwen_video("qwen2_vl"),
-            "qwen2.5-vl+video": _qwen_video("qwen2_5_vl"), "video-llava+video": _video_llava}
+            "qwen2.5-vl+video": _qwen_video("qwen2_5_vl"), "video-llava+video": _video_llava,
+            "llava-onevision": _onevision([(20, 90), (90, 90), (90, 40)]),  # resized, resized, plain mosaics
+            "llava-onevision+video": _onevision(["video", (90, 90), "video"])}
 
 #: method -> (options that prune, options that keep everything or None)
 METHODS = {
@@ -131,7 +141,8 @@ def _is_stock(model) -> bool:
 
 #: (family, method) cells refused for the family's inputs rather than the family (a one-line error at the prefill)
 INPUT_REFUSALS = {("qwen2-vl+video", "atp"): "ATP does not take video inputs yet",
-                  ("qwen2.5-vl+video", "atp"): "ATP does not take video inputs yet"}
+                  ("qwen2.5-vl+video", "atp"): "ATP does not take video inputs yet",
+                  ("llava-onevision+video", "atp"): "ATP does not take video inputs yet"}
 
 
 def _refusal(model, method):

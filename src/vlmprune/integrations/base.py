@@ -58,7 +58,8 @@ __all__ = [
 
 #: Modules that define (and register) adapters; imported lazily by ``get_adapter``.
 _ADAPTER_MODULES = ("vlmprune.integrations.llava", "vlmprune.integrations.llava_next",
-                    "vlmprune.integrations.qwen2_vl", "vlmprune.integrations.video_llava")
+                    "vlmprune.integrations.qwen2_vl", "vlmprune.integrations.video_llava",
+                    "vlmprune.integrations.llava_onevision")
 
 
 class UnsupportedModelError(ValueError):

@@ -131,6 +131,40 @@ Assumptions, each with the test that guards it:
     patch grid it returns as ``image_grid_thw`` (``qwen_image_grid``). Guarded by
     ``test_cost.py::test_qwen_geometry_matches_the_processor`` and
     ``test_cost.py::test_next_geometry_matches_the_stock_packing``.
+17. **LLaVA-OneVision images** (``models/llava_onevision/modeling_llava_onevision.py``):
+    ``get_image_features(pixel_values [B, max_crops, 3, S, S] (or the crops concatenated, [C, 3, S,
+    S]), image_sizes [B, 2] (H, W), vision_feature_layer, vision_feature_select_strategy,
+    vision_aspect_ratio, batch_num_images)`` cuts an image into crops as LLaVA-NeXT does (the file's
+    own ``image_size_to_num_patches`` / ``get_anyres_image_grid_shape`` / ``unpad_image``), except
+    that an image whose sample holds several images (``batch_num_images``) is its base image only;
+    the tower runs on every crop, ``hidden_states[vision_feature_layer]`` is selected ("default"
+    drops the first token, [CLS] or not), and the projector runs on **every** token. Then
+    ``pack_image_features(features, image_sizes, image_newline, vision_aspect_ratio)`` gives each
+    image its base image's h*w tokens and, for an image with crops, the (gh*h, gw*w) mosaic cut by
+    ``unpad_image`` to (H', W') and, when r = sqrt(H'W' / (m h^2)) > 1.1 (m from
+    ``"anyres_max_<m>"``), resized bilinearly to (int(H' // r), int(W' // r)); row-major with
+    ``image_newline`` after every row (no newline argument: no newline column). An image without
+    crops gets its h*w tokens and one newline. ``vision_aspect_ratio`` defaults to the config's;
+    the model's ``forward`` does not pass its own on (``onevision_mosaic``, ``onevision_pack``).
+    Guarded by ``test_llava_onevision.py::test_layout_counts_match_stock_packing`` and
+    ``::test_keep_all_gives_identical_logits_and_tokens``.
+18. **LLaVA-OneVision videos** (same file): ``get_video_features(pixel_values_videos [V, F, 3, S,
+    S], vision_feature_layer, vision_feature_select_strategy)`` runs every frame through the tower,
+    projects every token, pools each frame's (h, w) grid to (ceil(h/2), ceil(w/2)) with
+    ``apply_pooling`` (bilinear) and returns ``pooler_output`` [V, F * n' + 1, D_text]: the frames'
+    pooled tokens, frame after frame, then one ``image_newline``; the forward flattens it
+    (``flatten(0, 1)``) into the ``video_token_id`` placeholders (``onevision_pool``,
+    ``onevision_video_grid``). Guarded by
+    ``test_llava_onevision.py::test_keep_all_gives_identical_logits_and_tokens`` (its videos cases).
+19. **SigLIP vision attention** (``models/siglip/modeling_siglip.py``, LLaVA-OneVision's tower):
+    ``SiglipVisionModel.encoder.layers[i].self_attn`` has separate ``q_proj`` / ``k_proj`` linears
+    whose outputs [P, S, heads * Dh] are split into ``num_heads`` contiguous heads of ``head_dim``
+    and scaled by ``scale``; no attention mask, not causal; there is no [CLS] token, and
+    ``hidden_states[-1]`` is the last layer's output before ``post_layernorm``
+    (``vision_qk_heads``). Guarded by
+    ``test_llava_onevision.py::test_substitute_score_is_the_last_layers_attention``. The language
+    model is Qwen2's, whose rotary embedding is Llama's rotate-half (assumption 4), guarded by
+    ``test_llava_onevision.py::test_qwen2_rotary_is_llama_rotate_half``.
 """
 
 from __future__ import annotations
@@ -143,7 +177,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "cache_kwargs", "output_cache",
            "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
            "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index",
-           "video_llava_frames", "is_config", "config_for", "qwen_image_grid"]
+           "video_llava_frames", "is_config", "config_for", "qwen_image_grid",
+           "onevision_mosaic", "onevision_pack", "onevision_pool", "onevision_video_grid", "vision_qk_heads"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -350,3 +385,51 @@ def qwen_image_grid(height: int, width: int, patch: int, merge: int, min_pixels:
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     h, w = smart_resize(int(height), int(width), factor=patch * merge, **bounds)
     return h // patch, w // patch
+
+
+def onevision_mosaic(image_size: Any, pinpoints: Any, tile: int, side: int,
+                     aspect: str) -> tuple[int, int, int, int, int]:
+    """LLaVA-OneVision's any-res geometry of an image of ``image_size`` (H, W) px: (crops incl. the
+    base image, gh, gw, rows, cols), (gh, gw) the mosaic's crops per column / row and rows x cols
+    its packed grid after the unpadding and the ``aspect`` ("anyres_max_<m>") resize of a
+    (gh * side) x (gw * side) patch mosaic (assumption 17)."""
+    import math
+
+    import torch
+    from transformers.models.llava_onevision import modeling_llava_onevision as ov
+
+    size = [int(x) for x in image_size]
+    crops = int(ov.image_size_to_num_patches(size, pinpoints, tile))
+    gh, gw = (int(x) for x in ov.get_anyres_image_grid_shape(size, pinpoints, tile))
+    rows, cols = ov.unpad_image(torch.empty(0, gh * side, gw * side), size).shape[1:]
+    ratio = math.sqrt(rows * cols / (int(aspect.strip("anyres_max_")) * side ** 2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return crops, gh, gw, int(rows), int(cols)
+
+
+def onevision_pack(base: Any, per_image: list, image_sizes: list, aspect: str) -> list:
+    """Per image [crops_i, h*w, C] (crop 0 the base image) -> per image [h*w + rows*cols, C]: the
+    base image's rows, then the unpadded, resized mosaic in raster order, without newlines
+    (``pack_image_features`` with no ``image_newline``; assumption 17). Any C: tokens, scores, keys."""
+    packed, _ = base.pack_image_features(per_image, image_sizes, image_newline=None, vision_aspect_ratio=aspect)
+    return packed
+
+
+def onevision_pool(base: Any, frames: Any) -> Any:
+    """LLaVA-OneVision's video pooling of per-frame rows [F, h*w, C] -> [F, n', C], each frame's grid
+    resized bilinearly to ``onevision_video_grid`` (``apply_pooling``; assumption 18). Any C."""
+    return base.apply_pooling(frames)
+
+
+def onevision_video_grid(h: int, w: int) -> tuple[int, int]:
+    """The pooled grid of a video frame of h x w patches (assumption 18)."""
+    return -(-h // 2), -(-w // 2)
+
+
+def vision_qk_heads(q: Any, k: Any, attn: Any) -> tuple[Any, Any, float]:
+    """A SigLIP attention's ``q_proj`` / ``k_proj`` outputs [P, S, C] -> (q, k [P, heads, S, Dh],
+    scale) as the attention splits and scales them (assumption 19)."""
+    heads = int(attn.num_heads)
+    split = lambda t: t.view(*t.shape[:2], heads, -1).transpose(1, 2)  # noqa: E731
+    return split(q), split(k), float(attn.scale)
