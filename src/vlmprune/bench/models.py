@@ -132,7 +132,7 @@ def synthetic_inputs(model, batch: int, image_size: tuple[int, int], seed: int =
     inputs.update(adapter.sequence_extras(model, ids))
     desc = {"source": f"synthetic {adapter.family} layout (vlmprune.bench.models.synthetic_inputs)",
             "system_tokens": N_SYSTEM, "question_tokens": N_QUESTION, "image_size": list(image_size),
-            "image_tokens": count, "tower_passes_per_image": len(layout.units)}
+            "image_tokens": count, "tower_passes_per_image": len(adapter.unit_tokens(model, layout))}
     return inputs, desc
 
 

@@ -27,7 +27,7 @@ class ImageGeometry:
     Attributes:
         family: the adapter's family name.
         image_size: (H, W) px asked for, or None (given as a grid).
-        passes: tower passes of the image (crops / frames grouped as the adapter groups them).
+        passes: tower passes of the image (one per entry of ``adapter.unit_tokens``: crops, frames).
         grids: (h, w) tokens of each pass's grid as the pruning methods see it.
         tower_tokens: tokens in each pass's tower sequence ([CLS] included).
         projector_rows: rows each pass gives the projector, unpruned.
@@ -103,7 +103,7 @@ def image_geometry(cfg: ModelConfig, image_size: Sequence[int] | None = None,
     units = adapter.unit_tokens(config, layout)
     return ImageGeometry(
         family=adapter.family, image_size=None if image_size is None else (int(image_size[0]), int(image_size[1])),
-        passes=len(layout.units), grids=tuple(u.grid for u in layout.units),
+        passes=len(units), grids=tuple(u.grid for u in layout.units),
         tower_tokens=tuple(n for n, _ in units), projector_rows=tuple(r for _, r in units),
         visual_tokens=int(sum(layout.tokens_per_image)),
         vision_flops=vision_tower_flops(adapter.vision_shape(config), units))
