@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# PruneHandle / PruneStats stay importable from here: vision.py and decoder.py import them from base.
+# PruneHandle / PruneStats stay importable from here: the vision and decoder packages import them from base.
 from .handle import PHASES, PruneHandle, PruneStats, in_phase  # noqa: F401
 from .layout import VisualLayout, VisualUnit
 

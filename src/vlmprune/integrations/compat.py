@@ -1,6 +1,6 @@
 """Every assumption vlmprune makes about transformers internals, in one module.
 
-The hooks in ``vision.py`` / ``decoder.py`` and the helpers elsewhere read keyword arguments and
+The hooks in ``vision/`` / ``decoder/`` and the helpers elsewhere read keyword arguments and
 output fields only through the names and functions below, so a rename upstream is one edit here.
 Checked on transformers 5.20.0, 5.23.0 and 5.24.0 (``.ci/run`` runs the equivalence tests on the
 floor and the newest release of the declared range; ``tests/test_compat.py`` guards each item).
@@ -27,7 +27,7 @@ Assumptions, each with the test that guards it:
    ``position_ids`` and ``position_embeddings`` (the rotary ``(cos, sin)``, each ``[B, L, Dh]``).
    Guarded by ``test_compat.py::test_forward_signatures`` (the names exist in the installed
    signatures) and every equivalence test.
-3. **Masks and positions** (``decoder.py``): the language model builds one causal mask sized from
+3. **Masks and positions** (``decoder/``): the language model builds one causal mask sized from
    layer 0's cache (``DynamicCache.get_mask_sizes``) and hands the same mask to every layer, so a
    layer whose cache is shorter needs its own mask; ``generate`` derives ``position_ids`` from the
    2-D mask's cumsum over the *original* prompt and extends it by one per step; a forward without

@@ -1,304 +1,22 @@
-"""Vision-stage plumbing: reduce each image's visual tokens before the LLM, keep the model's API.
-
-Two things are installed on the model (both undone by ``handle.remove()``): the base model's
-``get_image_features`` is shadowed by an instance attribute, and the user's model gets a forward
-pre-hook. Nothing else is patched; the attention implementation (sdpa) is never touched.
-
-**Modalities.** The adapter lists one view per visual modality (``adapter.modality_views``: images,
-and videos for families that take them), each naming its features method (``get_image_features``
-/ ``get_video_features``), its ``mm_encoder_outputs`` key, its pixels keyword and placeholder
-token. Every view's features method is shadowed the same way and the pre-hook encodes whichever
-pixels a forward carries; a prefill with images and videos is rewritten by one plan (the columns
-each modality keeps, intersected). A video counts as one "image" of its view's layout, its frames
-or temporal slices being the units. Stats record one entry per encoding (a batch with images
-and videos records its images, then its videos).
-
-**Encoding images** (``get_image_features``, which ``generate()`` calls before the prefill and a
-plain forward reaches through the pre-hook; videos alike through their view):
-
-0. The family's adapter says what the images are (``adapter.image_layout``: a
-   ``layout.VisualLayout`` of U tower passes — one per image for LLaVA-1.5, base image + crops for
-   LLaVA-NeXT — each with its grid, [CLS] flag and index, and each image's placeholder count).
-1. The vision tower runs once over the U units (its own attention implementation). If the method
-   needs [CLS] signals, the adapter computes them (``adapter.encode_with_signals``; a family
-   without [CLS] supplies a documented substitute, ``adapter.importance_score``). By default
-   forward hooks on the *last* encoder layer's ``q_proj`` / ``k_proj`` are
-   registered for the duration of this call only: they keep the [CLS] query row (at the
-   adapter's ``cls_index``) and ``k`` (all keys), raw linear outputs [U, 1+N, C]. Spec §1: that
-   layer's input is the penultimate hidden state, i.e. the very features LLaVA feeds the
-   projector, and its keys are what the official PruMerge code uses. Only the [CLS] row of the attention is computed (``cls_attention``).
-2. The method reduces the features [U, N, D] to a padded ``Reduction`` (tokens [U, M, D], counts
-   [U]); units of different grids (dynamic-resolution families) are reduced group by group, one
-   call per grid, and the groups' results padded into one ``Reduction``. The projector runs on
-   the reduced tokens only.
-3. The adapter packs the units into the stock layout (``adapter.pack``), one [n_i, D_text]
-   tensor per image (n_i its unpruned placeholder count) whose finite rows are the kept tokens
-   and whose all-NaN rows are dropped slots: the kept rows are either the first ``counts[i]``
-   (the kept tokens take the first placeholders, LLaVA's rule) or, for a family whose tokens
-   keep their own positions, the rows of their own placeholder slots. The padding is
-   self-describing: it survives what
-   ``generate()`` does to pre-encoded features (beam expansion by placeholder counting, device
-   moves, re-use at every step without cache), and NaN can never be consumed silently.
-
-**Prefill** (a forward whose ``mm_encoder_outputs`` carry such features; ``pixel_values`` are
-first encoded as above): image i's placeholder run (n_i copies of ``image_token_id`` in
-``input_ids``, found with ``adapter.sequence_layout``) keeps the slots of its finite rows; the
-other slots are deleted. Every sample is compacted and re-padded **on the left** to the new batch
-width L' = max_b(kept length), so every image keeps its own count. ``attention_mask`` (0 on the new pads), ``position_ids`` (original
-position minus the number of slots deleted before it, so the survivors are consecutive, as
-LLaVA-PruMerge feeds them; a family with ``compact_positions`` False instead keeps every
-survivor's original positions, in its own form, e.g. M-RoPE [3, B, L], computed on the unpruned
-prompt by ``adapter.prompt_positions`` when the caller passed none), the adapter's other per-token
-inputs (``adapter.sequence_inputs``, e.g. Qwen2-VL's ``mm_token_type_ids``) and ``labels`` (-100 on
-new pads) are rewritten the same way, the NaN
-rows are sliced off, and the stock forward scatters the kept tokens into the kept placeholders.
-Logits therefore have the rewritten length L'. The rewrite is remembered as a ``Plan`` on the
-handle until the next prefill.
-
-**Later calls** (no image features, a non-empty KV cache): the caller keeps speaking in its
-*original* coordinates, as ``generate()`` does — it extends the original ``attention_mask`` by one
-column per token and derives ``position_ids`` from it. The hook translates: the mask's prompt
-columns are compacted with the plan (the appended columns are kept), and ``position_ids`` are
-shifted down by the sample's deleted count (families with ``compact_positions`` False keep them:
-decoding continues after the unpruned prompt's positions). A mask that already has the cache's length (the
-caller used the rewritten mask) passes unchanged. If ``generate`` dropped an all-ones mask, the
-hook rebuilds the rewritten one so the new left pads stay masked. So ``generate()`` works
-unchanged — greedy, sampling, beams, with or without cache (without cache every step is a
-prefill with the same pre-encoded features) — and returns sequences in the original
-coordinates (the original prompt followed by the new tokens).
-
-A call without images on an empty cache is a text-only prefill: the plan is dropped. Static /
-compiled caches (4-D masks built by ``generate``) are not supported with an active plan and raise.
-"""
+"""The vision-stage handle: the shadowed features methods, the forward pre-hook that rewrites prefills and
+translates later calls, and ``attach`` (see the package docstring for how it works)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import weakref
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..methods.common import Fetch, Reduction, to_host_lists
-from ..methods.prumerge import cls_attention
-from .base import ModelAdapter, PruneHandle, in_phase
-from .compat import K, get_cache
-from .layout import VisualLayout
-
-__all__ = ["VisionSignals", "VisionMethod", "VisionHandle", "Plan", "attach", "capture_signals", "signals_from_qk",
-           "image_token_counts", "image_token_slots"]
-
-
-# ------------------------------------------------------------------------------ method protocol
-
-
-@dataclass
-class VisionSignals:
-    """[CLS] signals of the last vision layer for I images.
-
-    Attributes:
-        cls_attn: [I, N] float32, softmax(q_cls K^T / sqrt(C)) over all 1+N keys, [CLS] column
-            dropped (spec §1; rows sum to < 1).
-        keys: [I, N, C] raw ``k_proj`` outputs of the patches ([CLS] row dropped), tower dtype.
-    """
-
-    cls_attn: Tensor
-    keys: Tensor
-
-
-@dataclass(frozen=True)
-class VisionMethod:
-    """A configured vision-stage method, as built by ``integrations.builders``.
-
-    ``fn(features [I, N, D], signals | None, grid (H, W), fetch) -> Reduction`` does the work
-    (``fetch``: how it brings its counts to the host, once; see ``methods.common.Fetch``);
-    ``needs_signals`` asks the plumbing for [CLS] attention and keys (hooks are only installed
-    then); ``needs_grid`` says that the N tokens must form the H x W patch grid; ``lora`` is the
-    folder of LoRA adapters injected into the language model while the method is attached.
-    """
-
-    name: str
-    fn: Callable[..., Reduction]
-    needs_signals: bool = False
-    needs_grid: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-    lora: str | None = None
-
-    def reduce(self, features: Tensor, signals: VisionSignals | None, grid: tuple[int, int],
-               fetch: Fetch | None = None) -> Reduction:
-        """features [I, N, D] -> Reduction (tokens [I, M, D], counts [I], host_counts)."""
-        if self.needs_signals and signals is None:
-            raise RuntimeError(f"method {self.name!r} needs [CLS] signals but none were captured")
-        return self.fn(features, signals, grid, fetch)
-
-    def validate(self, num_tokens: int, grid: tuple[int, int]) -> None:
-        """Dry-run on tiny dummy inputs of the model's N, so bad budgets fail at ``apply()``."""
-        g = torch.Generator().manual_seed(0)
-        features = torch.randn(1, num_tokens, 4, generator=g)
-        signals = None
-        if self.needs_signals:
-            signals = VisionSignals(cls_attn=torch.softmax(torch.randn(1, num_tokens + 1, generator=g), -1)[:, 1:],
-                                    keys=torch.randn(1, num_tokens, 4, generator=g))
-        self.reduce(features, signals, grid)
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in {**self.options, **({"lora": self.lora} if self.lora else {})}.items())
-        return f"VisionMethod({self.name}: {opts})"
-
-
-# ------------------------------------------------------------------------------ signal capture
-
-
-@contextmanager
-def capture_signals(adapter: ModelAdapter, model: Any) -> Iterator[dict[str, Tensor]]:
-    """Forward hooks on the last vision layer's q_proj / k_proj, active inside the ``with``.
-
-    Yields a dict that receives ``"q_cls"`` [U, 1, C] (the [CLS] query row only, at the adapter's
-    ``cls_index``) and ``"k"`` [U, 1+N, C] (all keys): raw linear outputs, bias included, before
-    the 1/sqrt(d) scaling.
-    """
-    q_proj, k_proj = adapter.get_last_qk(model)
-    store: dict[str, Tensor] = {}
-    ci = adapter.cls_index
-
-    def on_q(_module: Any, _inp: Any, out: Tensor) -> None:
-        store["q_cls"] = out[:, ci:ci + 1].detach()  # [U, 1, C]
-
-    def on_k(_module: Any, _inp: Any, out: Tensor) -> None:
-        store["k"] = out.detach()  # [U, 1+N, C]
-
-    hooks = [q_proj.register_forward_hook(on_q), k_proj.register_forward_hook(on_k)]
-    try:
-        yield store
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def signals_from_qk(q_cls: Tensor, k: Tensor, cls_index: int = 0) -> VisionSignals:
-    """q_cls [U, 1, C], k [U, 1+N, C] with the [CLS] key at ``cls_index`` -> VisionSignals
-    (cls_attn [U, N] float32, keys [U, N, C], both without the [CLS] column)."""
-    if cls_index:  # move [CLS] to the front: cls_attention expects it at index 0
-        order = [cls_index] + [j for j in range(k.shape[1]) if j != cls_index]
-        k = k[:, order]
-    q = q_cls.expand_as(k)  # a view: cls_attention reads row 0 only
-    return VisionSignals(cls_attn=cls_attention(q, k), keys=k[:, 1:])
-
-
-# ------------------------------------------------------------------------------ the rewrite
-
-
-@dataclass
-class Plan:
-    """How the last prefill rewrote its batch (used to translate later calls).
-
-    Attributes:
-        keep: [B, L] bool, which original slots survive (L = original prompt length).
-        dest: [B, L] long, each surviving slot's index in the rewritten sequence [0, L').
-        src: [B, L'] long, the original slot of each rewritten slot (-1 on the new left pads).
-        new_len: L', the rewritten width.
-        dropped: [B] long, slots deleted per sample.
-        new_mask: [B, L'] long, the rewritten attention mask of the prompt (0 on pads).
-        orig_mask: [B, L] long or None, the caller's prompt mask (None: it passed none).
-        offset: cached tokens before the prompt (a prefill continuing a cache); mask columns
-            before ``offset`` are left as they are.
-    """
-
-    keep: Tensor
-    dest: Tensor
-    src: Tensor
-    new_len: int
-    dropped: Tensor
-    new_mask: Tensor
-    orig_mask: Tensor | None
-    offset: int = 0
-
-    @property
-    def orig_len(self) -> int:
-        return self.keep.shape[1]
-
-    @property
-    def shrink(self) -> int:
-        """L - L': how much shorter the rewritten sequences are."""
-        return self.orig_len - self.new_len
-
-    def compact(self, x: Tensor, fill: Any) -> Tensor:
-        """x [B, L, ...] in original coordinates -> [B, L', ...]; new left pads get ``fill``.
-
-        One gather along dim 1 (no data-dependent shapes, no host synchronisation).
-        """
-        idx = self.src.clamp(min=0).to(x.device)  # [B, L']
-        pads = (self.src < 0).to(x.device)  # [B, L']
-        if x.ndim > 2:
-            tail = (1,) * (x.ndim - 2)
-            idx = idx.view(*idx.shape, *tail).expand(-1, -1, *x.shape[2:])
-            pads = pads.view(*pads.shape, *tail)
-        return x.gather(1, idx).masked_fill(pads, fill)
-
-    def compact_positions(self, positions: Tensor) -> Tensor:
-        """positions [*P, B, L] in original coordinates -> [*P, B, L'] (the survivors' own values;
-        0 on the new left pads). One gather along the last dim."""
-        idx = self.src.clamp(min=0).to(positions.device)  # [B, L']
-        pads = (self.src < 0).to(positions.device)
-        lead = positions.shape[:-2]
-        return positions.gather(-1, idx.expand(*lead, *idx.shape)).masked_fill(pads.expand(*lead, *pads.shape), 0)
-
-
-def make_plan(keep: Tensor, attention_mask: Tensor | None, offset: int = 0, new_len: int | None = None) -> Plan:
-    """keep [B, L] bool -> the left-re-padded compaction (see ``Plan``); ``new_len`` = max kept per
-    row when the caller knows it on the host, else read from the device (one host sync)."""
-    bsz, length = keep.shape
-    kept_len = keep.sum(dim=1)  # [B]
-    if new_len is None:
-        new_len = int(kept_len.max())
-    dest = (new_len - kept_len)[:, None] + keep.long().cumsum(dim=1) - 1  # [B, L]; valid where keep
-    cols = torch.arange(length, device=keep.device).expand(bsz, length)
-    # dropped slots write to a dump column L' that is cut off
-    src = torch.full((bsz, new_len + 1), -1, dtype=torch.long, device=keep.device)
-    src = src.scatter_(1, torch.where(keep, dest, new_len), cols)[:, :new_len]  # [B, L']
-    plan = Plan(keep=keep, dest=dest, src=src, new_len=new_len, dropped=length - kept_len,
-                new_mask=torch.empty(0), orig_mask=attention_mask, offset=offset)
-    ones = torch.ones(keep.shape, dtype=torch.long, device=keep.device)
-    plan.new_mask = plan.compact(ones if attention_mask is None else attention_mask, 0)
-    return plan
-
-
-# ------------------------------------------------------------------------------ the handle
-
-
-def image_token_counts(per_image: list[Tensor]) -> list[int]:
-    """Kept tokens of each NaN-padded image tensor [n, D] (its rows that are not all NaN)."""
-    return image_token_slots(per_image)[0]
-
-
-def image_token_slots(per_image: list[Tensor]) -> tuple[list[int], list[Tensor | None]]:
-    """Kept tokens of each NaN-padded image tensor [n, D]: (counts, slots). ``slots[i]`` is None
-    when image i's kept rows are its first ``counts[i]`` (the rest all NaN), else the [counts[i]]
-    long row indices of its rows that are not all NaN (the placeholder slots its tokens keep).
-
-    Images of one shape are scanned together (one host synchronisation for the whole batch).
-    """
-    counts: list[int] = [0] * len(per_image)
-    slots: list[Tensor | None] = [None] * len(per_image)
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(per_image):
-        groups.setdefault((tuple(t.shape), t.device, t.dtype), []).append(i)
-    for (shape, _, _), idx in groups.items():
-        if shape[0] == 0:
-            continue
-        stacked = torch.stack([per_image[i] for i in idx])  # [G, n, D]
-        pad = torch.isnan(stacked).all(dim=-1).cpu()  # [G, n], the group's one transfer
-        trailing = pad.flip(1).long().cumprod(1).sum(1)  # [G] trailing all-NaN rows
-        kept = (~pad).sum(1)  # [G]
-        for g, i in enumerate(idx):
-            counts[i] = int(kept[g])
-            if counts[i] != shape[0] - int(trailing[g]):  # NaN rows between kept rows: own slots
-                slots[i] = torch.nonzero(~pad[g]).flatten().to(per_image[i].device)
-    return counts, slots
+from ...methods.common import Reduction, to_host_lists
+from ..base import ModelAdapter, PruneHandle, in_phase
+from ..compat import K, get_cache
+from ..layout import VisualLayout
+from .method import VisionMethod, _reduce_by_grid
+from .plan import Plan, _removed_per_row, image_token_slots, make_plan
 
 
 class _BatchedFetch:
@@ -324,20 +42,6 @@ class _BatchedFetch:
         self.pending = {}
         return flat[:values.numel()]
 
-
-def _removed_per_row(rows: list[int], runs: list[int], counts: list[int]) -> list[int] | None:
-    """Placeholders each row loses: ``rows[b]`` placeholders in row b, filled by the images' runs in
-    order (image i: ``runs[i]`` placeholders, ``counts[i]`` kept). None when an image's run does not
-    end inside its row (the caller then reads the lengths from the device)."""
-    removed, i = [0] * len(rows), 0
-    for b, n in enumerate(rows):
-        while n > 0:
-            if i >= len(runs) or runs[i] > n:
-                return None
-            removed[b] += runs[i] - counts[i]
-            n -= runs[i]
-            i += 1
-    return removed if i == len(runs) else None
 
 
 class VisionHandle(PruneHandle):
@@ -674,52 +378,6 @@ class VisionHandle(PruneHandle):
         return not torch.equal(head, plan.orig_mask.to(head)) and torch.equal(head, plan.new_mask.to(head))
 
 
-def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSignals | None,
-                    grids: list[tuple[int, int]], fetch: Fetch | None = None) -> Reduction:
-    """features [U, N, D] (unit u's first h_u * w_u rows real) -> one padded ``Reduction`` [U, M, D].
-
-    One ``method.reduce`` call when every unit has the same grid (features passed as they are);
-    otherwise one call per distinct grid on its units' real rows, and the groups' outputs padded
-    to the widest (tokens 0, indices -1) in unit order.
-    """
-    if len(set(grids)) == 1:
-        return method.reduce(features, signals, grids[0], fetch)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for u, g in enumerate(grids):
-        groups.setdefault(g, []).append(u)
-    dev = features.device
-    parts = []
-    for grid, units in groups.items():
-        n = grid[0] * grid[1]
-        idx = torch.tensor(units, device=dev)
-        sig = None if signals is None else VisionSignals(cls_attn=signals.cls_attn[idx, :n], keys=signals.keys[idx, :n])
-        parts.append((idx, method.reduce(features[idx, :n], sig, grid, fetch)))
-    width = max(r.tokens.shape[1] for _, r in parts)
-    iwidth = max(r.indices.shape[1] for _, r in parts)
-    n_units = len(grids)
-    first = parts[0][1]
-    tokens = first.tokens.new_zeros((n_units, width, first.tokens.shape[-1]))
-    counts = first.counts.new_zeros(n_units)
-    indices = first.indices.new_full((n_units, iwidth), -1)
-    extra = None if first.extra is None else first.extra.new_zeros(n_units)
-    num_att = None if first.num_attention is None else first.num_attention.new_zeros(n_units)
-    host: list[int] | None = [0] * n_units
-    for (grid, units), (idx, r) in zip(groups.items(), parts):
-        if host is not None and r.host_counts is not None:
-            for u, c in zip(units, r.host_counts):
-                host[u] = c
-        else:
-            host = None
-        tokens[idx, :r.tokens.shape[1]] = r.tokens
-        counts[idx] = r.counts
-        indices[idx, :r.indices.shape[1]] = r.indices
-        if extra is not None:
-            extra[idx] = r.extra
-        if num_att is not None:
-            num_att[idx] = r.num_attention
-    return Reduction(tokens=tokens, counts=counts, indices=indices, extra=extra, num_attention=num_att,
-                     host_counts=host)
-
 
 def _as_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A call's positional arguments, bound with ``signature``, -> keyword arguments."""
@@ -751,8 +409,6 @@ def _pad_id(model: Any, adapter: ModelAdapter) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ attach
-
 
 def attach(model: Any, adapter: ModelAdapter, info: Any, method_obj: VisionMethod) -> VisionHandle:
     """Install ``method_obj`` on ``model`` (validated first); returns the handle."""
@@ -770,7 +426,7 @@ def attach(model: Any, adapter: ModelAdapter, info: Any, method_obj: VisionMetho
     handle = VisionHandle(model, adapter, info.name, method_obj)
     handle._install()
     if method_obj.lora is not None:
-        from .lora import load as load_lora
+        from ..lora import load as load_lora
 
         try:
             injection = load_lora(model, method_obj.lora)
