@@ -543,3 +543,25 @@ def onevision_row(inputs, b, items):
 @pytest.fixture
 def tiny_llava_onevision():
     return make_tiny_llava_onevision()
+
+
+def assert_fastv_k0_equals_lm_on_survivors(model, inputs, count, positions, atol=2e-5):
+    """FastV at layer 0 (``count`` kept) == the untouched language model fed only the survivors
+    (their stock input embeddings) at ``positions(idx)``, their own unpruned positions; ``idx``
+    [B, L'] is each survivor's column in the prompt. Returns (idx, valid) for further checks."""
+    import vlmprune
+
+    seen = {}
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.update(x=k["inputs_embeds"]), with_kwargs=True)
+    model(**inputs)
+    hook.remove()
+    with vlmprune.pruned(model, "fastv", k=0, count=count) as h:
+        out = model(**inputs).logits
+        src = h.state.final_source.clone()
+    valid = src >= 0
+    idx = src.clamp(min=0)
+    x = seen["x"].gather(1, idx[:, :, None].expand(-1, -1, seen["x"].shape[-1]))
+    ref = model(inputs_embeds=x, attention_mask=valid.long(), position_ids=positions(idx)).logits
+    torch.testing.assert_close(out[valid], ref[valid], atol=atol, rtol=0)
+    return idx, valid

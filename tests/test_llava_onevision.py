@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import (EOS_ID, IMAGE_TOKEN_ID, ONEVISION_VIDEO_ID, assert_beam_batch_equals_singles,
+from conftest import (EOS_ID, assert_fastv_k0_equals_lm_on_survivors, IMAGE_TOKEN_ID, ONEVISION_VIDEO_ID, assert_beam_batch_equals_singles,
                       assert_mixed_batch_equals_singles, assert_ragged_batch_equals_singles,
                       assert_remove_restores_and_sdpa_stays, make_onevision_inputs, make_tiny_llava_onevision,
                       module_hooks, onevision_row, onevision_visual_tokens, warm_up)
@@ -258,20 +258,8 @@ def test_fastv_k0_equals_stock_model_on_prepruned_sequence(model):
     """FastV at layer 0 == the untouched language model fed only the survivors (images and
     videos alike) with their own unpruned positions."""
     inputs = _mixed(model)
-    seen = {}
-    lm = model.model.language_model
-    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.update(x=k["inputs_embeds"]), with_kwargs=True)
-    model(**inputs)
-    hook.remove()
-    with vlmprune.pruned(model, "fastv", k=0, count=6) as h:
-        out = model(**inputs).logits
-        src = h.state.final_source.clone()
-    valid = src >= 0
-    idx = src.clamp(min=0)
-    x = seen["x"].gather(1, idx[:, :, None].expand(-1, -1, seen["x"].shape[-1]))
     full = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
-    ref = model(inputs_embeds=x, attention_mask=valid.long(), position_ids=full.gather(1, idx)).logits
-    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+    idx, valid = assert_fastv_k0_equals_lm_on_survivors(model, inputs, 6, lambda idx: full.gather(1, idx), atol=ATOL)
     visual = torch.isin(inputs["input_ids"].gather(1, idx), torch.tensor(VISUAL_IDS)) & valid
     assert visual.sum(1).tolist() == [6] * 4
 

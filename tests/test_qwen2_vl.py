@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_mixed_batch_equals_singles,
+from conftest import (assert_beam_batch_equals_singles, assert_fastv_k0_equals_lm_on_survivors, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_mixed_batch_equals_singles,
                       assert_ragged_batch_equals_singles, make_qwen_inputs, make_qwen_mixed_inputs, make_tiny_qwen2_vl,
                       module_hooks, qwen_mixed_row, qwen_row, warm_up)
 from vlmprune.integrations.base import get_adapter
@@ -103,21 +103,9 @@ def test_fastv_k0_equals_stock_model_on_prepruned_sequence(model):
     """FastV at layer 0 == the untouched model fed only the survivors, each with its own 3-D
     position from get_rope_index (gaps included)."""
     inputs = _inputs()
-    seen = {}
-    lm = model.model.language_model
-    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.update(x=k["inputs_embeds"]), with_kwargs=True)
-    model(**inputs)
-    hook.remove()
-    with vlmprune.pruned(model, "fastv", k=0, count=2) as h:
-        out = model(**inputs).logits
-        src = h.state.final_source.clone()
-    valid = src >= 0
-    idx = src.clamp(min=0)
-    x = seen["x"].gather(1, idx[:, :, None].expand(-1, -1, seen["x"].shape[-1]))
     pos, _ = _rope_index(model, inputs)
-    pos = pos.gather(2, idx[None].expand(3, -1, -1))
-    ref = model(inputs_embeds=x, attention_mask=valid.long(), position_ids=pos).logits
-    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+    assert_fastv_k0_equals_lm_on_survivors(model, inputs, 2, lambda idx: pos.gather(2, idx[None].expand(3, -1, -1)),
+                                           atol=ATOL)
 
 
 @pytest.mark.parametrize("method,options", DECODER)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, VIDEO_ID, assert_mixed_batch_equals_singles, make_tiny_video_llava,
+from conftest import (assert_beam_batch_equals_singles, assert_fastv_k0_equals_lm_on_survivors, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, VIDEO_ID, assert_mixed_batch_equals_singles, make_tiny_video_llava,
                       make_video_llava_inputs, module_hooks, video_llava_row, warm_up)
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.handle import HANDLE_ATTR
@@ -214,16 +214,8 @@ def test_fastv_k0_equals_stock_model_on_prepruned_sequence(model):
     """FastV at layer 0 == the untouched language model fed only the survivors (image and video
     tokens alike) with their own unpruned positions."""
     inputs = _inputs(model)
-    _, stock = _lm_inputs(model, inputs)
-    with vlmprune.pruned(model, "fastv", k=0, count=6) as h:
-        out = model(**inputs).logits
-        src = h.state.final_source.clone()
-    valid = src >= 0
-    idx = src.clamp(min=0)
-    x = stock["inputs_embeds"].gather(1, idx[:, :, None].expand(-1, -1, stock["inputs_embeds"].shape[-1]))
     full = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)  # the stock positions of the prompt
-    ref = model(inputs_embeds=x, attention_mask=valid.long(), position_ids=full.gather(1, idx)).logits
-    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+    idx, valid = assert_fastv_k0_equals_lm_on_survivors(model, inputs, 6, lambda idx: full.gather(1, idx), atol=ATOL)
     visual = torch.isin(inputs["input_ids"].gather(1, idx), torch.tensor(VISUAL_IDS)) & valid
     assert visual.sum(1).tolist() == [6] * 4
 
