@@ -50,11 +50,15 @@ results: install
 	$(BIN)/vlmprune eval $(ATP_EVAL) --n 100 --overwrite --out docs/results/atp-v14
 	$(BIN)/vlmprune eval -m fastv:k=1,budget=166.5 -m fastv:k=1,budget=137.9 -m prumerge+:keep=166 -m prumerge+:keep=138 \
 	  --n 100 --overwrite --out docs/results/atp-v14-matched
+	$(BIN)/vlmprune eval -m "sparsevlm:schedule=[244,88,29]" -m "sparsevlm:schedule=[144,52,17]" --no-baseline --n 100 \
+	  --overwrite --out docs/results/atp-v14-matched-sparsevlm
 	$(BIN)/vlmprune eval -m atp:checkpoint=testbed-144,positions=compact -m atp:checkpoint=testbed-88,positions=compact \
 	  --n 100 --overwrite --out docs/results/atp-v14-positions
 	for a in $(ATP_ABLATIONS); do $(BIN)/vlmprune train atp --out runs/atp-144-$${a%%:*} $${a#*:}; done
 	$(BIN)/vlmprune eval $(foreach a,$(ATP_ABLATIONS),-m atp:checkpoint=runs/atp-144-$(firstword $(subst :, ,$(a)))) \
 	  --no-baseline --n 100 --overwrite --out docs/results/atp-v14-ablations
+	$(BIN)/python scripts/retention_ci.py docs/results/atp-v14-ablations/results.json \
+	  docs/results/atp-v14-matched-sparsevlm/results.json --baseline docs/results/atp-v14/results.json
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune train lora --method prumerge --out runs/lora-prumerge --steps 48 --warmup 4 --lr 1e-3
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune train lora --method prumerge+ --out runs/lora-prumerge+ --steps 48 --warmup 4 --lr 1e-3
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge:lora=runs/lora-prumerge -m prumerge+:lora=runs/lora-prumerge+ \
