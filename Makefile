@@ -63,6 +63,10 @@ results: install
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune train lora --method prumerge+ --out runs/lora-prumerge+ --steps 48 --warmup 4 --lr 1e-3
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m prumerge:lora=runs/lora-prumerge -m prumerge+:lora=runs/lora-prumerge+ \
 	  -m prumerge -m prumerge+ --n 100 --overwrite --out docs/results/lora-v14
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune train lora --method sequential:keep=1.0 --out runs/lora-none --steps 48 --warmup 4 --lr 1e-3
+	OMP_NUM_THREADS=1 $(BIN)/vlmprune eval -m "sequential:keep=1.0,lora=runs/lora-none" --no-baseline --n 100 --overwrite \
+	  --out docs/results/lora-v14-control
+	$(BIN)/python scripts/retention_ci.py docs/results/lora-v14-control/results.json --baseline docs/results/atp-v14/results.json
 	for t in vision budgets order; do OMP_NUM_THREADS=1 $(BIN)/vlmprune tables $$t --n 100 --overwrite \
 	  --out docs/results/tables-v14 || exit 1; done
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/why_losses.py --n 50 --out docs/results/why-v14
