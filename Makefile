@@ -35,7 +35,7 @@ ATP_EVAL = -m atp:checkpoint=testbed-144 -m atp:checkpoint=testbed-88 \
   -m fastv:k=1,budget=178.8 -m fastv:k=1,budget=127.3 -m prumerge+:keep=179 -m prumerge+:keep=127 \
   -m sparsevlm:budget=128 -m sparsevlm:budget=64
 
-# The results files in docs/results/ (the committed testbed v14 and this machine's benchmarks), in the
+# The results files in docs/results/ (the committed testbed v14, its benchmarks included) and docs/bench/ (random-weight models), in the
 # order they depend on each other. Wall time on 2 cores, one job at a time (measured step by step):
 # ATP training ~20 min per checkpoint (7: two targets, five ablations), evaluations ~10-15 min per
 # command (~2 h in all), the three v14 tables ~1 h 40 min, LoRA 2 x ~4 min of training, benchmarks
@@ -75,11 +75,11 @@ results: install
 	  -m fastv:k=1,budget=166.5 -m fastv:k=1,budget=137.9 -m prumerge+:keep=166 -m sparsevlm:budget=128 --no-memory \
 	  --overwrite --out docs/results/bench/testbed-v14-summary
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 1 -b 8 -m prumerge+ -m prumerge+:keep=144 -m fastv --no-memory \
-	  --overwrite --out docs/results/bench/scaled
+	  --overwrite --out docs/bench/scaled
 	for f in scaled-llava-next scaled-qwen2-vl; do OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M $$f -b 1 -b 8 -m prumerge+ \
 	  -m prumerge+:keep=0.25 -m fastv --dtype fp32 --no-memory --repeats 3 --new-tokens 4 --overwrite \
-	  --out docs/results/bench/$$f || exit 1; done
-	OMP_NUM_THREADS=1 $(BIN)/python scripts/gemm_scaling.py --out docs/results/gemm_scaling.json
+	  --out docs/bench/$$f || exit 1; done
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/gemm_scaling.py --out docs/bench/gemm_scaling.json
 
 # The figures of docs/results.md's earlier tables and docs/atp.md (measured on testbed v11 / v4; not yet
 # re-run on v14), written to out/ and runs/.
