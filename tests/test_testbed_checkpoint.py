@@ -77,3 +77,8 @@ def test_committed_results_name_the_shipped_testbed_weights():
     for f in files:
         run = json.loads(f.read_text())["run"]
         assert run["model"]["weights_files"] == {"model.safetensors": expected}, f
+    # every other JSON there too (tables, probes, bench cards of the testbed): the hash is in it
+    others = [f for f in sorted((root / "docs" / "results").rglob("*.json")) if f.name != "results.json"]
+    assert others, "no tables / probes / bench cards under docs/results"
+    for f in others:
+        assert expected in f.read_text(), f"{f} does not name the committed testbed's weights"
