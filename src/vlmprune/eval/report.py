@@ -39,10 +39,10 @@ def rows(results: Sequence[EvalResult]) -> tuple[list[str], list[list[str]]]:
 def _retention(r: EvalResult) -> str:
     if r.retention is None:
         return "-"
-    ci = getattr(r, "retention_ci", None)
-    if not ci or r.retention == 1.0 and r.method is None:
+    if not r.retention_ci:  # e.g. the unpruned row, or no baseline to compare with
         return f"{100 * r.retention:.1f}%"
-    return f"{100 * r.retention:.1f}% [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]"
+    lo, hi = r.retention_ci
+    return f"{100 * r.retention:.1f}% [{100 * lo:.1f}-{100 * hi:.1f}]"
 
 
 def _n(results: Sequence[EvalResult], fam: str) -> int:

@@ -326,23 +326,24 @@ class DecoderHandle(PruneHandle):
             kept, inserted = dec.counts
             counts = ([k + e for k, e in zip(kept, inserted)],
                       [t - v + k + e for t, v, k, e in zip(seg.counts[1], seg.counts[0], kept, inserted)])
-            new_len, min_len = max(counts[1]), min(counts[1])
+            new_len = max(counts[1])
             dropped = any(k < v for k, v in zip(kept, seg.counts[0]))
             shifted = compact and any(s != max(n - 1, 0) for s, n in zip(self.state.span, counts[1]))
             info = {}
         else:
             n_new = keep.sum(1) + (ev.sum(1) if n_extra else 0)  # [B] tokens of the new layout
             vis_new = (keep & seg.visual).sum(1) + (ev.sum(1) if n_extra else 0)  # [B] visual tokens of the new layout
-            # the prune point's one host synchronisation: new width, narrowest sample, anything dropped, whether
-            # compacted positions end before the original last one (decode rotary), the new layout's counts (and
-            # the first layout's), and the method's recorded tensors
-            flags = [n_new.max(), n_new.min(), (seg.valid & ~keep).any().long()]
+            # the prune point's one host synchronisation: anything dropped, whether compacted positions end
+            # before the original last one (decode rotary), the new layout's counts (its width is their maximum;
+            # and the first layout's), and the method's recorded tensors
+            flags = [(seg.valid & ~keep).any().long()]
             if compact:  # the new layout's last position is base + n_new - 1 (its last column is valid)
                 flags.append((self.state.last_pos - base - (n_new - 1).clamp(min=0) != 0).any().long())
             first = [seg.visual.sum(1), seg.valid.sum(1)] if seg.counts is None else []
             host = to_host_lists([torch.stack(flags), vis_new, n_new, *first, *(dec.info[k] for k in names)])
-            (new_len, min_len, dropped), counts = host[0][:3], (host[1], host[2])
-            shifted = compact and bool(host[0][3])
+            dropped, counts = host[0][0], (host[1], host[2])
+            new_len = max(counts[1])
+            shifted = compact and bool(host[0][1])
             if first:
                 seg.counts = (host[3], host[4])
             info = dict(zip(names, host[3 + len(first):]))
@@ -404,18 +405,17 @@ class DecoderHandle(PruneHandle):
         if n_extra == 0 and self.positions == "original" and seg.pos_emb is not None:
             # survivors keep their positions, so their rotary rows are the old layout's rows
             pos_emb = tuple(gather_rows(t.expand(bsz, -1, -1), order) for t in seg.pos_emb)
-        self._finish_segment(new, new_hidden, all_valid=min_len == new_len, pos_emb=pos_emb)
+        self._finish_segment(new, new_hidden, pos_emb=pos_emb)
         return new_hidden, new, info
 
     @in_phase("masks")
-    def _finish_segment(self, seg: Segment, hidden: Tensor, all_valid: bool | None = None,
-                        pos_emb: tuple[Tensor, Tensor] | None = None) -> None:
-        """Prefill attention mask and rotary tables of a new layout (``all_valid``: no padding, if
-        known; ``pos_emb``: its rotary tables, if known, else computed from its positions)."""
+    def _finish_segment(self, seg: Segment, hidden: Tensor, pos_emb: tuple[Tensor, Tensor] | None = None) -> None:
+        """Prefill attention mask and rotary tables of a new layout (``pos_emb``: its rotary tables, if
+        known, else computed from its positions)."""
         length = seg.length
         bias = seg.key_bias()
         if bias is None:
-            if bool(seg.valid.all()) if all_valid is None else all_valid:
+            if seg.padding_free():
                 seg.mask = None  # sdpa's is_causal path
             else:
                 causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
@@ -525,10 +525,7 @@ class DecoderHandle(PruneHandle):
     def _no_padding(seg: Segment, step: dict[str, Any]) -> bool:
         """No padding among a decode step's keys of ``seg``: the layout's (host counts) and the new tokens'
         (the step's mask tail, read at most once per step)."""
-        valid = seg.all_valid
-        if valid is None:
-            valid = bool(seg.valid.all())
-        if not valid:
+        if not seg.padding_free():
             return False
         if step["tail_full"] is None:
             step["tail_full"] = bool(step["tail"].all())

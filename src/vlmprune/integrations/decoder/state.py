@@ -85,10 +85,11 @@ class Segment:
     counts: tuple[list[int], list[int]] | None = None  # (visual, valid) tokens per row, on the host once read
     shifted: bool | None = None  # whether ``shift`` is non-zero anywhere, once read (decode rotary)
 
-    @property
-    def all_valid(self) -> bool | None:
-        """No padding in this layout (from the host counts), or None when they are not read yet."""
-        return None if self.counts is None else all(v == self.length for v in self.counts[1])
+    def padding_free(self) -> bool:
+        """No padding in this layout: from the host counts once read, else read from the device."""
+        if self.counts is not None:
+            return all(v == self.length for v in self.counts[1])
+        return bool(self.valid.all())
 
     @property
     def length(self) -> int:

@@ -32,16 +32,10 @@ class _BatchedFetch:
         if not self.pending:
             return values.tolist()
         names = list(self.pending)
-        parts = [values.reshape(-1).long()] + [self.pending[k].reshape(-1).long().to(values.device) for k in names]
-        flat = torch.cat(parts).tolist()
-        start = values.numel()
-        for k in names:
-            n = self.pending[k].numel()
-            self.values[k] = flat[start:start + n]
-            start += n
+        host = to_host_lists([values, *(self.pending[k].to(values.device) for k in names)])
+        self.values.update(zip(names, host[1:]))
         self.pending = {}
-        return flat[:values.numel()]
-
+        return host[0]
 
 
 class VisionHandle(PruneHandle):
@@ -166,35 +160,35 @@ class VisionHandle(PruneHandle):
     def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = _as_kwargs(self._signature, args, kwargs)
         mm = dict(kw.get(K.MM_ENCODER_OUTPUTS) or {})
-        encoded = False
         input_ids = kw.get(K.INPUT_IDS)
-        with_pixels = [view for view in self._views if any(kw.get(f) is not None for f in
-                                                           (view.pixel_values_field, *view.pixel_values_aliases))]
-        self._fetch = _BatchedFetch({  # each modality's placeholders per row, to bring with the counts
-            view.image_modality: view.sequence_layout(self.model, input_ids, VisualLayout()).visual.sum(dim=1)
-            for view in with_pixels if input_ids is not None})
-        for view in self._views:  # encode each modality's pixels with the reducing encoder
+        given = []  # (view, its pixel fields, its pixels) of each modality passed as pixels
+        for view in self._views:
             fields = (view.pixel_values_field, *view.pixel_values_aliases)
             pixels = next((kw[f] for f in fields if kw.get(f) is not None), None)
-            if pixels is None:
-                continue
-            for f in fields[1:]:
-                kw.pop(f, None)
-            if mm.get(view.image_modality) is not None:
-                raise ValueError(f"pass either {view.pixel_values_field} or mm_encoder_outputs, not both")
-            mm[view.image_modality] = getattr(self._base, view.image_features_method)(**{
-                view.pixel_values_field: pixels, K.FEATURE_LAYER: kw.get(K.FEATURE_LAYER),
-                K.SELECT_STRATEGY: kw.get(K.SELECT_STRATEGY), K.IMAGE_SIZES: kw.get(K.IMAGE_SIZES),
-                **{name: kw.get(name) for name in view.image_geometry}, K.RETURN_DICT: True})
-            kw[view.pixel_values_field] = None
-            encoded = True
-        if encoded:
+            if pixels is not None:
+                given.append((view, fields, pixels))
+        # each modality's placeholders per row, brought to the host with the first method's counts
+        self._fetch = _BatchedFetch({view.image_modality: self._placeholders_per_row(view, input_ids)
+                                     for view, _, _ in given if input_ids is not None})
+        try:
+            for view, fields, pixels in given:  # encode each modality's pixels with the reducing encoder
+                for f in fields[1:]:
+                    kw.pop(f, None)
+                if mm.get(view.image_modality) is not None:
+                    raise ValueError(f"pass either {view.pixel_values_field} or mm_encoder_outputs, not both")
+                mm[view.image_modality] = getattr(self._base, view.image_features_method)(**{
+                    view.pixel_values_field: pixels, K.FEATURE_LAYER: kw.get(K.FEATURE_LAYER),
+                    K.SELECT_STRATEGY: kw.get(K.SELECT_STRATEGY), K.IMAGE_SIZES: kw.get(K.IMAGE_SIZES),
+                    **{name: kw.get(name) for name in view.image_geometry}, K.RETURN_DICT: True})
+                kw[view.pixel_values_field] = None
+            rows = self._fetch.values  # placeholders per row, fetched with the counts
+        finally:
+            self._fetch = None  # a later standalone encoding must not bring this prompt's values
+        if given:
             kw[K.MM_ENCODER_OUTPUTS] = mm
         features = {view.image_modality: view.image_tokens(mm[view.image_modality])
                     for view in self._views if mm.get(view.image_modality) is not None}
         features = {key: t for key, t in features.items() if t is not None}
-        rows = self._fetch.values if encoded else {}  # placeholders per row, fetched with the counts
-        self._fetch = None
         if features:
             return (), self._prefill(kw, features, rows)
         return (), self._continue(kw)
@@ -231,8 +225,7 @@ class VisionHandle(PruneHandle):
             todo.append((view, per_image, counts, slots, runs))
         missing = [view for view, *_ in todo if view.image_modality not in rows]
         if missing:  # e.g. generate() encoded the images before the prompt was seen: one transfer for all
-            host = to_host_lists([view.sequence_layout(model, input_ids, VisualLayout()).visual.sum(dim=1)
-                                  for view in missing])
+            host = to_host_lists([self._placeholders_per_row(view, input_ids) for view in missing])
             rows = {**rows, **{view.image_modality: r for view, r in zip(missing, host)}}
         removed: list[int] | None = [0] * input_ids.shape[0] if todo else None
         for view, per_image, counts, slots, runs in todo:
@@ -292,6 +285,10 @@ class VisionHandle(PruneHandle):
         adapter.after_rewrite(model, plan, pos)
         self.plan = plan
         return kw
+
+    def _placeholders_per_row(self, view: ModelAdapter, input_ids: Tensor) -> Tensor:
+        """[B] long: how many of ``view``'s placeholder tokens each row of ``input_ids`` holds."""
+        return view.sequence_layout(self.model, input_ids, VisualLayout()).visual.sum(dim=1)
 
     def _keep_columns(self, view: ModelAdapter, input_ids: Tensor, runs: list[int], counts: list[int],
                       slots: list[Tensor | None], rows: list[int] | None = None) -> Tensor:
