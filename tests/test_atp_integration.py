@@ -100,7 +100,7 @@ def test_soft_mode_uses_the_given_instruction_rows(model):
     try:
         with torch.no_grad(), handle.method_obj.instruction_rows(instr):
             model(**inputs)
-        assert [int(v.sum()) for _, v in seen] == [3, 3, 3]
+        assert [int(v.sum()) for _, v, _ in seen] == [3, 3, 3]
         with torch.no_grad():
             model(**inputs)  # outside the context: every text token after the image
         assert int(seen[-1][1].sum()) == 6

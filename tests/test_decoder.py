@@ -9,7 +9,7 @@ import vlmprune
 from vlmprune.integrations.compat import output_cache
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.handle import HANDLE_ATTR
-from vlmprune.integrations.decoder import Decision, DecoderMethodBase, attach, attention_rows
+from vlmprune.integrations.decoder import Decision, DecoderMethodBase, attach, attention_row_sums, attention_rows
 from vlmprune.methods.common import pack_mask
 from vlmprune.methods.fastv import row_scores, topk_visual
 
@@ -221,6 +221,26 @@ def test_attention_rows_multiple_rows_and_causality():
             torch.testing.assert_close(a[i, r].sum(), torch.tensor(1.0))
     s = row_scores(a, rv)
     assert s.shape == (b, length)
+
+
+@pytest.mark.parametrize("key_bias", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_row_sums_equal_reduced_rows(key_bias, kv_heads):
+    torch.manual_seed(1)
+    b, length, h, dh = 3, 9, 4, 8
+    q, k = torch.randn(b, length, h * dh), torch.randn(b, length, kv_heads * dh)
+    cos, sin = torch.randn(1, length, dh), torch.randn(1, length, dh)
+    valid = torch.ones(b, length, dtype=torch.bool)
+    valid[1, :3] = False  # left padding: padded rows count 0
+    rows, rv = pack_mask(valid)
+    weights = torch.rand(b, rows.shape[1], 2)
+    bias = torch.randn(b, length) if key_bias else None
+    kw = dict(num_heads=h, num_kv_heads=kv_heads, head_dim=dh, scaling=dh ** -0.5, key_bias=bias)
+    a = attention_rows(q, k, rows, rv, cos, sin, valid, **kw)
+    sums, own = attention_row_sums(q, k, rows, rv, weights, cos, sin, valid, chunk=4, **kw)
+    torch.testing.assert_close(sums, torch.einsum("brg,brl->bgl", weights * rv[..., None], a))
+    torch.testing.assert_close(own, a.gather(2, rows[..., None])[..., 0] * rv)
+    assert torch.isfinite(sums).all() and torch.isfinite(own).all()
 
 
 # ------------------------------------------------------------------------------------------ soft masks

@@ -26,6 +26,7 @@ from vlmprune.methods.atp import (
     min_average_tokens,
     per_layer_counts,
     redundancy_scores,
+    redundancy_scores_from_sums,
     scale_layers,
     soft_mask,
     spatial_grids,
@@ -95,6 +96,45 @@ def test_redundancy_scores_modes_and_options():
         redundancy_scores(A_VV[None], A_TV[None], mode="text")
     with pytest.raises(ValueError, match="does not match"):
         redundancy_scores(A_VV[None], torch.zeros(1, 2, 4))
+
+
+def _sums(vv, tv, valid, text_mask, w=None):
+    """The column sums ``redundancy_scores_from_sums`` takes, computed from the rows."""
+    w = valid.float() if w is None else valid.float() * w
+    own = vv.diagonal(dim1=1, dim2=2)
+    return (w[:, :, None] * vv).sum(1), own, (text_mask.float()[:, :, None] * tv).sum(1)
+
+
+def test_redundancy_scores_from_sums_hand_example():
+    # the causal part of the hand example (A[0, 2] zeroed, as a causal attention has it)
+    vv = A_VV.tril()[None]
+    ones = torch.ones(1, 3, dtype=torch.bool)
+    tmask = torch.ones(1, 2, dtype=torch.bool)
+    # self_sum = column sums [1.8, 0.7, 0.5]; own = [1.0, 0.4, 0.5]: key 0 (1.8 - 1.0) / 2 = 0.4,
+    # key 1 (0.7 - 0.4) / 1 = 0.3, key 2 (0.5 - 0.5) / 0 -> 0: the hand example's [1.0, 0.75, 0.0]
+    s = redundancy_scores_from_sums(*_sums(vv, A_TV[None], ones, tmask), ones, tmask)
+    torch.testing.assert_close(s.s_self, torch.tensor([[1.0, 0.75, 0.0]]))
+    torch.testing.assert_close(s.s_cross, torch.tensor([[0.5, 1.0, 1.0]]))
+    torch.testing.assert_close(s.s_r, torch.tensor([[0.75, 0.875, 0.5]]))
+    # query weights w = [1, 0.5, 1]: [1, 0.9, 0] as from the rows
+    w = torch.tensor([[1.0, 0.5, 1.0]])
+    s = redundancy_scores_from_sums(*_sums(vv, A_TV[None], ones, tmask, w), ones, tmask, query_weight=w)
+    torch.testing.assert_close(s.s_self, torch.tensor([[1.0, 0.9, 0.0]]))
+
+
+@pytest.mark.parametrize("mode", ["both", "self", "cross"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_redundancy_scores_from_sums_equal_rows(mode, causal):
+    vv, tv = random_attention(3, 7, 4, seed=3)  # causal attention, as the decoder produces
+    valid = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.3
+    valid[:, 0] = True
+    tmask = torch.tensor([[True] * 4, [True, True, False, False], [False] * 4])
+    w = torch.rand(3, 7, generator=torch.Generator().manual_seed(2))
+    ref = redundancy_scores(vv, tv, valid, tmask, mode=mode, causal=causal, query_weight=w)
+    s = redundancy_scores_from_sums(*_sums(vv, tv, valid, tmask, w), valid, tmask, mode=mode, causal=causal,
+                                    query_weight=w)
+    for name in ("s_self", "s_cross", "s_r"):
+        torch.testing.assert_close(getattr(s, name), getattr(ref, name), atol=1e-6, rtol=1e-5)
 
 
 def test_redundancy_scores_padding():

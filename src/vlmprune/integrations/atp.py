@@ -52,7 +52,7 @@ from ..methods import atp as A
 from ..methods.atp import units as U
 from ..methods.common import is_real, pack_mask, to_host_lists
 from .base import in_phase
-from .decoder import Decision, DecoderHandle, DecoderMethodBase, DecoderStats, LayerView
+from .decoder import Decision, DecoderHandle, DecoderMethodBase, DecoderStats, LayerView, RowSums
 
 __all__ = ["ATP", "ATPContext", "ATPStats", "ATPHandle", "build_atp", "attach_atp", "MODES", "BUDGET_COUNTS"]
 
@@ -333,33 +333,50 @@ class ATP(DecoderMethodBase):
         cols_t, valid_t = pack_mask(instr, ctx.text_width)  # [B, T]
         return cols_v, valid_v, cols_t, valid_t
 
-    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor]:
+    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor, Tensor]:
+        """The visual and instruction query rows, with the weights of the two column sums the scores
+        need (``RowSums``: group 0 = the visual rows, times the cumulative soft mask in training;
+        group 1 = the instruction rows); the [B, R, L] rows themselves are never built."""
         ctx: ATPContext = view.context
         ctx.pending = self._rows(view)
         cols_v, valid_v, cols_t, valid_t = ctx.pending
         score = self.pruner.config.score
+        w_v = valid_v.float()
+        prev = ctx.prev if self.mode == "soft" else None
+        if prev is not None and score != "cross":
+            if tuple(prev.shape) != tuple(valid_v.shape):
+                raise RuntimeError("atp: the visual layout changed between soft modules (tokens were dropped in "
+                                   "training mode)")
+            w_v = w_v * prev
         if score == "self":
-            return cols_v, valid_v
+            return cols_v, valid_v, w_v[:, :, None]
         if score == "cross":
-            return cols_t, valid_t
-        return torch.cat([cols_v, cols_t], dim=1), torch.cat([valid_v, valid_t], dim=1)
+            return cols_t, valid_t, valid_t.float()[:, :, None]
+        zeros_v, zeros_t = torch.zeros_like(w_v), torch.zeros_like(valid_t, dtype=w_v.dtype)
+        weights = torch.stack([torch.cat([w_v, zeros_t], 1), torch.cat([zeros_v, valid_t.to(w_v.dtype)], 1)], 2)
+        return torch.cat([cols_v, cols_t], dim=1), torch.cat([valid_v, valid_t], dim=1), weights  # [B, V+T, 2]
 
-    def select(self, view: LayerView, attn: Tensor | None) -> Decision:
+    def _scores(self, attn: RowSums, cols_v: Tensor, valid_v: Tensor, valid_t: Tensor, prev: Tensor | None,
+                slots: Any) -> Any:
+        """ATP's scores from the column sums ``score_rows`` asked for, at the visual key columns."""
+        score = self.pruner.config.score
+        vlen = cols_v.shape[1]
+        self_sum = own = cross_sum = None
+        if score != "cross":
+            self_sum = attn.sums[:, 0].gather(1, cols_v)  # [B, V]
+            own = attn.own[:, :vlen]  # visual rows come first
+        if score != "self":
+            cross_sum = attn.sums[:, 1 if score == "both" else 0].gather(1, cols_v)
+        return self.pruner.scores_from_sums(self_sum, own, cross_sum, valid_v, valid_t, query_weight=prev,
+                                            slots=slots)
+
+    def select(self, view: LayerView, attn: RowSums | None) -> Decision:
         ctx: ATPContext = view.context
         pr = self.pruner
         layer = view.layer - 1  # the module follows layer p - 1
         cols_v, valid_v, cols_t, valid_t = ctx.pending if ctx.pending is not None else self._rows(view)
         ctx.pending = None
         bsz, length = view.valid.shape
-        vlen, tlen = cols_v.shape[1], cols_t.shape[1]
-        score = pr.config.score
-        attn_vv = attn_tv = None
-        off = 0
-        if score != "cross":  # rows [0, V): visual queries; keys gathered at the visual columns
-            attn_vv = attn[:, :vlen].gather(2, cols_v[:, None, :].expand(bsz, vlen, vlen))  # [B, V, V]
-            off = vlen
-        if score != "self":
-            attn_tv = attn[:, off:off + tlen].gather(2, cols_v[:, None, :].expand(bsz, tlen, vlen))  # [B, T, V]
         src = view.source.gather(1, cols_v).clamp(min=0)
         patch = ctx.patch0.gather(1, src)  # [B, V]
         unit = torch.where(valid_v, ctx.unit0.gather(1, src), torch.full_like(patch, -1))
@@ -373,10 +390,7 @@ class ATP(DecoderMethodBase):
 
         if self.mode == "soft":
             prev = ctx.prev
-            if prev is not None and tuple(prev.shape) != tuple(valid_v.shape):
-                raise RuntimeError("atp: the visual layout changed between soft modules (tokens were dropped in "
-                                   "training mode)")
-            scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t, query_weight=prev, slots=slots)
+            scores = self._scores(attn, cols_v, valid_v, valid_t, prev, slots)
             step = pr.soft_step(layer, scores, patch, prev, tau=self.tau, slots=slots)
             ctx.prev = step.cumulative
             count = step.count
@@ -398,7 +412,7 @@ class ATP(DecoderMethodBase):
             self._last_module_average(ctx, layer, info)
             return Decision(soft=soft, info=info)
 
-        scores = pr.scores(attn_vv, attn_tv, valid_v, valid_t, slots=slots)
+        scores = self._scores(attn, cols_v, valid_v, valid_t, None, slots)
         step = pr.hard_step(layer, scores, patch, slots=slots, check=not ctx.checked)
         keep = step.keep & valid_v
         cols_keep = torch.zeros(bsz, length + 1, dtype=torch.bool, device=keep.device).scatter(1, dump, keep)

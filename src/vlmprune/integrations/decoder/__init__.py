@@ -64,9 +64,9 @@ hooks), static / offloaded caches, beam reorders across different samples, chunk
 
 from __future__ import annotations
 
-from .attention import _rope, _soft_mask, attention_rows
+from .attention import _rope, _soft_mask, attention_row_sums, attention_rows
 from .handle import DecoderHandle, attach
-from .protocol import Decision, DecoderMethod, DecoderMethodBase, LayerView
+from .protocol import Decision, DecoderMethod, DecoderMethodBase, LayerView, RowSums
 from .state import DecoderState, DecoderStats, Segment
 
 __all__ = [
@@ -78,5 +78,7 @@ __all__ = [
     "DecoderState",
     "DecoderHandle",
     "attention_rows",
+    "attention_row_sums",
+    "RowSums",
     "attach",
 ]

@@ -12,8 +12,8 @@ from torch import Tensor
 from ...methods.common import gather_rows, to_host_lists
 from ..base import ModelAdapter, PruneHandle, in_phase
 from ..compat import K, get_cache, layer_keys, output_cache
-from .attention import _soft_mask, attention_rows
-from .protocol import Decision, DecoderMethodBase, LayerView
+from .attention import _soft_mask, attention_row_sums, attention_rows
+from .protocol import Decision, DecoderMethodBase, LayerView, RowSums
 from .state import DecoderState, DecoderStats, Segment, _first_position, _last_true, _take_positions
 
 
@@ -254,8 +254,9 @@ class DecoderHandle(PruneHandle):
 
     @in_phase("score")
     def _scores(self, p: int, hidden: Tensor, seg: Segment, rows: Tensor, rows_valid: Tensor,
-                cache: Any = None) -> Tensor:
-        """[B, R, L] head-mean attention of layer p-1 (or layer 0 on its input when p == 0).
+                cache: Any = None, weights: Tensor | None = None) -> Tensor | RowSums:
+        """[B, R, L] head-mean attention of layer p-1 (or layer 0 on its input when p == 0); with
+        ``weights`` [B, R, G], only their weighted sums of those rows (``RowSums``).
 
         Layer p-1's rotated keys are read from its KV-cache entry when there is one (no key is
         recomputed); without a cache they are re-rotated from the captured ``k_proj`` output.
@@ -276,9 +277,11 @@ class DecoderHandle(PruneHandle):
             q, k = cap["q"], cap["k"]
             cos, sin = st.pos_emb_used[p - 1]
             roped = layer_keys(cache, p - 1, (k.shape[0], self.num_kv_heads, seg.length, self.head_dim))
-        return attention_rows(q, k, rows, rows_valid, cos, sin, seg.valid, num_heads=self.num_heads,
-                              num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, scaling=self.scaling,
-                              key_bias=seg.key_bias(), roped_keys=roped)
+        kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                  scaling=self.scaling, key_bias=seg.key_bias(), roped_keys=roped)
+        if weights is not None:
+            return RowSums(*attention_row_sums(q, k, rows, rows_valid, weights, cos, sin, seg.valid, **kw))
+        return attention_rows(q, k, rows, rows_valid, cos, sin, seg.valid, **kw)
 
     def _prune(self, p: int, hidden: Tensor, cache: Any = None) -> Tensor:
         st = self.state
@@ -287,8 +290,9 @@ class DecoderHandle(PruneHandle):
         req = self.method_obj.score_rows(view)
         attn = None
         if req is not None:
-            rows, rows_valid = req
-            attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device), cache)
+            rows, rows_valid, *weights = req
+            weights = weights[0].to(hidden.device) if weights else None
+            attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device), cache, weights)
         st.captured.pop(p - 1, None)  # free the projections
         with self.phase("select"):
             dec = self.method_obj.select(view, attn)

@@ -73,6 +73,19 @@ class Decision:
     counts: tuple[list[int], list[int]] | None = None
 
 
+@dataclass
+class RowSums:
+    """What ``select`` gets when ``score_rows`` asked for weighted sums of the attention rows.
+
+    ``sums`` [B, G, L] float32: sum_r weights[b, r, g] * A[b, r, :], A the head-mean post-softmax
+    attention of the requested rows over the current keys; ``own`` [B, R] float32: A[b, r, rows[b, r]],
+    each row's attention to its own column. Invalid rows count 0 in both.
+    """
+
+    sums: Tensor
+    own: Tensor
+
+
 @runtime_checkable
 class DecoderMethod(Protocol):
     """The interface the machinery drives (see ``DecoderMethodBase`` for defaults)."""
@@ -84,9 +97,9 @@ class DecoderMethod(Protocol):
 
     def prepare(self, embeds: Tensor, view: LayerView) -> Any: ...
 
-    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor] | None: ...
+    def score_rows(self, view: LayerView) -> tuple[Tensor, ...] | None: ...
 
-    def select(self, view: LayerView, attn: Tensor | None) -> Decision: ...
+    def select(self, view: LayerView, attn: Tensor | RowSums | None) -> Decision: ...
 
 
 class DecoderMethodBase:
@@ -95,8 +108,10 @@ class DecoderMethodBase:
     ``prune_layers(num_layers)``: sorted prune points in [0, num_layers).
     ``prepare(embeds [B, L0, D], view)``: once per prefill, on the decoder's input embeddings.
     ``score_rows(view)``: ([B, R] long columns, [B, R] bool valid) of the query rows whose attention
-    to every current key is needed, or None when no attention is needed.
-    ``select(view, attn [B, R, L] float32 or None)``: the ``Decision``.
+    to every current key is needed, or None when no attention is needed; or (columns, valid,
+    weights [B, R, G]) when only G weighted sums of those rows are needed (``RowSums``: the
+    [B, R, L] rows are then never materialised).
+    ``select(view, attn)``: the ``Decision``; ``attn`` is [B, R, L] float32, a ``RowSums``, or None.
     ``needs_grids``: True when the method reads where each visual token lies on its image's grids
     (``LayerView.layout.grid_unit`` / ``grid_patch``, from ``adapter.grid_layout``).
     """
@@ -111,8 +126,8 @@ class DecoderMethodBase:
     def prepare(self, embeds: Tensor, view: LayerView) -> Any:
         return None
 
-    def score_rows(self, view: LayerView) -> tuple[Tensor, Tensor] | None:
+    def score_rows(self, view: LayerView) -> tuple[Tensor, ...] | None:
         return None
 
-    def select(self, view: LayerView, attn: Tensor | None) -> Decision:
+    def select(self, view: LayerView, attn: Tensor | RowSums | None) -> Decision:
         raise NotImplementedError

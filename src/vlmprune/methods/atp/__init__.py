@@ -48,7 +48,7 @@ from .budget import (
 from .config import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, ATPConfig
 from .hard import fixed_priority, hard_keep, topk_keep
 from .pruner import ATPPruner, HardStep, SoftStep, per_sample_thresholds
-from .scores import SCORE_MODES, ATPScores, redundancy_scores
+from .scores import SCORE_MODES, ATPScores, redundancy_scores, redundancy_scores_from_sums
 from .soft import (
     COMBINE_MODES,
     TAU_SCHEDULES,
@@ -85,6 +85,7 @@ __all__ = [
     "ATPPruner",
     "UnitSlots",
     "redundancy_scores",
+    "redundancy_scores_from_sums",
     "default_strides",
     "spatial_grids",
     "spatial_scores",

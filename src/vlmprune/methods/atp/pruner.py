@@ -24,7 +24,7 @@ from . import units as U
 from .budget import BudgetLoss, average_tokens, budget_loss, fixed_ratio_counts, per_layer_counts
 from .config import CONFIG_NAME, FORMAT, WEIGHTS_NAME, ATPConfig, read_config, write_config
 from .hard import fixed_priority, hard_keep, topk_keep
-from .scores import ATPScores, redundancy_scores
+from .scores import ATPScores, redundancy_scores, redundancy_scores_from_sums
 from .soft import anneal_tau, cumulative_mask, log_mask, soft_mask, straight_through_count, topk_soft_mask
 from .spatial import spatial_scores
 from .thresholds import ATPModule, Thresholds
@@ -105,6 +105,15 @@ class ATPPruner(nn.Module):
         groups = None if slots is None else (slots.group, slots.num_groups)
         s = redundancy_scores(attn_vv, attn_tv, valid, text_mask, mode=self.config.score,
                               causal=self.config.causal, query_weight=query_weight, groups=groups)
+        return s.detach() if self.config.detach_scores else s
+
+    def scores_from_sums(self, self_sum: Tensor | None, self_own: Tensor | None, cross_sum: Tensor | None,
+                         valid: Tensor, text_mask: Tensor | None = None, query_weight: Tensor | None = None,
+                         slots: UnitSlots | None = None) -> ATPScores:
+        """``scores`` from the column sums of a causal attention (``redundancy_scores_from_sums``)."""
+        groups = None if slots is None else (slots.group, slots.num_groups)
+        s = redundancy_scores_from_sums(self_sum, self_own, cross_sum, valid, text_mask, mode=self.config.score,
+                                        causal=self.config.causal, query_weight=query_weight, groups=groups)
         return s.detach() if self.config.detach_scores else s
 
     def spatial_for(self, patch_index: Tensor | None, valid: Tensor) -> Tensor:
