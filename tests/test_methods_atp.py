@@ -120,6 +120,10 @@ def test_redundancy_scores_from_sums_hand_example():
     w = torch.tensor([[1.0, 0.5, 1.0]])
     s = redundancy_scores_from_sums(*_sums(vv, A_TV[None], ones, tmask, w), ones, tmask, query_weight=w)
     torch.testing.assert_close(s.s_self, torch.tensor([[1.0, 0.9, 0.0]]))
+    with pytest.raises(ValueError, match="self_own must be a torch.Tensor"):
+        redundancy_scores_from_sums(torch.zeros(1, 3), None, None, ones, tmask, mode="self")
+    with pytest.raises(ValueError, match="cross_sum must have the shape of valid"):
+        redundancy_scores_from_sums(None, None, torch.zeros(1, 4), ones, tmask, mode="cross")
 
 
 @pytest.mark.parametrize("mode", ["both", "self", "cross"])

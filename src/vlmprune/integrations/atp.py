@@ -357,7 +357,7 @@ class ATP(DecoderMethodBase):
         return torch.cat([cols_v, cols_t], dim=1), torch.cat([valid_v, valid_t], dim=1), weights  # [B, V+T, 2]
 
     def _scores(self, attn: RowSums, cols_v: Tensor, valid_v: Tensor, valid_t: Tensor, prev: Tensor | None,
-                slots: Any) -> Any:
+                slots: Any) -> A.ATPScores:
         """ATP's scores from the column sums ``score_rows`` asked for, at the visual key columns."""
         score = self.pruner.config.score
         vlen = cols_v.shape[1]

@@ -120,7 +120,7 @@ def attention_row_sums(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Te
     kk = _keys(k, cos, sin, bsz, num_kv_heads, head_dim, roped_keys)
     length = kk.shape[2]
     groups = weights.shape[2]
-    sums = torch.zeros(bsz, 1, groups, length, dtype=torch.float32, device=kk.device)
+    sums = torch.zeros(bsz, groups, length, dtype=torch.float32, device=kk.device)
     own = []
     for start in range(0, rows.shape[1], chunk):
         r = rows[:, start:start + chunk].clamp(0, length - 1)  # [B, r]
@@ -130,11 +130,11 @@ def attention_row_sums(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Te
         probs = _chunk_probs(q, kk, r, cos, sin, allowed, num_heads=num_heads, num_kv_heads=num_kv_heads,
                              head_dim=head_dim, scaling=scaling, key_bias=key_bias)  # [B, H, r, L]
         w = (weights[:, start:start + chunk].float() * rv[:, :, None]).transpose(1, 2)  # [B, G, r]
-        sums += torch.matmul(w[:, None], probs).sum(1, keepdim=True)  # [B, 1, G, L]
+        sums += torch.matmul(w[:, None], probs).sum(1)  # [B, H, G, L] -> [B, G, L]
         diag = probs.gather(3, r[:, None, :, None].expand(-1, num_heads, -1, 1))[..., 0]  # [B, H, r]
         own.append(diag.mean(1) * rv)
     own_all = torch.cat(own, dim=1) if own else torch.zeros(bsz, 0, device=kk.device)
-    return sums[:, 0].div_(num_heads), own_all
+    return sums.div_(num_heads), own_all
 
 
 def _soft_mask(key_valid: Tensor, bias: Tensor, dtype: torch.dtype, *, q_len: int, past: int) -> Tensor:

@@ -157,6 +157,11 @@ def redundancy_scores_from_sums(
     check_choice(mode, "mode", SCORE_MODES)
     check_tensor(valid, "valid", 2, "[B, V]", floating=False)
     vf = valid.float()
+    needed = [("self_sum", self_sum), ("self_own", self_own)] if mode != "cross" else []
+    needed += [("cross_sum", cross_sum)] if mode != "self" else []
+    for name, x in needed:
+        if check_tensor(x, name, 2, "[B, V]").shape != valid.shape:
+            raise ValueError(f"{name} must have the shape of valid {tuple(valid.shape)}, got {tuple(x.shape)}")
     s_self = s_cross = None
     if mode != "cross":
         w = vf if query_weight is None else vf * check_tensor(query_weight, "query_weight", 2, "[B, V]").float()
