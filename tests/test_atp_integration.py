@@ -379,3 +379,14 @@ def test_positional_ablation_renumbers_survivors_and_stays_exact(model, position
 def test_positions_option_is_checked():
     with pytest.raises(ValueError, match="positions must be one of"):
         build_atp(fixed_ratio=0.5, positions="renumber")
+
+
+def test_visual_row_bounds_hand_example():
+    from vlmprune.integrations.atp import _visual_row_bounds
+
+    # L = 6; sample 0 has 3 visual columns, sample 1 has 1. Row i of a sample with V visual columns
+    # sits at column <= L - V + i: row 0 <= 3 (sample 0) or <= 5 (sample 1) -> bound 6; row 1 is
+    # padding for sample 1 -> 6 - 3 + 1 + 1 = 5; row 2 -> 6.
+    assert _visual_row_bounds(([3, 1], [6, 6]), 3, 6) == [6, 5, 6]
+    assert _visual_row_bounds(([2, 2], [4, 3]), 2, 4) == [3, 4]
+    assert _visual_row_bounds(None, 3, 6) is None

@@ -241,6 +241,16 @@ def test_attention_row_sums_equal_reduced_rows(key_bias, kv_heads):
     torch.testing.assert_close(sums, torch.einsum("brg,brl->bgl", weights * rv[..., None], a))
     torch.testing.assert_close(own, a.gather(2, rows[..., None])[..., 0] * rv)
     assert torch.isfinite(sums).all() and torch.isfinite(own).all()
+    # host bounds of the rows' columns: each chunk scores only the keys it can attend to (causal);
+    # the exact bounds (column + 1) and looser ones give the same sums
+    exact = [int(c) + 1 for c in torch.where(rv, rows, -1).amax(0)]
+    for bounds in (exact, [min(length, e + 2) for e in exact]):
+        sums_b, own_b = attention_row_sums(q, k, rows, rv, weights, cos, sin, valid, chunk=4,
+                                           row_bounds=bounds, **kw)
+        torch.testing.assert_close(sums_b, sums)
+        torch.testing.assert_close(own_b, own)
+    with pytest.raises(ValueError, match="one bound per row"):
+        attention_row_sums(q, k, rows, rv, weights, cos, sin, valid, row_bounds=exact[:-1], **kw)
 
 
 # ------------------------------------------------------------------------------------------ soft masks

@@ -170,6 +170,24 @@ class ATPStats(DecoderStats):
 # ================================================================================ the method
 
 
+def _visual_row_bounds(counts: tuple[list[int], list[int]] | None, width: int, length: int) -> list[int] | None:
+    """Host bounds of the packed visual rows' columns (``attention_row_sums``' ``row_bounds``).
+
+    Row i of sample b is the i-th of its V_b visual columns, ascending and distinct in [0, L), so
+    ``col <= L - V_b + i``; the bound of row i is that plus one, maximised over the samples with
+    V_b > i (the others' row i is padding). None when the counts are not on the host.
+    """
+    if counts is None:
+        return None
+    visual = sorted(counts[0])
+    bounds, j = [], 0
+    for i in range(width):
+        while j < len(visual) and visual[j] <= i:  # samples whose row i is padding
+            j += 1
+        bounds.append(length if j == len(visual) else length - visual[j] + i + 1)
+    return bounds
+
+
 class ATP(DecoderMethodBase):
     """ATP modules as a decoder-stage method (see the module docstring)."""
 
@@ -348,13 +366,17 @@ class ATP(DecoderMethodBase):
                 raise RuntimeError("atp: the visual layout changed between soft modules (tokens were dropped in "
                                    "training mode)")
             w_v = w_v * prev
-        if score == "self":
-            return cols_v, valid_v, w_v[:, :, None]
         if score == "cross":
             return cols_t, valid_t, valid_t.float()[:, :, None]
+        bounds = _visual_row_bounds(view.counts, cols_v.shape[1], view.valid.shape[1])
+        if score == "self":
+            return cols_v, valid_v, w_v[:, :, None], *([bounds] if bounds is not None else [])
         zeros_v, zeros_t = torch.zeros_like(w_v), torch.zeros_like(valid_t, dtype=w_v.dtype)
         weights = torch.stack([torch.cat([w_v, zeros_t], 1), torch.cat([zeros_v, valid_t.to(w_v.dtype)], 1)], 2)
-        return torch.cat([cols_v, cols_t], dim=1), torch.cat([valid_v, valid_t], dim=1), weights  # [B, V+T, 2]
+        rows = torch.cat([cols_v, cols_t], dim=1), torch.cat([valid_v, valid_t], dim=1), weights  # [B, V+T, 2]
+        if bounds is None:
+            return rows
+        return *rows, bounds + [view.valid.shape[1]] * cols_t.shape[1]
 
     def _scores(self, attn: RowSums, cols_v: Tensor, valid_v: Tensor, valid_t: Tensor, prev: Tensor | None,
                 slots: Any) -> A.ATPScores:

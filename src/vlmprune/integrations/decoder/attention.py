@@ -3,6 +3,8 @@ with (``attention_rows``, from the q/k projections with Llama-style RoPE) and th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -106,7 +108,8 @@ def attention_rows(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Tensor
 def attention_row_sums(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Tensor, weights: Tensor,
                        cos: Tensor, sin: Tensor, key_valid: Tensor, *, num_heads: int, num_kv_heads: int,
                        head_dim: int, scaling: float, key_bias: Tensor | None = None, chunk: int = 128,
-                       roped_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       roped_keys: Tensor | None = None,
+                       row_bounds: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Weighted sums of the head-mean attention rows, without materialising the rows.
 
     Inputs as ``attention_rows``, plus weights [B, R, G] (G groups of rows). Returns
@@ -114,6 +117,11 @@ def attention_row_sums(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Te
     A[b, r, rows[b, r]], each row's attention to its own column), where A = ``attention_rows(...)``
     (invalid rows count 0 in both). The same quantities as reducing ``attention_rows``' output,
     up to float summation order; memory: [B, H, chunk, L] at a time, nothing of size [B, R, L].
+
+    ``row_bounds``: R ints on the host with ``rows[b, i] < row_bounds[i]`` for every valid row i of
+    every sample. Attention is causal, so keys at or after a chunk's largest bound get no weight
+    from its rows: they are not computed, and a chunk of early rows costs its part of the causal
+    triangle instead of the whole [chunk, L] square. Without them every chunk spans all L keys.
     """
     bsz = rows.shape[0]
     cos, sin = cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)
@@ -122,15 +130,20 @@ def attention_row_sums(q: Tensor, k: Tensor | None, rows: Tensor, rows_valid: Te
     groups = weights.shape[2]
     sums = torch.zeros(bsz, groups, length, dtype=torch.float32, device=kk.device)
     own = []
+    if row_bounds is not None and len(row_bounds) != rows.shape[1]:
+        raise ValueError(f"row_bounds must hold one bound per row ({rows.shape[1]}), got {len(row_bounds)}")
     for start in range(0, rows.shape[1], chunk):
-        r = rows[:, start:start + chunk].clamp(0, length - 1)  # [B, r]
+        # keys [0, span) can carry weight for this chunk's rows (all keys without bounds)
+        span = length if row_bounds is None else min(length, max(1, max(row_bounds[start:start + chunk])))
+        r = rows[:, start:start + chunk].clamp(0, span - 1)  # [B, r]
         rv = rows_valid[:, start:start + chunk]
         # invalid rows may attend anywhere (finite, weighted 0) so that no NaN reaches the sums
-        allowed = _allowed(key_valid, r, length) | ~rv[:, :, None]
-        probs = _chunk_probs(q, kk, r, cos, sin, allowed, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                             head_dim=head_dim, scaling=scaling, key_bias=key_bias)  # [B, H, r, L]
+        allowed = _allowed(key_valid[:, :span], r, span) | ~rv[:, :, None]
+        probs = _chunk_probs(q, kk[:, :, :span], r, cos, sin, allowed, num_heads=num_heads,
+                             num_kv_heads=num_kv_heads, head_dim=head_dim, scaling=scaling,
+                             key_bias=None if key_bias is None else key_bias[:, :span])  # [B, H, r, span]
         w = (weights[:, start:start + chunk].float() * rv[:, :, None]).transpose(1, 2)  # [B, G, r]
-        sums += torch.matmul(w[:, None], probs).sum(1)  # [B, H, G, L] -> [B, G, L]
+        sums[:, :, :span] += torch.matmul(w[:, None], probs).sum(1)  # [B, H, G, span] -> [B, G, span]
         diag = probs.gather(3, r[:, None, :, None].expand(-1, num_heads, -1, 1))[..., 0]  # [B, H, r]
         own.append(diag.mean(1) * rv)
     own_all = torch.cat(own, dim=1) if own else torch.zeros(bsz, 0, device=kk.device)

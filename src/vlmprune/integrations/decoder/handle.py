@@ -254,9 +254,11 @@ class DecoderHandle(PruneHandle):
 
     @in_phase("score")
     def _scores(self, p: int, hidden: Tensor, seg: Segment, rows: Tensor, rows_valid: Tensor,
-                cache: Any = None, weights: Tensor | None = None) -> Tensor | RowSums:
+                cache: Any = None, weights: Tensor | None = None,
+                row_bounds: list[int] | None = None) -> Tensor | RowSums:
         """[B, R, L] head-mean attention of layer p-1 (or layer 0 on its input when p == 0); with
-        ``weights`` [B, R, G], only their weighted sums of those rows (``RowSums``).
+        ``weights`` [B, R, G], only their weighted sums of those rows (``RowSums``; ``row_bounds``:
+        the method's host bounds of the rows' columns, see ``attention_row_sums``).
 
         Layer p-1's rotated keys are read from its KV-cache entry when there is one (no key is
         recomputed); without a cache they are re-rotated from the captured ``k_proj`` output.
@@ -280,7 +282,8 @@ class DecoderHandle(PruneHandle):
         kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                   scaling=self.scaling, key_bias=seg.key_bias(), roped_keys=roped)
         if weights is not None:
-            return RowSums(*attention_row_sums(q, k, rows, rows_valid, weights, cos, sin, seg.valid, **kw))
+            return RowSums(*attention_row_sums(q, k, rows, rows_valid, weights, cos, sin, seg.valid,
+                                               row_bounds=row_bounds, **kw))
         return attention_rows(q, k, rows, rows_valid, cos, sin, seg.valid, **kw)
 
     def _prune(self, p: int, hidden: Tensor, cache: Any = None) -> Tensor:
@@ -290,9 +293,11 @@ class DecoderHandle(PruneHandle):
         req = self.method_obj.score_rows(view)
         attn = None
         if req is not None:
-            rows, rows_valid, *weights = req
-            weights = weights[0].to(hidden.device) if weights else None
-            attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device), cache, weights)
+            rows, rows_valid, *rest = req
+            weights = rest[0].to(hidden.device) if rest else None
+            bounds = rest[1] if len(rest) > 1 else None
+            attn = self._scores(p, hidden, seg, rows.to(hidden.device), rows_valid.to(hidden.device), cache, weights,
+                                bounds)
         st.captured.pop(p - 1, None)  # free the projections
         with self.phase("select"):
             dec = self.method_obj.select(view, attn)

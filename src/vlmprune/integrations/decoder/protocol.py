@@ -110,7 +110,9 @@ class DecoderMethodBase:
     ``score_rows(view)``: ([B, R] long columns, [B, R] bool valid) of the query rows whose attention
     to every current key is needed, or None when no attention is needed; or (columns, valid,
     weights [B, R, G]) when only G weighted sums of those rows are needed (``RowSums``: the
-    [B, R, L] rows are then never materialised).
+    [B, R, L] rows are then never materialised); or (columns, valid, weights, bounds) with
+    ``bounds`` R host ints, ``columns[b, i] < bounds[i]`` for every valid row i, so that each
+    chunk of rows is scored over the keys it can attend to only (the causal triangle).
     ``select(view, attn)``: the ``Decision``; ``attn`` is [B, R, L] float32, a ``RowSums``, or None.
     ``needs_grids``: True when the method reads where each visual token lies on its image's grids
     (``LayerView.layout.grid_unit`` / ``grid_patch``, from ``adapter.grid_layout``).
