@@ -19,8 +19,8 @@ import torch
 import vlmprune
 from atp_helpers import set_constant_thresholds
 from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
-                      make_next_inputs, make_qwen_inputs, make_tiny_llava_next, make_tiny_qwen2_vl, module_hooks,
-                      qwen_row, warm_up)
+                      assert_mixed_batch_equals_singles, make_next_inputs, make_qwen_inputs, make_qwen_mixed_inputs,
+                      make_tiny_llava_next, make_tiny_qwen2_vl, module_hooks, qwen_mixed_row, qwen_row, warm_up)
 from vlmprune.integrations.atp import attach_atp
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.handle import HANDLE_ATTR
@@ -292,6 +292,58 @@ def test_samples_with_two_images_are_refused_in_one_line(model):
     with pytest.raises(ValueError, match="thresholds must be one of unit, sample"):
         vlmprune.apply(model, "atp", fixed_ratio=0.5, thresholds="image")
     assert _is_stock(model)
+
+
+# ------------------------------------------------------------------------------------------ Qwen videos
+
+#: a 2-slice video, an image, a 3-slice video ((t, h, w) patches; one visual input per sample)
+QWEN_VIDEO_ITEMS = [(2, 4, 4), (1, 4, 6), (3, 4, 6)]
+
+
+def _qwen_video_inputs(model):
+    return make_qwen_mixed_inputs(QWEN_VIDEO_ITEMS, (3, 1, 2), (2, 5, 1))
+
+
+def test_qwen_video_grids_are_one_unit_per_slice(model):
+    """Videos: every temporal slice of a video is a unit on its merged grid, slice s's j-th
+    placeholder at patch j; the image between the videos keeps its own unit (runs in prompt order)."""
+    if model._test_family == "llava_next":
+        pytest.skip("LLaVA-NeXT has no video inputs")
+    adapter = get_adapter(model)
+    inputs = _qwen_video_inputs(model)
+    visual = adapter.visual_columns(model, inputs["input_ids"])
+    seen = {}
+    hook = adapter.get_language_model(model).register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    model(**inputs)
+    hook.remove()
+    layout = adapter.lm_layout(model, visual, seen.get("position_ids"))
+    names = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    lay = adapter.grid_layout(model, layout, seen["inputs_embeds"], {k: inputs.get(k) for k in names})
+    expect, first = [], []
+    for i, (t, h, w) in enumerate(QWEN_VIDEO_ITEMS):
+        first.append(len(expect))
+        expect += [(i, (h // 2, w // 2), f) for f in range(t)]
+    assert [(u.image, u.grid, u.crop) for u in lay.units] == expect
+    for b, (t, h, w) in enumerate(QWEN_VIDEO_ITEMS):
+        cols = torch.nonzero(visual[b]).flatten()
+        n = h * w // 4
+        assert torch.equal(lay.grid_unit[b, cols], first[b] + torch.arange(t).repeat_interleave(n))
+        assert torch.equal(lay.grid_patch[b, cols], torch.arange(n).repeat(t))
+    assert (lay.grid_unit[~visual] == -1).all()
+    # the image keywords without the video ones: the videos' placeholders are not accounted for
+    with pytest.raises(ValueError, match="placeholders"):
+        adapter.grid_layout(model, layout, seen["inputs_embeds"],
+                            {k: inputs.get(k) for k in ("input_ids", "pixel_values", "image_grid_thw")})
+
+
+def test_qwen_video_ragged_batch_equals_single_samples(model, checkpoint):
+    """ATP with content-dependent thresholds on a batch of videos and an image (different slice
+    counts and grids) == each sample alone: tokens, logits and visual counts."""
+    if model._test_family == "llava_next":
+        pytest.skip("LLaVA-NeXT has no video inputs")
+    assert_mixed_batch_equals_singles(model, _qwen_video_inputs(model), lambda inp, b: qwen_mixed_row(inp, b, QWEN_VIDEO_ITEMS),
+                                      "atp", {"checkpoint": checkpoint}, QWEN_GEN, [IMAGE_TOKEN_ID, QWEN_VIDEO_ID],
+                                      atol=ATOL)
 
 
 # ------------------------------------------------------------------------------------------ training plumbing

@@ -297,7 +297,7 @@ def test_video_budget_is_per_frame(model):
         assert torch.equal(mine[:7], full[expect]) and torch.isnan(mine[7:]).all()
 
 
-@pytest.mark.parametrize("method,options", PRUNING[:-1])  # ATP: refused on videos (below)
+@pytest.mark.parametrize("method,options", PRUNING)
 def test_video_mixed_batch_equals_single_samples(model, method, options):
     assert_mixed_batch_equals_singles(model, _mixed(model), _mixed_row, method, options, GEN, VISUAL_IDS)
 
@@ -348,6 +348,35 @@ def test_atp_grids_are_the_base_image_and_the_packed_mosaic(model):
     assert on_grid == [n - rows for n, rows in zip(COUNTS, (2, 4, 6, 3))]
 
 
+def test_atp_grids_of_videos_are_one_unit_per_frame(model):
+    """Videos among images: each frame a unit on the pooled 2x2 grid (frame f's j-th token at patch
+    j), the video's final newline on no grid; the images keep their base and mosaic units, in the
+    prompt's order."""
+    adapter = get_adapter(model)
+    inputs = _mixed(model)
+    embeds = {}
+    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, k: embeds.update(x=k["inputs_embeds"]),
+                                                                with_kwargs=True)
+    model(**inputs)
+    hook.remove()
+    visual = adapter.visual_columns(model, inputs["input_ids"])
+    lm = adapter.lm_layout(model, visual)
+    names = ("input_ids", "pixel_values", "image_sizes", "pixel_values_videos")
+    grids = adapter.grid_layout(model, lm, embeds["x"], {k: inputs.get(k) for k in names})
+    images = adapter.image_layout(model, inputs["pixel_values"], inputs["image_sizes"]).units
+    expect = ([(0, (2, 2), f) for f in range(3)] + [(1, u.grid, 0) for u in images if u.image == 0]
+              + [(2, (2, 2), f) for f in range(3)] + [(3, u.grid, 0) for u in images if u.image == 1])
+    assert [(u.image, u.grid, u.frame) for u in grids.units] == expect
+    for b, first in ((0, 0), (2, len(expect) - 3 - sum(u.image == 1 for u in images))):
+        cols = torch.nonzero(visual[b]).flatten()
+        assert torch.equal(grids.grid_unit[b, cols], torch.tensor([first + f for f in range(3) for _ in range(4)] + [-1]))
+        assert torch.equal(grids.grid_patch[b, cols], torch.tensor(list(range(4)) * 3 + [-1]))
+    with pytest.raises(ValueError, match="placeholders do not match"):  # the videos' pixels not given
+        adapter.grid_layout(model, lm, embeds["x"], {"input_ids": inputs["input_ids"], "pixel_values_videos":
+                                                     inputs["pixel_values_videos"][:1], "pixel_values": inputs["pixel_values"],
+                                                     "image_sizes": inputs["image_sizes"]})
+
+
 def test_budgets_and_refusals_are_one_clear_line(model):
     with pytest.raises(ValueError, match="keep=10 is more than the 9") as err:
         vlmprune.apply(model, "sequential", keep=10)
@@ -360,10 +389,6 @@ def test_budgets_and_refusals_are_one_clear_line(model):
     with vlmprune.pruned(model, "sequential", keep=9):
         with pytest.raises(ValueError, match="more than the N = 6") as err:
             model(**small)
-    assert "\n" not in str(err.value)
-    with vlmprune.pruned(model, "atp", fixed_ratio=0.5):  # ATP: videos are not among the images' grids
-        with pytest.raises(ValueError) as err:
-            model(**_mixed(model))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="newlines must be 'keep' or 'rows', got 'all'"):
         vlmprune.apply(model, "prumerge", newlines="all")

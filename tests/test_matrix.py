@@ -140,9 +140,7 @@ def _is_stock(model) -> bool:
 
 
 #: (family, method) cells refused for the family's inputs rather than the family (a one-line error at the prefill)
-INPUT_REFUSALS = {("qwen2-vl+video", "atp"): "ATP does not take video inputs yet",
-                  ("qwen2.5-vl+video", "atp"): "ATP does not take video inputs yet",
-                  ("llava-onevision+video", "atp"): "ATP does not take video inputs yet"}
+INPUT_REFUSALS: dict[tuple[str, str], str] = {}
 
 
 def _refusal(model, method):

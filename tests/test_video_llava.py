@@ -258,9 +258,71 @@ def test_full_strategy_images(model):
         assert "\n" not in str(err.value)
 
 
+# ------------------------------------------------------------------------------------------ ATP
+
+
+@pytest.fixture(scope="module")
+def atp_checkpoint(model, tmp_path_factory):
+    """ATP thresholds that keep a content-dependent number of tokens per frame, saved as a folder."""
+    from atp_helpers import set_constant_thresholds
+    from vlmprune.methods.atp import ATPConfig, ATPPruner
+
+    adapter = get_adapter(model)
+    torch.manual_seed(0)
+    cfg = ATPConfig(num_layers=len(adapter.get_decoder_layers(model)), layers=(0, 1), num_patches=N,
+                    grid=adapter.patch_grid(model), hidden=16)
+    d = tmp_path_factory.mktemp("atp-video-llava")
+    set_constant_thresholds(ATPPruner(cfg), (0.8, 0.85), 0.99).save(d)
+    return str(d)
+
+
+def test_atp_grids_are_one_unit_per_frame(model):
+    """ATP's grids: an image is one unit (its N patches); a video's frame f is a unit on the 4 x 4
+    grid, its [CLS] (first in the frame) on no grid; runs in the prompt's order."""
+    adapter = get_adapter(model)
+    inputs = _inputs(model)
+    out, seen = _lm_inputs(model, inputs)
+    visual = adapter.visual_columns(model, inputs["input_ids"])
+    lm = adapter.lm_layout(model, visual, seen.get("position_ids"))
+    names = ("input_ids", "pixel_values", "pixel_values_videos")
+    grids = adapter.grid_layout(model, lm, seen["inputs_embeds"], {k: inputs.get(k) for k in names})
+    expect, first = [], []
+    for i, kind in enumerate(KINDS):
+        first.append(len(expect))
+        expect += [(i, (4, 4), f) for f in range(FRAMES if kind == "video" else 1)]
+    assert [(u.image, u.grid, u.frame) for u in grids.units] == expect
+    for b, kind in enumerate(KINDS):
+        cols = torch.nonzero(visual[b]).flatten()
+        if kind == "video":
+            unit = [-1 if j == 0 else first[b] + f for f in range(FRAMES) for j in range(N + 1)]
+            patch = [j - 1 for _ in range(FRAMES) for j in range(N + 1)]
+        else:
+            unit, patch = [first[b]] * N, list(range(N))
+        assert grids.grid_unit[b, cols].tolist() == unit and grids.grid_patch[b, cols].tolist() == patch
+    # a video whose pixels are missing from the keywords: its placeholders are not accounted for
+    with pytest.raises(ValueError, match="do not match"):
+        adapter.grid_layout(model, lm, seen["inputs_embeds"],
+                            {**{k: inputs.get(k) for k in names},
+                             "pixel_values_videos": inputs["pixel_values_videos"][:1]})
+
+
+def test_atp_mixed_batch_equals_single_samples(model, atp_checkpoint):
+    """ATP with content-dependent thresholds, frames as units: a batch of videos and images ==
+    each sample alone (tokens, logits, visual counts), and cached generate == uncached."""
+    assert_mixed_batch_equals_singles(model, _inputs(model), lambda inp, b: video_llava_row(inp, b, KINDS), "atp",
+                                      {"checkpoint": atp_checkpoint}, GEN, VISUAL_IDS, atol=ATOL)
+    inputs = _inputs(model, seed=2)
+    with vlmprune.pruned(model, "atp", checkpoint=atp_checkpoint) as h:
+        cached = model.generate(**inputs, **GEN, return_dict_in_generate=True, output_logits=True)
+        assert any(c[-1] < c[0] for c in h.stats.module_counts)  # it prunes
+        uncached = model.generate(**inputs, **GEN, use_cache=False, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=ATOL, rtol=0)
+    assert _is_stock(model)
+
+
 def test_errors_are_one_clear_line(model):
     for call, pattern in [
-        (lambda: vlmprune.apply(model, "atp", fixed_ratio=0.5), r"^method 'atp' cannot run on video-llava models yet: "),
         (lambda: vlmprune.apply(model, "prumerge+", frame_cls="no"), r"frame_cls must be 'keep' or 'drop'"),
         (lambda: vlmprune.apply(model, "sequential", keep=17), r"keep=17 is more than the 16 visual tokens"),
     ]:
@@ -279,7 +341,6 @@ def test_errors_are_one_clear_line(model):
 def test_support_listed():
     listed = {m["name"]: m["families"] for m in vlmprune.list_methods()}
     scores = {m["name"]: m.get("scores") for m in vlmprune.list_methods()}
-    for name in ("random", "sequential", "spatial", "cls-topk", "prumerge", "prumerge+", "fastv", "sparsevlm"):
+    for name in ("random", "sequential", "spatial", "cls-topk", "prumerge", "prumerge+", "fastv", "sparsevlm", "atp"):
         assert listed[name]["video-llava"] == "yes"
-    assert listed["atp"]["video-llava"].startswith("ATP's modules")
     assert scores["prumerge"]["video-llava"].startswith("[CLS] attention")

@@ -322,7 +322,7 @@ class ModelAdapter:
 
     def image_counts(self, model: Any, images: dict[str, Any]) -> tuple[int, ...] | None:
         """Placeholder count of each image of a forward, from its image keywords ``images`` (the
-        base model's ``pixel_values`` with ``image_sizes`` / the ``image_geometry`` keywords, or the
+        base model's ``pixel_values_field`` with ``image_sizes`` / the ``image_geometry`` keywords, or the
         encoder outputs ``generate`` passes as ``mm_encoder_outputs``); None when it has neither."""
         from .compat import K
 
@@ -331,7 +331,7 @@ class ModelAdapter:
             tokens = self.image_tokens(mm[self.image_modality])
             if tokens is not None:
                 return tuple(int(t.shape[0]) for t in tokens)
-        pixels = images.get(K.PIXEL_VALUES)
+        pixels = images.get(self.pixel_values_field)
         if pixels is None:
             return None
         geometry = {n: images[n] for n in self.image_geometry if images.get(n) is not None}

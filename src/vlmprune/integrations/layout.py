@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["VisualUnit", "VisualLayout", "placeholder_runs"]
+__all__ = ["VisualUnit", "VisualLayout", "placeholder_runs", "interleave_runs"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +140,28 @@ def placeholder_runs(visual: Tensor, tokens_per_image: tuple[int, ...] | list[in
     image = torch.bucketize(order.clamp(min=0), ends, right=True).clamp(max=runs.numel() - 1)  # [B, L]
     rank = order - (ends - runs)[image]
     return visual, image, rank
+
+
+def interleave_runs(kinds: list[int], counts: tuple[tuple[int, ...], ...]) -> list[tuple[int, int]]:
+    """The placeholder runs of a prompt with several modalities, in prompt order.
+
+    ``kinds`` [P] host ints: the modality of each placeholder in (batch, sequence) order (0 = images,
+    1 = videos, ...); ``counts[m]``: the placeholder count of each input of modality m, in the order
+    of its inputs. Returns ``(m, i)`` per run: the run is input i of modality m. Each run takes the
+    next input of its first placeholder's modality. Raises ValueError when the placeholders do not
+    match the inputs (a run of mixed modalities, too many or too few placeholders).
+    """
+    runs, taken, p = [], [0] * len(counts), 0
+    while p < len(kinds):
+        m = kinds[p]
+        i = taken[m]
+        if i >= len(counts[m]) or len(set(kinds[p:p + counts[m][i]])) != 1 or p + counts[m][i] > len(kinds):
+            break
+        runs.append((m, i))
+        p += counts[m][i]
+        taken[m] += 1
+    if p != len(kinds) or taken != [len(c) for c in counts]:
+        given = "; ".join(f"{len(c)} input(s) of modality {m} with {list(c)} tokens" for m, c in enumerate(counts))
+        raise ValueError(f"vlmprune: the prompt's {len(kinds)} image / video placeholders do not match its inputs "
+                         f"({given}); one placeholder per token is needed, in the inputs' order")
+    return runs

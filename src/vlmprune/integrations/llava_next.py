@@ -205,40 +205,50 @@ class LlavaNextAdapter(ModelAdapter):
         an image with a mosaic, the unpadded mosaic (unit on its H' x W' grid, H' = the number of
         newline tokens after the base image, each mosaic row's W' tokens followed by one newline);
         newline tokens lie on no grid (-1). One host transfer (the newline flags)."""
-        h, w = self.patch_grid(model)
-        n = h * w
-        has_cls = self.tower_has_cls(model)
-        newline = getattr(self.base_model(model), self.newline_param)
-        flags = (embeds[layout.visual] == newline.to(embeds)).all(-1).cpu()  # [P] placeholder is a newline
+        flags = self.newline_flags(model, layout, embeds).cpu()  # [P] placeholder is a newline
         layout.check_placeholders(flags.numel())
         units, unit_of, patch_of, start = [], [], [], 0
         for i, n_i in enumerate(layout.tokens_per_image):
-            rest = flags[start + n:start + n_i]
+            new, uo, po = self.one_image_grids(model, i, flags[start:start + n_i], len(units))
             start += n_i
-            u0 = len(units)
-            units.append(VisualUnit(image=i, grid=(h, w), has_cls=has_cls, crop=0, cls_index=self.cls_index))
-            uo = torch.full((n_i,), -1, dtype=torch.long)
-            po = torch.full((n_i,), -1, dtype=torch.long)
-            uo[:n], po[:n] = u0, torch.arange(n)
-            rows = int(rest.sum())
-            width = (n_i - n) // rows - 1 if rows else -1
-            expect = torch.zeros(n_i - n, dtype=torch.bool)
-            if rows and width >= 0:
-                expect[width::width + 1] = True
-            if n_i <= n or not (rows and rows * (width + 1) == n_i - n and torch.equal(rest, expect)):
-                raise ValueError(f"vlmprune: image {i} of this batch is not laid out as LLaVA-NeXT packs images "
-                                 f"(base image of {n} tokens, then rows of mosaic tokens each ending with the "
-                                 f"image_newline token); got {n_i} placeholders with {rows} newlines")
-            if width > 0:
-                units.append(VisualUnit(image=i, grid=(rows, width), has_cls=has_cls, crop=1, cls_index=self.cls_index))
-                j = torch.arange(n_i - n)
-                row, col = j // (width + 1), j % (width + 1)
-                on = col < width
-                uo[n:] = torch.where(on, u0 + 1, -1)
-                po[n:] = torch.where(on, row * width + col, -1)
+            units += new
             unit_of.append(uo)
             patch_of.append(po)
         return tuple(units), torch.cat(unit_of), torch.cat(patch_of)
+
+    def newline_flags(self, model: Any, layout: VisualLayout, embeds: Tensor) -> Tensor:
+        """[P] bool (device): which placeholders of ``layout`` hold the ``image_newline`` embedding."""
+        newline = getattr(self.base_model(model), self.newline_param)
+        return (embeds[layout.visual] == newline.to(embeds)).all(-1)
+
+    def one_image_grids(self, model: Any, i: int, flags: Tensor, first_unit: int) -> tuple[list[VisualUnit], Tensor, Tensor]:
+        """``image_grids``' rule for image ``i`` alone: its placeholders' newline flags [n_i] (host)
+        -> (its units, unit_of [n_i] counted from ``first_unit``, patch_of [n_i])."""
+        h, w = self.patch_grid(model)
+        n, n_i = h * w, flags.numel()
+        has_cls = self.tower_has_cls(model)
+        rest = flags[n:]
+        units = [VisualUnit(image=i, grid=(h, w), has_cls=has_cls, crop=0, cls_index=self.cls_index)]
+        uo = torch.full((n_i,), -1, dtype=torch.long)
+        po = torch.full((n_i,), -1, dtype=torch.long)
+        uo[:n], po[:n] = first_unit, torch.arange(min(n, n_i))
+        rows = int(rest.sum())
+        width = (n_i - n) // rows - 1 if rows else -1
+        expect = torch.zeros(max(n_i - n, 0), dtype=torch.bool)
+        if rows and width >= 0:
+            expect[width::width + 1] = True
+        if n_i <= n or not (rows and rows * (width + 1) == n_i - n and torch.equal(rest, expect)):
+            raise ValueError(f"vlmprune: image {i} of this batch is not laid out as LLaVA-NeXT packs images "
+                             f"(base image of {n} tokens, then rows of mosaic tokens each ending with the "
+                             f"image_newline token); got {n_i} placeholders with {rows} newlines")
+        if width > 0:
+            units.append(VisualUnit(image=i, grid=(rows, width), has_cls=has_cls, crop=1, cls_index=self.cls_index))
+            j = torch.arange(n_i - n)
+            row, col = j // (width + 1), j % (width + 1)
+            on = col < width
+            uo[n:] = torch.where(on, first_unit + 1, -1)
+            po[n:] = torch.where(on, row * width + col, -1)
+        return units, uo, po
 
 
 LLAVA_NEXT = register_adapter(LlavaNextAdapter(

@@ -53,8 +53,8 @@ Image and video samples may be mixed in a batch.
 **Decoder stage.** Qwen2's decoder with 1-D positions: FastV and SparseVLM run unchanged, every
 image and video placeholder (newlines included) is a visual token. ATP reads each image's grids
 from the newline tokens in the language model's input, with LLaVA-NeXT's rule (``image_grids``:
-the base image, then the packed mosaic whose rows end with a newline); a prompt with a video is
-refused at the prefill (its video tokens are not among the images').
+the base image, then the packed mosaic whose rows end with a newline), and each video's frames as
+units on the pooled grid (``grid_layout``; the video's final newline lies on no grid).
 
 The bench and cost model get per-pass figures: ``unit_tokens`` lists every *tower pass* (crop or
 frame), not every unit, and the projector sees every token (``projector_after_pruning`` False).
@@ -70,8 +70,8 @@ import torch
 from torch import Tensor
 
 from .base import register_adapter
-from .compat import onevision_mosaic, onevision_pack, onevision_pool, onevision_video_grid, vision_qk_heads
-from .layout import VisualLayout, VisualUnit
+from .compat import K, onevision_mosaic, onevision_pack, onevision_pool, onevision_video_grid, vision_qk_heads
+from .layout import VisualLayout, VisualUnit, interleave_runs
 from .llava_next import LlavaNextAdapter
 
 __all__ = ["LlavaOnevisionAdapter", "LLAVA_ONEVISION", "OvImage", "OvBatch"]
@@ -146,6 +146,47 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                         position_ids: Tensor | None = None) -> VisualLayout:
         """The view's own placeholders only (images: ``image_token_id``; videos: ``video_token_id``)."""
         return layout.with_sequence(input_ids == self.image_token_id(model), position_ids, self.rotary(model))
+
+    def grid_layout(self, model: Any, layout: VisualLayout, embeds: Tensor, images: dict[str, Any]) -> VisualLayout:
+        """As LLaVA-NeXT's rule for the images, with videos: each placeholder run is an image or a
+        video in the prompt's order (told by its first placeholder's id); a video's frame f is a unit
+        on the pooled grid (its j-th token at patch j), its final newline on no grid. One host
+        transfer (the runs' kinds and the newline flags)."""
+        image_view, video_view = self.modality_views(model)
+        video_counts = video_view.image_counts(model, images)
+        ids = images.get(K.INPUT_IDS)
+        if not video_counts or ids is None:
+            return super().grid_layout(model, layout, embeds, images)
+        counts = (tuple(image_view.image_counts(model, images) or ()), tuple(video_counts))
+        is_video = (ids.to(layout.visual.device) == self.video_token_id(model))[layout.visual]  # [P]
+        host = torch.stack([is_video.long(), self.newline_flags(model, layout, embeds).long()]).cpu()
+        newline = host[1].bool()
+        pooled = onevision_video_grid(*self.patch_grid(model))
+        per_frame = pooled[0] * pooled[1]
+        runs, units, unit_of, patch_of, start = [], [], [], [], 0
+        for r, (m, i) in enumerate(interleave_runs(host[0].tolist(), counts)):
+            n_i = counts[m][i]
+            flags = newline[start:start + n_i]
+            start += n_i
+            runs.append(n_i)
+            if m == 0:
+                new, uo, po = self.one_image_grids(model, r, flags, len(units))
+            else:
+                frames = (n_i - 1) // per_frame
+                if frames < 1 or frames * per_frame + 1 != n_i or not flags[-1] or flags[:-1].any():
+                    raise ValueError(f"vlmprune: video {i} of this batch is not laid out as LLaVA-OneVision packs "
+                                     f"videos (frames of {per_frame} pooled tokens, then one image_newline); got "
+                                     f"{n_i} placeholders with {int(flags.sum())} newlines")
+                new = [VisualUnit(image=r, grid=pooled, has_cls=False, frame=f) for f in range(frames)]
+                j = torch.arange(n_i - 1)
+                off = torch.tensor([-1])
+                uo, po = torch.cat([len(units) + j // per_frame, off]), torch.cat([j % per_frame, off])
+            units += new
+            unit_of.append(uo)
+            patch_of.append(po)
+        seq = dataclasses.replace(layout, tokens_per_image=tuple(runs)).with_sequence(layout.visual, layout.positions,
+                                                                                     layout.rotary)
+        return seq.with_grids(tuple(units), torch.cat(unit_of), torch.cat(patch_of))
 
     def aspect(self, model: Any, value: str | None = None) -> str:
         """The ``vision_aspect_ratio`` in force: ``value``, else the config's."""

@@ -77,8 +77,8 @@ inputs may be mixed in a batch; videos of different lengths and sizes too.
 **Grids for ATP** (``image_grids``): one unit per image (per frame when the temporal index
 varies) on its merged grid, read from the 3-D positions ``get_rope_index`` gave the image's
 placeholders: (t, row, col) = position - the image's first position, so merged token (row, col)
-is patch ``row * w' + col``. Video placeholders are not given grids yet (ATP refuses prompts
-with videos: their counts are not among the images').
+is patch ``row * w' + col``; a video's runs likewise, one unit per temporal slice (``grid_layout``
+orders the image and video runs as the prompt has them).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ from torch import Tensor
 from .base import ModelAdapter, register_adapter
 from .compat import (K, mrope_positions, qwen_image_grid, qwen_rope_index, qwen_vision_qk, qwen_vision_tokens,
                      qwen_window_index)
-from .layout import VisualLayout, VisualUnit
+from .layout import VisualLayout, VisualUnit, interleave_runs
 
 __all__ = ["Qwen2VLAdapter", "Qwen25VLAdapter", "QWEN2_VL", "QWEN2_5_VL"]
 
@@ -383,14 +383,40 @@ class Qwen2VLAdapter(ModelAdapter):
         return features, VisionSignals(cls_attn=pad(list(torch.split(received, sizes)), batch_first=True),
                                        keys=pad(list(torch.split(keys, sizes)), batch_first=True))
 
+    def grid_layout(self, model: Any, layout: VisualLayout, embeds: Tensor, images: dict[str, Any]) -> VisualLayout:
+        """As the base rule, with videos: every placeholder run is an image or a video, in the prompt's
+        order (each modality's in the order of its grid keyword); which one is told by the run's
+        first placeholder id, read in the same host transfer as the positions. Without video
+        placeholders or video keywords this is the base rule (``image_grids``)."""
+        image_view, video_view = self.modality_views(model)
+        video_counts = video_view.image_counts(model, images)
+        ids, video_id = images.get(K.INPUT_IDS), self.video_token_id(model)
+        if not video_counts or ids is None or video_id is None:
+            return super().grid_layout(model, layout, embeds, images)
+        image_counts = image_view.image_counts(model, images) or ()
+        is_video = (ids.to(layout.visual.device) == video_id)[layout.visual]  # [P] (batch, sequence) order
+        host = torch.cat([layout.positions[:, layout.visual], is_video[None].long()]).cpu()  # one transfer
+        pos, kinds = host[:3], host[3].tolist()
+        counts = (tuple(image_counts), tuple(video_counts))
+        runs = [counts[m][i] for m, i in interleave_runs(kinds, counts)]
+        seq = dataclasses.replace(layout, tokens_per_image=tuple(runs)).with_sequence(layout.visual, layout.positions,
+                                                                                     layout.rotary)
+        return seq.with_grids(*self._grids_from_positions(pos, seq.tokens_per_image))
+
     def image_grids(self, model: Any, layout: VisualLayout, embeds: Tensor) -> tuple[tuple[VisualUnit, ...], Tensor, Tensor]:
         """One unit per image and temporal index, on the merged grid its M-RoPE positions span
         (see the module docstring); every placeholder lies on a grid. One host transfer (the
         visual columns' positions)."""
         pos = layout.positions[:, layout.visual].cpu()  # [3, P] in (batch, sequence) order
         layout.check_placeholders(pos.shape[1])
+        return self._grids_from_positions(pos, layout.tokens_per_image)
+
+    @staticmethod
+    def _grids_from_positions(pos: Tensor, tokens_per_image: tuple[int, ...]) -> tuple[tuple[VisualUnit, ...], Tensor, Tensor]:
+        """pos [3, P] host M-RoPE positions of the placeholders, runs ``tokens_per_image`` -> (units,
+        unit_of [P], patch_of [P]): one unit per run and temporal index."""
         units, unit_of, patch_of, start = [], [], [], 0
-        for i, n_i in enumerate(layout.tokens_per_image):
+        for i, n_i in enumerate(tokens_per_image):
             rel = pos[:, start:start + n_i]
             start += n_i
             rel = rel - rel.amin(1, keepdim=True)

@@ -33,7 +33,8 @@ Mixed batches (some samples with an image, others with a video) are rewritten by
 **Decoder stage.** The Llama decoder with 1-D positions: FastV and SparseVLM run unchanged; image
 and video placeholders (frames' [CLS] included) are the visual tokens.
 
-ATP is refused (``unsupported_methods``): its modules are built for one image of N tokens.
+ATP's grids (``grid_layout``): an image is one unit, as LLaVA-1.5's; a video's frame f is a unit
+on the patch grid, its [CLS] on no grid, so ATP's thresholds and spatial score are per frame.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .base import ModelAdapter, register_adapter
-from .compat import video_llava_frames
+from .compat import K, video_llava_frames
 from .layout import VisualLayout, VisualUnit
 
 __all__ = ["VideoLlavaAdapter", "VIDEO_LLAVA"]
@@ -114,6 +115,70 @@ class VideoLlavaAdapter(ModelAdapter):
                         position_ids: Tensor | None = None) -> VisualLayout:
         """The view's own placeholders only (images: ``image_token_id``; videos: ``video_token_id``)."""
         return layout.with_sequence(input_ids == self.image_token_id(model), position_ids, self.rotary(model))
+
+    # ------------------------------------------------------------ decoder stage (ATP's grids)
+    def grid_layout(self, model: Any, layout: VisualLayout, embeds: Tensor, images: dict[str, Any]) -> VisualLayout:
+        """The base rule for images, with videos: the prompt's placeholder runs in order, an image
+        run taking the next image's count, a video run being a whole unbroken stretch of video
+        placeholders (``generate`` passes the videos' encoder outputs frame by frame, so their
+        count per video is not in the keywords); one host transfer (each placeholder's kind, row and
+        column). A video's frame f is a unit on the patch grid, its [CLS] (first in the frame, as
+        ``get_video_features`` packs it) on no grid."""
+        image_view, video_view = self.modality_views(model)
+        video_counts = video_view.image_counts(model, images)
+        ids = images.get(K.INPUT_IDS)
+        if not video_counts or ids is None:
+            return super().grid_layout(model, layout, embeds, images)
+        image_counts = tuple(image_view.image_counts(model, images) or ())
+        vis = layout.visual
+        bsz, length = vis.shape
+        where = torch.stack([(ids.to(vis.device) == self.video_token_id(model)).long(),
+                             torch.arange(bsz, device=vis.device)[:, None].expand(bsz, length),
+                             torch.arange(length, device=vis.device)[None, :].expand(bsz, length)])
+        kinds, rows, cols = where[:, vis].cpu().tolist()  # [3, P]: one transfer
+        (h, w), ci = self.patch_grid(model), self.cls_index
+        n = h * w
+        has_cls = self.tower_has_cls(model)
+        runs, units, unit_of, patch_of, p, next_image = [], [], [], [], 0, 0
+
+        def problem(what: str) -> ValueError:
+            return ValueError(f"vlmprune: the prompt's image / video placeholders do not match its inputs ({what}; "
+                              f"images {list(image_counts)} tokens, videos {sum(video_counts)} tokens in all); one "
+                              "placeholder per token is needed, in the inputs' order")
+
+        while p < len(kinds):
+            if kinds[p]:  # a video: the unbroken stretch of video placeholders from p
+                q = p + 1
+                while q < len(kinds) and kinds[q] and rows[q] == rows[p] and cols[q] == cols[q - 1] + 1:
+                    q += 1
+                n_i, per, lead = q - p, n + 1, 1
+            else:
+                if next_image >= len(image_counts):
+                    raise problem("more image placeholders than images")
+                n_i, per = image_counts[next_image], image_counts[next_image]
+                lead = n_i - n
+                next_image += 1
+                if len(set(kinds[p:p + n_i])) != 1 or p + n_i > len(kinds):
+                    raise problem(f"image {next_image - 1} has fewer placeholders than tokens")
+            frames = n_i // per
+            if lead not in (0, 1) or frames * per != n_i:
+                raise ValueError(f"vlmprune: a Video-LLaVA {'video frame' if kinds[p] else 'image'} has N + 1 "
+                                 f"{'' if kinds[p] else 'or N '}placeholders (N = {n}); got {n_i} in a run")
+            j = torch.arange(per)
+            on = (j != ci) if lead else torch.ones(per, dtype=torch.bool)
+            patch = j - lead * (j > ci).long()
+            for f in range(frames):
+                unit_of.append(torch.where(on, len(units), -1))
+                patch_of.append(torch.where(on, patch, -1))
+                units.append(VisualUnit(image=len(runs), grid=(h, w), has_cls=has_cls, frame=f if kinds[p] else 0,
+                                        cls_index=ci))
+            runs.append(n_i)
+            p += n_i
+        if next_image != len(image_counts) or sum(k for k in kinds) != sum(video_counts):
+            raise problem(f"{next_image} image run(s) and {sum(kinds)} video placeholders found")
+        seq = dataclasses.replace(layout, tokens_per_image=tuple(runs)).with_sequence(layout.visual, layout.positions,
+                                                                                     layout.rotary)
+        return seq.with_grids(tuple(units), torch.cat(unit_of), torch.cat(patch_of))
 
     # ------------------------------------------------------------ vision stage (videos)
     def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
@@ -198,6 +263,4 @@ VIDEO_LLAVA = register_adapter(VideoLlavaAdapter(
     family="video-llava",
     model_classes=("VideoLlavaForConditionalGeneration", "VideoLlavaModel"),
     family_options=("frame_cls",),
-    unsupported_methods=(("atp", "ATP's modules are built for one image of N tokens per sample; Video-LLaVA samples "
-                                 "are an image or a video of several frames"),),
 ))

@@ -108,7 +108,10 @@ class DecoderHandle(PruneHandle):
             return None  # a continuation on a filled cache: not a prefill we prune
         st.pending_visual = visual
         if getattr(self.method_obj, "needs_grids", False):
-            names = (K.PIXEL_VALUES, K.IMAGE_SIZES, K.MM_ENCODER_OUTPUTS, *self.adapter.image_geometry)
+            # every modality's keywords (images, videos), and the ids that tell their placeholders apart
+            names = {K.INPUT_IDS, K.IMAGE_SIZES, K.MM_ENCODER_OUTPUTS}
+            for view in self.adapter.modality_views(self.model):
+                names |= {view.pixel_values_field, *view.image_geometry}
             st.pending_images = {name: kwargs.get(name) for name in names}
         # continuation of the previous prompt without a cache (generate(use_cache=False))?
         image = _image_key(pixels, kwargs.get(K.MM_ENCODER_OUTPUTS))
