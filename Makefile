@@ -73,7 +73,7 @@ results: install
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M testbed -b 1 -b 8 --no-memory --overwrite --out docs/results/bench/testbed
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M testbed -b 8 -m atp:checkpoint=testbed-144 -m atp:checkpoint=testbed-88 \
 	  -m fastv:k=1,budget=166.5 -m fastv:k=1,budget=137.9 -m prumerge+:keep=166 -m sparsevlm:budget=128 --no-memory \
-	  --overwrite --out docs/results/bench/testbed-v14-summary
+	  --repeats 9 --overwrite --out docs/results/bench/testbed-v14-summary
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 1 -b 8 -m prumerge+ -m prumerge+:keep=144 -m fastv --no-memory \
 	  --overwrite --out docs/bench/scaled
 	for f in scaled-llava-next scaled-qwen2-vl; do OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M $$f -b 1 -b 8 -m prumerge+ \
