@@ -232,12 +232,14 @@ def test_beam_search_batch_equals_single(model, method, options):
 
 
 def test_deprecated_pixel_values_images_is_pruned_too(model):
-    """The images' deprecated keyword pixel_values_images is encoded and rewritten like pixel_values."""
-    inputs = _inputs(model)
-    with vlmprune.pruned(model, "spatial", keep=0.25):
-        ref = model(**inputs).logits
-        inputs["pixel_values_images"] = inputs.pop("pixel_values")
-        torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
+    """The images' deprecated keyword pixel_values_images is encoded and rewritten like pixel_values,
+    and counted among ATP's grids."""
+    for method, options in (("spatial", {"keep": 0.25}), ("atp", {"fixed_ratio": 0.5})):
+        inputs = _inputs(model)
+        with vlmprune.pruned(model, method, **options):
+            ref = model(**inputs).logits
+            inputs["pixel_values_images"] = inputs.pop("pixel_values")
+            torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
 
 
 def test_full_strategy_images(model):
