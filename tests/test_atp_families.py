@@ -304,11 +304,24 @@ def _qwen_video_inputs(model):
     return make_qwen_mixed_inputs(QWEN_VIDEO_ITEMS, (3, 1, 2), (2, 5, 1))
 
 
-def test_qwen_video_grids_are_one_unit_per_slice(model):
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen_model(request):
+    m = make_tiny_qwen2_vl(family=request.param)
+    m._test_family = request.param
+    return warm_up(m, _inputs(m, n=1))
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(qwen_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"atp-video-{qwen_model._test_family}")
+    _pruning(qwen_model).save(d)
+    return str(d)
+
+
+def test_qwen_video_grids_are_one_unit_per_slice(qwen_model):
     """Videos: every temporal slice of a video is a unit on its merged grid, slice s's j-th
     placeholder at patch j; the image between the videos keeps its own unit (runs in prompt order)."""
-    if model._test_family == "llava_next":
-        pytest.skip("LLaVA-NeXT has no video inputs")
+    model = qwen_model
     adapter = get_adapter(model)
     inputs = _qwen_video_inputs(model)
     visual = adapter.visual_columns(model, inputs["input_ids"])
@@ -336,13 +349,12 @@ def test_qwen_video_grids_are_one_unit_per_slice(model):
                             {k: inputs.get(k) for k in ("input_ids", "pixel_values", "image_grid_thw")})
 
 
-def test_qwen_video_ragged_batch_equals_single_samples(model, checkpoint):
+def test_qwen_video_ragged_batch_equals_single_samples(qwen_model, qwen_checkpoint):
     """ATP with content-dependent thresholds on a batch of videos and an image (different slice
     counts and grids) == each sample alone: tokens, logits and visual counts."""
-    if model._test_family == "llava_next":
-        pytest.skip("LLaVA-NeXT has no video inputs")
+    model = qwen_model
     assert_mixed_batch_equals_singles(model, _qwen_video_inputs(model), lambda inp, b: qwen_mixed_row(inp, b, QWEN_VIDEO_ITEMS),
-                                      "atp", {"checkpoint": checkpoint}, QWEN_GEN, [IMAGE_TOKEN_ID, QWEN_VIDEO_ID],
+                                      "atp", {"checkpoint": qwen_checkpoint}, QWEN_GEN, [IMAGE_TOKEN_ID, QWEN_VIDEO_ID],
                                       atol=ATOL)
 
 

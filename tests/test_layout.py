@@ -77,3 +77,20 @@ def test_with_grids_places_each_placeholder_and_check_placeholders():
     layout.check_placeholders(6)
     with pytest.raises(ValueError, match="holds 5 image placeholders but its images give 6 tokens"):
         layout.check_placeholders(5)
+
+
+def test_interleave_runs_hand_example_and_mismatches():
+    from vlmprune.integrations.layout import interleave_runs
+
+    # an image of 2, a video of 3, an image of 1 (placeholder kinds in (batch, sequence) order)
+    assert interleave_runs([0, 0, 1, 1, 1, 0], ((2, 1), (3,))) == [(0, 0), (1, 0), (0, 1)]
+    assert interleave_runs([1, 1, 0], ((1,), (2,))) == [(1, 0), (0, 0)]
+    assert interleave_runs([], ((), ())) == []
+    bad = [([0, 1, 1, 1], ((2,), (2,))),   # a run of mixed kinds
+           ([0, 0, 0], ((2,), ())),        # a placeholder more than the inputs give
+           ([0, 0], ((2, 1), ())),         # an image without placeholders
+           ([1, 1], ((), (3,)))]           # a video cut short
+    for kinds, counts in bad:
+        with pytest.raises(ValueError, match="do not match its inputs") as err:
+            interleave_runs(kinds, counts)
+        assert "\n" not in str(err.value)
