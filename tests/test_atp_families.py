@@ -54,14 +54,22 @@ def _gen(model):
     return NEXT_GEN if model._test_family == "llava_next" else QWEN_GEN
 
 
+def _tiny_model(family):
+    m = make_tiny_llava_next() if family == "llava_next" else make_tiny_qwen2_vl(family=family)
+    m._test_family = family
+    return warm_up(m, _inputs(m, n=1))
+
+
+def _saved_pruning(model, tmp_path_factory) -> str:
+    """``_pruning``'s thresholds saved as a checkpoint folder (``atp:checkpoint=DIR``)."""
+    d = tmp_path_factory.mktemp(f"atp-{model._test_family}")
+    _pruning(model).save(d)
+    return str(d)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
-    if request.param == "llava_next":
-        m = make_tiny_llava_next()
-    else:
-        m = make_tiny_qwen2_vl(family=request.param)
-    m._test_family = request.param
-    return warm_up(m, _inputs(m, n=1))
+    return _tiny_model(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -91,10 +99,7 @@ def _pruning(model, **kw) -> ATPPruner:
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-    """The pruning thresholds saved as a checkpoint folder (``atp:checkpoint=DIR``)."""
-    d = tmp_path_factory.mktemp(f"atp-{model._test_family}")
-    _pruning(model).save(d)
-    return str(d)
+    return _saved_pruning(model, tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------ grids
@@ -306,16 +311,12 @@ def _qwen_video_inputs(model):
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def qwen_model(request):
-    m = make_tiny_qwen2_vl(family=request.param)
-    m._test_family = request.param
-    return warm_up(m, _inputs(m, n=1))
+    return _tiny_model(request.param)
 
 
 @pytest.fixture(scope="module")
 def qwen_checkpoint(qwen_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp(f"atp-video-{qwen_model._test_family}")
-    _pruning(qwen_model).save(d)
-    return str(d)
+    return _saved_pruning(qwen_model, tmp_path_factory)
 
 
 def test_qwen_video_grids_are_one_unit_per_slice(qwen_model):

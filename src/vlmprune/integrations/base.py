@@ -38,7 +38,7 @@ The handle that ``vlmprune.apply`` returns and its stats are in ``handle.py``.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -349,10 +349,28 @@ class ModelAdapter:
         if counts is None:
             raise ValueError(f"vlmprune: cannot tell the {self.family} images' token counts in this forward "
                              "(pass pixel_values with the processor's image keywords, or mm_encoder_outputs)")
-        runs = replace(layout, tokens_per_image=tuple(counts)).with_sequence(layout.visual, layout.positions,
-                                                                             layout.rotary)
+        runs = layout.with_runs(counts)
         units, unit_of, patch_of = self.image_grids(model, runs, embeds)
         return runs.with_grids(units, unit_of, patch_of)
+
+    def video_placeholders(self, model: Any, layout: VisualLayout, images: dict[str, Any]
+                           ) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], Tensor] | None:
+        """For ``grid_layout`` with videos: ((image counts, video counts), kinds [P] long on the device,
+        1 where ``layout``'s placeholder is a video's, in (batch, sequence) order) when the forward has
+        video inputs (the video view's ``image_counts``) and its input ids; None otherwise, when the
+        image rule applies."""
+        from .compat import K
+
+        views = self.modality_views(model)
+        if len(views) < 2:
+            return None
+        video_counts = views[1].image_counts(model, images)
+        ids = images.get(K.INPUT_IDS)
+        video_id = getattr(self.config(model), views[1].image_token_id_field, None)
+        if not video_counts or ids is None or video_id is None:
+            return None
+        kinds = (ids.to(layout.visual.device) == int(video_id))[layout.visual].long()
+        return (tuple(views[0].image_counts(model, images) or ()), tuple(video_counts)), kinds
 
     def image_grids(self, model: Any, layout: VisualLayout, embeds: Tensor) -> tuple[tuple[VisualUnit, ...], Tensor, Tensor]:
         """The grids of ``layout``'s images (their runs known) -> (units, unit_of [P], patch_of [P]):

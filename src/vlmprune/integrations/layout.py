@@ -100,6 +100,12 @@ class VisualLayout:
         visual, image, rank = placeholder_runs(visual, self.tokens_per_image)
         return replace(self, visual=visual, image=image, rank=rank, positions=position_ids, rotary=rotary)
 
+    def with_runs(self, tokens_per_image: tuple[int, ...] | list[int]) -> "VisualLayout":
+        """This layout (``visual`` filled) with the placeholder runs ``tokens_per_image`` (one per image
+        or video, in (batch, sequence) order) and the per-column part recomputed from them."""
+        return replace(self, tokens_per_image=tuple(tokens_per_image)).with_sequence(self.visual, self.positions,
+                                                                                    self.rotary)
+
     def with_grids(self, units: tuple[VisualUnit, ...], unit_of: Tensor, patch_of: Tensor) -> "VisualLayout":
         """This layout (``visual`` filled) with its grids: ``unit_of`` / ``patch_of`` [P] long give
         the unit (index into ``units``, -1 = on no grid) and raster patch of every placeholder, in

@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from .base import register_adapter
-from .compat import K, onevision_mosaic, onevision_pack, onevision_pool, onevision_video_grid, vision_qk_heads
+from .compat import onevision_mosaic, onevision_pack, onevision_pool, onevision_video_grid, vision_qk_heads
 from .layout import VisualLayout, VisualUnit, interleave_runs
 from .llava_next import LlavaNextAdapter
 
@@ -152,14 +152,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         video in the prompt's order (told by its first placeholder's id); a video's frame f is a unit
         on the pooled grid (its j-th token at patch j), its final newline on no grid. One host
         transfer (the runs' kinds and the newline flags)."""
-        image_view, video_view = self.modality_views(model)
-        video_counts = video_view.image_counts(model, images)
-        ids = images.get(K.INPUT_IDS)
-        if not video_counts or ids is None:
+        videos = self.video_placeholders(model, layout, images)
+        if videos is None:
             return super().grid_layout(model, layout, embeds, images)
-        counts = (tuple(image_view.image_counts(model, images) or ()), tuple(video_counts))
-        is_video = (ids.to(layout.visual.device) == self.video_token_id(model))[layout.visual]  # [P]
-        host = torch.stack([is_video.long(), self.newline_flags(model, layout, embeds).long()]).cpu()
+        counts, kinds = videos
+        host = torch.stack([kinds, self.newline_flags(model, layout, embeds).long()]).cpu()  # one transfer
         newline = host[1].bool()
         pooled = onevision_video_grid(*self.patch_grid(model))
         per_frame = pooled[0] * pooled[1]
@@ -184,9 +181,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             units += new
             unit_of.append(uo)
             patch_of.append(po)
-        seq = dataclasses.replace(layout, tokens_per_image=tuple(runs)).with_sequence(layout.visual, layout.positions,
-                                                                                     layout.rotary)
-        return seq.with_grids(tuple(units), torch.cat(unit_of), torch.cat(patch_of))
+        return layout.with_runs(runs).with_grids(tuple(units), torch.cat(unit_of), torch.cat(patch_of))
 
     def aspect(self, model: Any, value: str | None = None) -> str:
         """The ``vision_aspect_ratio`` in force: ``value``, else the config's."""

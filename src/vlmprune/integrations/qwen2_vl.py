@@ -388,19 +388,13 @@ class Qwen2VLAdapter(ModelAdapter):
         order (each modality's in the order of its grid keyword); which one is told by the run's
         first placeholder id, read in the same host transfer as the positions. Without video
         placeholders or video keywords this is the base rule (``image_grids``)."""
-        image_view, video_view = self.modality_views(model)
-        video_counts = video_view.image_counts(model, images)
-        ids, video_id = images.get(K.INPUT_IDS), self.video_token_id(model)
-        if not video_counts or ids is None or video_id is None:
+        videos = self.video_placeholders(model, layout, images)
+        if videos is None:
             return super().grid_layout(model, layout, embeds, images)
-        image_counts = image_view.image_counts(model, images) or ()
-        is_video = (ids.to(layout.visual.device) == video_id)[layout.visual]  # [P] (batch, sequence) order
-        host = torch.cat([layout.positions[:, layout.visual], is_video[None].long()]).cpu()  # one transfer
-        pos, kinds = host[:3], host[3].tolist()
-        counts = (tuple(image_counts), tuple(video_counts))
-        runs = [counts[m][i] for m, i in interleave_runs(kinds, counts)]
-        seq = dataclasses.replace(layout, tokens_per_image=tuple(runs)).with_sequence(layout.visual, layout.positions,
-                                                                                     layout.rotary)
+        counts, kinds = videos
+        host = torch.cat([layout.positions[:, layout.visual], kinds[None]]).cpu()  # one transfer
+        pos = host[:3]
+        seq = layout.with_runs([counts[m][i] for m, i in interleave_runs(host[3].tolist(), counts)])
         return seq.with_grids(*self._grids_from_positions(pos, seq.tokens_per_image))
 
     def image_grids(self, model: Any, layout: VisualLayout, embeds: Tensor) -> tuple[tuple[VisualUnit, ...], Tensor, Tensor]:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .base import ModelAdapter, register_adapter
-from .compat import K, video_llava_frames
+from .compat import video_llava_frames
 from .layout import VisualLayout, VisualUnit
 
 __all__ = ["VideoLlavaAdapter", "VIDEO_LLAVA"]
@@ -124,18 +124,15 @@ class VideoLlavaAdapter(ModelAdapter):
         count per video is not in the keywords); one host transfer (each placeholder's kind, row and
         column). A video's frame f is a unit on the patch grid, its [CLS] (first in the frame, as
         ``get_video_features`` packs it) on no grid."""
-        image_view, video_view = self.modality_views(model)
-        video_counts = video_view.image_counts(model, images)
-        ids = images.get(K.INPUT_IDS)
-        if not video_counts or ids is None:
+        videos = self.video_placeholders(model, layout, images)
+        if videos is None:
             return super().grid_layout(model, layout, embeds, images)
-        image_counts = tuple(image_view.image_counts(model, images) or ())
+        (image_counts, video_counts), kinds = videos
         vis = layout.visual
         bsz, length = vis.shape
-        where = torch.stack([(ids.to(vis.device) == self.video_token_id(model)).long(),
-                             torch.arange(bsz, device=vis.device)[:, None].expand(bsz, length),
-                             torch.arange(length, device=vis.device)[None, :].expand(bsz, length)])
-        kinds, rows, cols = where[:, vis].cpu().tolist()  # [3, P]: one transfer
+        rows = torch.arange(bsz, device=vis.device)[:, None].expand(bsz, length)[vis]
+        cols = torch.arange(length, device=vis.device)[None, :].expand(bsz, length)[vis]
+        kinds, rows, cols = torch.stack([kinds, rows, cols]).cpu().tolist()  # [3, P]: one transfer
         (h, w), ci = self.patch_grid(model), self.cls_index
         n = h * w
         has_cls = self.tower_has_cls(model)
@@ -174,11 +171,9 @@ class VideoLlavaAdapter(ModelAdapter):
                                         cls_index=ci))
             runs.append(n_i)
             p += n_i
-        if next_image != len(image_counts) or sum(k for k in kinds) != sum(video_counts):
+        if next_image != len(image_counts) or sum(kinds) != sum(video_counts):
             raise problem(f"{next_image} image run(s) and {sum(kinds)} video placeholders found")
-        seq = dataclasses.replace(layout, tokens_per_image=tuple(runs)).with_sequence(layout.visual, layout.positions,
-                                                                                     layout.rotary)
-        return seq.with_grids(tuple(units), torch.cat(unit_of), torch.cat(patch_of))
+        return layout.with_runs(runs).with_grids(tuple(units), torch.cat(unit_of), torch.cat(patch_of))
 
     # ------------------------------------------------------------ vision stage (videos)
     def image_layout(self, model: Any, pixel_values: Tensor, image_sizes: Any = None,
