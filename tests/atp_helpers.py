@@ -83,3 +83,117 @@ def set_constant_thresholds(pruner, theta_r=None, theta_s=None):
                 head.weight.zero_()
                 head.bias.fill_(math.log(p / (1 - p)))
     return pruner
+
+
+# ------------------------------------------------------------------ other families, with processors
+
+# a user turn: the image (first turn), then the text; an assistant turn closed by the EOS token
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[user] {% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "{% else %}[assistant] {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant] {% endif %}")
+NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84]]
+
+
+def make_tiny_next_folder(folder: str | Path, *, text_layers: int = 4, seed: int = 0) -> Path:
+    """Save a tiny random LLaVA-NeXT (42 px crops of 3x3 patches, the any-res pinpoints above) with
+    a real ``LlavaNextProcessor`` carrying ``CHAT_TEMPLATE`` in ``folder`` (loadable by
+    ``AutoProcessor`` / ``vlmprune``'s loaders)."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = tiny_tokenizer()
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42},
+                                    image_grid_pinpoints=NEXT_PINPOINTS)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=CHAT_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=42, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=NEXT_PINPOINTS, image_seq_length=9)
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, k, getattr(tok, k))
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
+
+
+class QwenStyleProcessor:
+    """A stand-in for ``Qwen2VLProcessor``, which transformers builds only with torchvision (its
+    video processor needs it; torchvision cannot be installed beside this project's torch): the PIL
+    Qwen2-VL image processor for ``pixel_values`` / ``image_grid_thw``, and each ``<|image_pad|>``
+    expanded into t * h * w / merge^2 pads as ``Qwen2VLProcessor.__call__`` does."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: str) -> None:
+        self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=tokenize,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, images=None, text=None, padding=False, add_special_tokens=True, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        vision = dict(self.image_processor(images, return_tensors="pt"))
+        merge = self.image_processor.merge_size ** 2
+        counts = iter(int(g.prod()) // merge for g in vision["image_grid_thw"])
+        expanded = []
+        for t in text:
+            parts = t.split("<|image_pad|>")
+            expanded.append(parts[0] + "".join("<|image_pad|>" * next(counts) + p for p in parts[1:]))
+        tokens = dict(self.tokenizer(expanded, padding=padding, add_special_tokens=add_special_tokens,
+                                     return_tensors=return_tensors))
+        pads = self.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+        ids = tokens["input_ids"]  # as the processor's mm_token_type_ids: 1 on image, 2 on video tokens
+        tokens["mm_token_type_ids"] = (ids == pads[0]).long() + 2 * (ids == pads[1]).long()
+        return BatchFeature({**tokens, **vision})
+
+
+def make_tiny_qwen_chat(family: str = "qwen2_vl", *, text_layers: int = 4, seed: int = 0):
+    """(model, processor): a tiny random Qwen2-VL / Qwen2.5-VL on the tiny tokenizer with Qwen's
+    vision tokens added, and a ``QwenStyleProcessor`` resizing images to 4..64 merged tokens."""
+    import torch
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    image_id, video_id, start_id, end_id = tok.convert_tokens_to_ids(QWEN_SPECIALS)
+    ip = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    names = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+             "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}[family]
+    config_class, model_class = (getattr(transformers, n) for n in names)
+    vision = dict(depth=2, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3)
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, mlp_ratio=2)
+    else:
+        vision.update(depth=3, out_hidden_size=32, intermediate_size=64, window_size=56, fullatt_block_indexes=[1])
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = config_class(vision_config=vision, text_config=text, image_token_id=image_id, video_token_id=video_id,
+                          vision_start_token_id=start_id, vision_end_token_id=end_id)
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, k, getattr(tok, k))
+    return model, QwenStyleProcessor(tok, ip, QWEN_CHAT_TEMPLATE)

@@ -82,6 +82,7 @@ class ATPContext:
     grids: tuple[tuple[int, int], ...] = ()  # (h, w) of every unit
     unit_sample: Tensor | None = None  # [U] long: the sample of each unit
     initial: Tensor | None = None  # [B] float visual tokens per sample before pruning; None = N for every sample
+    initial_counts: list[int] = field(default_factory=list)  # the same on the host, always given
     judged0: list[int] | None = None  # judged visual tokens per sample before pruning
     single_grid: bool = True  # every sample: one unit on the module's grid, no token off it
     layers: list[int] = field(default_factory=list)
@@ -123,6 +124,7 @@ class ATPStats(DecoderStats):
     soft_average: list[float] = field(default_factory=list)
     module_counts_per_image: list[list[int]] = field(default_factory=list)
     atp_average_per_image: list[float] = field(default_factory=list)
+    initial_per_image: list[int] = field(default_factory=list)  # visual tokens of each image before pruning
 
     def record_atp(self, ctx: ATPContext, decisions: dict[int, dict[str, Any]]) -> None:
         """Record one prefill from what its prune points brought to the host (``handle.state.decisions``:
@@ -139,6 +141,7 @@ class ATPStats(DecoderStats):
         self.atp_average = average
         self.module_counts_per_image.extend(self.module_counts)
         self.atp_average_per_image.extend(self.atp_average)
+        self.initial_per_image.extend(ctx.initial_counts)
 
         def thetas(name: str) -> list[list[float]] | None:
             vals = [d.get(name) for d in rows]
@@ -165,6 +168,7 @@ class ATPStats(DecoderStats):
         super().reset()
         self.module_counts_per_image = []
         self.atp_average_per_image = []
+        self.initial_per_image = []
 
 
 # ================================================================================ the method
@@ -338,7 +342,8 @@ class ATP(DecoderMethodBase):
         # off-grid ones judged with their unit's grid slots, off_grid="score" with per-unit thresholds)
         checked = all(g > 0 for g in grid0) and (c.off_grid == "keep" or c.thresholds == "sample")
         return ATPContext(mode=self.mode, instruction0=instruction0, patch0=patch0, unit0=unit0,
-                          grids=grids, unit_sample=unit_sample, initial=initial, judged0=judged0, single_grid=single,
+                          grids=grids, unit_sample=unit_sample, initial=initial, initial_counts=list(n0),
+                          judged0=judged0, single_grid=single,
                           text_width=max(text0), samples_in_order=samples == list(range(visual.shape[0])),
                           checked=checked)
 

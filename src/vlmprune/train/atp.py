@@ -1,12 +1,14 @@
-"""``vlmprune train atp``: train ATP-LLaVA's threshold modules inside a LLaVA model, with ``accelerate``.
+"""``vlmprune train atp``: train ATP-LLaVA's threshold modules inside a model of any supported family, with ``accelerate``.
 
 What one step does (the paper's training objective; machinery: ``integrations/atp.py``):
 
-1. build a batch of ShapesVQA training conversations (scenes generated from step-indexed seeds,
-   the testbed's prompt template; loss on the answer tokens only; right padding), together with
+1. build a batch of ShapesVQA training conversations (scenes generated from step-indexed seeds;
+   the processor's chat template when it has one, any family, else the testbed's LLaVA-1.5
+   template; loss on the answer tokens only; right padding; ``train/data.py``), together with
    each sample's instruction rows T: the first turn's tokens after the image, up to its
-   "ASSISTANT:" — the rows inference scores with, never the system prompt or an answer;
-2. run the LLaVA forward with the ATP modules attached in *soft* mode: nothing is dropped, each
+   generation prompt ("ASSISTANT:") — the rows inference scores with, never the system prompt or
+   an answer;
+2. run the model's forward with the ATP modules attached in *soft* mode: nothing is dropped, each
    module's cumulative soft mask enters every later layer's attention as ``log(M + 1e-6)`` on the
    visual keys (a float sdpa mask; the model is never switched to eager attention);
 3. ``loss = task + lambda_atp * L_atp + lambda_target * L_target`` on the all-layer average
@@ -40,7 +42,8 @@ import torch
 from torch import nn
 
 from ..methods import atp as A
-from .data import SCENE_BASE, encode_atp_conversation, make_batch, sample_conversation  # noqa: F401 (re-exported)
+from ..eval.prompts import has_chat_template, prompt_style
+from .data import SCENE_BASE, encode_atp_conversation, make_batch, make_chat_batch, sample_conversation  # noqa: F401 (re-exported)
 from .loop import STATE_NAME, append_history, load_model, lr_factor, read_state, world_size_from_env, write_state
 
 TRAIN_MODES = ("llm-frozen", "lora")
@@ -57,7 +60,7 @@ class ATPTrainConfig:
     """Options of ``vlmprune train atp`` (validated on construction)."""
 
     out: str = _opt("runs/atp", "run folder: checkpoints, final ATP weights, summary (resumes if present)")
-    model: str | None = _opt(None, "local path or hub id of a LLaVA model; None = the testbed")
+    model: str | None = _opt(None, "local path or hub id of a model of any supported family (a chat template, or LLaVA-1.5); None = the testbed")
     paper_target: float | None = _opt(144.0, "target as the paper states it (all-layer average of a 32-layer "
                                             "LLaVA-1.5 with modules after 2,8,14,20,26), translated to this "
                                             "model by equivalent_target(); ignored when target is set")
@@ -179,7 +182,9 @@ class ATPTrainStep(nn.Module):
     family's other image keywords of the model's forward (LLaVA-NeXT ``image_sizes``, Qwen2-VL
     ``image_grid_thw`` and ``mm_token_type_ids``), passed through. With samples of different
     visual counts (other families) the budget counts each sample against its own initial count
-    (``ATPContext.initial``).
+    (``ATPContext.initial``), and ``parts`` (task loss, L_atp, L_target, average, soft average,
+    per-module counts) give the averages and counts in the reference grid's units: each sample's
+    fraction of its own visual tokens times N, the units of the target.
     """
 
     def __init__(self, model: nn.Module, pruner: A.ATPPruner, handle: Any, lambda_range: float = 0.0) -> None:
@@ -206,10 +211,15 @@ class ATPTrainStep(nn.Module):
             else:
                 loss = loss + mu * (budget.fraction.mean() - c.target / c.num_patches)
         with torch.no_grad():
-            soft_avg = self.pruner.average_tokens([c.detach() for c in ctx.soft_counts], ctx.initial).mean()
-            counts = torch.stack([c.detach().float() for c in ctx.counts], dim=1).mean(0)  # [K]
-        parts = torch.cat([torch.stack([out.loss.detach(), budget.l_atp.detach(), budget.l_target.detach(),
-                                        budget.average.detach().mean(), soft_avg]), counts])
+            # samples with their own visual counts: averages and counts in the reference grid's units
+            # (fraction of the sample's own tokens x N), the units of the target
+            scale = 1.0 if ctx.initial is None else (c.num_patches / ctx.initial)[:, None]  # [B, 1]
+            soft_avg = self.pruner.average_tokens([c.detach() for c in ctx.soft_counts], ctx.initial)[:, None]
+            counts = torch.stack([c.detach().float() for c in ctx.counts], dim=1)  # [B, K]
+            average = budget.average.detach()[:, None]
+            soft_avg, counts, average = ((x * scale).mean(0) for x in (soft_avg, counts, average))
+        parts = torch.cat([torch.stack([out.loss.detach(), budget.l_atp.detach(), budget.l_target.detach()]),
+                           average, soft_avg, counts])
         return loss, parts
 
 
@@ -244,15 +254,18 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
 
     model, processor = load_model(cfg.model, cfg.dtype)
     adapter = get_adapter(model)
-    if adapter.family != "llava":
-        raise ValueError(f"vlmprune train atp draws ShapesVQA batches with LLaVA-1.5 prompts; a {adapter.family} model "
-                         "needs its own batches: run vlmprune.train.atp.ATPTrainStep on them (docs/atp.md)")
+    chat = has_chat_template(processor)
     num_layers = len(adapter.get_decoder_layers(model))
-    num_patches = adapter.tokens_per_image(model)
-    grid = adapter.patch_grid(model)
-    if num_patches != grid[0] * grid[1]:
-        raise ValueError(f"the model feeds {num_patches} tokens per image on a {grid[0]} x {grid[1]} grid; ATP "
+    grid = adapter.patch_grid(model)  # the reference grid (any-res / dynamic families: images have their own)
+    num_patches = grid[0] * grid[1]
+    fixed = adapter.fixed_image_tokens(model)  # LLaVA-1.5: every image gets the same count
+    if fixed is not None and fixed != num_patches:
+        raise ValueError(f"the model feeds {fixed} tokens per image on a {grid[0]} x {grid[1]} grid; ATP "
                          "needs the patch tokens only (vision_feature_select_strategy='default')")
+    if not chat and fixed is None:
+        raise ValueError(f"the {adapter.family} model's processor has no chat template, and the ShapesVQA template "
+                         "is LLaVA-1.5's: give the processor a chat_template (processor.chat_template = ...; "
+                         "processor.save_pretrained(DIR)), or run vlmprune.train.atp.ATPTrainStep on your own batches")
     image_token_id = adapter.image_token_id(model)
     pruner = build_pruner(cfg, num_layers, num_patches, grid)
     c = pruner.config
@@ -281,7 +294,9 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         groups.append({"params": list(lora_params.values()), "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
     say(f"ATP: modules after layers {list(c.layers)} of {num_layers}, N = {num_patches} ({grid[0]}x{grid[1]}), "
         f"target all-layer average {c.target:.2f} (minimum reachable "
-        f"{A.min_average_tokens(c.layers, num_layers, num_patches):.2f}), "
+        f"{A.min_average_tokens(c.layers, num_layers, num_patches):.2f}"
+        + ("" if fixed is not None else f"; images have their own token counts: the target is "
+           f"{100 * c.target / num_patches:.1f}% of each image's own, averages are shown in units of N") + "), "
         + (f"fixed ratio {c.fixed_ratio:.4f} -> counts {pruner.fixed_counts}" if not c.learned else
            f"score={c.score}, redundant={c.redundant}, spatial={c.spatial}")
         + f"; trainable: {sum(p.numel() for g in groups for p in g['params'])} parameters ({cfg.train})")
@@ -348,11 +363,14 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
             method.tau = pruner.tau_at(step, cfg.steps)
             torch.manual_seed(cfg.seed * 100003 + step)
             start = step * global_batch + rank * cfg.batch_size
-            batch = make_batch(processor, list(range(start, start + cfg.batch_size)),
-                               image_token_id=image_token_id, num_image_tokens=num_patches, turns=cfg.turns,
-                               text_prob=cfg.text_prob)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            indices = list(range(start, start + cfg.batch_size))
+            if chat:  # the processor's chat template: any family
+                batch = make_chat_batch(processor, indices, image_token_id=image_token_id, turns=cfg.turns,
+                                        text_prob=cfg.text_prob)
+            else:  # the testbed's template (LLaVA-1.5)
+                batch = make_batch(processor, indices, image_token_id=image_token_id, num_image_tokens=num_patches,
+                                   turns=cfg.turns, text_prob=cfg.text_prob)
+            batch = to_model(batch, accelerator.device, model.dtype)
             loss, parts = step_module(**batch, mu=state["mu"])
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -410,14 +428,20 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
     return out
 
 
+def to_model(batch: dict[str, Any], device: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """``batch``'s tensors on ``device``, the floating ones (pixel values) in the model's ``dtype``."""
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
 def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_size: int = 16,
                      split: str = "val", start: int = 500_000) -> dict[str, Any]:
     """Prefill ``n`` held-out single-turn prompts with hard pruning; average kept counts."""
-    from ..testbed.questions import format_prompt
     from ..testbed.scenes import make_scene, split_seed
 
     tok = processor.tokenizer
     tok.padding_side = "left"
+    style = prompt_style(processor)  # the chat template when the processor has one, else the testbed's
     handle.stats.reset()
     for s in range(0, n, batch_size):
         images, prompts = [], []
@@ -427,12 +451,20 @@ def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_s
             scene = make_scene(seed, text=rnd.random() < 0.5)
             (q, _a), = sample_conversation(scene, rnd, 1)
             images.append(scene.image)
-            prompts.append(format_prompt(q))
-        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            prompts.append(style.build(q))
+        inputs = processor(images=images, text=prompts, padding=True, add_special_tokens=style.add_special_tokens,
+                           return_tensors="pt")
+        inputs = to_model(dict(inputs), model.device, model.dtype)
         with torch.no_grad():
             model(**inputs, use_cache=False)
     st = handle.stats
-    return {"n": n, "average": st.mean_atp_average, "module_counts": st.mean_module_counts,
-            "min": min(st.atp_average_per_image), "max": max(st.atp_average_per_image)}
+    # "average" in the target's units: each image's all-layer average as a fraction of its own visual
+    # tokens, times N (equal to the plain average when every image has N tokens, LLaVA-1.5)
+    n_ref = handle.method_obj.pruner.config.num_patches
+    ref = [a / n0 * n_ref for a, n0 in zip(st.atp_average_per_image, st.initial_per_image)]
+    out = {"n": n, "average": sum(ref) / len(ref), "module_counts": st.mean_module_counts,
+           "min": min(ref), "max": max(ref)}
+    if any(n0 != n_ref for n0 in st.initial_per_image):
+        out.update(visual_tokens=sum(st.initial_per_image) / n, kept_average=st.mean_atp_average,
+                   units=f"fractions of each image's own visual tokens x N = {n_ref}")
+    return out

@@ -53,7 +53,7 @@ def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
 def atp_cmd(
     out: Path = typer.Option(Path("runs/atp"), help="run folder (checkpoints, ATP weights; resumes if present)"),
     model: Optional[str] = typer.Option(None, "--model", "-M",
-                                        help="local folder or hub id of a LLaVA model (default: the testbed)"),
+                                        help="local folder or hub id of a model of any supported family whose processor has a chat template, or of a LLaVA-1.5 model (ShapesVQA template; default: the testbed)"),
     target: Optional[float] = typer.Option(None, help="target all-layer average visual tokens on THIS model"),
     paper_target: float = typer.Option(144.0, help="target as in the paper (32-layer LLaVA-1.5), translated to this "
                                                    "model (testbed: 144 -> 178.8, 88 -> 127.3); unused with --target"),
@@ -92,7 +92,7 @@ def atp_cmd(
                                                         "rerun the same command to resume)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
 ):
-    """Train ATP modules (soft masks + budget loss) inside a LLaVA model; write weights loadable by
+    """Train ATP modules (soft masks + budget loss) inside a model of any supported family; write weights loadable by
     vlmprune.apply(model, "atp", checkpoint=OUT) or `-m atp:checkpoint=OUT`. Resumes from OUT/train_state.pt."""
     from .atp import ATPTrainConfig, train_atp
 

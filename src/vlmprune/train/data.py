@@ -2,9 +2,14 @@
 
 Sample ``i`` of a run is a train-split scene drawn from seed ``split_seed("train", SCENE_BASE + i)``
 (a range disjoint from the testbed's own), with its conversation: ``turns`` question-answer turns
-of random question families, tokenised with the testbed's template (``testbed.prompt.encode_turns``):
-loss on the answer tokens only, and each sample's *instruction rows* (the first turn's tokens after
-the image, up to its "ASSISTANT:", which ATP scores with).
+of random question families. Two ways to tokenise it, both with loss on the answer tokens only and
+each sample's *instruction rows* (the first turn's tokens after the image, which ATP scores with):
+
+* ``make_batch``: the testbed's template (``testbed.prompt.encode_turns``), for a LLaVA-1.5 model
+  whose processor has no chat template (the testbed);
+* ``make_chat_batch``: the processor's chat template, for any family (LLaVA-NeXT, Qwen2-VL, ...):
+  the processor expands the image placeholder and produces the family's image inputs
+  (``image_sizes``, ``image_grid_thw``, ...), which the batch carries through.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCENE_BASE", "sample_conversation", "encode_atp_conversation", "make_batch"]
+__all__ = ["SCENE_BASE", "sample_conversation", "encode_atp_conversation", "make_batch", "chat_segments",
+           "make_chat_batch", "conversations"]
 
 # ShapesVQA train-split scene indices used by the training commands (disjoint from the testbed's own ranges)
 SCENE_BASE = 600_000_000
@@ -41,22 +47,29 @@ def encode_atp_conversation(tokenizer: Any, qa: list[tuple[str, str]], image_tok
     return encode_turns(tokenizer, qa, image_token_id, num_image_tokens)
 
 
+def conversations(sample_indices: list[int], turns: int, text_prob: float) -> list[tuple[Any, list[tuple[str, str]]]]:
+    """(image, conversation) of each training sample index."""
+    from ..testbed.scenes import make_scene, split_seed
+
+    out = []
+    for index in sample_indices:
+        seed = split_seed("train", (SCENE_BASE + index) % 900_000_000)
+        rnd = random.Random(seed)
+        scene = make_scene(seed, text=rnd.random() < text_prob)
+        out.append((scene.image, sample_conversation(scene, rnd, turns)))
+    return out
+
+
 def make_batch(processor: Any, sample_indices: list[int], *, image_token_id: int, num_image_tokens: int,
                turns: int = 1, text_prob: float = 0.5) -> dict[str, torch.Tensor]:
     """A right-padded training batch: input_ids / attention_mask / labels / instruction [B, L]
     (labels -100 off the answers, instruction True on the first question's rows) and
     pixel_values [B, 3, H, W]."""
-    from ..testbed.scenes import make_scene, split_seed
-
     tok = processor.tokenizer
     images, seqs = [], []
-    for index in sample_indices:
-        seed = split_seed("train", (SCENE_BASE + index) % 900_000_000)
-        rnd = random.Random(seed)
-        scene = make_scene(seed, text=rnd.random() < text_prob)
-        images.append(scene.image)
-        seqs.append(encode_atp_conversation(tok, sample_conversation(scene, rnd, turns), image_token_id,
-                                            num_image_tokens))
+    for image, qa in conversations(sample_indices, turns, text_prob):
+        images.append(image)
+        seqs.append(encode_atp_conversation(tok, qa, image_token_id, num_image_tokens))
     width = max(len(s[0]) for s in seqs)
     bsz = len(seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -71,3 +84,88 @@ def make_batch(processor: Any, sample_indices: list[int], *, image_token_id: int
         instruction[b, : len(ins)] = torch.tensor(ins)
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixels, instruction=instruction)
+
+
+def chat_segments(processor: Any, qa: list[tuple[str, str]]) -> list[str]:
+    """A conversation rendered by the processor's chat template, cut into its turns' texts:
+    [prompt_1, answer_1, prompt_2, answer_2, ...]. prompt_1 holds the image placeholder (the first
+    user turn: the image, then the question) and every prompt ends with the template's generation
+    prompt; an answer segment is the answer and whatever the template writes after it (its
+    end-of-turn tokens). Raises ValueError when a rendering is not a prefix of the next one (a
+    template that rewrites earlier turns cannot be cut this way)."""
+    messages: list[dict] = []
+    segments, prev = [], ""
+    for turn, (question, answer) in enumerate(qa):
+        content = ([{"type": "image"}] if turn == 0 else []) + [{"type": "text", "text": question}]
+        for message, generation_prompt in (({"role": "user", "content": content}, True),
+                                           ({"role": "assistant", "content": [{"type": "text", "text": answer}]}, False)):
+            messages.append(message)
+            text = processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+            if not text.startswith(prev):
+                raise ValueError("the processor's chat template renders a conversation differently once a turn is "
+                                 "added, so its answers cannot be located; train with ATPTrainStep on your own "
+                                 "batches (docs/atp.md)")
+            segments.append(text[len(prev):])
+            prev = text
+    return segments
+
+
+def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id: int, turns: int = 1,
+                    text_prob: float = 0.5) -> dict[str, torch.Tensor]:
+    """A right-padded training batch through the processor's chat template (``chat_segments``).
+
+    The first prompt of every sample goes through ``processor(images=..., text=...)`` in one call
+    (the image placeholder expanded, the family's image inputs produced, no special tokens added:
+    the template writes its own); the later segments are tokenised by ``processor.tokenizer`` and
+    appended. Returns input_ids / attention_mask / labels / instruction [B, L] (labels -100 off the
+    answer segments; instruction True on the first prompt's rows after its last ``image_token_id``),
+    the processor's image inputs unchanged (pixel_values, image_sizes, image_grid_thw, ...), and
+    any other [B, L0] token-aligned output of the processor (e.g. ``mm_token_type_ids``) extended
+    with 0 over the appended tokens and the padding."""
+    tok = processor.tokenizer
+    convs = conversations(sample_indices, turns, text_prob)
+    segs = [chat_segments(processor, qa) for _, qa in convs]
+    first = processor(images=[image for image, _ in convs], text=[s[0] for s in segs], padding=True,
+                      add_special_tokens=False, return_tensors="pt")
+    ids0, mask0 = first["input_ids"], first["attention_mask"].bool()
+    token_keys = [k for k, v in first.items() if k not in ("input_ids", "attention_mask")
+                  and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(ids0.shape)]
+    rows = []
+    for b, s in enumerate(segs):
+        prompt = ids0[b][mask0[b]].tolist()
+        image_at = [i for i, t in enumerate(prompt) if t == image_token_id]
+        if not image_at:
+            raise ValueError(f"the processor's first prompt has no image token (id {image_token_id}): its chat "
+                             "template must place the image of a {'type': 'image'} content entry")
+        ids, labels = list(prompt), [-100] * len(prompt)
+        instruction = [i > image_at[-1] for i in range(len(prompt))]
+        extra = {k: first[k][b][mask0[b]].tolist() for k in token_keys}
+        for j, text in enumerate(s[1:], start=1):
+            new = tok(text, add_special_tokens=False)["input_ids"]
+            ids += new
+            labels += new if j % 2 == 1 else [-100] * len(new)
+            instruction += [False] * len(new)
+            for k in token_keys:
+                extra[k] += [0] * len(new)
+        rows.append((ids, labels, instruction, extra))
+    width = max(len(r[0]) for r in rows)
+    bsz = len(rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = {"input_ids": torch.full((bsz, width), pad, dtype=torch.long),
+             "attention_mask": torch.zeros((bsz, width), dtype=torch.long),
+             "labels": torch.full((bsz, width), -100, dtype=torch.long),
+             "instruction": torch.zeros((bsz, width), dtype=torch.bool)}
+    for k in token_keys:
+        batch[k] = torch.zeros((bsz, width), dtype=first[k].dtype)
+    for b, (ids, labels, instruction, extra) in enumerate(rows):
+        n = len(ids)
+        batch["input_ids"][b, :n] = torch.tensor(ids)
+        batch["attention_mask"][b, :n] = 1
+        batch["labels"][b, :n] = torch.tensor(labels)
+        batch["instruction"][b, :n] = torch.tensor(instruction)
+        for k in token_keys:
+            batch[k][b, :n] = torch.tensor(extra[k], dtype=first[k].dtype)
+    for k, v in first.items():
+        if k not in batch and k not in ("input_ids", "attention_mask"):
+            batch[k] = v
+    return batch

@@ -1,0 +1,190 @@
+"""``vlmprune train atp`` on LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: batches through the processor's chat
+template, the training loop, checkpoints, and the trained modules loaded back for generate / eval.
+
+LLaVA-NeXT runs through the CLI on a saved tiny model with a real ``LlavaNextProcessor``. transformers
+builds ``Qwen2VLProcessor`` only with torchvision (its video processor needs it), which cannot be
+installed beside this project's torch, so the Qwen runs call ``train_atp`` with the model and
+``atp_helpers.QwenStyleProcessor`` (the PIL Qwen2-VL image processor + the placeholder expansion of
+``Qwen2VLProcessor``) in place of the folder load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vlmprune
+from atp_helpers import make_tiny_next_folder, make_tiny_qwen_chat
+from vlmprune.cli import app
+from vlmprune.train.data import chat_segments, conversations, make_chat_batch
+
+FAST = ["--batch-size", "2", "--checkpoint-every", "1", "--eval-n", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    return make_tiny_next_folder(tmp_path_factory.mktemp("next") / "model")
+
+
+def _load(folder):
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, ["train", "atp", *args])
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "atp_weights.safetensors"))
+
+
+def test_chat_segments_cut_the_rendered_conversation_at_each_turn(next_dir):
+    _, proc = _load(next_dir)
+    qa = [("How many stars?", "3"), ("What color is the star?", "red")]
+    segs = chat_segments(proc, qa)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa[0][0]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "3"}]},
+                {"role": "user", "content": [{"type": "text", "text": qa[1][0]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    assert "".join(segs) == proc.apply_chat_template(messages, tokenize=False)
+    assert segs == ["[user] <image>\nHow many stars?[assistant] ", "3</s>", "[user] What color is the star?[assistant] ",
+                    "red</s>"]
+
+    class Rewriting:  # a template that changes earlier turns once one is added cannot be cut
+        def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+            return f"{len(messages)} turns"
+
+    with pytest.raises(ValueError, match="renders a conversation differently"):
+        chat_segments(Rewriting(), qa)
+
+
+def test_chat_batches_train_on_answers_and_score_the_first_question(next_dir):
+    _, proc = _load(next_dir)
+    tok = proc.tokenizer
+    img = tok.convert_tokens_to_ids("<image>")
+    indices = [0, 1, 2, 3]
+    b = make_chat_batch(proc, indices, image_token_id=img, turns=2)
+    ids, labels, mask, instr = b["input_ids"], b["labels"], b["attention_mask"], b["instruction"]
+    assert b["pixel_values"].shape[0] == 4 and b["image_sizes"].shape == (4, 2)
+    for row, (image, qa) in enumerate(conversations(indices, 2, 0.5)):
+        n = int(mask[row].sum())
+        assert bool(mask[row, :n].all()) and not bool(mask[row, n:].any())  # right padding
+        prompt = chat_segments(proc, qa)[0]
+        single = proc(images=[image], text=[prompt], add_special_tokens=False, return_tensors="pt")
+        ref = single["input_ids"][0]
+        assert torch.equal(ids[row, : len(ref)], ref)  # the first prompt as the processor makes it alone
+        assert torch.equal(b["image_sizes"][row], single["image_sizes"][0])
+        last_img = int((ref == img).nonzero().max())
+        cols = instr[row].nonzero().flatten().tolist()
+        assert cols == list(range(last_img + 1, len(ref)))  # the first question, through the generation prompt
+        assert tok.decode(ids[row, cols]) == "\n" + qa[0][0] + "[assistant] "
+        ans = labels[row][labels[row] != -100]
+        assert tok.decode(ans) == f"{qa[0][1]}</s>{qa[1][1]}</s>"  # both answers with their EOS, nothing else
+        assert bool((labels[row, :len(ref)] == -100).all())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_chat_batches_carry_the_grids_and_token_types(family):
+    model, proc = make_tiny_qwen_chat(family)
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    b = make_chat_batch(proc, [4, 5, 6], image_token_id=pad, turns=2)
+    assert b["image_grid_thw"].shape == (3, 3)
+    merged = (b["image_grid_thw"].prod(1) // 4).tolist()
+    assert (b["input_ids"] == pad).sum(1).tolist() == merged
+    # the processor's token types (1 on image tokens), 0 over the appended turns and the padding
+    assert torch.equal(b["mm_token_type_ids"], (b["input_ids"] == pad).long() * b["attention_mask"])
+    with torch.no_grad():
+        out = model(**{k: v for k, v in b.items() if k != "instruction"})
+    assert torch.isfinite(out.loss)
+
+
+def test_cli_trains_atp_on_llava_next_resumes_and_loads(next_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    base = ["--model", str(next_dir), "--steps", "2", "--lr", "0.01", *FAST]
+    r = _run("--out", str(straight), *base)
+    assert r.exit_code == 0, r.output
+    assert "images have their own token counts" in r.output
+    r = _run("--out", str(resumed), "--stop-after", "1", *base)
+    assert r.exit_code == 0 and "stopped after step 1 of 2" in r.output, r.output
+    r = _run("--out", str(resumed), *base)
+    assert r.exit_code == 0 and "resumed from" in r.output, r.output
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the straight run
+    summary = json.loads((straight / "summary.json").read_text())
+    e = summary["eval"]
+    assert e["n"] == 3 and e["visual_tokens"] > 9  # several crops per image: more tokens than the 3x3 grid
+    # the average in the target's units: each image's kept fraction x N (N = 9, the grid of one crop)
+    assert e["average"] == pytest.approx(e["kept_average"] / e["visual_tokens"] * 9)
+    hist = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [0, 1] and all(0 < h["avg"] <= 9 for h in hist)
+
+    model, proc = _load(next_dir)
+    (image, qa), = conversations([7], 1, 0.5)
+    inputs = proc(images=[image, image.resize((120, 60))], text=[chat_segments(proc, qa)[0]] * 2, padding=True,
+                  add_special_tokens=False, return_tensors="pt")
+    with vlmprune.pruned(model, "atp", checkpoint=str(straight)) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert len(handle.stats.module_counts) == 2 and len(handle.stats.module_counts[0]) == 3
+
+
+def test_cli_eval_runs_the_trained_modules_on_llava_next(next_dir, tmp_path):
+    """`vlmprune eval --model DIR --data FILE.jsonl` on a NeXT folder: chat-template prompts, ATP from a run."""
+    run = tmp_path / "run"
+    r = _run("--model", str(next_dir), "--out", str(run), "--steps", "1", "--fixed-ratio", *FAST)  # prunes untrained
+    assert r.exit_code == 0, r.output
+    (image, qa), = conversations([3], 1, 0.5)
+    image.save(tmp_path / "img.png")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"image": "img.png", "question": qa[0][0], "answer": qa[0][1]}) + "\n")
+    r = CliRunner().invoke(app, ["eval", "--model", str(next_dir), "--data", str(data), "-m", f"atp:checkpoint={run}",
+                                 "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert "chat template" in out["run"]["generation"]["prompt_template"]
+    assert out["results"][0]["n"] == 1 and out["results"][0]["mean_visual_tokens"] < 51
+
+
+def test_a_family_processor_without_chat_template_is_refused_in_one_line(next_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(next_dir, bare)
+    (bare / "chat_template.jinja").unlink()
+    r = _run("--model", str(bare), "--out", str(tmp_path / "run"), "--steps", "1", *FAST)
+    assert r.exit_code == 2 and "has no chat template" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_train_atp_on_qwen_saves_modules_that_prune_in_generate(family, tmp_path, monkeypatch):
+    import vlmprune.train.atp as T
+
+    model, proc = make_tiny_qwen_chat(family)
+    monkeypatch.setattr(T, "load_model", lambda name, dtype: (model, proc))
+    out = T.train_atp(T.ATPTrainConfig(out=str(tmp_path / "run"), steps=2, batch_size=2, eval_n=2, hidden=16,
+                                       lr=0.01), progress=False, log=lambda _m: None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval"]["n"] == 2
+    assert [h["step"] for h in map(json.loads, (out / "history.jsonl").read_text().splitlines())] == [0, 1]
+    b = make_chat_batch(proc, [11, 12], image_token_id=model.config.image_token_id)
+    inputs = {k: v for k, v in b.items() if k not in ("labels", "instruction")}
+    with vlmprune.pruned(model, "atp", checkpoint=str(out)) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert len(handle.stats.module_counts) == 2 and len(handle.stats.module_counts[0]) == 3
+
+
+def test_lora_training_on_llava_next_writes_a_merged_model(next_dir, tmp_path):
+    run = tmp_path / "run"
+    r = _run("--model", str(next_dir), "--out", str(run), "--steps", "1", "--train", "lora", *FAST)
+    assert r.exit_code == 0, r.output
+    (merged, proc), (base, base_proc) = _load(run / "model"), _load(next_dir)
+    assert type(merged) is type(base) and proc.chat_template == base_proc.chat_template
+    base_params = dict(base.named_parameters())
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base_params[n])]
+    assert changed and all("language_model" in n for n in changed)  # the LoRA-merged LLM projections only
