@@ -677,3 +677,27 @@ def test_family_memory_probe_in_a_fresh_process(tmp_path_factory) -> None:
     folder = _saved(tmp_path_factory, make_tiny_qwen2_vl)
     mem = probe_memory(folder, parse_methods(["prumerge+"])[1], 2, new_tokens=2)
     assert mem["peak_rss_delta_bytes"] > 0 and mem["peak_rss_bytes"] >= mem["baseline_rss_bytes"]
+
+
+def test_saved_llava_next_with_a_chat_template(tmp_path) -> None:
+    """A saved LLaVA-NeXT folder whose processor has a chat template that writes BOS itself: the
+    bench's ShapesVQA prompts go through the template with BOS once, and every method runs."""
+    from transformers import AutoProcessor
+
+    from atp_helpers import CHAT_TEMPLATE, make_tiny_next_folder
+    from vlmprune.bench.models import load_bench_model, make_bench_inputs
+
+    folder = make_tiny_next_folder(tmp_path / "next")
+    proc = AutoProcessor.from_pretrained(folder)
+    proc.chat_template = "<s>" + CHAT_TEMPLATE
+    proc.save_pretrained(folder)
+    model, processor, _ = load_bench_model(str(folder), torch.float32)
+    inputs, desc = make_bench_inputs(model, processor, 3)
+    bos = processor.tokenizer.bos_token_id
+    assert "chat template" in desc["template"]
+    assert ((inputs["input_ids"] == bos).sum(1) == 1).all()  # the template's BOS, not a second one
+    c = M.run_bench(models=[str(folder)], methods=["prumerge+", "fastv"], batches=[2], repeats=1, warmup=0,
+                    new_tokens=2, threads=None, memory=False, out=None)
+    res = c["results"][0]
+    assert c["models"][0]["config"]["family"] == "llava-next" and len(res["variants"]) == 3
+    assert all(v["visual_tokens"] < res["visual_tokens_unpruned"] for v in res["variants"][1:])

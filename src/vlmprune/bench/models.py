@@ -298,7 +298,7 @@ def make_bench_inputs(model, processor, batch: int, seed: int = 0,
         desc = {"source": "synthetic LLaVA-1.5 layout", "system_tokens": N_SYSTEM, "question_tokens": N_QUESTION}
     else:
         from ..eval.data import shapesvqa_items
-        from ..eval.prompts import prompt_builder
+        from ..eval.prompts import prompt_style
         from ..testbed.questions import FAMILIES
 
         per_family = -(-batch // len(FAMILIES))
@@ -306,12 +306,12 @@ def make_bench_inputs(model, processor, batch: int, seed: int = 0,
         by_family = [items[i * per_family:(i + 1) * per_family] for i in range(len(FAMILIES))]
         chosen = [by_family[j % len(FAMILIES)][j // len(FAMILIES)] for j in range(batch)]
         processor.tokenizer.padding_side = "left"
-        build_prompt, template = prompt_builder(processor)
-        enc = processor(images=[it.image() for it in chosen], text=[build_prompt(it.question) for it in chosen],
-                        padding=True, return_tensors="pt")
+        style = prompt_style(processor)  # a chat template writes its own special tokens (BOS): none added
+        enc = processor(images=[it.image() for it in chosen], text=[style.build(it.question) for it in chosen],
+                        padding=True, add_special_tokens=style.add_special_tokens, return_tensors="pt")
         inputs = dict(enc)
         desc = {"source": "ShapesVQA test questions via the processor", "items": [it.id for it in chosen],
-                "template": template}
+                "template": style.description}
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     mask = inputs.get("attention_mask")
     lengths = (mask.sum(1) if mask is not None else torch.full((batch,), inputs["input_ids"].shape[1])).tolist()

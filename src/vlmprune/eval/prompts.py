@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["PromptStyle", "prompt_style", "prompt_builder", "has_chat_template"]
+__all__ = ["PromptStyle", "prompt_style", "has_chat_template"]
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,3 @@ def prompt_style(processor: Any, template: str | None = None) -> PromptStyle:
     from ..testbed.prompt import PROMPT_TEMPLATE
 
     return PromptStyle(lambda q: PROMPT_TEMPLATE.format(question=q), PROMPT_TEMPLATE)
-
-
-def prompt_builder(processor: Any) -> tuple[Callable[[str], str], str]:
-    """(build, description) of ``prompt_style(processor)`` (the bench's prompts)."""
-    style = prompt_style(processor)
-    return style.build, style.description
