@@ -14,7 +14,12 @@
     mosaic with a newline per mosaic row, 144 + 24 * 25 = 744 tokens in 5 tower passes;
   - ``scaled-qwen2-vl`` (Qwen2-VL-7B): Qwen2 decoder 28 x 448 (7 query heads of 64, 1 key/value
     head, MLP 18944/3584, vocabulary 152064, M-RoPE sections [8, 12, 12]), ViT 6 x 320 (5 heads,
-    MLP ratio 4) with the 2 x 2 merger: a 336 x 336 image is 24 x 24 patches, 144 merged tokens.
+    MLP ratio 4) with the 2 x 2 merger: a 336 x 336 image is 24 x 24 patches, 144 merged tokens;
+  - ``scaled-qwen2.5-vl`` (Qwen2.5-VL-7B): the same decoder; ViT 8 x 320 (5 heads, SwiGLU MLP
+    3420/1280) with 112 px windows and full attention in blocks 3 and 7 (the 7B: every 8th of 32,
+    the last one included), the 2 x 2 merger: a 336 x 336 image is 144 merged tokens;
+  - ``scaled-video-llava`` (Video-LLaVA-7B): Llama decoder 32 x 256 as above, CLIP tower 6 x 128
+    (2 heads) at LanguageBind's 224 px: an image is 16 x 16 = 256 tokens ([CLS] dropped).
 
 * Prompts (``make_bench_inputs``): synthetic models get 35 system tokens, one image, 24
   question tokens, random ids and pixels, in LLaVA-1.5's layout (``bench.decoder.make_prompt``)
@@ -95,9 +100,44 @@ def build_qwen2_vl(seed: int = 0):
     return _finish(Qwen2VLForConditionalGeneration(config))
 
 
+def build_qwen2_5_vl(seed: int = 0):
+    """The scaled Qwen2.5-VL-7B (``scaled-qwen2.5-vl``)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=8, hidden_size=320, intermediate_size=320 * 3420 // 1280, num_heads=5, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+                  fullatt_block_indexes=[3, 7], out_hidden_size=448)
+    text = dict(vocab_size=152064, hidden_size=448, intermediate_size=448 * 18944 // 3584, num_hidden_layers=28,
+                num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text)
+    torch.manual_seed(seed)
+    return _finish(Qwen2_5_VLForConditionalGeneration(config))
+
+
+def build_video_llava(seed: int = 0):
+    """The scaled Video-LLaVA-7B (``scaled-video-llava``)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2,
+                              image_size=224, patch_size=14, projection_dim=128)
+    text = LlamaConfig(vocab_size=32064, hidden_size=256, intermediate_size=int(256 * 11008 / 4096),
+                       num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                              video_token_index=32001, vision_feature_layer=-2,
+                              vision_feature_select_strategy="default", image_seq_length=256,
+                              video_seq_length=8 * 257)
+    torch.manual_seed(seed)
+    return _finish(VideoLlavaForConditionalGeneration(config))
+
+
 SCALED: dict[str, ScaledFamily] = {f.name: f for f in (
     ScaledFamily("scaled-llava-next", build_llava_next, (336, 336), "LLaVA-NeXT-7B (llava-v1.6-vicuna-7b)"),
     ScaledFamily("scaled-qwen2-vl", build_qwen2_vl, (336, 336), "Qwen2-VL-7B"),
+    ScaledFamily("scaled-qwen2.5-vl", build_qwen2_5_vl, (336, 336), "Qwen2.5-VL-7B"),
+    ScaledFamily("scaled-video-llava", build_video_llava, (224, 224), "Video-LLaVA-7B (LanguageBind towers)"),
 )}
 
 

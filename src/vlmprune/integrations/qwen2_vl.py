@@ -444,12 +444,14 @@ def _received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, scaling: float
     out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
-        kk = k[a:b].transpose(0, 1).float()  # [H, P, Dh]
+        # head-major copies once per segment (the qkv split leaves them strided): the GEMMs read
+        # contiguous rows, the logits are scaled in place
+        kk = k[a:b].float().transpose(0, 1).contiguous()  # [H, P, Dh]
+        qq = q[a:b].float().transpose(0, 1).contiguous()  # [H, P, Dh]
         total = torch.zeros(b - a, dtype=torch.float32, device=q.device)
-        for s in range(a, b, chunk):
-            qq = q[s:min(s + chunk, b)].transpose(0, 1).float()  # [H, r, Dh]
-            probs = torch.softmax(torch.matmul(qq, kk.transpose(1, 2)) * scaling, dim=-1)  # [H, r, P]
-            total += probs.sum((0, 1))
+        for s in range(0, b - a, chunk):
+            logits = torch.matmul(qq[:, s:s + chunk], kk.transpose(1, 2)).mul_(scaling)  # [H, r, P]
+            total += torch.softmax(logits, dim=-1).sum((0, 1))
         out[a:b] = total / (q.shape[1] * (b - a))
     return out
 
