@@ -358,7 +358,6 @@ class Qwen2VLAdapter(ModelAdapter):
 
         def on_attn(_module: Any, args: tuple, kwargs: dict) -> None:
             store["pe"] = kwargs.get("position_embeddings")
-            store["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
 
         def on_qkv(_module: Any, _inp: Any, out: Tensor) -> None:
             store["qkv"] = out.detach()  # [S, 3 * C]
@@ -371,7 +370,14 @@ class Qwen2VLAdapter(ModelAdapter):
                 h.remove()
         q, k, k_raw = qwen_vision_qk(store["qkv"], int(attn.num_heads), store["pe"])  # [S, H, Dh] each
         unit = self.merge_size(model) ** 2
-        received = _received_attention(q, k, store["cu"], float(attn.scaling), self.score_chunk)  # [S]
+        # the block's attention segments (its cu_seqlens): one per temporal slice of each image, in
+        # order, known on the host from the layout (t slices of h * w patches; the tower keeps each
+        # slice's rows together, in window order for Qwen2.5-VL), so nothing is read from the device
+        m2 = self.merge_size(model) ** 2
+        bounds = [0]
+        for u in layout.units:
+            bounds.append(bounds[-1] + u.num_patches * m2)
+        received = _received_attention(q, k, bounds, float(attn.scaling), self.score_chunk)  # [S]
         received = received.view(-1, unit).sum(-1)  # [G] per merge group, tower order
         keys = k_raw.reshape(k_raw.shape[0] // unit, unit, -1).float().mean(1).to(k_raw.dtype)  # [G, C]
         order = self.tower_order(model, layout.family_data)
@@ -437,12 +443,14 @@ class Qwen2VLAdapter(ModelAdapter):
         return None
 
 
-def _received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, scaling: float, chunk: int) -> Tensor:
-    """q, k [S, H, Dh] (rotated), ``cu_seqlens`` [I + 1] segment bounds (each segment attends to
-    itself) -> [S] float32: the attention each row receives, averaged over heads and over its
-    segment's query rows (so each segment sums to 1). Queries in chunks of ``chunk`` rows."""
+def _received_attention(q: Tensor, k: Tensor, bounds: list[int], scaling: float, chunk: int) -> Tensor:
+    """q, k [S, H, Dh] (rotated), ``bounds`` the I + 1 segment bounds on the host (each segment
+    attends to itself; ``cu_seqlens``) -> [S] float32: the attention each row receives, averaged
+    over heads and over its segment's query rows (so each segment sums to 1). Queries in chunks of
+    ``chunk`` rows."""
+    if bounds[-1] != q.shape[0]:
+        raise RuntimeError(f"vlmprune: the layout's {bounds[-1]} patches do not match the tower's {q.shape[0]} rows")
     out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
-    bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         # head-major copies once per segment (the qkv split leaves them strided): the GEMMs read
         # contiguous rows, the logits are scaled in place
