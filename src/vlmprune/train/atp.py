@@ -43,7 +43,7 @@ from torch import nn
 
 from ..methods import atp as A
 from ..eval.prompts import has_chat_template, prompt_style
-from .data import SCENE_BASE, encode_atp_conversation, make_batch, make_chat_batch, sample_conversation  # noqa: F401 (re-exported)
+from .data import SCENE_BASE, encode_atp_conversation, make_batch, make_chat_batch, sample_conversation, to_model  # noqa: F401 (re-exported)
 from .loop import STATE_NAME, append_history, load_model, lr_factor, read_state, world_size_from_env, write_state
 
 TRAIN_MODES = ("llm-frozen", "lora")
@@ -426,12 +426,6 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         handle.remove()
     accelerator.wait_for_everyone()
     return out
-
-
-def to_model(batch: dict[str, Any], device: Any, dtype: torch.dtype) -> dict[str, Any]:
-    """``batch``'s tensors on ``device``, the floating ones (pixel values) in the model's ``dtype``."""
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_size: int = 16,

@@ -117,7 +117,7 @@ def lora_cmd(
                                help="vision-stage method spec applied while training: prumerge, prumerge+, "
                                     "prumerge+:keep=144, ... (sequential:keep=1.0 = the no-pruning control)"),
     out: Path = typer.Option(Path("runs/lora"), help="run folder (adapters, checkpoint; resumes if present)"),
-    model: Optional[str] = typer.Option(None, "--model", "-M", help="local LLaVA model folder (default: the testbed)"),
+    model: Optional[str] = typer.Option(None, "--model", "-M", help="local model folder of any supported family whose processor has a chat template, or a LLaVA-1.5 one (default: the testbed)"),
     steps: int = typer.Option(250, help="optimizer steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="samples per step"),
     lr: float = typer.Option(2e-4, help="peak learning rate (warm-up, then cosine to 0)"),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 __all__ = ["SCENE_BASE", "sample_conversation", "encode_atp_conversation", "make_batch", "chat_segments",
-           "make_chat_batch", "conversations"]
+           "make_chat_batch", "conversations", "to_model"]
 
 # ShapesVQA train-split scene indices used by the training commands (disjoint from the testbed's own ranges)
 SCENE_BASE = 600_000_000
@@ -169,3 +169,9 @@ def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id
         if k not in batch and k not in ("input_ids", "attention_mask"):
             batch[k] = v
     return batch
+
+
+def to_model(batch: dict[str, Any], device: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """``batch``'s tensors on ``device``, the floating ones (pixel values) in the model's ``dtype``."""
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

@@ -4,7 +4,8 @@ The counterpart of the PruMerge paper's Table 6 (PruMerge + one epoch of LoRA fi
 step:
 
 1. a batch of ShapesVQA training conversations (``train/data.py``: train-split scenes from
-   step-indexed seeds, the testbed's prompt template, loss on the answer tokens, right padding);
+   step-indexed seeds; the processor's chat template when it has one, any family, else the
+   testbed's LLaVA-1.5 template; loss on the answer tokens, right padding);
 2. the model's forward with the method (``--method``, any vision-stage spec, e.g.
    ``prumerge+:keep=144``) attached through ``vlmprune.apply``: the LLM sees only the method's
    tokens, and the vision stage rewrites ``labels`` with the sequence;
@@ -33,7 +34,8 @@ from typing import Any, Callable
 
 import torch
 
-from .data import make_batch
+from ..eval.prompts import has_chat_template
+from .data import make_batch, make_chat_batch, to_model
 from .loop import append_history, load_model, lr_factor, progress, read_state, write_state
 
 __all__ = ["LoraTrainConfig", "train_lora"]
@@ -131,6 +133,11 @@ def train_lora(cfg: LoraTrainConfig, *, progress_bar: bool = True, log: Callable
     model, processor = load_model(cfg.model, cfg.dtype)
     adapter = get_adapter(model)
     num_tokens = adapter.tokens_per_image(model)
+    chat = has_chat_template(processor)
+    if not chat and adapter.fixed_image_tokens(model) is None:
+        raise ValueError(f"the {adapter.family} model's processor has no chat template, and the ShapesVQA template "
+                         "is LLaVA-1.5's: give the processor a chat_template (processor.chat_template = ...; "
+                         "processor.save_pretrained(DIR))")
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()  # no dropout in the frozen model; only the LoRA dropouts train
@@ -164,7 +171,8 @@ def train_lora(cfg: LoraTrainConfig, *, progress_bar: bool = True, log: Callable
         if history:
             recent = history[-10:]
             log(f"step {state['step']}: loss {sum(h['loss'] for h in recent) / len(recent):.4f}, "
-                f"visual tokens {sum(h['visual_tokens'] for h in recent) / len(recent):.1f} of {num_tokens}")
+                f"visual tokens {sum(h['visual_tokens'] for h in recent) / len(recent):.1f} per image"
+                + (f" of {num_tokens}" if adapter.fixed_image_tokens(model) is not None else ""))
         history.clear()
         L.save(injection, out, info())
         write_state(out, {"config": asdict(cfg), "step": state["step"], "seconds": elapsed(),
@@ -181,11 +189,15 @@ def train_lora(cfg: LoraTrainConfig, *, progress_bar: bool = True, log: Callable
                     g["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup, floor=0.0)
                 torch.manual_seed(cfg.seed * 100003 + step)  # dropout of this step
                 start = step * cfg.batch_size
-                batch = make_batch(processor, list(range(start, start + cfg.batch_size)),
-                                   image_token_id=image_token_id, num_image_tokens=num_tokens, turns=cfg.turns,
-                                   text_prob=cfg.text_prob)
+                indices = list(range(start, start + cfg.batch_size))
+                if chat:  # the processor's chat template: any family
+                    batch = make_chat_batch(processor, indices, image_token_id=image_token_id, turns=cfg.turns,
+                                            text_prob=cfg.text_prob)
+                else:  # the testbed's template (LLaVA-1.5)
+                    batch = make_batch(processor, indices, image_token_id=image_token_id, num_image_tokens=num_tokens,
+                                       turns=cfg.turns, text_prob=cfg.text_prob)
                 batch.pop("instruction")
-                batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+                batch = to_model(batch, model.device, model.dtype)
                 loss = model(**batch, use_cache=False).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,5 +1,6 @@
-"""``vlmprune train atp`` on LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: batches through the processor's chat
-template, the training loop, checkpoints, and the trained modules loaded back for generate / eval.
+"""``vlmprune train atp`` / ``train lora`` on LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: batches through the
+processor's chat template, the training loops, checkpoints, and the trained modules / adapters loaded
+back for generate / eval.
 
 LLaVA-NeXT runs through the CLI on a saved tiny model with a real ``LlavaNextProcessor``. transformers
 builds ``Qwen2VLProcessor`` only with torchvision (its video processor needs it), which cannot be
@@ -188,3 +189,21 @@ def test_lora_training_on_llava_next_writes_a_merged_model(next_dir, tmp_path):
     base_params = dict(base.named_parameters())
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base_params[n])]
     assert changed and all("language_model" in n for n in changed)  # the LoRA-merged LLM projections only
+
+
+def test_train_lora_with_prumerge_on_llava_next_and_eval_with_the_adapters(next_dir, tmp_path):
+    run = tmp_path / "lora"
+    r = CliRunner().invoke(app, ["train", "lora", "--model", str(next_dir), "--method", "prumerge+", "--out", str(run),
+                                 "--steps", "2", "--batch-size", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "visual tokens" in r.output and "per image" in r.output
+    hist = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [0, 1] and all(0 < h["visual_tokens"] < 51 for h in hist)
+    (image, qa), = conversations([5], 1, 0.5)
+    image.save(tmp_path / "img.png")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"image": "img.png", "question": qa[0][0], "answer": qa[0][1]}) + "\n")
+    r = CliRunner().invoke(app, ["eval", "--model", str(next_dir), "--data", str(data), "-m", f"prumerge+:lora={run}",
+                                 "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["results"][0]["n"] == 1
