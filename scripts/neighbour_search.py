@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -70,19 +70,14 @@ def main() -> None:
     print(f"|{'-' * 47}|-----------|---------------------|")
     for r in rows:
         print(f"| {r['case']:<45} | {r['median_ms']:9.3f} | {r['per_row_us']:19.2f} |")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if platform.system() == "Linux" else platform.processor()
-    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+    from vlmprune.bench.timing import machine_info
+
     out = {"command": "python scripts/neighbour_search.py " + " ".join(
                f"--{a} {getattr(args, a)}" for a in ("centres", "tokens", "dim", "k", "repeats")),
-           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"cpu_model": cpu, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-                       "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "shapes": {"centres": c, "tokens": n, "dim": d, "k": k, "repeats": args.repeats,
                       "centres_chosen_by_the_whole_call": centres_used},
            "rows": rows}
-    from pathlib import Path
-
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")

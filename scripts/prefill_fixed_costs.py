@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -89,14 +88,11 @@ def main() -> None:
         print(f"| {x} | {y:.1f} | {fit(x):.1f} | {100 * intercept / y:.0f}% |")
     print(f"fit: a = {intercept:.1f} ms, b = {slope:.3f} ms per token, c = {quad * 1e3:.4f} us per token^2; lm_head on one row: {lm_head_ms:.1f} ms "
           f"({head.weight.numel() * head.weight.element_size() / 1e6:.0f} MB of weights)")
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+    from vlmprune.bench.timing import machine_info
+
     result = {"command": f"python scripts/prefill_fixed_costs.py --model {args.model} --tokens "
                          + " ".join(map(str, xs)) + f" --repeats {args.repeats}",
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"cpu_model": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "python": platform.python_version()},
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
               "model": args.model, "weights": "random (vlmprune.bench.models, seed 0)",
               "decoder_ms": dict(zip(map(str, xs), ys)), "fit": {"a_ms": intercept, "b_ms_per_token": slope, "c_ms_per_token2": quad},
               "lm_head_one_row_ms": lm_head_ms}

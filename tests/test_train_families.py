@@ -41,6 +41,15 @@ def _run(*args: str):
     return CliRunner().invoke(app, ["train", "atp", *args])
 
 
+def _one_item_jsonl(folder, index: int):
+    """A JSONL file of one ShapesVQA training conversation's first question (image saved beside it)."""
+    (image, qa), = conversations([index], 1, 0.5)
+    image.save(folder / "img.png")
+    data = folder / "data.jsonl"
+    data.write_text(json.dumps({"image": "img.png", "question": qa[0][0], "answer": qa[0][1]}) + "\n")
+    return data
+
+
 def _weights(folder):
     from safetensors.torch import load_file
 
@@ -141,10 +150,7 @@ def test_cli_eval_runs_the_trained_modules_on_llava_next(next_dir, tmp_path):
     run = tmp_path / "run"
     r = _run("--model", str(next_dir), "--out", str(run), "--steps", "1", "--fixed-ratio", *FAST)  # prunes untrained
     assert r.exit_code == 0, r.output
-    (image, qa), = conversations([3], 1, 0.5)
-    image.save(tmp_path / "img.png")
-    data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"image": "img.png", "question": qa[0][0], "answer": qa[0][1]}) + "\n")
+    data = _one_item_jsonl(tmp_path, 3)
     r = CliRunner().invoke(app, ["eval", "--model", str(next_dir), "--data", str(data), "-m", f"atp:checkpoint={run}",
                                  "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
@@ -199,10 +205,7 @@ def test_train_lora_with_prumerge_on_llava_next_and_eval_with_the_adapters(next_
     assert "visual tokens" in r.output and "per image" in r.output
     hist = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [0, 1] and all(0 < h["visual_tokens"] < 51 for h in hist)
-    (image, qa), = conversations([5], 1, 0.5)
-    image.save(tmp_path / "img.png")
-    data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"image": "img.png", "question": qa[0][0], "answer": qa[0][1]}) + "\n")
+    data = _one_item_jsonl(tmp_path, 5)
     r = CliRunner().invoke(app, ["eval", "--model", str(next_dir), "--data", str(data), "-m", f"prumerge+:lora={run}",
                                  "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output

@@ -68,21 +68,35 @@ def _finish(model):
     return model.float().eval()
 
 
+def _vicuna_text():
+    """The scaled Vicuna-7B decoder of LLaVA-NeXT-7B and Video-LLaVA-7B: Llama 32 x 256."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32064, hidden_size=256, intermediate_size=int(256 * 11008 / 4096),
+                       num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
 def build_llava_next(seed: int = 0):
     """The scaled LLaVA-NeXT-7B (``scaled-llava-next``)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2,
                               image_size=168, patch_size=14, projection_dim=128)
-    text = LlamaConfig(vocab_size=32064, hidden_size=256, intermediate_size=int(256 * 11008 / 4096),
-                       num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     pinpoints = [[168, 336], [336, 168], [336, 336], [504, 168], [168, 504]]  # llava-v1.6's, halved
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+    config = LlavaNextConfig(vision_config=vision, text_config=_vicuna_text(), image_token_id=32000, vision_feature_layer=-2,
                              vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
                              image_seq_length=144)
     torch.manual_seed(seed)
     return _finish(LlavaNextForConditionalGeneration(config))
+
+
+def _qwen_text() -> dict[str, Any]:
+    """The scaled Qwen2-VL-7B / Qwen2.5-VL-7B decoder (the two 7Bs share it)."""
+    return dict(vocab_size=152064, hidden_size=448, intermediate_size=448 * 18944 // 3584, num_hidden_layers=28,
+                num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def build_qwen2_vl(seed: int = 0):
@@ -91,11 +105,7 @@ def build_qwen2_vl(seed: int = 0):
 
     vision = dict(depth=6, embed_dim=320, hidden_size=448, num_heads=5, mlp_ratio=4, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    text = dict(vocab_size=152064, hidden_size=448, intermediate_size=448 * 18944 // 3584, num_hidden_layers=28,
-                num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=32768,
-                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config = Qwen2VLConfig(vision_config=vision, text_config=text)
+    config = Qwen2VLConfig(vision_config=vision, text_config=_qwen_text())
     torch.manual_seed(seed)
     return _finish(Qwen2VLForConditionalGeneration(config))
 
@@ -107,25 +117,18 @@ def build_qwen2_5_vl(seed: int = 0):
     vision = dict(depth=8, hidden_size=320, intermediate_size=320 * 3420 // 1280, num_heads=5, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
                   fullatt_block_indexes=[3, 7], out_hidden_size=448)
-    text = dict(vocab_size=152064, hidden_size=448, intermediate_size=448 * 18944 // 3584, num_hidden_layers=28,
-                num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=32768,
-                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text)
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=_qwen_text())
     torch.manual_seed(seed)
     return _finish(Qwen2_5_VLForConditionalGeneration(config))
 
 
 def build_video_llava(seed: int = 0):
     """The scaled Video-LLaVA-7B (``scaled-video-llava``)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2,
                               image_size=224, patch_size=14, projection_dim=128)
-    text = LlamaConfig(vocab_size=32064, hidden_size=256, intermediate_size=int(256 * 11008 / 4096),
-                       num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+    config = VideoLlavaConfig(vision_config=vision, text_config=_vicuna_text(), image_token_index=32000,
                               video_token_index=32001, vision_feature_layer=-2,
                               vision_feature_select_strategy="default", image_seq_length=256,
                               video_seq_length=8 * 257)

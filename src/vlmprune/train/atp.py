@@ -43,7 +43,8 @@ from torch import nn
 
 from ..methods import atp as A
 from ..eval.prompts import has_chat_template, prompt_style
-from .data import SCENE_BASE, encode_atp_conversation, make_batch, make_chat_batch, sample_conversation, to_model  # noqa: F401 (re-exported)
+from .data import (SCENE_BASE, encode_atp_conversation, make_batch, make_chat_batch,  # noqa: F401 (re-exported)
+                   sample_conversation, to_model, training_batch)
 from .loop import STATE_NAME, append_history, load_model, lr_factor, read_state, world_size_from_env, write_state
 
 TRAIN_MODES = ("llm-frozen", "lora")
@@ -363,13 +364,9 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
             method.tau = pruner.tau_at(step, cfg.steps)
             torch.manual_seed(cfg.seed * 100003 + step)
             start = step * global_batch + rank * cfg.batch_size
-            indices = list(range(start, start + cfg.batch_size))
-            if chat:  # the processor's chat template: any family
-                batch = make_chat_batch(processor, indices, image_token_id=image_token_id, turns=cfg.turns,
-                                        text_prob=cfg.text_prob)
-            else:  # the testbed's template (LLaVA-1.5)
-                batch = make_batch(processor, indices, image_token_id=image_token_id, num_image_tokens=num_patches,
-                                   turns=cfg.turns, text_prob=cfg.text_prob)
+            batch = training_batch(processor, list(range(start, start + cfg.batch_size)), chat=chat,
+                                   image_token_id=image_token_id, num_image_tokens=num_patches, turns=cfg.turns,
+                                   text_prob=cfg.text_prob)
             batch = to_model(batch, accelerator.device, model.dtype)
             loss, parts = step_module(**batch, mu=state["mu"])
             opt.zero_grad(set_to_none=True)

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 __all__ = ["SCENE_BASE", "sample_conversation", "encode_atp_conversation", "make_batch", "chat_segments",
-           "make_chat_batch", "conversations", "to_model"]
+           "make_chat_batch", "conversations", "to_model",
+           "training_batch"]
 
 # ShapesVQA train-split scene indices used by the training commands (disjoint from the testbed's own ranges)
 SCENE_BASE = 600_000_000
@@ -175,3 +176,15 @@ def to_model(batch: dict[str, Any], device: Any, dtype: torch.dtype) -> dict[str
     """``batch``'s tensors on ``device``, the floating ones (pixel values) in the model's ``dtype``."""
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
+
+
+def training_batch(processor: Any, sample_indices: list[int], *, chat: bool, image_token_id: int,
+                   num_image_tokens: int | None, turns: int, text_prob: float) -> dict[str, torch.Tensor]:
+    """The training commands' batch: ``make_chat_batch`` when ``chat`` (the processor has a chat
+    template: any family), else ``make_batch`` (the testbed's LLaVA-1.5 template, ``num_image_tokens``
+    placeholders per image)."""
+    if chat:
+        return make_chat_batch(processor, sample_indices, image_token_id=image_token_id, turns=turns,
+                               text_prob=text_prob)
+    return make_batch(processor, sample_indices, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                      turns=turns, text_prob=text_prob)

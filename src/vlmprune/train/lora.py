@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from ..eval.prompts import has_chat_template
-from .data import make_batch, make_chat_batch, to_model
+from .data import to_model, training_batch
 from .loop import append_history, load_model, lr_factor, progress, read_state, write_state
 
 __all__ = ["LoraTrainConfig", "train_lora"]
@@ -189,13 +189,9 @@ def train_lora(cfg: LoraTrainConfig, *, progress_bar: bool = True, log: Callable
                     g["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup, floor=0.0)
                 torch.manual_seed(cfg.seed * 100003 + step)  # dropout of this step
                 start = step * cfg.batch_size
-                indices = list(range(start, start + cfg.batch_size))
-                if chat:  # the processor's chat template: any family
-                    batch = make_chat_batch(processor, indices, image_token_id=image_token_id, turns=cfg.turns,
-                                            text_prob=cfg.text_prob)
-                else:  # the testbed's template (LLaVA-1.5)
-                    batch = make_batch(processor, indices, image_token_id=image_token_id, num_image_tokens=num_tokens,
-                                       turns=cfg.turns, text_prob=cfg.text_prob)
+                batch = training_batch(processor, list(range(start, start + cfg.batch_size)), chat=chat,
+                                       image_token_id=image_token_id, num_image_tokens=num_tokens, turns=cfg.turns,
+                                       text_prob=cfg.text_prob)
                 batch.pop("instruction")
                 batch = to_model(batch, model.device, model.dtype)
                 loss = model(**batch, use_cache=False).loss
