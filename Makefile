@@ -76,7 +76,7 @@ results: install
 	  --repeats 9 --overwrite --out docs/results/bench/testbed-v14-summary
 	OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M scaled -b 1 -b 8 -m prumerge+ -m prumerge+:keep=144 -m fastv --no-memory \
 	  --overwrite --out docs/bench/scaled
-	for f in scaled-llava-next scaled-qwen2-vl scaled-qwen2.5-vl scaled-video-llava; do OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M $$f -b 1 -b 8 -m prumerge+ \
+	for f in scaled-llava-next scaled-qwen2-vl scaled-qwen2.5-vl scaled-video-llava scaled-llava-onevision; do OMP_NUM_THREADS=1 $(BIN)/vlmprune bench -M $$f -b 1 -b 8 -m prumerge+ \
 	  -m prumerge+:keep=0.25 -m fastv --dtype fp32 --no-memory --repeats 5 --new-tokens 4 --overwrite \
 	  --out docs/bench/$$f || exit 1; done
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/gemm_scaling.py --out docs/bench/gemm_scaling.json

@@ -651,6 +651,7 @@ def test_family_targets_apply_to_every_batch(family_cards) -> None:
     ("scaled-qwen2-vl", 1, 144, 28, 7, 1, 64),  # 336 px = 24x24 patches; the 7B's 28 : 4 heads
     ("scaled-qwen2.5-vl", 1, 144, 28, 7, 1, 64),  # the same, through a windowed tower
     ("scaled-video-llava", 1, 256, 32, 4, 4, 64),  # 224 px = 16x16 patches, [CLS] dropped
+    ("scaled-llava-onevision", 2, 144 + 24 * 25, 28, 7, 1, 64),  # base + the 2x2 mosaic as one grid (5 passes)
 ])
 def test_scaled_family_models(name, passes, visual, layers, heads, kv, head_dim) -> None:
     """The scaled models' shapes and prompts (built on the meta device: no weights)."""

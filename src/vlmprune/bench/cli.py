@@ -28,7 +28,8 @@ def bench(
     model: list[str] = typer.Option(["testbed", "scaled"], "--model", "-M",
                                     help="testbed (the committed checkpoint), scaled (LLaVA-1.5-shaped, random "
                                          "weights), scaled-llava-next / scaled-qwen2-vl / scaled-qwen2.5-vl / "
-                                         "scaled-video-llava (each family's 7B shape, random weights; "
+                                         "scaled-video-llava / scaled-llava-onevision (each family's 7B shape, "
+                                         "random weights; "
                                          "docs/efficiency.md), tiny (plumbing "
                                          "check) or a saved model folder of any supported family (with a processor: "
                                          "ShapesVQA questions; without: synthetic prompts of a 336x336 image); "

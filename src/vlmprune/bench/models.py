@@ -19,7 +19,10 @@
     3420/1280) with 112 px windows and full attention in blocks 3 and 7 (the 7B: every 8th of 32,
     the last one included), the 2 x 2 merger: a 336 x 336 image is 144 merged tokens;
   - ``scaled-video-llava`` (Video-LLaVA-7B): Llama decoder 32 x 256 as above, CLIP tower 6 x 128
-    (2 heads) at LanguageBind's 224 px: an image is 16 x 16 = 256 tokens ([CLS] dropped).
+    (2 heads) at LanguageBind's 224 px: an image is 16 x 16 = 256 tokens ([CLS] dropped);
+  - ``scaled-llava-onevision`` (LLaVA-OneVision-7B): the Qwen2 decoder 28 x 448 above (1-D
+    rotary), SigLIP tower 6 x 128 without [CLS] at 168 px (12 x 12 patches per crop),
+    ``anyres_max_9`` with pinpoints up to 3 x 3 crops of 168 px (the 7B's up to 6 x 6 of 384 px).
 
 * Prompts (``make_bench_inputs``): synthetic models get 35 system tokens, one image, 24
   question tokens, random ids and pixels, in LLaVA-1.5's layout (``bench.decoder.make_prompt``)
@@ -136,11 +139,32 @@ def build_video_llava(seed: int = 0):
     return _finish(VideoLlavaForConditionalGeneration(config))
 
 
+def build_llava_onevision(seed: int = 0):
+    """The scaled LLaVA-OneVision-7B (``scaled-llava-onevision``)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, \
+        SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2,
+                                image_size=168, patch_size=14, vision_use_head=False)
+    t = _qwen_text()
+    del t["rope_parameters"]  # Qwen2-7B: 1-D rotary positions
+    text = Qwen2Config(**t, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    side = [168 * k for k in (1, 2, 3)]
+    pinpoints = [[h, w] for h in side for w in side]  # OneVision's 384-px multiples up to 6 x 6, scaled to 3 x 3
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                  video_token_index=151647, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+                                  vision_aspect_ratio="anyres_max_9")
+    torch.manual_seed(seed)
+    return _finish(LlavaOnevisionForConditionalGeneration(config))
+
+
 SCALED: dict[str, ScaledFamily] = {f.name: f for f in (
     ScaledFamily("scaled-llava-next", build_llava_next, (336, 336), "LLaVA-NeXT-7B (llava-v1.6-vicuna-7b)"),
     ScaledFamily("scaled-qwen2-vl", build_qwen2_vl, (336, 336), "Qwen2-VL-7B"),
     ScaledFamily("scaled-qwen2.5-vl", build_qwen2_5_vl, (336, 336), "Qwen2.5-VL-7B"),
     ScaledFamily("scaled-video-llava", build_video_llava, (224, 224), "Video-LLaVA-7B (LanguageBind towers)"),
+    ScaledFamily("scaled-llava-onevision", build_llava_onevision, (336, 336), "LLaVA-OneVision-7B (Qwen2-7B, SigLIP)"),
 )}
 
 
