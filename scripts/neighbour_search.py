@@ -37,6 +37,10 @@ def main() -> None:
     ap.add_argument("--out", default="out/neighbour_search.json", help="results file (JSON)")
     args = ap.parse_args()
     c, n, d, k = args.centres, args.tokens, args.dim, args.k
+    if not (1 <= c <= n and 1 <= k and 8 * k <= n and n % 4 == 0 and d >= 1 and args.repeats >= 1):
+        raise SystemExit(f"error: need 1 <= --centres <= --tokens, --tokens a multiple of 4 and >= 8 x --k "
+                         f"(the two-stage top-k's range), --dim and --repeats >= 1; got centres={c}, tokens={n}, "
+                         f"k={k}, dim={d}, repeats={args.repeats}")
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(1, n, d, generator=g).to(torch.bfloat16)  # a bf16 model's keys
     k32 = keys.float()

@@ -646,14 +646,14 @@ def test_family_targets_apply_to_every_batch(family_cards) -> None:
     assert sum("within 10%" in t["name"] for t in targets) == 4 and sum("<= 3%" in t["name"] for t in targets) == 4
 
 
-@pytest.mark.parametrize("name, passes, visual, layers, heads, kv, head_dim", [
+@pytest.mark.parametrize("name, units, visual, layers, heads, kv, head_dim", [
     ("scaled-llava-next", 5, 144 + 24 * 25, 32, 4, 4, 64),  # 336 px = base + 2x2 mosaic of 12x12 crops
     ("scaled-qwen2-vl", 1, 144, 28, 7, 1, 64),  # 336 px = 24x24 patches; the 7B's 28 : 4 heads
     ("scaled-qwen2.5-vl", 1, 144, 28, 7, 1, 64),  # the same, through a windowed tower
     ("scaled-video-llava", 1, 256, 32, 4, 4, 64),  # 224 px = 16x16 patches, [CLS] dropped
-    ("scaled-llava-onevision", 2, 144 + 24 * 25, 28, 7, 1, 64),  # base + the 2x2 mosaic as one grid (5 passes)
+    ("scaled-llava-onevision", 2, 144 + 24 * 25, 28, 7, 1, 64),  # units: base + the 2x2 mosaic as one grid
 ])
-def test_scaled_family_models(name, passes, visual, layers, heads, kv, head_dim) -> None:
+def test_scaled_family_models(name, units, visual, layers, heads, kv, head_dim) -> None:
     """The scaled models' shapes and prompts (built on the meta device: no weights)."""
     from vlmprune.bench.models import SCALED, build, synthetic_inputs
     from vlmprune.integrations.base import get_adapter
@@ -666,7 +666,7 @@ def test_scaled_family_models(name, passes, visual, layers, heads, kv, head_dim)
     assert (t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (layers, heads, kv)
     assert t.hidden_size // t.num_attention_heads == head_dim
     layout = adapter.size_layout(model, SCALED[name].image_size)
-    assert (len(layout.units), sum(layout.tokens_per_image)) == (passes, visual)
+    assert (len(layout.units), sum(layout.tokens_per_image)) == (units, visual)
     inputs, desc = synthetic_inputs(model, 2, SCALED[name].image_size)
     assert desc["image_tokens"] == visual and inputs["input_ids"].shape[0] == 2
     assert int((inputs["input_ids"] == adapter.image_token_id(model)).sum()) == 2 * visual

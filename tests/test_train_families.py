@@ -87,18 +87,60 @@ def test_chat_batches_train_on_answers_and_score_the_first_question(next_dir):
     for row, (image, qa) in enumerate(conversations(indices, 2, 0.5)):
         n = int(mask[row].sum())
         assert bool(mask[row, :n].all()) and not bool(mask[row, n:].any())  # right padding
-        prompt = chat_segments(proc, qa)[0]
-        single = proc(images=[image], text=[prompt], add_special_tokens=False, return_tensors="pt")
+        # the whole rendered conversation as the processor tokenises it alone; the template writes
+        # no BOS, so the tokenizer's is added, once
+        text = "".join(chat_segments(proc, qa))
+        single = proc(images=[image], text=[text], return_tensors="pt")
         ref = single["input_ids"][0]
-        assert torch.equal(ids[row, : len(ref)], ref)  # the first prompt as the processor makes it alone
+        assert n == len(ref) and torch.equal(ids[row, :n], ref) and int((ref == tok.bos_token_id).sum()) == 1
         assert torch.equal(b["image_sizes"][row], single["image_sizes"][0])
         last_img = int((ref == img).nonzero().max())
         cols = instr[row].nonzero().flatten().tolist()
-        assert cols == list(range(last_img + 1, len(ref)))  # the first question, through the generation prompt
-        assert tok.decode(ids[row, cols]) == "\n" + qa[0][0] + "[assistant] "
+        assert cols[0] == last_img + 1 and cols == list(range(cols[0], cols[-1] + 1))
+        # the first question through the generation prompt (its trailing space is tokenised with the answer)
+        assert tok.decode(ids[row, cols]) == "\n" + qa[0][0] + "[assistant]"
         ans = labels[row][labels[row] != -100]
-        assert tok.decode(ans) == f"{qa[0][1]}</s>{qa[1][1]}</s>"  # both answers with their EOS, nothing else
-        assert bool((labels[row, :len(ref)] == -100).all())
+        assert tok.decode(ans) == f" {qa[0][1]}</s> {qa[1][1]}</s>"  # both answers with their EOS, nothing else
+        first_answer = int((labels[row] != -100).nonzero().min())
+        assert first_answer == cols[-1] + 1  # the answer follows the instruction rows directly
+
+
+def test_chat_batches_match_a_sentencepiece_tokenisation_of_the_whole_conversation(next_dir):
+    """A Metaspace (SentencePiece-style) tokenizer puts a word-start mark at the start of every
+    separately tokenised text; the batch's ids are the whole conversation's, and the labels cover
+    exactly the answers' tokens of that tokenisation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoProcessor, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "[user]", "[assistant]", "\n"]
+    vocab = {w: i for i, w in enumerate(words)}
+    for q, a in (qa for _, conv in conversations(range(6), 2, 0.5) for qa in conv):
+        for w in f"{q} {a}".replace("?", " ?").split():
+            vocab.setdefault("\u2581" + w, len(vocab))
+            vocab.setdefault(w, len(vocab))
+    vocab.setdefault("\u2581", len(vocab))
+    vocab.setdefault("?", len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("?", "isolated"), pre_tokenizers.Metaspace()])
+    core.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    tok.add_special_tokens({"additional_special_tokens": ["[user]", "[assistant]"]})
+    base = AutoProcessor.from_pretrained(next_dir)
+    proc = type(base)(image_processor=base.image_processor, tokenizer=tok, patch_size=14,
+                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                      chat_template=base.chat_template)
+    img = tok.convert_tokens_to_ids("<image>")
+    b = make_chat_batch(proc, [0, 1, 2], image_token_id=img, turns=2)
+    for row, (image, qa) in enumerate(conversations([0, 1, 2], 2, 0.5)):
+        whole = proc(images=[image], text=["".join(chat_segments(proc, qa))], add_special_tokens=False,
+                     return_tensors="pt")["input_ids"][0]
+        n = int(b["attention_mask"][row].sum())
+        assert torch.equal(b["input_ids"][row, :n], whole)
+        got = tok.convert_ids_to_tokens(b["labels"][row][b["labels"][row] != -100].tolist())
+        plain = tok.convert_ids_to_tokens(tok("".join(chat_segments(proc, qa)), add_special_tokens=False)["input_ids"])
+        assert "".join(got).replace("\u2581", " ").split("</s>")[:2] == [f" {qa[0][1]}", f" {qa[1][1]}"]
+        assert all(t in plain for t in got)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

@@ -379,7 +379,8 @@ def make_bench_inputs(model, processor, batch: int, seed: int = 0,
         inputs = dict(enc)
         desc = {"source": "ShapesVQA test questions via the processor", "items": [it.id for it in chosen],
                 "template": style.description}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    for k in [k for k in inputs if k.startswith("pixel_values")]:  # Video-LLaVA: pixel_values_images
+        inputs[k] = inputs[k].to(model.dtype)
     mask = inputs.get("attention_mask")
     lengths = (mask.sum(1) if mask is not None else torch.full((batch,), inputs["input_ids"].shape[1])).tolist()
     desc.update(tokens_per_sample=[int(x) for x in lengths], padded_length=int(inputs["input_ids"].shape[1]))

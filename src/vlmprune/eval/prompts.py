@@ -2,7 +2,8 @@
 
 ``prompt_style(processor, template)`` returns a ``PromptStyle``: ``build(question)`` -> the prompt
 text (the image placeholder included), a description for the results file, and whether the
-processor should add the tokenizer's special tokens (a chat template writes its own, e.g. BOS).
+processor should add the tokenizer's special tokens (for a chat template: only when its rendering does
+not start with BOS, as transformers decides for rendered chats).
 The rule: an explicit ``template`` wins; else the processor's ``chat_template`` (one user turn: the
 image, then the question; the generation prompt added); else the ShapesVQA template
 (``testbed.prompt.PROMPT_TEMPLATE``), which is what the testbed, which has no chat template, is
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["PromptStyle", "prompt_style", "has_chat_template"]
+__all__ = ["PromptStyle", "prompt_style", "has_chat_template", "chat_adds_special_tokens"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ def has_chat_template(processor: Any) -> bool:
     return bool(getattr(processor, "chat_template", None))
 
 
+def chat_adds_special_tokens(processor: Any, rendered: str) -> bool:
+    """Whether a chat-template rendering still needs the tokenizer's special tokens: only when it
+    does not already start with the BOS token (transformers' own rule for rendered chats), so BOS
+    is there once whether or not the template writes it."""
+    bos = getattr(processor.tokenizer, "bos_token", None)
+    return not (bos and rendered.startswith(bos))
+
+
 def prompt_style(processor: Any, template: str | None = None) -> PromptStyle:
     """The prompt rule for ``processor`` (see the module docstring). ``template`` must contain
     ``{question}`` and ``<image>``."""
@@ -47,7 +56,7 @@ def prompt_style(processor: Any, template: str | None = None) -> PromptStyle:
             return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
         return PromptStyle(build, "the processor's chat template (user turn: image, question; generation prompt)",
-                           add_special_tokens=False, chat=True)
+                           add_special_tokens=chat_adds_special_tokens(processor, build("?")), chat=True)
     from ..testbed.prompt import PROMPT_TEMPLATE
 
     return PromptStyle(lambda q: PROMPT_TEMPLATE.format(question=q), PROMPT_TEMPLATE)

@@ -48,9 +48,10 @@ merged grid) run as they are.
 **Substitute [CLS] score** (cls-topk, prumerge, prumerge+; ``importance_score``). There is no
 [CLS] token, so a merged token's importance is the attention it *receives* in the last
 full-attention vision block (``score_block``): softmax(q k^T / sqrt(d)) with the block's own
-rotary q / k (hooked from its fused ``attn.qkv`` output and the block's ``position_embeddings`` /
-``cu_seqlens``; the tower's attention implementation is never changed), averaged over heads and
-over the image's queries, summed over the merged token's 2 x 2 patches, so each image's scores
+rotary q / k (hooked from its fused ``attn.qkv`` output and the block's ``position_embeddings``,
+within the block's attention segments, one per temporal slice, known from the layout on the host;
+the tower's attention implementation is never changed), averaged over heads and over the image's
+queries, summed over the merged token's 2 x 2 patches, so each image's scores
 sum to 1 (like a [CLS] row). The keys PruMerge merges by are the block's (pre-rotary) keys,
 averaged over the 2 x 2 patches. Queries are processed in chunks: memory [H, chunk, P] per image.
 
@@ -373,10 +374,9 @@ class Qwen2VLAdapter(ModelAdapter):
         # the block's attention segments (its cu_seqlens): one per temporal slice of each image, in
         # order, known on the host from the layout (t slices of h * w patches; the tower keeps each
         # slice's rows together, in window order for Qwen2.5-VL), so nothing is read from the device
-        m2 = self.merge_size(model) ** 2
         bounds = [0]
         for u in layout.units:
-            bounds.append(bounds[-1] + u.num_patches * m2)
+            bounds.append(bounds[-1] + u.num_patches * unit)
         received = _received_attention(q, k, bounds, float(attn.scaling), self.score_chunk)  # [S]
         received = received.view(-1, unit).sum(-1)  # [G] per merge group, tower order
         keys = k_raw.reshape(k_raw.shape[0] // unit, unit, -1).float().mean(1).to(k_raw.dtype)  # [G, C]

@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from ..methods import atp as A
-from ..eval.prompts import has_chat_template, prompt_style
+from ..eval.prompts import prompt_style
 from .data import (SCENE_BASE, encode_atp_conversation, make_batch, make_chat_batch,  # noqa: F401 (re-exported)
-                   sample_conversation, to_model, training_batch)
+                   sample_conversation, to_model, training_batch, training_style)
 from .loop import STATE_NAME, append_history, load_model, lr_factor, read_state, world_size_from_env, write_state
 
 TRAIN_MODES = ("llm-frozen", "lora")
@@ -180,8 +180,9 @@ class ATPTrainStep(nn.Module):
 
     A module so that ``accelerate`` / DDP can wrap it: it owns the model (frozen, or with LoRA)
     and the pruner (the trainable ATP modules), whose gradients DDP averages. ``images``: the
-    family's other image keywords of the model's forward (LLaVA-NeXT ``image_sizes``, Qwen2-VL
-    ``image_grid_thw`` and ``mm_token_type_ids``), passed through. With samples of different
+    image keywords of the model's forward (``pixel_values``, or Video-LLaVA's
+    ``pixel_values_images``; LLaVA-NeXT ``image_sizes``, Qwen2-VL ``image_grid_thw`` and
+    ``mm_token_type_ids``), passed through. With samples of different
     visual counts (other families) the budget counts each sample against its own initial count
     (``ATPContext.initial``), and ``parts`` (task loss, L_atp, L_target, average, soft average,
     per-module counts) give the averages and counts in the reference grid's units: each sample's
@@ -195,11 +196,11 @@ class ATPTrainStep(nn.Module):
         self.pruner = pruner
         self._handle = handle  # plain attribute: the ATPHandle (hooks on the model's modules)
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values, instruction, mu: float = 0.0, **images):
+    def forward(self, input_ids, attention_mask, labels, instruction, mu: float = 0.0, **images):
         method = self._handle.method_obj
         with method.instruction_rows(instruction):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             labels=labels, use_cache=False, **images)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
+                             **images)
         ctx = self._handle.state.context
         budget = self.pruner.budget_loss(ctx.counts, ctx.initial)
         loss = out.loss + budget.total
@@ -255,7 +256,6 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
 
     model, processor = load_model(cfg.model, cfg.dtype)
     adapter = get_adapter(model)
-    chat = has_chat_template(processor)
     num_layers = len(adapter.get_decoder_layers(model))
     grid = adapter.patch_grid(model)  # the reference grid (any-res / dynamic families: images have their own)
     num_patches = grid[0] * grid[1]
@@ -263,10 +263,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
     if fixed is not None and fixed != num_patches:
         raise ValueError(f"the model feeds {fixed} tokens per image on a {grid[0]} x {grid[1]} grid; ATP "
                          "needs the patch tokens only (vision_feature_select_strategy='default')")
-    if not chat and fixed is None:
-        raise ValueError(f"the {adapter.family} model's processor has no chat template, and the ShapesVQA template "
-                         "is LLaVA-1.5's: give the processor a chat_template (processor.chat_template = ...; "
-                         "processor.save_pretrained(DIR)), or run vlmprune.train.atp.ATPTrainStep on your own batches")
+    chat = training_style(processor, fixed, adapter.family)
     image_token_id = adapter.image_token_id(model)
     pruner = build_pruner(cfg, num_layers, num_patches, grid)
     c = pruner.config
@@ -452,10 +449,15 @@ def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_s
     # "average" in the target's units: each image's all-layer average as a fraction of its own visual
     # tokens, times N (equal to the plain average when every image has N tokens, LLaVA-1.5)
     n_ref = handle.method_obj.pruner.config.num_patches
-    ref = [a / n0 * n_ref for a, n0 in zip(st.atp_average_per_image, st.initial_per_image)]
-    out = {"n": n, "average": sum(ref) / len(ref), "module_counts": st.mean_module_counts,
+    n0s = st.initial_per_image
+    ref = [a / n0 * n_ref for a, n0 in zip(st.atp_average_per_image, n0s)]
+    per_module = [[c / n0 * n_ref for c in row] for row, n0 in zip(st.module_counts_per_image, n0s)]
+    out = {"n": n, "average": sum(ref) / len(ref),
+           "module_counts": [sum(r[k] for r in per_module) / len(per_module) for k in range(len(per_module[0]))],
            "min": min(ref), "max": max(ref)}
-    if any(n0 != n_ref for n0 in st.initial_per_image):
-        out.update(visual_tokens=sum(st.initial_per_image) / n, kept_average=st.mean_atp_average,
-                   units=f"fractions of each image's own visual tokens x N = {n_ref}")
+    if any(n0 != n_ref for n0 in n0s):
+        out.update(visual_tokens=sum(n0s) / len(n0s), kept_average=st.mean_atp_average,
+                   kept_module_counts=st.mean_module_counts,
+                   units=f"average / min / max / module_counts: fractions of each image's own visual tokens x N = "
+                         f"{n_ref}; kept_*: tokens")
     return out

@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["SCENE_BASE", "sample_conversation", "encode_atp_conversation", "make_batch", "chat_segments",
            "make_chat_batch", "conversations", "to_model",
-           "training_batch"]
+           "training_batch", "training_style"]
 
 # ShapesVQA train-split scene indices used by the training commands (disjoint from the testbed's own ranges)
 SCENE_BASE = 600_000_000
@@ -111,43 +111,73 @@ def chat_segments(processor: Any, qa: list[tuple[str, str]]) -> list[str]:
     return segments
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id: int, turns: int = 1,
                     text_prob: float = 0.5) -> dict[str, torch.Tensor]:
     """A right-padded training batch through the processor's chat template (``chat_segments``).
 
-    The first prompt of every sample goes through ``processor(images=..., text=...)`` in one call
-    (the image placeholder expanded, the family's image inputs produced, no special tokens added:
-    the template writes its own); the later segments are tokenised by ``processor.tokenizer`` and
-    appended. Returns input_ids / attention_mask / labels / instruction [B, L] (labels -100 off the
-    answer segments; instruction True on the first prompt's rows after its last ``image_token_id``),
-    the processor's image inputs unchanged (pixel_values, image_sizes, image_grid_thw, ...), and
-    any other [B, L0] token-aligned output of the processor (e.g. ``mm_token_type_ids``) extended
-    with 0 over the appended tokens and the padding."""
+    Each whole conversation goes through ``processor(images=..., text=...)`` in one batched call
+    (the image placeholder expanded, the family's image inputs and per-token outputs such as
+    ``mm_token_type_ids`` produced; the tokenizer's special tokens only when the rendering does not
+    start with BOS, ``eval.prompts.chat_adds_special_tokens``), so the ids are those of the rendered
+    conversation, as inference would tokenise it. The turn boundaries are found on the tokenizer's
+    ids of the unexpanded text: segment k ends where the ids of the text up to it stop agreeing with
+    the whole conversation's (a tokeniser may join or split tokens at a boundary: a trailing space
+    of the generation prompt goes with the answer's first token), then shifted past the image's
+    expansion. Returns input_ids / attention_mask / labels / instruction [B, L] (labels -100 off
+    the answer segments, i.e. the answers and what the template writes after them; instruction
+    True on the first prompt's rows after its last ``image_token_id``), the processor's other
+    outputs (pixel values, image_sizes, image_grid_thw, ...) and its ``*token_type_ids`` [B, L]
+    re-padded on the right with 0. Raises ValueError when the processor's ids differ from the
+    tokenizer's outside the image placeholder."""
+    from ..eval.prompts import chat_adds_special_tokens
+
     tok = processor.tokenizer
     convs = conversations(sample_indices, turns, text_prob)
     segs = [chat_segments(processor, qa) for _, qa in convs]
-    first = processor(images=[image for image, _ in convs], text=[s[0] for s in segs], padding=True,
-                      add_special_tokens=False, return_tensors="pt")
-    ids0, mask0 = first["input_ids"], first["attention_mask"].bool()
-    token_keys = [k for k, v in first.items() if k not in ("input_ids", "attention_mask")
-                  and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(ids0.shape)]
+    texts = ["".join(s) for s in segs]
+    special = chat_adds_special_tokens(processor, texts[0])
+    full = processor(images=[image for image, _ in convs], text=texts, padding=True, add_special_tokens=special,
+                     return_tensors="pt")
+    ids_all, mask_all = full["input_ids"], full["attention_mask"].bool()
+    token_keys = [k for k, v in full.items() if k.endswith("token_type_ids") and isinstance(v, torch.Tensor)
+                  and tuple(v.shape) == tuple(ids_all.shape)]
     rows = []
     for b, s in enumerate(segs):
-        prompt = ids0[b][mask0[b]].tolist()
-        image_at = [i for i, t in enumerate(prompt) if t == image_token_id]
-        if not image_at:
-            raise ValueError(f"the processor's first prompt has no image token (id {image_token_id}): its chat "
-                             "template must place the image of a {'type': 'image'} content entry")
-        ids, labels = list(prompt), [-100] * len(prompt)
-        instruction = [i > image_at[-1] for i in range(len(prompt))]
-        extra = {k: first[k][b][mask0[b]].tolist() for k in token_keys}
-        for j, text in enumerate(s[1:], start=1):
-            new = tok(text, add_special_tokens=False)["input_ids"]
-            ids += new
-            labels += new if j % 2 == 1 else [-100] * len(new)
-            instruction += [False] * len(new)
-            for k in token_keys:
-                extra[k] += [0] * len(new)
+        ids = ids_all[b][mask_all[b]].tolist()
+        plain = tok(texts[b], add_special_tokens=special)["input_ids"]  # the placeholder not expanded
+        image_at = [i for i, t in enumerate(ids) if t == image_token_id]
+        if not image_at or plain.count(image_token_id) != 1:
+            raise ValueError(f"the conversation must hold one image placeholder (token id {image_token_id}) that "
+                             "the processor expands: the chat template must place the image of a "
+                             "{'type': 'image'} content entry")
+        p, n = plain.index(image_token_id), len(image_at)
+        shift = n - 1
+        if ids[:p] != plain[:p] or ids[image_at[-1] + 1:] != plain[p + 1:] or image_at != list(range(image_at[0],
+                                                                                                      image_at[-1] + 1)):
+            raise ValueError("the processor's token ids differ from its tokenizer's outside the image placeholder, "
+                             "so the answers cannot be located; train with ATPTrainStep on your own batches")
+        bounds, prefix = [], ""
+        for seg in s:
+            prefix += seg
+            bounds.append(_common_prefix(tok(prefix, add_special_tokens=special)["input_ids"], plain))
+        bounds[-1] = len(plain)
+        if bounds[0] <= p:
+            raise ValueError("the chat template's first prompt must hold the image")
+        bounds = [x + shift for x in bounds]  # every boundary lies after the image
+        labels, instruction = [-100] * len(ids), [False] * len(ids)
+        for k in range(1, len(bounds), 2):  # the answer segments
+            labels[bounds[k - 1]:bounds[k]] = ids[bounds[k - 1]:bounds[k]]
+        instruction[image_at[-1] + 1:bounds[0]] = [True] * (bounds[0] - image_at[-1] - 1)
+        extra = {k: full[k][b][mask_all[b]].tolist() for k in token_keys}
         rows.append((ids, labels, instruction, extra))
     width = max(len(r[0]) for r in rows)
     bsz = len(rows)
@@ -157,7 +187,7 @@ def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id
              "labels": torch.full((bsz, width), -100, dtype=torch.long),
              "instruction": torch.zeros((bsz, width), dtype=torch.bool)}
     for k in token_keys:
-        batch[k] = torch.zeros((bsz, width), dtype=first[k].dtype)
+        batch[k] = torch.zeros((bsz, width), dtype=full[k].dtype)
     for b, (ids, labels, instruction, extra) in enumerate(rows):
         n = len(ids)
         batch["input_ids"][b, :n] = torch.tensor(ids)
@@ -165,17 +195,33 @@ def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id
         batch["labels"][b, :n] = torch.tensor(labels)
         batch["instruction"][b, :n] = torch.tensor(instruction)
         for k in token_keys:
-            batch[k][b, :n] = torch.tensor(extra[k], dtype=first[k].dtype)
-    for k, v in first.items():
-        if k not in batch and k not in ("input_ids", "attention_mask"):
+            batch[k][b, :n] = torch.tensor(extra[k], dtype=full[k].dtype)
+    for k, v in full.items():
+        if k not in batch:
             batch[k] = v
     return batch
 
 
+def training_style(processor: Any, fixed_image_tokens: int | None, family: str) -> bool:
+    """Whether the training commands build their batches with ``processor``'s chat template (True)
+    or the testbed's LLaVA-1.5 template (False, a processor without one on a model whose images
+    all get ``fixed_image_tokens``); raises ValueError for another family's processor without one."""
+    from ..eval.prompts import has_chat_template
+
+    if has_chat_template(processor):
+        return True
+    if fixed_image_tokens is None:
+        raise ValueError(f"the {family} model's processor has no chat template, and the ShapesVQA template is "
+                         "LLaVA-1.5's: give the processor a chat_template (processor.chat_template = ...; "
+                         "processor.save_pretrained(DIR))")
+    return False
+
+
 def to_model(batch: dict[str, Any], device: Any, dtype: torch.dtype) -> dict[str, Any]:
-    """``batch``'s tensors on ``device``, the floating ones (pixel values) in the model's ``dtype``."""
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    """``batch``'s tensors on ``device``, the pixel values (``pixel_values*``) in the model's ``dtype``
+    (other float inputs, e.g. ``second_per_grid_ts``, keep theirs)."""
+    return {k: (v.to(device, dtype) if k.startswith("pixel_values") else v.to(device))
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def training_batch(processor: Any, sample_indices: list[int], *, chat: bool, image_token_id: int,

@@ -34,8 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..eval.prompts import has_chat_template
-from .data import to_model, training_batch
+from .data import to_model, training_batch, training_style
 from .loop import append_history, load_model, lr_factor, progress, read_state, write_state
 
 __all__ = ["LoraTrainConfig", "train_lora"]
@@ -133,11 +132,7 @@ def train_lora(cfg: LoraTrainConfig, *, progress_bar: bool = True, log: Callable
     model, processor = load_model(cfg.model, cfg.dtype)
     adapter = get_adapter(model)
     num_tokens = adapter.tokens_per_image(model)
-    chat = has_chat_template(processor)
-    if not chat and adapter.fixed_image_tokens(model) is None:
-        raise ValueError(f"the {adapter.family} model's processor has no chat template, and the ShapesVQA template "
-                         "is LLaVA-1.5's: give the processor a chat_template (processor.chat_template = ...; "
-                         "processor.save_pretrained(DIR))")
+    chat = training_style(processor, adapter.fixed_image_tokens(model), adapter.family)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()  # no dropout in the frozen model; only the LoRA dropouts train
