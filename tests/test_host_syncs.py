@@ -139,3 +139,43 @@ def test_atp_synchronises_once_per_module_and_once_before(model, inputs, kind, c
     finally:
         handle.remove()
     assert pruned.count - stock.count <= 3 + 1, dict(pruned.where - stock.where)
+
+
+def test_units_of_several_grids_are_reduced_with_one_host_read():
+    """``_reduce_by_grid`` on units of three grids: one ``fetch`` in all, and the same reduction and
+    the same global random state after it as one method call per grid (the old way), for a method
+    drawing from the global generator and for a PruMerge+ reduction."""
+    from vlmprune.integrations.vision.method import VisionMethod, VisionSignals, _reduce_by_grid
+    from vlmprune.methods.baselines import random_keep
+    from vlmprune.methods.prumerge import prumerge
+
+    grids = [(2, 3), (4, 4), (2, 3), (3, 3)]
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(4, 16, 5, generator=g)
+    attn = torch.softmax(torch.randn(4, 16, generator=g), -1)
+    signals = VisionSignals(cls_attn=attn, keys=torch.randn(4, 16, 5, generator=g))
+    methods = [VisionMethod("random", lambda f, s, grid, fetch: random_keep(f, 0.5, fetch=fetch)),
+               VisionMethod("prumerge+", lambda f, s, grid, fetch: prumerge(s.cls_attn, s.keys, f, plus=True,
+                                                                           fetch=fetch), needs_signals=True)]
+    for method in methods:
+        calls = []
+
+        def counting(values):
+            calls.append(values.numel())
+            return values.tolist()
+
+        torch.manual_seed(7)
+        got = _reduce_by_grid(method, features, signals, grids, counting)
+        state_after = torch.get_rng_state()
+        assert len(calls) == 1  # one read for the three groups
+        torch.manual_seed(7)  # the reference: one call per grid, in order of first appearance
+        for grid in dict.fromkeys(grids):
+            units = [u for u, gr in enumerate(grids) if gr == grid]
+            n = grid[0] * grid[1]
+            sig = VisionSignals(cls_attn=attn[units, :n], keys=signals.keys[units, :n])
+            ref = method.reduce(features[units, :n], sig, grid)
+            m = ref.tokens.shape[1]
+            assert torch.equal(got.tokens[units, :m], ref.tokens) and not got.tokens[units, m:].any()
+            assert torch.equal(got.counts[units], ref.counts)
+            assert [got.host_counts[u] for u in units] == ref.host_counts
+        assert torch.equal(torch.get_rng_state(), state_after)

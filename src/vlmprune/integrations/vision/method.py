@@ -67,13 +67,26 @@ class VisionMethod:
 
 
 
+class _Deferred(Exception):
+    """Raised by ``_reduce_by_grid``'s recording fetch: the group's method stops at its host read."""
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
 def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSignals | None,
                     grids: list[tuple[int, int]], fetch: Fetch | None = None) -> Reduction:
     """features [U, N, D] (unit u's first h_u * w_u rows real) -> one padded ``Reduction`` [U, M, D].
 
     One ``method.reduce`` call when every unit has the same grid (features passed as they are);
     otherwise one call per distinct grid on its units' real rows, and the groups' outputs padded
-    to the widest (tokens 0, indices -1) in unit order.
+    to the widest (tokens 0, indices -1) in unit order. The groups still read the host once in
+    all: each group's method first runs up to its one ``fetch``, which records the values and
+    stops it (the random generators forked, so nothing is drawn), the recorded values of every
+    group come to the host in one ``fetch``, and then each group runs in full with its share of
+    them (the work before a method's read is done twice; what follows it, e.g. PruMerge's
+    neighbour search, once). A method that returns without reading is run as it is.
     """
     if len(set(grids)) == 1:
         return method.reduce(features, signals, grids[0], fetch)
@@ -81,12 +94,42 @@ def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSigna
     for u, g in enumerate(grids):
         groups.setdefault(g, []).append(u)
     dev = features.device
-    parts = []
+    inputs = []
     for grid, units in groups.items():
         n = grid[0] * grid[1]
         idx = torch.tensor(units, device=dev)
         sig = None if signals is None else VisionSignals(cls_attn=signals.cls_attn[idx, :n], keys=signals.keys[idx, :n])
-        parts.append((idx, method.reduce(features[idx, :n], sig, grid, fetch)))
+        inputs.append((idx, features[idx, :n], sig, grid))
+    recorded: list[Tensor | None] = []
+
+    def record(values: Tensor) -> list:
+        recorded.append(values.reshape(-1))
+        raise _Deferred
+
+    for _idx, f, sig, grid in inputs:  # pass 1: up to each group's read
+        with torch.random.fork_rng(devices=_rng_devices(dev)):
+            try:
+                method.reduce(f, sig, grid, record)
+                recorded.append(None)  # returned without reading
+            except _Deferred:
+                pass
+    read = [v for v in recorded if v is not None]
+    host_all = (fetch or (lambda v: v.tolist()))(torch.cat(read)) if read else []
+    shares, at = [], 0
+    for v in recorded:
+        shares.append(None if v is None else host_all[at:at + v.numel()])
+        at += 0 if v is None else v.numel()
+
+    def replay(share: list) -> Fetch:
+        def give(values: Tensor) -> list:
+            if values.numel() != len(share):
+                raise RuntimeError("vlmprune: a vision method read different values on its second pass")
+            return share
+        return give
+
+    parts = []
+    for (idx, f, sig, grid), share in zip(inputs, shares):  # pass 2: in full, the reads answered from the host
+        parts.append((idx, method.reduce(f, sig, grid, None if share is None else replay(share))))
     width = max(r.tokens.shape[1] for _, r in parts)
     iwidth = max(r.indices.shape[1] for _, r in parts)
     n_units = len(grids)
