@@ -617,6 +617,35 @@ def test_video_substitute_score_sums_to_one_per_slice(model):
         assert not signals.cls_attn[u, unit.num_patches:].any()
 
 
+def test_substitute_score_segments_are_the_towers_own(model, monkeypatch):
+    """The attention segments the substitute score uses (computed on the host from the layout) are
+    the scored block's own ``cu_seqlens``, for videos of several slices and (Qwen2.5-VL) through
+    the windowed tower."""
+    import vlmprune.integrations.qwen2_vl as Q
+
+    inputs = _mixed(VIDEOS)
+    view = _video_view(model)
+    layout = view.image_layout(model, inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+    seen = {}
+    attn = view.get_vision_layers(model)[view.score_block(model)].attn
+    def on_attn(_module, args, kwargs):
+        seen["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+
+    def received(q, k, bounds, *rest):
+        seen["bounds"] = bounds
+        return real(q, k, bounds, *rest)
+
+    hook = attn.register_forward_pre_hook(on_attn, with_kwargs=True)
+    real = Q._received_attention
+    monkeypatch.setattr(Q, "_received_attention", received)
+    try:
+        view.encode_with_signals(model, inputs["pixel_values_videos"], -1, "full", layout)
+    finally:
+        hook.remove()
+    assert len(layout.units) > len(VIDEOS)  # videos of several temporal slices
+    assert seen["bounds"] == seen["cu"].tolist()
+
+
 @pytest.mark.parametrize("method,options", [("spatial", {"keep": 0.5}), ("prumerge+", {"keep": 0.25}),
                                             ("sparsevlm", {})])
 def test_video_remove_restores_exactly_and_sdpa_stays(model, method, options, monkeypatch):
