@@ -71,10 +71,18 @@ def make_batch(processor: Any, sample_indices: list[int], *, image_token_id: int
     for image, qa in conversations(sample_indices, turns, text_prob):
         images.append(image)
         seqs.append(encode_atp_conversation(tok, qa, image_token_id, num_image_tokens))
+    batch = _right_padded(seqs, tok.pad_token_id)
+    batch["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return batch
+
+
+def _right_padded(seqs: list[tuple[list[int], list[int], list[bool]]], pad: int | None) -> dict[str, torch.Tensor]:
+    """Per-sample (ids, labels, instruction) lists -> input_ids / attention_mask / labels /
+    instruction [B, L], right-padded (pad id, 0 mask, label -100, instruction False; each field
+    filled to its own length)."""
     width = max(len(s[0]) for s in seqs)
     bsz = len(seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((bsz, width), pad, dtype=torch.long)
+    input_ids = torch.full((bsz, width), pad if pad is not None else 0, dtype=torch.long)
     labels = torch.full((bsz, width), -100, dtype=torch.long)
     mask = torch.zeros((bsz, width), dtype=torch.long)
     instruction = torch.zeros((bsz, width), dtype=torch.bool)
@@ -83,8 +91,7 @@ def make_batch(processor: Any, sample_indices: list[int], *, image_token_id: int
         labels[b, : len(lab)] = torch.tensor(lab)
         mask[b, : len(ids)] = 1
         instruction[b, : len(ins)] = torch.tensor(ins)
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixels, instruction=instruction)
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, instruction=instruction)
 
 
 def chat_segments(processor: Any, qa: list[tuple[str, str]]) -> list[str]:
@@ -166,10 +173,10 @@ def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id
             raise ValueError("the processor's token ids differ from its tokenizer's outside the image placeholder, "
                              "so the answers cannot be located; train with ATPTrainStep on your own batches")
         bounds, prefix = [], ""
-        for seg in s:
+        for seg in s[:-1]:  # the last segment ends with the conversation
             prefix += seg
             bounds.append(_common_prefix(tok(prefix, add_special_tokens=special)["input_ids"], plain))
-        bounds[-1] = len(plain)
+        bounds.append(len(plain))
         if bounds[0] <= p:
             raise ValueError("the chat template's first prompt must hold the image")
         bounds = [x + shift for x in bounds]  # every boundary lies after the image
@@ -177,25 +184,13 @@ def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id
         for k in range(1, len(bounds), 2):  # the answer segments
             labels[bounds[k - 1]:bounds[k]] = ids[bounds[k - 1]:bounds[k]]
         instruction[image_at[-1] + 1:bounds[0]] = [True] * (bounds[0] - image_at[-1] - 1)
-        extra = {k: full[k][b][mask_all[b]].tolist() for k in token_keys}
-        rows.append((ids, labels, instruction, extra))
-    width = max(len(r[0]) for r in rows)
-    bsz = len(rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batch = {"input_ids": torch.full((bsz, width), pad, dtype=torch.long),
-             "attention_mask": torch.zeros((bsz, width), dtype=torch.long),
-             "labels": torch.full((bsz, width), -100, dtype=torch.long),
-             "instruction": torch.zeros((bsz, width), dtype=torch.bool)}
-    for k in token_keys:
-        batch[k] = torch.zeros((bsz, width), dtype=full[k].dtype)
-    for b, (ids, labels, instruction, extra) in enumerate(rows):
-        n = len(ids)
-        batch["input_ids"][b, :n] = torch.tensor(ids)
-        batch["attention_mask"][b, :n] = 1
-        batch["labels"][b, :n] = torch.tensor(labels)
-        batch["instruction"][b, :n] = torch.tensor(instruction)
-        for k in token_keys:
-            batch[k][b, :n] = torch.tensor(extra[k], dtype=full[k].dtype)
+        rows.append((ids, labels, instruction))
+    batch = _right_padded(rows, tok.pad_token_id)
+    for k in token_keys:  # the processor's own values at each sample's rows, re-padded on the right
+        batch[k] = torch.zeros_like(batch["input_ids"], dtype=full[k].dtype)
+        for b in range(len(rows)):
+            vals = full[k][b][mask_all[b]]
+            batch[k][b, :len(vals)] = vals
     for k, v in full.items():
         if k not in batch:
             batch[k] = v

@@ -132,7 +132,8 @@ def train_lora(cfg: LoraTrainConfig, *, progress_bar: bool = True, log: Callable
     model, processor = load_model(cfg.model, cfg.dtype)
     adapter = get_adapter(model)
     num_tokens = adapter.tokens_per_image(model)
-    chat = training_style(processor, adapter.fixed_image_tokens(model), adapter.family)
+    fixed = adapter.fixed_image_tokens(model)
+    chat = training_style(processor, fixed, adapter.family)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()  # no dropout in the frozen model; only the LoRA dropouts train
@@ -167,7 +168,7 @@ def train_lora(cfg: LoraTrainConfig, *, progress_bar: bool = True, log: Callable
             recent = history[-10:]
             log(f"step {state['step']}: loss {sum(h['loss'] for h in recent) / len(recent):.4f}, "
                 f"visual tokens {sum(h['visual_tokens'] for h in recent) / len(recent):.1f} per image"
-                + (f" of {num_tokens}" if adapter.fixed_image_tokens(model) is not None else ""))
+                + (f" of {num_tokens}" if fixed is not None else ""))
         history.clear()
         L.save(injection, out, info())
         write_state(out, {"config": asdict(cfg), "step": state["step"], "seconds": elapsed(),

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ...methods.common import Fetch, Reduction
+from ...methods.common import Fetch, Reduction, to_host
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSigna
     stops it (the random generators forked, so nothing is drawn), the recorded values of every
     group come to the host in one ``fetch``, and then each group runs in full with its share of
     them (the work before a method's read is done twice; what follows it, e.g. PruMerge's
-    neighbour search, once). A method that returns without reading is run as it is.
+    neighbour search, once). A method that returns without reading is simply run again in pass 2.
     """
     if len(set(grids)) == 1:
         return method.reduce(features, signals, grids[0], fetch)
@@ -114,7 +114,7 @@ def _reduce_by_grid(method: VisionMethod, features: Tensor, signals: VisionSigna
             except _Deferred:
                 pass
     read = [v for v in recorded if v is not None]
-    host_all = (fetch or (lambda v: v.tolist()))(torch.cat(read)) if read else []
+    host_all = (fetch or to_host)(torch.cat(read)) if read else []
     shares, at = [], 0
     for v in recorded:
         shares.append(None if v is None else host_all[at:at + v.numel()])
