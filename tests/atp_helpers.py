@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(extra_special_tokens: dict | None = None):
+    """The tiny byte-level BPE tokenizer of the testbed's vocabulary; ``extra_special_tokens``
+    (default ``{"image_token": "<image>"}``, LLaVA's) as transformers' named special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -32,7 +34,8 @@ def tiny_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", padding_side="left",
-                                   extra_special_tokens={"image_token": "<image>"})
+                                   extra_special_tokens={"image_token": "<image>"} if extra_special_tokens is None
+                                   else extra_special_tokens)
 
 
 def tiny_processor(tokenizer, image_size: int = 56):
@@ -133,45 +136,18 @@ QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
 
 
-class QwenStyleProcessor:
-    """A stand-in for ``Qwen2VLProcessor``, which transformers builds only with torchvision (its
-    video processor needs it; torchvision cannot be installed beside this project's torch): the PIL
-    Qwen2-VL image processor for ``pixel_values`` / ``image_grid_thw``, and each ``<|image_pad|>``
-    expanded into t * h * w / merge^2 pads as ``Qwen2VLProcessor.__call__`` does."""
-
-    def __init__(self, tokenizer, image_processor, chat_template: str) -> None:
-        self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False):
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=tokenize,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def __call__(self, images=None, text=None, padding=False, add_special_tokens=True, return_tensors="pt"):
-        from transformers import BatchFeature
-
-        vision = dict(self.image_processor(images, return_tensors="pt"))
-        merge = self.image_processor.merge_size ** 2
-        counts = iter(int(g.prod()) // merge for g in vision["image_grid_thw"])
-        expanded = []
-        for t in text:
-            parts = t.split("<|image_pad|>")
-            expanded.append(parts[0] + "".join("<|image_pad|>" * next(counts) + p for p in parts[1:]))
-        tokens = dict(self.tokenizer(expanded, padding=padding, add_special_tokens=add_special_tokens,
-                                     return_tensors=return_tensors))
-        pads = self.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
-        ids = tokens["input_ids"]  # as the processor's mm_token_type_ids: 1 on image, 2 on video tokens
-        tokens["mm_token_type_ids"] = (ids == pads[0]).long() + 2 * (ids == pads[1]).long()
-        return BatchFeature({**tokens, **vision})
-
-
 def make_tiny_qwen_chat(family: str = "qwen2_vl", *, text_layers: int = 4, seed: int = 0):
     """(model, processor): a tiny random Qwen2-VL / Qwen2.5-VL on the tiny tokenizer with Qwen's
-    vision tokens added, and a ``QwenStyleProcessor`` resizing images to 4..64 merged tokens."""
+    vision tokens added, and a real ``Qwen2VLProcessor`` (the PIL image processor, images resized to
+    4..64 merged tokens; built without its video processor, which needs torchvision:
+    ``compat.images_only_processor``)."""
     import torch
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = tiny_tokenizer()
+    from vlmprune.integrations.compat import images_only_processor
+
+    tok = tiny_tokenizer({})
     tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
     image_id, video_id, start_id, end_id = tok.convert_tokens_to_ids(QWEN_SPECIALS)
     ip = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28, patch_size=14, merge_size=2,
@@ -196,4 +172,22 @@ def make_tiny_qwen_chat(family: str = "qwen2_vl", *, text_layers: int = 4, seed:
     model = model_class(config).eval()
     for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, k, getattr(tok, k))
-    return model, QwenStyleProcessor(tok, ip, QWEN_CHAT_TEMPLATE)
+    proc = images_only_processor(transformers.Qwen2VLProcessor)(image_processor=ip, tokenizer=tok,
+                                                                 chat_template=QWEN_CHAT_TEMPLATE)
+    return model, proc
+
+
+def make_tiny_qwen_folder(folder: str | Path, family: str = "qwen2_vl", **kwargs) -> Path:
+    """Save ``make_tiny_qwen_chat``'s model and processor in ``folder`` as a checkpoint holds them,
+    with the video processor's config beside (``video_preprocessor_config.json``, as Qwen2-VL's
+    checkpoints carry it): ``AutoProcessor`` then needs torchvision, ``vlmprune``'s loader does not."""
+    import json
+
+    model, proc = make_tiny_qwen_chat(family, **kwargs)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    video = {"processor_class": "Qwen2VLProcessor", "video_processor_type": "Qwen2VLVideoProcessor",
+             "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 
@@ -256,3 +257,80 @@ def test_qwen2_vl_rotary_is_llama_rotate_half():
     assert torch.equal(compat.mrope_positions(None, 2, 5, "cpu"), torch.arange(5).expand(3, 2, 5))
     assert "position_ids" in inspect.signature(q2.Qwen2VLTextModel.forward).parameters
     assert "mm_token_type_ids" in inspect.signature(q2.Qwen2VLModel.get_rope_index).parameters
+
+
+def test_processor_without_torchvision_loads_for_images_only(tmp_path):
+    """Assumption 20: a Qwen2-VL folder (with its video processor's config) loads through
+    ``load_processor`` with the real ``Qwen2VLProcessor`` for images (placeholders expanded to the
+    image's merged grid, pixels the image processor's own), warns once, refuses videos in one line;
+    any other loading error propagates unchanged."""
+    import importlib.util
+
+    from PIL import Image
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    from atp_helpers import make_tiny_qwen_folder
+
+    folder = str(make_tiny_qwen_folder(tmp_path / "qwen"))
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError, match="(?i)torchvision"):
+            transformers.AutoProcessor.from_pretrained(folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proc = compat.load_processor(folder)
+    ours = [w for w in caught if "loaded the processor for images only" in str(w.message)]
+    if importlib.util.find_spec("torchvision") is not None:  # the stock path: nothing dropped
+        assert not ours and proc.video_processor is not None
+        return
+    assert len(ours) == 1 and isinstance(proc, Qwen2VLProcessor) and type(proc).__name__ == "Qwen2VLProcessor"
+    images = [Image.new("RGB", (100, 80), "red"), Image.new("RGB", (60, 200), "blue")]
+    text = ["a <|vision_start|><|image_pad|><|vision_end|> b", "<|vision_start|><|image_pad|><|vision_end|> c d"]
+    out = proc(images=images, text=text, padding=True, return_tensors="pt")
+    alone = proc.image_processor(images, return_tensors="pt")
+    assert torch.equal(out["pixel_values"], alone["pixel_values"])
+    assert torch.equal(out["image_grid_thw"], alone["image_grid_thw"])
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (out["input_ids"] == pad).sum(1).tolist() == (alone["image_grid_thw"].prod(1) // 4).tolist()
+    assert torch.equal(out["mm_token_type_ids"], (out["input_ids"] == pad).long())
+    assert "<|image_pad|>" in proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}], add_generation_prompt=True)
+    with pytest.raises(ImportError, match="without its video processor.*install torchvision"):
+        proc(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[[images[0]] * 2])
+    with pytest.raises(Exception) as stock:
+        transformers.AutoProcessor.from_pretrained(str(tmp_path))
+    with pytest.raises(type(stock.value), match="^" + re.escape(str(stock.value)[:60])):
+        compat.load_processor(str(tmp_path))  # no processor here: the stock error, not the fallback
+
+
+def test_video_llava_processor_without_torchvision_keeps_its_argument_order(tmp_path):
+    """Assumption 20 on a processor whose ``video_processor`` sits between the image processor and
+    the tokenizer (``VideoLlavaProcessor``): saved and loaded for images only, each part in its place,
+    the processor's own settings kept."""
+    import importlib.util
+    import json
+
+    from PIL import Image
+    from transformers import VideoLlavaImageProcessor, VideoLlavaProcessor
+
+    from atp_helpers import CHAT_TEMPLATE, tiny_tokenizer
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: AutoProcessor loads the video processor itself")
+    tok = tiny_tokenizer({"image_token": "<image>", "video_token": "<video>"})
+    ip = VideoLlavaImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    built = compat.images_only_processor(VideoLlavaProcessor)(image_processor=ip, tokenizer=tok, patch_size=14,
+                                                              vision_feature_select_strategy="full",
+                                                              chat_template=CHAT_TEMPLATE)
+    built.save_pretrained(tmp_path)
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
+        {"processor_class": "VideoLlavaProcessor", "video_processor_type": "VideoLlavaVideoProcessor"}))
+    with pytest.warns(UserWarning, match="images only"):
+        proc = compat.load_processor(str(tmp_path))
+    assert isinstance(proc, VideoLlavaProcessor) and proc.video_processor is None
+    assert type(proc.image_processor) is VideoLlavaImageProcessor and proc.tokenizer.get_vocab() == tok.get_vocab()
+    assert proc.vision_feature_select_strategy == "full" and proc.patch_size == 14
+    assert proc.chat_template == CHAT_TEMPLATE
+    out = proc(images=[Image.new("RGB", (70, 56), "red")], text=["a <image> b"], return_tensors="pt")
+    assert torch.equal(out["pixel_values_images"], ip([Image.new("RGB", (70, 56), "red")], return_tensors="pt")
+                       ["pixel_values_images"])
+    assert int((out["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 4 * 4 + 1  # "full": [CLS] too

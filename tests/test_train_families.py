@@ -2,15 +2,15 @@
 processor's chat template, the training loops, checkpoints, and the trained modules / adapters loaded
 back for generate / eval.
 
-LLaVA-NeXT runs through the CLI on a saved tiny model with a real ``LlavaNextProcessor``. transformers
-builds ``Qwen2VLProcessor`` only with torchvision (its video processor needs it), which cannot be
-installed beside this project's torch, so the Qwen runs call ``train_atp`` with the model and
-``atp_helpers.QwenStyleProcessor`` (the PIL Qwen2-VL image processor + the placeholder expansion of
-``Qwen2VLProcessor``) in place of the folder load.
+Every family runs through the CLI on a saved tiny model with its real processor
+(``LlavaNextProcessor``; ``Qwen2VLProcessor``, which ``AutoProcessor`` builds only with torchvision —
+its video processor needs it, and torchvision cannot be installed beside this project's torch — so
+these folders load through ``compat.load_processor``, for images only, as a user's would).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 import vlmprune
-from atp_helpers import make_tiny_next_folder, make_tiny_qwen_chat
+from atp_helpers import make_tiny_next_folder, make_tiny_qwen_chat, make_tiny_qwen_folder
 from vlmprune.cli import app
 from vlmprune.train.data import chat_segments, conversations, make_chat_batch
 
@@ -210,20 +210,34 @@ def test_a_family_processor_without_chat_template_is_refused_in_one_line(next_di
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*torchvision")
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_train_atp_on_qwen_saves_modules_that_prune_in_generate(family, tmp_path, monkeypatch):
-    import vlmprune.train.atp as T
+def test_cli_trains_atp_on_a_qwen_folder_and_evaluates_it(family, tmp_path):
+    """`vlmprune train atp` / `vlmprune eval` on a saved Qwen folder (its real processor, loaded
+    without torchvision); the trained modules prune in `generate`."""
+    from transformers import AutoModelForImageTextToText
 
-    model, proc = make_tiny_qwen_chat(family)
-    monkeypatch.setattr(T, "load_model", lambda name, dtype: (model, proc))
-    out = T.train_atp(T.ATPTrainConfig(out=str(tmp_path / "run"), steps=2, batch_size=2, eval_n=2, hidden=16,
-                                       lr=0.01), progress=False, log=lambda _m: None)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["eval"]["n"] == 2
-    assert [h["step"] for h in map(json.loads, (out / "history.jsonl").read_text().splitlines())] == [0, 1]
+    from vlmprune.integrations.compat import load_processor
+
+    folder = make_tiny_qwen_folder(tmp_path / "model", family)
+    run = tmp_path / "run"
+    r = _run("--model", str(folder), "--out", str(run), "--steps", "2", "--lr", "0.01", *FAST)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval"]["n"] == 3
+    assert [h["step"] for h in map(json.loads, (run / "history.jsonl").read_text().splitlines())] == [0, 1]
+    data = _one_item_jsonl(tmp_path, 3)
+    r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--data", str(data), "-m", f"atp:checkpoint={run}",
+                                 "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    if importlib.util.find_spec("torchvision") is None:
+        assert "warning: Qwen2VLProcessor's video processor needs torchvision" in r.output
+    out = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert "chat template" in out["run"]["generation"]["prompt_template"] and out["results"][0]["n"] == 1
+    model, proc = AutoModelForImageTextToText.from_pretrained(folder).eval(), load_processor(str(folder))
     b = make_chat_batch(proc, [11, 12], image_token_id=model.config.image_token_id)
     inputs = {k: v for k, v in b.items() if k not in ("labels", "instruction")}
-    with vlmprune.pruned(model, "atp", checkpoint=str(out)) as handle, torch.no_grad():
+    with vlmprune.pruned(model, "atp", checkpoint=str(run)) as handle, torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert len(handle.stats.module_counts) == 2 and len(handle.stats.module_counts[0]) == 3
 

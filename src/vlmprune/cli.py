@@ -88,11 +88,21 @@ def _load(model: Optional[str]):
     from .integrations.compat import quiet_loading
     from .testbed.model import load
 
+    import warnings
+
     quiet_loading()
     try:
-        return load(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            loaded = load(model)
     except Exception as e:  # noqa: BLE001 -- any load failure is the user's path / files: say which and why
         _fail(f"could not load model {model or '(testbed)'}: {e}")
+    for w in caught:  # ours (an images-only processor) as one line; the rest as Python shows them
+        if "loaded the processor for images only" in str(w.message):
+            typer.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return loaded
 
 
 def _model_info(model: Optional[str], loaded) -> dict[str, Any]:

@@ -165,6 +165,19 @@ Assumptions, each with the test that guards it:
     ``test_llava_onevision.py::test_substitute_score_is_the_last_layers_attention``. The language
     model is Qwen2's, whose rotary embedding is Llama's rotate-half (assumption 4), guarded by
     ``test_llava_onevision.py::test_qwen2_rotary_is_llama_rotate_half``.
+20. **Processors whose video processor needs torchvision** (``processing_utils.ProcessorMixin``):
+    ``AutoProcessor.from_pretrained`` builds every sub-processor the processor class's ``__init__``
+    names (``get_attributes()``: e.g. Qwen2-VL's ``image_processor``, ``tokenizer``,
+    ``video_processor``) and raises ``ImportError`` naming torchvision when one needs it (Qwen2-VL's,
+    Video-LLaVA's and OneVision's video processors do; their images have a PIL image processor that
+    does not). The class's ``__init__`` takes ``video_processor=None`` once
+    ``check_argument_for_proper_class`` lets it pass; the image processor and tokenizer load by
+    their auto classes, the processor's own settings and chat template by ``get_processor_dict``,
+    and ``from_args_and_dict(args in get_attributes() order, processor_dict)`` builds it as
+    ``from_pretrained`` does; ``save_pretrained`` skips the missing video processor while
+    ``get_attributes()`` leaves it out; the subclass refuses ``videos`` itself (``load_processor``,
+    ``images_only_processor``). Guarded by
+    ``test_compat.py::test_processor_without_torchvision_loads_for_images_only``.
 """
 
 from __future__ import annotations
@@ -178,7 +191,8 @@ __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "ca
            "ACCEPTED_CACHE_NAMES", "layer_keys", "apply_rotary", "anyres_crops", "unpad_window",
            "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index",
            "video_llava_frames", "is_config", "config_for", "qwen_image_grid",
-           "onevision_mosaic", "onevision_pack", "onevision_pool", "onevision_video_grid", "vision_qk_heads"]
+           "onevision_mosaic", "onevision_pack", "onevision_pool", "onevision_video_grid", "vision_qk_heads",
+           "load_processor", "images_only_processor"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -433,3 +447,69 @@ def vision_qk_heads(q: Any, k: Any, attn: Any) -> tuple[Any, Any, float]:
     heads = int(attn.num_heads)
     split = lambda t: t.view(*t.shape[:2], heads, -1).transpose(1, 2)  # noqa: E731
     return split(q), split(k), float(attn.scale)
+
+
+def images_only_processor(processor_class: type) -> type:
+    """A subclass of ``processor_class`` (same name, so a save records the real class) that accepts
+    ``video_processor=None`` and refuses ``videos`` in one line (assumption 20)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return processor_class.check_argument_for_proper_class(self, argument_name, argument)
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("videos") is not None or len(args) > 2 and args[2] is not None:
+            raise ImportError(f"this {processor_class.__name__} was loaded without its video processor, which needs "
+                              f"torchvision (not installed): install torchvision to process videos")
+        return processor_class.__call__(self, *args, **kwargs)
+
+    def get_attributes(cls):
+        names = processor_class.get_attributes()
+        return [a for a in names if a != "video_processor"] if cls._saving else names
+
+    def save_pretrained(self, *args, **kwargs):  # a save holds no video processor, as there is none
+        type(self)._saving = True
+        try:
+            return processor_class.save_pretrained(self, *args, **kwargs)
+        finally:
+            type(self)._saving = False
+
+    return type(processor_class.__name__, (processor_class,),
+                {"check_argument_for_proper_class": check_argument_for_proper_class, "__call__": __call__,
+                 "get_attributes": classmethod(get_attributes), "save_pretrained": save_pretrained, "_saving": False,
+                 "__module__": processor_class.__module__, "__doc__": processor_class.__doc__, "images_only": True})
+
+
+def load_processor(src: str) -> Any:
+    """``AutoProcessor.from_pretrained(src)``; when that fails because the folder's video processor
+    needs torchvision (not installed), the same processor class without it, for images only, with a
+    ``UserWarning`` saying so (assumption 20): its image processor and tokenizer loaded by their
+    auto classes, its own settings and chat template as ``from_pretrained`` reads them
+    (``get_processor_dict``, ``from_args_and_dict``). Any other error propagates."""
+    try:
+        return transformers.AutoProcessor.from_pretrained(src)
+    except ImportError as err:
+        if "torchvision" not in str(err).lower():
+            raise
+        first = err
+    import json
+    import warnings
+    from pathlib import Path
+
+    name = None
+    for file in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        path = Path(src) / file
+        if not name and path.is_file():
+            name = json.loads(path.read_text()).get("processor_class")
+    processor_class = getattr(transformers, name, None) if name else None
+    loaders = {"image_processor": transformers.AutoImageProcessor, "tokenizer": transformers.AutoTokenizer}
+    attributes = processor_class.get_attributes() if processor_class is not None else []
+    if "video_processor" not in attributes or not set(attributes) <= {"video_processor", *loaders}:
+        raise first
+    args = [None if a == "video_processor" else loaders[a].from_pretrained(src) for a in attributes]
+    processor_dict, _ = processor_class.get_processor_dict(src)
+    processor = images_only_processor(processor_class).from_args_and_dict(args, processor_dict)
+    warnings.warn(f"{name}'s video processor needs torchvision, which is not installed: loaded the processor for "
+                  f"images only (install torchvision to process videos)", UserWarning, stacklevel=2)
+    return processor

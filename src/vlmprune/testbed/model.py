@@ -93,11 +93,15 @@ def build_model(tokenizer, seed: int = 0, *, vision: dict | None = None, text: d
 
 
 def load(path: str | Path | None = None, *, dtype=None, attn_implementation: str = "sdpa"):
-    """Load a LLaVA model and its processor (default: the committed testbed checkpoint).
+    """Load a model of any supported family and its processor (default: the committed testbed checkpoint).
 
-    ``path`` may be any local directory or hub id that ``from_pretrained`` accepts.
+    ``path`` may be any local directory or hub id that ``from_pretrained`` accepts. A processor whose
+    video processor needs torchvision, when torchvision is missing, loads for images only
+    (``integrations.compat.load_processor``, with a ``UserWarning``).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from ..integrations.compat import load_processor
 
     if path is not None and not str(path).strip():
         raise ValueError("empty model path; pass a model folder or hub id, or nothing for the committed testbed")
@@ -108,7 +112,7 @@ def load(path: str | Path | None = None, *, dtype=None, attn_implementation: str
         raise FileNotFoundError(
             f"the testbed checkpoint is missing from {CHECKPOINT_DIR}; train it with `vlmprune testbed train`")
     model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, attn_implementation=attn_implementation)
-    processor = AutoProcessor.from_pretrained(src)
+    processor = load_processor(src)  # images only when its video processor needs a missing torchvision
     model.eval()
     return model, processor
 
