@@ -2,7 +2,7 @@
 
 The hooks in ``vision/`` / ``decoder/`` and the helpers elsewhere read keyword arguments and
 output fields only through the names and functions below, so a rename upstream is one edit here.
-Checked on transformers 5.20.0, 5.23.0 and 5.24.0 (``.ci/run`` runs the equivalence tests on the
+Checked on transformers 5.20.0, 5.23.0, 5.24.0 and 5.25.0 (``.ci/run`` runs the equivalence tests on the
 floor and the newest release of the declared range; ``tests/test_compat.py`` guards each item).
 
 Assumptions, each with the test that guards it:
