@@ -191,3 +191,82 @@ def make_tiny_qwen_folder(folder: str | Path, family: str = "qwen2_vl", **kwargs
              "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
     (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
     return folder
+
+
+def _save_images_only(folder: Path, model, proc, video_config: dict) -> Path:
+    """Save ``model`` and ``proc`` (an images-only processor) in ``folder``, with the video
+    processor's config beside as a checkpoint carries it (loading it needs torchvision)."""
+    import json
+
+    for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, k, getattr(proc.tokenizer, k))
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video_config, indent=2))
+    return folder
+
+
+def make_tiny_video_llava_folder(folder: str | Path, *, text_layers: int = 4, seed: int = 0) -> Path:
+    """Save a tiny random Video-LLaVA (CLIP towers with [CLS], 4x4 patches at 56 px) with a real
+    ``VideoLlavaProcessor`` (images only: its video processor needs torchvision) carrying
+    ``CHAT_TEMPLATE``."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration,
+                              VideoLlavaImageProcessor, VideoLlavaProcessor)
+
+    from vlmprune.integrations.compat import images_only_processor
+
+    tok = tiny_tokenizer({"image_token": "<image>", "video_token": "<video>"})
+    tok.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    ip = VideoLlavaImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    proc = images_only_processor(VideoLlavaProcessor)(image_processor=ip, tokenizer=tok, patch_size=14,
+                                                      vision_feature_select_strategy="default",
+                                                      num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                              video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-2,
+                              vision_feature_select_strategy="default", image_seq_length=16, video_seq_length=8 * 17)
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(config)
+    return _save_images_only(Path(folder), model, proc, {"processor_class": "VideoLlavaProcessor",
+                                                         "video_processor_type": "VideoLlavaVideoProcessor"})
+
+
+def make_tiny_onevision_folder(folder: str | Path, *, text_layers: int = 4, seed: int = 0) -> Path:
+    """Save a tiny random LLaVA-OneVision (SigLIP tower without [CLS], 3x3 patches per 42 px crop,
+    any-res pinpoints up to 2x2 crops, ``anyres_max_2``) with a real ``LlavaOnevisionProcessor``
+    (images only) carrying ``CHAT_TEMPLATE``."""
+    import torch
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor,
+                              Qwen2Config, SiglipVisionConfig)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    from vlmprune.integrations.compat import images_only_processor
+
+    tok = tiny_tokenizer({"image_token": "<image>", "video_token": "<video>"})
+    tok.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 42, "width": 42}, image_grid_pinpoints=NEXT_PINPOINTS)
+    proc = images_only_processor(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, num_image_tokens=9,
+                                                          vision_feature_select_strategy="full",
+                                                          vision_aspect_ratio="anyres_max_2",
+                                                          chat_template=CHAT_TEMPLATE)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=42, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=NEXT_PINPOINTS,
+                                  vision_aspect_ratio="anyres_max_2")
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    return _save_images_only(Path(folder), model, proc, {"processor_class": "LlavaOnevisionProcessor",
+                                                         "video_processor_type": "LlavaOnevisionVideoProcessor"})

@@ -19,7 +19,8 @@ import torch
 from typer.testing import CliRunner
 
 import vlmprune
-from atp_helpers import make_tiny_next_folder, make_tiny_qwen_chat, make_tiny_qwen_folder
+from atp_helpers import (make_tiny_next_folder, make_tiny_onevision_folder, make_tiny_qwen_chat, make_tiny_qwen_folder,
+                         make_tiny_video_llava_folder)
 from vlmprune.cli import app
 from vlmprune.train.data import chat_segments, conversations, make_chat_batch
 
@@ -210,16 +211,21 @@ def test_a_family_processor_without_chat_template_is_refused_in_one_line(next_di
     assert not (tmp_path / "run").exists()
 
 
+FOLDERS = {"qwen2_vl": lambda d: make_tiny_qwen_folder(d, "qwen2_vl"),
+           "qwen2_5_vl": lambda d: make_tiny_qwen_folder(d, "qwen2_5_vl"),
+           "video_llava": make_tiny_video_llava_folder, "llava_onevision": make_tiny_onevision_folder}
+
+
 @pytest.mark.filterwarnings("ignore:.*torchvision")
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_cli_trains_atp_on_a_qwen_folder_and_evaluates_it(family, tmp_path):
-    """`vlmprune train atp` / `vlmprune eval` on a saved Qwen folder (its real processor, loaded
-    without torchvision); the trained modules prune in `generate`."""
+@pytest.mark.parametrize("family", list(FOLDERS))
+def test_cli_trains_evaluates_and_benches_a_saved_family_folder(family, tmp_path):
+    """`vlmprune train atp` / `eval` / `bench` on a saved folder of the family with its real
+    processor (loaded without torchvision, for images only); the trained modules prune in `generate`."""
     from transformers import AutoModelForImageTextToText
 
     from vlmprune.integrations.compat import load_processor
 
-    folder = make_tiny_qwen_folder(tmp_path / "model", family)
+    folder = FOLDERS[family](tmp_path / "model")
     run = tmp_path / "run"
     r = _run("--model", str(folder), "--out", str(run), "--steps", "2", "--lr", "0.01", *FAST)
     assert r.exit_code == 0, r.output
@@ -228,12 +234,22 @@ def test_cli_trains_atp_on_a_qwen_folder_and_evaluates_it(family, tmp_path):
     assert [h["step"] for h in map(json.loads, (run / "history.jsonl").read_text().splitlines())] == [0, 1]
     data = _one_item_jsonl(tmp_path, 3)
     r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--data", str(data), "-m", f"atp:checkpoint={run}",
-                                 "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
+                                 "-m", "prumerge+", "--max-new-tokens", "2", "--no-progress", "--out",
+                                 str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     if importlib.util.find_spec("torchvision") is None:
-        assert "warning: Qwen2VLProcessor's video processor needs torchvision" in r.output
+        assert "warning: " in r.output and "video processor needs torchvision" in r.output
     out = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert "chat template" in out["run"]["generation"]["prompt_template"] and out["results"][0]["n"] == 1
+    assert "chat template" in out["run"]["generation"]["prompt_template"]
+    rows = {row["label"]: row for row in out["results"]}
+    assert all(row["n"] == 1 for row in rows.values()) and rows.keys() >= {"unpruned", "prumerge+"}, rows.keys()
+    assert rows["prumerge+"]["mean_visual_tokens"] < rows["unpruned"]["mean_visual_tokens"]
+    r = CliRunner().invoke(app, ["bench", "-M", str(folder), "-m", "prumerge+", "-b", "1", "-b", "2", "--repeats",
+                                 "1", "--warmup", "0", "--new-tokens", "2", "--no-memory", "--dtype", "fp32",
+                                 "--out", str(tmp_path / "bench")])
+    assert r.exit_code == 0, r.output
+    card = json.loads((tmp_path / "bench" / "card.json").read_text())
+    assert {(b["batch"], v["label"]) for b in card["results"] for v in b["variants"]} >= {(1, "prumerge+"), (2, "prumerge+")}
     model, proc = AutoModelForImageTextToText.from_pretrained(folder).eval(), load_processor(str(folder))
     b = make_chat_batch(proc, [11, 12], image_token_id=model.config.image_token_id)
     inputs = {k: v for k, v in b.items() if k not in ("labels", "instruction")}

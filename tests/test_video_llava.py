@@ -242,6 +242,24 @@ def test_deprecated_pixel_values_images_is_pruned_too(model):
             torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("method, options", [("prumerge+", {}), ("atp", {"fixed_ratio": 0.5})])
+def test_generate_with_the_processors_pixel_values_images(model, method, options):
+    """``VideoLlavaProcessor`` returns the images as ``pixel_values_images``, which ``generate``
+    hands to ``get_image_features`` under that name: pruned generation equals the same call with
+    ``pixel_values``."""
+    inputs = _inputs(model)
+    gen = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with vlmprune.pruned(model, method, **options):
+        ref = model.generate(**inputs, **gen)
+        inputs["pixel_values_images"] = inputs.pop("pixel_values")
+        out = model.generate(**inputs, **gen)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    stock = model.generate(**inputs, **gen)  # unpruned: the images' pruning did take part above
+    assert not torch.allclose(stock.logits[0], ref.logits[0])
+
+
 def test_full_strategy_images(model):
     """With vision_feature_select_strategy="full" the images keep their [CLS] (N + 1 tokens): the
     sampling baselines that need no grid run, the grid methods refuse with one line."""

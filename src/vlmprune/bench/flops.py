@@ -46,7 +46,11 @@ def bench_layout(model, inputs: dict[str, Tensor]):
 
     adapter = get_adapter(model)
     geometry = {k: inputs[k] for k in adapter.image_geometry if inputs.get(k) is not None}
-    return adapter.image_layout(model, inputs["pixel_values"], inputs.get("image_sizes"), **geometry)
+    fields = (adapter.pixel_values_field, *adapter.pixel_values_aliases)  # e.g. Video-LLaVA's pixel_values_images
+    pixels = next((inputs[f] for f in fields if inputs.get(f) is not None), None)
+    if pixels is None:
+        raise ValueError(f"the bench's inputs hold no images (none of {', '.join(fields)})")
+    return adapter.image_layout(model, pixels, inputs.get("image_sizes"), **geometry)
 
 
 def token_schedules(model, inputs: dict[str, Tensor], handle: Any,

@@ -160,9 +160,8 @@ def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch
             t0 = time.perf_counter()
             inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt",
                                add_special_tokens=style.add_special_tokens)
-            inputs = {k: v.to(model.device) for k, v in inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            inputs = {k: v.to(model.device, model.dtype) if k.startswith("pixel_values") else v.to(model.device)
+                      for k, v in inputs.items()}  # every pixel tensor (Video-LLaVA: pixel_values_images) in the model's dtype
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             seconds += time.perf_counter() - t0

@@ -120,9 +120,13 @@ Assumptions, each with the test that guards it:
     tower and projects the selected hidden states of every frame *with* its [CLS] token (no select
     strategy): ``pooler_output`` [V * F, 1 + N, D_text]. The forward reads ``pooler_output`` as one
     tensor (``.to(...)``, then ``flatten(0, 1)``) and scatters it into the ``image_token_id`` /
-    ``video_token_id`` placeholders in order (``video_llava_frames``). Guarded by
-    ``test_video_llava.py::test_vision_keep_all_gives_identical_logits_and_tokens`` and
-    ``::test_layout_counts_match_stock_features``.
+    ``video_token_id`` placeholders in order (``video_llava_frames``). ``VideoLlavaProcessor``
+    returns the images as ``pixel_values_images``, a deprecated keyword that ``get_image_features``
+    still names in its signature, so ``generate`` hands it over under that name (the adapter's
+    ``pixel_values_aliases``). Guarded by
+    ``test_video_llava.py::test_vision_keep_all_gives_identical_logits_and_tokens``,
+    ``::test_layout_counts_match_stock_features`` and
+    ``::test_generate_with_the_processors_pixel_values_images``.
 16. **Configs and image geometry without a model** (the bench and the cost model): a multimodal
     config is a ``transformers.PretrainedConfig`` whose ``model_type`` names the family
     (``is_config``); ``AutoConfig.for_model(model_type, **fields)`` builds one from plain fields

@@ -79,6 +79,10 @@ class VisionHandle(PruneHandle):
 
         def encode(*args: Any, **kwargs: Any) -> Any:
             kw = _as_kwargs(stock_signature, args, kwargs)
+            for alias in view.pixel_values_aliases:  # e.g. generate() passes the processor's name along
+                pixels = kw.pop(alias, None)
+                if kw.get(view.pixel_values_field) is None and pixels is not None:
+                    kw[view.pixel_values_field] = pixels
             if view.pixel_values_field != K.PIXEL_VALUES:
                 kw[K.PIXEL_VALUES] = kw.pop(view.pixel_values_field)
             return self._encode_images(view=view, **kw)
