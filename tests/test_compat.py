@@ -296,6 +296,12 @@ def test_processor_without_torchvision_loads_for_images_only(tmp_path):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}], add_generation_prompt=True)
     with pytest.raises(ImportError, match="without its video processor.*install torchvision"):
         proc(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[[images[0]] * 2])
+    proc.save_pretrained(tmp_path / "saved")  # the video processor's config goes along: loadable in full elsewhere
+    assert (tmp_path / "saved" / "video_preprocessor_config.json").read_text() == (
+        tmp_path / "qwen" / "video_preprocessor_config.json").read_text()
+    with pytest.warns(UserWarning, match="images only"):
+        again = compat.load_processor(str(tmp_path / "saved"))
+    assert torch.equal(again(images=images, text=text, padding=True, return_tensors="pt")["input_ids"], out["input_ids"])
     with pytest.raises(Exception) as stock:
         transformers.AutoProcessor.from_pretrained(str(tmp_path))
     with pytest.raises(type(stock.value), match="^" + re.escape(str(stock.value)[:60])):

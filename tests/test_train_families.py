@@ -282,3 +282,19 @@ def test_train_lora_with_prumerge_on_llava_next_and_eval_with_the_adapters(next_
                                  "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o" / "results.json").read_text())["results"][0]["n"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*torchvision")
+def test_lora_training_on_a_qwen_folder_writes_a_merged_model_that_loads(tmp_path):
+    """The merged model's folder keeps the processor loadable (its video processor's config copied
+    along although it was loaded for images only) and evaluates."""
+    folder = make_tiny_qwen_folder(tmp_path / "model")
+    run = tmp_path / "run"
+    r = _run("--model", str(folder), "--out", str(run), "--steps", "1", "--train", "lora", *FAST)
+    assert r.exit_code == 0, r.output
+    assert (run / "model" / "video_preprocessor_config.json").is_file()
+    data = _one_item_jsonl(tmp_path, 4)
+    r = CliRunner().invoke(app, ["eval", "--model", str(run / "model"), "--data", str(data), "-m", "prumerge+",
+                                 "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["results"][0]["n"] == 1

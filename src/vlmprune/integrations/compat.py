@@ -179,7 +179,8 @@ Assumptions, each with the test that guards it:
     their auto classes, the processor's own settings and chat template by ``get_processor_dict``,
     and ``from_args_and_dict(args in get_attributes() order, processor_dict)`` builds it as
     ``from_pretrained`` does; ``save_pretrained`` skips the missing video processor while
-    ``get_attributes()`` leaves it out; the subclass refuses ``videos`` itself (``load_processor``,
+    ``get_attributes()`` leaves it out (and copies the source folder's
+    ``video_preprocessor_config.json`` beside, so the folder stays loadable); the subclass refuses ``videos`` itself (``load_processor``,
     ``images_only_processor``). Guarded by
     ``test_compat.py::test_processor_without_torchvision_loads_for_images_only``.
 """
@@ -472,12 +473,22 @@ def images_only_processor(processor_class: type) -> type:
         names = processor_class.get_attributes()
         return [a for a in names if a != "video_processor"] if cls._saving else names
 
-    def save_pretrained(self, *args, **kwargs):  # a save holds no video processor, as there is none
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save without the missing video processor, and with the video processor's config files
+        of the folder it was loaded from (``load_processor``) copied beside, so that the saved folder
+        loads in full where torchvision is installed."""
+        import shutil
+        from pathlib import Path
+
         type(self)._saving = True
         try:
-            return processor_class.save_pretrained(self, *args, **kwargs)
+            out = processor_class.save_pretrained(self, save_directory, *args, **kwargs)
         finally:
             type(self)._saving = False
+        for file in getattr(self, "_video_files", ()):
+            if not (Path(save_directory) / Path(file).name).exists():
+                shutil.copy2(file, save_directory)
+        return out
 
     return type(processor_class.__name__, (processor_class,),
                 {"check_argument_for_proper_class": check_argument_for_proper_class, "__call__": __call__,
@@ -514,6 +525,7 @@ def load_processor(src: str) -> Any:
     args = [None if a == "video_processor" else loaders[a].from_pretrained(src) for a in attributes]
     processor_dict, _ = processor_class.get_processor_dict(src)
     processor = images_only_processor(processor_class).from_args_and_dict(args, processor_dict)
+    processor._video_files = [str(p) for p in (Path(src) / "video_preprocessor_config.json",) if p.is_file()]
     warnings.warn(f"{name}'s video processor needs torchvision, which is not installed: loaded the processor for "
                   f"images only (install torchvision to process videos)", UserWarning, stacklevel=2)
     return processor
