@@ -26,6 +26,11 @@ test: install
 compat:
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/compat.py
 
+# The whole suite again in a venv with torchvision (fast image processors, video processors),
+# torch and torchvision from the machine's wheels; see scripts/torchvision_check.sh.
+torchvision-check:
+	PY=$(PY) scripts/torchvision_check.sh
+
 # Every measured figure in README / docs, in the order they depend on each other (a few hours on
 # 2 CPU cores; run on an otherwise idle machine -- speed figures are ratios within one process).
 testbed: install
@@ -99,4 +104,4 @@ results-earlier: install
 	OMP_NUM_THREADS=2 $(BIN)/python -m vlmprune.bench.reduction --out out/bench/reduction-2threads.json
 	OMP_NUM_THREADS=1 $(BIN)/python -m vlmprune.bench.decoder --out out/bench/decoder.json
 
-.PHONY: install demo test compat testbed results results-earlier
+.PHONY: install demo test compat torchvision-check testbed results results-earlier

@@ -292,7 +292,8 @@ def test_lora_training_on_a_qwen_folder_writes_a_merged_model_that_loads(tmp_pat
     run = tmp_path / "run"
     r = _run("--model", str(folder), "--out", str(run), "--steps", "1", "--train", "lora", *FAST)
     assert r.exit_code == 0, r.output
-    assert (run / "model" / "video_preprocessor_config.json").is_file()
+    if importlib.util.find_spec("torchvision") is None:  # else the stock processor saved its video processor itself
+        assert (run / "model" / "video_preprocessor_config.json").is_file()
     data = _one_item_jsonl(tmp_path, 4)
     r = CliRunner().invoke(app, ["eval", "--model", str(run / "model"), "--data", str(data), "-m", "prumerge+",
                                  "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
