@@ -92,7 +92,8 @@ def set_constant_thresholds(pruner, theta_r=None, theta_s=None):
 
 # a user turn: the image (first turn), then the text; an assistant turn closed by the EOS token
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[user] {% for c in m['content'] %}"
-                 "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'video' %}<video>\n"
+                 "{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
                  "{% else %}[assistant] {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}[assistant] {% endif %}")
 NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84]]
@@ -133,7 +134,8 @@ def make_tiny_next_folder(folder: str | Path, *, text_layers: int = 4, seed: int
 
 
 QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
+QWEN_CHAT_TEMPLATE = (CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
+                      .replace("<video>\n", "<|vision_start|><|video_pad|><|vision_end|>"))
 
 
 def make_tiny_qwen_chat(family: str = "qwen2_vl", *, text_layers: int = 4, seed: int = 0):
@@ -188,7 +190,8 @@ def make_tiny_qwen_folder(folder: str | Path, family: str = "qwen2_vl", **kwargs
     model.save_pretrained(folder)
     proc.save_pretrained(folder)
     video = {"processor_class": "Qwen2VLProcessor", "video_processor_type": "Qwen2VLVideoProcessor",
-             "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+             "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "do_sample_frames": False,
+             "size": {"shortest_edge": 4 * 28 * 28, "longest_edge": 16 * 28 * 28}}
     (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
     return folder
 
@@ -234,7 +237,9 @@ def make_tiny_video_llava_folder(folder: str | Path, *, text_layers: int = 4, se
     torch.manual_seed(seed)
     model = VideoLlavaForConditionalGeneration(config)
     return _save_images_only(Path(folder), model, proc, {"processor_class": "VideoLlavaProcessor",
-                                                         "video_processor_type": "VideoLlavaVideoProcessor"})
+                                                         "video_processor_type": "VideoLlavaVideoProcessor",
+                                                         "size": {"shortest_edge": 56}, "do_sample_frames": False,
+                                                         "crop_size": {"height": 56, "width": 56}})
 
 
 def make_tiny_onevision_folder(folder: str | Path, *, text_layers: int = 4, seed: int = 0) -> Path:
@@ -269,4 +274,6 @@ def make_tiny_onevision_folder(folder: str | Path, *, text_layers: int = 4, seed
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config)
     return _save_images_only(Path(folder), model, proc, {"processor_class": "LlavaOnevisionProcessor",
-                                                         "video_processor_type": "LlavaOnevisionVideoProcessor"})
+                                                         "video_processor_type": "LlavaOnevisionVideoProcessor",
+                                                         "size": {"height": 42, "width": 42},
+                                                         "do_sample_frames": False})

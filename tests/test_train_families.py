@@ -299,3 +299,46 @@ def test_lora_training_on_a_qwen_folder_writes_a_merged_model_that_loads(tmp_pat
                                  "--max-new-tokens", "2", "--no-progress", "--no-baseline", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o" / "results.json").read_text())["results"][0]["n"] == 1
+
+
+def _video_token_id(model) -> int:
+    from vlmprune.integrations.base import get_adapter
+
+    return next(v for v in get_adapter(model).modality_views(model) if v.image_modality == "video").image_token_id(model)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="video processors need torchvision (run by make torchvision-check)")
+@pytest.mark.parametrize("family", list(FOLDERS))
+def test_cli_trains_atp_on_still_videos(family, tmp_path):
+    """`vlmprune train atp --videos 4`: batches of 4-frame still videos through the chat template and
+    the family's video processor; the held-out count is measured on videos; the modules prune a
+    video batch in `generate`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = FOLDERS[family](tmp_path / "model")
+    model, proc = AutoModelForImageTextToText.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    video_id = _video_token_id(model)
+    b = make_chat_batch(proc, [11, 12], image_token_id=video_id, video_frames=4)
+    assert "pixel_values_videos" in b and (b["input_ids"] == model.config.image_token_id).sum() == 0
+    placeholders = (b["input_ids"] == video_id).sum(1)
+    assert placeholders.min() > 0 and len(set(placeholders.tolist())) == 1  # two scenes, one video geometry
+    run = tmp_path / "run"
+    r = _run("--model", str(folder), "--out", str(run), "--steps", "2", "--lr", "0.01", "--videos", "4", *FAST)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["videos"] == 4 and summary["steps"] == 2 and summary["eval"]["n"] == 3
+    inputs = {k: v for k, v in b.items() if k not in ("labels", "instruction")}
+    with vlmprune.pruned(model, "atp", checkpoint=str(run)) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert handle.stats.initial_per_image == [int(placeholders[0])] * 2  # each sample's video tokens
+
+
+def test_training_on_videos_is_refused_in_one_line_where_it_cannot_run(next_dir, tmp_path):
+    r = _run("--model", str(next_dir), "--out", str(tmp_path / "run"), "--steps", "1", "--videos", "4", *FAST)
+    assert r.exit_code == 2 and r.output.startswith("error: --videos 4: the llava-next family takes no videos"), r.output
+    if importlib.util.find_spec("torchvision") is None:
+        folder = make_tiny_qwen_folder(tmp_path / "qwen")
+        r = _run("--model", str(folder), "--out", str(tmp_path / "run2"), "--steps", "1", "--videos", "4", *FAST)
+        assert r.exit_code == 2 and "has no video processor" in r.output and "install torchvision" in r.output, r.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()

@@ -43,8 +43,8 @@ from torch import nn
 
 from ..methods import atp as A
 from ..eval.prompts import prompt_style
-from .data import (SCENE_BASE, encode_atp_conversation, make_batch, make_chat_batch,  # noqa: F401 (re-exported)
-                   sample_conversation, to_model, training_batch, training_style)
+from .data import (SCENE_BASE, chat_segments, encode_atp_conversation, make_batch,  # noqa: F401 (re-exported)
+                   make_chat_batch, sample_conversation, to_model, training_batch, training_style, video_view)
 from .loop import STATE_NAME, append_history, load_model, lr_factor, read_state, world_size_from_env, write_state
 
 TRAIN_MODES = ("llm-frozen", "lora")
@@ -99,6 +99,8 @@ class ATPTrainConfig:
                                 "from the first step whose average reaches the target on (anti-windup)")
     turns: int = _opt(1, "question-answer turns per image (T is always the first turn's question)")
     text_prob: float = _opt(0.5, "probability that a training scene carries a text code")
+    videos: int = _opt(0, "train on videos: each scene a still video of this many frames (families with video "
+                          "inputs, through the processor's chat template and video processor); 0 = images")
     seed: int = _opt(0, "seed of the data stream and of the module initialisation")
     checkpoint_every: int = _opt(50, "save a resumable checkpoint every N steps")
     eval_n: int = _opt(96, "held-out val prompts for the final hard-pruning token count (0 = skip)")
@@ -126,6 +128,7 @@ class ATPTrainConfig:
             (self.lambda_range >= 0, f"lambda_range must be >= 0, got {self.lambda_range}"),
             (self.turns >= 1, f"turns must be >= 1, got {self.turns}"),
             (0.0 <= self.text_prob <= 1.0, f"text_prob must be in [0, 1], got {self.text_prob}"),
+            (isinstance(self.videos, int) and self.videos >= 0, f"videos must be a frame count >= 0, got {self.videos!r}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.eval_n >= 0, f"eval_n must be >= 0, got {self.eval_n}"),
             (self.stop_after is None or self.stop_after >= 1, f"stop_after must be >= 1, got {self.stop_after}"),
@@ -265,6 +268,10 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
                          "needs the patch tokens only (vision_feature_select_strategy='default')")
     chat = training_style(processor, fixed, adapter.family)
     image_token_id = adapter.image_token_id(model)
+    if cfg.videos:  # the videos' placeholders; the family and its processor must take videos
+        if not chat:
+            raise ValueError(f"--videos {cfg.videos} needs a processor with a chat template")
+        image_token_id = video_view(model, processor, cfg.videos).image_token_id(model)
     pruner = build_pruner(cfg, num_layers, num_patches, grid)
     c = pruner.config
     for p in model.parameters():
@@ -363,7 +370,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
             start = step * global_batch + rank * cfg.batch_size
             batch = training_batch(processor, list(range(start, start + cfg.batch_size)), chat=chat,
                                    image_token_id=image_token_id, num_image_tokens=num_patches, turns=cfg.turns,
-                                   text_prob=cfg.text_prob)
+                                   text_prob=cfg.text_prob, video_frames=cfg.videos)
             batch = to_model(batch, accelerator.device, model.dtype)
             loss, parts = step_module(**batch, mu=state["mu"])
             opt.zero_grad(set_to_none=True)
@@ -400,7 +407,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
     if main:
         method.mode = "hard"
         if cfg.eval_n:
-            summary["eval"] = hard_token_count(inner, processor, handle, cfg.eval_n)
+            summary["eval"] = hard_token_count(inner, processor, handle, cfg.eval_n, video_frames=cfg.videos)
             e = summary["eval"]
             say(f"held-out hard pruning ({cfg.eval_n} val prompts): all-layer average {e['average']:.2f} "
                 f"(target {c.target:.2f}, {100 * (e['average'] / c.target - 1):+.1f}%), per module "
@@ -423,8 +430,9 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
 
 
 def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_size: int = 16,
-                     split: str = "val", start: int = 500_000) -> dict[str, Any]:
-    """Prefill ``n`` held-out single-turn prompts with hard pruning; average kept counts."""
+                     split: str = "val", start: int = 500_000, video_frames: int = 0) -> dict[str, Any]:
+    """Prefill ``n`` held-out single-turn prompts with hard pruning; average kept counts
+    (``video_frames`` > 0: each scene a still video of that many frames, through the chat template)."""
     from ..testbed.scenes import make_scene, split_seed
 
     tok = processor.tokenizer
@@ -439,8 +447,9 @@ def hard_token_count(model: Any, processor: Any, handle: Any, n: int, *, batch_s
             scene = make_scene(seed, text=rnd.random() < 0.5)
             (q, _a), = sample_conversation(scene, rnd, 1)
             images.append(scene.image)
-            prompts.append(style.build(q))
-        inputs = processor(images=images, text=prompts, padding=True, add_special_tokens=style.add_special_tokens,
+            prompts.append(chat_segments(processor, [(q, "")], "video")[0] if video_frames else style.build(q))
+        pixels = {"videos": [[im] * video_frames for im in images]} if video_frames else {"images": images}
+        inputs = processor(**pixels, text=prompts, padding=True, add_special_tokens=style.add_special_tokens,
                            return_tensors="pt")
         inputs = to_model(dict(inputs), model.device, model.dtype)
         with torch.no_grad():

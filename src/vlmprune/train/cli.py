@@ -33,6 +33,9 @@ def _dtype(dtype: str) -> str:
 
 def _train(make_config: Callable[[], Any], train: Callable[[Any], Path]) -> None:
     """Build the config and train; a ``ValueError`` / ``FileNotFoundError`` of either is a CLI error."""
+    from ..integrations.compat import quiet_loading
+
+    quiet_loading()  # no loading bars: an error is the first line on stderr
     try:
         final = train(make_config())
     except (ValueError, FileNotFoundError) as e:
@@ -82,6 +85,9 @@ def atp_cmd(
     lambda_range: float = typer.Option(1.0, help="weight of the hinge keeping thresholds near their scores "
                                                  "(against saturated, frozen thresholds; 0 = off)"),
     turns: int = typer.Option(1, help="question-answer turns per training image"),
+    videos: int = typer.Option(0, help="train on videos: each scene a still video of N frames (Qwen2-VL / "
+                                       "Qwen2.5-VL, Video-LLaVA, LLaVA-OneVision; needs the processor's video "
+                                       "processor, i.e. torchvision); 0 = images"),
     seed: int = typer.Option(0, help="seed of the modules' initialisation and of the data order"),
     checkpoint_every: int = typer.Option(50, help="save a resumable checkpoint every N steps"),
     eval_n: int = typer.Option(96, help="held-out prompts for the final hard-pruning token count (0 = skip)"),
@@ -107,7 +113,7 @@ def atp_cmd(
         fixed_ratio=fixed_ratio, score=score, redundant=redundant, spatial=spatial, tau=tau,
         tau_final=tau_final if tau_final > 0 else None, lambda_atp=lambda_atp, lambda_target=lambda_target,
         budget_count=budget_count, target_control=target_control, dual_lr=dual_lr, lambda_range=lambda_range,
-        turns=turns, seed=seed, checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
+        turns=turns, videos=videos, seed=seed, checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
         save_merged=save_merged, stop_after=stop_after), lambda cfg: train_atp(cfg, progress=progress))
 
 

@@ -94,17 +94,18 @@ def _right_padded(seqs: list[tuple[list[int], list[int], list[bool]]], pad: int 
     return dict(input_ids=input_ids, attention_mask=mask, labels=labels, instruction=instruction)
 
 
-def chat_segments(processor: Any, qa: list[tuple[str, str]]) -> list[str]:
+def chat_segments(processor: Any, qa: list[tuple[str, str]], visual: str = "image") -> list[str]:
     """A conversation rendered by the processor's chat template, cut into its turns' texts:
-    [prompt_1, answer_1, prompt_2, answer_2, ...]. prompt_1 holds the image placeholder (the first
-    user turn: the image, then the question) and every prompt ends with the template's generation
+    [prompt_1, answer_1, prompt_2, answer_2, ...]. prompt_1 holds the ``visual`` placeholder (a
+    ``{"type": "image"}`` or ``{"type": "video"}`` content entry: the first user turn holds it, then
+    the question) and every prompt ends with the template's generation
     prompt; an answer segment is the answer and whatever the template writes after it (its
     end-of-turn tokens). Raises ValueError when a rendering is not a prefix of the next one (a
     template that rewrites earlier turns cannot be cut this way)."""
     messages: list[dict] = []
     segments, prev = [], ""
     for turn, (question, answer) in enumerate(qa):
-        content = ([{"type": "image"}] if turn == 0 else []) + [{"type": "text", "text": question}]
+        content = ([{"type": visual}] if turn == 0 else []) + [{"type": "text", "text": question}]
         for message, generation_prompt in (({"role": "user", "content": content}, True),
                                            ({"role": "assistant", "content": [{"type": "text", "text": answer}]}, False)):
             messages.append(message)
@@ -128,8 +129,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id: int, turns: int = 1,
-                    text_prob: float = 0.5) -> dict[str, torch.Tensor]:
+                    text_prob: float = 0.5, video_frames: int = 0) -> dict[str, torch.Tensor]:
     """A right-padded training batch through the processor's chat template (``chat_segments``).
+
+    ``video_frames`` > 0: each scene is a still video of that many frames (the scene image
+    repeated; ShapesVQA's answers hold for every frame), passed as ``videos=`` through a
+    ``{"type": "video"}`` entry, and ``image_token_id`` is the video placeholder's id.
 
     Each whole conversation goes through ``processor(images=..., text=...)`` in one batched call
     (the image placeholder expanded, the family's image inputs and per-token outputs such as
@@ -149,11 +154,13 @@ def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id
 
     tok = processor.tokenizer
     convs = conversations(sample_indices, turns, text_prob)
-    segs = [chat_segments(processor, qa) for _, qa in convs]
+    visual = "video" if video_frames else "image"
+    segs = [chat_segments(processor, qa, visual) for _, qa in convs]
     texts = ["".join(s) for s in segs]
     special = chat_adds_special_tokens(processor, texts[0])
-    full = processor(images=[image for image, _ in convs], text=texts, padding=True, add_special_tokens=special,
-                     return_tensors="pt")
+    pixels = ({"videos": [[image] * video_frames for image, _ in convs]} if video_frames
+              else {"images": [image for image, _ in convs]})
+    full = processor(**pixels, text=texts, padding=True, add_special_tokens=special, return_tensors="pt")
     ids_all, mask_all = full["input_ids"], full["attention_mask"].bool()
     token_keys = [k for k, v in full.items() if k.endswith("token_type_ids") and isinstance(v, torch.Tensor)
                   and tuple(v.shape) == tuple(ids_all.shape)]
@@ -163,9 +170,9 @@ def make_chat_batch(processor: Any, sample_indices: list[int], *, image_token_id
         plain = tok(texts[b], add_special_tokens=special)["input_ids"]  # the placeholder not expanded
         image_at = [i for i, t in enumerate(ids) if t == image_token_id]
         if not image_at or plain.count(image_token_id) != 1:
-            raise ValueError(f"the conversation must hold one image placeholder (token id {image_token_id}) that "
-                             "the processor expands: the chat template must place the image of a "
-                             "{'type': 'image'} content entry")
+            raise ValueError(f"the conversation must hold one {visual} placeholder (token id {image_token_id}) that "
+                             f"the processor expands: the chat template must place the {visual} of a "
+                             f"{{'type': '{visual}'}} content entry")
         p, n = plain.index(image_token_id), len(image_at)
         shift = n - 1
         if ids[:p] != plain[:p] or ids[image_at[-1] + 1:] != plain[p + 1:] or image_at != list(range(image_at[0],
@@ -220,12 +227,30 @@ def to_model(batch: dict[str, Any], device: Any, dtype: torch.dtype) -> dict[str
 
 
 def training_batch(processor: Any, sample_indices: list[int], *, chat: bool, image_token_id: int,
-                   num_image_tokens: int | None, turns: int, text_prob: float) -> dict[str, torch.Tensor]:
+                   num_image_tokens: int | None, turns: int, text_prob: float,
+                   video_frames: int = 0) -> dict[str, torch.Tensor]:
     """The training commands' batch: ``make_chat_batch`` when ``chat`` (the processor has a chat
-    template: any family), else ``make_batch`` (the testbed's LLaVA-1.5 template, ``num_image_tokens``
-    placeholders per image)."""
+    template: any family; ``video_frames`` > 0: still videos), else ``make_batch`` (the testbed's
+    LLaVA-1.5 template, ``num_image_tokens`` placeholders per image)."""
     if chat:
         return make_chat_batch(processor, sample_indices, image_token_id=image_token_id, turns=turns,
-                               text_prob=text_prob)
+                               text_prob=text_prob, video_frames=video_frames)
     return make_batch(processor, sample_indices, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
                       turns=turns, text_prob=text_prob)
+
+
+def video_view(model: Any, processor: Any, frames: int) -> Any:
+    """The adapter view of ``model``'s video inputs, for training on still videos of ``frames``
+    frames; ValueError in one line when the family takes no videos, or ``processor`` cannot make
+    them (its video processor was not loaded: it needs torchvision)."""
+    from ..integrations.base import get_adapter
+
+    adapter = get_adapter(model)
+    view = next((v for v in adapter.modality_views(model) if v.image_modality == "video"), None)
+    if view is None:
+        raise ValueError(f"--videos {frames}: the {adapter.family} family takes no videos; train on images "
+                         "(no --videos)")
+    if getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"--videos {frames}: the model's processor has no video processor (transformers builds it "
+                         "only with torchvision): install torchvision, or train on images")
+    return view
