@@ -4,6 +4,7 @@ The tiny model is random, so its answers are nonsense, but they are deterministi
 batched runs and save/load round trips must agree exactly.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -115,6 +116,37 @@ def test_jsonl_errors(tmp_path):
     p = _write_jsonl(tmp_path, ['{"image": "x.png", "question": "q"}'])
     with pytest.raises(ValueError, match="missing or non-string field.*answer"):
         jsonl_items(p)
+
+
+def test_jsonl_video_records_and_their_errors(tmp_path):
+    """{"video": [frames]} records: frames resolved and decoded up front, item.visual "video"; every
+    malformed record is one error naming its line."""
+    from PIL import Image
+
+    from vlmprune.eval.harness import _batches
+
+    for k in range(3):
+        Image.new("RGB", (20, 10), (80 * k, 0, 0)).save(tmp_path / f"f{k}.png")
+    p = _write_jsonl(tmp_path, [json.dumps({"video": ["f0.png", "f1.png", "f2.png"], "question": "q", "answer": "a"}),
+                                json.dumps({"image": "f0.png", "question": "q2", "answer": "b"})])
+    video, image = jsonl_items(p)
+    assert (video.visual, image.visual) == ("video", "image") and video.image_path is None
+    assert [f.getpixel((0, 0)) for f in video.pixels()] == [(0, 0, 0), (80, 0, 0), (160, 0, 0)]
+    assert image.pixels().size == (20, 10)
+    for rec, match in (({"video": ["f0.png"], "image": "f0.png", "question": "q", "answer": "a"}, "give exactly one of image.*got both"),
+                       ({"question": "q", "answer": "a"}, "give exactly one of image.*got neither"),
+                       ({"video": [], "question": "q", "answer": "a"}, "video must be a non-empty list"),
+                       ({"video": "f0.png", "question": "q", "answer": "a"}, "video must be a non-empty list")):
+        with pytest.raises(ValueError, match=r"data.jsonl:1: " + match):
+            jsonl_items(_write_jsonl(tmp_path, [json.dumps(rec)]))
+    with pytest.raises(FileNotFoundError, match=r"data.jsonl:1: video file not found: .*nope.png"):
+        jsonl_items(_write_jsonl(tmp_path, [json.dumps({"video": ["f0.png", "nope.png"], "question": "q",
+                                                        "answer": "a"})]))
+    # batches: consecutive runs of one kind, at most batch_size items each
+    kinds = [EvalItem(str(k), "f", "q", "a", video_paths=("x",) if v else None) for k, v in enumerate("IIVVVIV")]
+    kinds = [dataclasses.replace(it, video_paths=None) if c == "I" else it for it, c in zip(kinds, "IIVVVIV")]
+    assert [[it.id for it in b] for b in _batches(kinds, 2)] == [["0", "1"], ["2", "3"], ["4"], ["5"], ["6"]]
+    assert _batches([], 4) == []
 
 
 def test_bad_family_and_template(tiny):

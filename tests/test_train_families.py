@@ -342,3 +342,58 @@ def test_training_on_videos_is_refused_in_one_line_where_it_cannot_run(next_dir,
         r = _run("--model", str(folder), "--out", str(tmp_path / "run2"), "--steps", "1", "--videos", "4", *FAST)
         assert r.exit_code == 2 and "has no video processor" in r.output and "install torchvision" in r.output, r.output
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def _video_jsonl(folder):
+    """A JSONL file mixing ShapesVQA images and still videos of 4 frames (frames saved beside it)."""
+    lines = []
+    for k, ((image, qa),) in enumerate(conversations([i], 1, 0.5) for i in (20, 21, 22, 23, 24)):
+        image.save(folder / f"s{k}.png")
+        visual = {"image": f"s{k}.png"} if k in (0, 3) else {"video": [f"s{k}.png"] * 4}
+        lines.append(json.dumps({**visual, "question": qa[0][0], "answer": qa[0][1], "id": f"item{k}"}))
+    data = folder / "videos.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="video processors need torchvision (run by make torchvision-check)")
+@pytest.mark.parametrize("family", list(FOLDERS))
+def test_cli_eval_of_video_records_batched_equals_one_by_one(family, tmp_path):
+    """`vlmprune eval --data` with {"video": [frames]} records beside image records: batches of one
+    kind, the same answers and visual counts at batch size 3 as one item at a time, and pruning
+    cuts the videos' tokens (PruMerge+ keeps the 4 tokens of OneVision's pooled 2x2 frames here: its
+    grid step is 1 on a 4-token grid)."""
+    folder = FOLDERS[family](tmp_path / "model")
+    data = _video_jsonl(tmp_path)
+    runs = {}
+    for bs in (1, 3):
+        r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--data", str(data), "-m", "prumerge+", "-m",
+                                     "fastv", "--batch-size", str(bs), "--max-new-tokens", "2", "--no-progress",
+                                     "--out", str(tmp_path / f"o{bs}")])
+        assert r.exit_code == 0, r.output
+        runs[bs] = {row["label"]: row for row in json.loads((tmp_path / f"o{bs}" / "results.json").read_text())["results"]}
+    for label, row in runs[3].items():
+        one = runs[1][label]
+        assert [(i["id"], i["prediction"]) for i in row["items"]] == [(i["id"], i["prediction"]) for i in one["items"]]
+        for a, b in zip(row["items"], one["items"]):
+            assert a["visual_tokens"] == pytest.approx(b["visual_tokens"], rel=1e-6)
+    base = {i["id"]: i["visual_tokens"] for i in runs[3]["unpruned"]["items"]}
+    assert base["item1"] == base["item2"] == base["item4"] > 0 and base["item0"] > 0  # one video geometry
+    fastv = {i["id"]: i["visual_tokens"] for i in runs[3]["fastv"]["items"]}
+    vision = {i["id"]: i["visual_tokens"] for i in runs[3]["prumerge+"]["items"]}
+    assert all(fastv[k] < base[k] and vision[k] <= base[k] for k in base)  # (a 2x2 frame may keep all 4)
+    assert any(vision[k] < base[k] for k in ("item1", "item2", "item4")) or family == "llava_onevision"
+
+
+def test_video_records_are_refused_in_one_line_where_they_cannot_run(next_dir, tmp_path):
+    data = _video_jsonl(tmp_path)
+    r = CliRunner().invoke(app, ["eval", "--model", str(next_dir), "--data", str(data), "--no-progress",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "llava-next family takes no videos" in r.output
+    if importlib.util.find_spec("torchvision") is None:
+        folder = make_tiny_qwen_folder(tmp_path / "qwen")
+        r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--data", str(data), "--no-progress",
+                                     "--out", str(tmp_path / "o2")])
+        assert r.exit_code == 2 and "has no video processor" in r.output and "install torchvision" in r.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()

@@ -224,7 +224,8 @@ def eval_cmd(
                                      help="method spec NAME[:key=value,...] (grammar: `vlmprune methods --help`); "
                                           "repeat to compare several; 'none' = unpruned"),
     model: Optional[str] = typer.Option(None, "--model", "-M", help=MODEL_HELP),
-    data: str = typer.Option("shapesvqa", help="'shapesvqa' or a JSONL file of {image, question, answer} records"),
+    data: str = typer.Option("shapesvqa", help="'shapesvqa' or a JSONL file of {image, question, answer} records "
+                                               "(or {video: [frame files], ...}: models with video inputs)"),
     families: str = typer.Option("all", help="ShapesVQA families, comma-separated, or 'all'"),
     split: str = typer.Option("test", help="ShapesVQA split: train / val / test"),
     n: int = typer.Option(300, help="questions per ShapesVQA family (>= 1)"),
@@ -248,6 +249,12 @@ def eval_cmd(
         _fail(str(e))
     m, processor = _load(model)
     _dry_run(m, specs)
+    from .eval.harness import check_video_items
+
+    try:
+        check_video_items(m, processor, items)
+    except ValueError as e:
+        _fail(str(e))
     if baseline and not any(name is None for _, name, _ in specs):
         specs = [("unpruned", None, {})] + specs
     run = new_run("eval", model=_model_info(model, m), data=data_info,

@@ -1,4 +1,4 @@
-"""Evaluation items: ShapesVQA families, or a JSONL file of {"image", "question", "answer"} records."""
+"""Evaluation items: ShapesVQA families, or a JSONL file of {"image" | "video", "question", "answer"} records."""
 
 from __future__ import annotations
 
@@ -23,6 +23,20 @@ class EvalItem:
     seed: int | None = None        # ShapesVQA items (the scene is re-generated on demand)
     blank: bool = False            # replace the image with a blank (background-only) one
     where: str | None = None       # JSONL items: "FILE:LINE" of the record, for error messages
+    video_paths: tuple[str, ...] | None = None  # JSONL video items: the frames' image files, in order
+
+    @property
+    def visual(self) -> str:
+        """``"video"`` for a video item (its frames), else ``"image"``."""
+        return "video" if self.video_paths is not None else "image"
+
+    def frames(self) -> list[Image.Image]:
+        """A video item's frames, RGB, in order."""
+        return [open_image(p, self.where) for p in self.video_paths or ()]
+
+    def pixels(self) -> Image.Image | list[Image.Image]:
+        """What the processor gets for this item: its image, or its video's frames."""
+        return self.frames() if self.video_paths is not None else self.image()
 
     def image(self) -> Image.Image:
         if self.blank:
@@ -65,7 +79,8 @@ def shapesvqa_items(split: str = "test", families: str | Iterable[str] | None = 
 
 
 def jsonl_items(path: str | Path) -> list[EvalItem]:
-    """Read ``{"image": path, "question": ..., "answer": ..., ["family": ...], ["id": ...]}`` per line.
+    """Read ``{"image": path, "question": ..., "answer": ..., ["family": ...], ["id": ...]}`` per line,
+    or ``{"video": [frame paths, ...], ...}`` for a video given as its frames' image files.
 
     Relative image paths are resolved against the JSONL file's folder. Every problem is reported
     with its line number; nothing is skipped silently.
@@ -84,18 +99,32 @@ def jsonl_items(path: str | Path) -> list[EvalItem]:
                              'like {"image": "img.png", "question": "...", "answer": "..."}') from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str) or not rec.get(k)]
+        where = f"{path}:{lineno}"
+        if ("image" in rec) == ("video" in rec):
+            raise ValueError(f"{where}: give exactly one of image (a file) or video (a list of frame files), "
+                             f"got {'both' if 'image' in rec else 'neither'}")
+        kind = "image" if "image" in rec else "video"
+        missing = [k for k in ("question", "answer") if not isinstance(rec.get(k), str) or not rec.get(k)]
+        if kind == "image" and (not isinstance(rec["image"], str) or not rec["image"]):
+            missing.insert(0, "image")
+        if kind == "video" and (not isinstance(rec["video"], list) or not rec["video"]
+                                or not all(isinstance(f, str) and f for f in rec["video"])):
+            raise ValueError(f"{where}: video must be a non-empty list of frame image files, got {rec['video']!r}")
         if missing:
-            raise ValueError(f"{path}:{lineno}: missing or non-string field(s) {', '.join(missing)}; "
-                             "required: image, question, answer")
-        img = Path(rec["image"])
-        if not img.is_absolute():
-            img = path.parent / img
-        if not img.is_file():
-            raise FileNotFoundError(f"{path}:{lineno}: image file not found: {img}")
-        open_image(img, f"{path}:{lineno}")  # every image is decoded once here, so none fails mid-run
+            raise ValueError(f"{where}: missing or non-string field(s) {', '.join(missing)}; "
+                             "required: image (or video), question, answer")
+        files = []
+        for name in ([rec["image"]] if kind == "image" else rec["video"]):
+            img = Path(name)
+            if not img.is_absolute():
+                img = path.parent / img
+            if not img.is_file():
+                raise FileNotFoundError(f"{where}: {kind} file not found: {img}")
+            open_image(img, where)  # every image is decoded once here, so none fails mid-run
+            files.append(str(img))
         items.append(EvalItem(str(rec.get("id", f"{path.stem}-{lineno}")), str(rec.get("family", "jsonl")),
-                              rec["question"], rec["answer"], image_path=str(img), where=f"{path}:{lineno}"))
+                              rec["question"], rec["answer"], image_path=files[0] if kind == "image" else None,
+                              where=where, video_paths=tuple(files) if kind == "video" else None))
     if not items:
         raise ValueError(f"{path}: no records found")
     return items

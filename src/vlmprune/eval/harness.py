@@ -124,11 +124,44 @@ def summarize(label: str, method: str | None, options: dict, results: Sequence[I
     return res
 
 
-def _visual_tokens_per_sample(handle, input_ids: torch.Tensor, image_token_id: int) -> list[float]:
-    """Visual tokens each sample fed to the LLM in the last prefill (all-layer average for decoder methods)."""
+def _visual_tokens_per_sample(handle, input_ids: torch.Tensor, visual_ids: list[int]) -> list[float]:
+    """Visual tokens each sample fed to the LLM in the last prefill (all-layer average for decoder
+    methods); unpruned: its placeholders of any of ``visual_ids`` (images, videos)."""
     if handle is not None:
         return handle.stats.visual_tokens_per_sample()
-    return (input_ids == image_token_id).sum(1).float().tolist()
+    return torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device)).sum(1).float().tolist()
+
+
+def check_video_items(model, processor, items: Sequence[EvalItem], prompt_template: str | None = None) -> None:
+    """ValueError in one line when ``items`` hold videos that ``model`` / ``processor`` cannot take:
+    a family without video inputs, a processor without its video processor (it needs torchvision),
+    or a prompt without a chat template."""
+    from ..integrations.base import get_adapter
+    from .prompts import prompt_style
+
+    video = next((it for it in items if it.visual == "video"), None)
+    if video is None:
+        return
+    adapter = get_adapter(model)
+    if not any(v.image_modality == "video" for v in adapter.modality_views(model)):
+        raise ValueError(f"{video.where}: a video item, but the {adapter.family} family takes no videos")
+    if getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"{video.where}: a video item, but the model's processor has no video processor "
+                         "(transformers builds it only with torchvision): install torchvision")
+    if prompt_style(processor, prompt_template).build_video is None:
+        raise ValueError(f"{video.where}: a video item needs the processor's chat template (a text template "
+                         "has no video placeholder)")
+
+
+def _batches(items: Sequence[EvalItem], batch_size: int) -> list[Sequence[EvalItem]]:
+    """Consecutive runs of at most ``batch_size`` items of one kind (images, or videos)."""
+    out: list[Sequence[EvalItem]] = []
+    start = 0
+    for k in range(1, len(items) + 1):
+        if k == len(items) or k - start == batch_size or items[k].visual != items[start].visual:
+            out.append(items[start:k])
+            start = k
+    return out
 
 
 def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch_size: int = 8,
@@ -144,28 +177,31 @@ def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_video_items(model, processor, items, prompt_template)
     style = prompt_style(processor, prompt_template)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    image_token_id = model.config.image_token_id
+    from ..integrations.base import get_adapter
+
+    visual_ids = [v.image_token_id(model) for v in get_adapter(model).modality_views(model)]
     results: list[ItemResult] = []
     seconds = 0.0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress) as bar:
         task = bar.add_task(description, total=len(items))
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            images = [it.image() for it in batch]
-            prompts = [style.build(it.question) for it in batch]
+        for batch in _batches(items, batch_size):
+            video = batch[0].visual == "video"
+            pixels = {"videos" if video else "images": [it.pixels() for it in batch]}
+            prompts = [(style.build_video if video else style.build)(it.question) for it in batch]
             t0 = time.perf_counter()
-            inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt",
+            inputs = processor(**pixels, text=prompts, padding=True, return_tensors="pt",
                                add_special_tokens=style.add_special_tokens)
             inputs = {k: v.to(model.device, model.dtype) if k.startswith("pixel_values") else v.to(model.device)
                       for k, v in inputs.items()}  # every pixel tensor (Video-LLaVA: pixel_values_images) in the model's dtype
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             seconds += time.perf_counter() - t0
-            vis = _visual_tokens_per_sample(handle, inputs["input_ids"], image_token_id)
+            vis = _visual_tokens_per_sample(handle, inputs["input_ids"], visual_ids)
             texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for it, text, v in zip(batch, texts, vis):
                 pred = text.strip()

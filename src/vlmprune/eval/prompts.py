@@ -20,12 +20,14 @@ __all__ = ["PromptStyle", "prompt_style", "has_chat_template", "chat_adds_specia
 
 @dataclass(frozen=True)
 class PromptStyle:
-    """``build(question) -> prompt``; ``description`` for the results; ``add_special_tokens``."""
+    """``build(question) -> prompt``; ``description`` for the results; ``add_special_tokens``;
+    ``build_video(question)`` for a video (chat templates only, else None)."""
 
     build: Callable[[str], str]
     description: str
     add_special_tokens: bool = True
     chat: bool = False
+    build_video: Callable[[str], str] | None = None
 
 
 def has_chat_template(processor: Any) -> bool:
@@ -51,12 +53,16 @@ def prompt_style(processor: Any, template: str | None = None) -> PromptStyle:
             raise ValueError("prompt_template must contain '{question}' and '<image>', e.g. " + repr(PROMPT_TEMPLATE))
         return PromptStyle(lambda q: template.format(question=q), template)
     if has_chat_template(processor):
-        def build(question: str) -> str:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        def render(question: str, visual: str) -> str:
+            messages = [{"role": "user", "content": [{"type": visual}, {"type": "text", "text": question}]}]
             return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-        return PromptStyle(build, "the processor's chat template (user turn: image, question; generation prompt)",
-                           add_special_tokens=chat_adds_special_tokens(processor, build("?")), chat=True)
+        def build(question: str) -> str:
+            return render(question, "image")
+
+        return PromptStyle(build, "the processor's chat template (user turn: image or video, question; generation "
+                           "prompt)", add_special_tokens=chat_adds_special_tokens(processor, build("?")), chat=True,
+                           build_video=lambda question: render(question, "video"))
     from ..testbed.prompt import PROMPT_TEMPLATE
 
     return PromptStyle(lambda q: PROMPT_TEMPLATE.format(question=q), PROMPT_TEMPLATE)
