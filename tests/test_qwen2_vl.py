@@ -669,3 +669,27 @@ def test_qwen2_5_video_seconds_per_slice_positions():
         plan = handle.plan
     valid, idx = plan.src >= 0, plan.src.clamp(min=0)
     assert torch.equal(seen["position_ids"], full.gather(2, idx[None].expand(3, -1, -1)).masked_fill(~valid, 0))
+
+
+@pytest.mark.parametrize("method", ["spatial:keep=0.5", "prumerge+"])
+def test_stats_count_per_sample_with_several_images_in_a_sample(method):
+    """A batch [two images, one image] through the real processor: ``visual_tokens_per_sample()``
+    has one entry per sample, the sum of its images' kept tokens (``last_kept`` stays per image),
+    and equals the placeholders each row kept in the rewritten prompt."""
+    from PIL import Image
+
+    from atp_helpers import make_tiny_qwen_chat
+
+    model, proc = make_tiny_qwen_chat()
+    pair = "<|vision_start|><|image_pad|><|vision_end|>"
+    images = [Image.new("RGB", (100, 80), "red"), Image.new("RGB", (60, 120), "blue"), Image.new("RGB", (90, 90))]
+    inputs = proc(images=images, text=[f"a {pair} b {pair} c", f"{pair} d"], padding=True, return_tensors="pt")
+    with vlmprune.pruned(model, method) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        kept = handle.stats.last_kept
+        assert len(kept) == 3
+        per_sample = handle.stats.visual_tokens_per_sample()
+        assert per_sample == [float(kept[0] + kept[1]), float(kept[2])]
+        assert [row[0] for row in handle.stats.visual_tokens_per_layer()] == [int(v) for v in per_sample]
+        visual = inputs["input_ids"] == model.config.image_token_id
+        assert (visual & handle.plan.keep).sum(1).tolist() == [int(v) for v in per_sample]

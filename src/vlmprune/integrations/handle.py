@@ -42,8 +42,10 @@ class PruneStats:
     Read the same way for both stages: ``visual_tokens_per_sample()`` (the last prefill's visual
     tokens per sample, averaged over the decoder layers) and ``visual_tokens_per_layer()``
     ([B][num_layers]: the visual tokens each decoder layer processed). A vision-stage method feeds
-    every layer the same count, so its per-sample value is the kept count of the sample's image
-    (LLaVA: one image per sample).
+    every layer the same count, so its per-sample value is what the sample's images (and videos)
+    kept together; the vision stage records it per prefill as a [B] tensor (``last_per_sample``,
+    read to the host only when asked), and without that record each image counts as a sample
+    (one image per sample).
     """
 
     method: str
@@ -54,22 +56,32 @@ class PruneStats:
     last_kept: list[int] = field(default_factory=list)
     #: Unpruned placeholder count of each image in ``kept_per_image`` (filled by the vision stage).
     unpruned_per_image: list[int] = field(default_factory=list)
+    #: The last prefill's visual tokens per sample, [B] (a device tensor until read), or None.
+    last_per_sample: Any = None
 
     def record(self, kept: list[int], unpruned: list[int] | None = None) -> None:
         """Add one prefill's per-image kept counts (and, optionally, their unpruned counts)."""
         self.prefills += 1
         self.last_kept = list(kept)
         self.kept_per_image.extend(kept)
+        self.last_per_sample = None
         if unpruned is not None:
             self.unpruned_per_image.extend(unpruned)
 
+    def _per_sample(self) -> list[float]:
+        if self.last_per_sample is None:
+            return [float(v) for v in self.last_kept]
+        if not isinstance(self.last_per_sample, list):  # the one host read, when asked
+            self.last_per_sample = [float(v) for v in self.last_per_sample.tolist()]
+        return list(self.last_per_sample)
+
     def visual_tokens_per_sample(self) -> list[float]:
         """Visual tokens of each sample in the last prefill, averaged over the decoder layers."""
-        return [float(v) for v in self.last_kept]
+        return self._per_sample()
 
     def visual_tokens_per_layer(self) -> list[list[int]]:
         """[B][num_layers]: visual tokens each decoder layer processed in the last prefill."""
-        return [[int(v)] * self.num_layers for v in self.last_kept]
+        return [[int(v)] * self.num_layers for v in self._per_sample()]
 
     @property
     def images(self) -> int:
@@ -96,6 +108,7 @@ class PruneStats:
         self.kept_per_image = []
         self.last_kept = []
         self.unpruned_per_image = []
+        self.last_per_sample = None
 
 
 #: The phases of a handle's own work that its stages report to ``PruneHandle.phase_timer``:

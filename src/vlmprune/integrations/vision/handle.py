@@ -239,6 +239,13 @@ class VisionHandle(PruneHandle):
             lost = _removed_per_row(rows[key], runs, counts)
             removed = None if lost is None or removed is None else [a + b for a, b in zip(removed, lost)]
             kept_rows[key] = (per_image, counts, slots)
+        visual = None  # [B, L]: every visual placeholder of the prompt (each modality's)
+        for view in self._views:
+            if view.image_modality in features and input_ids is not None:
+                ph = view.sequence_layout(self.model, input_ids, VisualLayout()).visual
+                visual = ph if visual is None else visual | ph
+        if visual is not None:  # each sample's visual tokens fed to the LLM (read to the host only when asked)
+            self.stats.last_per_sample = (visual if keep is None else visual & keep).sum(dim=1)
         if keep is None:
             self.plan = None
             return kw
