@@ -73,3 +73,35 @@ def test_cli_tables_rejects_bad_input():
     assert r.exit_code == 2 and "vision" in r.output
     r = CliRunner().invoke(app, ["tables", "vision", "--n", "0"])
     assert r.exit_code == 2 and "--n" in r.output
+
+
+def test_matched_baselines_keep_the_same_fraction_of_each_unit_on_other_families():
+    """Images of several units or sizes: the baselines keep each unit's share, kept / unpruned of
+    the adaptive method (4 decimals, within (0, 1])."""
+    specs = matched_specs({"prumerge": 8.0, "prumerge+": 30.0}, unpruned=29.0)
+    assert specs[:4] == [(b, {"keep": 0.2759}) for b in ("cls-topk", "spatial", "sequential", "random")]
+    assert specs[4:] == [(b, {"keep": 1.0}) for b in ("cls-topk", "spatial", "sequential", "random")]
+    assert matched_specs({"prumerge": 0.0}, unpruned=500.0)[0] == ("cls-topk", {"keep": 1e-4})
+
+
+def test_cli_vision_table_on_llava_next_matches_counts_per_crop(tmp_path):
+    """`vlmprune tables vision --model DIR` on LLaVA-NeXT (several crops per image): the matched
+    baselines run (a per-sample count as a per-crop keep= exceeded the crop's 9 tokens) and feed about
+    the adaptive method's tokens (each crop's floor, plus the newlines, which are always kept)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from atp_helpers import make_tiny_next_folder
+    from vlmprune.cli import app
+
+    folder = make_tiny_next_folder(tmp_path / "next")
+    r = CliRunner().invoke(app, ["tables", "vision", "--model", str(folder), "--n", "1", "--batch-size", "4",
+                                 "--no-progress", "--out", str(tmp_path / "t")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "t" / "vision.json").read_text())["results"]
+    by = {row["label"]: row for row in rows}
+    adaptive = by["prumerge"]["mean_visual_tokens"]
+    matched = [row for row in rows if row["method"] == "spatial"]
+    assert matched and matched[0]["mean_visual_tokens"] <= by["unpruned"]["mean_visual_tokens"]
+    assert abs(matched[0]["mean_visual_tokens"] - adaptive) <= 0.5 * by["unpruned"]["mean_visual_tokens"]

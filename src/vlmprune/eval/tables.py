@@ -1,9 +1,10 @@
 """The README's accuracy tables as commands (``vlmprune tables vision`` / ``vlmprune tables budgets``).
 
 * ``vision`` -- the analogue of PruMerge's Tables 1, 4 and 5: PruMerge and PruMerge+ with their
-  adaptive counts, then, at each one's measured mean count (rounded), selection only (``cls-topk``:
-  the same [CLS]-attention ranking without the merge) and the sampling baselines (spatial,
-  sequential, random).
+  adaptive counts, then, at each one's measured mean count (rounded; on families whose images
+  have several units or sizes of their own, the same fraction of each unit), selection only
+  (``cls-topk``: the same [CLS]-attention ranking without the merge) and the sampling baselines
+  (spatial, sequential, random).
 * ``budgets`` -- the analogue of the SparseVLM / ATP comparisons at 192 / 128 / 64 visual tokens:
   FastV (K=2, keeping that many tokens after layer K, as SparseVLM's tables count it), SparseVLM (its
   v1.5 schedule for that budget) and the vision-stage methods keeping that many tokens. The
@@ -24,12 +25,19 @@ ADAPTIVE = ("prumerge", "prumerge+")
 MATCHED_BASELINES = ("cls-topk", "spatial", "sequential", "random")
 
 
-def matched_specs(adaptive_counts: dict[str, float]) -> list[tuple[str, dict]]:
-    """Baselines at each adaptive method's mean token count (rounded, at least 1)."""
+def matched_specs(adaptive_counts: dict[str, float], unpruned: float | None = None) -> list[tuple[str, dict]]:
+    """Baselines at each adaptive method's mean token count: ``keep=`` that count (rounded, at least
+    1) when every image is one unit of the same N tokens (``unpruned`` None, LLaVA-1.5); else, as
+    the baselines' ``keep`` counts per unit (crop, frame, image of its own size), the fraction of
+    the ``unpruned`` mean visual tokens it kept (``keep=`` a ratio: floor(ratio x each unit's
+    tokens), at least 1)."""
     specs = []
     for name in ADAPTIVE:
         if name in adaptive_counts:
-            keep = max(1, round(adaptive_counts[name]))
+            if unpruned is None:
+                keep: int | float = max(1, round(adaptive_counts[name]))
+            else:
+                keep = min(1.0, max(round(adaptive_counts[name] / unpruned, 4), 1e-4))
             specs += [(b, {"keep": keep}) for b in MATCHED_BASELINES]
     return specs
 
@@ -86,8 +94,13 @@ def run_tables(which: str, model, processor, items, *, out: Path | None, batch_s
     if which == "vision":
         adaptive = [run(name, {}, base) for name in ADAPTIVE]
         results += adaptive
+        from ..integrations.base import get_adapter
+
         counts = {r.method: r.mean_visual_tokens for r in adaptive}
-        results += [run(name, opts, base) for name, opts in matched_specs(counts)]
+        # every image one unit of N tokens (LLaVA-1.5; or a stand-in model): the counts are the keep=
+        one_grid = model is None or get_adapter(model).fixed_image_tokens(model) is not None
+        results += [run(name, opts, base) for name, opts in
+                    matched_specs(counts, None if one_grid else base.mean_visual_tokens)]
     else:
         results += [run(name, opts, base) for name, opts in FIXED_SPECS[which]()]
     if is_main_process():
