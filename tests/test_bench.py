@@ -459,6 +459,24 @@ def test_cli_bad_input(args, needle) -> None:
     assert torch.get_num_threads() == threads
 
 
+def test_cli_unloadable_folder_or_model_check_is_one_line_and_leaves_no_folder(tmp_path) -> None:
+    """A folder that is not a loadable model, or a method the model refuses: `error: ...` on one
+    line (exit 2) before anything is measured, and no empty --out folder left behind."""
+    from vlmprune.cli import app
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llava"}))  # no weights
+    for args, needle in ((["-M", str(broken)], f"could not load model {broken}"),
+                         (["-M", "tiny", "-m", "fastv:k=10"], "must be smaller than the decoder")):
+        out = tmp_path / "card"
+        res = runner.invoke(app, ["bench", *args, "-b", "1", "--repeats", "1", "--no-memory", "-q", "--out", str(out)])
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], res.output
+        assert not out.exists()
+
+
 def test_cli_runs_and_writes_the_card(tmp_path) -> None:
     from vlmprune.cli import app
 

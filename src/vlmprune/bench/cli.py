@@ -19,7 +19,7 @@ app = typer.Typer(name="bench", add_completion=False,
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}")
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}")  # one line, however long
     raise typer.Exit(code=2)
 
 
@@ -72,6 +72,7 @@ def bench(
     try:  # the cheap checks first, so that a bad option creates no folder
         parse_methods(method), parse_dtypes(dtype), check_device(device), check_batches(list(batch))
         [check_model_name(m) for m in model]
+        existed = Path(out).exists()
         out, note = run_folder(out, "card", overwrite)
     except (BenchError, ValueError) as e:
         _fail(str(e))
@@ -87,7 +88,9 @@ def bench(
                          command="vlmprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
                          if len(sys.argv) > 1 and sys.argv[1] == "bench" else "vlmprune bench",
                          log=None if quiet else (lambda msg: console.log(msg, markup=False)))
-    except BenchError as e:
+    except BenchError as e:  # found before anything was measured: leave no empty folder behind
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         _fail(str(e))
         return
     except BenchInterrupted as e:

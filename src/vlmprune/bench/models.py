@@ -295,16 +295,22 @@ def load_bench_model(name: str, dtype: torch.dtype, scaled: ScaledConfig = Scale
         model.generation_config.bos_token_id = 1
         processor = None
         kind = "synthetic (random weights, vlmprune.bench.decoder.make_model)"
-    elif name != "testbed" and not _has_processor(name):  # a saved model alone: synthetic prompts
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation="sdpa").eval()
-        processor, kind = None, f"local folder {name} (no processor: synthetic prompts)"
     else:
-        from ..testbed.model import load
+        try:  # a missing / corrupt folder is the user's input: one line naming it
+            if name != "testbed" and not _has_processor(name):  # a saved model alone: synthetic prompts
+                from transformers import AutoModelForImageTextToText
 
-        model, processor = load(None if name == "testbed" else name)
-        kind = "testbed checkpoint" if name == "testbed" else f"local folder {name}"
+                model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation="sdpa").eval()
+                processor, kind = None, f"local folder {name} (no processor: synthetic prompts)"
+            else:
+                from ..testbed.model import load
+
+                model, processor = load(None if name == "testbed" else name)
+                kind = "testbed checkpoint" if name == "testbed" else f"local folder {name}"
+        except Exception as e:  # noqa: BLE001 -- from_pretrained raises many kinds
+            from .spec import BenchError
+
+            raise BenchError(f"could not load model {name}: {type(e).__name__}: {e}") from None
     model = model.to(dtype).eval()
     return model, processor, {"kind": kind, **describe(model)}
 
