@@ -397,3 +397,26 @@ def test_video_records_are_refused_in_one_line_where_they_cannot_run(next_dir, t
                                      "--out", str(tmp_path / "o2")])
         assert r.exit_code == 2 and "has no video processor" in r.output and "install torchvision" in r.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_llava_only_commands_refuse_other_families_in_one_line(tmp_path):
+    """`train atp-viz` and `testbed check` are the testbed's (LLaVA-1.5: one grid, ShapesVQA prompt):
+    on another family's folder they stop with one line before any work."""
+    folder = make_tiny_video_llava_folder(tmp_path / "vl")
+    r = CliRunner().invoke(app, ["train", "atp-viz", str(tmp_path), "-M", str(folder), "--n", "1",
+                                 "--out", str(tmp_path / "viz")])
+    assert r.exit_code == 2 and r.output.startswith("error: atp-viz draws LLaVA-1.5 models"), r.output
+    r = CliRunner().invoke(app, ["testbed", "check", "-M", str(folder), "--n", "1", "--blank-n", "1",
+                                 "--out", str(tmp_path / "check")])
+    assert r.exit_code == 2 and "error: testbed check runs on LLaVA-1.5 models" in r.output, r.output
+    assert "video-llava model" in r.output and not (tmp_path / "check").exists() and not (tmp_path / "viz").exists()
+
+
+def test_eval_input_mistakes_are_one_line(tmp_path):
+    data = _one_item_jsonl(tmp_path, 2)
+    r = CliRunner().invoke(app, ["eval", "--data", str(data), "--families", "count", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.startswith("error: --families chooses ShapesVQA questions"), r.output
+    r = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "img.png"), "--data", str(data),
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "img.png is a file; pass the model's folder" in r.output, r.output
+    assert not (tmp_path / "o").exists()

@@ -120,6 +120,11 @@ def _items(data: str, split: str, families: str, n: int, blank: bool):
     if data == "shapesvqa":
         if split not in ("train", "val", "test"):
             raise ValueError(f"--split must be train, val or test, got {split!r}")
+    elif families != "all" or split != "test" or n != 300 or blank:
+        given = [f for f, on in (("--families", families != "all"), ("--split", split != "test"), ("--n", n != 300),
+                                 ("--blank", blank)) if on]
+        raise ValueError(f"{', '.join(given)} choose{'s' if len(given) == 1 else ''} ShapesVQA questions; a JSONL "
+                         "file (--data) is evaluated whole: drop them")
         return shapesvqa_items(split, families, n, blank=blank), shapesvqa_data(split, parse_families(families), n,
                                                                                 blank)
     items = jsonl_items(data)
@@ -390,8 +395,18 @@ def testbed_check(
     """The testbed's acceptance checks: unpruned / blank-image / random-32 accuracy, [CLS] attention share."""
     from .eval.testbed_check import run_check
 
+    from .integrations.base import get_adapter
+
     _at_least(n=(n, 1), blank_n=(blank_n, 1), batch_size=(batch_size, 1))
     loaded, processor = _load(model)
+    adapter = get_adapter(loaded)
+    tokens = adapter.fixed_image_tokens(loaded)
+    if adapter.family != "llava" or tokens is None or tokens < 32:  # the checks are the testbed's: LLaVA-1.5 shape
+        _fail(f"testbed check runs on LLaVA-1.5 models with at least 32 visual tokens per image (its random-32 run "
+              f"and the [CLS] attention of the testbed's tower); this is a {adapter.family} model"
+              + (f" with {tokens} tokens per image" if tokens is not None and adapter.family == "llava" else "")
+              + ": evaluate it with `vlmprune eval --model DIR`")
+    _dry_run(loaded, [("random keep=32", "random", {"keep": 32})])
     run_check(n=n, out=out, batch_size=batch_size, blank_n=blank_n, model=loaded, processor=processor)
 
 

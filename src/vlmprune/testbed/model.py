@@ -108,6 +108,8 @@ def load(path: str | Path | None = None, *, dtype=None, attn_implementation: str
     src = str(path) if path is not None else str(CHECKPOINT_DIR)
     if path is not None and not Path(src).exists() and (src.startswith(("/", ".", "~")) or src.count("/") > 1):
         raise FileNotFoundError(f"no model folder at {src} (a local path; hub ids look like 'org/name')")
+    if path is not None and Path(src).is_file():
+        raise FileNotFoundError(f"{src} is a file; pass the model's folder (the one holding config.json)")
     if path is None and not (CHECKPOINT_DIR / "config.json").exists():
         raise FileNotFoundError(
             f"the testbed checkpoint is missing from {CHECKPOINT_DIR}; train it with `vlmprune testbed train`")

@@ -35,11 +35,24 @@ def _train(make_config: Callable[[], Any], train: Callable[[Any], Path]) -> None
     """Build the config and train; a ``ValueError`` / ``FileNotFoundError`` of either is a CLI error."""
     from ..integrations.compat import quiet_loading
 
+    import warnings
+
     quiet_loading()  # no loading bars: an error is the first line on stderr
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # ours as `warning: ...`
+        if "loaded the processor for images only" in str(message):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
     try:
         final = train(make_config())
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    finally:
+        warnings.showwarning = shown
     typer.echo(f"done: {final}")
 
 

@@ -180,7 +180,17 @@ def run_viz(checkpoint: str | Path, *, model: str | None = None, out: str | Path
         raise ValueError(f"n must be >= 1, got {n}")
     if not seeds:
         raise ValueError("give at least one scene seed for the overlay figure")
-    m, processor = load(model)
+    from ..integrations.base import get_adapter
+
+    try:
+        m, processor = load(model)
+    except Exception as e:  # noqa: BLE001 -- a missing / corrupt folder: name it
+        raise ValueError(f"could not load model {model or '(testbed)'}: {e}") from None
+    adapter = get_adapter(m)
+    if adapter.family != "llava":
+        raise ValueError(f"atp-viz draws LLaVA-1.5 models (one grid per image, the ShapesVQA prompt); this is a "
+                         f"{adapter.family} model: read its ATP decisions from handle.stats / "
+                         "handle.state.context in Python instead")
     handle = vlmprune.apply(m, "atp", checkpoint=str(checkpoint))
     out = Path(out)
     try:
