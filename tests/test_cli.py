@@ -141,10 +141,11 @@ def test_corrupt_jsonl_image_and_json_name_the_file_and_line(tiny_dir, tmp_path,
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"image": "ok.png", "question": "q", "answer": "a"}) + "\n"
                     + json.dumps({"image": "bad.png", "question": "q", "answer": "a"}) + "\n")
-    r = _eval(tiny_dir, tmp_path / "o", "--data", data)
+    jsonl = ("eval", "-M", tiny_dir, "--max-new-tokens", 1, "--no-progress", "--out", tmp_path / "o", "--data", data)
+    r = _run(*jsonl)
     assert r.exit_code == 2 and _first_err(r).startswith(f"error: {data}:2: cannot read image {tmp_path / 'bad.png'}")
     data.write_text('{"image": "ok.png", "question": "q", "answer": "a"}\n{oops\n')
-    r = _eval(tiny_dir, tmp_path / "o", "--data", data)
+    r = _run(*jsonl)
     assert r.exit_code == 2 and _first_err(r).startswith(f"error: {data}:2: not valid JSON")
 
 

@@ -120,13 +120,13 @@ def _items(data: str, split: str, families: str, n: int, blank: bool):
     if data == "shapesvqa":
         if split not in ("train", "val", "test"):
             raise ValueError(f"--split must be train, val or test, got {split!r}")
-    elif families != "all" or split != "test" or n != 300 or blank:
+        return shapesvqa_items(split, families, n, blank=blank), shapesvqa_data(split, parse_families(families), n,
+                                                                                blank)
+    if families != "all" or split != "test" or n != 300 or blank:
         given = [f for f, on in (("--families", families != "all"), ("--split", split != "test"), ("--n", n != 300),
                                  ("--blank", blank)) if on]
         raise ValueError(f"{', '.join(given)} choose{'s' if len(given) == 1 else ''} ShapesVQA questions; a JSONL "
                          "file (--data) is evaluated whole: drop them")
-        return shapesvqa_items(split, families, n, blank=blank), shapesvqa_data(split, parse_families(families), n,
-                                                                                blank)
     items = jsonl_items(data)
     return items, jsonl_data(data, len(items))
 
