@@ -99,12 +99,25 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[user] {% f
 NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84]]
 
 
+def _clip_llama_configs(tok, image_size: int, text_layers: int):
+    """(vision, text) configs of the tiny folders: a 2-layer CLIP tower of 14 px patches at
+    ``image_size`` px with [CLS], and a Llama decoder of width 32 on ``tok``'s vocabulary."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return vision, text
+
+
 def make_tiny_next_folder(folder: str | Path, *, text_layers: int = 4, seed: int = 0) -> Path:
     """Save a tiny random LLaVA-NeXT (42 px crops of 3x3 patches, the any-res pinpoints above) with
     a real ``LlavaNextProcessor`` carrying ``CHAT_TEMPLATE`` in ``folder`` (loadable by
     ``AutoProcessor`` / ``vlmprune``'s loaders)."""
     import torch
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextProcessor)
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -114,11 +127,7 @@ def make_tiny_next_folder(folder: str | Path, *, text_layers: int = 4, seed: int
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               chat_template=CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=42, patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision, text = _clip_llama_configs(tok, 42, text_layers)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              image_grid_pinpoints=NEXT_PINPOINTS, image_seq_length=9)
@@ -214,7 +223,7 @@ def make_tiny_video_llava_folder(folder: str | Path, *, text_layers: int = 4, se
     ``VideoLlavaProcessor`` (images only: its video processor needs torchvision) carrying
     ``CHAT_TEMPLATE``."""
     import torch
-    from transformers import (CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration,
+    from transformers import (VideoLlavaConfig, VideoLlavaForConditionalGeneration,
                               VideoLlavaImageProcessor, VideoLlavaProcessor)
 
     from vlmprune.integrations.compat import images_only_processor
@@ -225,11 +234,7 @@ def make_tiny_video_llava_folder(folder: str | Path, *, text_layers: int = 4, se
     proc = images_only_processor(VideoLlavaProcessor)(image_processor=ip, tokenizer=tok, patch_size=14,
                                                       vision_feature_select_strategy="default",
                                                       num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=56, patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision, text = _clip_llama_configs(tok, 56, text_layers)
     config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                               video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-2,
                               vision_feature_select_strategy="default", image_seq_length=16, video_seq_length=8 * 17)
