@@ -409,7 +409,7 @@ def test_saved_testbed_like_model_with_processor(tmp_path) -> None:
     (dict(batches=[-2]), "batch size must be an int >= 1"),
     (dict(batches=["8"]), "batch size must be an int >= 1, got '8'"),
     (dict(batches=[]), "at least one batch size"),
-    (dict(dtype="fp16"), "unknown dtype 'fp16'; use fp32 (default) or bf16"),
+    (dict(dtype="fp16"), "unknown dtype 'fp16'; use fp32 or bf16 (or auto"),
     (dict(dtype="int8"), "unknown dtype"),
     (dict(models=["nope-model"]), "unknown model 'nope-model'"),
     (dict(repeats=0), "repeats must be an int >= 1"),

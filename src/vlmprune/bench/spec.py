@@ -71,7 +71,8 @@ def parse_dtype(name: str) -> tuple[str, torch.dtype]:
     """``"fp32"`` / ``"bf16"`` (or ``float32`` / ``bfloat16``) -> (canonical name, dtype)."""
     key = str(name).strip().lower()
     if key not in DTYPES:
-        raise BenchError(f"unknown dtype {name!r}; use fp32 (default) or bf16")
+        raise BenchError(f"unknown dtype {name!r}; use fp32 or bf16 (or auto, the default: both where bf16 is "
+                         "accelerated)")
     dt = DTYPES[key]
     return ("fp32" if dt == torch.float32 else "bf16"), dt
 
