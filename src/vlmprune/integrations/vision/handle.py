@@ -232,17 +232,21 @@ class VisionHandle(PruneHandle):
             host = to_host_lists([self._placeholders_per_row(view, input_ids) for view in missing])
             rows = {**rows, **{view.image_modality: r for view, r in zip(missing, host)}}
         removed: list[int] | None = [0] * input_ids.shape[0] if todo else None
+        placeholders: dict[str, Tensor] = {}  # [B, L] each modality's placeholder columns
         for view, per_image, counts, slots, runs in todo:
             key = view.image_modality
-            keep_view = self._keep_columns(view, input_ids, runs, counts, slots, rows[key])
+            keep_view, placeholders[key] = self._keep_columns(view, input_ids, runs, counts, slots, rows[key])
             keep = keep_view if keep is None else keep & keep_view
             lost = _removed_per_row(rows[key], runs, counts)
             removed = None if lost is None or removed is None else [a + b for a, b in zip(removed, lost)]
             kept_rows[key] = (per_image, counts, slots)
         visual = None  # [B, L]: every visual placeholder of the prompt (each modality's)
         for view in self._views:
-            if view.image_modality in features and input_ids is not None:
-                ph = view.sequence_layout(self.model, input_ids, VisualLayout()).visual
+            key = view.image_modality
+            if key in features and input_ids is not None:
+                ph = placeholders.get(key)
+                if ph is None:  # a modality passed as it was (nothing pruned)
+                    ph = view.sequence_layout(self.model, input_ids, VisualLayout()).visual
                 visual = ph if visual is None else visual | ph
         if visual is not None:  # each sample's visual tokens fed to the LLM (read to the host only when asked)
             self.stats.last_per_sample = (visual if keep is None else visual & keep).sum(dim=1)
@@ -302,10 +306,11 @@ class VisionHandle(PruneHandle):
         return view.sequence_layout(self.model, input_ids, VisualLayout()).visual.sum(dim=1)
 
     def _keep_columns(self, view: ModelAdapter, input_ids: Tensor, runs: list[int], counts: list[int],
-                      slots: list[Tensor | None], rows: list[int] | None = None) -> Tensor:
-        """[B, L] bool: the columns that survive ``view``'s reduction (every column that is not one
-        of its placeholders, and the kept slots of each of its images' runs). ``rows``: the
-        placeholders per row on the host, when known (else counted on the device)."""
+                      slots: list[Tensor | None], rows: list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """([B, L] bool the columns that survive ``view``'s reduction (every column that is not one
+        of its placeholders, and the kept slots of each of its images' runs), [B, L] bool its
+        placeholder columns). ``rows``: the placeholders per row on the host, when known (else
+        counted on the device)."""
         seq = view.sequence_layout(self.model, input_ids, VisualLayout(tokens_per_image=tuple(runs)))
         ph, img, rank = seq.visual, seq.image, seq.rank  # [B, L] each
         n_ph = sum(rows) if rows is not None else int(ph.sum())
@@ -315,7 +320,7 @@ class VisionHandle(PruneHandle):
                              f"of {runs[0] if len(set(runs)) == 1 else runs} tokens")
         dev = input_ids.device
         if all(sl is None for sl in slots):  # each image keeps its first counts[i] slots
-            return ~ph | (rank < torch.tensor(counts, device=dev)[img])  # [B, L]
+            return ~ph | (rank < torch.tensor(counts, device=dev)[img]), ph  # [B, L]
         # some images keep their tokens' own slots: kept [I, n_max], looked up per placeholder
         kept = torch.zeros(len(runs), max(runs), dtype=torch.bool, device=dev)
         for i, (c, sl) in enumerate(zip(counts, slots)):
@@ -323,7 +328,7 @@ class VisionHandle(PruneHandle):
                 kept[i, :c] = True
             else:
                 kept[i, sl.to(dev)] = True
-        return ~ph | kept[img, rank.clamp(0, max(runs) - 1)]  # [B, L]
+        return ~ph | kept[img, rank.clamp(0, max(runs) - 1)], ph  # [B, L]
 
     def _known_counts(self, key: str, per_image: list[Tensor]) -> tuple[list[int], list[Tensor | None]] | None:
         """Each image's (kept count, kept slots) when ``per_image`` are exactly the tensors the
