@@ -390,3 +390,24 @@ def test_usage_errors_of_the_console_script_are_one_line(args, message):
     env = {**os.environ, "PYTHONPATH": SRC}
     p = subprocess.run([sys.executable, "-m", "vlmprune.cli", *args], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and p.stderr.splitlines()[0].startswith(message) and len(p.stderr.splitlines()) == 1
+
+
+def test_notices_print_as_one_line_each_time_and_other_warnings_pass_through(capsys):
+    import warnings
+
+    import typer
+
+    from vlmprune.clitools import fail, notices_as_lines
+    from vlmprune.integrations.compat import ImagesOnlyProcessorWarning
+
+    shown = warnings.showwarning
+    with notices_as_lines():
+        for _ in range(2):  # the same call site twice: shown twice (a CLI run in a test process loads again)
+            warnings.warn("loaded for images only", ImagesOnlyProcessorWarning)
+        with pytest.warns(DeprecationWarning, match="other"):
+            warnings.warn("other", DeprecationWarning)
+    assert warnings.showwarning is shown
+    assert capsys.readouterr().err.splitlines() == ["warning: loaded for images only"] * 2
+    with pytest.raises(typer.Exit) as exit_info:
+        fail("a [bracketed] message")  # no markup: printed as given
+    assert exit_info.value.exit_code == 2 and capsys.readouterr().err == "error: a [bracketed] message\n"

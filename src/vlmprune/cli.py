@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from .clitools import fail, notices_as_lines
 from .registry import SPEC_GRAMMAR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -26,9 +27,7 @@ except ImportError:  # pragma: no cover
     pass
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+_fail = fail
 
 
 def _note(msg: str) -> None:
@@ -88,21 +87,12 @@ def _load(model: Optional[str]):
     from .integrations.compat import quiet_loading
     from .testbed.model import load
 
-    import warnings
-
     quiet_loading()
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            loaded = load(model)
+        with notices_as_lines():
+            return load(model)
     except Exception as e:  # noqa: BLE001 -- any load failure is the user's path / files: say which and why
         _fail(f"could not load model {model or '(testbed)'}: {e}")
-    for w in caught:  # ours (an images-only processor) as one line; the rest as Python shows them
-        if "loaded the processor for images only" in str(w.message):
-            typer.echo(f"warning: {w.message}", err=True)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return loaded
 
 
 def _model_info(model: Optional[str], loaded) -> dict[str, Any]:

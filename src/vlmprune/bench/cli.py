@@ -14,13 +14,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..clitools import fail
+
 app = typer.Typer(name="bench", add_completion=False,
                   help="Measured efficiency (CPU): prefill, overhead, decode, memory, KV cache; JSON card + plot.")
 
 
-def _fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}")  # one line, however long
-    raise typer.Exit(code=2)
+_fail = fail
 
 
 @app.callback(invoke_without_command=True)

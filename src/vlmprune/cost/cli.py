@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..clitools import fail
 from .analytic import prefill_cost
 from .paper import ATP_PAPER, TABLE2_METRICS, atp_reduction, reproduce_table2
 from .specs import (
@@ -44,10 +45,7 @@ def _console() -> Console:
     return c if c.is_terminal else Console(width=150)
 
 
-def _fail(message: str) -> None:
-    """Print an error and exit with code 2."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
+_fail = fail
 
 
 def _write_json(path: Path, data: Any, console: Console) -> None:

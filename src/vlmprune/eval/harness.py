@@ -136,18 +136,16 @@ def check_video_items(model, processor, items: Sequence[EvalItem], prompt_templa
     """ValueError in one line when ``items`` hold videos that ``model`` / ``processor`` cannot take:
     a family without video inputs, a processor without its video processor (it needs torchvision),
     or a prompt without a chat template."""
-    from ..integrations.base import get_adapter
+    from ..integrations.base import video_view
     from .prompts import prompt_style
 
     video = next((it for it in items if it.visual == "video"), None)
     if video is None:
         return
-    adapter = get_adapter(model)
-    if not any(v.image_modality == "video" for v in adapter.modality_views(model)):
-        raise ValueError(f"{video.where}: a video item, but the {adapter.family} family takes no videos")
-    if getattr(processor, "video_processor", None) is None:
-        raise ValueError(f"{video.where}: a video item, but the model's processor has no video processor "
-                         "(transformers builds it only with torchvision): install torchvision")
+    try:
+        video_view(model, processor)
+    except ValueError as e:
+        raise ValueError(f"{video.where}: a video item, but {e}") from None
     if prompt_style(processor, prompt_template).build_video is None:
         raise ValueError(f"{video.where}: a video item needs the processor's chat template (a text template "
                          "has no video placeholder)")

@@ -614,3 +614,17 @@ def get_adapter(model: Any) -> ModelAdapter:
     what = f"config model_type {model.model_type!r}" if is_config(model) else type(model).__name__
     raise UnsupportedModelError(f"vlmprune does not support {what}; supported model families: "
                                 f"{supported}")
+
+
+def video_view(model: Any, processor: Any) -> Any:
+    """The adapter view of ``model``'s video inputs (``modality_views`` entry of modality "video");
+    ``ValueError`` saying why videos cannot be used: the family takes none, or ``processor`` has no
+    video processor (transformers builds it only with torchvision). Callers prefix their context."""
+    adapter = get_adapter(model)
+    view = next((v for v in adapter.modality_views(model) if v.image_modality == "video"), None)
+    if view is None:
+        raise ValueError(f"the {adapter.family} family takes no videos")
+    if getattr(processor, "video_processor", None) is None:
+        raise ValueError("the model's processor has no video processor (transformers builds it only with "
+                         "torchvision): install torchvision")
+    return view

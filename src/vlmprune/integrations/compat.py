@@ -197,7 +197,7 @@ __all__ = ["TRANSFORMERS_VERSION", "CACHE", "CACHE_NAMES", "K", "get_cache", "ca
            "mrope_positions", "qwen_rope_index", "qwen_vision_tokens", "qwen_vision_qk", "qwen_window_index",
            "video_llava_frames", "is_config", "config_for", "qwen_image_grid",
            "onevision_mosaic", "onevision_pack", "onevision_pool", "onevision_video_grid", "vision_qk_heads",
-           "load_processor", "images_only_processor"]
+           "load_processor", "images_only_processor", "ImagesOnlyProcessorWarning"]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 
@@ -496,10 +496,14 @@ def images_only_processor(processor_class: type) -> type:
                  "__module__": processor_class.__module__, "__doc__": processor_class.__doc__, "images_only": True})
 
 
+class ImagesOnlyProcessorWarning(UserWarning):
+    """``load_processor`` loaded a processor without its video processor (torchvision is missing)."""
+
+
 def load_processor(src: str) -> Any:
     """``AutoProcessor.from_pretrained(src)``; when that fails because the folder's video processor
     needs torchvision (not installed), the same processor class without it, for images only, with a
-    ``UserWarning`` saying so (assumption 20): its image processor and tokenizer loaded by their
+    ``ImagesOnlyProcessorWarning`` (a ``UserWarning``) saying so (assumption 20): its image processor and tokenizer loaded by their
     auto classes, its own settings and chat template as ``from_pretrained`` reads them
     (``get_processor_dict``, ``from_args_and_dict``). Any other error propagates."""
     try:
@@ -527,5 +531,5 @@ def load_processor(src: str) -> Any:
     processor = images_only_processor(processor_class).from_args_and_dict(args, processor_dict)
     processor._video_files = [str(p) for p in (Path(src) / "video_preprocessor_config.json",) if p.is_file()]
     warnings.warn(f"{name}'s video processor needs torchvision, which is not installed: loaded the processor for "
-                  f"images only (install torchvision to process videos)", UserWarning, stacklevel=2)
+                  f"images only (install torchvision to process videos)", ImagesOnlyProcessorWarning, stacklevel=2)
     return processor

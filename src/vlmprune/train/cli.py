@@ -12,12 +12,12 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
+from ..clitools import fail, notices_as_lines
+
 app = typer.Typer(no_args_is_help=True, help="Train learnable pruning methods (ATP-LLaVA, with accelerate) and LoRA adapters for a method.")
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+_fail = fail
 
 
 #: The one dtype spelling of the CLI (fp32 / bf16 / fp16) -> the training configs'.
@@ -35,24 +35,12 @@ def _train(make_config: Callable[[], Any], train: Callable[[Any], Path]) -> None
     """Build the config and train; a ``ValueError`` / ``FileNotFoundError`` of either is a CLI error."""
     from ..integrations.compat import quiet_loading
 
-    import warnings
-
     quiet_loading()  # no loading bars: an error is the first line on stderr
-    shown = warnings.showwarning
-
-    def one_line(message, category, filename, lineno, file=None, line=None):  # ours as `warning: ...`
-        if "loaded the processor for images only" in str(message):
-            typer.echo(f"warning: {message}", err=True)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = one_line
     try:
-        final = train(make_config())
+        with notices_as_lines():
+            final = train(make_config())
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    finally:
-        warnings.showwarning = shown
     typer.echo(f"done: {final}")
 
 

@@ -242,15 +242,10 @@ def training_batch(processor: Any, sample_indices: list[int], *, chat: bool, ima
 def video_view(model: Any, processor: Any, frames: int) -> Any:
     """The adapter view of ``model``'s video inputs, for training on still videos of ``frames``
     frames; ValueError in one line when the family takes no videos, or ``processor`` cannot make
-    them (its video processor was not loaded: it needs torchvision)."""
-    from ..integrations.base import get_adapter
+    them (``integrations.base.video_view``)."""
+    from ..integrations import base
 
-    adapter = get_adapter(model)
-    view = next((v for v in adapter.modality_views(model) if v.image_modality == "video"), None)
-    if view is None:
-        raise ValueError(f"--videos {frames}: the {adapter.family} family takes no videos; train on images "
-                         "(no --videos)")
-    if getattr(processor, "video_processor", None) is None:
-        raise ValueError(f"--videos {frames}: the model's processor has no video processor (transformers builds it "
-                         "only with torchvision): install torchvision, or train on images")
-    return view
+    try:
+        return base.video_view(model, processor)
+    except ValueError as e:
+        raise ValueError(f"--videos {frames}: {e}; without --videos it trains on images") from None

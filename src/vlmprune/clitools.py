@@ -1,0 +1,35 @@
+"""What every ``vlmprune`` command shares: its one-line error exit and its one-line notices."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
+
+import typer
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on stderr (one line, however long) and exit with code 2."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def notices_as_lines() -> Iterator[None]:
+    """Within the block, vlmprune's notices (``ImagesOnlyProcessorWarning``) print as one
+    ``warning: ...`` line on stderr, each time they are raised; other warnings as Python shows them."""
+    from .integrations.compat import ImagesOnlyProcessorWarning
+
+    with warnings.catch_warnings():  # restores the filters and ``showwarning`` on exit
+        warnings.simplefilter("always", ImagesOnlyProcessorWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, ImagesOnlyProcessorWarning):
+                typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
