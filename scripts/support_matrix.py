@@ -22,6 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- support-matrix:begin (scripts/support_matrix.py) -->", "<!-- support-matrix:end -->"
 GUARANTEE_NAMES = {"keep_all": "keep-all", "batch": "batch", "cache": "cache", "remove": "remove"}
+#: what a family column's suffix means (tests/test_matrix.py's FAMILIES)
+COLUMN_KINDS = {"+multi": "samples holding 2, 1 and 3 images, batched",
+                "+video": "the family's video inputs, batched with images"}
 
 
 class Collect:
@@ -80,6 +83,9 @@ def render(cells: dict, families: list[str], methods: list[str], na: dict) -> tu
         rows.append(f"| `{meth}` | " + " | ".join(out) + " |")
     notes = ["yes: every guarantee passed (keep-all == stock logits, ragged batch == single samples, "
              "cached == uncached generate, remove() restores with sdpa on)"]
+    kinds = [(suffix, what) for suffix, what in COLUMN_KINDS.items() if any(f.endswith(suffix) for f in families)]
+    if kinds:
+        notes.append("; ".join(f"`{suffix}`: {what}" for suffix, what in kinds))
     notes += [f"{mark}: {reason}" for reason, mark in refusals.items()]
     notes += [f"`{m}` has no {GUARANTEE_NAMES[g]} cell: {why}" for (m, g), why in na.items()]
     block = "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -420,6 +420,60 @@ def qwen_mixed_row(inputs, b, items):
     return out
 
 
+def join_samples(inputs, groups, per_image=("pixel_values", "image_sizes")):
+    """A batch of one image per sample (LLaVA-1.5 / NeXT layout: the keys ``per_image`` hold one
+    entry per image) regrouped so that new sample g holds the ``groups[g]`` consecutive images:
+    their rows joined in order (each later row without its BOS), left-padded again;
+    -> (batch, row(batch, b)), ``row`` giving sample b unpadded with its own images."""
+    valid = inputs["attention_mask"].bool()
+    rows = [inputs["input_ids"][b, valid[b]].tolist() for b in range(len(valid))]
+    joined, start = [], 0
+    for k in groups:
+        joined.append(rows[start] + [t for r in rows[start + 1:start + k] for t in r[1:]])
+        start += k
+    ids, mask = left_pad(joined)
+    batch = {"input_ids": ids, "attention_mask": mask, **{k: inputs[k] for k in per_image if k in inputs}}
+
+    def row(batch, b):
+        lo = sum(groups[:b])
+        keep = batch["attention_mask"][b].bool()
+        return {"input_ids": batch["input_ids"][b:b + 1, keep], "attention_mask": batch["attention_mask"][b:b + 1, keep],
+                **{k: batch[k][lo:lo + groups[b]] for k in per_image if k in batch}}
+    return batch, row
+
+
+def make_qwen_multi_inputs(samples, prefix_lens, suffix_lens, seed: int = 1):
+    """A left-padded Qwen2-VL batch whose sample b holds the images of patch grids ``samples[b]``
+    (a list of (h, w)), each in <vision_start> ... <vision_end> and followed by a text token;
+    ``pixel_values`` / ``image_grid_thw`` in batch order."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for grids, p, s in zip(samples, prefix_lens, suffix_lens):
+        row = [BOS_ID] + torch.randint(7, VOCAB, (p,), generator=g).tolist()
+        for h, w in grids:
+            row += [QWEN_VISION_START] + [IMAGE_TOKEN_ID] * (h * w // 4) + [QWEN_VISION_END]
+            row += torch.randint(7, VOCAB, (1,), generator=g).tolist()
+        rows.append(row + torch.randint(7, VOCAB, (s,), generator=g).tolist())
+    ids, mask = left_pad(rows)
+    flat = [hw for grids in samples for hw in grids]
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.randn(sum(h * w for h, w in flat), QWEN_PATCH, generator=g),
+            "image_grid_thw": torch.tensor([[1, h, w] for h, w in flat]),
+            "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int()}
+
+
+def qwen_multi_row(inputs, b, samples):
+    """Sample ``b`` of a ``make_qwen_multi_inputs`` batch, unpadded, with its own pixel rows."""
+    valid = inputs["attention_mask"][b].bool()
+    before = [hw for grids in samples[:b] for hw in grids]
+    start = sum(h * w for h, w in before)
+    size = sum(h * w for h, w in samples[b])
+    out = {k: inputs[k][b:b + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out["pixel_values"] = inputs["pixel_values"][start:start + size]
+    out["image_grid_thw"] = inputs["image_grid_thw"][len(before):len(before) + len(samples[b])]
+    return out
+
+
 def visual_kept_per_sample(handle, input_ids, visual_ids) -> list[int]:
     """The visual tokens each sample fed the LLM at the last prefill (any visual placeholder id in
     ``visual_ids``): the vision stage's plan, or the decoder stage's per-sample counts."""

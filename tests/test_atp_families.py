@@ -20,11 +20,12 @@ import vlmprune
 from atp_helpers import set_constant_thresholds
 from conftest import (assert_beam_batch_equals_singles, assert_remove_restores_and_sdpa_stays, EOS_ID, IMAGE_TOKEN_ID, QWEN_VIDEO_ID, QWEN_VISION_START, assert_ragged_batch_equals_singles,
                       assert_mixed_batch_equals_singles, make_next_inputs, make_qwen_inputs, make_qwen_mixed_inputs,
-                      make_tiny_llava_next, make_tiny_qwen2_vl, module_hooks, qwen_mixed_row, qwen_row, warm_up)
+                      join_samples, make_qwen_multi_inputs, make_tiny_llava_next, make_tiny_qwen2_vl, module_hooks, qwen_mixed_row, qwen_multi_row, qwen_row, warm_up)
 from vlmprune.integrations.atp import attach_atp
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.handle import HANDLE_ATTR
 from vlmprune.methods.atp import ATPConfig, ATPPruner
+from vlmprune.methods.atp.budget import fixed_ratio_counts
 
 NEXT_SIZES = [(20, 90), (90, 90), (90, 40), (42, 42)]
 QWEN_GRIDS = [(4, 4), (4, 6), (8, 4), (6, 6)]
@@ -277,23 +278,41 @@ def test_soft_masks_of_one_equal_the_unpruned_model(model):
     torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=0)
 
 
-def test_samples_with_two_images_are_refused_in_one_line(model):
+def _two_image_batch(model):
+    """A left-padded batch of two samples: sample 0 holds two images, sample 1 one (the first three
+    sizes / grids of this file); -> (batch, row(batch, b))."""
     if model._test_family == "llava_next":
-        inputs = _inputs(model, n=2)
-        ids = inputs["input_ids"]
-        row = torch.cat([ids[0][inputs["attention_mask"][0].bool()], ids[1][inputs["attention_mask"][1].bool()][1:]])
-        batch = {"input_ids": row[None], "attention_mask": torch.ones_like(row)[None],
-                 "pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"]}
-    else:
-        inputs = _inputs(model, n=2)
-        rows = [qwen_row(inputs, b) for b in range(2)]
-        ids = torch.cat([rows[0]["input_ids"], rows[1]["input_ids"][:, 1:]], dim=1)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": inputs["pixel_values"],
-                 "image_grid_thw": inputs["image_grid_thw"], "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int()}
-    with attach_atp(model, _pruning(model)):
-        with pytest.raises(ValueError, match=r"^atp: sample 0 has 2 images; ATP needs exactly one image") as err:
-            model(**batch)
-    assert "\n" not in str(err.value)
+        return join_samples(_inputs(model, n=3), [2, 1])
+    samples = [QWEN_GRIDS[:2], QWEN_GRIDS[2:3]]
+    return make_qwen_multi_inputs(samples, PREFIX[:2], SUFFIX[:2]), lambda inp, b: qwen_multi_row(inp, b, samples)
+
+
+def test_a_sample_with_two_images_is_pruned_per_unit(model, checkpoint):
+    """A sample holding two images: its units are both images' units (per-unit thresholds); keep-all
+    thresholds give the stock model; fixed ratio r keeps round(judged * r^k) of the sample's judged
+    tokens after module k (newlines on no grid stay); a batch [two images, one image] with
+    content-dependent thresholds == each sample alone."""
+    batch, row = _two_image_batch(model)
+    ref = model(**batch).logits
+    visual = get_adapter(model).visual_columns(model, batch["input_ids"])
+    counts = visual.sum(1).tolist()
+    with attach_atp(model, _pruner(model, theta_r=-0.99, theta_s=0.99)) as handle:
+        assert torch.equal(model(**batch).logits, ref)
+        assert handle.stats.module_counts == [[c] * 3 for c in counts]
+        ctx_units = handle.state.context.unit_sample.tolist()
+    per_image = 2 if model._test_family == "llava_next" else 1  # NeXT: base image + mosaic (these sizes have both)
+    assert ctx_units == [0] * (2 * per_image) + [1] * per_image
+    with vlmprune.pruned(model, "atp", fixed_ratio=0.5) as handle:
+        model(**batch)
+        judged = handle.state.context.judged0
+        off = [c - j for c, j in zip(counts, judged)]  # NeXT's newlines (off_grid="keep"), else 0
+        expect = [[n + o for n in fixed_ratio_counts(0.5, 3, j)] for j, o in zip(judged, off)]
+        assert handle.stats.module_counts == expect
+    assert_ragged_batch_equals_singles(model, batch, row, "atp", {"checkpoint": checkpoint}, _gen(model), atol=ATOL)
+    assert _is_stock(model)
+
+
+def test_bad_atp_options_are_refused(model):
     with pytest.raises(ValueError, match="thresholds must be one of unit, sample"):
         vlmprune.apply(model, "atp", fixed_ratio=0.5, thresholds="image")
     assert _is_stock(model)

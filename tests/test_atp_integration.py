@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import vlmprune
+from vlmprune.methods.atp.budget import fixed_ratio_counts
 from vlmprune.integrations.atp import ATPStats, attach_atp, build_atp
 from vlmprune.methods.atp import ATPConfig, ATPPruner
 
 from atp_helpers import set_constant_thresholds
-from conftest import make_inputs, make_tiny_llava
+from conftest import left_pad, make_inputs, make_tiny_llava
 
 ATOL = 2e-5
 
@@ -289,15 +290,28 @@ def test_bad_checkpoints_and_options_give_clear_errors(model, tmp_path):
     assert getattr(model, "_vlmprune_handle", None) is None  # nothing left attached
 
 
-def test_samples_without_exactly_one_image_are_refused(model):
+def test_a_sample_with_two_images_is_pruned_and_one_without_images_is_refused(model):
+    """Two images in one sample: two 24 x 24-style units of that sample; a fixed ratio keeps
+    round(2N r^k) of its tokens. A sample without image tokens: a one-line error."""
     inputs = make_inputs(model, prefix_lens=(3,), suffix_lens=(5,))
     ids = inputs["input_ids"]
+    n = model.config.image_seq_length
+    with torch.no_grad():
+        ref = model(input_ids=ids[:, -5:]).logits  # stock, text only
     two = torch.cat([ids[:, :-5], ids[:, 1:-5].clone(), ids[:, -5:]], dim=1)  # the image twice
     batch = {"input_ids": two, "attention_mask": torch.ones_like(two),
-             "pixel_values": torch.cat([inputs["pixel_values"]] * 2)}
-    with pytest.warns(UserWarning, match="nothing is pruned"), vlmprune.pruned(model, "atp"):
-        with pytest.raises(ValueError, match="exactly one image"), torch.no_grad():
-            model(**batch)
+             "pixel_values": torch.cat([inputs["pixel_values"], inputs["pixel_values"].flip(-1)])}
+    with vlmprune.pruned(model, "atp", fixed_ratio=0.5) as handle, torch.no_grad():
+        model(**batch)
+        assert handle.state.context.unit_sample.tolist() == [0, 0]
+        layers = len(handle.stats.module_layers)
+        assert handle.stats.module_counts == [fixed_ratio_counts(0.5, layers, 2 * n)]
+        text = ids[:, -5:]  # a batch without images passes through unpruned
+        assert torch.equal(model(input_ids=text).logits, ref)
+        ragged, mask = left_pad([two[0].tolist(), text[0].tolist()])
+        with pytest.raises(ValueError, match=r"^atp: sample 1 has no image tokens") as err:
+            model(input_ids=ragged, attention_mask=mask, pixel_values=batch["pixel_values"])
+    assert "\n" not in str(err.value)
 
 
 def test_range_term_pulls_saturated_thresholds_back_towards_the_scores(model):

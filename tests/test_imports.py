@@ -6,7 +6,8 @@ above):
 0. ``methods``: pure-tensor pruning / merging maths (no model family, no transformers);
 1. ``registry``: the names of the methods and the dotted paths of their builders;
 2. ``integrations``: one adapter per model family, the pruning stages, ``compat``;
-3. ``vlmprune`` (the package root), ``api``, ``runinfo``, ``plotting``: the public entry points, and what
+3. ``vlmprune`` (the package root), ``api``, ``runinfo``, ``plotting``, ``clitools`` (the commands'
+   shared error exit and notices): the public entry points, and what
    the tools' outputs share (the run record, figure files);
 4. ``testbed``: ShapesVQA, the testbed model, its prompt and training recipe;
 5. ``eval``, ``cost``, ``train``, ``bench``, ``viz``, ``demo``: tools built on the layers below;
@@ -34,7 +35,7 @@ LAYERS = [
     ("methods",),
     ("registry",),
     ("integrations",),
-    ("vlmprune", "api", "runinfo", "plotting"),
+    ("vlmprune", "api", "runinfo", "plotting", "clitools"),
     ("testbed",),
     ("eval", "cost", "train", "bench", "viz", "demo"),
     ("cli",),

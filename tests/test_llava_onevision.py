@@ -129,8 +129,8 @@ def test_keep_all_gives_identical_logits_and_tokens(model, method, options, vide
         assert torch.equal(model(**inputs).logits, ref)
         assert torch.equal(model.generate(**inputs, **GEN), ref_gen)
         if handle.stage == "vision":
-            # (a batch with videos records its images, then its videos)
-            assert handle.stats.last_kept == ([13, 13] if videos else COUNTS)
+            # (a batch with videos records its images, then its videos: one record per prefill)
+            assert handle.stats.last_kept == ([COUNTS[1], COUNTS[2], 13, 13] if videos else COUNTS)
             assert handle.stats.mean_kept_ratio == 1.0
     finally:
         handle.remove()

@@ -24,10 +24,10 @@ import torch
 
 import vlmprune
 from conftest import (IMAGE_TOKEN_ID, PAD_ID, QWEN_VIDEO_ID, QWEN_VISION_END, QWEN_VISION_START, VIDEO_ID,
-                      make_inputs, make_next_inputs, make_onevision_inputs, make_qwen_inputs, make_qwen_mixed_inputs,
+                      join_samples, make_inputs, make_next_inputs, make_onevision_inputs, make_qwen_inputs, make_qwen_mixed_inputs,
                       make_tiny_llava, make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_qwen2_vl,
-                      make_tiny_video_llava, make_video_llava_inputs, module_hooks, onevision_row, qwen_mixed_row,
-                      qwen_row, video_llava_row, visual_kept_per_sample, warm_up)
+                      make_qwen_multi_inputs, make_tiny_video_llava, make_video_llava_inputs, module_hooks,
+                      onevision_row, qwen_mixed_row, qwen_multi_row, qwen_row, video_llava_row, visual_kept_per_sample, warm_up)
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.handle import HANDLE_ATTR
 
@@ -71,6 +71,28 @@ def _qwen_video(family):
     return build
 
 
+def _llava_multi():
+    m = make_tiny_llava(text_layers=4)
+    return (m, *join_samples(make_inputs(m, prefix_lens=(3, 1, 5, 2, 4, 1), suffix_lens=(5, 8, 2, 3, 1, 2), seed=3),
+                             [2, 1, 3]))
+
+
+def _llava_next_multi():
+    m = make_tiny_llava_next()
+    sizes = [(20, 90), (90, 90), (90, 40), (42, 42), (90, 90), (40, 90)]
+    return m, *join_samples(make_next_inputs(m, sizes, (3, 1, 2, 1, 2, 1), (2, 5, 1, 1, 2, 3)), [2, 1, 3])
+
+
+def _qwen_multi(family):
+    samples = [[(4, 4), (6, 4)], [(8, 4)], [(4, 6), (4, 4), (6, 6)]]  # image grids per sample
+
+    def build():
+        m = make_tiny_qwen2_vl(family=family)
+        return (m, make_qwen_multi_inputs(samples, (2, 4, 1), (3, 1, 5)),
+                lambda inp, b: qwen_multi_row(inp, b, samples))
+    return build
+
+
 def _video_llava():
     kinds = ["video", "image", "video"]
     m = make_tiny_video_llava()
@@ -85,10 +107,13 @@ def _onevision(items):
     return build
 
 
-#: family name (as the adapters call it; "+video": the family's video inputs, batched with images)
+#: family name (as the adapters call it; "+video": the family's video inputs, batched with images;
+#: "+multi": samples holding different numbers of images)
 #: -> builder of (model, ragged batch, row(inputs, b))
-FAMILIES = {"llava-1.5": _llava, "llava-next": _llava_next, "qwen2-vl": _qwen("qwen2_vl"),
-            "qwen2.5-vl": _qwen("qwen2_5_vl"), "qwen2-vl+video": _qwen_video("qwen2_vl"),
+FAMILIES = {"llava-1.5": _llava, "llava-1.5+multi": _llava_multi, "llava-next": _llava_next,
+            "llava-next+multi": _llava_next_multi, "qwen2-vl": _qwen("qwen2_vl"),
+            "qwen2.5-vl": _qwen("qwen2_5_vl"), "qwen2-vl+multi": _qwen_multi("qwen2_vl"),
+            "qwen2-vl+video": _qwen_video("qwen2_vl"),
             "qwen2.5-vl+video": _qwen_video("qwen2_5_vl"), "video-llava+video": _video_llava,
             "llava-onevision": _onevision([(20, 90), (90, 90), (90, 40)]),  # resized, resized, plain mosaics
             "llava-onevision+video": _onevision(["video", (90, 90), "video"])}

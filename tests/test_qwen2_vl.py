@@ -515,6 +515,22 @@ def test_video_budget_is_per_temporal_slice(model):
         assert handle.last_reductions["video"].counts.tolist() == [2, 2, 3, 3, 3]
 
 
+def test_a_prompt_of_images_and_videos_is_one_prefill_in_the_stats(model):
+    """Images and videos encoded for one prompt are one record: ``prefills`` counts the forward once,
+    ``last_kept`` holds every image's then every video's kept tokens (the images' first), and a
+    second forward starts a new record."""
+    inputs = _mixed()
+    with vlmprune.pruned(model, "sequential", keep=2) as handle:
+        model(**inputs)
+        assert handle.stats.prefills == 1
+        # images (1, 4, 6), (1, 8, 4): 2 tokens each; videos (2, 4, 4), (3, 4, 6): 2 per slice
+        assert handle.stats.last_kept == [2, 2, 4, 6]
+        assert sum(handle.stats.last_kept) == sum(handle.stats.visual_tokens_per_sample())
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert handle.stats.prefills == 2 and handle.stats.last_kept == [2, 2, 4, 6]
+        assert handle.stats.kept_per_image == [2, 2, 4, 6] * 2
+
+
 @pytest.mark.parametrize("method,options", VISION[1:] + SCORED + DECODER)  # (random draws depend on the batch)
 def test_video_mixed_batch_equals_single_samples(model, method, options):
     assert_mixed_batch_equals_singles(model, _mixed(), lambda inp, b: qwen_mixed_row(inp, b, ITEMS), method, options,

@@ -28,9 +28,9 @@ Budget counts in training (``budget_count``): ``"st"`` (default) is the straight
 
 Grids: the machinery gives every visual column its grid unit and patch (``adapter.grid_layout``);
 the pruner decides per unit or per sample (``methods.atp.units``; ``docs/atp.md``, "Other
-families"). Each sample holds exactly one image. With several grids, or a sample whose visual
-count differs from N, budgets count each sample against its own initial visual tokens
-(``ATPContext.initial``).
+families"). A sample may hold several images (each is one or more units). With several grids, or a
+sample whose visual count differs from N, budgets count each sample against its own initial visual
+tokens (``ATPContext.initial``).
 
 Use: ``vlmprune.apply(model, "atp", checkpoint=DIR)`` (a directory written by
 ``ATPPruner.save`` / ``vlmprune train atp``); ``handle.stats`` is an ``ATPStats``.
@@ -105,7 +105,9 @@ class ATPContext:
 
 @dataclass
 class ATPStats(DecoderStats):
-    """``DecoderStats`` plus ATP's per-module view of the last prefill (and accumulated per image).
+    """``DecoderStats`` plus ATP's per-module view of the last prefill (and accumulated per sample,
+    the ``*_per_image`` fields: a sample is one image in the paper's setting; a sample of several
+    images counts once, with all their tokens).
 
     ``module_layers``: the layers the modules follow. ``module_counts`` [B][K]: visual tokens each
     sample keeps after each module. ``atp_average`` [B]: the all-layer average (the paper's
@@ -304,9 +306,6 @@ class ATP(DecoderMethodBase):
         none = torch.full_like(lay.grid_unit, -1)
         unit0 = torch.where(visual, lay.grid_unit, none)
         patch0 = torch.where(visual, lay.grid_patch, none)
-        big = len(lay.units) + 1
-        image = torch.where(visual, lay.image, none)
-        first = image.masked_fill(~visual, big).amin(1)
         judged = visual & ((unit0 >= 0) | (c.off_grid == "score"))
         grid = visual & (unit0 >= 0)
         instruction0 = self._instruction_mask(view)
@@ -315,21 +314,19 @@ class ATP(DecoderMethodBase):
         unit_sample = torch.zeros(units + 1, dtype=torch.long, device=visual.device).scatter_(
             0, torch.where(grid, unit0, units).flatten(), rows.flatten())[:units]  # other slots -> a dump entry
         # the prefill's one host read before the first module (the machinery's counts of the input layout, its
-        # visual tokens per sample, come in the same transfer): per sample its images (first, last), judged /
-        # on-grid / off-grid visual tokens and instruction rows (their packed width: text is never dropped),
-        # and the sample of each unit
-        tensors = [first, image.amax(1), judged.sum(1), grid.sum(1), (visual & ~grid).sum(1), instruction0.sum(1),
-                   unit_sample]
+        # visual tokens per sample, come in the same transfer): per sample its judged / on-grid / off-grid visual
+        # tokens and instruction rows (their packed width: text is never dropped), and the sample of each unit
+        tensors = [judged.sum(1), grid.sum(1), (visual & ~grid).sum(1), instruction0.sum(1), unit_sample]
         if view.fetch is not None:
-            lo, hi, judged0, grid0, off0, text0, samples = view.fetch(tensors)
+            judged0, grid0, off0, text0, samples = view.fetch(tensors)
             n0 = view.counts[0]
         else:
-            lo, hi, judged0, grid0, off0, text0, samples, n0 = to_host_lists([*tensors, view.num_visual0])
+            judged0, grid0, off0, text0, samples, n0 = to_host_lists([*tensors, view.num_visual0])
         lay.check_placeholders(sum(n0))
-        for b, (a, z, n_vis) in enumerate(zip(lo, hi, n0)):
-            if n_vis == 0 or a != z:
-                what = "no image tokens" if n_vis == 0 else f"{z - a + 1} images"
-                raise ValueError(f"atp: sample {b} has {what}; ATP needs exactly one image per sample")
+        empty = [b for b, n_vis in enumerate(n0) if n_vis == 0]
+        if empty:
+            raise ValueError(f"atp: sample {empty[0]} has no image tokens; ATP prunes the visual tokens of "
+                             "samples that hold at least one image or video")
         grids = tuple(u.grid for u in lay.units)
         per_sample = [0] * visual.shape[0]
         for b in samples:

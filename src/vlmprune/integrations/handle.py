@@ -35,7 +35,7 @@ class PruneStats:
 
     ``kept_per_image`` lists, in order, the visual tokens each image contributed to the LLM's
     input since ``apply`` (or the last ``reset()``); ``last_kept`` those of the most recent
-    prefill only. ``tokens_per_image`` is the unpruned count N. The decoder stage extends this
+    prefill only (a prompt with images and videos: its images', then its videos'). ``tokens_per_image`` is the unpruned count N. The decoder stage extends this
     class with per-layer counts, and there ``last_kept`` / ``kept_per_image`` hold per-sample
     all-layer averages (floats).
 
@@ -59,10 +59,15 @@ class PruneStats:
     #: The last prefill's visual tokens per sample, [B] (a device tensor until read), or None.
     last_per_sample: Any = None
 
-    def record(self, kept: list[int], unpruned: list[int] | None = None) -> None:
-        """Add one prefill's per-image kept counts (and, optionally, their unpruned counts)."""
-        self.prefills += 1
-        self.last_kept = list(kept)
+    def record(self, kept: list[int], unpruned: list[int] | None = None, *, same_prefill: bool = False) -> None:
+        """Add one prefill's per-image kept counts (and, optionally, their unpruned counts);
+        ``same_prefill``: they are another modality of the prefill recorded last (its videos after
+        its images): appended to ``last_kept``, not counted as a new prefill."""
+        if same_prefill:
+            self.last_kept.extend(kept)
+        else:
+            self.prefills += 1
+            self.last_kept = list(kept)
         self.kept_per_image.extend(kept)
         self.last_per_sample = None
         if unpruned is not None:

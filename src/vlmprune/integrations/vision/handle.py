@@ -63,6 +63,8 @@ class VisionHandle(PruneHandle):
         self._stock_encode = getattr(self._base, adapter.image_features_method)
         #: this forward's fetch: carries each modality's placeholders per row into the encoding's transfer
         self._fetch: _BatchedFetch | None = None
+        #: modalities encoded since the last prompt was rewritten: one prefill's record in ``stats``
+        self._recorded: set[str] = set()
 
     def _install(self) -> None:
         for view in self._views:
@@ -154,7 +156,10 @@ class VisionHandle(PruneHandle):
         per_image_out, counts, slots = adapter.pack_slots(model, projected, red, counts, layout)
 
         self.last_reduction = self.last_reductions[adapter.image_modality] = red
-        self.stats.record(counts, list(layout.tokens_per_image))
+        key = adapter.image_modality  # a modality already recorded starts the next prefill's record
+        self.stats.record(counts, list(layout.tokens_per_image), same_prefill=bool(self._recorded)
+                          and key not in self._recorded)
+        self._recorded = self._recorded | {key} if key not in self._recorded else {key}
         self._issued[adapter.image_modality] = [(weakref.ref(t), c, sl)
                                                 for t, c, sl in zip(per_image_out, counts, slots)]
         out = adapter.image_output(per_image_out)
@@ -193,6 +198,7 @@ class VisionHandle(PruneHandle):
         features = {view.image_modality: view.image_tokens(mm[view.image_modality])
                     for view in self._views if mm.get(view.image_modality) is not None}
         features = {key: t for key, t in features.items() if t is not None}
+        self._recorded = set()  # this prompt's encodings are recorded: the next ones are another prefill's
         if features:
             return (), self._prefill(kw, features, rows)
         return (), self._continue(kw)
