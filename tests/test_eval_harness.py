@@ -104,6 +104,36 @@ def test_jsonl_path(tiny, tmp_path):
     assert [r.prediction for r in a] == [r.prediction for r in b]  # PNG round trip is lossless
 
 
+def test_jsonl_records_of_several_images(tiny, tmp_path):
+    """{"image": [files]}: the images one after the other before the question (text template: one
+    <image> line each); batched with one-image items == each alone; unpruned, an item feeds the LLM
+    all its images' tokens; a pruning method runs on them."""
+    from vlmprune.eval.prompts import prompt_style
+
+    model, proc = tiny
+    items = shapesvqa_items("test", "color", 3)
+    for k, it in enumerate(items):
+        it.image().save(tmp_path / f"img{k}.png")
+    lines = [json.dumps({"image": ["img0.png", "img1.png"], "question": items[0].question, "answer": items[0].answer}),
+             json.dumps({"image": ["img2.png"], "question": items[2].question, "answer": items[2].answer})]
+    two, one = jsonl_items(_write_jsonl(tmp_path, lines))
+    assert (two.num_images, one.num_images) == (2, 1) and one.image_paths is None
+    assert [im.size for im in two.pixels()] == [items[0].image().size] * 2
+    build = prompt_style(proc).build
+    assert build("q", images=2) == build("q").replace("<image>", "<image>\n<image>", 1)
+    n = model.config.image_seq_length
+    batched, _ = run_items(model, proc, [two, one], batch_size=2, max_new_tokens=3, progress=False)
+    singles = [run_items(model, proc, [it], batch_size=1, max_new_tokens=3, progress=False)[0][0] for it in (two, one)]
+    assert [r.visual_tokens for r in batched] == [2 * n, n]
+    assert [r.prediction for r in batched] == [r.prediction for r in singles]
+    pruned = evaluate(model, proc, [two, one], method="prumerge+", batch_size=2, max_new_tokens=3, progress=False)
+    assert pruned.n == 2 and pruned.mean_visual_tokens < 1.5 * n
+    for rec, match in (({"image": [], "question": "q", "answer": "a"}, "image must be a file or a non-empty list"),
+                       ({"image": ["img0.png", 3], "question": "q", "answer": "a"}, "image must be a file or a non-empty list")):
+        with pytest.raises(ValueError, match=r"data.jsonl:1: " + match):
+            jsonl_items(_write_jsonl(tmp_path, [json.dumps(rec)]))
+
+
 def test_jsonl_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="JSONL file not found"):
         jsonl_items(tmp_path / "nope.jsonl")

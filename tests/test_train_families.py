@@ -421,3 +421,39 @@ def test_eval_input_mistakes_are_one_line(tmp_path):
                                  "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "img.png is a file; pass the model's folder" in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+def _two_image_jsonl(folder):
+    """A JSONL file of a question about two images and one about one image (images saved beside it)."""
+    lines = []
+    for k, ((image, qa),) in enumerate(conversations([i], 1, 0.5) for i in (21, 22, 23)):
+        image.save(folder / f"img{k}.png")
+        if k:
+            files = ["img0.png", "img1.png"] if k == 1 else ["img2.png"]
+            lines.append(json.dumps({"image": files, "question": qa[0][0], "answer": qa[0][1]}))
+    data = folder / "multi.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+@pytest.mark.filterwarnings("ignore:.*torchvision")
+@pytest.mark.parametrize("family", ["llava_next", *FOLDERS])
+def test_cli_evaluates_questions_about_several_images(family, next_dir, tmp_path):
+    """`vlmprune eval --data` with a two-image record beside a one-image one, through the family's
+    chat template and processor: unpruned, every item feeds all its images' tokens; vision- and
+    decoder-stage methods (ATP included) run on them."""
+    folder = next_dir if family == "llava_next" else FOLDERS[family](tmp_path / "model")
+    data = _two_image_jsonl(tmp_path)
+    r = CliRunner().invoke(app, ["eval", "--model", str(folder), "--data", str(data), "-m", "prumerge+", "-m",
+                                 "atp:fixed_ratio=0.5", "-m", "fastv", "--max-new-tokens", "2", "--no-progress",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "o" / "results.json").read_text())
+    rows = {row["label"]: row for row in out["results"]}
+    assert rows.keys() >= {"unpruned", "prumerge+", "atp fixed_ratio=0.5", "fastv"}, rows.keys()
+    assert all(row["n"] == 2 for row in rows.values())
+    two, one = (item["visual_tokens"] for item in rows["unpruned"]["items"])
+    if family != "llava_onevision":  # (OneVision gives each image of a multi-image sample its base image only)
+        assert two == 2 * one  # ShapesVQA images are all one size
+    for label in ("prumerge+", "atp fixed_ratio=0.5", "fastv"):
+        assert rows[label]["mean_visual_tokens"] < rows["unpruned"]["mean_visual_tokens"], label

@@ -1,4 +1,5 @@
-"""Evaluation items: ShapesVQA families, or a JSONL file of {"image" | "video", "question", "answer"} records."""
+"""Evaluation items: ShapesVQA families, or a JSONL file of {"image" | "video", "question", "answer"} records
+("image": one file, or a list of files for a question about several images)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class EvalItem:
     blank: bool = False            # replace the image with a blank (background-only) one
     where: str | None = None       # JSONL items: "FILE:LINE" of the record, for error messages
     video_paths: tuple[str, ...] | None = None  # JSONL video items: the frames' image files, in order
+    image_paths: tuple[str, ...] | None = None  # JSONL items of several images: their files, in order
 
     @property
     def visual(self) -> str:
@@ -34,9 +36,18 @@ class EvalItem:
         """A video item's frames, RGB, in order."""
         return [open_image(p, self.where) for p in self.video_paths or ()]
 
+    @property
+    def num_images(self) -> int:
+        """Images of the item (0 for a video item)."""
+        return 0 if self.video_paths is not None else len(self.image_paths) if self.image_paths else 1
+
     def pixels(self) -> Image.Image | list[Image.Image]:
-        """What the processor gets for this item: its image, or its video's frames."""
-        return self.frames() if self.video_paths is not None else self.image()
+        """What the processor gets for this item: its image, its images (several), or its video's frames."""
+        if self.video_paths is not None:
+            return self.frames()
+        if self.image_paths:
+            return [open_image(p, self.where) for p in self.image_paths]
+        return self.image()
 
     def image(self) -> Image.Image:
         if self.blank:
@@ -80,7 +91,9 @@ def shapesvqa_items(split: str = "test", families: str | Iterable[str] | None = 
 
 def jsonl_items(path: str | Path) -> list[EvalItem]:
     """Read ``{"image": path, "question": ..., "answer": ..., ["family": ...], ["id": ...]}`` per line,
-    or ``{"video": [frame paths, ...], ...}`` for a video given as its frames' image files.
+    ``{"image": [paths, ...], ...}`` for a question about several images (placed one after the other
+    before the question), or ``{"video": [frame paths, ...], ...}`` for a video given as its frames'
+    image files.
 
     Relative image paths are resolved against the JSONL file's folder. Every problem is reported
     with its line number; nothing is skipped silently.
@@ -105,7 +118,10 @@ def jsonl_items(path: str | Path) -> list[EvalItem]:
                              f"got {'both' if 'image' in rec else 'neither'}")
         kind = "image" if "image" in rec else "video"
         missing = [k for k in ("question", "answer") if not isinstance(rec.get(k), str) or not rec.get(k)]
-        if kind == "image" and (not isinstance(rec["image"], str) or not rec["image"]):
+        several = kind == "image" and isinstance(rec["image"], list)
+        if several and (not rec["image"] or not all(isinstance(f, str) and f for f in rec["image"])):
+            raise ValueError(f"{where}: image must be a file or a non-empty list of image files, got {rec['image']!r}")
+        if kind == "image" and not several and (not isinstance(rec["image"], str) or not rec["image"]):
             missing.insert(0, "image")
         if kind == "video" and (not isinstance(rec["video"], list) or not rec["video"]
                                 or not all(isinstance(f, str) and f for f in rec["video"])):
@@ -114,7 +130,7 @@ def jsonl_items(path: str | Path) -> list[EvalItem]:
             raise ValueError(f"{where}: missing or non-string field(s) {', '.join(missing)}; "
                              "required: image (or video), question, answer")
         files = []
-        for name in ([rec["image"]] if kind == "image" else rec["video"]):
+        for name in (rec[kind] if several or kind == "video" else [rec["image"]]):
             img = Path(name)
             if not img.is_absolute():
                 img = path.parent / img
@@ -124,7 +140,8 @@ def jsonl_items(path: str | Path) -> list[EvalItem]:
             files.append(str(img))
         items.append(EvalItem(str(rec.get("id", f"{path.stem}-{lineno}")), str(rec.get("family", "jsonl")),
                               rec["question"], rec["answer"], image_path=files[0] if kind == "image" else None,
-                              where=where, video_paths=tuple(files) if kind == "video" else None))
+                              where=where, video_paths=tuple(files) if kind == "video" else None,
+                              image_paths=tuple(files) if several and len(files) > 1 else None))
     if not items:
         raise ValueError(f"{path}: no records found")
     return items

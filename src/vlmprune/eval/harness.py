@@ -189,8 +189,14 @@ def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch
         task = bar.add_task(description, total=len(items))
         for batch in _batches(items, batch_size):
             video = batch[0].visual == "video"
-            pixels = {"videos" if video else "images": [it.pixels() for it in batch]}
-            prompts = [(style.build_video if video else style.build)(it.question) for it in batch]
+            if video:
+                pixels = {"videos": [it.pixels() for it in batch]}
+                prompts = [style.build_video(it.question) for it in batch]
+            else:  # a batch with an item of several images: the images nested per item
+                nested = any(it.num_images > 1 for it in batch)
+                pixels = {"images": [(p if isinstance(p, list) else [p]) if nested else p
+                                     for p in (it.pixels() for it in batch)]}
+                prompts = [style.build(it.question, images=it.num_images) for it in batch]
             t0 = time.perf_counter()
             inputs = processor(**pixels, text=prompts, padding=True, return_tensors="pt",
                                add_special_tokens=style.add_special_tokens)

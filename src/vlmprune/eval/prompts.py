@@ -1,7 +1,8 @@
 """How a question becomes a prompt: the processor's chat template when it has one, else a text template.
 
-``prompt_style(processor, template)`` returns a ``PromptStyle``: ``build(question)`` -> the prompt
-text (the image placeholder included), a description for the results file, and whether the
+``prompt_style(processor, template)`` returns a ``PromptStyle``: ``build(question, images=1)`` -> the
+prompt text (the image placeholders included: several images are placed one after the other
+before the question), a description for the results file, and whether the
 processor should add the tokenizer's special tokens (for a chat template: only when its rendering does
 not start with BOS, as transformers decides for rendered chats).
 The rule: an explicit ``template`` wins; else the processor's ``chat_template`` (one user turn: the
@@ -20,10 +21,10 @@ __all__ = ["PromptStyle", "prompt_style", "has_chat_template", "chat_adds_specia
 
 @dataclass(frozen=True)
 class PromptStyle:
-    """``build(question) -> prompt``; ``description`` for the results; ``add_special_tokens``;
-    ``build_video(question)`` for a video (chat templates only, else None)."""
+    """``build(question, images=1) -> prompt``; ``description`` for the results;
+    ``add_special_tokens``; ``build_video(question)`` for a video (chat templates only, else None)."""
 
-    build: Callable[[str], str]
+    build: Callable[..., str]
     description: str
     add_special_tokens: bool = True
     chat: bool = False
@@ -51,18 +52,26 @@ def prompt_style(processor: Any, template: str | None = None) -> PromptStyle:
             from ..testbed.prompt import PROMPT_TEMPLATE
 
             raise ValueError("prompt_template must contain '{question}' and '<image>', e.g. " + repr(PROMPT_TEMPLATE))
-        return PromptStyle(lambda q: template.format(question=q), template)
+        return PromptStyle(_text_template(template), template)
     if has_chat_template(processor):
-        def render(question: str, visual: str) -> str:
-            messages = [{"role": "user", "content": [{"type": visual}, {"type": "text", "text": question}]}]
+        def render(question: str, visual: str, count: int = 1) -> str:
+            content = [{"type": visual}] * count + [{"type": "text", "text": question}]
+            messages = [{"role": "user", "content": content}]
             return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-        def build(question: str) -> str:
-            return render(question, "image")
+        def build(question: str, images: int = 1) -> str:
+            return render(question, "image", images)
 
-        return PromptStyle(build, "the processor's chat template (user turn: image or video, question; generation "
-                           "prompt)", add_special_tokens=chat_adds_special_tokens(processor, build("?")), chat=True,
-                           build_video=lambda question: render(question, "video"))
+        return PromptStyle(build, "the processor's chat template (user turn: image(s) or video, question; "
+                           "generation prompt)", add_special_tokens=chat_adds_special_tokens(processor, build("?")),
+                           chat=True, build_video=lambda question: render(question, "video"))
     from ..testbed.prompt import PROMPT_TEMPLATE
 
-    return PromptStyle(lambda q: PROMPT_TEMPLATE.format(question=q), PROMPT_TEMPLATE)
+    return PromptStyle(_text_template(PROMPT_TEMPLATE), PROMPT_TEMPLATE)
+
+
+def _text_template(template: str) -> Callable[..., str]:
+    """``build`` of a text template: its ``<image>`` repeated once per image, one per line."""
+    def build(question: str, images: int = 1) -> str:
+        return template.replace("<image>", "\n".join(["<image>"] * images), 1).format(question=question)
+    return build
