@@ -306,6 +306,9 @@ def test_a_sample_with_two_images_is_pruned_and_one_without_images_is_refused(mo
         assert handle.state.context.unit_sample.tolist() == [0, 0]
         layers = len(handle.stats.module_layers)
         assert handle.stats.module_counts == [fixed_ratio_counts(0.5, layers, 2 * n)]
+        # the summaries count the sample against its own 2N tokens
+        assert handle.stats.unpruned_per_image == [2 * n]
+        assert handle.stats.mean_kept_ratio == pytest.approx(handle.stats.mean_visual_tokens / (2 * n))
         text = ids[:, -5:]  # a batch without images passes through unpruned
         assert torch.equal(model(input_ids=text).logits, ref)
         ragged, mask = left_pad([two[0].tolist(), text[0].tolist()])

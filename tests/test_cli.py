@@ -411,3 +411,6 @@ def test_notices_print_as_one_line_each_time_and_other_warnings_pass_through(cap
     with pytest.raises(typer.Exit) as exit_info:
         fail("a [bracketed] message")  # no markup: printed as given
     assert exit_info.value.exit_code == 2 and capsys.readouterr().err == "error: a [bracketed] message\n"
+    with pytest.raises(typer.Exit):
+        fail("a library's message\n  on two lines\n")  # one line whatever the message
+    assert capsys.readouterr().err == "error: a library's message on two lines\n"

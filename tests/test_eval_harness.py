@@ -128,6 +128,10 @@ def test_jsonl_records_of_several_images(tiny, tmp_path):
     assert [r.prediction for r in batched] == [r.prediction for r in singles]
     pruned = evaluate(model, proc, [two, one], method="prumerge+", batch_size=2, max_new_tokens=3, progress=False)
     assert pruned.n == 2 and pruned.mean_visual_tokens < 1.5 * n
+    with pytest.raises(ValueError, match=r"data.jsonl:1: the question holds the placeholder '<image>'"):
+        run_items(model, proc, jsonl_items(_write_jsonl(tmp_path, [json.dumps(
+            {"image": ["img0.png", "img1.png"], "question": "Compare <image> and the other", "answer": "a"})])),
+            progress=False)
     for rec, match in (({"image": [], "question": "q", "answer": "a"}, "image must be a file or a non-empty list"),
                        ({"image": ["img0.png", 3], "question": "q", "answer": "a"}, "image must be a file or a non-empty list")):
         with pytest.raises(ValueError, match=r"data.jsonl:1: " + match):
@@ -305,3 +309,19 @@ def test_cli_eval_jsonl_with_chat_template(chat_dir, tmp_path):
     out = json.loads((tmp_path / "o" / "results.json").read_text())
     assert out["results"][0]["n"] == 2
     assert "chat template" in out["run"]["generation"]["prompt_template"]
+
+
+def test_cli_eval_records_the_rule_for_several_images(tiny_dir, tmp_path):
+    """A JSONL file with a record of several images, through the text template: the results say how
+    its prompt was built, and the two-image record fed both images' tokens."""
+    items = shapesvqa_items("test", "color", 2)
+    for k, it in enumerate(items):
+        it.image().save(tmp_path / f"img{k}.png")
+    data = _write_jsonl(tmp_path, [json.dumps({"image": ["img0.png", "img1.png"], "question": items[0].question,
+                                               "answer": items[0].answer})])
+    r = _cli("eval", "--model", str(tiny_dir), "--data", str(data), "--max-new-tokens", "2", "--no-progress",
+             "--no-baseline", "-m", "fastv:k=1", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert out["run"]["generation"]["prompt_template"].endswith("(a record of several images: one <image> line each)")
+    assert out["results"][0]["n"] == 1

@@ -50,8 +50,11 @@ def test_kept_ratio_over_images_of_different_sizes():
     stats = PruneStats(method="x")
     stats.record([5, 10], [10, 40])
     assert stats.mean_kept_ratio == pytest.approx(15 / 50)
-    stats.tokens_per_image = 10
-    assert stats.mean_kept_ratio == pytest.approx(7.5 / 10)
+    stats.tokens_per_image = 10  # the recorded unpruned counts win over the nominal N
+    assert stats.mean_kept_ratio == pytest.approx(15 / 50)
+    nominal = PruneStats(method="x", tokens_per_image=10)
+    nominal.record([5, 10])  # no unpruned counts: kept over N
+    assert nominal.mean_kept_ratio == pytest.approx(7.5 / 10)
     assert VisualLayout().num_images == 0
 
 

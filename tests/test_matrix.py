@@ -93,6 +93,12 @@ def _qwen_multi(family):
     return build
 
 
+def _video_llava_multi():
+    m = make_tiny_video_llava()
+    return m, *join_samples(make_video_llava_inputs(m, ["image"] * 6, (3, 1, 2, 1, 2, 1), (2, 5, 1, 1, 2, 3)),
+                            [2, 1, 3])
+
+
 def _video_llava():
     kinds = ["video", "image", "video"]
     m = make_tiny_video_llava()
@@ -113,6 +119,7 @@ def _onevision(items):
 FAMILIES = {"llava-1.5": _llava, "llava-1.5+multi": _llava_multi, "llava-next": _llava_next,
             "llava-next+multi": _llava_next_multi, "qwen2-vl": _qwen("qwen2_vl"),
             "qwen2.5-vl": _qwen("qwen2_5_vl"), "qwen2-vl+multi": _qwen_multi("qwen2_vl"),
+            "qwen2.5-vl+multi": _qwen_multi("qwen2_5_vl"), "video-llava+multi": _video_llava_multi,
             "qwen2-vl+video": _qwen_video("qwen2_vl"),
             "qwen2.5-vl+video": _qwen_video("qwen2_5_vl"), "video-llava+video": _video_llava,
             "llava-onevision": _onevision([(20, 90), (90, 90), (90, 40)]),  # resized, resized, plain mosaics

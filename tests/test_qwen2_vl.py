@@ -529,6 +529,13 @@ def test_a_prompt_of_images_and_videos_is_one_prefill_in_the_stats(model):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert handle.stats.prefills == 2 and handle.stats.last_kept == [2, 2, 4, 6]
         assert handle.stats.kept_per_image == [2, 2, 4, 6] * 2
+        # a prompt whose video fails after its image was recorded: the next prompt is a record of its own
+        bad = make_qwen_mixed_inputs([(1, 4, 6), (2, 2, 2)], (2, 3), (3, 2))  # keep=2 > the video's 1 token a slice
+        with pytest.raises(ValueError):
+            model(**bad)
+        prefills = handle.stats.prefills
+        model(**make_qwen_mixed_inputs([(2, 4, 4)], (2,), (2,)))
+        assert handle.stats.prefills == prefills + 1 and handle.stats.last_kept == [4]
 
 
 @pytest.mark.parametrize("method,options", VISION[1:] + SCORED + DECODER)  # (random draws depend on the batch)

@@ -220,7 +220,8 @@ def eval_cmd(
                                           "repeat to compare several; 'none' = unpruned"),
     model: Optional[str] = typer.Option(None, "--model", "-M", help=MODEL_HELP),
     data: str = typer.Option("shapesvqa", help="'shapesvqa' or a JSONL file of {image, question, answer} records "
-                                               "(or {video: [frame files], ...}: models with video inputs)"),
+                                               "(image: a file, or a list of files for several images; or "
+                                               "{video: [frame files], ...}: models with video inputs)"),
     families: str = typer.Option("all", help="ShapesVQA families, comma-separated, or 'all'"),
     split: str = typer.Option("test", help="ShapesVQA split: train / val / test"),
     n: int = typer.Option(300, help="questions per ShapesVQA family (>= 1)"),
@@ -244,17 +245,17 @@ def eval_cmd(
         _fail(str(e))
     m, processor = _load(model)
     _dry_run(m, specs)
-    from .eval.harness import check_video_items
+    from .eval.harness import check_items
 
     try:
-        check_video_items(m, processor, items)
+        check_items(m, processor, items)
     except ValueError as e:
         _fail(str(e))
     if baseline and not any(name is None for _, name, _ in specs):
         specs = [("unpruned", None, {})] + specs
     run = new_run("eval", model=_model_info(model, m), data=data_info,
                   generation={"max_new_tokens": max_new_tokens, "do_sample": False, "batch_size": batch_size,
-                              "prompt_template": _prompt_template(processor)})
+                              "prompt_template": _prompt_template(processor, items)})
     writer = _writer(out, "results", overwrite, run)
     results = _run_all(writer, _add_each(writer, _evaluate_specs(m, processor, items, specs, batch_size=batch_size,
                                                                  max_new_tokens=max_new_tokens,
@@ -264,12 +265,17 @@ def eval_cmd(
     finish()
 
 
-def _prompt_template(processor=None) -> str:
-    """How eval builds prompts: the processor's chat template when it has one, else ShapesVQA's."""
+def _prompt_template(processor=None, items=()) -> str:
+    """How eval builds prompts: the processor's chat template when it has one, else ShapesVQA's
+    (with the rule for ``items`` of several images, when there are any)."""
     from .eval.prompts import prompt_style
     from .testbed.prompt import PROMPT_TEMPLATE
 
-    return PROMPT_TEMPLATE if processor is None else prompt_style(processor).description
+    style = None if processor is None else prompt_style(processor)
+    text = PROMPT_TEMPLATE if style is None else style.description
+    if any(it.num_images > 1 for it in items) and not (style is not None and style.chat):
+        text += " (a record of several images: one <image> line each)"
+    return text
 
 
 @app.command("tables")

@@ -10,8 +10,10 @@ import typer
 
 
 def fail(message: str) -> NoReturn:
-    """Print ``error: message`` on stderr (one line, however long) and exit with code 2."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    """Print ``error: message`` on stderr as one line (a message of several lines, e.g. a library's
+    error, is joined with spaces) and exit with code 2."""
+    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    typer.secho(f"error: {one_line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 

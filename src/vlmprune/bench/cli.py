@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ..clitools import fail
+from ..clitools import fail, notices_as_lines
 
 app = typer.Typer(name="bench", add_completion=False,
                   help="Measured efficiency (CPU): prefill, overhead, decode, memory, KV cache; JSON card + plot.")
@@ -82,12 +82,13 @@ def bench(
     try:
         scaled = ScaledConfig(hidden=scaled_hidden, layers=scaled_layers, vision_hidden=scaled_vision_hidden,
                               vision_layers=scaled_vision_layers)
-        card = run_bench(models=model, methods=method, batches=batch, dtype=dtype, device=device, repeats=repeats,
-                         warmup=warmup,
-                         new_tokens=new_tokens, threads=threads, memory=memory, seed=seed, scaled=scaled, out=out,
-                         command="vlmprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-                         if len(sys.argv) > 1 and sys.argv[1] == "bench" else "vlmprune bench",
-                         log=None if quiet else (lambda msg: console.log(msg, markup=False)))
+        with notices_as_lines():  # a model folder's images-only processor: one warning line
+            card = run_bench(models=model, methods=method, batches=batch, dtype=dtype, device=device,
+                             repeats=repeats, warmup=warmup, new_tokens=new_tokens, threads=threads, memory=memory,
+                             seed=seed, scaled=scaled, out=out,
+                             command="vlmprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+                             if len(sys.argv) > 1 and sys.argv[1] == "bench" else "vlmprune bench",
+                             log=None if quiet else (lambda msg: console.log(msg, markup=False)))
     except BenchError as e:  # found before anything was measured: leave no empty folder behind
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

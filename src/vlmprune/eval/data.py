@@ -114,8 +114,8 @@ def jsonl_items(path: str | Path) -> list[EvalItem]:
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         where = f"{path}:{lineno}"
         if ("image" in rec) == ("video" in rec):
-            raise ValueError(f"{where}: give exactly one of image (a file) or video (a list of frame files), "
-                             f"got {'both' if 'image' in rec else 'neither'}")
+            raise ValueError(f"{where}: give exactly one of image (a file, or a list of files) or video (a list of "
+                             f"frame files), got {'both' if 'image' in rec else 'neither'}")
         kind = "image" if "image" in rec else "video"
         missing = [k for k in ("question", "answer") if not isinstance(rec.get(k), str) or not rec.get(k)]
         several = kind == "image" and isinstance(rec["image"], list)

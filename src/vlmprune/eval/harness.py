@@ -132,13 +132,22 @@ def _visual_tokens_per_sample(handle, input_ids: torch.Tensor, visual_ids: list[
     return torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device)).sum(1).float().tolist()
 
 
-def check_video_items(model, processor, items: Sequence[EvalItem], prompt_template: str | None = None) -> None:
-    """ValueError in one line when ``items`` hold videos that ``model`` / ``processor`` cannot take:
-    a family without video inputs, a processor without its video processor (it needs torchvision),
-    or a prompt without a chat template."""
+def check_items(model, processor, items: Sequence[EvalItem], prompt_template: str | None = None) -> None:
+    """ValueError in one line, naming the record, when ``items`` cannot be prompted: a question that
+    holds the processor's own image / video placeholder (the prompt places the images; a stray one
+    would fail mid-run), or videos that ``model`` / ``processor`` cannot take (a family without video
+    inputs, a processor without its video processor (it needs torchvision), or a prompt without a
+    chat template)."""
     from ..integrations.base import video_view
     from .prompts import prompt_style
 
+    marks = {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    marks = sorted(m for m in marks | ({"<image>"} if prompt_template else set()) if isinstance(m, str) and m)
+    for it in items:
+        stray = next((m for m in marks if m in it.question), None)
+        if stray is not None:
+            raise ValueError(f"{it.where or it.id}: the question holds the placeholder {stray!r}, which the "
+                             "prompt places itself; remove it from the question")
     video = next((it for it in items if it.visual == "video"), None)
     if video is None:
         return
@@ -175,7 +184,7 @@ def run_items(model, processor, items: Sequence[EvalItem], *, handle=None, batch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    check_video_items(model, processor, items, prompt_template)
+    check_items(model, processor, items, prompt_template)
     style = prompt_style(processor, prompt_template)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"

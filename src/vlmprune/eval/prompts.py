@@ -6,7 +6,7 @@ before the question), a description for the results file, and whether the
 processor should add the tokenizer's special tokens (for a chat template: only when its rendering does
 not start with BOS, as transformers decides for rendered chats).
 The rule: an explicit ``template`` wins; else the processor's ``chat_template`` (one user turn: the
-image, then the question; the generation prompt added); else the ShapesVQA template
+image(s) or the video, then the question; the generation prompt added); else the ShapesVQA template
 (``testbed.prompt.PROMPT_TEMPLATE``), which is what the testbed, which has no chat template, is
 trained on.
 """

@@ -94,15 +94,18 @@ class PruneStats:
 
     @property
     def mean_visual_tokens(self) -> float:
-        """Mean visual tokens per image fed to the LLM (nan before the first image)."""
+        """Mean of ``kept_per_image`` (nan before the first image): visual tokens per image fed to
+        the LLM (vision stage), or per sample, averaged over the layers (decoder stage; a sample of
+        several images counts once)."""
         return sum(self.kept_per_image) / len(self.kept_per_image) if self.kept_per_image else math.nan
 
     @property
     def mean_kept_ratio(self) -> float:
-        """Kept / unpruned visual tokens over every image so far: ``mean_visual_tokens /
-        tokens_per_image``, or, when images differ in size, the ratio of the sums (nan when unknown)."""
-        if self.kept_per_image and len(self.unpruned_per_image) == len(self.kept_per_image) \
-                and not self.tokens_per_image:
+        """Kept / unpruned visual tokens over everything recorded so far: the ratio of the sums of
+        ``kept_per_image`` and ``unpruned_per_image`` when every entry's unpruned count is known
+        (images of different sizes, samples of several images), else ``mean_visual_tokens /
+        tokens_per_image`` (nan when neither is known)."""
+        if self.kept_per_image and len(self.unpruned_per_image) == len(self.kept_per_image):
             return sum(self.kept_per_image) / sum(self.unpruned_per_image)
         if not self.tokens_per_image:
             return math.nan

@@ -455,7 +455,7 @@ class DecoderHandle(PruneHandle):
         vis = [[c[0][b] for c in per_layer] for b in range(len(per_layer[0][0]))]  # [B][layers]
         tok = [[c[1][b] for c in per_layer] for b in range(len(per_layer[0][0]))]
         kept_at = {p: d["kept"] for p, d in st.decisions.items()}
-        self.stats.record_layers(vis, tok, kept_at)
+        self.stats.record_layers(vis, tok, kept_at, unpruned=list(st.segments[0].counts[0]))
 
     # ---------------------------------------------------------------- decode
     def _appended(self, cache: Any) -> int:

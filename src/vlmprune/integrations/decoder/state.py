@@ -35,14 +35,15 @@ class DecoderStats(PruneStats):
     kept_at: dict[int, list[int]] = field(default_factory=dict)
 
     def record_layers(self, visual_in: list[list[int]], tokens_in: list[list[int]],
-                      kept_at: dict[int, list[int]]) -> None:
-        """Record one prefill: visual_in / tokens_in [B][num_layers] counts (host lists)."""
+                      kept_at: dict[int, list[int]], unpruned: list[int] | None = None) -> None:
+        """Record one prefill: visual_in / tokens_in [B][num_layers] counts (host lists); ``unpruned``
+        [B] each sample's visual tokens before pruning."""
         self.num_layers = len(visual_in[0]) if visual_in else 0
         self.visual_per_layer = [list(r) for r in visual_in]
         self.visual_after_layer = [r[1:] + r[-1:] for r in visual_in]  # the last layer's output is never pruned
         self.tokens_per_layer = [list(r) for r in tokens_in]
         self.kept_at = dict(kept_at)
-        self.record([sum(r) / len(r) for r in visual_in])
+        self.record([sum(r) / len(r) for r in visual_in], unpruned)
 
     def visual_tokens_per_sample(self) -> list[float]:
         """All-layer average visual tokens of each sample in the last prefill (processed counts)."""

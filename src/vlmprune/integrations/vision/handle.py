@@ -87,7 +87,11 @@ class VisionHandle(PruneHandle):
                     kw[view.pixel_values_field] = pixels
             if view.pixel_values_field != K.PIXEL_VALUES:
                 kw[K.PIXEL_VALUES] = kw.pop(view.pixel_values_field)
-            return self._encode_images(view=view, **kw)
+            try:
+                return self._encode_images(view=view, **kw)
+            except BaseException:
+                self._recorded = set()  # a failed prompt's record is closed: the next encoding starts its own
+                raise
 
         functools.update_wrapper(encode, stock)  # same name, doc and signature as the stock method
         setattr(base, name, encode)  # instance attribute shadows the class method; generate() finds it too
@@ -193,12 +197,13 @@ class VisionHandle(PruneHandle):
             rows = self._fetch.values  # placeholders per row, fetched with the counts
         finally:
             self._fetch = None  # a later standalone encoding must not bring this prompt's values
+            self._recorded = set()  # this prompt's encodings are recorded (or failed): the next are another's
         if given:
             kw[K.MM_ENCODER_OUTPUTS] = mm
         features = {view.image_modality: view.image_tokens(mm[view.image_modality])
                     for view in self._views if mm.get(view.image_modality) is not None}
         features = {key: t for key, t in features.items() if t is not None}
-        self._recorded = set()  # this prompt's encodings are recorded: the next ones are another prefill's
+        self._recorded = set()  # (encodings generate made before this forward)
         if features:
             return (), self._prefill(kw, features, rows)
         return (), self._continue(kw)
