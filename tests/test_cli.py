@@ -414,3 +414,14 @@ def test_notices_print_as_one_line_each_time_and_other_warnings_pass_through(cap
     with pytest.raises(typer.Exit):
         fail("a library's message\n  on two lines\n")  # one line whatever the message
     assert capsys.readouterr().err == "error: a library's message on two lines\n"
+
+
+def test_a_model_that_is_no_local_folder_is_said_to_be_looked_up_on_the_hub(monkeypatch, tmp_path):
+    from vlmprune.testbed.model import hub_lookup_note
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert hub_lookup_note("org/no-such-model").startswith("org/no-such-model is not a local folder: looking it up")
+    # the testbed, a local folder, a local path that does not exist (refused at once): nothing to say
+    assert all(hub_lookup_note(m) is None for m in (None, str(tmp_path), str(tmp_path / "nowhere"), "./x"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the cache only, at once
+    assert hub_lookup_note("org/no-such-model") is None

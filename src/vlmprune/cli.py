@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .clitools import fail, notices_as_lines
+from .clitools import fail, note, notices_as_lines
 from .registry import SPEC_GRAMMAR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -30,8 +30,7 @@ except ImportError:  # pragma: no cover
 _fail = fail
 
 
-def _note(msg: str) -> None:
-    typer.secho(f"note: {msg}", fg=typer.colors.YELLOW, err=True)
+_note = note
 
 
 def _at_least(**values: tuple[int, int]) -> None:
@@ -85,9 +84,11 @@ def _dry_run(model, specs) -> None:
 
 def _load(model: Optional[str]):
     from .integrations.compat import quiet_loading
-    from .testbed.model import load
+    from .testbed.model import hub_lookup_note, load
 
     quiet_loading()
+    if hub := hub_lookup_note(model):
+        _note(hub)
     try:
         with notices_as_lines():
             return load(model)

@@ -17,6 +17,11 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def note(message: str) -> None:
+    """Print ``note: message`` on stderr."""
+    typer.secho(f"note: {message}", fg=typer.colors.YELLOW, err=True)
+
+
 @contextmanager
 def notices_as_lines() -> Iterator[None]:
     """Within the block, vlmprune's notices (``ImagesOnlyProcessorWarning``) print as one

@@ -284,10 +284,13 @@ def apply_rotary(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
 
 
 def quiet_loading() -> None:
-    """No progress bars from ``from_pretrained`` (assumption 8)."""
+    """No progress bars from ``from_pretrained`` (assumption 8), and no retry messages of the Hub
+    client (a hub id that cannot be reached ends in one error, not a line per retry)."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
 
 
 def lm_loss(model: Any, logits: Any, labels: Any) -> Any:

@@ -92,6 +92,26 @@ def build_model(tokenizer, seed: int = 0, *, vision: dict | None = None, text: d
     return model
 
 
+def _path_like(src: str) -> bool:
+    """Whether ``src`` can only be a local path (hub ids look like 'org/name' or 'name')."""
+    return src.startswith(("/", ".", "~")) or src.count("/") > 1
+
+
+def hub_lookup_note(path: str | Path | None) -> str | None:
+    """What to tell a user whose ``path`` is no local folder and will be looked up on the Hugging
+    Face Hub (which takes about a minute of retries without a network); None otherwise (a local
+    folder, the testbed, a missing local path that ``load`` refuses at once, or ``HF_HUB_OFFLINE``)."""
+    import os
+
+    src = None if path is None else str(path).strip()
+    if not src or Path(src).exists() or _path_like(src):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return None
+    return (f"{src} is not a local folder: looking it up on the Hugging Face Hub (or its cache); set "
+            "HF_HUB_OFFLINE=1 to use the cache only")
+
+
 def load(path: str | Path | None = None, *, dtype=None, attn_implementation: str = "sdpa"):
     """Load a model of any supported family and its processor (default: the committed testbed checkpoint).
 
@@ -106,7 +126,7 @@ def load(path: str | Path | None = None, *, dtype=None, attn_implementation: str
     if path is not None and not str(path).strip():
         raise ValueError("empty model path; pass a model folder or hub id, or nothing for the committed testbed")
     src = str(path) if path is not None else str(CHECKPOINT_DIR)
-    if path is not None and not Path(src).exists() and (src.startswith(("/", ".", "~")) or src.count("/") > 1):
+    if path is not None and not Path(src).exists() and _path_like(src):
         raise FileNotFoundError(f"no model folder at {src} (a local path; hub ids look like 'org/name')")
     if path is not None and Path(src).is_file():
         raise FileNotFoundError(f"{src} is a file; pass the model's folder (the one holding config.json)")

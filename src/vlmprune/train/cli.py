@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from ..clitools import fail, notices_as_lines
+from ..clitools import fail, note, notices_as_lines
 
 app = typer.Typer(no_args_is_help=True, help="Train learnable pruning methods (ATP-LLaVA, with accelerate) and LoRA adapters for a method.")
 
@@ -31,11 +31,16 @@ def _dtype(dtype: str) -> str:
     return DTYPES.get(dtype, dtype)
 
 
-def _train(make_config: Callable[[], Any], train: Callable[[Any], Path]) -> None:
-    """Build the config and train; a ``ValueError`` / ``FileNotFoundError`` of either is a CLI error."""
+def _train(make_config: Callable[[], Any], train: Callable[[Any], Path], model: Optional[str] = None) -> None:
+    """Build the config and train (on ``model``: a folder or hub id, None for the testbed); a
+    ``ValueError`` / ``FileNotFoundError`` of either is a CLI error."""
     from ..integrations.compat import quiet_loading
 
+    from ..testbed.model import hub_lookup_note
+
     quiet_loading()  # no loading bars: an error is the first line on stderr
+    if hub := hub_lookup_note(model):
+        note(hub)
     try:
         with notices_as_lines():
             final = train(make_config())
@@ -115,7 +120,7 @@ def atp_cmd(
         tau_final=tau_final if tau_final > 0 else None, lambda_atp=lambda_atp, lambda_target=lambda_target,
         budget_count=budget_count, target_control=target_control, dual_lr=dual_lr, lambda_range=lambda_range,
         turns=turns, videos=videos, seed=seed, checkpoint_every=checkpoint_every, eval_n=eval_n, dtype=dtype,
-        save_merged=save_merged, stop_after=stop_after), lambda cfg: train_atp(cfg, progress=progress))
+        save_merged=save_merged, stop_after=stop_after), lambda cfg: train_atp(cfg, progress=progress), model)
 
 
 @app.command("lora")
@@ -162,7 +167,7 @@ def lora_cmd(
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, lora_r=lora_r,
         lora_alpha=float(2 * lora_r if lora_alpha is None else lora_alpha), lora_dropout=lora_dropout,
         lora_targets=target_paths, turns=turns, seed=seed, checkpoint_every=checkpoint_every, dtype=dtype,
-        stop_after=stop_after), lambda cfg: train_lora(cfg, progress_bar=progress))
+        stop_after=stop_after), lambda cfg: train_lora(cfg, progress_bar=progress), model)
 
 
 @app.command("atp-viz")
