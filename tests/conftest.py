@@ -594,6 +594,38 @@ def onevision_row(inputs, b, items):
     return out
 
 
+def make_onevision_multi_inputs(model, samples, prefix_lens, suffix_lens, seed: int = 1):
+    """A left-padded LLaVA-OneVision batch whose sample b holds the images of sizes ``samples[b]``
+    (a list of (H, W)), each followed by a text token, with ``batch_num_images``: an image of a
+    multi-image sample is its base image only (the stock model's rule), a lone image any-res."""
+    side = model.config.vision_config.image_size
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for sizes, p, s in zip(samples, prefix_lens, suffix_lens):
+        with torch.no_grad():  # each image's placeholders, from the stock model's own features
+            f = model.model.get_image_features(torch.zeros(len(sizes), 5, 3, side, side), torch.tensor(sizes),
+                                               batch_num_images=torch.tensor([len(sizes)]), return_dict=True)
+        row = [BOS_ID] + torch.randint(7, VOCAB, (p,), generator=g).tolist()
+        for feats in f.pooler_output:
+            row += [IMAGE_TOKEN_ID] * int(feats.shape[0]) + torch.randint(7, VOCAB, (1,), generator=g).tolist()
+        rows.append(row + torch.randint(7, VOCAB, (s,), generator=g).tolist())
+    ids, mask = left_pad(rows)
+    flat = [list(hw) for sizes in samples for hw in sizes]
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.randn(len(flat), 5, 3, side, side, generator=g), "image_sizes": torch.tensor(flat),
+            "batch_num_images": torch.tensor([len(sizes) for sizes in samples])}
+
+
+def onevision_multi_row(inputs, b, samples):
+    """Sample ``b`` of a ``make_onevision_multi_inputs`` batch, unpadded, with its own images."""
+    valid = inputs["attention_mask"][b].bool()
+    lo = sum(len(sizes) for sizes in samples[:b])
+    hi = lo + len(samples[b])
+    return {"input_ids": inputs["input_ids"][b:b + 1, valid], "attention_mask": inputs["attention_mask"][b:b + 1, valid],
+            "pixel_values": inputs["pixel_values"][lo:hi], "image_sizes": inputs["image_sizes"][lo:hi],
+            "batch_num_images": inputs["batch_num_images"][b:b + 1]}
+
+
 @pytest.fixture
 def tiny_llava_onevision():
     return make_tiny_llava_onevision()

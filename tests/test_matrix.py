@@ -24,10 +24,11 @@ import torch
 
 import vlmprune
 from conftest import (IMAGE_TOKEN_ID, PAD_ID, QWEN_VIDEO_ID, QWEN_VISION_END, QWEN_VISION_START, VIDEO_ID,
-                      join_samples, make_inputs, make_next_inputs, make_onevision_inputs, make_qwen_inputs, make_qwen_mixed_inputs,
-                      make_tiny_llava, make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_qwen2_vl,
-                      make_qwen_multi_inputs, make_tiny_video_llava, make_video_llava_inputs, module_hooks,
-                      onevision_row, qwen_mixed_row, qwen_multi_row, qwen_row, video_llava_row, visual_kept_per_sample, warm_up)
+                      join_samples, make_inputs, make_next_inputs, make_onevision_inputs, make_onevision_multi_inputs,
+                      make_qwen_inputs, make_qwen_mixed_inputs, make_qwen_multi_inputs, make_tiny_llava,
+                      make_tiny_llava_next, make_tiny_llava_onevision, make_tiny_qwen2_vl, make_tiny_video_llava,
+                      make_video_llava_inputs, module_hooks, onevision_multi_row, onevision_row, qwen_mixed_row,
+                      qwen_multi_row, qwen_row, video_llava_row, visual_kept_per_sample, warm_up)
 from vlmprune.integrations.base import get_adapter
 from vlmprune.integrations.handle import HANDLE_ATTR
 
@@ -99,6 +100,13 @@ def _video_llava_multi():
                             [2, 1, 3])
 
 
+def _onevision_multi():
+    samples = [[(20, 90), (90, 90)], [(90, 40)], [(42, 42), (90, 90), (40, 90)]]  # 2, 1 (any-res) and 3 images
+    m = make_tiny_llava_onevision()
+    return (m, make_onevision_multi_inputs(m, samples, (3, 1, 2), (2, 5, 1)),
+            lambda inp, b: onevision_multi_row(inp, b, samples))
+
+
 def _video_llava():
     kinds = ["video", "image", "video"]
     m = make_tiny_video_llava()
@@ -123,6 +131,7 @@ FAMILIES = {"llava-1.5": _llava, "llava-1.5+multi": _llava_multi, "llava-next": 
             "qwen2-vl+video": _qwen_video("qwen2_vl"),
             "qwen2.5-vl+video": _qwen_video("qwen2_5_vl"), "video-llava+video": _video_llava,
             "llava-onevision": _onevision([(20, 90), (90, 90), (90, 40)]),  # resized, resized, plain mosaics
+            "llava-onevision+multi": _onevision_multi,
             "llava-onevision+video": _onevision(["video", (90, 90), "video"])}
 
 #: method -> (options that prune, options that keep everything or None)
