@@ -128,6 +128,9 @@ def test_jsonl_records_of_several_images(tiny, tmp_path):
     assert [r.prediction for r in batched] == [r.prediction for r in singles]
     pruned = evaluate(model, proc, [two, one], method="prumerge+", batch_size=2, max_new_tokens=3, progress=False)
     assert pruned.n == 2 and pruned.mean_visual_tokens < 1.5 * n
+    atp = evaluate(model, proc, [two, one], method="atp", method_options={"fixed_ratio": 0.5}, batch_size=2,
+                   max_new_tokens=3, progress=False)
+    assert atp.n == 2 and atp.mean_visual_tokens < 1.5 * n
     with pytest.raises(ValueError, match=r"data.jsonl:1: the question holds the placeholder '<image>'"):
         run_items(model, proc, jsonl_items(_write_jsonl(tmp_path, [json.dumps(
             {"image": ["img0.png", "img1.png"], "question": "Compare <image> and the other", "answer": "a"})])),

@@ -40,7 +40,7 @@ def _at_least(**values: tuple[int, int]) -> None:
             _fail(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-MODEL_HELP = "local folder or hub id of a LLaVA model (default: the committed testbed)"
+MODEL_HELP = "local folder or hub id of a model of a supported family (default: the committed testbed)"
 OVERWRITE_HELP = "replace results already in --out (default: write this run to a new folder OUT-2, OUT-3, ...)"
 PROGRESS_HELP = "show a progress bar per method"
 

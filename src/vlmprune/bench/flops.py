@@ -72,7 +72,8 @@ def token_schedules(model, inputs: dict[str, Tensor], handle: Any,
     if handle.stage == "decoder":
         sched = [[int(x) for x in row] for row in stats.tokens_per_layer]
         return sched, [float(x) for x in stats.visual_tokens_per_sample()], projector_rows
-    # vision stage: stats.last_kept lists the kept tokens of each image, in batch order
+    # vision stage: stats.last_kept lists the kept tokens of each image, in batch order (a prompt with
+    # videos: the images', then the videos'; bench prompts hold images only)
     kept = list(stats.last_kept)
     unpruned = stats.unpruned_per_image[-len(kept):] if kept else []
     if len(unpruned) != len(kept):

@@ -18,8 +18,8 @@ straight-through count, range hinge) is ``vlmprune.methods.atp``; this file wire
   soft-mask path (a float sdpa mask, differentiable); the counts for the budget loss and the range
   hinge terms are kept in the per-prefill ``ATPContext`` (``handle.state.context``).
 
-Instruction rows T: at inference, the prompt's text tokens after the image (LLaVA-1.5: the
-question and "ASSISTANT:"). A trainer whose sequences also hold answers passes T explicitly with
+Instruction rows T: at inference, the prompt's text tokens after the sample's last image (LLaVA-1.5:
+the question and "ASSISTANT:"). A trainer whose sequences also hold answers passes T explicitly with
 ``ATP.instruction_rows(mask)`` [B, L] bool over ``input_ids``.
 
 Budget counts in training (``budget_count``): ``"st"`` (default) is the straight-through count
@@ -126,7 +126,7 @@ class ATPStats(DecoderStats):
     soft_average: list[float] = field(default_factory=list)
     module_counts_per_image: list[list[int]] = field(default_factory=list)
     atp_average_per_image: list[float] = field(default_factory=list)
-    initial_per_image: list[int] = field(default_factory=list)  # visual tokens of each image before pruning
+    initial_per_image: list[int] = field(default_factory=list)  # visual tokens of each sample before pruning
 
     def record_atp(self, ctx: ATPContext, decisions: dict[int, dict[str, Any]]) -> None:
         """Record one prefill from what its prune points brought to the host (``handle.state.decisions``:
@@ -155,7 +155,7 @@ class ATPStats(DecoderStats):
 
     @property
     def mean_module_counts(self) -> list[float]:
-        """Mean kept count after each module over every image since the last reset."""
+        """Mean kept count after each module over every sample since the last reset."""
         rows = self.module_counts_per_image
         if not rows:
             return []

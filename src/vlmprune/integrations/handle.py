@@ -54,13 +54,15 @@ class PruneStats:
     prefills: int = 0
     kept_per_image: list[int] = field(default_factory=list)
     last_kept: list[int] = field(default_factory=list)
-    #: Unpruned placeholder count of each image in ``kept_per_image`` (filled by the vision stage).
+    #: Unpruned visual tokens of each entry of ``kept_per_image``: per image (vision stage), per
+    #: sample (decoder stage).
     unpruned_per_image: list[int] = field(default_factory=list)
     #: The last prefill's visual tokens per sample, [B] (a device tensor until read), or None.
     last_per_sample: Any = None
 
     def record(self, kept: list[int], unpruned: list[int] | None = None, *, same_prefill: bool = False) -> None:
-        """Add one prefill's per-image kept counts (and, optionally, their unpruned counts);
+        """Add one prefill's kept counts, per image (vision stage) or per sample (decoder stage's
+        all-layer averages), and optionally their unpruned counts;
         ``same_prefill``: they are another modality of the prefill recorded last (its videos after
         its images): appended to ``last_kept``, not counted as a new prefill."""
         if same_prefill:

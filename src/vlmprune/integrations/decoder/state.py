@@ -23,7 +23,7 @@ class DecoderStats(PruneStats):
     ``visual_per_layer`` [B][num_layers]: visual tokens each decoder layer *processed* (its input);
     ``visual_after_layer``: visual tokens each layer *output* (after the pruning applied to it).
     ``avg_visual_tokens``: mean over samples and layers of ``visual_per_layer`` — the all-layer
-    average the ATP paper reports (layers before the first prune point count the full N);
+    average the ATP paper reports (layers before the first prune point count the sample's whole unpruned visual tokens);
     ``avg_visual_tokens_output``: the same over output counts (SparseVLM's way of counting).
     ``kept_per_image`` (inherited) accumulates the per-sample all-layer averages.
     """

@@ -10,8 +10,8 @@ and videos for families that take them), each naming its features method (``get_
 token. Every view's features method is shadowed the same way and the pre-hook encodes whichever
 pixels a forward carries; a prefill with images and videos is rewritten by one plan (the columns
 each modality keeps, intersected). A video counts as one "image" of its view's layout, its frames
-or temporal slices being the units. Stats record one entry per encoding (a batch with images
-and videos records its images, then its videos).
+or temporal slices being the units. Stats record one entry per prefill (a batch with images
+and videos records its images, then its videos, in that one entry).
 
 **Encoding images** (``get_image_features``, which ``generate()`` calls before the prefill and a
 plain forward reaches through the pre-hook; videos alike through their view):
