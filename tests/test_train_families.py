@@ -460,3 +460,11 @@ def test_cli_evaluates_questions_about_several_images(family, next_dir, tmp_path
         assert two == 2 * one  # ShapesVQA images are all one size
     for label in ("prumerge+", "atp fixed_ratio=0.5", "fastv"):
         assert rows[label]["mean_visual_tokens"] < rows["unpruned"]["mean_visual_tokens"], label
+
+
+@pytest.mark.filterwarnings("ignore:.*torchvision")
+def test_an_unreachable_target_on_a_family_of_its_own_image_sizes_says_what_it_counts(tmp_path):
+    folder = make_tiny_qwen_folder(tmp_path / "model")
+    r = _run("--model", str(folder), "--out", str(tmp_path / "run"), "--target", "8", "--steps", "1")
+    assert r.exit_code == 2 and "error: --target 8: target 8.0 is unreachable" in r.output, r.output
+    assert "grid of N = 256" in r.output and not (tmp_path / "run" / "train_state.pt").exists()

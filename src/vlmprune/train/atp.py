@@ -272,7 +272,14 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         if not chat:
             raise ValueError(f"--videos {cfg.videos} needs a processor with a chat template")
         image_token_id = video_view(model, processor, cfg.videos).image_token_id(model)
-    pruner = build_pruner(cfg, num_layers, num_patches, grid)
+    try:
+        pruner = build_pruner(cfg, num_layers, num_patches, grid)
+    except ValueError as e:
+        if fixed is not None or cfg.target is None:
+            raise
+        raise ValueError(f"--target {cfg.target:g}: {e} (the target counts the tokens of one {grid[0]} x {grid[1]} "
+                         f"grid of N = {num_patches}; this family's images, of their own sizes, keep the fraction "
+                         "target / N)") from None
     c = pruner.config
     for p in model.parameters():
         p.requires_grad_(False)
