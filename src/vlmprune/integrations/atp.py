@@ -251,9 +251,7 @@ class ATP(DecoderMethodBase):
                 try:
                     ratio = A.fixed_ratio_for_target(self._fixed_target, layers, num_layers, num_patches)
                 except ValueError as e:
-                    raise ValueError(f"atp: fixed_target={self._fixed_target:g}: {e} (it counts the tokens of "
-                                     f"one {grid[0]} x {grid[1]} grid of N = {num_patches}; images of other "
-                                     "sizes keep the same fraction fixed_target / N; or pass fixed_ratio)") from None
+                    raise ValueError(f"atp: fixed_target={self._fixed_target:g}: {e}; or pass fixed_ratio") from None
             self.pruner = A.ATPPruner(A.ATPConfig(num_layers=num_layers, layers=tuple(layers),
                                                   num_patches=num_patches, grid=tuple(grid), fixed_ratio=ratio,
                                                   **self._grid_options))

@@ -164,8 +164,13 @@ def resolve_target(cfg: ATPTrainConfig, layers: tuple[int, ...], num_layers: int
 
 
 def build_pruner(cfg: ATPTrainConfig, num_layers: int, num_patches: int, grid: tuple[int, int]) -> A.ATPPruner:
-    layers = cfg.layers if cfg.layers is not None else A.scale_layers(num_layers)
-    target = resolve_target(cfg, tuple(layers), num_layers, num_patches)
+    layers = A.check_layers(cfg.layers if cfg.layers is not None else A.scale_layers(num_layers), num_layers)
+    target = resolve_target(cfg, layers, num_layers, num_patches)
+    if cfg.target is not None:  # the user's own count: its error names the option
+        try:
+            A.check_target(target, layers, num_layers, num_patches)
+        except ValueError as e:
+            raise ValueError(f"--target {cfg.target:g}: {e}") from None
     ratio = A.fixed_ratio_for_target(target, layers, num_layers, num_patches) if cfg.fixed_ratio else None
     config = A.ATPConfig(num_layers=num_layers, layers=tuple(layers), num_patches=num_patches, grid=tuple(grid),
                          hidden=cfg.hidden, tau=cfg.tau, tau_final=cfg.tau_final, lambda_atp=cfg.lambda_atp,
@@ -272,14 +277,7 @@ def train_atp(cfg: ATPTrainConfig, *, progress: bool = True, log: Callable[[str]
         if not chat:
             raise ValueError(f"--videos {cfg.videos} needs a processor with a chat template")
         image_token_id = video_view(model, processor, cfg.videos).image_token_id(model)
-    try:
-        pruner = build_pruner(cfg, num_layers, num_patches, grid)
-    except ValueError as e:
-        if fixed is not None or cfg.target is None:
-            raise
-        raise ValueError(f"--target {cfg.target:g}: {e} (the target counts the tokens of one {grid[0]} x {grid[1]} "
-                         f"grid of N = {num_patches}; this family's images, of their own sizes, keep the fraction "
-                         "target / N)") from None
+    pruner = build_pruner(cfg, num_layers, num_patches, grid)
     c = pruner.config
     for p in model.parameters():
         p.requires_grad_(False)

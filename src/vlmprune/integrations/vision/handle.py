@@ -160,10 +160,11 @@ class VisionHandle(PruneHandle):
         per_image_out, counts, slots = adapter.pack_slots(model, projected, red, counts, layout)
 
         self.last_reduction = self.last_reductions[adapter.image_modality] = red
-        key = adapter.image_modality  # a modality already recorded starts the next prefill's record
-        self.stats.record(counts, list(layout.tokens_per_image), same_prefill=bool(self._recorded)
-                          and key not in self._recorded)
-        self._recorded = self._recorded | {key} if key not in self._recorded else {key}
+        key = adapter.image_modality
+        if key in self._recorded:  # this modality again: the next prefill's record
+            self._recorded = set()
+        self.stats.record(counts, list(layout.tokens_per_image), same_prefill=bool(self._recorded))
+        self._recorded.add(key)
         self._issued[adapter.image_modality] = [(weakref.ref(t), c, sl)
                                                 for t, c, sl in zip(per_image_out, counts, slots)]
         out = adapter.image_output(per_image_out)
@@ -203,7 +204,6 @@ class VisionHandle(PruneHandle):
         features = {view.image_modality: view.image_tokens(mm[view.image_modality])
                     for view in self._views if mm.get(view.image_modality) is not None}
         features = {key: t for key, t in features.items() if t is not None}
-        self._recorded = set()  # (encodings generate made before this forward)
         if features:
             return (), self._prefill(kw, features, rows)
         return (), self._continue(kw)

@@ -15,12 +15,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..common import check_choice, is_int
+from ..common import check_choice, is_int, is_real
 from ..common import scale_layers as common_scale_layers
 
 __all__ = ["DEFAULT_LAYERS", "DEFAULT_NUM_LAYERS", "TARGET_REDUCTIONS", "check_layers", "scale_layers",
            "average_tokens", "per_layer_counts", "min_average_tokens", "equivalent_target", "BudgetLoss",
-           "budget_loss", "fixed_ratio_counts", "fixed_ratio_for_target"]
+           "budget_loss", "fixed_ratio_counts", "fixed_ratio_for_target", "check_target"]
 
 DEFAULT_LAYERS = (2, 8, 14, 20, 26)  # module positions for a 32-layer LLaVA-1.5 (0-indexed)
 DEFAULT_NUM_LAYERS = 32
@@ -169,13 +169,26 @@ def fixed_ratio_counts(ratio: float, num_modules: int, num_patches: int) -> list
     return [max(1, int(math.floor(num_patches * ratio ** k + 0.5))) for k in range(1, num_modules + 1)]
 
 
+def check_target(target: float, layers: Sequence[int], num_layers: int, num_patches: int) -> None:
+    """ValueError unless ``target`` (an all-layer average out of ``num_patches`` tokens) is reachable
+    with modules after ``layers`` of ``num_layers``: in [min_average_tokens, num_patches]."""
+    unit = (f"(targets count the tokens of one image on the module's grid of N = {num_patches}; an image of "
+            "another size keeps the fraction target / N)")
+    if not (is_real(target) and 0 < target <= num_patches):
+        raise ValueError(f"target must be a token count in (0, {num_patches}], got {target!r} {unit}")
+    low = min_average_tokens(layers, num_layers, num_patches)
+    if target < low:
+        raise ValueError(
+            f"target {target} is unreachable: with modules after layers {tuple(layers)} of {num_layers}, layers "
+            f"0..{layers[0]} always see all {num_patches} tokens, so the all-layer average is at least {low:.2f}; "
+            f"raise the target (equivalent_target() translates the paper's 32-layer targets) or move the first "
+            f"module earlier {unit}")
+
+
 def fixed_ratio_for_target(target: float, layers: Sequence[int], num_layers: int, num_patches: int) -> float:
     """The per-module keep ratio r whose all-layer average (with integer counts) is closest to ``target``."""
     layers = check_layers(layers, num_layers)
-    lo_avg = min_average_tokens(layers, num_layers, num_patches)
-    if not lo_avg <= target <= num_patches:
-        raise ValueError(f"target {target} is outside the reachable range [{lo_avg:.2f}, {num_patches}] "
-                         f"for modules after layers {layers} of {num_layers}")
+    check_target(target, layers, num_layers, num_patches)
 
     def avg(r: float) -> float:
         counts = fixed_ratio_counts(r, len(layers), num_patches)

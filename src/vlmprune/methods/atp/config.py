@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..common import check_choice, grid_shape, is_int, is_real
-from .budget import DEFAULT_NUM_LAYERS, TARGET_REDUCTIONS, check_layers, min_average_tokens, scale_layers
+from .budget import DEFAULT_NUM_LAYERS, TARGET_REDUCTIONS, check_layers, check_target, scale_layers
 from .scores import SCORE_MODES
 from .soft import COMBINE_MODES, TAU_SCHEDULES
 from .spatial import check_strides
@@ -116,15 +116,7 @@ class ATPConfig:
         if not (is_real(self.log_eps) and self.log_eps > 0):
             raise ValueError(f"log_eps must be > 0, got {self.log_eps!r}")
         if self.target is not None:
-            if not (is_real(self.target) and 0 < self.target <= self.num_patches):
-                raise ValueError(f"target must be a token count in (0, {self.num_patches}], got {self.target!r}")
-            low = min_average_tokens(self.layers, self.num_layers, self.num_patches)
-            if self.target < low:
-                raise ValueError(
-                    f"target {self.target} is unreachable: with modules after layers {self.layers} of "
-                    f"{self.num_layers}, layers 0..{self.layers[0]} always see all {self.num_patches} tokens, so "
-                    f"the all-layer average is at least {low:.2f}; raise the target (equivalent_target() "
-                    f"translates the paper's 32-layer targets) or move the first module earlier")
+            check_target(self.target, self.layers, self.num_layers, self.num_patches)
 
     @property
     def learned(self) -> bool:
