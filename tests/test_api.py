@@ -27,7 +27,7 @@ def test_list_methods_has_the_vision_methods_with_options():
         assert listed[name]["stage"] == "vision" and listed[name]["summary"]
     assert listed["prumerge+"]["options"] == {"k_neighbors": "32", "merge": "'residual'", "extra_token": "True",
                                               "grid": "'raster'", "order": "'attention'", "keep": "None",
-                                              "lora": "None"}
+                                              "sim_dtype": "'keys'", "lora": "None"}
     assert listed["prumerge"]["options"]["k_neighbors"] == "32" and "grid" not in listed["prumerge"]["options"]
     assert listed["random"]["options"] == {"keep": "0.25", "seed": "0", "lora": "None"}
     assert listed["cls-topk"]["options"] == {"keep": "None", "order": "'attention'", "lora": "None"}

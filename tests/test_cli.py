@@ -70,6 +70,7 @@ def test_eval_typo_in_second_method_fails_before_any_work(tiny_dir, tmp_path, no
     (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
     (["--split", "dev"], "error: --split must be train, val or test"),
     (["-m", "fastv:k=10"], "error: fastv: k=10 must be smaller than the decoder's 2 layers"),
+    (["--dtype", "int8"], "error: --dtype must be auto (the saved dtype), fp32, bf16 or fp16, got 'int8'"),
 ])
 def test_eval_bad_options_fail_before_any_work(tiny_dir, tmp_path, no_eval, args, message):
     r = _eval(tiny_dir, tmp_path / "o", *args)
@@ -189,6 +190,15 @@ def test_results_json_describes_the_run(tiny_dir, tmp_path):
     assert [x["label"] for x in doc["results"]] == ["unpruned", "random keep=8", "fastv k=1,count=4"]
     md = (out / "results.md").read_text()
     assert md.startswith("- command: `vlmprune eval -M ") and f"weights sha256 {run['model']['weights_sha256'][:16]}" in md
+    assert run["model"]["dtype"] == "float32"
+
+
+def test_eval_loads_the_weights_in_the_dtype_asked(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    r = _eval(tiny_dir, out, "--dtype", "bf16", "-m", "prumerge+")
+    assert r.exit_code == 0, r.output + r.stderr
+    run = json.loads((out / "results.json").read_text())["run"]
+    assert run["model"]["dtype"] == "bfloat16" and run["argv"][-4:-2] == ["--dtype", "bf16"]
 
 
 def test_out_reuse_never_overwrites(tiny_dir, tmp_path):

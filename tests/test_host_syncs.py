@@ -16,10 +16,18 @@ from conftest import make_inputs, make_tiny_llava
 from sync_counter import SyncCounter
 from vlmprune.integrations.atp import attach_atp
 from vlmprune.methods.atp import ATPConfig, ATPPruner
+from vlmprune.methods.neighbours import CPU_KERNELS_ENV
 
 VISION = [("prumerge", {}), ("prumerge+", {}), ("prumerge+", {"keep": 6}), ("prumerge", {"keep": 0.25}),
           ("cls-topk", {}), ("cls-topk", {"keep": 5}), ("random", {"keep": 5}), ("sequential", {"keep": 5}),
           ("spatial", {"keep": 4})]
+
+
+@pytest.fixture(autouse=True)
+def accelerator_path(monkeypatch):
+    """The path an accelerator runs: PruMerge's CPU kernel (``methods.neighbours``; CPU tensors
+    only, read through zero-copy ``.numpy()`` views that wait for nothing) is turned off."""
+    monkeypatch.setenv(CPU_KERNELS_ENV, "0")
 
 
 @pytest.fixture(scope="module")

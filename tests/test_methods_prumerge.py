@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -333,12 +334,46 @@ def test_deterministic():
 def test_output_dtype_follows_input(dtype):
     a, keys, feats = rand_inputs(2, 25, seed=1)
     keys, feats = keys.to(dtype), feats.to(dtype)
-    r = prumerge(a, keys, feats, plus=True)
-    assert r.tokens.dtype == dtype
-    # internal maths is float32: same as running on the upcast inputs, then casting back
     ref = prumerge(a, keys.float(), feats.float(), plus=True)
-    assert torch.equal(r.indices, ref.indices)
-    assert torch.equal(r.tokens, ref.tokens.to(dtype))
+    for sim_dtype in ("keys", "float32"):
+        r = prumerge(a, keys, feats, plus=True, sim_dtype=sim_dtype)
+        assert r.tokens.dtype == dtype
+        assert torch.equal(r.indices, ref.indices)  # the selection is float32 in both modes
+        if sim_dtype == "float32" or dtype == torch.float64:
+            # float32 maths: the same as running on the upcast inputs, then casting back
+            assert torch.equal(r.tokens, ref.tokens.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_similarity_of_16_bit_keys_is_taken_in_their_dtype(dtype):
+    """One-hot features make each merged token show its neighbour set (y_i + sum_j a_j e_j). With
+    the default, every set is a top-k of the cosine similarities of the keys normalised and
+    multiplied in their own dtype (the official code's fp16 product); with sim_dtype="float32", a
+    top-k of the float32 ones. (Tolerance: one rounding step of the product, for GEMM kernels that
+    add in another order.) The two differ somewhere on these keys."""
+    n, k = 256, 32
+    g = torch.Generator().manual_seed(3)
+    a = torch.softmax(torch.randn(1, n, generator=g) * 2, dim=1)
+    keys = torch.randn(1, n, 64, generator=g).to(dtype)
+    feats = torch.eye(n).to(dtype)[None]
+    unit16 = F.normalize(keys[0], dim=-1)
+    sims = {"keys": (unit16 @ unit16.T).float(), "float32": F.normalize(keys[0].float(), dim=-1) @ F.normalize(
+        keys[0].float(), dim=-1).T}
+    tol = {"keys": torch.finfo(dtype).eps, "float32": 1e-6}
+    sets = {}
+    for mode in ("keys", "float32"):
+        r = prumerge(a, keys, feats, plus=True, k_neighbors=k, sim_dtype=mode)
+        sets[mode] = []
+        for row, i in zip(r.tokens[0].float(), r.indices[0].tolist()):
+            if i < 0:
+                continue
+            chosen = set(torch.nonzero(row).flatten().tolist()) - {i}
+            assert len(chosen) == k
+            left = [j for j in range(n) if j not in chosen and j != i]
+            s = sims[mode][i]
+            assert min(s[j] for j in chosen) >= max(s[j] for j in left) - tol[mode]
+            sets[mode].append(chosen)
+    assert sets["keys"] != sets["float32"]
 
 
 def test_matches_per_token_loop_reference():

@@ -82,7 +82,21 @@ def _dry_run(model, specs) -> None:
             _fail(f"{e} (method {label!r} on this model)")
 
 
-def _load(model: Optional[str]):
+EVAL_DTYPES = {"auto": None, "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+
+
+def _dtype(name: str):
+    """``--dtype`` -> a torch dtype, or None for the saved one (``auto``); an ``error:`` otherwise."""
+    import torch
+
+    key = str(name).strip().lower()
+    if key not in EVAL_DTYPES:
+        _fail(f"--dtype must be auto (the saved dtype), fp32, bf16 or fp16, got {name!r}")
+    return None if EVAL_DTYPES[key] is None else getattr(torch, EVAL_DTYPES[key])
+
+
+def _load(model: Optional[str], dtype=None):
     from .integrations.compat import quiet_loading
     from .testbed.model import hub_lookup_note, load
 
@@ -91,7 +105,7 @@ def _load(model: Optional[str]):
         _note(hub)
     try:
         with notices_as_lines():
-            return load(model)
+            return load(model, dtype=dtype)
     except Exception as e:  # noqa: BLE001 -- any load failure is the user's path / files: say which and why
         _fail(f"could not load model {model or '(testbed)'}: {e}")
 
@@ -230,6 +244,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(8, help="tokens generated per answer (greedy, >= 1)"),
     blank: bool = typer.Option(False, help="replace every image by a blank background (image-dependence check)"),
     baseline: bool = typer.Option(True, help="also run the unpruned model first, for retention"),
+    dtype: str = typer.Option("auto", "--dtype", help="weights' dtype: auto (as saved), fp32, bf16 or fp16"),
     out: Path = typer.Option(Path("out/eval"), "--out", "-o", help="output folder for results.md / results.json"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     progress: bool = typer.Option(True, help=PROGRESS_HELP),
@@ -239,12 +254,13 @@ def eval_cmd(
     from .runinfo import new_run
 
     _at_least(n=(n, 1), batch_size=(batch_size, 1), max_new_tokens=(max_new_tokens, 1))
+    torch_dtype = _dtype(dtype)
     specs = _specs(method)
     try:
         items, data_info = _items(data, split, families, n, blank)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    m, processor = _load(model)
+    m, processor = _load(model, torch_dtype)
     _dry_run(m, specs)
     from .eval.harness import check_items
 

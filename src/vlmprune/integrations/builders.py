@@ -132,7 +132,8 @@ def build_cls_topk(*, keep: int | float | None = None, order: str = "attention",
 
 
 def _build_prumerge(name: str, plus: bool, *, k_neighbors: int, merge: str, extra_token: bool, grid: str,
-                    order: str, keep: int | float | None, lora: str | None = None) -> VisionMethod:
+                    order: str, keep: int | float | None, sim_dtype: str = "keys",
+                    lora: str | None = None) -> VisionMethod:
     if not is_int(k_neighbors) or k_neighbors < 0:
         raise ValueError(f"{name}: k_neighbors must be an int >= 0 (official: 32; 0 turns merging off), "
                          f"got {k_neighbors!r}")
@@ -140,39 +141,43 @@ def _build_prumerge(name: str, plus: bool, *, k_neighbors: int, merge: str, extr
     _check_bool(name, "extra_token", extra_token)
     _check_choice(name, "grid", grid, ("raster", "2d"))
     _check_choice(name, "order", order, ("attention", "spatial"))
+    _check_choice(name, "sim_dtype", sim_dtype, ("keys", "float32"))
     _check_keep(name, keep, allow_none=True)
     options = {"k_neighbors": int(k_neighbors), "merge": merge, "extra_token": extra_token, "order": order,
-               "keep": keep}
+               "keep": keep, "sim_dtype": sim_dtype}
     if plus:
         options["grid"] = grid
 
     def fn(features: Tensor, signals: VisionSignals | None, grid_hw: tuple[int, int], fetch=None) -> Reduction:
         return prumerge(signals.cls_attn, signals.keys, features, plus=plus, k_neighbors=int(k_neighbors),
                         merge=merge, extra_token=extra_token, grid=grid, order=order, keep=keep, grid_size=grid_hw,
-                        fetch=fetch)
+                        sim_dtype=sim_dtype, fetch=fetch)
 
     return _with_lora(VisionMethod(name, fn, needs_signals=True, needs_grid=True, options=options), lora)
 
 
 def build_prumerge(*, k_neighbors: int = 32, merge: str = "residual", extra_token: bool = True,
-                   order: str = "attention", keep: int | float | None = None,
+                   order: str = "attention", keep: int | float | None = None, sim_dtype: str = "keys",
                    lora: str | None = None) -> VisionMethod:
     """``prumerge``: adaptive IQR selection + key-similarity merge + extra token.
 
     Defaults reproduce the official code per image. ``keep`` fixes the number of centres instead
     of the adaptive count; ``merge="average"`` is the paper's weighted average; ``order="spatial"``
-    sorts the centres by patch index.
+    sorts the centres by patch index; ``sim_dtype="float32"`` takes the key similarities of a
+    bf16 / fp16 tower in float32 (default "keys": in the keys' dtype, as the official code).
     """
     return _build_prumerge("prumerge", False, k_neighbors=k_neighbors, merge=merge, extra_token=extra_token,
-                           grid="raster", order=order, keep=keep, lora=lora)
+                           grid="raster", order=order, keep=keep, sim_dtype=sim_dtype, lora=lora)
 
 
 def build_prumerge_plus(*, k_neighbors: int = 32, merge: str = "residual", extra_token: bool = True,
                         grid: str = "raster", order: str = "attention",
-                        keep: int | float | None = None, lora: str | None = None) -> VisionMethod:
+                        keep: int | float | None = None, sim_dtype: str = "keys",
+                        lora: str | None = None) -> VisionMethod:
     """``prumerge+``: PruMerge plus a spatially uniform supplement of centres.
 
     ``grid="raster"`` is the official stride sampling (column stripes); ``"2d"`` a true lattice.
+    The other options are ``prumerge``'s.
     """
     return _build_prumerge("prumerge+", True, k_neighbors=k_neighbors, merge=merge, extra_token=extra_token,
-                           grid=grid, order=order, keep=keep, lora=lora)
+                           grid=grid, order=order, keep=keep, sim_dtype=sim_dtype, lora=lora)

@@ -13,7 +13,9 @@ Per image, with the defaults (what the authors' code computes):
    centre).
 
 Everything is vectorised over batch and tokens: ragged per-image counts are padded to the batch
-maximum (see ``common.Reduction``). Internal maths is float32; the output has the input dtype.
+maximum (see ``common.Reduction``). Internal maths is float32 except the key-similarity product of
+16-bit keys, which is taken in their dtype as in the official code (``sim_dtype``); the output has
+the input dtype.
 Where this differs from the authors' code (which runs at batch size 1 only) is listed on
 ``prumerge``; the reasons are in ``docs/design/vision-methods.md``.
 
@@ -29,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import (Fetch, Reduction, check_choice, check_tensor, fetch_counts, grid_shape, lattice_mask,
-                     order_chosen, rank_of, resolve_budget, spread_priority, topk_indices)
+                     order_chosen, rank_of, resolve_budget, spread_priority)
+from .neighbours import neighbour_sums
 
 __all__ = [
     "cls_attention",
@@ -174,6 +177,7 @@ def prumerge(
     order: str = "attention",
     keep: int | float | Tensor | None = None,
     grid_size: int | tuple[int, int] | None = None,
+    sim_dtype: str = "keys",
     fetch: Fetch | None = None,
 ) -> Reduction:
     """PruMerge / PruMerge+ token reduction; defaults reproduce the official code per image.
@@ -205,6 +209,10 @@ def prumerge(
             and the rest filled with exactly as many patches outside S, evenly spaced in raster
             order ("raster") or on a 2-D lattice topped up in coarse-to-fine order ("2d").
         grid_size: (H, W) or side of the patch grid, for ``grid="2d"`` when N is not square.
+        sim_dtype: precision of the key-similarity product. "keys" (official): 16-bit keys (bf16,
+            fp16) are L2-normalised and multiplied in their own dtype, as the authors' code does
+            with the tower's fp16 keys; other keys in float32. "float32": always float32 (the
+            neighbour sets of bf16 keys then differ at near-ties from the official ones).
         fetch: how the centre counts (and the finiteness check of ``cls_attn``) reach the host,
             called once (``common.Fetch``; default ``tolist``).
 
@@ -251,6 +259,7 @@ def prumerge(
     check_choice(merge, "merge", ("residual", "average"))
     check_choice(grid, "grid", ("raster", "2d"))
     check_choice(order, "order", ("attention", "spatial"))
+    check_choice(sim_dtype, "sim_dtype", ("keys", "float32"))
     hw = None
     if grid_size is not None or (plus and grid == "2d"):
         hw = grid_shape(num_tokens, grid_size)
@@ -316,23 +325,23 @@ def prumerge(
     tokens = y_flat.index_select(0, src_rows.reshape(-1)).view(batch, width, dim)  # [B, width, D]
     knb = min(k_neighbors, num_tokens - 1)
     if knb > 0:
-        k32 = keys.float()  # [B, N, Dk]
-        inv_norm = torch.linalg.vector_norm(k32, dim=-1).clamp_(min=1e-12).reciprocal_()  # [B, N], as F.normalize
-        k_centres = k32.reshape(batch * num_tokens, -1).index_select(0, centre_rows.reshape(-1)).view(batch, mc, -1)
-        # cosine(i, j) up to the factor 1/|k_i|, which is constant along a row and cannot change
-        # which j rank highest for centre i
-        sims = torch.bmm(k_centres, k32.transpose(1, 2)).mul_(inv_norm[:, None, :])  # [B, Mc, N]
-        sims.scatter_(2, centres[:, :, None], float("-inf"))  # a centre is not its own neighbour
-        nbr = topk_indices(sims, knb)  # [B, Mc, knb]
-        w = a.gather(1, nbr.view(batch, -1)).view(batch * mc, knb)  # [B*Mc, knb] a_j
-        pooled = F.embedding_bag(  # [B*Mc, D] sum_j a_j y_j, without a dense [Mc, N] weight matrix
-            (nbr + offsets[:, :, None]).view(batch * mc, knb), y_flat, per_sample_weights=w, mode="sum"
-        ).view(batch, mc, dim)
+        if sim_dtype == "keys" and keys.dtype in (torch.float16, torch.bfloat16):
+            unit = F.normalize(keys, dim=-1)  # [B, N, Dk] in the keys' dtype, as the official code
+            u_centres = unit.reshape(batch * num_tokens, -1).index_select(0, centre_rows.reshape(-1)).view(batch, mc, -1)
+            sims = torch.bmm(u_centres, unit.transpose(1, 2)).float()  # [B, Mc, N] cosine, rounded to the keys' dtype
+        else:
+            k32 = keys.float()  # [B, N, Dk]
+            inv_norm = torch.linalg.vector_norm(k32, dim=-1).clamp_(min=1e-12).reciprocal_()  # [B, N], as F.normalize
+            k_centres = k32.reshape(batch * num_tokens, -1).index_select(0, centre_rows.reshape(-1)).view(batch, mc, -1)
+            # cosine(i, j) up to the factor 1/|k_i|, which is constant along a row and cannot change
+            # which j rank highest for centre i
+            sims = torch.bmm(k_centres, k32.transpose(1, 2)).mul_(inv_norm[:, None, :])  # [B, Mc, N]
+        pooled, total = neighbour_sums(sims, centres, a, y, knb)  # [B, Mc, D] sum_j a_j y_j, [B, Mc] sum_j a_j
         merged = tokens[:, :mc]
         if merge == "residual":
             merged.add_(pooled)
         else:
-            total = w.sum(dim=1).view(batch, mc, 1)  # [B, Mc, 1]
+            total = total[:, :, None]  # [B, Mc, 1]
             merged.copy_(torch.where(total > 0, pooled / total.clamp(min=torch.finfo(total.dtype).tiny), merged))
     if batch > 1:
         tokens[:, :mc].masked_fill_(~valid[:, :, None], 0)
