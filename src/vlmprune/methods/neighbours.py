@@ -39,6 +39,7 @@ __all__ = ["neighbour_sums", "cpu_kernel_available", "CPU_KERNELS_ENV"]
 
 CPU_KERNELS_ENV = "VLMPRUNE_CPU_KERNELS"
 SLACK = 8  # candidates beyond k at which the bisection stops
+WIDE = 4  # candidates per k at which it goes on over the candidates alone
 
 
 def neighbour_sums(sims: Tensor, exclude: Tensor, weights: Tensor, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -123,10 +124,10 @@ def _kernel() -> Any:
                                 hi = v
                 m = 0
                 if not first:
-                    # bisection keeping count(row >= lo) >= k, until at most k + SLACK reach lo
+                    # 1. bisection over the row, keeping count(row >= lo) >= k, until at most WIDE * k reach lo
                     reach = n
                     for _ in range(64):
-                        if reach <= k + SLACK:
+                        if reach <= WIDE * k:
                             break
                         mid = np.float32(lo + (hi - lo) * half)
                         if not (lo < mid < hi):
@@ -140,11 +141,32 @@ def _kernel() -> Any:
                             lo, reach = mid, c
                         else:
                             hi = mid
-                    for j in range(n):  # branch-free: every entry written, the reaching ones kept
+                    # 2. the candidates: every column but the own one that reaches lo (branch-free)
+                    for j in range(n):
                         v = row[j]
                         cand_v[m] = v
                         cand_i[m] = j
                         m += (v >= lo) & (j != own)
+                    # 3. the same bisection over the candidates, until at most k + SLACK are left
+                    for _ in range(64):
+                        if m <= k + SLACK:
+                            break
+                        mid = np.float32(lo + (hi - lo) * half)
+                        if not (lo < mid < hi):
+                            break
+                        c = 0
+                        for t in range(m):
+                            c += cand_v[t] >= mid
+                        if c >= k:
+                            q = 0
+                            for t in range(m):
+                                v = cand_v[t]
+                                cand_v[q] = v
+                                cand_i[q] = cand_i[t]
+                                q += v >= mid
+                            m, lo = q, mid
+                        else:
+                            hi = mid
                     top = -inf
                     for t in range(m):
                         top = cand_v[t] if cand_v[t] > top else top
