@@ -114,3 +114,16 @@ def test_stats_dataclass():
     assert stats.mean_visual_tokens == 4.0 and stats.mean_kept_ratio == 0.4
     stats.reset()
     assert stats.images == 0 and stats.prefills == 0
+
+
+def test_the_adapter_finds_a_replaced_base_module(model):
+    """``base_model`` remembers the module it found per model object, but not past a replacement."""
+    import copy
+
+    adapter = get_adapter(model)
+    base = adapter.base_model(model)
+    assert adapter.base_model(model) is base and adapter.get_vision_tower(model) is base.vision_tower
+    twin = copy.deepcopy(model)
+    assert adapter.base_model(twin) is twin.model and adapter.base_model(twin) is not base
+    twin.model = copy.deepcopy(twin.model)  # the same path, another module
+    assert adapter.base_model(twin) is twin.model

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vlmprune.methods.common import Reduction
+from vlmprune.methods.neighbours import CPU_KERNELS_ENV, cpu_kernel_available
 from vlmprune.methods.prumerge import cls_attention, iqr_outlier_count, prumerge, raster_grid_mask
 
 from prumerge_reference import peaked_inputs, prumerge_reference
@@ -374,6 +375,24 @@ def test_similarity_of_16_bit_keys_is_taken_in_their_dtype(dtype):
             assert min(s[j] for j in chosen) >= max(s[j] for j in left) - tol[mode]
             sets[mode].append(chosen)
     assert sets["keys"] != sets["float32"]
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="numba is not importable here: the CPU kernel is off")
+@pytest.mark.parametrize("plus,merge,dtype", [(False, "residual", torch.float32), (True, "residual", torch.float32),
+                                              (True, "average", torch.float32), (True, "residual", torch.bfloat16)])
+def test_cpu_kernel_and_tensor_path_give_the_same_reduction(monkeypatch, plus, merge, dtype):
+    """The whole method, ragged batch: the CPU kernel (methods.neighbours) and the accelerator's
+    tensor path choose the same neighbours (no ties in random keys) and agree up to the order of
+    the float additions."""
+    a, keys, feats = peaked_inputs(3, 144, 24, 16, salient=9, seed=4)
+    keys, feats = keys.to(dtype), feats.to(dtype)
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(CPU_KERNELS_ENV, flag)
+        out[flag] = prumerge(a, keys, feats, plus=plus, merge=merge)
+    assert torch.equal(out["0"].counts, out["1"].counts) and torch.equal(out["0"].indices, out["1"].indices)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out["1"].tokens.float(), out["0"].tokens.float(), rtol=tol, atol=tol)
 
 
 def test_matches_per_token_loop_reference():

@@ -38,6 +38,7 @@ The handle that ``vlmprune.apply`` returns and its stats are in ``handle.py``.
 from __future__ import annotations
 
 import importlib
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,11 @@ def _resolve(root: Any, path: str) -> Any:
     for part in filter(None, path.split(".")):
         obj = getattr(obj, part)
     return obj
+
+
+# model -> {(base_paths, vision_tower, language_model): (path, base module)}: ``base_model`` is asked
+# at every step of every forward, and trying the paths through nn.Module attributes costs ~8 us
+_BASES: "weakref.WeakKeyDictionary[Any, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
 def _has_path(root: Any, path: str) -> bool:
@@ -165,11 +171,28 @@ class ModelAdapter:
                    for p in self.base_paths if p)
 
     def base_model(self, model: Any) -> nn.Module:
-        """The base multimodal module (LlavaModel) holding vision tower, projector and LM."""
+        """The base multimodal module (LlavaModel) holding vision tower, projector and LM (found
+        once per model object and remembered while the model lives)."""
+        key = (self.base_paths, self.vision_tower, self.language_model)
+        try:
+            known = _BASES.get(model, {}).get(key)
+        except TypeError:  # not weakly referenceable: looked up each time
+            known = None
+        if known is not None:
+            path, base = known
+            try:
+                if _resolve(model, path) is base:  # still the module at that path
+                    return base
+            except AttributeError:
+                pass
         for path in self.base_paths:
             if _has_path(model, path):
                 base = _resolve(model, path)
                 if _has_path(base, self.vision_tower) and _has_path(base, self.language_model):
+                    try:
+                        _BASES.setdefault(model, {})[key] = (path, base)
+                    except TypeError:
+                        pass
                     return base
         raise UnsupportedModelError(f"cannot find the {self.family} base model (tried {self.base_paths}) "
                                     f"in {type(model).__name__}")
