@@ -128,3 +128,20 @@ def test_bad_k_is_refused():
 def test_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv(CPU_KERNELS_ENV, "0")
     assert not cpu_kernel_available()
+
+
+def test_a_kernel_that_cannot_compile_leaves_the_tensor_path(monkeypatch):
+    import vlmprune.methods.neighbours as nb
+
+    def broken(cache):
+        raise RuntimeError("cannot cache / compile here")
+
+    monkeypatch.setattr(nb, "_kernel_source", lambda: broken)
+    nb._kernel.cache_clear()
+    try:
+        assert not cpu_kernel_available()
+        pooled, total = neighbour_sums(torch.tensor([[[3.0, 1.0, 2.0]]]), torch.tensor([[0]]), torch.ones(1, 3),
+                                       torch.eye(3)[None], 1)
+        assert torch.equal(pooled, torch.tensor([[[0.0, 0.0, 1.0]]])) and torch.equal(total, torch.tensor([[1.0]]))
+    finally:
+        nb._kernel.cache_clear()

@@ -29,6 +29,7 @@ import os
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -91,14 +92,34 @@ def _kernel_sums(sims: Tensor, exclude: Tensor, weights: Tensor, values: Tensor,
 
 @lru_cache(maxsize=1)
 def _kernel() -> Any:
-    """The compiled kernel, or None when numba is missing or fails to import."""
+    """The compiled kernel (compiled, or loaded from numba's on-disk cache, and run once on a tiny
+    case here), or None when numba is missing, fails to import or cannot compile it."""
+    source = _kernel_source()
+    if source is None:
+        return None
+    for cache in (True, False):  # an unwritable cache folder must not cost the kernel
+        try:
+            kernel = source(cache)
+            sims = np.zeros((1, 1, 3), np.float32)
+            kernel(sims, sims[:, :, 0].copy(), sims[:, :, 0].copy(), np.zeros((1, 1), np.int64),
+                   np.ones((1, 3), np.float32), np.ones((1, 3, 2), np.float32), 2,
+                   np.empty((1, 1, 2), np.float32), np.empty((1, 1), np.float32))
+            return kernel
+        except Exception:  # noqa: BLE001 -- any numba failure: the tensor path does the same work
+            continue
+    return None
+
+
+def _kernel_source() -> Any:
+    """A function of ``cache`` that returns the njit-decorated kernel, or None without numba."""
     try:
-        import numpy as np
         from numba import njit
     except Exception:  # ImportError, or numba refusing this numpy version
         return None
 
-    @njit(cache=True, nogil=True, boundscheck=False)
+    def compile_kernel(cache: bool) -> Any:
+        return njit(cache=cache, nogil=True, boundscheck=False)(kernel)
+
     def kernel(sims, row_min, row_max, exclude, weights, values, k, pooled, total):  # pragma: no cover - compiled
         batch, rows, n = sims.shape
         dim = values.shape[2]
@@ -208,4 +229,4 @@ def _kernel() -> Any:
                         acc[d] += w * src[d]
                 total[b, r] = wsum
 
-    return kernel
+    return compile_kernel
