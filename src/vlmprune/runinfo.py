@@ -18,7 +18,9 @@ the same ``run`` block beside its own fields. ``RUN_FIELDS`` lists every key of 
   ``options`` (as given) and ``resolved`` (every option, defaults filled in);
 * ``generation`` -- ``max_new_tokens``, ``do_sample`` (false: greedy), ``batch_size``,
   ``prompt_template``;
-* ``versions`` -- python, torch, transformers, vlmprune, accelerate (null when absent);
+* ``versions`` -- python, torch, transformers, vlmprune, accelerate, numba (null when absent), and
+  ``cpu_kernels``: "off" when ``VLMPRUNE_CPU_KERNELS=0`` turned PruMerge's CPU kernel off, else "on"
+  (it then runs wherever numba compiles it);
 * ``machine`` -- ``cpu_model``, ``cores_logical``, ``platform``, ``torch_threads``.
 """
 
@@ -90,6 +92,13 @@ def versions() -> dict[str, str | None]:
             out[mod] = __import__(mod).__version__
         except ImportError:
             out[mod] = None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        out["numba"] = version("numba")  # not imported: that alone takes ~0.3 s
+    except PackageNotFoundError:
+        out["numba"] = None
+    out["cpu_kernels"] = "off" if os.environ.get("VLMPRUNE_CPU_KERNELS", "1") == "0" else "on"
     return out
 
 
