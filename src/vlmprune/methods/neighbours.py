@@ -13,11 +13,11 @@ taken at the k-th place, arbitrary in both, and in the order of the float additi
 * the tensor path, for every device and for autograd: the excluded column set to -inf, one
   batched top-k (``common.topk_indices``), a gather of the weights and an ``embedding_bag``;
 * the CPU kernel (numba, compiled on first use and cached on disk), used for CPU float32 inputs
-  that need no gradient when numba imports: per row, a bisection on the similarity value finds a
-  threshold that at least k and at most k + 8 columns reach (each step one vectorised count over
-  the row), those few candidates are cut to exactly k, and the weighted sum is taken in the same
-  pass. On a CPU ``torch.topk`` costs ~10 ns per entry (a selection per row); the bisection
-  reads each row about a dozen times at SIMD speed. ``VLMPRUNE_CPU_KERNELS=0`` turns it off.
+  that need no gradient when numba imports: per row, a bisection on the similarity value (each
+  step one vectorised count over the row) until at most ``WIDE * k`` columns reach the
+  threshold, the same bisection over those candidates alone until at most ``k + SLACK`` are
+  left, the smallest dropped to exactly k, and the weighted sum in the same pass.
+  ``VLMPRUNE_CPU_KERNELS=0`` turns it off; a numba that cannot compile it leaves the tensor path.
 
 Non-finite similarities (a NaN or an infinite key) still give k distinct in-range columns per
 row on both paths; which ones is unspecified.
