@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .clitools import fail, note, notices_as_lines
+from .clitools import dtype_option, fail, note, notices_as_lines
 from .registry import SPEC_GRAMMAR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -82,18 +82,12 @@ def _dry_run(model, specs) -> None:
             _fail(f"{e} (method {label!r} on this model)")
 
 
-EVAL_DTYPES = {"auto": None, "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-               "fp16": "float16", "float16": "float16"}
-
-
 def _dtype(name: str):
-    """``--dtype`` -> a torch dtype, or None for the saved one (``auto``); an ``error:`` otherwise."""
+    """``--dtype`` (any case) -> a torch dtype, or None for the saved one (``auto``); an ``error:`` otherwise."""
     import torch
 
-    key = str(name).strip().lower()
-    if key not in EVAL_DTYPES:
-        _fail(f"--dtype must be auto (the saved dtype), fp32, bf16 or fp16, got {name!r}")
-    return None if EVAL_DTYPES[key] is None else getattr(torch, EVAL_DTYPES[key])
+    key = dtype_option(str(name).strip().lower(), auto=True)
+    return None if key is None else getattr(torch, key)
 
 
 def _load(model: Optional[str], dtype=None):

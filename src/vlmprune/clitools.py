@@ -17,6 +17,20 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+#: The CLI's dtype spellings (``fp32`` / ``bf16`` / ``fp16``) -> torch's, which are accepted too.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_option(value: str, *, auto: bool = False) -> str | None:
+    """``--dtype`` -> torch's spelling (``"float32"``, ``"bfloat16"``, ``"float16"``); ``"auto"`` -> None
+    where the command takes it (``auto``: the saved dtype). Anything else: ``fail``."""
+    if auto and value == "auto":
+        return None
+    if value not in DTYPES and value not in DTYPES.values():
+        fail(f"--dtype must be {'auto (the saved dtype), ' if auto else ''}fp32, bf16 or fp16, got {value!r}")
+    return DTYPES.get(value, value)
+
+
 def note(message: str) -> None:
     """Print ``note: message`` on stderr."""
     typer.secho(f"note: {message}", fg=typer.colors.YELLOW, err=True)

@@ -98,7 +98,9 @@ def versions() -> dict[str, str | None]:
         out["numba"] = version("numba")  # not imported: that alone takes ~0.3 s
     except PackageNotFoundError:
         out["numba"] = None
-    out["cpu_kernels"] = "off" if os.environ.get("VLMPRUNE_CPU_KERNELS", "1") == "0" else "on"
+    from .methods.neighbours import cpu_kernels_enabled
+
+    out["cpu_kernels"] = "on" if cpu_kernels_enabled() else "off"
     return out
 
 

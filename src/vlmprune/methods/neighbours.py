@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .common import topk_indices
 
-__all__ = ["neighbour_sums", "cpu_kernel_available", "CPU_KERNELS_ENV"]
+__all__ = ["neighbour_sums", "cpu_kernel_available", "cpu_kernels_enabled", "CPU_KERNELS_ENV"]
 
 CPU_KERNELS_ENV = "VLMPRUNE_CPU_KERNELS"
 SLACK = 8  # candidates beyond k at which the bisection stops
@@ -61,10 +61,15 @@ def neighbour_sums(sims: Tensor, exclude: Tensor, weights: Tensor, values: Tenso
     return pooled, w.sum(dim=1).view(batch, rows)
 
 
+def cpu_kernels_enabled() -> bool:
+    """Whether ``VLMPRUNE_CPU_KERNELS`` leaves the CPU kernel on (anything but 0); nothing is compiled."""
+    return os.environ.get(CPU_KERNELS_ENV, "1") != "0"
+
+
 def cpu_kernel_available() -> bool:
-    """Whether ``neighbour_sums`` uses the compiled CPU kernel for CPU float32 inputs (numba
-    imports and ``VLMPRUNE_CPU_KERNELS`` is not 0)."""
-    return os.environ.get(CPU_KERNELS_ENV, "1") != "0" and _kernel() is not None
+    """Whether ``neighbour_sums`` uses the compiled CPU kernel for CPU float32 inputs (it is enabled
+    and numba compiles it)."""
+    return cpu_kernels_enabled() and _kernel() is not None
 
 
 def _use_kernel(sims: Tensor, weights: Tensor, values: Tensor) -> bool:

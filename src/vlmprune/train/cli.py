@@ -12,23 +12,12 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from ..clitools import fail, note, notices_as_lines
+from ..clitools import dtype_option, fail, note, notices_as_lines
 
 app = typer.Typer(no_args_is_help=True, help="Train learnable pruning methods (ATP-LLaVA, with accelerate) and LoRA adapters for a method.")
 
 
 _fail = fail
-
-
-#: The one dtype spelling of the CLI (fp32 / bf16 / fp16) -> the training configs'.
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _dtype(dtype: str) -> str:
-    """``--dtype`` (fp32 / bf16 / fp16, or the torch spelling) -> the training configs' spelling."""
-    if dtype not in DTYPES and dtype not in DTYPES.values():
-        _fail(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
-    return DTYPES.get(dtype, dtype)
 
 
 def _train(make_config: Callable[[], Any], train: Callable[[Any], Path], model: Optional[str] = None) -> None:
@@ -108,7 +97,7 @@ def atp_cmd(
     vlmprune.apply(model, "atp", checkpoint=OUT) or `-m atp:checkpoint=OUT`. Resumes from OUT/train_state.pt."""
     from .atp import ATPTrainConfig, train_atp
 
-    dtype = _dtype(dtype)
+    dtype = dtype_option(dtype)
     if lora:
         if train not in ("llm-frozen", "lora"):
             _fail(f"--lora conflicts with --train {train}")
@@ -156,7 +145,7 @@ def lora_cmd(
     from .lora import LoraTrainConfig, train_lora
 
     quiet_loading()
-    dtype = _dtype(dtype)
+    dtype = dtype_option(dtype)
     target_paths = None
     if targets is not None:
         target_paths = tuple(t.strip() for t in targets.split(",") if t.strip())
